@@ -1,0 +1,239 @@
+"""The ``kv-agent`` command line: the only module that prints to users and
+chooses exit codes.
+
+Every foreseeable failure arrives as a KvAgentError and becomes
+``kv-agent: error: ...`` plus its exit code; a traceback appears only for a
+bug, or with ``--debug``. Imports of heavy modules are deferred to the
+subcommand that needs them, so ``check`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, List, Mapping, Optional, Sequence, TextIO
+
+from agent import __version__
+from agent.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    KvAgentError,
+    ManifestError,
+)
+
+MANIFEST_ENV = "KV_AGENT_MANIFEST"
+DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
+
+# sd-daemon(3) priority prefixes, so journald records levels.
+_JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                     logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _Formatter(logging.Formatter):
+    """``kv-agent: warning: ...`` on a terminal; ``<4>warning: ...`` under
+    systemd (JOURNAL_STREAM set), where journald adds the time and name."""
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self._journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        label = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        if self._journal:
+            priority = _JOURNAL_PRIORITY.get(record.levelno, 6)
+            return "\n".join(f"<{priority}>{label}{line}" for line in message.splitlines())
+        return f"kv-agent: {label}{message}"
+
+
+def configure_logging(level: int, environ: Mapping[str, str], stream: TextIO) -> None:
+    """One stderr handler for the whole process (the CLI owns logging)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_Formatter(journal=bool(environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if level > logging.DEBUG:
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; factored out so tests can inspect it."""
+    parser = argparse.ArgumentParser(
+        prog="kv-agent",
+        description="Materialise Azure Key Vault secrets into files on tmpfs, "
+        "authenticated by the VM's managed identity.")
+    parser.add_argument("--version", action="version", version=f"kv-agent {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging and tracebacks (never secret values or tokens)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_manifest(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--manifest", metavar="FILE",
+                         help=f"manifest file (default ${MANIFEST_ENV} or {DEFAULT_MANIFEST})")
+
+    once = commands.add_parser("once", help="fetch every secret once and write the files")
+    with_manifest(once)
+    once.add_argument("--retry-for", metavar="SECONDS", type=float, default=75.0,
+                      help="keep retrying an unavailable IMDS this long (default 75)")
+    once.set_defaults(handler=_cmd_once)
+
+    check = commands.add_parser("check", help="validate the manifest without network access")
+    with_manifest(check)
+    check.set_defaults(handler=_cmd_check)
+
+    emulator = commands.add_parser(
+        "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
+    emulator.add_argument("--secrets", metavar="FILE", required=True,
+                          help="YAML mapping of secret name to value")
+    emulator.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    emulator.add_argument("--imds-port", type=int, default=0, help="IMDS port (default: any)")
+    emulator.add_argument("--vault-port", type=int, default=0, help="vault port (default: any)")
+    emulator.add_argument("--vault-hostname", help="host name for the vault URL and certificate")
+    emulator.add_argument("--latency-ms", type=float, default=0.0,
+                          help="delay added to every request")
+    emulator.add_argument("--cert-dir", help="write the generated CA and certificate here")
+    emulator.add_argument("--tls-cert", help="serve this certificate (PEM) instead")
+    emulator.add_argument("--tls-key", help="key for --tls-cert (PEM)")
+    emulator.add_argument("--ca-cert", help="CA that signed --tls-cert (PEM), to print")
+    emulator.set_defaults(handler=_cmd_emulator)
+
+    demo = commands.add_parser(
+        "demo", help="run the agent against a local emulator and show what it wrote")
+    demo.add_argument("--directory", default="/dev/shm/kv-agent-demo",
+                      help="tmpfs directory for the demo (default /dev/shm/kv-agent-demo)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run the command line; returns the exit code."""
+    env = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    configure_logging(level, env, sys.stderr)
+    handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
+    try:
+        return handler(args, env)
+    except ManifestError as exc:
+        for line in exc.problems:
+            _error(line)
+        if args.debug:
+            traceback.print_exc()
+        return exc.exit_code
+    except KvAgentError as exc:
+        _error(str(exc))
+        if args.debug:
+            traceback.print_exc()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a bug: show everything, never hide it
+        traceback.print_exc()
+        _error("unexpected failure (a bug); please report it with the traceback above")
+        return EXIT_SOFTWARE
+
+
+def _error(line: str) -> None:
+    print(f"kv-agent: error: {line}", file=sys.stderr)
+
+
+def _manifest_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    return str(args.manifest or environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST)
+
+
+def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from agent.agent import check
+
+    path = _manifest_path(args, environ)
+    manifest = check(path)
+    count = len(manifest.secrets)
+    print(f"{path}: OK: {count} secret{'s' if count != 1 else ''} into {manifest.directory}")
+    return EXIT_OK
+
+
+def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from agent.agent import Agent
+    from agent.manifest import load_manifest
+    from agent.retry import RetryPolicy
+
+    manifest = load_manifest(_manifest_path(args, environ))
+    agent = Agent(manifest, environ=environ, imds_policy=RetryPolicy(deadline_s=args.retry_for))
+    try:
+        agent.prepare()
+        report = agent.sync()
+    finally:
+        agent.close()
+    for outcome in report.optional_failures:
+        logging.getLogger("kv-agent").warning("optional %s", outcome.describe())
+    for outcome in report.failures:
+        _error(outcome.describe())
+    total = len(report.outcomes)
+    failed = len(report.failures) + len(report.optional_failures)
+    logging.getLogger("kv-agent").info(
+        "%d secret%s: %d written, %d unchanged, %d failed (%.2f s)", total,
+        "s" if total != 1 else "", report.changed, total - report.changed - failed, failed,
+        report.elapsed_s)
+    return EXIT_FAILURE if report.failures else EXIT_OK
+
+
+def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import signal
+    import threading
+
+    from agent.emulator import Emulator, load_secrets_file
+
+    try:
+        secrets = load_secrets_file(args.secrets)
+    except (OSError, ValueError) as exc:
+        raise KvAgentError(str(exc), "pass a YAML mapping of secret name to value") from None
+    emulator = Emulator(
+        secrets, host=args.host, imds_port=args.imds_port, vault_port=args.vault_port,
+        vault_hostname=args.vault_hostname, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        ca_cert=args.ca_cert, cert_dir=args.cert_dir, latency_s=args.latency_ms / 1000.0)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        emulator.start()
+    except OSError as exc:
+        raise KvAgentError(f"cannot start the emulator on {args.host}: {exc.strerror or exc}",
+                           "choose other --imds-port/--vault-port values, or free them") from None
+    try:
+        for line in _emulator_banner(emulator.imds_endpoint, emulator.vault_url,
+                                     emulator.ca_path, len(secrets)):
+            print(line, flush=True)
+        stop.wait()
+    finally:
+        emulator.stop()
+    return EXIT_OK
+
+
+def _emulator_banner(imds: str, vault: str, ca_path: str, count: int) -> List[str]:
+    return [
+        f"kv-agent emulator: {count} secret{'s' if count != 1 else ''}",
+        f"  IMDS token endpoint: {imds}",
+        f"  vault:               {vault}",
+        f"  CA certificate:      {ca_path}",
+        "Point the agent at it (manifest 'vault:' set to the vault above):",
+        f"  KV_AGENT_IMDS_ENDPOINT={imds} REQUESTS_CA_BUNDLE={ca_path} \\",
+        "    kv-agent once --manifest manifest.yaml",
+        "Stop with Ctrl-C.",
+    ]
+
+
+def _cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(args.directory, say=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

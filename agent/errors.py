@@ -1,0 +1,95 @@
+"""Typed errors and exit codes for kv-agent.
+
+Every foreseeable failure is a :class:`KvAgentError`: a one-line message that
+names the object (manifest key, secret, path) and what to do about it. The CLI
+turns these into ``kv-agent: error: ...`` and an exit code; only an unforeseen
+exception ever shows a traceback.
+
+This module imports nothing from the package so every other module can use it.
+A message must never contain a secret value or a token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+# Exit codes (sysexits.h where one fits, so systemd's RestartPreventExitStatus=
+# can tell "fix the config" apart from "try again").
+EXIT_OK = 0
+EXIT_FAILURE = 1  # some secret could not be written; the others were
+EXIT_USAGE = 2  # bad command line (argparse's own code)
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: IMDS or the vault cannot be reached
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug; a traceback was printed
+EXIT_CANTCREAT = 73  # EX_CANTCREAT: the output directory cannot be used
+EXIT_CONFIG = 78  # EX_CONFIG: the manifest is invalid
+
+
+class KvAgentError(Exception):
+    """A foreseeable failure with a message fit for an operator.
+
+    ``hint`` says what to do; it is kept apart so callers can show it
+    differently, and ``str()`` joins the two into one line.
+    """
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+class ManifestError(KvAgentError):
+    """The manifest is unreadable, unsafe or invalid.
+
+    Validation reports every problem at once, so an operator fixes the file in
+    one pass: ``problems`` holds one line per problem, each naming the file,
+    the line, the key and the fix.
+    """
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(
+        self, message: str, hint: Optional[str] = None, problems: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message, hint)
+        self.problems: Tuple[str, ...] = tuple(problems) or (str(self),)
+
+
+class IdentityUnavailableError(KvAgentError):
+    """No managed-identity token could be obtained from IMDS."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class VaultError(KvAgentError):
+    """Key Vault refused or failed a request for one secret."""
+
+    exit_code = EXIT_FAILURE
+
+
+class SecretNotFoundError(VaultError):
+    """404: the secret (or the pinned version) does not exist."""
+
+
+class VaultForbiddenError(VaultError):
+    """403: no permission, a firewall, or a disabled secret version."""
+
+
+class VaultThrottledError(VaultError):
+    """429 persisted beyond the retry budget."""
+
+
+class VaultUnavailableError(VaultError):
+    """The vault could not be reached or kept failing with 5xx."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class WriteError(KvAgentError):
+    """A file could not be written safely; its previous content is intact."""
+
+    exit_code = EXIT_CANTCREAT

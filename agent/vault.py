@@ -1,0 +1,383 @@
+"""Key Vault secrets client: GET one secret, or many concurrently.
+
+Where a token may go is the security boundary of this module:
+
+* only over HTTPS, only to the vault's own URL (built from the manifest, never
+  from a response), and never along a redirect;
+* only a token for a known Key Vault audience. The audience comes from the
+  vault's DNS suffix for the known clouds; for any other host from the 401
+  challenge, and then only if the challenge names a known Key Vault audience
+  and the host lies under it [protocol.md B6]. A vault on a loopback address
+  (the local emulator) is exempt from the domain check only.
+
+Every request has timeouts, every body is size-bounded, transient failures
+are retried with backoff (429 honouring Retry-After), and one 401 triggers one
+fresh token. Concurrency is a bounded thread pool over one keep-alive session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import quote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from agent.errors import (
+    KvAgentError,
+    SecretNotFoundError,
+    VaultError,
+    VaultForbiddenError,
+    VaultThrottledError,
+    VaultUnavailableError,
+)
+from agent.retry import Backoff, RetryPolicy, parse_retry_after
+
+API_VERSION = "7.6"  # GA; everything kv-agent uses exists since 7.0 [protocol.md B2]
+MAX_CONCURRENCY = 16
+MAX_BODY_BYTES = 256 * 1024  # a secret is at most 25 KB [protocol.md B7]
+TIMEOUT_S: Tuple[float, float] = (5.0, 20.0)  # connect, read
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+# Vault DNS suffix -> token resource, per cloud [protocol.md B1].
+KNOWN_AUDIENCES: Dict[str, str] = {
+    "vault.azure.net": "https://vault.azure.net",
+    "vault.usgovcloudapi.net": "https://vault.usgovcloudapi.net",
+    "vault.azure.cn": "https://vault.azure.cn",
+    "vault.microsoftazure.de": "https://vault.microsoftazure.de",
+}
+
+# A token provider: (resource, force_refresh) -> bearer token text.
+TokenProvider = Callable[[str, bool], str]
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One fetched secret version. ``value`` is the UTF-8 bytes of the string
+    Key Vault returned, exactly; it never appears in ``repr``."""
+
+    name: str
+    version: str
+    value: bytes = field(repr=False)
+    content_type: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SecretRequest:
+    """What to fetch: a secret on a vault, optionally pinned to a version."""
+
+    vault: str
+    name: str
+    version: Optional[str] = None
+
+
+FetchOutcome = Union[Secret, KvAgentError]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8 / ::1 literals (the local emulator)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def audience_for_host(host: str) -> Optional[str]:
+    """The token resource for a vault host under a known cloud suffix."""
+    host = host.lower().rstrip(".")
+    for suffix, resource in KNOWN_AUDIENCES.items():
+        if host.endswith("." + suffix):
+            return resource
+    return None
+
+
+def parse_challenge(header: str) -> Dict[str, str]:
+    """Parameters of a ``WWW-Authenticate: Bearer k="v", ...`` header (lower-
+    cased keys); empty when it is not a Bearer challenge [protocol.md B6]."""
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return {}
+    params: Dict[str, str] = {}
+    for item in rest.split(","):
+        key, sep, value = item.strip().partition("=")
+        if sep:
+            params[key.strip().lower()] = value.strip().strip('"')
+    return params
+
+
+def audience_from_challenge(host: str, header: str) -> str:
+    """Choose the token resource a 401 challenge asks for, if it is safe.
+
+    The resource must be a known Key Vault audience, and (except on loopback)
+    the vault host must lie under it, so a server can never make the agent
+    fetch a token for something else. Raises VaultError otherwise.
+    """
+    params = parse_challenge(header)
+    resource = params.get("resource") or params.get("scope", "").removesuffix("/.default")
+    resource = resource.rstrip("/")
+    if resource not in KNOWN_AUDIENCES.values():
+        raise VaultError(
+            f"vault {host} asked for a token for '{resource or '?'}', "
+            "which is not a Key Vault audience; no token was sent",
+            "check the vault URL in the manifest")
+    if not is_loopback_host(host) and not host.lower().endswith(
+        "." + urlsplit(resource).hostname  # type: ignore[operator]
+    ):
+        raise VaultError(
+            f"vault {host} is not under {urlsplit(resource).hostname}, the domain of the "
+            "token it asked for; no token was sent",
+            "use the vault's own https://<name>.vault.azure.net URL")
+    return resource
+
+
+def secret_url(vault: str, name: str, version: Optional[str]) -> str:
+    """``{vault}/secrets/{name}[/{version}]`` with both parts URL-quoted."""
+    url = f"{vault}/secrets/{quote(name, safe='')}"
+    return f"{url}/{quote(version, safe='')}" if version else url
+
+
+def parse_secret_bundle(name: str, body: bytes) -> Secret:
+    """A Secret from a 200 SecretBundle; raises VaultError (never quoting the
+    body, which holds the value) when the shape is wrong."""
+    try:
+        content = json.loads(body)
+        value = content["value"]
+        if not isinstance(value, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise VaultError(f"secret '{name}': the vault's response has no usable value",
+                         "retry later") from None
+    version = str(content.get("id", "")).rstrip("/").rsplit("/", 1)[-1]
+    content_type = content.get("contentType")
+    return Secret(name, version, value.encode("utf-8"),
+                  content_type if isinstance(content_type, str) else None)
+
+
+def parse_error(body: bytes) -> Tuple[str, str, str]:
+    """(code, inner code, first line of message) of a KeyVaultError body."""
+    try:
+        error = json.loads(body)["error"]
+        inner = error.get("innererror") or {}
+        message = str(error.get("message") or "")
+        return (str(error.get("code") or ""), str(inner.get("code") or ""),
+                message.splitlines()[0][:300] if message else "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "", "", ""
+
+
+def error_for_status(name: str, status: int, body: bytes) -> VaultError:
+    """The per-secret error for a final non-200 status, worded with the fix."""
+    code, inner, message = parse_error(body)
+    detail = f" ({inner or code})" if inner or code else ""
+    if status == 404:
+        return SecretNotFoundError(
+            f"secret '{name}': not found in the vault (404{detail})",
+            "check the name and version in the manifest, or recover a deleted secret")
+    if status == 403:
+        if inner == "SecretDisabled":
+            return VaultForbiddenError(
+                f"secret '{name}': this version is disabled (403 SecretDisabled)",
+                "enable it in the vault, or pin an enabled version")
+        if inner == "ForbiddenByFirewall":
+            return VaultForbiddenError(
+                f"secret '{name}': the vault's firewall refused this VM (403{detail})",
+                "allow this VM's network or private endpoint in the vault's networking")
+        return VaultForbiddenError(
+            f"secret '{name}': permission denied (403{detail})",
+            "grant this VM's identity the 'Key Vault Secrets User' role on the vault, "
+            "or a 'get' secret access policy")
+    if status == 401:
+        return VaultError(
+            f"secret '{name}': the vault rejected the identity's token (401{detail}: "
+            f"{message})", "check the vault's tenant and the token audience")
+    if status == 429:
+        return VaultThrottledError(
+            f"secret '{name}': throttled by the vault (429)",
+            "the vault's request limit was reached; fewer refreshes or fewer agents")
+    if status >= 500 or status == 408:
+        return VaultUnavailableError(
+            f"secret '{name}': the vault kept failing (HTTP {status}{detail})", "retry later")
+    if 300 <= status < 400:
+        return VaultError(
+            f"secret '{name}': the vault answered with a redirect (HTTP {status}); "
+            "not followed, a token never leaves the vault's URL",
+            "use the vault's canonical URL in the manifest")
+    return VaultError(f"secret '{name}': HTTP {status}{detail} {message}".rstrip(),
+                      "check the manifest entry")
+
+
+def _unreachable(vault: str, exc: Exception, prefix: str) -> VaultUnavailableError:
+    """The error for a request that never got an HTTP answer."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return VaultUnavailableError(
+            f"{prefix}TLS with vault {vault} failed (certificate not trusted or wrong host)",
+            "check the vault URL; for a private CA set REQUESTS_CA_BUNDLE")
+    return VaultUnavailableError(
+        f"{prefix}vault {vault} unreachable ({type(exc).__name__})",
+        "check DNS, network and firewall")
+
+
+def new_session(pool_size: int = MAX_CONCURRENCY) -> requests.Session:
+    """A keep-alive session whose pool fits the fetch concurrency; retries are
+    ours (urllib3's own are off) so Retry-After and budgets are honoured."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+class VaultClient:
+    """Fetches secrets from Key Vault with tokens from ``tokens``.
+
+    Thread-safe: audience discovery is done once per vault under a lock;
+    ``fetch_many`` shares one session across a bounded pool.
+    """
+
+    def __init__(
+        self,
+        session: requests.Session,
+        tokens: TokenProvider,
+        *,
+        policy: RetryPolicy = RetryPolicy(deadline_s=60.0),
+        concurrency: int = MAX_CONCURRENCY,
+        api_version: str = API_VERSION,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._policy = policy
+        self._concurrency = max(1, concurrency)
+        self._api_version = api_version
+        self._clock = clock
+        self._sleep = sleep
+        self._audiences: Dict[str, str] = {}
+        self._audience_lock = threading.Lock()
+
+    def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
+        """Fetch every request concurrently (bounded); one outcome per request,
+        in order: a Secret or the KvAgentError for that secret.
+
+        Each vault's audience and token are settled first, one vault at a time,
+        so the fan-out starts with a cached token (one IMDS call per run) and
+        an IMDS outage surfaces once, as IdentityUnavailableError, not once per
+        thread. A vault whose challenge fails fails only its own secrets.
+        """
+        vault_errors: Dict[str, KvAgentError] = {}
+        for request in requests_:
+            if request.vault in vault_errors or request.vault in self._audiences:
+                continue
+            try:
+                self._tokens(self._audience(request), False)
+            except VaultError as exc:
+                vault_errors[request.vault] = exc
+
+        def outcome(request: SecretRequest) -> FetchOutcome:
+            if request.vault in vault_errors:
+                return vault_errors[request.vault]
+            try:
+                return self.fetch_secret(request)
+            except KvAgentError as exc:
+                return exc
+
+        if len(requests_) <= 1:
+            return [outcome(request) for request in requests_]
+        workers = min(self._concurrency, len(requests_))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+            return list(pool.map(outcome, requests_))
+
+    def fetch_secret(self, request: SecretRequest) -> Secret:
+        """GET one secret. Raises a VaultError subclass naming the secret."""
+        url = secret_url(request.vault, request.name, request.version)
+        params = {"api-version": self._api_version}
+        audience = self._audience(request)
+        backoff = Backoff(self._policy, clock=self._clock, sleep=self._sleep)
+        fresh_token_taken = False
+        while True:
+            token = self._tokens(audience, False)
+            try:
+                status, headers, body = self._get(url, params, token)
+            except requests.RequestException as exc:
+                if not isinstance(exc, requests.exceptions.SSLError) and backoff.wait(
+                    f"vault: {type(exc).__name__}"
+                ):
+                    continue
+                raise _unreachable(request.vault, exc, f"secret '{request.name}': ") from None
+            if status == 200:
+                return parse_secret_bundle(request.name, body)
+            if status == 401 and not fresh_token_taken:
+                # A revoked or rotated token: ask IMDS for a new one, once.
+                self._tokens(audience, True)
+                fresh_token_taken = True
+                continue
+            if status in RETRY_STATUSES:
+                retry_after = parse_retry_after(headers.get("Retry-After"))
+                if backoff.wait(f"vault: HTTP {status}", retry_after):
+                    continue
+            raise error_for_status(request.name, status, body)
+
+    def _get(
+        self, url: str, params: Dict[str, str], token: Optional[str]
+    ) -> Tuple[int, "requests.structures.CaseInsensitiveDict[str]", bytes]:
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        # allow_redirects=False: a redirect would carry the token elsewhere.
+        response = self._session.get(url, params=params, headers=headers, timeout=TIMEOUT_S,
+                                     allow_redirects=False, stream=True)
+        try:
+            chunks: List[bytes] = []
+            size = 0
+            for chunk in response.iter_content(16384):
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise requests.exceptions.ContentDecodingError("response too large")
+                chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
+        finally:
+            response.close()
+
+    def _audience(self, request: SecretRequest) -> str:
+        """The token resource for ``request.vault``; discovered once per vault."""
+        with self._audience_lock:
+            known = self._audiences.get(request.vault)
+            if known is not None:
+                return known
+            host = urlsplit(request.vault).hostname or ""
+            audience = audience_for_host(host) or self._challenge(request, host)
+            self._audiences[request.vault] = audience
+            return audience
+
+    def _challenge(self, request: SecretRequest, host: str) -> str:
+        """Elicit the 401 challenge with an unauthenticated request."""
+        url = secret_url(request.vault, request.name, request.version)
+        params = {"api-version": self._api_version}
+        backoff = Backoff(self._policy, clock=self._clock, sleep=self._sleep)
+        while True:
+            try:
+                status, headers, body = self._get(url, params, None)
+            except requests.RequestException as exc:
+                if not isinstance(exc, requests.exceptions.SSLError) and backoff.wait(
+                    f"vault: {type(exc).__name__}"
+                ):
+                    continue
+                raise _unreachable(request.vault, exc, "") from None
+            if status in RETRY_STATUSES and backoff.wait(f"vault: HTTP {status}"):
+                continue
+            break
+        challenge = headers.get("WWW-Authenticate", "")
+        if status != 401 or not challenge:
+            raise VaultError(
+                f"vault {request.vault} did not send a Key Vault authentication challenge "
+                f"(HTTP {status})", "check that the manifest's vault URL is a Key Vault")
+        return audience_from_challenge(host, challenge)

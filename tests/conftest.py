@@ -1,0 +1,74 @@
+"""Shared fixtures. The network guard is installed before anything else runs.
+
+No test may reach anything but loopback: kv_netguard blocks (and records)
+every other connect or name lookup, in this process and in every kv-agent
+process started by a test, and ``_no_network_escape`` fails the test that
+tried.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+NETGUARD_DIR = Path(__file__).parent / "netguard"
+sys.path.insert(0, str(NETGUARD_DIR))
+import kv_netguard  # noqa: E402
+
+kv_netguard.install()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _guard_subprocesses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every child Python process loads the guard and logs to one file."""
+    log = tmp_path_factory.mktemp("netguard") / "violations.log"
+    log.touch()
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD_DIR), old_path]))
+    os.environ[kv_netguard.LOG_ENV] = str(log)
+    yield log
+    if old_path is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old_path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "trips_netguard: the test tries a blocked connection on purpose")
+
+
+@pytest.fixture(autouse=True)
+def _no_network_escape(
+    request: pytest.FixtureRequest, _guard_subprocesses: Path
+) -> Iterator[None]:
+    """Fail any test during which a connection outside loopback was tried
+    (and a test marked trips_netguard during which none was)."""
+    before = _guard_subprocesses.read_text()
+    kv_netguard.VIOLATIONS.clear()
+    yield
+    escaped = list(kv_netguard.VIOLATIONS)
+    escaped += _guard_subprocesses.read_text()[len(before):].splitlines()
+    kv_netguard.VIOLATIONS.clear()
+    if request.node.get_closest_marker("trips_netguard"):
+        if not escaped:
+            pytest.fail("expected the network guard to block a connection; it did not")
+    elif escaped:
+        pytest.fail(f"attempted to reach beyond loopback: {escaped}")
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory on tmpfs (/dev/shm), removed afterwards."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("needs /dev/shm (a tmpfs) for the writer's tmpfs check")
+    path = Path(tempfile.mkdtemp(prefix="kv-agent-test-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,227 @@
+"""IMDS token source: request shape, parsing, caching, retries, errors."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import pytest
+import requests
+
+from agent.errors import IdentityUnavailableError
+from agent.identity import (
+    DEFAULT_IMDS_ENDPOINT,
+    AccessToken,
+    Identity,
+    TokenSource,
+    imds_endpoint,
+    parse_expires_on,
+    parse_token_response,
+)
+from agent.retry import RetryPolicy
+from fakes import FakeClock, FakeSession, json_reply, refused
+
+ENDPOINT = "http://127.0.0.1:9/metadata/identity/oauth2/token"
+RESOURCE = "https://vault.azure.net"
+TOKEN = "eyJ0eXAi.secret-token-text.sig"
+NOW = 1_700_000_000.0
+
+
+def token_body(**overrides: Any) -> Dict[str, Any]:
+    """An IMDS 200 body as the real service sends it: numbers as strings."""
+    body = {"access_token": TOKEN, "client_id": "c", "expires_in": "86399",
+            "expires_on": str(int(NOW) + 86399), "ext_expires_in": "86399",
+            "not_before": str(int(NOW)), "resource": RESOURCE, "token_type": "Bearer"}
+    body.update(overrides)
+    return body
+
+
+def source(session: FakeSession, identity: Identity = Identity(), *, wall: Any = None,
+           clock: FakeClock = None, deadline: float = 30) -> TokenSource:  # type: ignore[assignment]
+    clock = clock or FakeClock()
+    return TokenSource(session, identity, endpoint=ENDPOINT,  # type: ignore[arg-type]
+                       policy=RetryPolicy(deadline_s=deadline), wall=wall or (lambda: NOW),
+                       clock=clock, sleep=clock.sleep)
+
+
+def test_request_shape_system_assigned() -> None:
+    """GET with api-version, resource and Metadata: true; never Authorization."""
+    session = FakeSession(json_reply(200, token_body()))
+    token = source(session).get_token(RESOURCE)
+    assert token.token == TOKEN and token.expires_on == NOW + 86399
+    (sent,) = session.sent
+    assert sent.url == ENDPOINT
+    assert sent.params == {"api-version": "2018-02-01", "resource": RESOURCE}
+    assert sent.headers == {"Metadata": "true"}
+    assert "Authorization" not in sent.headers
+
+
+@pytest.mark.parametrize("selector, param", [
+    ("client_id", "client_id"), ("object_id", "object_id"), ("resource_id", "msi_res_id"),
+])
+def test_user_assigned_parameters(selector: str, param: str) -> None:
+    """Each manifest selector maps to its IMDS query parameter."""
+    session = FakeSession(json_reply(200, token_body()))
+    source(session, Identity(selector, "the-id")).get_token(RESOURCE)
+    assert session.sent[0].params[param] == "the-id"
+    assert len(session.sent[0].params) == 3
+
+
+def test_token_is_cached_across_calls() -> None:
+    """One IMDS request serves every later call until near expiry."""
+    session = FakeSession(json_reply(200, token_body()))
+    tokens = source(session)
+    for _ in range(50):
+        tokens.get_token(RESOURCE)
+    assert len(session.sent) == 1
+
+
+def test_token_renewed_five_minutes_before_expiry() -> None:
+    """A token with under five minutes left is replaced."""
+    wall = [NOW]
+    session = FakeSession(json_reply(200, token_body(expires_on=str(int(NOW) + 600),
+                                                      expires_in="600")),
+                          json_reply(200, token_body()))
+    tokens = source(session, wall=lambda: wall[0])
+    tokens.get_token(RESOURCE)
+    wall[0] = NOW + 299
+    tokens.get_token(RESOURCE)
+    assert len(session.sent) == 1
+    wall[0] = NOW + 301
+    tokens.get_token(RESOURCE)
+    assert len(session.sent) == 2
+
+
+def test_long_token_renewed_at_half_life_keeping_old_on_failure() -> None:
+    """A 24 h token is renewed after 12 h; if IMDS then fails, the valid one is kept."""
+    wall = [NOW]
+    session = FakeSession(json_reply(200, token_body()),
+                          json_reply(400, {"error": "invalid_request",
+                                           "error_description": "Identity not found"}))
+    tokens = source(session, wall=lambda: wall[0])
+    first = tokens.get_token(RESOURCE)
+    wall[0] = NOW + 12.5 * 3600
+    assert tokens.get_token(RESOURCE) is first
+    assert len(session.sent) == 2
+
+
+def test_force_refresh_bypasses_cache() -> None:
+    """force_refresh asks IMDS again (used after a vault 401)."""
+    session = FakeSession(json_reply(200, token_body()), json_reply(200, token_body()))
+    tokens = source(session)
+    tokens.get_token(RESOURCE)
+    tokens.get_token(RESOURCE, force_refresh=True)
+    assert len(session.sent) == 2
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"expires_on": "1700003600"}, 1700003600),
+    ({"expires_on": 1700003600}, 1700003600),
+    ({"expires_on": "1700003600.0"}, 1700003600),
+    ({"expires_in": "3600"}, NOW + 3600),
+    ({"expires_in": 3600}, NOW + 3600),
+    ({"expires_on": "", "expires_in": "60"}, NOW + 60),
+    ({"expires_on": "11/14/2023 22:13:20 +00:00"}, 1700000000),
+    ({"expires_on": "11/14/2023 10:13:20 PM +00:00"}, 1700000000),
+])
+def test_expiry_formats(content: Dict[str, Any], expected: float) -> None:
+    """expires_on/expires_in parse from strings, numbers and App Service dates."""
+    assert parse_expires_on(content, NOW) == expected
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[]", b'{"expires_in": "60"}', b'{"access_token": "", "expires_in": "1"}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": "soon"}',
+    b'{"access_token": "eyJ.secret-token-text"}',
+])
+def test_unusable_responses_never_quote_the_token(body: bytes) -> None:
+    """A malformed 200 is an error whose text holds no token."""
+    session = FakeSession((200, {}, body))
+    with pytest.raises(IdentityUnavailableError) as caught:
+        source(session).get_token(RESOURCE)
+    assert "secret-token-text" not in str(caught.value)
+
+
+def test_access_token_repr_masks_the_token() -> None:
+    """repr() of a token never shows it."""
+    text = repr(parse_token_response(b'{"access_token": "secret-token-text", '
+                                     b'"expires_in": "3600"}', RESOURCE, NOW))
+    assert "secret-token-text" not in text and "****" in text
+    assert "secret-token-text" not in repr(AccessToken("secret-token-text", 1.0, RESOURCE))
+
+
+@pytest.mark.parametrize("status", [404, 410, 429, 500, 503])
+def test_transient_statuses_are_retried(status: int) -> None:
+    """404, 410, 429 and 5xx are retried with backoff, then succeed."""
+    clock = FakeClock()
+    session = FakeSession(json_reply(status, {"error": "x"}), json_reply(200, token_body()))
+    source(session, clock=clock).get_token(RESOURCE)
+    assert len(session.sent) == 2 and len(clock.sleeps) == 1
+
+
+def test_connection_errors_are_retried() -> None:
+    """Connection refused (IMDS not up yet) is retried."""
+    clock = FakeClock()
+    session = FakeSession(refused(), requests.Timeout("t"), json_reply(200, token_body()))
+    source(session, clock=clock).get_token(RESOURCE)
+    assert len(session.sent) == 3
+
+
+def test_retry_after_is_honoured() -> None:
+    """A 429 with Retry-After waits exactly that long."""
+    clock = FakeClock()
+    session = FakeSession(json_reply(429, {"error": "x"}, **{"Retry-After": "7"}),
+                          json_reply(200, token_body()))
+    source(session, clock=clock).get_token(RESOURCE)
+    assert clock.sleeps == [7.0]
+
+
+def test_retries_are_bounded_in_time() -> None:
+    """A dead IMDS ends in IdentityUnavailableError once the budget is spent."""
+    clock = FakeClock()
+    session = FakeSession(*[refused() for _ in range(100)])
+    with pytest.raises(IdentityUnavailableError, match="connection refused") as caught:
+        source(session, clock=clock, deadline=30).get_token(RESOURCE)
+    assert sum(clock.sleeps) <= 30
+    assert "KV_AGENT_IMDS_ENDPOINT" in str(caught.value)
+
+
+@pytest.mark.parametrize("identity, fragment", [
+    (Identity(), "az vm identity assign -g <group> -n <vm>)"),
+    (Identity("client_id", "abc"), "--identities"),
+])
+def test_400_is_not_retried_and_says_how_to_assign(identity: Identity, fragment: str) -> None:
+    """400 (no identity) fails at once with IMDS's words and how to assign one."""
+    session = FakeSession(json_reply(400, {"error": "invalid_request",
+                                           "error_description": "Identity not found"}))
+    with pytest.raises(IdentityUnavailableError) as caught:
+        source(session, identity).get_token(RESOURCE)
+    assert len(session.sent) == 1
+    assert "Identity not found" in str(caught.value) and fragment in str(caught.value)
+
+
+def test_oversized_body_is_refused() -> None:
+    """A response beyond the size bound is not buffered without limit."""
+    clock = FakeClock()
+    session = FakeSession(*[(200, {}, b"x" * (200 * 1024)) for _ in range(3)])
+    with pytest.raises(IdentityUnavailableError, match="too large"):
+        source(session, clock=clock, deadline=1).get_token(RESOURCE)
+
+
+def test_endpoint_from_environment() -> None:
+    """KV_AGENT_IMDS_ENDPOINT overrides the link-local default."""
+    assert imds_endpoint({}) == DEFAULT_IMDS_ENDPOINT
+    assert imds_endpoint({"KV_AGENT_IMDS_ENDPOINT": ENDPOINT}) == ENDPOINT
+
+
+def test_concurrent_callers_share_one_request() -> None:
+    """Sixteen threads asking at once cause one IMDS request."""
+    import threading
+
+    session = FakeSession(json_reply(200, token_body()))
+    tokens = source(session)
+    threads = [threading.Thread(target=tokens.get_token, args=(RESOURCE,)) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(session.sent) == 1

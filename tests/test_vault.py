@@ -1,0 +1,317 @@
+"""Key Vault client: where tokens go, errors per secret, retries, concurrency."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+import requests
+
+from agent.errors import (
+    IdentityUnavailableError,
+    SecretNotFoundError,
+    VaultError,
+    VaultForbiddenError,
+    VaultThrottledError,
+    VaultUnavailableError,
+)
+from agent.retry import RetryPolicy
+from agent.vault import (
+    KNOWN_AUDIENCES,
+    Secret,
+    SecretRequest,
+    VaultClient,
+    audience_for_host,
+    audience_from_challenge,
+    parse_challenge,
+    secret_url,
+)
+from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
+
+VAULT = "https://contoso.vault.azure.net"
+LOCAL = "https://127.0.0.1:8443"
+CHALLENGE = ('Bearer authorization="https://login.windows.net/00000000-0000-0000-0000-'
+             '000000000000", resource="https://vault.azure.net"')
+VERSION = "41cce6796d81438f9dad0d96bf85d50d"
+
+
+def bundle(value: str = "s3cr3t", name: str = "db", vault: str = VAULT) -> Tuple[int, Dict[str, str], bytes]:
+    return json_reply(200, {"value": value, "id": f"{vault}/secrets/{name}/{VERSION}",
+                            "attributes": {"enabled": True}})
+
+
+def error(status: int, code: str, inner: Optional[str] = None, **headers: str) -> Any:
+    body: Dict[str, Any] = {"error": {"code": code, "message": f"{code} happened"}}
+    if inner:
+        body["error"]["innererror"] = {"code": inner}
+    return json_reply(status, body, **headers)
+
+
+class Tokens:
+    """A token provider that records what was asked."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, bool]] = []
+
+    def __call__(self, resource: str, force: bool) -> str:
+        self.calls.append((resource, force))
+        return f"token-{len(self.calls)}"
+
+
+def client(session: Any, tokens: Optional[Tokens] = None, deadline: float = 30,
+           clock: Optional[FakeClock] = None) -> VaultClient:
+    clock = clock or FakeClock()
+    return VaultClient(session, tokens or Tokens(), policy=RetryPolicy(deadline_s=deadline),
+                       clock=clock, sleep=clock.sleep)
+
+
+@pytest.mark.parametrize("host, audience", [
+    ("contoso.vault.azure.net", "https://vault.azure.net"),
+    ("Contoso.Vault.Azure.Net.", "https://vault.azure.net"),
+    ("kv.vault.usgovcloudapi.net", "https://vault.usgovcloudapi.net"),
+    ("kv.vault.azure.cn", "https://vault.azure.cn"),
+    ("kv.vault.microsoftazure.de", "https://vault.microsoftazure.de"),
+    ("vault.azure.net.evil.com", None),
+    ("evilvault.azure.net", None),
+    ("127.0.0.1", None),
+])
+def test_audience_from_dns_suffix(host: str, audience: Optional[str]) -> None:
+    """Known cloud suffixes map to their audience; look-alikes do not."""
+    assert audience_for_host(host) == audience
+
+
+def test_known_cloud_vault_needs_no_challenge() -> None:
+    """A *.vault.azure.net vault gets the public audience without a 401 round trip."""
+    session = FakeSession(bundle())
+    tokens = Tokens()
+    secret = client(session, tokens).fetch_secret(SecretRequest(VAULT, "db"))
+    assert secret == Secret("db", VERSION, b"s3cr3t", None)
+    assert tokens.calls == [("https://vault.azure.net", False)]
+    (sent,) = session.sent
+    assert sent.url == f"{VAULT}/secrets/db"
+    assert sent.params == {"api-version": "7.6"}
+    assert sent.headers["Authorization"] == "Bearer token-1"
+
+
+def test_loopback_vault_uses_the_challenge() -> None:
+    """On loopback the first request is unauthenticated and the challenge names the audience."""
+    session = FakeSession(error(401, "Unauthorized", **{"WWW-Authenticate": CHALLENGE}),
+                          bundle(vault=LOCAL))
+    tokens = Tokens()
+    client(session, tokens).fetch_secret(SecretRequest(LOCAL, "db"))
+    assert "Authorization" not in session.sent[0].headers
+    assert session.sent[1].headers["Authorization"] == "Bearer token-1"
+    assert tokens.calls == [("https://vault.azure.net", False)]
+
+
+@pytest.mark.parametrize("challenge", [
+    'Bearer authorization="https://login.windows.net/t", resource="https://management.azure.com"',
+    'Bearer authorization="https://login.windows.net/t", resource="https://vault.azure.net.evil"',
+    'Basic realm="x"',
+    "",
+])
+def test_untrusted_challenge_gets_no_token(challenge: str) -> None:
+    """A challenge for anything but a Key Vault audience is refused; no token is fetched."""
+    headers = {"WWW-Authenticate": challenge} if challenge else {}
+    session = FakeSession((401, headers, b""))
+    tokens = Tokens()
+    with pytest.raises(VaultError):
+        client(session, tokens).fetch_secret(SecretRequest(LOCAL, "db"))
+    assert tokens.calls == []
+
+
+def test_unknown_host_is_refused_even_with_a_vault_challenge() -> None:
+    """A non-loopback host outside the audience's domain never gets a token."""
+    with pytest.raises(VaultError, match="not under vault.azure.net"):
+        audience_from_challenge("kv.example.com", CHALLENGE)
+    assert audience_from_challenge("127.0.0.1", CHALLENGE) == "https://vault.azure.net"
+    assert audience_from_challenge("localhost", CHALLENGE.replace(
+        'resource="https://vault.azure.net"', 'scope="https://vault.azure.net/.default"')
+    ) == "https://vault.azure.net"
+
+
+def test_parse_challenge() -> None:
+    """Bearer parameters parse with quotes stripped and keys lower-cased."""
+    assert parse_challenge(CHALLENGE) == {
+        "authorization": "https://login.windows.net/00000000-0000-0000-0000-000000000000",
+        "resource": "https://vault.azure.net"}
+    assert parse_challenge('Basic realm="x"') == {}
+
+
+def test_version_and_names_are_quoted_in_the_url() -> None:
+    """A pinned version is a path segment; names cannot inject path parts."""
+    assert secret_url(VAULT, "db", VERSION) == f"{VAULT}/secrets/db/{VERSION}"
+    assert secret_url(VAULT, "a/b", None) == f"{VAULT}/secrets/a%2Fb"
+
+
+def test_value_is_returned_byte_for_byte() -> None:
+    """Unicode, newlines and trailing spaces survive as UTF-8 bytes, nothing added."""
+    value = "pässwörd\n  with trailing  \n"
+    secret = client(FakeSession(bundle(value))).fetch_secret(SecretRequest(VAULT, "db"))
+    assert secret.value == value.encode("utf-8")
+    assert "pässwörd" not in repr(secret)
+
+
+def test_401_gets_one_fresh_token() -> None:
+    """A 401 with a token forces one new token, then succeeds."""
+    session = FakeSession(error(401, "Unauthorized"), bundle())
+    tokens = Tokens()
+    client(session, tokens).fetch_secret(SecretRequest(VAULT, "db"))
+    assert tokens.calls == [("https://vault.azure.net", False), ("https://vault.azure.net", True),
+                            ("https://vault.azure.net", False)]
+
+
+def test_second_401_is_an_error() -> None:
+    """Two 401s in a row end with an error naming the secret."""
+    session = FakeSession(error(401, "Unauthorized"), error(401, "Unauthorized"))
+    with pytest.raises(VaultError, match="'db'.*401"):
+        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+    assert len(session.sent) == 2
+
+
+@pytest.mark.parametrize("reply, kind, fragments", [
+    (error(404, "SecretNotFound"), SecretNotFoundError, ["'db'", "not found", "check the name"]),
+    (error(403, "Forbidden", "SecretDisabled"), VaultForbiddenError, ["disabled", "enable it"]),
+    (error(403, "Forbidden", "AccessDenied"), VaultForbiddenError,
+     ["permission denied", "Key Vault Secrets User", "access policy"]),
+    (error(403, "Forbidden", "ForbiddenByRbac"), VaultForbiddenError, ["Key Vault Secrets User"]),
+    (error(403, "Forbidden", "ForbiddenByFirewall"), VaultForbiddenError, ["firewall"]),
+    (error(400, "BadParameter"), VaultError, ["'db'", "400", "BadParameter"]),
+])
+def test_per_secret_errors_name_secret_and_fix(reply: Any, kind: type, fragments: List[str]) -> None:
+    """403 and 404 are per-secret errors worded with the fix, not retried."""
+    session = FakeSession(reply)
+    with pytest.raises(kind) as caught:
+        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert len(session.sent) == 1
+
+
+def test_redirect_is_not_followed() -> None:
+    """A 3xx is an error; the token never travels to the Location."""
+    session = FakeSession((302, {"Location": "https://evil.example/steal"}, b""))
+    with pytest.raises(VaultError, match="redirect"):
+        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+    assert [s.url for s in session.sent] == [f"{VAULT}/secrets/db"]
+
+
+def test_429_honours_retry_after() -> None:
+    """Throttling waits Retry-After seconds, then succeeds."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled", **{"Retry-After": "3"}), bundle())
+    client(session, clock=clock).fetch_secret(SecretRequest(VAULT, "db"))
+    assert clock.sleeps == [3.0]
+
+
+def test_429_without_retry_after_backs_off_then_gives_up() -> None:
+    """Persistent throttling ends in VaultThrottledError within the budget."""
+    clock = FakeClock()
+    session = FakeSession(*[error(429, "Throttled") for _ in range(50)])
+    with pytest.raises(VaultThrottledError):
+        client(session, clock=clock, deadline=10).fetch_secret(SecretRequest(VAULT, "db"))
+    assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 10
+
+
+@pytest.mark.parametrize("failure", [error(500, "InternalError"), error(503, "Unavailable"),
+                                     refused(), requests.Timeout("t")])
+def test_transient_failures_are_retried(failure: Any) -> None:
+    """5xx, refused connections and timeouts are retried."""
+    session = FakeSession(failure, bundle())
+    assert client(session).fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+
+
+def test_tls_failure_is_not_retried() -> None:
+    """A certificate problem fails at once with the CA hint."""
+    session = FakeSession(requests.exceptions.SSLError("certificate verify failed"))
+    with pytest.raises(VaultUnavailableError, match="REQUESTS_CA_BUNDLE"):
+        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+    assert len(session.sent) == 1
+
+
+def test_oversized_response_is_refused() -> None:
+    """A body beyond the bound fails the secret instead of filling memory."""
+    session = FakeSession(*[(200, {}, b"x" * (512 * 1024)) for _ in range(50)])
+    with pytest.raises(VaultError):
+        client(session, deadline=1).fetch_secret(SecretRequest(VAULT, "db"))
+
+
+def test_unusable_bundle_never_quotes_the_body() -> None:
+    """A 200 without a string value is an error that does not echo the body."""
+    session = FakeSession((200, {}, b'{"value": 5, "note": "s3cr3t"}'))
+    with pytest.raises(VaultError) as caught:
+        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+    assert "s3cr3t" not in str(caught.value)
+
+
+class RoutingSession:
+    """Thread-safe fake answering by secret name, with a per-request delay."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.urls: List[str] = []
+        self.active = 0
+        self.peak = 0
+
+    def get(self, url: str, **kwargs: Any) -> FakeResponse:
+        with self.lock:
+            self.urls.append(url)
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.active -= 1
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith("missing"):
+            return FakeResponse(*error(404, "SecretNotFound"))
+        return FakeResponse(200, {}, json.dumps({"value": f"v-{name}",
+                                                 "id": f"{VAULT}/secrets/{name}/{VERSION}"}).encode())
+
+
+def test_fetch_many_is_concurrent_bounded_and_ordered() -> None:
+    """100 fetches overlap (at most 16 at once), keep order, and one failure stays local."""
+    session = RoutingSession(delay_s=0.02)
+    names = [f"s{i}" for i in range(100)]
+    names[37] = "missing-37"
+    tokens = Tokens()
+    started = time.monotonic()
+    outcomes = client(session, tokens).fetch_many([SecretRequest(VAULT, n) for n in names])
+    elapsed = time.monotonic() - started
+    assert session.peak == 16
+    assert elapsed < 100 * 0.02 / 3  # far from one request after another
+    assert isinstance(outcomes[37], SecretNotFoundError)
+    assert [o.value for i, o in enumerate(outcomes) if i != 37] == [  # type: ignore[union-attr]
+        f"v-{n}".encode() for i, n in enumerate(names) if i != 37]
+    assert all(resource == KNOWN_AUDIENCES["vault.azure.net"] for resource, _ in tokens.calls)
+
+
+def test_fetch_many_settles_the_token_before_fanning_out() -> None:
+    """An IMDS failure surfaces once, before any vault request."""
+    session = RoutingSession()
+
+    def no_token(resource: str, force: bool) -> str:
+        raise IdentityUnavailableError("IMDS down")
+
+    with pytest.raises(IdentityUnavailableError):
+        VaultClient(session, no_token).fetch_many(  # type: ignore[arg-type]
+            [SecretRequest(VAULT, f"s{i}") for i in range(10)])
+    assert session.urls == []
+
+
+def test_failing_vault_fails_only_its_own_secrets() -> None:
+    """A vault whose challenge is untrusted fails its secrets; others still arrive."""
+
+    class Mixed(RoutingSession):
+        def get(self, url: str, **kwargs: Any) -> FakeResponse:
+            if url.startswith(LOCAL):
+                return FakeResponse(401, {"WWW-Authenticate": 'Bearer resource="https://x"'}, b"")
+            return super().get(url, **kwargs)
+
+    outcomes = client(Mixed()).fetch_many(
+        [SecretRequest(LOCAL, "a"), SecretRequest(VAULT, "b"), SecretRequest(LOCAL, "c")])
+    assert isinstance(outcomes[0], VaultError) and isinstance(outcomes[2], VaultError)
+    assert isinstance(outcomes[1], Secret)
