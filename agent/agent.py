@@ -103,10 +103,10 @@ class Agent:
         self.tokens = TokenSource(imds_session, manifest.identity,
                                   endpoint=imds_endpoint(environ), policy=imds_policy,
                                   on_retry=on_retry)
-        vault_session = new_session()
+        vault_session = new_session(environ)
         self.vault = VaultClient(
             vault_session, lambda resource, force: self._token(resource, force),
-            policy=vault_policy)
+            policy=vault_policy, environ=environ)
         self.writer = Writer(manifest.directory)
         self._sessions = (imds_session, vault_session)
 

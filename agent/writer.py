@@ -115,7 +115,10 @@ class Writer:
             path = posixpath.dirname(path)
         if path == self.root and os.path.islink(path):
             raise WriteError(f"{self.root} is a symlink; point directory at a real directory")
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:  # e.g. an ancestor is a regular file
+            raise WriteError(f"cannot use {self.root}: {path}: {exc.strerror}") from None
         try:
             kind = self._fs_type(fd)
         finally:
@@ -142,7 +145,7 @@ class Writer:
         """Make ``spec.path`` hold ``spec.content`` with its owner and mode.
 
         (1) Check the path is under the root and not a reserved name.
-        (2) Open (creating as needed, mode 0755) each parent with O_NOFOLLOW.
+        (2) Open (creating as needed, mode DIR_MODE) each parent with O_NOFOLLOW.
         (3) If a regular file already has these bytes, owner and mode, stop:
             same inode and mtime, so watchers are not woken.
         (4) Create a temporary file beside the target: O_CREAT|O_EXCL|
@@ -187,6 +190,8 @@ class Writer:
     # -- steps ------------------------------------------------------------
 
     def _check_path(self, path: str) -> str:
+        if "\0" in path:  # os.* would raise ValueError, not WriteError
+            raise WriteError(f"{path!r} contains a NUL byte")
         normal = posixpath.normpath(path)
         if normal != path or not path.startswith(self.root + "/"):
             raise WriteError(f"{path} is not a normalised path under {self.root}")
@@ -227,12 +232,16 @@ class Writer:
         relative = posixpath.relpath(posixpath.dirname(path), self.root)
         try:
             for part in [] if relative == "." else relative.split("/"):
+                is_created = False
                 if create:
                     try:
                         os.mkdir(part, DIR_MODE, dir_fd=fd)
-                        os.chmod(part, DIR_MODE, dir_fd=fd, follow_symlinks=False)
+                        is_created = True
                     except FileExistsError:
                         pass
+                    except OSError as exc:
+                        raise WriteError(
+                            f"{path}: cannot create parent '{part}': {exc.strerror}") from None
                 try:
                     child = os.open(part, _O_DIR, dir_fd=fd)
                 except OSError as exc:
@@ -240,9 +249,18 @@ class Writer:
                         raise WriteError(
                             f"{path}: parent '{part}' is a symlink or a file; refusing to "
                             "write through it") from None
-                    raise
+                    if exc.errno == errno.ENOENT and not create:
+                        raise  # remove() reads this as "nothing to remove"
+                    raise WriteError(f"{path}: cannot open parent '{part}': {exc.strerror}") from None
                 os.close(fd)
                 fd = child
+                if is_created:
+                    # mkdir(2) applies the umask. fchmod on the fd just opened
+                    # with O_NOFOLLOW: chmod by name could follow a symlink
+                    # swapped in after the mkdir, and Python refuses
+                    # chmod(dir_fd=..., follow_symlinks=False) on a symlink
+                    # with ValueError.
+                    os.fchmod(fd, DIR_MODE)
             return fd
         except BaseException:
             os.close(fd)
@@ -250,6 +268,16 @@ class Writer:
 
     @staticmethod
     def _matches(dir_fd: int, name: str, spec: FileSpec) -> bool:
+        """True when ``name`` is a regular file with exactly the spec's bytes,
+        owner and mode. Anything unreadable counts as "differs": rewriting is
+        always safe, a spurious error is not."""
+        try:
+            return Writer._compare(dir_fd, name, spec)
+        except OSError:
+            return False
+
+    @staticmethod
+    def _compare(dir_fd: int, name: str, spec: FileSpec) -> bool:
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -258,7 +286,10 @@ class Writer:
             return False
         if stat.S_IMODE(st.st_mode) != spec.mode or st.st_size != len(spec.content):
             return False
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: should a FIFO replace the file after the stat, the open
+        # must not hang (the read then fails or returns nothing: "differs").
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
         try:
             current = b""
             while len(current) <= len(spec.content):
@@ -287,7 +318,7 @@ class Writer:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # (7)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # (7)
         except OSError as exc:
             _unlink_quietly(temp, dir_fd)
             raise WriteError(_describe_failure(spec, exc)) from None

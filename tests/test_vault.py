@@ -26,7 +26,10 @@ from agent.vault import (
     VaultClient,
     audience_for_host,
     audience_from_challenge,
+    ca_bundle,
+    new_session,
     parse_challenge,
+    proxies_for,
     secret_url,
 )
 from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
@@ -315,3 +318,46 @@ def test_failing_vault_fails_only_its_own_secrets() -> None:
         [SecretRequest(LOCAL, "a"), SecretRequest(VAULT, "b"), SecretRequest(LOCAL, "c")])
     assert isinstance(outcomes[0], VaultError) and isinstance(outcomes[2], VaultError)
     assert isinstance(outcomes[1], Secret)
+
+
+# --- session settings read once from the environment
+
+
+def test_ca_bundle_follows_requests_convention(tmp_path: Any) -> None:
+    """REQUESTS_CA_BUNDLE wins over CURL_CA_BUNDLE; with neither, the default store."""
+    first, second = tmp_path / "a.pem", tmp_path / "b.pem"
+    first.write_text("x")
+    second.write_text("y")
+    assert ca_bundle({"REQUESTS_CA_BUNDLE": str(first), "CURL_CA_BUNDLE": str(second)}) \
+        == str(first)
+    assert ca_bundle({"CURL_CA_BUNDLE": str(second)}) == str(second)
+    assert ca_bundle({}) is True
+
+
+def test_missing_ca_bundle_is_one_clear_error() -> None:
+    """A CA bundle variable naming a missing file is an error naming the variable."""
+    with pytest.raises(VaultError, match="REQUESTS_CA_BUNDLE=/nonexistent.pem does not exist"):
+        ca_bundle({"REQUESTS_CA_BUNDLE": "/nonexistent.pem"})
+
+
+def test_session_ignores_netrc_and_environment() -> None:
+    """The vault session never reads ~/.netrc, whose Basic credentials would replace the token."""
+    session = new_session({})
+    assert session.trust_env is False
+    assert session.verify is True
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, {}),
+    ({"https_proxy": "http://proxy:3128"}, {"https": "http://proxy:3128"}),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, {"https": "http://proxy:3128"}),
+    ({"ALL_PROXY": "http://proxy:3128"}, {"https": "http://proxy:3128"}),
+    ({"https_proxy": "http://p:1", "no_proxy": "vault.azure.net"}, {}),
+    ({"https_proxy": "http://p:1", "NO_PROXY": ".azure.net,other"}, {}),
+    ({"https_proxy": "http://p:1", "no_proxy": "*"}, {}),
+    ({"https_proxy": "http://p:1", "no_proxy": "zure.net"}, {"https": "http://p:1"}),
+    ({"http_proxy": "http://p:1"}, {}),
+])
+def test_proxies_for_vault(environ: Dict[str, str], expected: Dict[str, str]) -> None:
+    """The vault's proxy comes from https_proxy/all_proxy unless no_proxy covers its host."""
+    assert proxies_for(VAULT + "/secrets/db", environ) == expected
