@@ -17,7 +17,15 @@ from typing import Callable, Mapping, Optional, Tuple
 
 import requests
 
-from agent.errors import KvAgentError
+from agent.errors import (
+    IdentityUnavailableError,
+    KvAgentError,
+    SecretNotFoundError,
+    VaultForbiddenError,
+    VaultThrottledError,
+    VaultUnavailableError,
+    WriteError,
+)
 from agent.identity import TokenSource, imds_endpoint
 from agent.manifest import Accounts, Manifest, SecretFile, load_manifest
 from agent.retry import RetryPolicy
@@ -25,6 +33,30 @@ from agent.vault import Secret, SecretRequest, VaultClient, new_session
 from agent.writer import FileSpec, Writer
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Raised out of a retry sleep when the agent is asked to stop."""
+
+
+_SHORT_CAUSES = (
+    (SecretNotFoundError, "404 not found"),
+    (VaultForbiddenError, "403 forbidden"),
+    (VaultThrottledError, "429 throttled"),
+    (VaultUnavailableError, "vault unreachable"),
+    (IdentityUnavailableError, "IMDS unavailable"),
+    (WriteError, "write failed"),
+)
+
+
+def short_cause(error: KvAgentError) -> str:
+    """A few words for STATUS= lines, where the whole message will not fit."""
+    if "SecretDisabled" in error.message:
+        return "403 disabled"
+    for kind, words in _SHORT_CAUSES:
+        if isinstance(error, kind):
+            return words
+    return "error"
 
 
 @dataclass(frozen=True)
@@ -96,17 +128,18 @@ class Agent:
         imds_policy: RetryPolicy = RetryPolicy(),
         vault_policy: RetryPolicy = RetryPolicy(deadline_s=60.0),
         on_retry: Optional[Callable[[str, int, float], None]] = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.manifest = manifest
         imds_session = requests.Session()
         imds_session.trust_env = False  # IMDS must never go through a proxy
         self.tokens = TokenSource(imds_session, manifest.identity,
                                   endpoint=imds_endpoint(environ), policy=imds_policy,
-                                  on_retry=on_retry)
+                                  on_retry=on_retry, sleep=sleep)
         vault_session = new_session(environ)
         self.vault = VaultClient(
             vault_session, lambda resource, force: self._token(resource, force),
-            policy=vault_policy, environ=environ)
+            policy=vault_policy, environ=environ, sleep=sleep)
         self.writer = Writer(manifest.directory)
         self._sessions = (imds_session, vault_session)
 
@@ -118,16 +151,22 @@ class Agent:
         for leftover in self.writer.prepare():
             log.info("removed leftover temporary file %s", leftover)
 
-    def sync(self) -> SyncReport:
+    def sync(self, should_stop: Callable[[], bool] = lambda: False) -> SyncReport:
         """Fetch every secret, write those that arrived; never raises for a
         single secret. Raises IdentityUnavailableError when no token can be
-        had at all (then no file is touched)."""
+        had at all (then no file is touched). When ``should_stop`` turns true
+        the remaining writes are abandoned (each write is atomic, so a file is
+        either replaced whole or left as it was)."""
         started = time.monotonic()
         entries = self.manifest.secrets
         fetched = self.vault.fetch_many(
             [SecretRequest(e.vault, e.name, e.version) for e in entries])
-        outcomes = tuple(self._write(entry, result) for entry, result in zip(entries, fetched))
-        return SyncReport(outcomes, time.monotonic() - started)
+        outcomes = []
+        for entry, result in zip(entries, fetched):
+            if should_stop():
+                raise Interrupted()
+            outcomes.append(self._write(entry, result))
+        return SyncReport(tuple(outcomes), time.monotonic() - started)
 
     def _write(self, entry: SecretFile, fetched: "Secret | KvAgentError") -> SecretOutcome:
         if isinstance(fetched, KvAgentError):

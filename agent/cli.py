@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--manifest", metavar="FILE",
                          help=f"manifest file (default ${MANIFEST_ENV} or {DEFAULT_MANIFEST})")
 
+    def with_state_dir(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--state-dir", metavar="DIR",
+                         help="the agent's state directory (default $KV_AGENT_STATE_DIR "
+                              "or /run/kv-agent)")
+
     once = commands.add_parser("once", help="fetch every secret once and write the files")
     with_manifest(once)
     once.add_argument("--retry-for", metavar="SECONDS", type=float, default=75.0,
@@ -88,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate the manifest without network access")
     with_manifest(check)
     check.set_defaults(handler=_cmd_check)
+
+    run = commands.add_parser(
+        "run", help="run the agent: keep the files current until stopped (systemd service)")
+    with_manifest(run)
+    with_state_dir(run)
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser(
+        "status", help="show the running agent's status; non-zero when a secret is failing")
+    with_state_dir(status)
+    status.add_argument("--json", action="store_true", help="print the status document")
+    status.set_defaults(handler=_cmd_status)
 
     emulator = commands.add_parser(
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
@@ -182,6 +199,34 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         "s" if total != 1 else "", report.changed, total - report.changed - failed, failed,
         report.elapsed_s)
     return EXIT_FAILURE if report.failures else EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from agent.daemon import Daemon
+    from agent.state import state_dir
+
+    daemon = Daemon(_manifest_path(args, environ), environ=environ,
+                    state_dir=state_dir(environ, args.state_dir))
+    return daemon.run()
+
+
+def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import json
+
+    from agent.status import render_status
+    from agent.state import StateStore, state_dir
+
+    store = StateStore(state_dir(environ, args.state_dir))
+    document = store.load()
+    if args.json:
+        print(json.dumps(document, indent=2, sort_keys=True))
+    lines, code = render_status(document, store.path)
+    if not args.json:
+        for line in lines:
+            print(line)
+    elif code != EXIT_OK:
+        _error(lines[0])
+    return code
 
 
 def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

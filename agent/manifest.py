@@ -36,8 +36,11 @@ DEFAULT_REFRESH_S = 15 * 60.0
 DEFAULT_MODE = 0o400
 MIN_REFRESH_S = 1.0
 
-TOP_KEYS = ("vault", "directory", "refresh", "identity", "secrets")
-SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault")
+TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secrets")
+SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault",
+               "on_change")
+DEFAULT_JITTER = 0.10  # +-10% of the interval, so a fleet does not refresh in step
+MAX_JITTER = 0.5
 IDENTITY_KEYS = ("client_id", "object_id", "resource_id")
 
 # Key Vault object names [protocol.md B7]; versions are 32 hex characters.
@@ -74,6 +77,7 @@ class SecretFile:
     version: Optional[str] = None
     is_optional: bool = False
     line: Optional[int] = None
+    on_change: Tuple[str, ...] = ()  # argv run (no shell) after the file changes
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Manifest:
     refresh_interval_s: float
     identity: Identity
     secrets: Tuple[SecretFile, ...]
+    refresh_jitter: float = DEFAULT_JITTER  # fraction of the interval, either way
 
 
 @dataclass(frozen=True)
@@ -415,10 +420,11 @@ def parse_manifest(
     vault = _top_vault(problems, data)
     directory = _top_directory(problems, data)
     refresh = _top_refresh(problems, data)
+    jitter = _top_jitter(problems, data)
     identity = _parse_identity(problems, data.get("identity"), data.key_lines.get("identity"))
     secrets = _parse_secrets(problems, data, vault, directory, accounts, check_filesystem)
     problems.raise_if_any()
-    return Manifest(source, vault or "", directory, refresh, identity, secrets)
+    return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter)
 
 
 def _top_vault(problems: _Problems, data: _Map) -> Optional[str]:
@@ -463,6 +469,47 @@ def _top_refresh(problems: _Problems, data: _Map) -> float:
         problems.add("refresh", f"'{data['refresh']}': {exc}", data.key_lines.get("refresh"),
                      "write a positive duration such as 90, 90s, 15m, 1h or 1h30m")
         return DEFAULT_REFRESH_S
+
+
+def _top_jitter(problems: _Problems, data: _Map) -> float:
+    if "refresh_jitter" not in data:
+        return DEFAULT_JITTER
+    try:
+        return parse_jitter(data["refresh_jitter"])
+    except ValueError as exc:
+        problems.add("refresh_jitter", f"'{data['refresh_jitter']}': {exc}",
+                     data.key_lines.get("refresh_jitter"),
+                     f"write a percentage from 0% to {MAX_JITTER:.0%}, e.g. refresh_jitter: 10%")
+        return DEFAULT_JITTER
+
+
+def parse_jitter(value: Any) -> float:
+    """Parse ``10%`` or ``0.1`` into a fraction in [0, MAX_JITTER]."""
+    if isinstance(value, bool):
+        raise ValueError("not a percentage")
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError("not a percentage") from None
+    if not 0 <= fraction <= MAX_JITTER:
+        raise ValueError(f"must be between 0% and {MAX_JITTER:.0%}")
+    return fraction
+
+
+def parse_command(value: Any) -> Tuple[str, ...]:
+    """Parse ``on_change``: a non-empty list of strings, run without a shell.
+
+    A plain string is refused rather than split: splitting would need shell
+    quoting rules, and running it through a shell would invite injection.
+    """
+    if isinstance(value, str):
+        raise ValueError(f"'{value}' must be a list of arguments, not a string; "
+                         f"write on_change: {value.split()!r}")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(arg, str) and arg and "\0" not in arg for arg in value):
+        raise ValueError("must be a non-empty list of non-empty strings")
+    return tuple(value)
 
 
 def _parse_identity(problems: _Problems, value: Any, line: Optional[int]) -> Identity:
@@ -573,12 +620,19 @@ def _parse_entry(
     if not isinstance(optional, bool):
         fail("optional", f"'{optional}' is not true or false", "write optional: true")
 
+    on_change: Tuple[str, ...] = ()
+    if "on_change" in entry:
+        try:
+            on_change = parse_command(entry["on_change"])
+        except ValueError as exc:
+            fail("on_change", str(exc), 'e.g. on_change: ["systemctl", "reload", "app.service"]')
+
     if len(problems.lines) > before or path is None or not isinstance(name, str):
         return None
     return SecretFile(
         name=name, path=path, vault=entry_vault or "", uid=uid, gid=gid, mode=mode,
         owner=owner, group=group, version=version.lower() if version else None,
-        is_optional=bool(optional), line=entry.line,
+        is_optional=bool(optional), line=entry.line, on_change=on_change,
     )
 
 
