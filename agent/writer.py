@@ -251,7 +251,8 @@ class Writer:
                             "write through it") from None
                     if exc.errno == errno.ENOENT and not create:
                         raise  # remove() reads this as "nothing to remove"
-                    raise WriteError(f"{path}: cannot open parent '{part}': {exc.strerror}") from None
+                    raise WriteError(
+                        f"{path}: cannot open parent '{part}': {exc.strerror}") from None
                 os.close(fd)
                 fd = child
                 if is_created:
@@ -260,7 +261,12 @@ class Writer:
                     # swapped in after the mkdir, and Python refuses
                     # chmod(dir_fd=..., follow_symlinks=False) on a symlink
                     # with ValueError.
-                    os.fchmod(fd, DIR_MODE)
+                    try:
+                        os.fchmod(fd, DIR_MODE)
+                    except OSError as exc:
+                        raise WriteError(
+                            f"{path}: cannot set the mode of parent '{part}': "
+                            f"{exc.strerror}") from None
             return fd
         except BaseException:
             os.close(fd)
