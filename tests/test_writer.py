@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import traceback
 import select
 import shutil
 import stat
@@ -679,13 +680,36 @@ def test_interrupt_removes_temp_and_propagates(writer: Writer, root: Path, funct
     assert reserved_names(root) == []
 
 
-def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
-    """Without root, asking for another owner raises WriteError and writes nothing."""
-    if IS_ROOT:
-        pytest.skip("root may chown to anyone; covered by the fchown-eperm injection")
+def _expect_unprivileged_chown_refused(writer: Writer, root: Path) -> None:
     with pytest.raises(WriteError, match="not permitted"):
         writer.apply(spec_for(root, "f", SECRET, owner=(OTHER_UID, OTHER_GID)))
     assert os.listdir(root) == []
+
+
+def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
+    """Without root, asking for another owner raises WriteError and writes nothing."""
+    if not IS_ROOT:
+        _expect_unprivileged_chown_refused(writer, root)
+        return
+    # As root, drop to nobody in a forked child, which keeps this process's
+    # interpreter and imports (the venv may not be readable by nobody).
+    os.chmod(root.parent, 0o755)
+    os.chmod(root, 0o777)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            _expect_unprivileged_chown_refused(writer, root)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "unprivileged chown was not refused cleanly"
 
 
 # ---------------------------------------------------------------------------
