@@ -339,3 +339,43 @@ def test_symlink_to_manifest_is_followed(tmp_path: Path) -> None:
     link = tmp_path / "manifest.yaml"
     link.symlink_to(real)
     assert load_manifest(str(link), accounts=ACCOUNTS, check_filesystem=False).secrets
+
+
+# --- daemon keys: on_change and refresh_jitter
+
+
+def test_on_change_is_an_argv_list() -> None:
+    """on_change parses to an argv tuple, run later without a shell."""
+    manifest = parse_manifest(GOOD.replace('    mode: "0440"\n',
+                                           '    mode: "0440"\n'
+                                           '    on_change: ["systemctl", "reload", "pg.service"]\n',
+                                           1),
+                              "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    assert manifest.secrets[0].on_change == ("systemctl", "reload", "pg.service")
+    assert manifest.secrets[1].on_change == ()
+
+
+def test_on_change_string_is_refused_with_list_form() -> None:
+    """A shell-style string is refused, and the message shows the list form."""
+    problem = one_problem(entry(on_change="systemctl reload pg"))
+    assert "secrets[0].on_change" in problem
+    assert "['systemctl', 'reload', 'pg']" in problem
+
+
+def test_on_change_empty_list_is_refused() -> None:
+    """An empty or non-string argv is refused."""
+    assert "non-empty list" in one_problem(entry(on_change="[]"))
+    assert "non-empty list" in one_problem(entry(on_change="[1, 2]"))
+
+
+def test_refresh_jitter() -> None:
+    """refresh_jitter takes a percentage or fraction up to 50%, default 10%."""
+    base = "vault: https://a.vault.azure.net\nsecrets:\n  - name: x\n"
+    assert parse_manifest(base, accounts=ACCOUNTS, check_filesystem=False).refresh_jitter == 0.1
+    for text, value in (("0%", 0.0), ("25%", 0.25), ("0.2", 0.2)):
+        manifest = parse_manifest(f"refresh_jitter: {text}\n" + base, accounts=ACCOUNTS,
+                                  check_filesystem=False)
+        assert manifest.refresh_jitter == value
+    for bad in ("80%", "-1%", "lots", "true"):
+        problems = parse(f"refresh_jitter: {bad}\n" + base)
+        assert len(problems) == 1 and "refresh_jitter" in problems[0], problems

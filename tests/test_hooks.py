@@ -1,0 +1,85 @@
+"""on_change hooks: argv without a shell, debounced per hook, bounded, never fatal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.hooks import HookRunner, hook_triggers
+
+
+def wait_runs(runner: HookRunner, count: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while runner.runs < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.wait(timeout_s)
+
+
+def test_triggers_group_paths_per_command() -> None:
+    """Entries sharing a hook produce one run with all their paths; no hook, no run."""
+    reload_app = ("systemctl", "reload", "app.service")
+    grouped = hook_triggers([(reload_app, "/run/secrets/b"), ((), "/run/secrets/c"),
+                             (reload_app, "/run/secrets/a")])
+    assert grouped == {reload_app: ("/run/secrets/a", "/run/secrets/b")}
+
+
+def test_hook_runs_without_a_shell_and_sees_changed_paths(tmp_path: Path) -> None:
+    """The argv runs as given (no shell expansion) with KV_AGENT_CHANGED set."""
+    out = tmp_path / "out"
+    script = "import os, sys; open(sys.argv[1], 'w').write(os.environ['KV_AGENT_CHANGED'] + '|' + sys.argv[2])"
+    runner = HookRunner({})
+    runner.trigger((sys.executable, "-c", script, str(out), "$HOME;*"), ["/run/secrets/a"])
+    wait_runs(runner, 1)
+    assert out.read_text() == "/run/secrets/a|$HOME;*"
+
+
+def test_triggers_during_a_run_coalesce_into_one_more(tmp_path: Path) -> None:
+    """Triggers arriving while a hook runs queue exactly one further run."""
+    log = tmp_path / "log"
+    script = "import sys, time; open(sys.argv[1], 'a').write('x'); time.sleep(0.3)"
+    command = (sys.executable, "-c", script, str(log))
+    runner = HookRunner({})
+    runner.trigger(command, ["/a"])
+    time.sleep(0.1)
+    for path in ("/b", "/c", "/d"):
+        runner.trigger(command, [path])
+    wait_runs(runner, 2)
+    time.sleep(0.2)
+    runner.wait(5)
+    assert log.read_text() == "xx"
+    assert runner.runs == 2
+
+
+def test_failing_hook_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    """A non-zero exit is a warning naming the hook and status; its output is not logged."""
+    runner = HookRunner({})
+    with caplog.at_level(logging.INFO):
+        runner.trigger((sys.executable, "-c", "print('s3' + 'cret'); raise SystemExit(3)"),
+                       ["/a"])
+        wait_runs(runner, 1)
+    assert "exited with status 3" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
+def test_missing_program_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A hook whose program does not exist is a warning, never an exception."""
+    runner = HookRunner({})
+    with caplog.at_level(logging.WARNING):
+        runner.trigger(("/nonexistent/program",), ["/a"])
+        wait_runs(runner, 1)
+    assert "could not start" in caplog.text
+
+
+def test_hook_timeout_kills_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A hook running past its timeout is killed and reported."""
+    runner = HookRunner({}, timeout_s=0.3)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        runner.trigger((sys.executable, "-c", "import time; time.sleep(30)"), ["/a"])
+        wait_runs(runner, 1)
+    assert time.monotonic() - started < 10
+    assert "timed out" in caplog.text

@@ -1,0 +1,83 @@
+"""`kv-agent status` rendering and state file: a health check operators can trust."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any, Dict
+
+from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from agent.state import StateStore, read_written, state_dir
+from agent.status import render_status
+
+
+def document(**overrides: Any) -> Dict[str, Any]:
+    base: Dict[str, Any] = {
+        "version": 1, "pid": os.getpid(), "state": "ready",
+        "status": "2 secrets current; last refresh 14:02:11; next 14:17:03",
+        "manifest": "/etc/kv-agent/manifest.yaml", "error": None, "manifest_error": None,
+        "last_refresh": "2026-11-24T14:02:11Z", "next_refresh": "2026-11-24T14:17:03Z",
+        "secrets": [
+            {"name": "db", "path": "/run/secrets/db", "version": "a" * 32, "optional": False,
+             "updated": "2026-11-24T14:02:11Z", "error": None},
+            {"name": "flag", "path": "/run/secrets/flag", "version": None, "optional": True,
+             "updated": None, "error": "not found", "error_since": "2026-11-24T14:00:00Z"},
+        ],
+    }
+    base.update(overrides)
+    return base
+
+
+def test_healthy_agent_exits_zero() -> None:
+    """A running agent with every required secret current is healthy, optional failures shown."""
+    lines, code = render_status(document(), "/run/kv-agent/status.json")
+    assert code == EXIT_OK
+    assert lines[0].startswith(f"kv-agent is running (pid {os.getpid()}")
+    assert any(line.startswith("  warn flag") for line in lines)
+
+
+def test_failing_required_secret_exits_one() -> None:
+    """A failing non-optional secret makes the health check fail, with its error."""
+    doc = document()
+    doc["secrets"][0]["error"] = "secret 'db': 403 forbidden; grant Key Vault Secrets User"
+    lines, code = render_status(doc, "x")
+    assert code == EXIT_FAILURE
+    assert any("grant Key Vault Secrets User" in line for line in lines)
+
+
+def test_no_status_or_dead_agent_is_unavailable() -> None:
+    """No status file, a stopped agent or a dead pid all mean 'not running' (69)."""
+    assert render_status({}, "/run/kv-agent/status.json")[1] == EXIT_UNAVAILABLE
+    assert render_status(document(state="stopped"), "x")[1] == EXIT_UNAVAILABLE
+    assert render_status(document(pid=2**22 + 12345), "x")[1] == EXIT_UNAVAILABLE
+
+
+def test_state_store_replaces_atomically(tmp_path: Path) -> None:
+    """The status file is replaced whole, world-readable, with no temp file left."""
+    store = StateStore(str(tmp_path / "state"))
+    store.prepare()
+    store.save({"written": {"/run/secrets/db": 12}})
+    first = os.stat(store.path).st_ino
+    store.save({"written": {"/run/secrets/db": 13, "bad": "x"}})
+    assert os.stat(store.path).st_ino != first
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o644
+    assert os.listdir(tmp_path / "state") == ["status.json"]
+    assert read_written(store.load()) == {"/run/secrets/db": 13}
+
+
+def test_unreadable_state_is_empty(tmp_path: Path) -> None:
+    """A corrupt status file reads as no state rather than an error."""
+    store = StateStore(str(tmp_path))
+    Path(store.path).write_text("{not json")
+    assert store.load() == {}
+    Path(store.path).write_text(json.dumps([1, 2]))
+    assert store.load() == {}
+
+
+def test_state_dir_precedence() -> None:
+    """--state-dir beats KV_AGENT_STATE_DIR, which beats /run/kv-agent."""
+    assert state_dir({}, None) == "/run/kv-agent"
+    assert state_dir({"KV_AGENT_STATE_DIR": "/x"}, None) == "/x"
+    assert state_dir({"KV_AGENT_STATE_DIR": "/x"}, "/y") == "/y"
