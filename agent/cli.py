@@ -213,8 +213,8 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import json
 
-    from agent.status import render_status
     from agent.state import StateStore, state_dir
+    from agent.status import render_status
 
     store = StateStore(state_dir(environ, args.state_dir))
     document = store.load()

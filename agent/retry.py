@@ -86,7 +86,7 @@ class Backoff:
                       self._policy.base_delay_s * 2 ** (self.attempts - 1))
         # "Equal jitter": at least half the step, so retries still spread out
         # but never collapse to an immediate hammering.
-        return ceiling / 2 + self._rng() * ceiling / 2
+        return float(ceiling / 2 + self._rng() * ceiling / 2)
 
     def wait(self, reason: str, retry_after: Optional[float] = None) -> bool:
         """Sleep before the next attempt; False when the budget is spent."""

@@ -416,7 +416,11 @@ class VaultClient:
                 ):
                     continue
                 raise _unreachable(request.vault, exc, "") from None
-            if status in RETRY_STATUSES and backoff.wait(f"vault: HTTP {status}"):
+            # Honour Retry-After here too: this is the run's first vault request,
+            # so a throttled vault usually answers it first [protocol.md B8].
+            if status in RETRY_STATUSES and backoff.wait(
+                f"vault: HTTP {status}", parse_retry_after(headers.get("Retry-After"))
+            ):
                 continue
             break
         challenge = headers.get("WWW-Authenticate", "")

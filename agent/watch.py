@@ -37,7 +37,7 @@ class ManifestWatcher:
         self.rewatch()
 
     def fileno(self) -> int:
-        return self._inotify.fileno()
+        return int(self._inotify.fileno())
 
     def rewatch(self) -> None:
         """Watch the manifest's directory and its symlink target's directory,

@@ -30,7 +30,8 @@ def test_triggers_group_paths_per_command() -> None:
 def test_hook_runs_without_a_shell_and_sees_changed_paths(tmp_path: Path) -> None:
     """The argv runs as given (no shell expansion) with KV_AGENT_CHANGED set."""
     out = tmp_path / "out"
-    script = "import os, sys; open(sys.argv[1], 'w').write(os.environ['KV_AGENT_CHANGED'] + '|' + sys.argv[2])"
+    script = ("import os, sys; "
+              "open(sys.argv[1], 'w').write(os.environ['KV_AGENT_CHANGED'] + '|' + sys.argv[2])")
     runner = HookRunner({})
     runner.trigger((sys.executable, "-c", script, str(out), "$HOME;*"), ["/run/secrets/a"])
     wait_runs(runner, 1)

@@ -6,6 +6,7 @@ from typing import Any, Dict
 
 import pytest
 import requests
+from fakes import FakeClock, FakeSession, json_reply, refused
 
 from agent.errors import IdentityUnavailableError
 from agent.identity import (
@@ -18,7 +19,6 @@ from agent.identity import (
     parse_token_response,
 )
 from agent.retry import RetryPolicy
-from fakes import FakeClock, FakeSession, json_reply, refused
 
 ENDPOINT = "http://127.0.0.1:9/metadata/identity/oauth2/token"
 RESOURCE = "https://vault.azure.net"

@@ -4,9 +4,8 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 import kv_netguard
+import pytest
 
 
 @pytest.mark.trips_netguard

@@ -5,9 +5,9 @@ from __future__ import annotations
 import email.utils
 
 import pytest
+from fakes import FakeClock
 
 from agent.retry import Backoff, RetryPolicy, parse_retry_after
-from fakes import FakeClock
 
 
 @pytest.mark.parametrize("value, expected", [

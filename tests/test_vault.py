@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import requests
+from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
 
 from agent.errors import (
     IdentityUnavailableError,
@@ -32,7 +33,6 @@ from agent.vault import (
     proxies_for,
     secret_url,
 )
-from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
 
 VAULT = "https://contoso.vault.azure.net"
 LOCAL = "https://127.0.0.1:8443"
@@ -41,7 +41,8 @@ CHALLENGE = ('Bearer authorization="https://login.windows.net/00000000-0000-0000
 VERSION = "41cce6796d81438f9dad0d96bf85d50d"
 
 
-def bundle(value: str = "s3cr3t", name: str = "db", vault: str = VAULT) -> Tuple[int, Dict[str, str], bytes]:
+def bundle(value: str = "s3cr3t", name: str = "db",
+           vault: str = VAULT) -> Tuple[int, Dict[str, str], bytes]:
     return json_reply(200, {"value": value, "id": f"{vault}/secrets/{name}/{VERSION}",
                             "attributes": {"enabled": True}})
 
@@ -184,7 +185,8 @@ def test_second_401_is_an_error() -> None:
     (error(403, "Forbidden", "ForbiddenByFirewall"), VaultForbiddenError, ["firewall"]),
     (error(400, "BadParameter"), VaultError, ["'db'", "400", "BadParameter"]),
 ])
-def test_per_secret_errors_name_secret_and_fix(reply: Any, kind: type, fragments: List[str]) -> None:
+def test_per_secret_errors_name_secret_and_fix(reply: Any, kind: type,
+                                               fragments: List[str]) -> None:
     """403 and 404 are per-secret errors worded with the fix, not retried."""
     session = FakeSession(reply)
     with pytest.raises(kind) as caught:
@@ -271,8 +273,8 @@ class RoutingSession:
         name = url.rsplit("/", 1)[-1]
         if name.startswith("missing"):
             return FakeResponse(*error(404, "SecretNotFound"))
-        return FakeResponse(200, {}, json.dumps({"value": f"v-{name}",
-                                                 "id": f"{VAULT}/secrets/{name}/{VERSION}"}).encode())
+        body = {"value": f"v-{name}", "id": f"{VAULT}/secrets/{name}/{VERSION}"}
+        return FakeResponse(200, {}, json.dumps(body).encode())
 
 
 def test_fetch_many_is_concurrent_bounded_and_ordered() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import traceback
 import select
 import shutil
 import stat
@@ -15,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
