@@ -171,6 +171,13 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     path = _manifest_path(args, environ)
     manifest = check(path)
+    from agent.hooks import is_executable
+
+    for entry in manifest.secrets:
+        if entry.on_change and not is_executable(entry.on_change):
+            logging.getLogger("kv-agent").warning(
+                "%s: secret '%s': on_change program '%s' is not an executable on PATH; "
+                "the hook will fail until it is", path, entry.name, entry.on_change[0])
     count = len(manifest.secrets)
     print(f"{path}: OK: {count} secret{'s' if count != 1 else ''} into {manifest.directory}")
     return EXIT_OK
