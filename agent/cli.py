@@ -14,16 +14,20 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable, List, Mapping, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from agent import __version__
 from agent.errors import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_UNAVAILABLE,
     EXIT_SOFTWARE,
     KvAgentError,
     ManifestError,
 )
+
+if TYPE_CHECKING:
+    from agent.agent import SecretOutcome
 
 MANIFEST_ENV = "KV_AGENT_MANIFEST"
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     once = commands.add_parser("once", help="fetch every secret once and write the files")
     with_manifest(once)
     once.add_argument("--retry-for", metavar="SECONDS", type=float, default=75.0,
-                      help="keep retrying an unavailable IMDS this long (default 75)")
+                      help="keep retrying an unavailable IMDS or vault this long (default 75)")
     once.set_defaults(handler=_cmd_once)
 
     check = commands.add_parser("check", help="validate the manifest without network access")
@@ -189,7 +193,8 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from agent.retry import RetryPolicy
 
     manifest = load_manifest(_manifest_path(args, environ))
-    agent = Agent(manifest, environ=environ, imds_policy=RetryPolicy(deadline_s=args.retry_for))
+    policy = RetryPolicy(deadline_s=args.retry_for)
+    agent = Agent(manifest, environ=environ, imds_policy=policy, vault_policy=policy)
     try:
         agent.prepare()
         report = agent.sync()
@@ -205,7 +210,17 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         "%d secret%s: %d written, %d unchanged, %d failed (%.2f s)", total,
         "s" if total != 1 else "", report.changed, total - report.changed - failed, failed,
         report.elapsed_s)
-    return EXIT_FAILURE if report.failures else EXIT_OK
+    return _exit_code(report.failures)
+
+
+def _exit_code(failures: Sequence["SecretOutcome"]) -> int:
+    """0 when nothing required failed; 69 when every failure was IMDS or the
+    vault being unavailable (worth a retry later); else 1."""
+    if not failures:
+        return EXIT_OK
+    if all(o.error is not None and o.error.exit_code == EXIT_UNAVAILABLE for o in failures):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILURE
 
 
 def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

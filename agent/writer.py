@@ -94,6 +94,7 @@ class Writer:
     def prepare(self) -> List[str]:
         """Create the root if needed, check it is tmpfs/ramfs, and remove
         leftover temporary files. Returns the leftovers removed."""
+        self.check()  # refuse before creating anything on a disk file system
         self._make_root()
         fd = self._open_root()
         try:
@@ -124,10 +125,10 @@ class Writer:
         finally:
             os.close(fd)
         if kind not in MEMORY_FILESYSTEMS:
-            raise WriteError(
-                f"{self.root} would not be on tmpfs or ramfs ({path} is type 0x{kind:x}); "
-                "secrets must never reach a disk: choose a directory under /run or /dev/shm"
-            )
+            where = (f"is not on tmpfs or ramfs (filesystem type 0x{kind:x})" if path == self.root
+                     else f"is not on tmpfs or ramfs ({path} is type 0x{kind:x})")
+            raise WriteError(f"{self.root} {where}; secrets must never reach a disk: "
+                             "choose a directory under /run or /dev/shm")
 
     def clean_leftovers(self) -> List[str]:
         """Remove temporary files a crash left behind (never following links)."""

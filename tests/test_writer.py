@@ -156,7 +156,7 @@ def test_prepare_refuses_root_on_disk(base: str, tmp_path: Path) -> None:
 def test_check_refuses_missing_root_on_disk_without_creating_it(tmp_path: Path) -> None:
     """check() judges the nearest existing ancestor, refuses a disk and creates nothing."""
     root = tmp_path / "a" / "b"
-    with pytest.raises(WriteError, match="would not be on tmpfs or ramfs"):
+    with pytest.raises(WriteError, match="is not on tmpfs or ramfs"):
         Writer(str(root)).check()
     assert not (tmp_path / "a").exists()
 

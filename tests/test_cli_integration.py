@@ -1,0 +1,778 @@
+"""The real ``kv-agent`` command, run as a subprocess against the emulator.
+
+Every test starts ``python -m agent`` exactly as an operator would, with
+``KV_AGENT_IMDS_ENDPOINT`` and ``REQUESTS_CA_BUNDLE`` pointing at a loopback
+:class:`~agent.emulator.Emulator`, and writes into a fresh tmpfs directory.
+Every run's output is checked for secret values, access tokens and (at the
+default level) tracebacks, as the README promises none ever appear.
+
+One emulator serves the whole module; each test uses secret names of its
+own, and the ``emu`` fixture clears faults and request logs around it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import re
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
+
+import pytest
+
+from agent.demo import DEMO_SECRETS
+from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
+from agent.writer import MEMORY_FILESYSTEMS, filesystem_type
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+IMDS_API_VERSION = "2018-02-01"
+KEYVAULT_AUDIENCE = "https://vault.azure.net"
+RUN_TIMEOUT_S = 60.0
+# Any JWT (header.payload.signature, base64url): a token shape must never be printed.
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+USER_ASSIGNED = UserAssignedIdentity(
+    client_id="7d1c2b3a-1111-4222-8333-444455556666",
+    object_id="0f9e8d7c-aaaa-4bbb-8ccc-ddddeeeeffff",
+    msi_res_id=("/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/kv-test"
+                "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-agent-test"),
+)
+
+# Everything a run must never print, gathered as the module goes.
+SECRET_VALUES: Set[str] = set()
+TOKENS: Set[str] = set()
+OUTPUTS: List[str] = []
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished ``kv-agent`` process."""
+
+    argv: Tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed_s: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    @property
+    def error_lines(self) -> List[str]:
+        return [line for line in self.stderr.splitlines()
+                if line.startswith("kv-agent: error:")]
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What must not change about a file the agent leaves alone."""
+
+    content: bytes
+    inode: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+
+
+def file_state(path: Path) -> FileState:
+    """The bytes and identity of ``path`` (not following a symlink)."""
+    st = os.lstat(path)
+    return FileState(path.read_bytes(), st.st_ino, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                     st.st_uid, st.st_gid)
+
+
+def fresh_name(prefix: str) -> str:
+    """A Key Vault secret name no other test uses."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def fresh_value(label: str) -> str:
+    """A secret value that cannot occur by chance in any output."""
+    return f"{label}-{secrets.token_hex(16)}"
+
+
+def line_of(text: str, fragment: str) -> int:
+    """The 1-based number of the first line of ``text`` containing ``fragment``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if fragment in line:
+            return number
+    raise AssertionError(f"{fragment!r} not in the manifest")
+
+
+def write_private(path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write ``text`` to ``path`` with exactly ``mode`` (the umask is undone)."""
+    path.write_text(text, encoding="utf-8")
+    os.chmod(path, mode)
+    return path
+
+
+def tokens_from(emulator: Emulator) -> Set[str]:
+    """Bearer tokens the agent presented to the vault (they came from IMDS)."""
+    found = set()
+    for record in emulator.vault_log:
+        scheme, _, token = record.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token:
+            found.add(token.strip())
+    return found
+
+
+def jwt_claims(token: str) -> Dict[str, object]:
+    """The (unverified) claims of a JWT."""
+    payload = token.split(".")[1]
+    padded = payload + "=" * (-len(payload) % 4)
+    decoded: Dict[str, object] = json.loads(base64.urlsafe_b64decode(padded))
+    return decoded
+
+
+def assert_no_leak(text: str, *, allow_traceback: bool = False) -> None:
+    """No secret value, no token (nor a part of one) and no traceback in ``text``."""
+    for value in SECRET_VALUES:
+        lines = {line.strip() for line in value.splitlines()}
+        fragments = {value} | {line for line in lines if len(line) >= 12}
+        for fragment in fragments:
+            assert fragment not in text, "a secret value was printed"
+    for token in TOKENS:
+        for part in (token, *token.split(".")[1:]):
+            assert part not in text, "an access token was printed"
+    assert not JWT_RE.search(text), "something shaped like a token was printed"
+    if not allow_traceback:
+        assert "Traceback" not in text, text
+
+
+def base_environ() -> Dict[str, str]:
+    """This process's environment without proxies or a manifest default."""
+    env = dict(os.environ)
+    for name in PROXY_VARIABLES:
+        env.pop(name, None)
+        env.pop(name.upper(), None)
+    env.pop("KV_AGENT_MANIFEST", None)
+    return env
+
+
+class Harness:
+    """Runs ``kv-agent`` against one emulator and one tmpfs directory."""
+
+    def __init__(self, emulator: Emulator, root: Path) -> None:
+        self.emulator = emulator
+        self.root = root
+        self.directory = root / "secrets"
+
+    def env(self, **extra: str) -> Dict[str, str]:
+        """The environment that points kv-agent at the emulator, plus ``extra``."""
+        env = base_environ()
+        env["KV_AGENT_IMDS_ENDPOINT"] = self.emulator.imds_endpoint
+        env["REQUESTS_CA_BUNDLE"] = self.emulator.ca_path
+        env.update(extra)
+        return env
+
+    def put(self, name: str, value: str) -> str:
+        """Store a new version of ``name`` in the vault; returns its version id."""
+        SECRET_VALUES.add(value)
+        return self.emulator.set_secret(name, value)
+
+    def manifest(self, entries: str, *, header: str = "", filename: str = "manifest.yaml",
+                 mode: int = 0o600, directory: Optional[Path] = None) -> Path:
+        """Write a manifest for the emulator's vault; ``entries`` is the YAML
+        list under ``secrets:`` (already indented)."""
+        text = (f"vault: {self.emulator.vault_url}\n"
+                f"directory: {directory or self.directory}\n"
+                f"{header}"
+                f"secrets:\n{entries}")
+        return write_private(self.root / filename, text, mode)
+
+    def run(self, *argv: str, env: Optional[Mapping[str, str]] = None) -> Run:
+        """Run ``kv-agent ARGV``; checks its output for leaks before returning."""
+        command = (sys.executable, "-m", "agent", *argv)
+        started = time.monotonic()
+        done = subprocess.run(command, env=dict(env if env is not None else self.env()),
+                              cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                              check=False)
+        result = Run(tuple(argv), done.returncode, done.stdout, done.stderr,
+                     time.monotonic() - started)
+        TOKENS.update(tokens_from(self.emulator))
+        OUTPUTS.append(result.output)
+        assert_no_leak(result.output, allow_traceback="--debug" in argv)
+        return result
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    """One emulator for the module: a VM with a system-assigned identity and
+    one user-assigned identity. On teardown, every output of the module is
+    checked again against every value and token seen by then."""
+    identities = IdentityConfig(system_assigned=True, user_assigned=(USER_ASSIGNED,))
+    with Emulator({}, identities=identities) as started:
+        yield started
+    for output in OUTPUTS:
+        assert_no_leak(output, allow_traceback=True)
+
+
+@pytest.fixture
+def emu(emulator: Emulator) -> Iterator[Emulator]:
+    """The module's emulator with no faults, no latency and empty request logs."""
+    emulator.clear_faults()
+    emulator.latency_s = 0.0
+    emulator.reset_stats()
+    yield emulator
+    TOKENS.update(tokens_from(emulator))
+    emulator.clear_faults()
+    emulator.latency_s = 0.0
+
+
+@pytest.fixture
+def kv(emu: Emulator, shm_dir: Path) -> Harness:
+    """A harness over the emulator and a fresh tmpfs directory."""
+    return Harness(emu, shm_dir)
+
+
+def entry(name: str, **keys: str) -> str:
+    """One ``secrets:`` list item in YAML (values written as given)."""
+    lines = [f"  - name: {name}"] + [f"    {key}: {value}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# once
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_once_writes_every_secret_byte_for_byte_with_owner_group_and_mode(
+    kv: Harness, debug: bool
+) -> None:
+    """Every file (a pinned version too) holds the secret's exact UTF-8 bytes with the manifest's
+    owner, group and mode, and a re-run touches nothing."""
+    cases = {
+        fresh_name("plain"): (fresh_value("no-newline"), {}, (0, 0, 0o400)),
+        fresh_name("newline"): (fresh_value("trailing-newline") + "\n",
+                                {"owner": "1234", "group": "5678", "mode": '"0440"'},
+                                (1234, 5678, 0o440)),
+        fresh_name("multi"): ("first line\r\n" + fresh_value("second-line") + "\n\n",
+                              {"owner": "nobody", "group": "nogroup", "mode": '"0640"',
+                               "path": "app/nested/multi"},
+                              (65534, 65534, 0o640)),
+        fresh_name("unicode"): ("  p\u00e4ssw\u00f6rd \u2713 " + fresh_value("spaced") + "  ",
+                                {"owner": "1234", "mode": '"0600"'}, (1234, 0, 0o600)),
+    }
+    body = ""
+    for name, (value, keys, _) in cases.items():
+        kv.put(name, value)
+        body += entry(name, **keys)
+    pinned, pinned_value = fresh_name("pinned"), fresh_value("pinned-old")
+    pinned_version = kv.put(pinned, pinned_value)
+    kv.put(pinned, fresh_value("pinned-new"))
+    body += entry(pinned, version=pinned_version)
+    cases[pinned] = (pinned_value, {}, (0, 0, 0o400))
+    manifest = kv.manifest(body)
+    prefix = ("--debug",) if debug else ()
+
+    first = kv.run(*prefix, "once", "--manifest", str(manifest))
+
+    assert first.returncode == 0, first.stderr
+    states = {}
+    for name, (value, keys, (uid, gid, mode)) in cases.items():
+        path = kv.directory / keys.get("path", name)
+        state = file_state(path)
+        assert state.content == value.encode("utf-8")
+        assert (state.uid, state.gid, state.mode) == (uid, gid, mode)
+        states[path] = state
+
+    again = kv.run(*prefix, "once", "--manifest", str(manifest))
+
+    assert again.returncode == 0, again.stderr
+    assert {path: file_state(path) for path in states} == states
+
+
+def test_once_failures_name_each_secret_and_keep_its_file(kv: Harness) -> None:
+    """A disabled, a forbidden and a deleted secret each get one error line with its fix and keep
+    their files, while a rotated secret is still written."""
+    names = {kind: fresh_name(kind) for kind in ("rotated", "disabled", "forbidden", "deleted")}
+    for name in names.values():
+        kv.put(name, fresh_value(name))
+    manifest = kv.manifest("".join(entry(name, mode='"0440"', owner="1234")
+                                   for name in names.values()))
+    assert kv.run("once", "--manifest", str(manifest)).returncode == 0
+    before = {kind: file_state(kv.directory / name) for kind, name in names.items()}
+
+    rotated_value = fresh_value("rotated-new")
+    kv.put(names["rotated"], rotated_value)
+    kv.emulator.disable_secret(names["disabled"])
+    kv.emulator.forbid_secret(names["forbidden"])
+    kv.emulator.delete_secret(names["deleted"])
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 1
+    assert (kv.directory / names["rotated"]).read_bytes() == rotated_value.encode()
+    for kind in ("disabled", "forbidden", "deleted"):
+        assert file_state(kv.directory / names[kind]) == before[kind], kind
+    assert len(result.error_lines) == 3, result.stderr
+    expected = {
+        "disabled": ("disabled", "enable it in the vault"),
+        "forbidden": ("403", "Key Vault Secrets User"),
+        "deleted": ("not found", "recover a deleted secret"),
+    }
+    for kind, fragments in expected.items():
+        (line,) = [line for line in result.error_lines if f"'{names[kind]}'" in line]
+        for fragment in fragments:
+            assert fragment in line, line
+        assert "left as it was" in line, line
+
+
+def test_once_with_debug_on_failures_prints_no_value_or_token(kv: Harness) -> None:
+    """With --debug, failing secrets are named but no value, token or traceback is printed."""
+
+    good, missing, forbidden = fresh_name("good"), fresh_name("missing"), fresh_name("denied")
+    kv.put(good, fresh_value("good"))
+    kv.put(forbidden, fresh_value("denied"))
+    kv.emulator.forbid_secret(forbidden, "ForbiddenByRbac")
+    manifest = kv.manifest(entry(good) + entry(missing) + entry(forbidden))
+
+    result = kv.run("--debug", "once", "--manifest", str(manifest))
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.output
+    assert (kv.directory / good).exists()
+    assert not (kv.directory / missing).exists()
+    assert {name for name in (missing, forbidden)
+            if any(f"'{name}'" in line for line in result.error_lines)} == {missing, forbidden}
+
+
+def test_once_reports_optional_failures_but_exits_zero(kv: Harness) -> None:
+    """A missing optional secret is reported on stderr as a warning and the run exits 0."""
+    present, absent = fresh_name("present"), fresh_name("absent")
+    kv.put(present, fresh_value("present"))
+    manifest = kv.manifest(entry(present) + entry(absent, optional="true"))
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert result.error_lines == []
+    assert any("warning" in line and f"'{absent}'" in line for line in result.stderr.splitlines())
+    assert (kv.directory / present).exists()
+    assert not (kv.directory / absent).exists()
+
+
+def test_once_write_failure_fails_only_that_secret(kv: Harness) -> None:
+    """A target path occupied by a directory fails that secret with exit 1 while the others are
+    written."""
+    blocked, fine = fresh_name("blocked"), fresh_name("fine")
+    kv.put(blocked, fresh_value("blocked"))
+    kv.put(fine, fresh_value("fine"))
+    (kv.directory / blocked).mkdir(parents=True)
+    manifest = kv.manifest(entry(blocked) + entry(fine))
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 1
+    assert (kv.directory / blocked).is_dir()
+    assert (kv.directory / fine).exists()
+    assert len(result.error_lines) == 1 and f"'{blocked}'" in result.error_lines[0], result.stderr
+
+
+def test_once_many_secrets_make_one_imds_request(kv: Harness) -> None:
+    """Thirty secrets cost one IMDS request with api-version, the Key Vault resource and Metadata:
+    true, and no Authorization header."""
+    names = [fresh_name(f"bulk{index}") for index in range(30)]
+    for name in names:
+        kv.put(name, fresh_value(name))
+    manifest = kv.manifest("".join(entry(name) for name in names))
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert kv.emulator.imds_requests == 1
+    (record,) = kv.emulator.imds_log
+    assert record.query == {"api-version": IMDS_API_VERSION, "resource": KEYVAULT_AUDIENCE}
+    assert record.headers.get("metadata") == "true"
+    assert "authorization" not in record.headers
+    fetched = {record.path for record in kv.emulator.vault_log if record.status == 200}
+    assert fetched == {f"/secrets/{name}" for name in names}
+    assert all((kv.directory / name).exists() for name in names)
+
+
+@pytest.mark.parametrize("selector,param,value", [
+    ("client_id", "client_id", USER_ASSIGNED.client_id),
+    ("object_id", "object_id", USER_ASSIGNED.object_id),
+    ("resource_id", "msi_res_id", USER_ASSIGNED.msi_res_id),
+])
+def test_once_user_assigned_identity_selects_it_at_imds(
+    kv: Harness, selector: str, param: str, value: str
+) -> None:
+    """The manifest's identity selector becomes the matching IMDS query parameter and the vault
+    sees that identity's token."""
+    name = fresh_name("uami")
+    kv.put(name, fresh_value("uami"))
+    manifest = kv.manifest(entry(name), header=f"identity:\n  {selector}: {value}\n")
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    (record,) = kv.emulator.imds_log
+    assert record.query == {"api-version": IMDS_API_VERSION, "resource": KEYVAULT_AUDIENCE,
+                            param: value}
+    assert "authorization" not in record.headers
+    (token,) = tokens_from(kv.emulator)
+    assert jwt_claims(token)["appid"] == USER_ASSIGNED.client_id
+
+
+# ---------------------------------------------------------------------------
+# Retries and unavailability
+
+
+def test_once_retries_imds_500_and_429_then_succeeds(kv: Harness) -> None:
+    """IMDS answering 500 and then 429 is retried until it issues a token, and the run (at debug
+    level) exits 0."""
+    name = fresh_name("imds-retry")
+    kv.put(name, fresh_value("imds-retry"))
+    kv.emulator.inject_fault("imds", 500)
+    kv.emulator.inject_fault("imds", 429)
+    manifest = kv.manifest(entry(name))
+
+    result = kv.run("--debug", "once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert [record.status for record in kv.emulator.imds_log] == [500, 429, 200]
+    assert (kv.directory / name).exists()
+
+
+@pytest.mark.parametrize("target", ["challenge", "secret"])
+def test_once_honours_vault_retry_after(kv: Harness, target: str) -> None:
+    """A vault 429 with Retry-After: 1, on the first (challenge) request or on a secret's GET, is
+    waited out and the run succeeds."""
+    first, second = fresh_name("ra-first"), fresh_name("ra-second")
+    kv.put(first, fresh_value("ra-first"))
+    kv.put(second, fresh_value("ra-second"))
+    kv.emulator.inject_fault("vault", 429, retry_after="1",
+                             path_contains=None if target == "challenge" else second)
+    manifest = kv.manifest(entry(first) + entry(second))
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert 429 in [record.status for record in kv.emulator.vault_log]
+    assert result.elapsed_s >= 0.95
+    assert (kv.directory / first).exists() and (kv.directory / second).exists()
+
+
+def test_once_unknown_user_assigned_identity_fails_clearly_and_touches_nothing(
+    kv: Harness,
+) -> None:
+    """IMDS refusing an identity that is not assigned exits 69 with how to assign it and leaves
+    every file as it was."""
+    name = fresh_name("assigned")
+    kv.put(name, fresh_value("assigned"))
+    good = kv.manifest(entry(name, mode='"0440"'))
+    assert kv.run("once", "--manifest", str(good)).returncode == 0
+    before = file_state(kv.directory / name)
+    kv.put(name, fresh_value("assigned-rotated"))
+    unknown = "99999999-9999-4999-8999-999999999999"
+    manifest = kv.manifest(entry(name, mode='"0440"'), filename="unassigned.yaml",
+                           header=f"identity:\n  client_id: {unknown}\n")
+    kv.emulator.reset_stats()
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 69
+    assert [record.status for record in kv.emulator.imds_log] == [400]
+    assert kv.emulator.imds_log[0].query.get("client_id") == unknown
+    assert len(result.error_lines) == 1, result.stderr
+    assert unknown in result.stderr and "az vm identity assign" in result.stderr
+    assert file_state(kv.directory / name) == before
+
+
+def test_once_system_identity_refused_by_imds_exits_69(kv: Harness) -> None:
+    """IMDS answering 400 for the system-assigned identity exits 69 with how to enable it, also
+    with --debug."""
+    name = fresh_name("system")
+    kv.put(name, fresh_value("system"))
+    manifest = kv.manifest(entry(name))
+
+    for prefix in ((), ("--debug",)):
+        kv.emulator.inject_fault("imds", 400)
+        result = kv.run(*prefix, "once", "--manifest", str(manifest))
+
+        assert result.returncode == 69
+        (line,) = result.error_lines
+        assert "system-assigned identity" in line and "az vm identity assign" in line
+        assert not (kv.directory / name).exists()
+
+
+def test_once_unreachable_imds_gives_up_after_retry_for(kv: Harness) -> None:
+    """IMDS on a closed loopback port with --retry-for 1 exits 69 within seconds, saying IMDS did
+    not answer."""
+    name = fresh_name("no-imds")
+    kv.put(name, fresh_value("no-imds"))
+    manifest = kv.manifest(entry(name))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}/metadata/identity/oauth2/token"
+
+    result = kv.run("once", "--retry-for", "1", "--manifest", str(manifest),
+                    env=kv.env(KV_AGENT_IMDS_ENDPOINT=endpoint))
+
+    assert result.returncode == 69
+    assert result.elapsed_s < 10
+    assert len(result.error_lines) == 1, result.stderr
+    assert "IMDS" in result.error_lines[0] and "connection refused" in result.error_lines[0]
+    assert kv.emulator.imds_requests == 0
+    assert not (kv.directory / name).exists()
+
+
+# ---------------------------------------------------------------------------
+# check and --manifest
+
+
+def test_check_valid_manifest_exits_zero_without_network(kv: Harness) -> None:
+    """check accepts a valid manifest, exits 0 and makes no request at all."""
+    names = [fresh_name("checked") for _ in range(3)]
+    manifest = kv.manifest("".join(entry(name, owner="1234", mode='"0440"') for name in names))
+
+    result = kv.run("check", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "3 secrets" in result.stdout
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+    assert not kv.directory.exists()
+
+
+def test_manifest_defaults_to_kv_agent_manifest_variable(kv: Harness) -> None:
+    """Without --manifest, check and once use the manifest named by KV_AGENT_MANIFEST."""
+    name = fresh_name("from-env")
+    value = fresh_value("from-env")
+    kv.put(name, value)
+    manifest = kv.manifest(entry(name))
+    env = kv.env(KV_AGENT_MANIFEST=str(manifest))
+
+    checked = kv.run("check", env=env)
+    synced = kv.run("once", env=env)
+
+    assert checked.returncode == 0, checked.stderr
+    assert str(manifest) in checked.stdout
+    assert synced.returncode == 0, synced.stderr
+    assert (kv.directory / name).read_bytes() == value.encode()
+
+
+# Each case: (manifest text after the vault line, the line's marker, the key, the words).
+INVALID_MANIFESTS = {
+    "unknown-key": ("directory: {directory}\nsecrest:\n  - name: one\n",
+                    "secrest:", "secrest", ("unknown key", "did you mean 'secrets'?")),
+    "unquoted-mode": ("directory: {directory}\nsecrets:\n  - name: one\n    mode: 0440\n",
+                      "mode: 0440", "secrets[0].mode",
+                      ('0440 must be a quoted octal string; write mode: "0440"',)),
+    "path-escapes": ("directory: {directory}\nsecrets:\n  - name: one\n    path: ../escaped\n",
+                     "path: ../escaped", "secrets[0].path",
+                     ("'../escaped' contains '..'", "inside")),
+    "absolute-path-outside": (("directory: {directory}\nsecrets:\n  - name: one\n"
+                               "    path: /etc/kv-agent-escaped\n"),
+                              "path: /etc/kv-agent-escaped", "secrets[0].path",
+                              ("is outside", "use a path inside it")),
+    "unknown-user": (("directory: {directory}\nsecrets:\n  - name: one\n"
+                      "    owner: kv-agent-no-such-user\n"),
+                     "owner: kv-agent-no-such-user", "secrets[0].owner",
+                     ("unknown user 'kv-agent-no-such-user'", "useradd", "numeric id")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_MANIFESTS))
+def test_invalid_manifest_is_refused_by_check_and_once_with_file_line_key_and_fix(
+    kv: Harness, case: str
+) -> None:
+    """check and once refuse an invalid manifest with exit 78 and a line naming file, line, key and
+    fix, making no request."""
+    template, marker, key, words = INVALID_MANIFESTS[case]
+    text = f"vault: {kv.emulator.vault_url}\n" + template.format(directory=kv.directory)
+    manifest = write_private(kv.root / "manifest.yaml", text)
+    prefix = f"kv-agent: error: {manifest}:{line_of(text, marker)}: {key}: "
+
+    for command in ("check", "once"):
+        result = kv.run(command, "--manifest", str(manifest))
+
+        assert result.returncode == 78, (command, result.stderr)
+        (line,) = [line for line in result.error_lines if line.startswith(prefix)]
+        for word in words:
+            assert word in line, line
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+    assert not kv.directory.exists()
+
+
+def test_missing_manifest_is_refused_by_check_and_once(kv: Harness) -> None:
+    """A manifest path that does not exist gives exit 78 and one line saying so, with no request."""
+    missing = kv.root / "absent.yaml"
+
+    for command in ("check", "once"):
+        result = kv.run(command, "--manifest", str(missing))
+
+        assert result.returncode == 78, result.stderr
+        (line,) = result.error_lines
+        assert f"{missing}: no such file" in line
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+
+
+def test_http_vault_is_refused_with_its_line(kv: Harness) -> None:
+    """A plain-http vault URL is refused by check with exit 78, naming the vault key and https."""
+    text = (f"directory: {kv.directory}\n"
+            f"vault: http://127.0.0.1:{kv.emulator.vault_url.rsplit(':', 1)[1]}\n"
+            "secrets:\n  - name: one\n")
+    manifest = write_private(kv.root / "manifest.yaml", text)
+
+    result = kv.run("check", "--manifest", str(manifest))
+
+    assert result.returncode == 78
+    (line,) = result.error_lines
+    assert line.startswith(f"kv-agent: error: {manifest}:2: vault: "), line
+    assert "is not https" in line and "https://" in line.split("is not https", 1)[1]
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+
+
+def test_group_writable_manifest_is_refused(kv: Harness) -> None:
+    """A manifest writable by its group is refused by check and once with exit 78 and the chmod
+    fix."""
+    manifest = kv.manifest(entry(fresh_name("unsafe")), mode=0o620)
+
+    for command in ("check", "once"):
+        result = kv.run(command, "--manifest", str(manifest))
+
+        assert result.returncode == 78, result.stderr
+        (line,) = result.error_lines
+        assert str(manifest) in line and "writable by group or others" in line
+        assert f"chmod go-w {manifest}" in line
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+
+
+def test_non_tmpfs_directory_is_refused_with_exit_73(kv: Harness, tmp_path: Path) -> None:
+    """check and once refuse an output directory that is not on tmpfs with exit 73, making no
+    request."""
+    directory = tmp_path / "not-tmpfs" / "secrets"
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if filesystem_type(fd) in MEMORY_FILESYSTEMS:
+            pytest.skip(f"{tmp_path} is on a memory file system here")
+    finally:
+        os.close(fd)
+    manifest = kv.manifest(entry(fresh_name("disk")), directory=directory)
+
+    for command in ("check", "once"):
+        result = kv.run(command, "--manifest", str(manifest))
+
+        assert result.returncode == 73, (command, result.stderr)
+        assert len(result.error_lines) == 1, result.stderr
+        assert "tmpfs" in result.error_lines[0]
+        if command == "check":
+            assert not directory.exists(), "check created the directory"
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+    # once's Writer.prepare() makes the (empty) root before refusing it; no file lands.
+    assert not directory.exists() or not any(directory.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# emulator and demo commands
+
+
+def _read_banner(process: "subprocess.Popen[str]", timeout_s: float) -> Dict[str, str]:
+    """Read the emulator's banner until 'Stop with Ctrl-C.'; returns imds, vault, ca."""
+    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+    assert process.stdout is not None
+    stdout = process.stdout
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    patterns = {"imds": r"^\s*IMDS token endpoint:\s+(\S+)", "vault": r"^\s*vault:\s+(\S+)",
+                "ca": r"^\s*CA certificate:\s+(\S+)"}
+    found: Dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        assert line is not None, f"the emulator exited early: {found}"
+        OUTPUTS.append(line)
+        for key, pattern in patterns.items():
+            match = re.match(pattern, line)
+            if match and key not in found:
+                found[key] = match.group(1)
+        if line.startswith("Stop with Ctrl-C."):
+            return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
+    kv: Harness, signum: signal.Signals
+) -> None:
+    """kv-agent emulator prints its endpoints and CA, serves a real once run, and exits 0 on the
+    signal."""
+    name, value = fresh_name("served"), fresh_value("served")
+    SECRET_VALUES.add(value)
+    secrets_file = write_private(kv.root / "secrets.yaml", f"{name}: {json.dumps(value)}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "emulator", "--secrets", str(secrets_file)],
+        env=base_environ(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        banner = _read_banner(process, timeout_s=20)
+        assert set(banner) == {"imds", "vault", "ca"}, banner
+        assert banner["imds"].startswith("http://127.0.0.1:")
+        assert banner["vault"].startswith("https://127.0.0.1:")
+        assert os.path.exists(banner["ca"])
+        manifest = write_private(kv.root / "manifest.yaml",
+                                 f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
+                                 f"secrets:\n{entry(name)}")
+        env = kv.env(KV_AGENT_IMDS_ENDPOINT=banner["imds"], REQUESTS_CA_BUNDLE=banner["ca"])
+
+        result = kv.run("once", "--manifest", str(manifest), env=env)
+
+        assert result.returncode == 0, result.stderr
+        assert (kv.directory / name).read_bytes() == value.encode()
+        process.send_signal(signum)
+        assert process.wait(timeout=15) == 0
+        assert process.stderr is not None
+        errors = process.stderr.read()
+        OUTPUTS.append(errors)
+        assert_no_leak(errors)
+        assert not os.path.exists(banner["ca"]), "the generated CA was not removed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_demo_exits_zero_and_prints_no_secret_value(kv: Harness) -> None:
+    """kv-agent demo in a new tmpfs directory exits 0 and prints no secret value."""
+    SECRET_VALUES.update(DEMO_SECRETS.values())
+    SECRET_VALUES.add("demo-only-rotated-value")
+    directory = kv.root / "demo"
+
+    result = kv.run("demo", "--directory", str(directory))
+
+    assert result.returncode == 0, result.output
+    assert "kv-agent demo: done" in result.stdout
+    assert "UNEXPECTED" not in result.stdout
+    assert (directory / "secrets" / "db-password").read_bytes() == b"demo-only-rotated-value"
