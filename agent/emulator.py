@@ -481,6 +481,11 @@ def _check_value(value: object, where: str) -> str:
     return value
 
 
+def _is_unquoted_scalar(value: object) -> bool:
+    """A YAML scalar that is not a string: ``yes``, ``8080``, ``1.5``, ``2024-01-01``."""
+    return not isinstance(value, (str, Mapping, list)) and value is not None
+
+
 def _check_int(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
@@ -529,6 +534,8 @@ def _check_keys(data: Mapping[Any, Any], allowed: frozenset[str], where: str) ->
 def _parse_version(entry: object, defaults: _VersionSpec, where: str) -> _VersionSpec:
     if isinstance(entry, str):
         return dataclasses.replace(defaults, value=entry)
+    if _is_unquoted_scalar(entry):
+        _check_value(entry, where)  # raises, with the "quote it" hint
     if not isinstance(entry, Mapping):
         raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
             f"{where}: must be a string or a mapping, got {_type_name(entry)}"
@@ -548,6 +555,8 @@ def _parse_secret(spec: object, where: str) -> list[_VersionSpec]:
     """
     if isinstance(spec, str):
         return [_VersionSpec(spec)]
+    if _is_unquoted_scalar(spec):
+        _check_value(spec, where)  # raises, with the "quote it" hint
     if not isinstance(spec, Mapping):
         raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
             f"{where}: must be a string or a mapping, got {_type_name(spec)}"
@@ -1398,7 +1407,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         length = self.headers.get("Content-Length", "0")
-        if length.isdigit() and int(length) > 0:
+        if "Transfer-Encoding" in self.headers or not length.isdigit():
+            # A body this server does not parse (chunked, or a bad length): close after
+            # answering, or its bytes would be read as the next request on the connection.
+            self.close_connection = True
+        elif int(length) > 0:
             # Drain the body so the next request on this connection parses.
             self.rfile.read(int(length))
         split = urlsplit(self.path)
@@ -1419,6 +1432,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name, value in headers:
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

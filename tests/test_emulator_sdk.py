@@ -1,0 +1,290 @@
+"""Fidelity: the official Azure SDK (azure-identity, azure-keyvault-secrets) against the emulator.
+
+``ManagedIdentityCredential`` picks its source from the environment
+(protocol.md A6): every variable that would select App Service, Arc, Cloud
+Shell, Service Fabric or workload identity is removed, so it takes the IMDS
+path, and ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` (the IMDS host override, read
+by azure-identity's ``imds._get_request`` and MSAL's ``_obtain_token_on_azure_vm``)
+points it at the emulator. The vault is reached at ``https://127.0.0.1:<port>``,
+whose host is not a sub-domain of ``vault.azure.net``, hence
+``verify_challenge_resource=False``. conftest's network guard fails any test
+in which the SDK tries a host other than loopback (such as 169.254.169.254).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
+from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
+from azure.keyvault.secrets import SecretClient
+
+from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
+
+# Variables that make ManagedIdentityCredential (or MSAL under it) choose a source
+# other than IMDS, or send traffic through a proxy, or trust another CA bundle.
+FOREIGN_ENVIRONMENT = (
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_TOKEN_CREDENTIALS",
+    "MY_MANAGED_IDENTITY_CONFIG",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+
+USER_ASSIGNED = UserAssignedIdentity(
+    client_id="cccccccc-0000-4000-8000-00000000000c",
+    object_id="cccccccc-0000-4000-8000-0000000000c0",
+    msi_res_id="/subscriptions/s/resourcegroups/rg/providers/"
+    "Microsoft.ManagedIdentity/userAssignedIdentities/id-c",
+)
+BULK = [f"bulk-{index:02d}" for index in range(31)]  # more than one default page of 25
+SECRETS: dict[str, Any] = {
+    "db-password": "hunter2",
+    "rotated": {"versions": ["one", "two"], "value": "three"},
+    "switched-off": {"value": "hidden", "enabled": False},
+    **{name: f"value of {name}" for name in BULK},
+}
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    """One emulator, not changed by the tests that use it: a VM with both identity kinds."""
+    identities = IdentityConfig(system_assigned=True, user_assigned=(USER_ASSIGNED,))
+    with Emulator(SECRETS, identities=identities) as started:
+        yield started
+
+
+@pytest.fixture
+def emu(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    """The module's emulator with empty request logs and the SDK's environment aimed at it."""
+    aim_sdk_at(emulator, monkeypatch)
+    emulator.reset_stats()
+    return emulator
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
+    """A new emulator, for a test that injects faults, with the SDK's environment aimed at it."""
+    with Emulator(SECRETS) as started:
+        aim_sdk_at(started, monkeypatch)
+        yield started
+
+
+def aim_sdk_at(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ManagedIdentityCredential take the IMDS path to the emulator, and nothing else."""
+    for name in FOREIGN_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", emulator.imds_base)
+
+
+@contextmanager
+def secret_client(
+    emulator: Emulator, **credential_kwargs: Any
+) -> Iterator[SecretClient]:
+    """A SecretClient for the emulator's vault using a fresh ManagedIdentityCredential."""
+    with ManagedIdentityCredential(**credential_kwargs) as credential:
+        client = SecretClient(
+            vault_url=emulator.vault_url,
+            credential=credential,
+            verify_challenge_resource=False,
+            connection_verify=emulator.ca_path,
+        )
+        with client:
+            yield client
+
+
+def jwt_claims(authorization: str) -> dict[str, Any]:
+    """The payload of the bearer token in an Authorization header."""
+    payload = authorization.split(" ", 1)[1].split(".")[1]
+    decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert isinstance(decoded, dict)
+    return decoded
+
+
+def test_sdk_gets_a_secret_through_imds_and_the_challenge(emu: Emulator) -> None:
+    """The SDK asks IMDS for a vault token, answers the 401 challenge and reads the secret."""
+    with secret_client(emu) as client:
+        secret = client.get_secret("db-password")
+
+    assert secret.value == "hunter2"
+    assert secret.name == "db-password"
+    assert secret.properties.vault_url == emu.vault_url
+    assert secret.properties.enabled is True
+    assert (
+        secret.properties.version is not None and len(secret.properties.version) == 32
+    )
+    (imds,) = emu.imds_log
+    assert imds.query == {
+        "api-version": "2018-02-01",
+        "resource": "https://vault.azure.net",
+    }
+    assert imds.headers["metadata"] == "true"
+    first, second = emu.vault_log
+    assert (first.status, "authorization" in first.headers) == (401, False)
+    assert second.status == 200
+    assert (
+        jwt_claims(second.headers["authorization"])["aud"] == "https://vault.azure.net"
+    )
+
+
+def test_sdk_gets_pinned_versions(emu: Emulator) -> None:
+    """get_secret(name, version) returns each listed version's own value."""
+    with secret_client(emu) as client:
+        versions = list(client.list_properties_of_secret_versions("rotated"))
+        values = {
+            item.version: client.get_secret("rotated", item.version).value
+            for item in versions
+        }
+        latest = client.get_secret("rotated")
+
+    assert sorted(str(value) for value in values.values()) == ["one", "three", "two"]
+    assert values[latest.properties.version] == "three"
+
+
+def test_sdk_lists_secret_properties_across_pages(emu: Emulator) -> None:
+    """list_properties_of_secrets follows nextLink over several pages and sees every secret once."""
+    with secret_client(emu) as client:
+        names = [
+            str(item.name)
+            for item in client.list_properties_of_secrets(max_page_size=10)
+        ]
+
+    assert sorted(names) == sorted(SECRETS)
+    lists = [
+        record
+        for record in emu.vault_log
+        if record.path == "/secrets" and record.status == 200
+    ]
+    assert len(lists) == 4  # 34 secrets, 10 a page
+    assert all("$skiptoken" in record.query for record in lists[1:])
+
+
+def test_sdk_lists_with_the_default_page_size(emu: Emulator) -> None:
+    """Without max_page_size the vault's default page of 25 still yields every secret."""
+    with secret_client(emu) as client:
+        names = {item.name for item in client.list_properties_of_secrets()}
+
+    assert names == set(SECRETS)
+    assert len([record for record in emu.vault_log if record.path == "/secrets"]) >= 2
+
+
+def test_sdk_missing_secret_raises_resource_not_found(emu: Emulator) -> None:
+    """A missing secret surfaces as ResourceNotFoundError carrying SecretNotFound."""
+    with secret_client(emu) as client, pytest.raises(ResourceNotFoundError) as caught:
+        client.get_secret("no-such-secret")
+
+    assert caught.value.status_code == 404
+    assert (
+        caught.value.error is not None and caught.value.error.code == "SecretNotFound"
+    )
+
+
+def test_sdk_disabled_secret_raises_forbidden(emu: Emulator) -> None:
+    """A disabled secret surfaces as HttpResponseError 403 Forbidden with SecretDisabled inside."""
+    with secret_client(emu) as client, pytest.raises(HttpResponseError) as caught:
+        client.get_secret("switched-off")
+
+    assert caught.value.status_code == 403
+    error = caught.value.error
+    assert error is not None and error.code == "Forbidden"
+    assert error.innererror == {"code": "SecretDisabled"}
+
+
+def test_sdk_user_assigned_identity_by_client_id(emu: Emulator) -> None:
+    """ManagedIdentityCredential(client_id=...) gets a token for that user-assigned identity."""
+    with secret_client(emu, client_id=USER_ASSIGNED.client_id) as client:
+        assert client.get_secret("db-password").value == "hunter2"
+
+    (imds,) = emu.imds_log
+    assert imds.query["client_id"] == USER_ASSIGNED.client_id
+    claims = jwt_claims(emu.vault_log[-1].headers["authorization"])
+    assert (claims["appid"], claims["oid"]) == (
+        USER_ASSIGNED.client_id,
+        USER_ASSIGNED.object_id,
+    )
+
+
+def test_sdk_user_assigned_identity_by_resource_id(emu: Emulator) -> None:
+    """identity_config resource_id is sent as msi_res_id and selects that identity."""
+    with secret_client(
+        emu, identity_config={"resource_id": USER_ASSIGNED.msi_res_id}
+    ) as client:
+        assert client.get_secret("db-password").value == "hunter2"
+
+    (imds,) = emu.imds_log
+    assert imds.query["msi_res_id"] == USER_ASSIGNED.msi_res_id
+    claims = jwt_claims(emu.vault_log[-1].headers["authorization"])
+    assert claims["xms_mirid"] == USER_ASSIGNED.msi_res_id
+
+
+def test_sdk_unknown_identity_is_unavailable(emu: Emulator) -> None:
+    """An unknown client_id gets IMDS's 400, which the SDK reports as an unavailable credential."""
+    unknown = "dddddddd-0000-4000-8000-00000000000d"
+    with (
+        secret_client(emu, client_id=unknown) as client,
+        pytest.raises(ClientAuthenticationError) as caught,
+    ):
+        client.get_secret("db-password")
+
+    assert isinstance(caught.value, CredentialUnavailableError)
+    assert "Identity not found" in str(caught.value)
+    assert [record.status for record in emu.imds_log] == [400]
+
+
+def test_sdk_retries_vault_429_after_retry_after(fresh: Emulator) -> None:
+    """The SDK waits the vault's Retry-After on a 429 and then succeeds."""
+    # Faults apply before authentication, so the challenge request is the one throttled.
+    fresh.inject_fault(
+        "vault", 429, retry_after="1", path_contains="/secrets/db-password"
+    )
+    with secret_client(fresh) as client:
+        started = time.monotonic()
+        assert client.get_secret("db-password").value == "hunter2"
+        elapsed = time.monotonic() - started
+
+    assert [record.status for record in fresh.vault_log] == [429, 401, 200]
+    # azure-core's first retry has no backoff of its own: the wait is Retry-After's.
+    assert 1.0 <= elapsed < 5.0
+
+
+def test_sdk_retries_a_dropped_vault_connection(fresh: Emulator) -> None:
+    """A connection the vault drops without answering is retried by the SDK's pipeline."""
+    fresh.inject_fault("vault", drop=True, path_contains="/secrets/db-password")
+    with secret_client(fresh) as client:
+        assert client.get_secret("db-password").value == "hunter2"
+
+    assert [record.status for record in fresh.vault_log] == [0, 401, 200]
+
+
+def test_sdk_retries_a_transient_imds_error(fresh: Emulator) -> None:
+    """An IMDS 500 with Retry-After: 0 is retried by the credential, which then gets a token."""
+    fresh.inject_fault("imds", 500, retry_after="0")
+    with secret_client(fresh) as client:
+        assert client.get_secret("db-password").value == "hunter2"
+
+    assert [record.status for record in fresh.imds_log] == [500, 200]
