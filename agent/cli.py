@@ -163,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
 
 
 def _error(line: str) -> None:
-    print(f"kv-agent: error: {line}", file=sys.stderr)
+    """``kv-agent: error: ...`` on stderr (with journald's <3> under systemd)."""
+    logging.getLogger("kv-agent").error("%s", line)
 
 
 def _manifest_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str:

@@ -54,7 +54,10 @@ START_RETRY_S = (1.0, 30.0)  # first and largest delay while waiting to be ready
 FAILURE_RETRY_S = 5.0  # a failing refresh retries after 5, 10, 20 ... s, up to the interval
 DEBOUNCE_S = 0.25  # quiet time after a manifest event before reading it
 DEBOUNCE_MAX_S = 2.0  # ... but never later than this after the first event
-STOP_GRACE_S = 5.0  # wait this long for an in-flight refresh on SIGTERM
+# Wait this long for an in-flight refresh on SIGTERM. Only its writes are worth
+# waiting for (tmpfs: milliseconds); a fetch stuck on the network is abandoned,
+# and each write is atomic anyway. Short, so SIGTERM exits within ~2 s.
+STOP_GRACE_S = 1.5
 STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
 
 SyncResult = Union[SyncReport, KvAgentError, None]  # None: interrupted
@@ -125,7 +128,8 @@ class Daemon:
         self._failing_streak = 0
         self._global_error: Optional[str] = None
         self._manifest_error: Optional[str] = None
-        self._waiting: Optional[str] = None
+        self._waiting: Optional[str] = None  # set by the refresh thread while retrying
+        self._saved_waiting: Optional[str] = None
         self._reload_requested = False
         self._stop_requested = False
         self._edit_first: Optional[float] = None
@@ -151,6 +155,7 @@ class Daemon:
         selector.register(watcher.fileno(), selectors.EVENT_READ, "inotify")
         try:
             self._set_status(f"starting: fetching {len(manifest.secrets)} secrets")
+            self._save_status()  # `kv-agent status` sees a starting agent, not none
             self._start_sync()
             self._loop(selector, watcher)
         finally:
@@ -180,6 +185,9 @@ class Daemon:
             self._handle_results()
             if self._stop_requested:
                 break
+            if not self._is_ready and self._waiting != self._saved_waiting:
+                self._saved_waiting = self._waiting  # what the start waits for
+                self._save_status()
             self._handle_edits()
             if self._reload_requested:
                 self._reload_requested = False
@@ -289,8 +297,10 @@ class Daemon:
                 raw = handle.read()
         except OSError:
             raw = None  # deleted or unreadable: let the reload report it
-        if raw is not None and raw == self._manifest_bytes:
+        if raw is not None and raw == self._manifest_bytes and self._manifest_error is None:
             return  # touched, chmod-ed or rewritten identically
+        # (When an edit was rejected, going back to the bytes in use is a
+        # change too: the reload clears the rejection from STATUS.)
         self._reload("manifest changed")
 
     def _reload(self, reason: str) -> None:
@@ -301,18 +311,15 @@ class Daemon:
         try:
             manifest, raw = self._read_manifest()
             old = self._manifest
-            self._install(manifest, raw)
-        except ManifestError as exc:
-            for problem in exc.problems:
-                log.error("manifest rejected, keeping the previous one: %s", problem)
-            self._manifest_error = exc.problems[0] if exc.problems else str(exc)
-            self._phase = "ready" if self._is_ready else "starting"
-            self._notifier.ready(self._status_line())
-            self._save_status()
-            return
+            if manifest != old:
+                self._install(manifest, raw)
+            else:  # same meaning (perhaps new comments): keep sessions and token
+                self._manifest_bytes = raw
         except KvAgentError as exc:
-            log.error("manifest rejected, keeping the previous one: %s", exc)
-            self._manifest_error = str(exc)
+            problems = exc.problems if isinstance(exc, ManifestError) else (str(exc),)
+            for problem in problems:
+                log.error("manifest rejected, keeping the previous one: %s", problem)
+            self._manifest_error = problems[0]
             self._phase = "ready" if self._is_ready else "starting"
             self._notifier.ready(self._status_line())
             self._save_status()
@@ -430,8 +437,6 @@ class Daemon:
         if outcome.changed:
             self._track(entry.path)
             return entry.on_change, entry.path
-        if entry.path not in self._written:
-            self._track(entry.path)  # identical file from a previous run: ours too
         return (), ""
 
     def _schedule(self, result: Union[SyncReport, KvAgentError]) -> None:
@@ -516,6 +521,7 @@ class Daemon:
         self._waiting = f"{text} (attempt {attempt})"
         if not self._is_ready:
             self._notifier.status(self._waiting)
+            self._wake()  # the main thread records it in status.json
 
     def _set_status(self, text: str) -> None:
         self._notifier.status(text)
@@ -525,8 +531,10 @@ class Daemon:
         total = len(self._secrets)
         failing = [s for s in self._secrets.values() if s.error is not None]
         parts: List[str] = []
-        if self._global_error is not None and not self._is_ready:
+        if not self._is_ready and (self._waiting or self._global_error is not None):
             parts.append(self._waiting or f"waiting: {self._global_error}")
+        elif not self._is_ready and self.cycles == 0:
+            parts.append(f"starting: fetching {total} secret{'s' if total != 1 else ''}")
         elif self._global_error is not None:
             parts.append(f"refresh failing, files kept: {self._global_error}")
         elif failing:

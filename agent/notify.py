@@ -56,8 +56,10 @@ class Notifier:
         """Send ``KEY=value`` fields as one datagram."""
         if self._notifier is None:
             return
+        # sdnotify encodes latin-1; a path or message may hold anything else.
+        message = "\n".join(fields).encode("latin-1", "replace").decode("latin-1")
         try:
-            self._notifier.notify("\n".join(fields))
+            self._notifier.notify(message)
         except OSError as exc:
             if not self._failed:
                 log.warning("notify to systemd failed (%s); will keep trying", exc)

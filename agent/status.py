@@ -2,9 +2,9 @@
 
 Pure: a document in, lines and an exit code out (the CLI prints them). The
 exit code makes the command a health check: 0 when the agent runs and every
-non-optional secret is current, 1 when one is failing, 69 when no agent is
-running. A failing optional secret is shown but fails nothing, as in the
-agent itself.
+non-optional secret is current, 1 when one is failing or the agent has not
+finished starting (not READY yet), 69 when no agent is running. A failing
+optional secret is shown but fails nothing, as in the agent itself.
 """
 
 from __future__ import annotations
@@ -58,4 +58,7 @@ def render_status(document: Mapping[str, Any], path: str) -> Tuple[List[str], in
             lines.append(f"       since {secret.get('error_since')}: {secret['error']}")
     if not running:
         return lines, EXIT_UNAVAILABLE
-    return lines, EXIT_FAILURE if required_failing or document.get("error") else EXIT_OK
+    # Still starting: the required files may not exist yet, so not healthy.
+    is_starting = document.get("state") == "starting"
+    return lines, (EXIT_FAILURE if required_failing or document.get("error") or is_starting
+                   else EXIT_OK)

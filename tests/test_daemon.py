@@ -1,0 +1,777 @@
+"""``kv-agent run``, the real process, against the loopback emulator.
+
+Every test starts ``python -m agent run`` as systemd would, with
+``NOTIFY_SOCKET`` bound by the test (see :mod:`tests.daemon_harness`),
+``KV_AGENT_IMDS_ENDPOINT`` and ``REQUESTS_CA_BUNDLE`` pointing at an
+in-process :class:`~agent.emulator.Emulator`, a 1 s refresh without jitter
+and an output directory on /dev/shm. Every process is stopped with SIGTERM
+and must exit 0; its stderr is checked for every secret value the test
+created and every token the vault saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set
+
+import pytest
+import yaml
+from daemon_harness import AgentProcess, Datagram, NotifySocket, wait_for
+
+from agent.emulator import Emulator
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 20.0  # generous: a loaded 2-core machine may be slow to start Python
+PROMPT_EXIT_S = 3.0  # the issue's "exit 0 within a few seconds"
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def fresh_value(label: str) -> str:
+    """A secret value that cannot occur by chance in any output."""
+    return f"{label}-{secrets.token_hex(16)}"
+
+
+class Vault:
+    """The emulator plus every value a test stored in it (for the leak check)."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        self.values: Set[str] = set()
+
+    @property
+    def url(self) -> str:
+        return str(self.emulator.vault_url)
+
+    def put(self, name: str, *, enabled: bool = True) -> str:
+        """Store a new version of ``name`` with a fresh value; returns the value."""
+        value = fresh_value(name)
+        self.values.add(value)
+        self.emulator.set_secret(name, value, enabled=enabled)
+        return value
+
+    def tokens(self) -> Set[str]:
+        """Every bearer token the vault was sent."""
+        found = set()
+        for record in self.emulator.vault_log:
+            header = record.headers.get("Authorization") or record.headers.get("authorization")
+            if header and header.lower().startswith("bearer "):
+                found.add(header[7:].strip())
+        return found
+
+    def requests_for(self, name: str) -> int:
+        return sum(1 for r in self.emulator.vault_log if f"/secrets/{name}" in r.path)
+
+
+def manifest_text(vault: str, directory: Path, entries: Sequence[Mapping[str, Any]],
+                  refresh: str = "1s", jitter: str = "0%", **extra: Any) -> str:
+    document: Dict[str, Any] = {"vault": vault, "directory": str(directory),
+                                "refresh": refresh, "refresh_jitter": jitter, **extra,
+                                "secrets": [dict(entry) for entry in entries]}
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def entry(name: str, **keys: Any) -> Dict[str, Any]:
+    """A manifest entry writing ``name`` to ``<directory>/<name>``, mode 0440."""
+    return {"name": name, "path": keys.pop("path", name), "mode": keys.pop("mode", "0440"),
+            **keys}
+
+
+def write_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write in place (open, truncate, write, close)."""
+    with open(path, "w") as handle:
+        handle.write(text)
+    os.chmod(path, mode)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write the way editors do: a new file renamed over the old one."""
+    temp = path.with_name(f".{path.name}.swp")
+    write_file(temp, text)
+    os.replace(temp, path)
+
+
+def read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class Running:
+    """A started agent: its process, notify socket and the paths it uses."""
+
+    process: AgentProcess
+    notify: Optional[NotifySocket]
+    manifest: Path
+    directory: Path
+    state_dir: Path
+    vault: Vault
+    env: Dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        notes = self.notify.describe() if self.notify else "(no notify socket)"
+        return f"{notes}\nstderr:\n{self.process.stderr[-4000:]}"
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
+        return wait_for(predicate, timeout_s, what, self.describe)
+
+    @property
+    def notes(self) -> NotifySocket:
+        """The notify socket (the test started the agent with one)."""
+        assert self.notify is not None
+        return self.notify
+
+    def readies(self) -> List[Datagram]:
+        return self.notes.with_key("READY", "1")
+
+    def wait_ready(self, count: int = 1) -> Datagram:
+        """The ``count``-th READY=1 (1: the first), waiting for it."""
+        found = self.wait(lambda: len(self.readies()) >= count, f"READY=1 #{count}")
+        assert found
+        return self.readies()[count - 1]
+
+    def wait_content(self, name: str, value: str, timeout_s: float = WAIT_S) -> None:
+        path = self.directory / name
+        self.wait(lambda: read(path) == value, f"{path} to hold the new value", timeout_s)
+
+    def status_json(self) -> Dict[str, Any]:
+        return dict(json.loads((self.state_dir / "status.json").read_text()))
+
+    def wait_status_json(self, predicate: Callable[[Dict[str, Any]], bool],
+                         what: str) -> Dict[str, Any]:
+        """The first status.json document for which ``predicate`` holds."""
+        found: List[Dict[str, Any]] = []
+
+        def check() -> bool:
+            document = self.status_json() if (self.state_dir / "status.json").exists() else {}
+            if document and predicate(document):
+                found.append(document)
+                return True
+            return False
+
+        self.wait(check, what)
+        return found[0]
+
+    def status_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(["status", "--state-dir", str(self.state_dir), *args], self.env)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """SIGTERM (or ``signum``); assert a prompt exit 0 and STOPPING=1."""
+        code, elapsed = self.process.stop(signum)
+        assert code == 0, f"exit {code}\n{self.describe()}"
+        assert elapsed < PROMPT_EXIT_S, f"took {elapsed:.2f} s to stop\n{self.describe()}"
+        if self.notify is not None:
+            assert self.notify.with_key("STOPPING", "1"), self.describe()
+        return code
+
+
+def run_cli(args: Sequence[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], env=dict(env), check=False,
+                          capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def assert_no_leak(text: str, vault: Vault) -> None:
+    """No secret value, no token and nothing token-shaped in ``text``."""
+    for value in vault.values:
+        assert value not in text, "a secret value reached the log"
+    for token in vault.tokens():
+        assert token not in text, "an access token reached the log"
+        assert token[-20:] not in text, "part of an access token reached the log"
+    assert not JWT_RE.search(text), "something token-shaped reached the log"
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def vault() -> Iterator[Vault]:
+    """A fresh emulator per test: faults and disabled secrets never leak across."""
+    emulator = Emulator()
+    emulator.start()
+    try:
+        yield Vault(emulator)
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for the notify socket (sun_path holds 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="kvn-", dir="/tmp"))
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+StartAgent = Callable[..., Running]
+
+
+@pytest.fixture
+def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
+                short_dir: Path) -> Iterator[StartAgent]:
+    """Start ``kv-agent run`` on a manifest; every process is stopped (or
+    killed) afterwards and its stderr checked for leaks."""
+    started: List[Running] = []
+    sockets: List[NotifySocket] = []
+    etc = tmp_path / "etc"
+    etc.mkdir()
+
+    def start(entries: Sequence[Mapping[str, Any]] = (), *, text: Optional[str] = None,
+              notify: bool = True, args: Sequence[str] = (), env: Mapping[str, str] = {},
+              manifest: Optional[Path] = None, state_dir: Optional[Path] = None,
+              **manifest_keys: Any) -> Running:
+        directory = shm_dir / "out"
+        path = manifest or etc / "manifest.yaml"
+        if not path.exists():
+            write_file(path, text if text is not None else
+                       manifest_text(vault.url, directory, entries, **manifest_keys))
+        state_dir = state_dir or shm_dir / f"state{len(started)}"
+        full_env = {key: value for key, value in os.environ.items()
+                    if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+                                   "JOURNAL_STREAM", "KV_AGENT_MANIFEST")}
+        full_env.update(KV_AGENT_IMDS_ENDPOINT=vault.emulator.imds_endpoint,
+                        REQUESTS_CA_BUNDLE=vault.emulator.ca_path,
+                        NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        sock = None
+        if notify:
+            sock = NotifySocket(str(short_dir / f"notify{len(started)}"))
+            sockets.append(sock)
+            full_env["NOTIFY_SOCKET"] = sock.path
+        full_env.update(env)
+        process = AgentProcess([*args, "run", "--manifest", str(path),
+                                "--state-dir", str(state_dir)], full_env)
+        running = Running(process, sock, path, directory, state_dir, vault, full_env)
+        started.append(running)
+        return running
+
+    yield start
+
+    for running in started:
+        running.process.kill()
+        # Stopped by the test or just killed: either way nothing may have leaked.
+        assert_no_leak(running.process.stderr + running.process.stdout, vault)
+    for sock in sockets:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Start-up and readiness
+
+
+def test_ready_only_after_every_required_file_exists(start_agent: StartAgent,
+                                                      vault: Vault) -> None:
+    """READY=1 arrives only once every non-optional file holds its value with its mode."""
+    values = {name: vault.put(name) for name in ("db-password", "api-key")}
+    vault.emulator.latency_s = 0.05  # room for a premature READY to show
+    seen_at_ready: List[Dict[str, Any]] = []
+    run = start_agent([entry("db-password"), entry("api-key", mode="0400"),
+                       entry("not-there", optional=True)])
+
+    def snapshot(message: Datagram) -> None:
+        if message.has("READY", "1") and not seen_at_ready:
+            seen = {}
+            for name in values:
+                path = run.directory / name
+                seen[name] = ((read(path), stat.S_IMODE(os.lstat(path).st_mode))
+                              if path.exists() else None)
+            seen_at_ready.append(seen)
+
+    run.notes.on_datagram(snapshot)
+    ready = run.wait_ready()
+    assert seen_at_ready == [{"db-password": (values["db-password"], 0o440),
+                              "api-key": (values["api-key"], 0o400)}]
+    assert not (run.directory / "not-there").exists()
+    # Something to act on before READY, and an honest STATUS with it.
+    before = [m for m in run.notes.messages if m.at < ready.at]
+    assert before and all("READY" not in m.fields for m in before)
+    assert "1 of 3 secrets failing: not-there (404 not found)" in ready.fields["STATUS"]
+    run.stop()
+    assert run.notes.with_key("STOPPING", "1")
+    for name, value in values.items():  # files stay for consumers across restarts
+        assert read(run.directory / name) == value
+
+
+def test_imds_down_at_start_then_up(start_agent: StartAgent, vault: Vault) -> None:
+    """While IMDS does not answer, STATUS says "waiting for IMDS" and READY comes after it recovers."""
+    value = vault.put("boot-secret")
+    vault.emulator.inject_fault("imds", drop=True, count=10_000)
+    run = start_agent([entry("boot-secret")])
+    run.wait(lambda: any(s.startswith("waiting for IMDS") and "attempt 2" in s
+                         for s in run.notes.statuses()), "STATUS waiting for IMDS (attempt 2)")
+    assert not run.readies()
+    assert not (run.directory / "boot-secret").exists()
+    # `kv-agent status` sees a running agent that is not ready yet, and why.
+    shown: List[subprocess.CompletedProcess[str]] = []
+
+    def status_says_waiting() -> bool:
+        shown.append(run.status_cli())
+        return "waiting for IMDS" in shown[-1].stdout
+
+    run.wait(status_says_waiting, "`kv-agent status` to report the wait")
+    waiting = shown[-1]
+    assert waiting.returncode == 1, waiting.stdout
+    assert f"kv-agent is running (pid {run.process.pid}, starting)" in waiting.stdout
+    vault.emulator.clear_faults()
+    ready = run.wait_ready()
+    assert read(run.directory / "boot-secret") == value
+    assert "1 secret current" in ready.fields["STATUS"]
+    run.stop()
+
+
+def test_invalid_manifest_at_start_exits_78(start_agent: StartAgent, vault: Vault) -> None:
+    """An invalid manifest at start exits 78 with a one-line error naming the key, no traceback."""
+    run = start_agent([entry("x", colour="blue")])
+    code = run.process.wait(WAIT_S)
+    assert code == 78
+    err = run.process.stderr
+    assert "kv-agent: error:" in err and "secrets[0].colour: unknown key" in err
+    assert "Traceback" not in err
+    assert run.notify is not None and not run.readies()
+
+
+def test_output_directory_not_on_tmpfs_exits_73(start_agent: StartAgent, vault: Vault,
+                                                tmp_path: Path) -> None:
+    """An output directory on a disk file system is refused with exit 73 and a clear message."""
+    vault.put("disk-secret")
+    disk = tmp_path / "on-disk"
+    from agent.writer import MEMORY_FILESYSTEMS, filesystem_type
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        if filesystem_type(fd) in MEMORY_FILESYSTEMS:
+            pytest.skip("tmp_path is on tmpfs here")
+    finally:
+        os.close(fd)
+    run = start_agent(text=manifest_text(vault.url, disk, [entry("disk-secret")]))
+    code = run.process.wait(WAIT_S)
+    err = run.process.stderr
+    assert code == 73, err
+    assert "kv-agent: error:" in err and "not on tmpfs or ramfs" in err
+    assert "Traceback" not in err
+    assert not disk.exists()
+
+
+def test_works_without_notify_socket(start_agent: StartAgent, vault: Vault) -> None:
+    """Without NOTIFY_SOCKET the agent writes, refreshes and stops just the same."""
+    first = vault.put("plain")
+    run = start_agent([entry("plain")], notify=False)
+    run.wait_content("plain", first)
+    second = vault.put("plain")
+    run.wait_content("plain", second)
+    assert "Traceback" not in run.process.stderr
+    run.stop()
+    assert read(run.directory / "plain") == second
+
+
+# ---------------------------------------------------------------------------
+# Refresh
+
+
+def test_rotation_is_picked_up_by_the_timer(start_agent: StartAgent, vault: Vault) -> None:
+    """A new version is written at the next refresh; an unchanged file is not touched."""
+    old = vault.put("rotating")
+    steady = vault.put("steady")
+    run = start_agent([entry("rotating"), entry("steady")])
+    run.wait_ready()
+    steady_before = os.stat(run.directory / "steady")
+    new = vault.put("rotating")
+    rotated_at = time.monotonic()
+    run.wait_content("rotating", new, timeout_s=10.0)
+    assert time.monotonic() - rotated_at < 1.0 + 5.0  # one interval, plus a slow machine
+    steady_after = os.stat(run.directory / "steady")
+    assert (steady_after.st_ino, steady_after.st_mtime_ns) == (steady_before.st_ino,
+                                                               steady_before.st_mtime_ns)
+    assert read(run.directory / "steady") == steady
+    assert old != new
+    run.stop()
+
+
+def test_throttling_during_a_refresh_is_waited_out(start_agent: StartAgent,
+                                                   vault: Vault) -> None:
+    """429 with Retry-After during a refresh is retried and the rotation still lands."""
+    vault.put("throttled")
+    run = start_agent([entry("throttled")])
+    run.wait_ready()
+    vault.emulator.inject_fault("vault", 429, count=2, retry_after="1",
+                                path_contains="/secrets/throttled")
+    new = vault.put("throttled")
+    run.wait_content("throttled", new)
+    assert sum(1 for r in vault.emulator.vault_log if r.status == 429) == 2
+    document = run.wait_status_json(
+        lambda d: d["secrets"][0]["version"] is not None and d["secrets"][0]["error"] is None
+        and bool(d["last_refresh"]), "a clean status after the throttled refresh")
+    assert document["error"] is None
+    assert run.process.is_running()
+    run.stop()
+
+
+def test_disabled_secret_keeps_its_file_and_recovers(start_agent: StartAgent,
+                                                     vault: Vault) -> None:
+    """A disabled secret keeps its last good file, is logged once, fails STATUS and
+    `kv-agent status` (exit 1), and recovers by itself once enabled, while others rotate."""
+    good = vault.put("flaky")
+    vault.put("other")
+    run = start_agent([entry("flaky"), entry("other")])
+    run.wait_ready()
+    pending = vault.put("flaky", enabled=False)  # the latest version is disabled: 403
+    run.wait(lambda: "1 of 2 secrets failing: flaky (403 disabled)" in run.notes.last_status(),
+             "STATUS naming the disabled secret")
+    # Other secrets keep rotating meanwhile, for several failing cycles.
+    for _ in range(2):
+        other = vault.put("other")
+        run.wait_content("other", other)
+    failing_fetches = vault.requests_for("flaky")
+    run.wait(lambda: vault.requests_for("flaky") >= failing_fetches + 2, "more failed fetches")
+    assert read(run.directory / "flaky") == good
+    failures = [line for line in run.process.lines("flaky") if "wrote" not in line]
+    assert len(failures) == 1, run.process.stderr  # once per state change, not per cycle
+    assert failures[0].startswith("kv-agent: error: secret 'flaky'")
+    assert "disabled" in failures[0]
+    status = run.status_cli()
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert "FAIL flaky" in status.stdout
+    document = run.status_json()
+    flaky = next(s for s in document["secrets"] if s["name"] == "flaky")
+    assert flaky["error"] and "disabled" in flaky["error"].lower()
+
+    vault.emulator.enable_secret("flaky")
+    run.wait_content("flaky", pending)
+    run.wait(lambda: run.status_cli().returncode == 0, "`kv-agent status` healthy again")
+    assert len(run.process.lines("secret 'flaky' recovered")) == 1
+    assert len([line for line in run.process.lines("flaky") if "wrote" not in line]) == 2
+    run.stop()
+
+
+# ---------------------------------------------------------------------------
+# Reload: SIGHUP and manifest edits
+
+
+def test_sighup_reload_adds_and_removes_entries(start_agent: StartAgent, vault: Vault,
+                                                shm_dir: Path, tmp_path: Path) -> None:
+    """SIGHUP sends RELOADING=1 with MONOTONIC_USEC, writes added entries, deletes only
+    files this agent wrote for removed ones, then sends READY=1."""
+    values = {name: vault.put(name) for name in ("keep", "drop", "swapped", "added")}
+    directory = shm_dir / "out"
+    # The manifest is a hard link to a file edited through another directory,
+    # so the inotify watcher does not see the edit: only SIGHUP can reload it.
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    write_file(hidden / "manifest.yaml", manifest_text(
+        vault.url, directory, [entry("keep"), entry("drop"), entry("swapped"),
+                               entry("never-fetched", optional=True)], refresh="60s"))
+    os.link(hidden / "manifest.yaml", tmp_path / "etc" / "manifest.yaml")
+    # A file the agent never writes (its secret does not exist) is there first.
+    directory.mkdir()
+    foreign = directory / "never-fetched"
+    foreign.write_text("operator's own file")
+    run = start_agent()
+    run.wait_ready()
+    assert read(directory / "drop") == values["drop"]
+    # The operator replaces one of the agent's files with their own.
+    replace_file(directory / "swapped", "operator's replacement")
+
+    write_file(hidden / "manifest.yaml", manifest_text(
+        vault.url, directory, [entry("keep"), entry("added")], refresh="60s"))
+    assert run.manifest.read_text() == (hidden / "manifest.yaml").read_text()
+    sent = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    run.process.send_signal(signal.SIGHUP)
+    ready = run.wait_ready(2)
+    reloading = run.notes.with_key("RELOADING", "1")
+    assert len(reloading) == 1 and reloading[0].at <= ready.at
+    usec = int(reloading[0].fields["MONOTONIC_USEC"])
+    assert sent <= usec <= sent + 10_000_000
+    assert read(directory / "added") == values["added"]
+    assert read(directory / "keep") == values["keep"]
+    assert not (directory / "drop").exists()
+    assert read(directory / "swapped") == "operator's replacement"
+    assert read(foreign) == "operator's own file"
+    assert "2 secrets current" in ready.fields["STATUS"]
+    assert run.process.lines("reloading (SIGHUP)")
+    run.stop()
+    assert sorted(p.name for p in directory.iterdir()) == ["added", "keep", "never-fetched",
+                                                           "swapped"]
+
+
+SECOND_ENTRY = "- name: second\n  path: second\n  mode: '0440'\n"
+
+
+def _edit_in_place(manifest: Path, text: str) -> None:
+    write_file(manifest, text)
+
+
+def _edit_rename(manifest: Path, text: str) -> None:
+    replace_file(manifest, text)
+
+
+def _edit_sed(manifest: Path, text: str) -> None:
+    # sed -i writes a temporary file beside the manifest and renames it over.
+    addition = SECOND_ENTRY.rstrip("\n").replace("\n", "\\n")
+    subprocess.run(["sed", "-i", f"s/^# ADD$/{addition}/", str(manifest)], check=True,
+                   timeout=10)
+    assert manifest.read_text() == text
+
+
+def _edit_symlink(manifest: Path, text: str) -> None:
+    target = manifest.parent / "releases" / "manifest-2.yaml"
+    write_file(target, text)
+    link = manifest.with_name(".manifest.yaml.new")
+    os.symlink(target, link)
+    os.replace(link, manifest)
+
+
+EDITS: Dict[str, Callable[[Path, str], None]] = {
+    "in-place": _edit_in_place, "rename": _edit_rename, "sed-i": _edit_sed,
+    "symlink-swap": _edit_symlink}
+
+
+@pytest.mark.parametrize("how", list(EDITS))
+def test_manifest_edit_is_noticed_without_a_signal(start_agent: StartAgent, vault: Vault,
+                                                   shm_dir: Path, tmp_path: Path,
+                                                   how: str) -> None:
+    """Editing the manifest (in place, rename-replace, sed -i or a symlink swap)
+    reloads it without a signal: RELOADING=1, the new entry's file, then READY=1."""
+    values = {name: vault.put(name) for name in ("first", "second")}
+    before = manifest_text(vault.url, shm_dir / "out", [entry("first")]) + "# ADD\n"
+    after = before.replace("# ADD\n", SECOND_ENTRY)
+    manifest = tmp_path / "etc" / "manifest.yaml"
+    if how == "symlink-swap":
+        (manifest.parent / "releases").mkdir()
+        write_file(manifest.parent / "releases" / "manifest-1.yaml", before)
+        manifest.symlink_to(manifest.parent / "releases" / "manifest-1.yaml")
+    run = start_agent(text=before)
+    run.wait_ready()
+    assert read(run.directory / "first") == values["first"]
+    edited_at = time.monotonic()
+    EDITS[how](manifest, after)
+    ready = run.wait_ready(2)
+    reloading = run.notes.with_key("RELOADING", "1")
+    assert len(reloading) == 1 and edited_at < reloading[0].at < ready.at
+    assert "MONOTONIC_USEC" in reloading[0].fields
+    assert read(run.directory / "second") == values["second"]
+    assert read(run.directory / "first") == values["first"]
+    assert "2 secrets current" in ready.fields["STATUS"]
+    assert run.process.lines("reloading (manifest changed)")
+    run.stop()
+
+
+def test_invalid_manifest_on_reload_keeps_the_old_one(start_agent: StartAgent,
+                                                      vault: Vault) -> None:
+    """An invalid edit is rejected with a log line and STATUS, and the old manifest keeps refreshing."""
+    vault.put("survivor")
+    run = start_agent([entry("survivor")])
+    run.wait_ready()
+    original = run.manifest.read_text()
+    write_file(run.manifest, original.replace("refresh_jitter:", "refresh_jiter:"))
+    run.wait(lambda: "manifest edit rejected" in run.notes.last_status(),
+             "STATUS saying the edit was rejected")
+    rejected = run.process.lines("manifest rejected, keeping the previous one")
+    assert rejected and "refresh_jiter: unknown key" in rejected[0]
+    assert "Traceback" not in run.process.stderr
+    # Still the old manifest, still refreshing.
+    new = vault.put("survivor")
+    run.wait_content("survivor", new)
+    assert run.status_json()["manifest_error"]
+    assert run.process.is_running()
+    # Reverting the bad edit (back to the very bytes in use) clears the complaint.
+    write_file(run.manifest, original)
+    run.wait(lambda: "manifest" not in run.notes.last_status()
+             and run.status_json()["manifest_error"] is None, "the rejection to clear")
+    run.stop()
+
+
+def test_restart_removes_only_its_own_files_of_dropped_entries(start_agent: StartAgent,
+                                                                vault: Vault,
+                                                                shm_dir: Path) -> None:
+    """Entries dropped while the agent was stopped lose their files at the next start,
+    unless the file is no longer the one the agent wrote; unchanged files keep their inode."""
+    values = {name: vault.put(name) for name in ("stays", "goes", "taken-over")}
+    state = shm_dir / "state"
+    first = start_agent([entry("stays"), entry("goes"), entry("taken-over")],
+                        refresh="60s", state_dir=state)
+    first.wait_ready()
+    inode = os.stat(first.directory / "stays").st_ino
+    first.stop(signal.SIGINT)
+    assert {n: read(first.directory / n) for n in values} == values
+    replace_file(first.directory / "taken-over", "operator's file now")
+    write_file(first.manifest, manifest_text(vault.url, first.directory, [entry("stays")],
+                                             refresh="60s"))
+    # Under systemd (JOURNAL_STREAM set) lines carry sd-daemon priorities.
+    second = start_agent(state_dir=state, env={"JOURNAL_STREAM": "8:12345"})
+    second.wait_ready()
+    assert not (first.directory / "goes").exists()
+    assert read(first.directory / "taken-over") == "operator's file now"
+    assert os.stat(first.directory / "stays").st_ino == inode
+    assert "<6>removed " + str(first.directory / "goes") in second.process.stderr
+    assert "<6>not removing " + str(first.directory / "taken-over") in second.process.stderr
+    assert all(re.match(r"<[0-7]>", line) for line in second.process.stderr.splitlines())
+    second.stop()
+    assert sorted(p.name for p in first.directory.iterdir()) == ["stays", "taken-over"]
+
+
+# ---------------------------------------------------------------------------
+# Hooks, watchdog, stop
+
+
+def test_on_change_hooks_run_once_per_change_never_at_start(start_agent: StartAgent,
+                                                            vault: Vault,
+                                                            shm_dir: Path) -> None:
+    """A hook shared by two entries runs once when both rotate together, once per later
+    change, and never for the first write at start."""
+    for name in ("cert", "key", "unhooked"):
+        vault.put(name)
+    log = shm_dir / "hook.log"
+    hook = ["/bin/sh", "-c", f'echo "$KV_AGENT_CHANGED" >> {log}']
+    run = start_agent([entry("cert", on_change=hook), entry("key", on_change=hook),
+                       entry("unhooked")])
+    run.wait_ready()
+
+    def refresh_done() -> None:
+        """Wait until a refresh has fetched all three, so a rotation lands whole in the next."""
+        before = vault.emulator.vault_requests
+        run.wait(lambda: vault.emulator.vault_requests >= before + 3, "a refresh")
+        time.sleep(0.1)
+
+    vault.put("unhooked")
+    refresh_done()
+    refresh_done()
+    assert not log.exists(), "the hook ran at start, or for an entry that does not name it"
+
+    cert, key = vault.put("cert"), vault.put("key")
+    run.wait_content("cert", cert)
+    run.wait_content("key", key)
+    run.wait(lambda: log.exists() and log.read_text().count("\n") >= 1, "the hook to run")
+    refresh_done()
+    both = f"{run.directory / 'cert'} {run.directory / 'key'}\n"
+    assert log.read_text() == both
+
+    cert = vault.put("cert")
+    run.wait(lambda: log.read_text().count("\n") >= 2, "the hook to run again")
+    refresh_done()
+    assert log.read_text() == both + f"{run.directory / 'cert'}\n"
+    assert read(run.directory / "cert") == cert
+    assert len(run.process.lines("ran on_change hook")) == 2
+    run.stop()
+
+
+def test_watchdog_pings_at_half_the_interval(start_agent: StartAgent, vault: Vault) -> None:
+    """With WATCHDOG_USEC=1000000 the agent sends WATCHDOG=1 about every 0.5 s."""
+    vault.put("dog")
+    run = start_agent([entry("dog")], env={"WATCHDOG_USEC": "1000000"})
+    run.wait_ready()
+    run.wait(lambda: len(run.notes.with_key("WATCHDOG", "1")) >= 6, "six WATCHDOG=1")
+    times = [m.at for m in run.notes.with_key("WATCHDOG", "1")]
+    gaps = sorted(b - a for a, b in zip(times[1:], times[2:]))
+    assert 0.35 <= gaps[len(gaps) // 2] <= 0.75, gaps
+    assert max(gaps) < 1.0, gaps  # never late enough for systemd to kill it
+    run.stop()
+
+
+def test_no_watchdog_without_watchdog_usec(start_agent: StartAgent, vault: Vault) -> None:
+    """Without WATCHDOG_USEC (or for another WATCHDOG_PID) no WATCHDOG=1 is sent."""
+    vault.put("quiet")
+    run = start_agent([entry("quiet")], env={"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    run.wait_ready()
+    time.sleep(1.2)
+    assert not run.notes.with_key("WATCHDOG")
+    run.stop()
+
+
+def test_sigterm_during_a_slow_refresh_exits_promptly(start_agent: StartAgent,
+                                                      vault: Vault) -> None:
+    """SIGTERM while a refresh waits on a slow vault still exits 0 promptly with STOPPING=1,
+    leaving every file whole and no temporary file behind."""
+    value = vault.put("slow")
+    run = start_agent([entry("slow")])
+    ready = run.wait_ready()
+    vault.emulator.inject_fault("vault", delay_s=4.0, count=5)
+    # The next refresh starts 1 s after READY and then hangs for 4 s: stop in between.
+    time.sleep(max(0.0, ready.at + 1.6 - time.monotonic()))
+    requests_before_stop = vault.emulator.vault_requests
+    run.stop()
+    assert vault.emulator.vault_requests == requests_before_stop, "the refresh was not in flight"
+    assert run.process.lines("stopping with a refresh still waiting on the network")
+    assert run.notes.with_key("STOPPING", "1")
+    assert read(run.directory / "slow") == value
+    assert [p.name for p in run.directory.iterdir()] == ["slow"]
+
+
+# ---------------------------------------------------------------------------
+# Status and logs
+
+
+def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -> None:
+    """`kv-agent status` exits 0 for a healthy agent and 69 once it stopped;
+    status.json lists each secret's path, version and update time and the refresh times."""
+    vault.put("alpha")
+    run = start_agent([entry("alpha"), entry("beta", path="sub/beta", optional=True)])
+    run.wait_ready()
+    document = run.wait_status_json(lambda d: bool(d.get("last_refresh")),
+                                    "status.json with a refresh")
+    assert document["pid"] == run.process.pid
+    assert document["state"] == "ready"
+    assert document["next_refresh"] and document["refresh_interval_s"] == 1.0
+    by_name = {s["name"]: s for s in document["secrets"]}
+    alpha, beta = by_name["alpha"], by_name["beta"]
+    assert alpha["path"] == str(run.directory / "alpha")
+    assert re.fullmatch(r"[0-9a-f]{32}", alpha["version"])
+    assert alpha["updated"] and alpha["error"] is None
+    assert beta["path"] == str(run.directory / "sub" / "beta")
+    assert beta["optional"] and beta["error"] and beta["version"] is None
+
+    human = run.status_cli()
+    assert human.returncode == 0, human.stdout + human.stderr
+    assert f"kv-agent is running (pid {run.process.pid}" in human.stdout
+    assert "ok   alpha" in human.stdout and "warn beta" in human.stdout
+    as_json = run.status_cli("--json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["secrets"][0]["name"] == "alpha"
+
+    run.stop()
+    stopped = run.status_cli()
+    assert stopped.returncode == 69
+    assert "not running" in stopped.stdout
+    assert run.status_cli("--json").returncode == 69
+    never = run_cli(["status", "--state-dir", str(run.state_dir / "nothing-here")], run.env)
+    assert never.returncode == 69
+
+
+def test_no_secret_or_token_in_debug_logs(start_agent: StartAgent, vault: Vault) -> None:
+    """With --debug, through rotation, failure, recovery and reload, stderr holds
+    no secret value and no token."""
+    vault.put("leaky")
+    vault.put("second")
+    run = start_agent([entry("leaky"), entry("second")], args=["--debug"])
+    run.wait_ready()
+    run.wait_content("leaky", vault.put("leaky"))
+    vault.emulator.forbid_secret("second")
+    run.wait(lambda: run.process.lines("second"), "the failure logged")
+    vault.emulator.allow_secret("second")
+    run.wait_content("second", vault.put("second"))
+    vault.emulator.inject_fault("vault", 401, count=1)
+    run.process.send_signal(signal.SIGHUP)
+    run.wait_ready(2)
+    run.wait_content("leaky", vault.put("leaky"))
+    run.stop()
+    err = run.process.stderr
+    assert "DEBUG" in err or "debug:" in err  # it really logged at debug level
+    assert vault.tokens()
+    assert_no_leak(err, vault)
