@@ -1,0 +1,37 @@
+#!/bin/sh
+# Build the kv-agent .deb from this source tree with the standard Debian
+# tools, on Debian 12 / Ubuntu 22.04 or later:
+#
+#   apt-get install --no-install-recommends dpkg-dev debhelper dh-python python3
+#   packaging/build-deb.sh [OUTDIR]          # default OUTDIR: ./dist
+#
+# The Debian packaging lives in packaging/debian; dpkg-buildpackage wants it
+# at debian/ in the tree it builds, so this copies the files the package is
+# made of (symlinks in packaging/debian resolved) into a scratch directory and
+# builds there: the work tree is never written to. Prints the .deb's path.
+set -eu
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-"$here/dist"}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+version=$(dpkg-parsechangelog -l "$here/packaging/debian/changelog" -S Version)
+
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/kv-agent-deb.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT INT TERM
+src="$scratch/kv-agent-$version"
+mkdir -p "$src"
+(cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
+    agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$src"
+rm -rf "$src/packaging/debian"
+cp -RL "$here/packaging/debian" "$src/debian"
+
+# -b: binary only (the source package is this repository); -us -uc: unsigned.
+(cd "$src" && dpkg-buildpackage -b -us -uc >"$scratch/build.log" 2>&1) || {
+    cat "$scratch/build.log" >&2
+    exit 1
+}
+for file in "$scratch"/*.deb "$scratch"/*.buildinfo "$scratch"/*.changes; do
+    cp "$file" "$out/"
+done
+echo "$out/kv-agent_${version}_all.deb"

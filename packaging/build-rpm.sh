@@ -1,0 +1,38 @@
+#!/bin/sh
+# Build the kv-agent RPM (noarch) from this source tree with rpmbuild:
+#
+#   on RHEL 9 / Azure Linux:  dnf install rpm-build python3-devel systemd-rpm-macros
+#   on Debian / Ubuntu:       apt-get install --no-install-recommends rpm
+#   packaging/build-rpm.sh [OUTDIR]          # default OUTDIR: ./dist
+#
+# Makes Source0 (kv-agent-VERSION.tar.gz) from the files the package is made
+# of, then runs rpmbuild -bb in a scratch _topdir. On a host whose rpm has no
+# systemd macros or RPM database of build dependencies (Debian), it loads
+# packaging/rpm/macros.fallback and skips the BuildRequires check (--nodeps).
+# Prints the .rpm's path.
+set -eu
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-"$here/dist"}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+spec="$here/packaging/rpm/kv-agent.spec"
+version=$(sed -n 's/^Version:[[:space:]]*//p' "$spec")
+
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/kv-agent-rpm.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT INT TERM
+mkdir -p "$scratch/SOURCES" "$scratch/kv-agent-$version"
+(cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
+    agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$scratch/kv-agent-$version"
+tar -czf "$scratch/SOURCES/kv-agent-$version.tar.gz" -C "$scratch" "kv-agent-$version"
+
+set -- --define "_topdir $scratch" --define "_rpmdir $out" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm"
+if [ "$(rpm --eval '%{?systemd_post:1}')" != 1 ]; then
+    # rpm on Debian: add the fallback macros to the system's own.
+    set -- "$@" --load "$here/packaging/rpm/macros.fallback" --nodeps
+fi
+rpmbuild -bb "$@" "$spec" >"$scratch/build.log" 2>&1 || {
+    cat "$scratch/build.log" >&2
+    exit 1
+}
+ls "$out"/kv-agent-"$version"-*.noarch.rpm | tail -n 1

@@ -1,0 +1,331 @@
+"""The .deb in a real systemd: a Debian 12 container booted with
+systemd-nspawn, driven from the host with nsenter.
+
+One machine, one story; the tests below are its steps, in order (a failed
+step skips the rest). Inside the container only, kv-agent's emulator plays
+IMDS on 169.254.169.254:80 and the vault at https://kvtest.vault.azure.net,
+so the agent runs with its production defaults: no endpoint override, the
+system trust store. The container has a private network namespace, checked
+before every command (kvsystem.Container.run); nothing on the host ever
+binds or reaches that address.
+
+Steps that start the service need `kv-agent run` (issue 4) and skip, saying
+so, while `kv-agent run --help` fails in this tree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Dict, Iterator
+
+import kvsystem
+import pytest
+from kvsystem import IMDS_ADDRESS, TIMINGS, Container
+
+pytestmark = pytest.mark.scenario
+
+VAULT_HOST = "kvtest.vault.azure.net"
+MAX_EXPOSURE = 2.5
+CONSUMER = "kv-agent-consumer-example.service"
+EMULATOR_UNIT = "kv-test-emulator.service"
+# Distinct lengths, so the consumer's "N bytes" line tells the versions apart.
+SECRETS = {"db-password": "pg-Secret-0001", "example-token": "tok-AAAA-first"}
+ROTATED = {"db-password": "pg-Secret-0002-rotated-xx", "example-token": "tok-BBBB-second-x"}
+REPORT = kvsystem.CACHE_DIR / "last-system-test.txt"
+
+MANIFEST = f"""\
+vault: https://{VAULT_HOST}
+directory: /run/secrets
+refresh: 1h
+secrets:
+  - name: db-password
+    owner: nobody
+    group: nogroup
+    mode: "0440"
+  - name: example-token
+    owner: kv-example
+    mode: "0400"
+    on_change: ["systemctl", "reload", "{CONSUMER}"]
+"""
+
+EMULATOR_SERVICE = f"""\
+[Unit]
+Description=kv-agent test: IMDS and Key Vault emulator (container only)
+
+[Service]
+Type=exec
+ExecStart=/usr/bin/python3 -I /root/emu/emulator.py --secrets /root/emu/secrets.yaml \
+  --host {IMDS_ADDRESS} --vault-hostname {VAULT_HOST} --cert-dir /root/emu/certs \
+  --latency-ms 150
+ExecReload=/bin/sh -c 'kill -HUP "$$1"' reload $MAINPID
+"""
+
+# systemd only kills a service whose pings stop: 3 s proves the agent pings.
+WATCHDOG_DROP_IN = "[Service]\nWatchdogSec=3s\n"
+
+
+def secrets_yaml(values: Dict[str, str]) -> str:
+    return "".join(f"{name}: {json.dumps(value)}\n" for name, value in values.items())
+
+
+@pytest.fixture(scope="module")
+def machine(rootfs_tar: Path, built_deb: Path) -> Iterator[Container]:
+    """The booted container with the .deb and the emulator driver copied in;
+    torn down at the end whatever happened."""
+    container = Container(rootfs_tar)
+    started = time.monotonic()
+    try:
+        container.boot()
+        TIMINGS["container unpack"] = container.timings["unpack_s"]
+        TIMINGS["container boot to running"] = container.timings["boot_s"]
+        container.copy_in(built_deb, f"/root/{built_deb.name}")
+        container.copy_in(Path(__file__).with_name("container_emulator.py"),
+                          "/root/emu/emulator.py")
+        yield container
+    finally:
+        container.close()
+        TIMINGS["system test machine (boot to teardown)"] = time.monotonic() - started
+
+
+def journal(machine: Container, unit: str) -> str:
+    return machine.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
+
+
+def write_report(section: str, text: str) -> None:
+    """Keep what the issue's closing note quotes (status output, score)."""
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    mode = "a" if section != "start" else "w"
+    with open(REPORT, mode, encoding="utf-8") as handle:
+        handle.write(f"## {section}\n{text.rstrip()}\n\n")
+
+
+# -- without the daemon ------------------------------------------------------------
+
+
+def test_package_installs_disabled(machine: Container, built_deb: Path) -> None:
+    """apt installs the .deb offline (dependencies already there) and leaves
+    the unit disabled and stopped, with the runtime directories in place."""
+    write_report("start", time.strftime("%Y-%m-%d %H:%M:%S"))
+    machine.run(["apt-get", "install", "-y", "--no-install-recommends",
+                 f"/root/{built_deb.name}"], timeout=120)
+    assert machine.run(["systemctl", "is-enabled", "kv-agent"], check=False
+                       ).stdout.strip() == "disabled"
+    assert machine.run(["systemctl", "is-active", "kv-agent"], check=False
+                       ).stdout.strip() == "inactive"
+    modes = machine.run(["stat", "-c", "%n %a %U:%G", "/run/secrets", "/run/kv-agent",
+                         "/etc/kv-agent/manifest.yaml"]).stdout.splitlines()
+    assert modes == ["/run/secrets 751 root:root", "/run/kv-agent 751 root:root",
+                     "/etc/kv-agent/manifest.yaml 600 root:root"]
+
+
+def test_default_manifest_passes_check(machine: Container) -> None:
+    """`kv-agent check` accepts the installed default manifest."""
+    result = machine.run(["kv-agent", "check"])
+    assert "/etc/kv-agent/manifest.yaml: OK" in result.stdout
+
+
+def test_exposure_score_in_the_booted_system(machine: Container) -> None:
+    """systemd-analyze security rates the installed unit at most 2.5."""
+    result = machine.run(["systemd-analyze", "security", "--no-pager", "kv-agent.service"],
+                         check=False)
+    match = re.search(r"Overall exposure level for kv-agent\.service: (\d+\.\d+) (\w+)",
+                      result.stdout)
+    assert match, result.stdout + result.stderr
+    write_report("systemd-analyze security (booted container)", match.group(0))
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+    for unit in ("/lib/systemd/system/kv-agent.service",
+                 f"/usr/share/doc/kv-agent/examples/{CONSUMER}"):
+        verify = machine.run(["systemd-analyze", "verify", "--man=no", unit], check=False)
+        assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+
+
+def test_emulator_serves_the_production_endpoints(machine: Container) -> None:
+    """Inside the container only: 169.254.169.254 on loopback, the vault name
+    in /etc/hosts, the emulator's CA in the system trust store."""
+    machine.assert_private_network()  # (Container.run checks it again, every time)
+    machine.run(["ip", "address", "add", f"{IMDS_ADDRESS}/32", "dev", "lo"])
+    machine.write("/etc/hosts", f"127.0.0.1 localhost\n{IMDS_ADDRESS} {VAULT_HOST}\n")
+    machine.write("/root/emu/secrets.yaml", secrets_yaml(SECRETS), mode=0o600)
+    machine.write(f"/etc/systemd/system/{EMULATOR_UNIT}", EMULATOR_SERVICE)
+    machine.run(["systemctl", "daemon-reload"])
+    machine.run(["systemctl", "start", EMULATOR_UNIT])
+    machine.wait_for(f"journalctl -o cat -u {EMULATOR_UNIT} | grep -q 'emulator ready'",
+                     what="the emulator")
+    machine.sh("cp /root/emu/certs/ca.pem /usr/local/share/ca-certificates/kv-agent-test.crt"
+               " && update-ca-certificates >/dev/null")
+
+
+def test_once_with_production_defaults(machine: Container) -> None:
+    """`kv-agent once` with no endpoint or CA overrides writes every file with
+    its owner and mode (Debian's requests trusts the system store)."""
+    # The example consumer's user, created as its unit's comment says.
+    machine.write("/etc/sysusers.d/kv-example.conf", 'u kv-example - "kv-agent example"\n')
+    machine.run(["systemd-sysusers"])
+    machine.write("/etc/kv-agent/manifest.yaml", MANIFEST, mode=0o600)
+    machine.run(["kv-agent", "check"])
+    result = machine.run(["kv-agent", "once"], timeout=120)
+    assert "2 written" in result.stderr, result.stderr
+    listing = machine.run(["stat", "-c", "%n %a %U:%G", "/run/secrets/db-password",
+                           "/run/secrets/example-token"]).stdout.splitlines()
+    assert listing == ["/run/secrets/db-password 440 nobody:nogroup",
+                       "/run/secrets/example-token 400 kv-example:root"]
+    for name, value in SECRETS.items():
+        assert machine.read(f"/run/secrets/{name}") == value
+    # The service must write them itself in the next step.
+    machine.run(["sh", "-c", "rm -f /run/secrets/*"])
+
+
+# -- the service (needs `kv-agent run`) --------------------------------------------
+
+
+def test_enable_now_returns_after_the_files_exist(machine: Container, needs_run: None) -> None:
+    """`systemctl enable --now kv-agent` returns only once every file exists
+    (Type=notify: READY=1 after the first sync; the emulator adds 150 ms to
+    every request, so a unit that reported ready early would lose)."""
+    machine.write("/etc/systemd/system/kv-agent.service.d/test-watchdog.conf",
+                  WATCHDOG_DROP_IN)
+    machine.run(["systemctl", "daemon-reload"])
+    started = time.monotonic()
+    machine.run(["systemctl", "enable", "--now", "kv-agent"], timeout=120)
+    TIMINGS["systemctl enable --now kv-agent"] = time.monotonic() - started
+    for name, value in SECRETS.items():
+        assert machine.read(f"/run/secrets/{name}") == value
+    assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
+
+
+def test_consumer_ordered_after_the_agent_reads_its_secret(
+        machine: Container, needs_run: None) -> None:
+    """Starting the example consumer pulls in kv-agent (Wants=, After=) and
+    finds its file; no on_change hook ran for the first write."""
+    machine.sh(f"cp /usr/share/doc/kv-agent/examples/{CONSUMER} /etc/systemd/system/")
+    machine.run(["systemctl", "stop", "kv-agent"])
+    machine.sh("rm -f /run/secrets/*")
+    machine.run(["systemctl", "daemon-reload"])
+    machine.run(["systemctl", "start", CONSUMER], timeout=120)
+    assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
+    inode = machine.run(["stat", "-c", "%i", "/run/secrets/example-token"]).stdout.strip()
+    expected = (f"started: /run/secrets/example-token: {len(SECRETS['example-token'])} bytes, "
+                f"inode {inode}")
+    machine.wait_for(f"journalctl -o cat -u {CONSUMER} | grep -qx '{expected}'",
+                     what=f"the consumer's line {expected!r}")
+    assert "reloaded:" not in journal(machine, CONSUMER)
+
+
+def test_status_shows_the_agents_status_line(machine: Container, needs_run: None) -> None:
+    """`systemctl status kv-agent` shows the agent's STATUS= line, and
+    `kv-agent status` exits 0 with every secret current."""
+    status = machine.run(["systemctl", "status", "--no-pager", "--lines=5", "kv-agent"]).stdout
+    write_report("systemctl status kv-agent", status)
+    match = re.search(r'Status: "([^"]*)"', status)
+    assert match, status
+    assert "2 secrets current" in match.group(1), status
+    result = machine.run(["kv-agent", "status"])
+    assert "db-password" in result.stdout and "example-token" in result.stdout
+
+
+def test_reload_picks_up_a_rotation_and_the_hook_reloads_the_consumer(
+        machine: Container, needs_run: None) -> None:
+    """Rotate both secrets; `systemctl reload kv-agent` rewrites both files and
+    the on_change hook, run from the hardened unit, reloads the consumer."""
+    untouched = machine.run(["stat", "-c", "%i", "/run/secrets/db-password"]).stdout
+    machine.write("/root/emu/secrets.yaml", secrets_yaml(ROTATED), mode=0o600)
+    machine.run(["systemctl", "reload", EMULATOR_UNIT])
+    machine.wait_for(f"journalctl -o cat -u {EMULATOR_UNIT} | grep -c '^rotated' | grep -qx 2",
+                     what="the emulator's rotation")
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    for name, value in ROTATED.items():
+        machine.wait_for(f"[ \"$(cat /run/secrets/{name})\" = '{value}' ]",
+                         what=f"the rotated {name}")
+    assert machine.run(["stat", "-c", "%i", "/run/secrets/db-password"]).stdout != untouched
+    inode = machine.run(["stat", "-c", "%i", "/run/secrets/example-token"]).stdout.strip()
+    expected = (f"reloaded: /run/secrets/example-token: {len(ROTATED['example-token'])} bytes, "
+                f"inode {inode}")
+    machine.wait_for(f"journalctl -o cat -u {CONSUMER} | grep -qx '{expected}'",
+                     what=f"the consumer's line {expected!r}")
+    assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
+
+
+def test_bad_manifest_on_reload_keeps_the_old_configuration(
+        machine: Container, needs_run: None) -> None:
+    """An invalid manifest on reload is refused: the agent keeps running with
+    the previous one (here: a 2 s refresh), says so in STATUS=, and keeps
+    refreshing its secrets on that timer."""
+    fast = MANIFEST.replace("refresh: 1h", "refresh: 2s")
+    machine.write("/etc/kv-agent/manifest.yaml", fast, mode=0o600)
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for("kv-agent status --json | grep -q '\"refresh_interval_s\": 2.0'",
+                     what="the agent to take the 2 s manifest")
+    machine.write("/etc/kv-agent/manifest.yaml", fast.replace('mode: "0440"', "mode: 0440"),
+                  mode=0o600)
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for("journalctl -o cat -u kv-agent | grep -q 'quoted octal'",
+                     what="the manifest error in the journal")
+    status = machine.wait_for(
+        "systemctl status --no-pager kv-agent | grep 'previous manifest in use'",
+        what="STATUS= naming the rejected manifest")
+    write_report("systemctl status kv-agent (after a rejected manifest)", status)
+    assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
+    # Still refreshing under the previous manifest: a rotation arrives by timer.
+    newer = dict(ROTATED, **{"db-password": "pg-Secret-0003-after-bad-manifest"})
+    machine.write("/root/emu/secrets.yaml", secrets_yaml(newer), mode=0o600)
+    machine.run(["systemctl", "reload", EMULATOR_UNIT])
+    machine.wait_for(f"[ \"$(cat /run/secrets/db-password)\" = '{newer['db-password']}' ]",
+                     what="the timer's refresh under the previous manifest")
+    # A good manifest again: back to the slow refresh, error cleared.
+    machine.write("/etc/kv-agent/manifest.yaml", MANIFEST, mode=0o600)
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for("! systemctl status --no-pager kv-agent | grep -q 'previous manifest'",
+                     what="the rejected-manifest note to clear")
+
+
+def test_journal_holds_no_secret_or_token(machine: Container, needs_run: None) -> None:
+    """Nothing in the journal (kv-agent's or anyone's) contains a secret value
+    or the access token the agent used."""
+    # IMDS caches one token per resource: asking again returns the agent's.
+    token = json.loads(machine.run(["python3", "-I", "-c", (
+        "import urllib.request as u; print(u.urlopen(u.Request("
+        f"'http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01"
+        "&resource=https://vault.azure.net', headers={'Metadata': 'true'})).read().decode())")
+    ]).stdout)["access_token"]
+    agent_log = journal(machine, "kv-agent")
+    everything = machine.run(["journalctl", "--no-pager", "-o", "cat"]).stdout
+    assert "ready" in agent_log.lower() or "secrets current" in agent_log
+    values = [*SECRETS.values(), *ROTATED.values(), "pg-Secret-0003-after-bad-manifest"]
+    for text in (agent_log, everything):
+        assert token not in text
+        for value in values:
+            assert value not in text
+    assert "eyJ" not in agent_log  # no JWT, whole or in part
+
+
+def test_stop_leaves_the_files(machine: Container, needs_run: None) -> None:
+    """`systemctl stop` ends the agent cleanly (exit 0, no watchdog restart)
+    and leaves every file in place."""
+    before = machine.run(["sh", "-c", "stat -c '%n %i' /run/secrets/*"]).stdout
+    started = time.monotonic()
+    machine.run(["systemctl", "stop", "kv-agent"], timeout=60)
+    TIMINGS["systemctl stop kv-agent"] = time.monotonic() - started
+    show = machine.run(["systemctl", "show", "-p", "Result,ExecMainStatus,NRestarts",
+                        "kv-agent"]).stdout.split()
+    assert sorted(show) == ["ExecMainStatus=0", "NRestarts=0", "Result=success"]
+    assert machine.run(["sh", "-c", "stat -c '%n %i' /run/secrets/*"]).stdout == before
+    assert machine.read("/run/secrets/example-token") == ROTATED["example-token"]
+
+
+def test_invalid_manifest_at_start_fails_without_restarts(
+        machine: Container, needs_run: None) -> None:
+    """A manifest that is invalid at start exits 78, and RestartPreventExitStatus=
+    stops systemd from restarting it (RestartSec=5s, so wait past that)."""
+    machine.write("/etc/kv-agent/manifest.yaml", MANIFEST.replace('mode: "0440"', "mode: 0440"),
+                  mode=0o600)
+    assert machine.run(["systemctl", "start", "kv-agent"], check=False, timeout=60
+                       ).returncode != 0
+    time.sleep(6)
+    show = machine.run(["systemctl", "show", "-p", "ActiveState,ExecMainStatus,NRestarts",
+                        "kv-agent"]).stdout.split()
+    assert sorted(show) == ["ActiveState=failed", "ExecMainStatus=78", "NRestarts=0"]
+    assert "quoted octal" in journal(machine, "kv-agent")
+    assert machine.read("/run/secrets/example-token") == ROTATED["example-token"]

@@ -1,0 +1,182 @@
+"""The .deb and the .rpm built from this tree: contents, metadata, lintian."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, Set
+
+import pytest
+from kvsystem import REPO, run
+
+AGENT_MODULES = sorted(p.name for p in (REPO / "agent").glob("*.py"))
+APP = "/usr/lib/kv-agent"
+
+
+def pyproject_version() -> str:
+    match = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert match
+    return match.group(1)
+
+
+def test_versions_agree() -> None:
+    """pyproject, the agent, debian/changelog and the spec name one version."""
+    version = pyproject_version()
+    init = (REPO / "agent" / "__init__.py").read_text()
+    assert f'__version__ = "{version}"' in init
+    changelog = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"kv-agent ({version})"), changelog
+    spec = (REPO / "packaging" / "rpm" / "kv-agent.spec").read_text()
+    assert re.search(rf"^Version:\s+{re.escape(version)}$", spec, re.MULTILINE)
+
+
+# -- .deb ---------------------------------------------------------------------------
+
+
+def deb_files(deb: Path) -> Dict[str, str]:
+    """path -> mode string (e.g. -rw-------) for every entry in the .deb."""
+    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
+    files = {}
+    for line in listing.splitlines():
+        fields = line.split(None, 5)
+        path = fields[5].split(" -> ")[0].lstrip(".").rstrip("/") or "/"
+        files[path] = fields[0]
+    return files
+
+
+def test_deb_file_list(built_deb: Path) -> None:
+    """The .deb holds exactly the agent, the bundled inotify_simple, the unit,
+    tmpfiles.d, the manifest, the man page and docs; nothing in dist-packages."""
+    files = deb_files(built_deb)
+    regular = {path for path, mode in files.items() if mode.startswith("-")}
+    expected = {
+        "/usr/bin/kv-agent",
+        f"{APP}/inotify_simple.py",
+        *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
+        "/lib/systemd/system/kv-agent.service",
+        "/usr/lib/tmpfiles.d/kv-agent.conf",
+        "/etc/kv-agent/manifest.yaml",
+        "/usr/share/man/man8/kv-agent.8.gz",
+        "/usr/share/doc/kv-agent/README.md.gz",
+        "/usr/share/doc/kv-agent/changelog.gz",
+        "/usr/share/doc/kv-agent/copyright",
+        "/usr/share/doc/kv-agent/examples/consumer-drop-in.conf",
+        "/usr/share/doc/kv-agent/examples/kv-agent-consumer-example.service",
+        "/usr/share/lintian/overrides/kv-agent",
+        "/usr/share/python3/runtime.d/kv-agent.rtupdate",
+    }
+    assert regular == expected, (
+        f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
+    assert files["/etc/kv-agent/manifest.yaml"] == "-rw-------"
+    assert files["/usr/bin/kv-agent"] == "-rwxr-xr-x"
+    assert not any("dist-packages" in path or "site-packages" in path for path in files)
+    assert not any(path.endswith(".pyc") for path in files)
+
+
+def test_deb_metadata(built_deb: Path) -> None:
+    """Depends on Debian's requests, yaml and sdnotify; the manifest is a conffile."""
+    depends = run(["dpkg-deb", "-f", str(built_deb), "Depends"]).stdout
+    names = {item.strip().split()[0] for item in depends.split(",")}
+    assert {"python3-requests", "python3-yaml", "python3-sdnotify"} <= names
+    assert not any("inotify" in name for name in names)
+    assert run(["dpkg-deb", "-f", str(built_deb), "Architecture"]).stdout.strip() == "all"
+    control = run(["dpkg-deb", "-I", str(built_deb), "conffiles"]).stdout.split()
+    assert control == ["/etc/kv-agent/manifest.yaml"]
+
+
+def test_deb_maintainer_scripts_enable_nothing(built_deb: Path, tmp_path: Path) -> None:
+    """postinst reloads systemd and creates the tmpfiles, and enables or starts
+    the unit only where the admin had enabled it (upgrades)."""
+    run(["dpkg-deb", "-e", str(built_deb), str(tmp_path / "control")])
+    postinst = (tmp_path / "control" / "postinst").read_text()
+    assert "systemctl --system daemon-reload" in postinst
+    assert "systemd-tmpfiles" in postinst and "kv-agent.conf" in postinst
+    assert "py3compile -p kv-agent /usr/lib/kv-agent" in postinst
+    # dh_installsystemd --no-enable: `enable` only for units that were enabled.
+    lines = postinst.splitlines()
+    enables = [i for i, line in enumerate(lines) if "deb-systemd-helper enable" in line]
+    assert enables, postinst
+    for index in enables:
+        guard = [line for line in lines[:index] if line.strip().startswith("if ")][-1]
+        assert "was-enabled" in guard, postinst
+
+
+def test_lintian_reports_no_errors(built_deb: Path) -> None:
+    """lintian finds no errors (and, with the overrides, no warnings)."""
+    result = run(["lintian", "--no-tag-display-limit", str(built_deb)], check=False)
+    lines = [line for line in result.stdout.splitlines() if line]
+    print("lintian:", "\n".join(lines) or "clean")
+    assert not [line for line in lines if line.startswith("E:")], result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- .rpm ---------------------------------------------------------------------------
+
+
+def rpm_query(rpm: Path, *args: str) -> str:
+    return run(["rpm", "-qp", *args, str(rpm)]).stdout
+
+
+def test_rpm_is_noarch(built_rpm: Path) -> None:
+    assert rpm_query(built_rpm, "--qf", "%{ARCH} %{NAME} %{VERSION}") == \
+        f"noarch kv-agent {pyproject_version()}"
+
+
+def test_rpm_file_list(built_rpm: Path) -> None:
+    """The .rpm holds exactly what the .deb does, laid out for RHEL, with
+    sdnotify bundled too and the manifest a 0600 %config(noreplace)."""
+    listing = rpm_query(built_rpm, "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]")
+    files = {line.split(" ", 1)[1]: line.split(" ", 1)[0] for line in listing.splitlines()}
+    regular = {path for path, mode in files.items() if mode.startswith("-")}
+    doc = f"/usr/share/doc/kv-agent-{pyproject_version()}"
+    licenses = f"/usr/share/licenses/kv-agent-{pyproject_version()}"
+    expected = {
+        "/usr/bin/kv-agent",
+        f"{APP}/inotify_simple.py",
+        f"{APP}/sdnotify/__init__.py",
+        *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
+        "/usr/lib/systemd/system/kv-agent.service",
+        "/usr/lib/tmpfiles.d/kv-agent.conf",
+        "/etc/kv-agent/manifest.yaml",
+        "/usr/share/man/man8/kv-agent.8",
+        f"{doc}/README.md",
+        f"{doc}/examples/consumer-drop-in.conf",
+        f"{doc}/examples/kv-agent-consumer-example.service",
+        f"{licenses}/inotify_simple/LICENSE",
+        f"{licenses}/sdnotify/LICENSE.txt",
+    }
+    # The man page may be compressed by the build host's brp scripts.
+    regular = {p[:-3] if p.endswith(".8.gz") else p for p in regular}
+    assert regular == expected, (
+        f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
+    assert files["/etc/kv-agent/manifest.yaml"] == "-rw-------"
+    assert files["/usr/bin/kv-agent"] == "-rwxr-xr-x"
+    assert files["/run/secrets"] == files["/run/kv-agent"] == "drwxr-x--x"
+    configs = rpm_query(built_rpm, "-c").split()
+    assert configs == ["/etc/kv-agent/manifest.yaml"]
+    assert not any("site-packages" in path for path in files)
+
+
+def test_rpm_dependencies_and_scriptlets(built_rpm: Path) -> None:
+    """Requires the distribution's requests and PyYAML, bundles the rest, and
+    presets (never force-enables) the unit."""
+    requires: Set[str] = {line.split()[0] for line in rpm_query(built_rpm, "-R").splitlines()}
+    assert {"python3", "python3-requests", "python3-pyyaml", "systemd"} <= requires
+    assert not any("inotify" in r or "sdnotify" in r for r in requires)
+    provides = rpm_query(built_rpm, "--provides")
+    assert "bundled(python3dist(inotify-simple))" in provides
+    assert "bundled(python3dist(sdnotify))" in provides
+    scripts = rpm_query(built_rpm, "--scripts")
+    assert "%systemd" not in scripts and "%tmpfiles" not in scripts, scripts
+    assert "preset" in scripts or "install-system-units" in scripts
+    assert "systemd-tmpfiles --create kv-agent.conf" in scripts
+    assert "enable --now" not in scripts
+
+
+@pytest.mark.parametrize("module", ["inotify_simple/inotify_simple.py", "sdnotify/__init__.py"])
+def test_bundled_modules_are_the_pinned_releases(module: str) -> None:
+    """The vendored files are listed, with version and license, in vendor/README.md."""
+    vendor = REPO / "packaging" / "vendor"
+    assert (vendor / module).is_file()
+    table = (vendor / "README.md").read_text()
+    assert Path(module).name in table

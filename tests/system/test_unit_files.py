@@ -1,0 +1,107 @@
+"""The systemd files in systemd/, checked without booting anything."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from kvsystem import REPO, run
+
+SYSTEMD = REPO / "systemd"
+MAX_EXPOSURE = 2.5
+
+
+def exposure(output: str) -> float:
+    """The number in systemd-analyze security's 'Overall exposure level' line."""
+    match = re.search(r"Overall exposure level for kv-agent\.service: (\d+(?:\.\d+)?)", output)
+    assert match, output
+    return float(match.group(1))
+
+
+@pytest.fixture
+def unit_root(tmp_path: Path) -> Path:
+    """A root directory holding only the unit, as a package installs it."""
+    unit_dir = tmp_path / "usr/lib/systemd/system"
+    unit_dir.mkdir(parents=True)
+    shutil.copy(SYSTEMD / "kv-agent.service", unit_dir)
+    return tmp_path
+
+
+def test_exposure_score_is_ok(host_tools: None, unit_root: Path) -> None:
+    """systemd-analyze security rates the unit at most 2.5 ("OK")."""
+    result = run(["systemd-analyze", "security", "--offline=true", f"--root={unit_root}",
+                  "--no-pager", "kv-agent.service"], check=False)
+    score = exposure(result.stdout)
+    print(f"exposure: {score}")
+    assert score <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_keeps_what_the_agent_needs() -> None:
+    """The hardening leaves chown, network, notify and reload in place."""
+    text = (SYSTEMD / "kv-agent.service").read_text()
+    settings: Dict[str, List[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    assert settings["Type"] == ["notify"]
+    assert settings["RestartPreventExitStatus"] == ["78"]
+    assert settings["Restart"] == ["on-failure"]
+    assert "WatchdogSec" in settings and "ExecReload" in settings
+    assert "kill -HUP" in settings["ExecReload"][0]
+    capabilities = set(settings["CapabilityBoundingSet"][0].split())
+    assert capabilities == {"CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_READ_SEARCH"}
+    families = set(settings["RestrictAddressFamilies"][0].split())
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= families
+    assert "User" not in settings and "PrivateNetwork" not in settings
+    assert settings["RuntimeDirectoryPreserve"] == ["yes"]
+    assert set(settings["RuntimeDirectory"][0].split()) == {"kv-agent", "secrets"}
+    assert "network-online.target" in settings["After"][0]
+
+
+def test_tmpfiles_match_the_unit() -> None:
+    """tmpfiles.d creates /run/secrets and /run/kv-agent with the unit's mode."""
+    lines = [line.split() for line in (SYSTEMD / "kv-agent.tmpfiles").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert sorted((f[0], f[1], f[2], f[3], f[4]) for f in lines) == [
+        ("d", "/run/kv-agent", "0751", "root", "root"),
+        ("d", "/run/secrets", "0751", "root", "root"),
+    ]
+    assert "RuntimeDirectoryMode=0751" in (SYSTEMD / "kv-agent.service").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare: mounts a tmpfs on /run in a private "
+                           "mount namespace")
+def test_default_manifest_passes_check(tmp_path: Path) -> None:
+    """`kv-agent check` accepts the default manifest as installed (root:root 0600).
+
+    /run is not tmpfs on every build host, so the check runs in a private mount
+    namespace with a tmpfs on /run, as on a booted system.
+    """
+    manifest = tmp_path / "manifest.yaml"
+    shutil.copy(SYSTEMD / "manifest.yaml", manifest)
+    manifest.chmod(0o600)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+         'mount -t tmpfs tmpfs /run && exec "$@"', "check",
+         sys.executable, "-m", "agent", "check", "--manifest", str(manifest)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "OK: 0 secrets into /run/secrets" in result.stdout
+
+
+def test_consumer_example_orders_after_the_agent() -> None:
+    """The example consumer and drop-in wait for kv-agent and read /run/secrets."""
+    unit = (SYSTEMD / "examples" / "kv-agent-consumer-example.service").read_text()
+    assert "After=kv-agent.service" in unit and "Wants=kv-agent.service" in unit
+    assert "/run/secrets/example-token" in unit
+    drop_in = (SYSTEMD / "examples" / "consumer-drop-in.conf").read_text()
+    assert "After=kv-agent.service" in drop_in
+    assert "LoadCredential=" in drop_in
