@@ -20,8 +20,8 @@ from agent import __version__
 from agent.errors import (
     EXIT_FAILURE,
     EXIT_OK,
-    EXIT_UNAVAILABLE,
     EXIT_SOFTWARE,
+    EXIT_UNAVAILABLE,
     KvAgentError,
     ManifestError,
 )

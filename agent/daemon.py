@@ -36,7 +36,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from agent.agent import Agent, Interrupted, SecretOutcome, SyncReport, short_cause
 from agent.errors import KvAgentError, ManifestError
@@ -359,12 +359,16 @@ class Daemon:
         self._sync_thread = threading.Thread(target=work, name="refresh", daemon=True)
         self._sync_thread.start()
 
-    def _handle_results(self) -> None:
+    def _drain_results(self) -> Iterator[Tuple[Agent, SyncResult]]:
+        """Finished refreshes handed over by the worker, without blocking."""
         while True:
             try:
-                agent, result = self._results.get_nowait()
+                yield self._results.get_nowait()
             except queue.Empty:
                 return
+
+    def _handle_results(self) -> None:
+        for agent, result in self._drain_results():
             assert self._sync_thread is not None
             self._sync_thread.join()
             self._sync_thread = None
@@ -601,11 +605,7 @@ class Daemon:
 
     def _handle_results_quietly(self) -> None:
         """Record files written by a refresh that finished while stopping."""
-        while True:
-            try:
-                _agent, result = self._results.get_nowait()
-            except queue.Empty:
-                return
+        for _agent, result in self._drain_results():
             if isinstance(result, SyncReport):
                 for outcome in result.outcomes:
                     if outcome.changed:
