@@ -37,6 +37,7 @@ from typing import Dict, List
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from agent.emulator import Emulator  # noqa: E402
+from benchlib import agent_command  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -52,7 +53,7 @@ class Agent:
         self.sock.bind(self.socket_path)
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "-q", "run", "--manifest", manifest,
+            [*agent_command(), "-q", "run", "--manifest", manifest,
              "--state-dir", os.path.join(work, "state")],
             env=dict(env, NOTIFY_SOCKET=self.socket_path), stderr=subprocess.PIPE)
 
@@ -154,6 +155,7 @@ def main() -> int:
 
             print(f"kv-agent run benchmark: {args.secrets} secrets, "
                   f"{args.latency_ms:g} ms added per request, loopback emulator")
+            print(f"  command: {' '.join(agent_command())}")
             floor = interpreter_floor(5)
             ready: List[float] = []
             for _ in range(args.starts):
