@@ -31,8 +31,9 @@ from typing import Dict, List, Mapping, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from agent.emulator import Emulator  # noqa: E402
 from benchlib import agent_command  # noqa: E402
+
+from agent.emulator import Emulator  # noqa: E402
 
 API_VERSION = "7.6"
 

@@ -36,8 +36,9 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from agent.emulator import Emulator  # noqa: E402
 from benchlib import agent_command  # noqa: E402
+
+from agent.emulator import Emulator  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
