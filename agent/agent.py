@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Tuple
 
 import requests
 
@@ -59,8 +58,7 @@ def short_cause(error: KvAgentError) -> str:
     return "error"
 
 
-@dataclass(frozen=True)
-class SecretOutcome:
+class SecretOutcome(NamedTuple):
     """What happened to one manifest entry in one sync.
 
     Exactly one of ``version`` (fetched and written) or ``error`` is set;
@@ -82,8 +80,7 @@ class SecretOutcome:
         return f"{text} [{self.entry.path} left as it was]"
 
 
-@dataclass(frozen=True)
-class SyncReport:
+class SyncReport(NamedTuple):
     """The outcomes of one sync, in manifest order, and its wall time."""
 
     outcomes: Tuple[SecretOutcome, ...]

@@ -35,7 +35,6 @@ import signal
 import stat
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from agent.agent import Agent, Interrupted, SecretOutcome, SyncReport, short_cause
@@ -63,20 +62,20 @@ STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
 SyncResult = Union[SyncReport, KvAgentError, None]  # None: interrupted
 
 
-@dataclass
 class SecretState:
     """What the agent knows about one manifest entry, for STATUS and status.json."""
 
-    name: str
-    path: str
-    vault: str
-    is_optional: bool
-    version: Optional[str] = None
-    updated: Optional[float] = None  # wall time the file last changed
-    checked: Optional[float] = None  # wall time the vault last confirmed it
-    error: Optional[str] = None
-    cause: Optional[str] = None
-    error_since: Optional[float] = None
+    def __init__(self, name: str, path: str, vault: str, is_optional: bool) -> None:
+        self.name = name
+        self.path = path
+        self.vault = vault
+        self.is_optional = is_optional
+        self.version: Optional[str] = None
+        self.updated: Optional[float] = None  # wall time the file last changed
+        self.checked: Optional[float] = None  # wall time the vault last confirmed it
+        self.error: Optional[str] = None
+        self.cause: Optional[str] = None
+        self.error_since: Optional[float] = None
 
     def as_json(self) -> Dict[str, Any]:
         return {"name": self.name, "path": self.path, "vault": self.vault,

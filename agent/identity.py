@@ -17,9 +17,8 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import requests
 
@@ -42,8 +41,7 @@ SELECTOR_PARAMS = {"client_id": "client_id", "object_id": "object_id",
                    "resource_id": "msi_res_id"}
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """Which managed identity to ask IMDS for.
 
     ``selector`` is the manifest's key (``client_id``, ``object_id`` or
@@ -61,11 +59,10 @@ class Identity:
         return f"the user-assigned identity {self.selector}={self.value}"
 
 
-@dataclass(frozen=True)
-class AccessToken:
+class AccessToken(NamedTuple):
     """A bearer token for ``resource``, valid until ``expires_on`` (epoch s)."""
 
-    token: str = field(repr=False)
+    token: str
     expires_on: float
     resource: str
     refresh_on: float = 0.0  # epoch s after which to renew early; 0: never

@@ -13,15 +13,13 @@ without the real passwd database.
 
 from __future__ import annotations
 
-import difflib
 import grp
 import os
 import posixpath
 import pwd
 import re
 import stat
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -57,8 +55,7 @@ MODE_RE = re.compile(r"^[0-7]{3,4}$")
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
 
 
-@dataclass(frozen=True)
-class SecretFile:
+class SecretFile(NamedTuple):
     """One manifest entry: a Key Vault secret and the file it becomes.
 
     ``path`` is absolute and normalised, inside the manifest's directory.
@@ -80,8 +77,7 @@ class SecretFile:
     on_change: Tuple[str, ...] = ()  # argv run (no shell) after the file changes
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     """A validated manifest. ``source`` is the file it came from."""
 
     source: str
@@ -93,8 +89,7 @@ class Manifest:
     refresh_jitter: float = DEFAULT_JITTER  # fraction of the interval, either way
 
 
-@dataclass(frozen=True)
-class Accounts:
+class Accounts(NamedTuple):
     """Resolves user and group names; replaceable in tests.
 
     Each lookup returns the numeric id, or None when the name is unknown.
@@ -165,12 +160,12 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 # Problems
 
 
-@dataclass
 class _Problems:
     """Collects one line per problem: ``FILE:LINE: KEY: what; fix``."""
 
-    source: str
-    lines: List[str] = field(default_factory=list)
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: List[str] = []
 
     def add(self, key: str, message: str, line: Optional[int], hint: str = "") -> None:
         where = f"{self.source}:{line}" if line else self.source
@@ -192,6 +187,8 @@ def _unknown_keys(
     for key in data:
         if key in known:
             continue
+        import difflib  # only on this error path: keeps start-up lean
+
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         problems.add(f"{prefix}{key}", "unknown key", data.key_lines.get(key), hint)

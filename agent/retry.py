@@ -12,12 +12,10 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(NamedTuple):
     """How long and how fast to retry one request.
 
     ``deadline_s`` bounds the whole loop (sleeps included); delays grow as

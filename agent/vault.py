@@ -23,8 +23,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -58,19 +57,20 @@ KNOWN_AUDIENCES: Dict[str, str] = {
 TokenProvider = Callable[[str, bool], str]
 
 
-@dataclass(frozen=True)
-class Secret:
+class Secret(NamedTuple):
     """One fetched secret version. ``value`` is the UTF-8 bytes of the string
     Key Vault returned, exactly; it never appears in ``repr``."""
 
     name: str
     version: str
-    value: bytes = field(repr=False)
+    value: bytes
     content_type: Optional[str] = None
 
+    def __repr__(self) -> str:
+        return f"Secret(name={self.name!r}, version={self.version!r}, value=****)"
 
-@dataclass(frozen=True)
-class SecretRequest:
+
+class SecretRequest(NamedTuple):
     """What to fetch: a secret on a vault, optionally pinned to a version."""
 
     vault: str

@@ -23,14 +23,12 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import posixpath
 import secrets
 import stat
-from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, NamedTuple
 
 from agent.errors import WriteError
 
@@ -44,19 +42,21 @@ MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(frozen=True)
-class FileSpec:
+class FileSpec(NamedTuple):
     """The desired state of one file: absolute ``path`` under the root."""
 
     path: str
-    content: bytes = field(repr=False)
+    content: bytes
     uid: int
     gid: int
     mode: int
 
+    def __repr__(self) -> str:
+        return (f"FileSpec(path={self.path!r}, content=****, uid={self.uid}, "
+                f"gid={self.gid}, mode={self.mode:#o})")
 
-@dataclass(frozen=True)
-class WriteResult:
+
+class WriteResult(NamedTuple):
     """``changed`` is False when the file already matched and was not touched."""
 
     path: str
@@ -69,7 +69,9 @@ def filesystem_type(fd: int) -> int:
     Python has no os.statfs; ``f_type`` is the first member of struct statfs
     on every Linux ABI, a C long.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # CDLL(None): the C library already linked into Python. ctypes.util's
+    # find_library would import subprocess and run ldconfig, costing ~20 ms.
+    libc = ctypes.CDLL(None, use_errno=True)
     buffer = ctypes.create_string_buffer(512)  # larger than any struct statfs
     if libc.fstatfs(fd, buffer) != 0:
         error = ctypes.get_errno()
