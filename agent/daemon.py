@@ -153,7 +153,7 @@ class Daemon:
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         selector.register(watcher.fileno(), selectors.EVENT_READ, "inotify")
         try:
-            self._set_status(f"starting: fetching {len(manifest.secrets)} secrets")
+            self._notifier.status(f"starting: fetching {len(manifest.secrets)} secrets")
             self._save_status()  # `kv-agent status` sees a starting agent, not none
             self._start_sync()
             self._loop(selector, watcher)
@@ -495,7 +495,7 @@ class Daemon:
         """Files a previous run wrote for entries this manifest no longer has."""
         kept = {entry.path for entry in manifest.secrets}
         for path in sorted(set(self._written) - kept):
-            self._remove_file(posixpath_dirname_root(path, manifest.directory), path)
+            self._remove_file(writer_root_for(path, manifest.directory), path)
 
     def _remove_file(self, root: str, path: str) -> None:
         """Delete ``path`` only if it is still the very file this agent wrote."""
@@ -525,9 +525,6 @@ class Daemon:
         if not self._is_ready:
             self._notifier.status(self._waiting)
             self._wake()  # the main thread records it in status.json
-
-    def _set_status(self, text: str) -> None:
-        self._notifier.status(text)
 
     def _status_line(self) -> str:
         """One line an operator can act on, for STATUS= and `kv-agent status`."""
@@ -611,7 +608,7 @@ class Daemon:
                         self._track(outcome.entry.path)
 
 
-def posixpath_dirname_root(path: str, directory: str) -> str:
+def writer_root_for(path: str, directory: str) -> str:
     """The writer root for removing ``path``: the manifest directory when the
     path lies under it, else the path's own parent (an old directory)."""
     if path.startswith(directory.rstrip("/") + "/"):
