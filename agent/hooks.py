@@ -23,13 +23,18 @@ log = logging.getLogger(__name__)
 
 Command = Tuple[str, ...]
 DEFAULT_TIMEOUT_S = 30.0
+PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                         "LISTEN_PID", "LISTEN_FDNAMES"})
 
 
 class HookRunner:
     """Runs hooks in the background, one run at a time per hook."""
 
     def __init__(self, environ: Mapping[str, str], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self._environ = dict(environ)
+        # systemd's hand-over variables are the agent's own: a hook that speaks
+        # sd_notify must not report into the agent's notify socket or watchdog.
+        self._environ = {key: value for key, value in environ.items()
+                         if key not in PRIVATE_ENV}
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._running: Set[Command] = set()

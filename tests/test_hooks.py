@@ -84,3 +84,15 @@ def test_hook_timeout_kills_it(caplog: pytest.LogCaptureFixture) -> None:
         wait_runs(runner, 1)
     assert time.monotonic() - started < 10
     assert "timed out" in caplog.text
+
+
+def test_hook_does_not_inherit_systemd_hand_over(tmp_path: Path) -> None:
+    """A hook never sees the agent's NOTIFY_SOCKET or watchdog variables."""
+    out = tmp_path / "env"
+    script = ("import os, sys; open(sys.argv[1], 'w').write(' '.join(sorted("
+              "k for k in os.environ if k in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'KEEP'))))")
+    runner = HookRunner({"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1",
+                         "KEEP": "1", "PATH": "/usr/bin:/bin"})
+    runner.trigger((sys.executable, "-c", script, str(out)), ["/a"])
+    wait_runs(runner, 1)
+    assert out.read_text() == "KEEP"
