@@ -421,8 +421,11 @@ def parse_manifest(
 
     vault = _top_vault(problems, data)
     directory = _top_directory(problems, data)
-    refresh = _top_refresh(problems, data)
-    jitter = _top_jitter(problems, data)
+    refresh = _top_number(problems, data, "refresh", parse_duration, DEFAULT_REFRESH_S,
+                          "write a positive duration such as 90, 90s, 15m, 1h or 1h30m")
+    jitter = _top_number(problems, data, "refresh_jitter", parse_jitter, DEFAULT_JITTER,
+                         f"write a percentage from 0% to {MAX_JITTER:.0%}, "
+                         "e.g. refresh_jitter: 10%")
     identity = _parse_identity(problems, data.get("identity"), data.key_lines.get("identity"))
     secrets = _parse_secrets(problems, data, vault, directory, accounts, check_filesystem)
     problems.raise_if_any()
@@ -462,27 +465,16 @@ def _top_directory(problems: _Problems, data: _Map) -> str:
     return normal
 
 
-def _top_refresh(problems: _Problems, data: _Map) -> float:
-    if "refresh" not in data:
-        return DEFAULT_REFRESH_S
+def _top_number(problems: _Problems, data: _Map, key: str, parse: Callable[[Any], float],
+                default: float, hint: str) -> float:
+    """An optional top-level number: parsed, or the default plus a problem."""
+    if key not in data:
+        return default
     try:
-        return parse_duration(data["refresh"])
+        return parse(data[key])
     except ValueError as exc:
-        problems.add("refresh", f"'{data['refresh']}': {exc}", data.key_lines.get("refresh"),
-                     "write a positive duration such as 90, 90s, 15m, 1h or 1h30m")
-        return DEFAULT_REFRESH_S
-
-
-def _top_jitter(problems: _Problems, data: _Map) -> float:
-    if "refresh_jitter" not in data:
-        return DEFAULT_JITTER
-    try:
-        return parse_jitter(data["refresh_jitter"])
-    except ValueError as exc:
-        problems.add("refresh_jitter", f"'{data['refresh_jitter']}': {exc}",
-                     data.key_lines.get("refresh_jitter"),
-                     f"write a percentage from 0% to {MAX_JITTER:.0%}, e.g. refresh_jitter: 10%")
-        return DEFAULT_JITTER
+        problems.add(key, f"'{data[key]}': {exc}", data.key_lines.get(key), hint)
+        return default
 
 
 def parse_jitter(value: Any) -> float:
