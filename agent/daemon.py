@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from agent.agent import Agent, Interrupted, SecretOutcome, SyncReport, short_cause
 from agent.errors import KvAgentError, ManifestError
 from agent.hooks import HookRunner, hook_triggers
-from agent.manifest import Manifest, load_manifest
+from agent.manifest import Manifest, parse_manifest, read_manifest_text
 from agent.notify import Notifier, watchdog_interval_s
 from agent.retry import RetryPolicy
 from agent.state import STATUS_VERSION, StateStore, iso_time, read_written
@@ -248,13 +248,10 @@ class Daemon:
     # -- manifest ----------------------------------------------------------------------
 
     def _read_manifest(self) -> Tuple[Manifest, bytes]:
-        manifest = load_manifest(self._manifest_path)
-        try:
-            with open(self._manifest_path, "rb") as handle:
-                raw = handle.read()
-        except OSError:
-            raw = b""
-        return manifest, raw
+        """The validated manifest and the very bytes it was parsed from (read
+        once, so an edit between two reads cannot pair one with the other)."""
+        text = read_manifest_text(self._manifest_path)
+        return parse_manifest(text, self._manifest_path), text.encode()
 
     def _install(self, manifest: Manifest, raw: bytes) -> None:
         """Make ``manifest`` current: a new Agent (token cache and sessions)."""
