@@ -14,8 +14,7 @@ import logging
 import time
 from typing import Callable, Mapping, NamedTuple, Optional, Tuple
 
-import requests
-
+from agent import transport
 from agent.errors import (
     IdentityUnavailableError,
     KvAgentError,
@@ -128,7 +127,7 @@ class Agent:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.manifest = manifest
-        imds_session = requests.Session()
+        imds_session = transport.new_session(pool_size=1)
         imds_session.trust_env = False  # IMDS must never go through a proxy
         self.tokens = TokenSource(imds_session, manifest.identity,
                                   endpoint=imds_endpoint(environ), policy=imds_policy,
@@ -136,7 +135,7 @@ class Agent:
         vault_session = new_session(environ)
         self.vault = VaultClient(
             vault_session, lambda resource, force: self._token(resource, force),
-            policy=vault_policy, environ=environ, sleep=sleep)
+            policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry)
         self.writer = Writer(manifest.directory)
         self._sessions = (imds_session, vault_session)
 

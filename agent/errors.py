@@ -93,3 +93,10 @@ class WriteError(KvAgentError):
     """A file could not be written safely; its previous content is intact."""
 
     exit_code = EXIT_CANTCREAT
+
+
+class ConfigError(KvAgentError):
+    """The agent's environment is misconfigured (e.g. a CA bundle variable
+    naming a missing file): fix it, retrying will not help."""
+
+    exit_code = EXIT_CONFIG

@@ -13,8 +13,8 @@ message, a log line or a ``repr``.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import threading
 import time
 from datetime import datetime, timezone
@@ -22,8 +22,10 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import requests
 
+from agent import transport
 from agent.errors import IdentityUnavailableError
 from agent.retry import Backoff, RetryPolicy, parse_retry_after
+from agent.untrusted import escape, load_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,11 @@ EXPIRY_MARGIN_S = 300.0  # treat a token as expired 5 min early (as MSAL does)
 EARLY_RENEW_MIN_LIFETIME_S = 7200.0  # renew tokens this long at half-life
 RETRY_STATUSES = frozenset({404, 408, 410, 429}) | frozenset(range(500, 600))
 MAX_BODY_BYTES = 64 * 1024
-TIMEOUT_S: Tuple[float, float] = (2.0, 10.0)  # connect, read (IMDS answers locally)
+TIMEOUT_S: Tuple[float, float] = (2.0, 10.0)  # connect, each read (IMDS answers locally)
+REQUEST_TOTAL_S = 15.0  # one request, start to last byte (see agent.transport)
+# Managed-identity tokens live ~24 h [protocol.md A2]; an expiry further out
+# (a "1e300" from a broken or hostile endpoint) is clamped to this.
+MAX_TOKEN_LIFETIME_S = 7 * 86400.0
 
 # manifest key -> IMDS query parameter [protocol.md A1]
 SELECTOR_PARAMS = {"client_id": "client_id", "object_id": "object_id",
@@ -89,24 +95,45 @@ def parse_expires_on(content: Mapping[str, Any], now: float) -> float:
 
     IMDS sends numbers as strings; stubs send numbers; App Service sends a
     date string [protocol.md A2, A6]. ``expires_on`` wins, else
-    ``now + expires_in``. Raises ValueError when neither parses.
+    ``now + expires_in``. The result is clamped to ``[now, now +
+    MAX_TOKEN_LIFETIME_S]``: an expiry in the past means "use once, do not
+    cache", one absurdly far away is not trusted. Raises ValueError when
+    neither parses as a finite number or date ("1e400", "inf", "nan", a list).
     """
+    expires_on = _expiry(content, now)
+    return min(max(expires_on, now), now + MAX_TOKEN_LIFETIME_S)
+
+
+def _expiry(content: Mapping[str, Any], now: float) -> float:
     raw_on = content.get("expires_on")
     if raw_on not in (None, ""):
-        try:
-            return float(int(float(str(raw_on).strip())))
-        except ValueError:
-            parsed = _parse_date(str(raw_on))
-            if parsed is not None:
-                return parsed
+        seconds = _finite_number(raw_on)
+        if seconds is None and isinstance(raw_on, str):
+            seconds = _parse_date(raw_on)
+        if seconds is not None:
+            return seconds
     raw_in = content.get("expires_in")
     if raw_in not in (None, ""):
-        return now + float(int(float(str(raw_in).strip())))
+        seconds = _finite_number(raw_in)
+        if seconds is not None:
+            return now + seconds
     raise ValueError("no usable expires_on or expires_in")
 
 
+def _finite_number(value: object) -> Optional[float]:
+    """A whole number of seconds from a JSON number or numeric string;
+    None for anything else, infinities and NaN included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        return None
+    return float(int(number)) if math.isfinite(number) else None
+
+
 def _parse_date(text: str) -> Optional[float]:
-    text = text.strip().replace(" +00:00", "")
+    text = text.strip().replace(" +00:00", "")[:64]
     for fmt in ("%m/%d/%Y %H:%M:%S", "%m/%d/%Y %I:%M:%S %p"):
         try:
             return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
@@ -118,10 +145,7 @@ def _parse_date(text: str) -> Optional[float]:
 def parse_token_response(body: bytes, resource: str, now: float) -> AccessToken:
     """Build an AccessToken from a 200 body; raise ValueError (never quoting
     the body, which holds the token) when it is not a usable token."""
-    try:
-        content = json.loads(body)
-    except ValueError:
-        raise ValueError("the response is not JSON") from None
+    content = load_json(body)
     if not isinstance(content, dict):
         raise ValueError("the response is not a JSON object")
     token = content.get("access_token")
@@ -130,18 +154,23 @@ def parse_token_response(body: bytes, resource: str, now: float) -> AccessToken:
     expires_on = parse_expires_on(content, now)
     lifetime = expires_on - now
     refresh_on = now + lifetime / 2 if lifetime >= EARLY_RENEW_MIN_LIFETIME_S else 0.0
-    return AccessToken(token, expires_on, str(content.get("resource") or resource), refresh_on)
+    resource_text = content.get("resource")
+    return AccessToken(token, expires_on,
+                       escape(resource_text) if isinstance(resource_text, str) and resource_text
+                       else resource, refresh_on)
 
 
 def _error_description(body: bytes) -> str:
-    """IMDS's own words for a refusal, e.g. 'Identity not found' (no secrets
-    in an error body, but cap it anyway)."""
+    """IMDS's own words for a refusal, e.g. 'Identity not found': escaped and
+    capped (untrusted text on its way to a log), whatever the body holds."""
     try:
-        content = json.loads(body)
-        text = content.get("error_description") or content.get("error") or ""
-    except (ValueError, AttributeError):
-        text = body[:200].decode("utf-8", "replace")
-    return " ".join(str(text).split())[:300]
+        content = load_json(body)
+    except ValueError:
+        return escape(" ".join(body[:200].decode("utf-8", "replace").split()))
+    if not isinstance(content, dict):
+        return ""
+    text = content.get("error_description") or content.get("error") or ""
+    return escape(" ".join(text.split()) if isinstance(text, str) else "")
 
 
 def _assign_hint(identity: Identity) -> str:
@@ -215,22 +244,21 @@ class TokenSource:
         while True:
             self.requests_made += 1
             try:
-                response = self._session.get(
-                    self._endpoint, params=params, headers={"Metadata": "true"},
-                    timeout=TIMEOUT_S, allow_redirects=False, stream=True,
-                )
-                body = _read_bounded(response)
+                status, headers, body = transport.bounded_get(
+                    self._session, self._endpoint, params=params,
+                    headers={"Metadata": "true"}, timeout=TIMEOUT_S,
+                    total_s=backoff.request_budget(REQUEST_TOTAL_S), max_bytes=MAX_BODY_BYTES)
             except requests.RequestException as exc:
-                reason = f"waiting for IMDS: {_describe_connection_error(exc)}"
-                if backoff.wait(reason):
+                cause = transport.describe_failure(exc)
+                if not isinstance(exc, transport.ResponseTooLargeError) and backoff.wait(
+                        f"waiting for IMDS: {cause}"):
                     continue
                 raise IdentityUnavailableError(
-                    f"IMDS at {self._endpoint} did not answer "
-                    f"({_describe_connection_error(exc)}) after {backoff.attempts} attempts",
+                    f"IMDS at {self._endpoint} gave no usable answer ({cause}) "
+                    f"after {backoff.attempts} attempts",
                     "check that this is an Azure VM with a managed identity, "
                     f"or set {IMDS_ENDPOINT_ENV}",
                 ) from None
-            status = response.status_code
             if status == 200:
                 try:
                     return parse_token_response(body, resource, self._wall())
@@ -240,7 +268,7 @@ class TokenSource:
                         "retry later; if it persists, check the IMDS endpoint",
                     ) from None
             if status in RETRY_STATUSES:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(headers.get("Retry-After"))
                 if backoff.wait(f"waiting for IMDS: HTTP {status}", retry_after):
                     continue
                 raise IdentityUnavailableError(
@@ -253,32 +281,3 @@ class TokenSource:
             raise IdentityUnavailableError(
                 f"IMDS answered HTTP {status}: {_error_description(body)}",
                 "check the IMDS endpoint and identity configuration")
-
-
-def _read_bounded(response: requests.Response) -> bytes:
-    chunks = []
-    size = 0
-    for chunk in response.iter_content(16384):
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            response.close()
-            raise requests.exceptions.ContentDecodingError("response too large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _describe_connection_error(exc: BaseException) -> str:
-    """A short cause for an operator: 'connection refused', 'timed out'..."""
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
-    text = str(exc).lower()
-    for needle, words in (("refused", "connection refused"),
-                          ("reset", "connection reset"),
-                          ("unreachable", "network unreachable"),
-                          ("name or service", "name not resolved"),
-                          ("remotedisconnected", "connection closed"),
-                          ("aborted", "connection closed"),
-                          ("too large", "response too large")):
-        if needle in text:
-            return words
-    return type(exc).__name__

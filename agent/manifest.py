@@ -20,12 +20,12 @@ import pwd
 import re
 import stat
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
-from urllib.parse import urlsplit
 
 import yaml
 
 from agent.errors import ManifestError
 from agent.identity import Identity
+from agent.vault_url import normalize_vault_url
 from agent.writer import RESERVED_PREFIX
 
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
@@ -253,29 +253,14 @@ def parse_mode(value: Any, raw: Optional[str]) -> int:
 def parse_vault_url(value: Any) -> str:
     """Normalise a vault URL to ``https://host[:port]``; refuse anything else.
 
-    Tokens go only to this host, so it must be exact: https, a host, no path,
-    query, fragment or credentials.
+    Tokens go only to this host, so it must be exact: https, a host of DNS
+    letters, digits, '-' and '.' (or an IP literal), no path, query, fragment
+    or credentials, and the host urllib3 will connect to must be this very
+    host (see :mod:`agent.vault_url`, issue 9 item 1).
     """
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a URL such as https://contoso-kv.vault.azure.net")
-    parts = urlsplit(value.strip())
-    if parts.scheme.lower() != "https":
-        raise ValueError(
-            f"'{value}' is not https; tokens are only ever sent over TLS: "
-            "write https://<name>.vault.azure.net"
-        )
-    if not parts.hostname or parts.username or parts.password:
-        raise ValueError(f"'{value}' has no host (or carries credentials)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"'{value}' must be the vault's base URL with no path")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"'{value}' has an invalid port") from None
-    host = parts.hostname.lower()
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    return f"https://{host}" + (f":{port}" if port and port != 443 else "")
+    return normalize_vault_url(value)
 
 
 def _parse_account(

@@ -10,6 +10,7 @@ gets an answer.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import time
 from typing import Callable, NamedTuple, Optional
@@ -18,10 +19,15 @@ from typing import Callable, NamedTuple, Optional
 class RetryPolicy(NamedTuple):
     """How long and how fast to retry one request.
 
-    ``deadline_s`` bounds the whole loop (sleeps included); delays grow as
-    ``base_delay_s * 2**n`` up to ``max_delay_s`` with full jitter, so a fleet
-    of VMs does not retry in step. A Retry-After longer than the remaining
-    budget ends the loop instead of sleeping past it.
+    ``deadline_s`` bounds the whole loop, sleeps *and* requests: a caller
+    gives each request at most :meth:`Backoff.time_left` (see
+    :func:`Backoff.request_budget`). Delays grow as ``base_delay_s * 2**n`` up
+    to ``max_delay_s`` with jitter, so a fleet of VMs does not retry in step.
+    When the next delay would pass the deadline, the loop sleeps only up to
+    the deadline and makes one final attempt. A Retry-After counts as at
+    least the normal step (``Retry-After: 0`` must not turn a 429 storm into a
+    hot loop, issue 9 item 5) and at most ``max_retry_after_s``; one longer
+    than the remaining budget ends the loop (the server said not before).
     """
 
     deadline_s: float = 75.0  # IMDS 410 means "back within 70 s" [protocol.md A3]
@@ -30,33 +36,45 @@ class RetryPolicy(NamedTuple):
     max_retry_after_s: float = 60.0
 
 
+# Every attempt, the final one included, may take at least this long even
+# when the budget is (nearly) spent: a request needs a few seconds to succeed.
+MIN_REQUEST_S = 5.0
+
+
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """Seconds to wait from a Retry-After value (delta-seconds or HTTP date).
 
-    Returns None when absent or unparsable; never negative.
+    Returns None when absent or unparsable; never negative, never NaN or
+    infinite (a date in the past is 0).
     """
     if not value:
         return None
     text = value.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
     if when is None:
         return None
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    try:
+        return max(0.0, when.timestamp() - current)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class Backoff:
     """State of one bounded retry loop.
 
     Call :meth:`wait` after a retryable failure: it sleeps and returns True, or
-    returns False (without sleeping) when the budget would be exceeded.
+    returns False (without sleeping) when the budget is spent. Give each
+    request :meth:`request_budget` seconds in total.
     """
 
     def __init__(
@@ -74,23 +92,44 @@ class Backoff:
         self._rng = rng
         self._on_retry = on_retry
         self._deadline = clock() + policy.deadline_s
+        self._is_final = False
         self.attempts = 1
 
-    def next_delay(self, retry_after: Optional[float]) -> float:
-        """The delay before the next attempt (Retry-After wins when given)."""
-        if retry_after is not None:
-            return min(retry_after, self._policy.max_retry_after_s)
+    def time_left(self) -> float:
+        """Seconds until the loop's deadline (0 when past it)."""
+        return max(0.0, self._deadline - self._clock())
+
+    def request_budget(self, per_request_s: float) -> float:
+        """Total seconds the next request may take: its own bound, within the
+        loop's deadline, but never less than MIN_REQUEST_S."""
+        return min(per_request_s, max(self.time_left(), MIN_REQUEST_S))
+
+    def step(self) -> float:
+        """The jittered backoff delay for the current attempt."""
         ceiling = min(self._policy.max_delay_s,
-                      self._policy.base_delay_s * 2 ** (self.attempts - 1))
+                      self._policy.base_delay_s * 2 ** min(self.attempts - 1, 64))
         # "Equal jitter": at least half the step, so retries still spread out
         # but never collapse to an immediate hammering.
         return float(ceiling / 2 + self._rng() * ceiling / 2)
 
+    def next_delay(self, retry_after: Optional[float]) -> float:
+        """The delay before the next attempt: the step, or Retry-After when
+        longer (capped at max_retry_after_s)."""
+        step = self.step()
+        if retry_after is None:
+            return step
+        return max(step, min(retry_after, self._policy.max_retry_after_s))
+
     def wait(self, reason: str, retry_after: Optional[float] = None) -> bool:
         """Sleep before the next attempt; False when the budget is spent."""
-        delay = self.next_delay(retry_after)
-        if self._clock() + delay > self._deadline:
+        if self._is_final:
             return False
+        delay = self.next_delay(retry_after)
+        left = self.time_left()
+        if delay > left:
+            if left <= 0 or (retry_after is not None and retry_after > left):
+                return False
+            delay, self._is_final = left, True  # sleep to the deadline, try once more
         if self._on_retry is not None:
             self._on_retry(reason, self.attempts, delay)
         self._sleep(delay)

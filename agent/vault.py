@@ -10,26 +10,33 @@ Where a token may go is the security boundary of this module:
   and the host lies under it [protocol.md B6]. A vault on a loopback address
   (the local emulator) is exempt from the domain check only.
 
-Every request has timeouts, every body is size-bounded, transient failures
-are retried with backoff (429 honouring Retry-After), and one 401 triggers one
-fresh token. Concurrency is a bounded thread pool over one keep-alive session.
+The host a token goes to is checked twice: the vault URL must be a strict
+host name (:mod:`agent.vault_url`), and before every request the host urllib3
+will really connect to must be that host, so parser differences
+(``https://evil.example\\.vault.azure.net``) cannot redirect a token.
+
+Every request is bounded in total time and size (:mod:`agent.transport`),
+every body is untrusted (parse failures are one secret's VaultError, text is
+escaped before it can reach a log), transient failures are retried with
+backoff (429 honouring Retry-After), and one 401 triggers one fresh token.
+Concurrency is a bounded thread pool over one keep-alive session.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
+from agent import transport
 from agent.errors import (
+    ConfigError,
     KvAgentError,
     SecretNotFoundError,
     VaultError,
@@ -38,11 +45,16 @@ from agent.errors import (
     VaultUnavailableError,
 )
 from agent.retry import Backoff, RetryPolicy, parse_retry_after
+from agent.untrusted import escape, load_json
+from agent.vault_url import check_target, normalize_vault_url
 
 API_VERSION = "7.6"  # GA; everything kv-agent uses exists since 7.0 [protocol.md B2]
 MAX_CONCURRENCY = 16
-MAX_BODY_BYTES = 256 * 1024  # a secret is at most 25 KB [protocol.md B7]
-TIMEOUT_S: Tuple[float, float] = (5.0, 20.0)  # connect, read
+# A secret is at most 25 KB [protocol.md B7]; larger ones are accepted up to
+# this bound (README, Limits), which applies after any gzip decoding.
+MAX_BODY_BYTES = 256 * 1024
+TIMEOUT_S: Tuple[float, float] = (5.0, 20.0)  # connect, each read
+REQUEST_TOTAL_S = 30.0  # one request, start to last byte (see agent.transport)
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 # Vault DNS suffix -> token resource, per cloud [protocol.md B1].
@@ -127,7 +139,7 @@ def audience_from_challenge(host: str, header: str) -> str:
     resource = resource.rstrip("/")
     if resource not in KNOWN_AUDIENCES.values():
         raise VaultError(
-            f"vault {host} asked for a token for '{resource or '?'}', "
+            f"vault {host} asked for a token for '{escape(resource, 100) or '?'}', "
             "which is not a Key Vault audience; no token was sent",
             "check the vault URL in the manifest")
     if not is_loopback_host(host) and not host.lower().endswith(
@@ -148,31 +160,51 @@ def secret_url(vault: str, name: str, version: Optional[str]) -> str:
 
 def parse_secret_bundle(name: str, body: bytes) -> Secret:
     """A Secret from a 200 SecretBundle; raises VaultError (never quoting the
-    body, which holds the value) when the shape is wrong."""
-    try:
-        content = json.loads(body)
-        value = content["value"]
-        if not isinstance(value, str):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
+    body, which holds the value) when the shape is wrong, the JSON is not
+    JSON or nested too deeply, or the value cannot be UTF-8 (a lone
+    surrogate). The version and content type are escaped: they reach logs."""
+    content = _json_object(body)
+    value = content.get("value")
+    if not isinstance(value, str):
         raise VaultError(f"secret '{name}': the vault's response has no usable value",
                          "retry later") from None
-    version = str(content.get("id", "")).rstrip("/").rsplit("/", 1)[-1]
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise VaultError(
+            f"secret '{name}': the vault's value is not valid Unicode (a lone surrogate)",
+            "set the secret's value again in the vault") from None
+    raw_id = content.get("id")
+    version = raw_id.rstrip("/").rsplit("/", 1)[-1] if isinstance(raw_id, str) else ""
     content_type = content.get("contentType")
-    return Secret(name, version, value.encode("utf-8"),
-                  content_type if isinstance(content_type, str) else None)
+    return Secret(name, escape(version, 64), data,
+                  escape(content_type, 100) if isinstance(content_type, str) else None)
+
+
+def _json_object(body: bytes) -> Dict[str, Any]:
+    """The body as a JSON object, or {} when it is anything else."""
+    try:
+        content = load_json(body)
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def parse_error(body: bytes) -> Tuple[str, str, str]:
-    """(code, inner code, first line of message) of a KeyVaultError body."""
-    try:
-        error = json.loads(body)["error"]
-        inner = error.get("innererror") or {}
-        message = str(error.get("message") or "")
-        return (str(error.get("code") or ""), str(inner.get("code") or ""),
-                message.splitlines()[0][:300] if message else "")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    """(code, inner code, first line of message) of a KeyVaultError body,
+    each escaped and bounded; empty strings for whatever is missing or odd."""
+    error = _json_object(body).get("error")
+    if not isinstance(error, dict):
         return "", "", ""
+    inner = error.get("innererror")
+    inner_code = _text(inner.get("code")) if isinstance(inner, dict) else ""
+    lines = _text(error.get("message")).strip().splitlines()
+    return (escape(_text(error.get("code")), 100), escape(inner_code, 100),
+            escape(lines[0], 300) if lines else "")
 
 
 def error_for_status(name: str, status: int, body: bytes) -> VaultError:
@@ -216,30 +248,56 @@ def error_for_status(name: str, status: int, body: bytes) -> VaultError:
                       "check the manifest entry")
 
 
-def _unreachable(vault: str, exc: Exception, prefix: str) -> VaultUnavailableError:
-    """The error for a request that never got an HTTP answer."""
+def _request_failed(vault: str, exc: Exception, prefix: str) -> VaultError:
+    """The error for a request that got no usable HTTP answer."""
     if isinstance(exc, requests.exceptions.SSLError):
         return VaultUnavailableError(
             f"{prefix}TLS with vault {vault} failed (certificate not trusted or wrong host)",
             "check the vault URL; for a private CA set REQUESTS_CA_BUNDLE")
+    if isinstance(exc, (transport.ResponseTooLargeError, transport.BadResponseError)):
+        return VaultError(f"{prefix}vault {vault} sent an unusable response: "
+                          f"{transport.describe_failure(exc)}",
+                          "check that the manifest's vault URL is a Key Vault")
+    if isinstance(exc, transport.DeadlineExceededError):
+        return VaultUnavailableError(
+            f"{prefix}vault {vault} too slow: {transport.describe_failure(exc)}",
+            "check the network path to the vault; retry later")
     return VaultUnavailableError(
-        f"{prefix}vault {vault} unreachable ({type(exc).__name__})",
+        f"{prefix}vault {vault} unreachable ({transport.describe_failure(exc)})",
         "check DNS, network and firewall")
+
+
+def _is_retryable(exc: Exception) -> bool:
+    """Connection failures and timeouts are worth another try; a TLS failure
+    or a bad body will be the same next time."""
+    return not isinstance(exc, (requests.exceptions.SSLError, transport.ResponseTooLargeError,
+                                transport.BadResponseError))
+
+
+def vault_label(vault: str) -> str:
+    """A short name for STATUS=: the first DNS label (``contoso-kv``), or
+    ``host:port`` for an IP literal or localhost (the emulator)."""
+    parts = urlsplit(vault)
+    host = parts.hostname or ""
+    if is_loopback_host(host) or ":" in host or host.replace(".", "").isdigit():
+        return parts.netloc
+    return host.split(".")[0]
 
 
 def ca_bundle(environ: Mapping[str, str]) -> Union[str, bool]:
     """The CA bundle to verify the vault with, by requests' convention:
     ``REQUESTS_CA_BUNDLE``, then ``CURL_CA_BUNDLE``, else the default store.
 
-    Raises VaultError naming the variable when it points at nothing, so a
-    typo is one clear line, not a TLS failure per secret.
+    Raises ConfigError (exit 78: fix the configuration, do not retry) naming
+    the variable when it points at nothing, so a typo is one clear line, not
+    a TLS failure per secret.
     """
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         path = environ.get(name)
         if path:
             if not os.path.exists(path):
-                raise VaultError(f"{name}={path} does not exist",
-                                 f"point {name} at a PEM CA bundle, or unset it")
+                raise ConfigError(f"{name}={path} does not exist",
+                                  f"point {name} at a PEM CA bundle, or unset it")
             return path
     return True
 
@@ -260,20 +318,18 @@ def proxies_for(url: str, environ: Mapping[str, str]) -> Dict[str, str]:
 
 def new_session(environ: Mapping[str, str], pool_size: int = MAX_CONCURRENCY
                 ) -> requests.Session:
-    """A keep-alive session whose pool fits the fetch concurrency; retries are
-    ours (urllib3's own are off) so Retry-After and budgets are honoured.
+    """A keep-alive session whose pool fits the fetch concurrency, whose
+    requests :func:`agent.transport.bounded_get` bounds in total time, and
+    whose retries are ours (urllib3's are off) so Retry-After and budgets
+    are honoured.
 
     ``trust_env`` is off and the environment is read once, here and in
     :func:`proxies_for`: requests would otherwise consult ~/.netrc on every
     request and, finding the vault's host there, replace our bearer header
     with Basic credentials; it also saves a fifth of each request's CPU.
     """
-    session = requests.Session()
-    session.trust_env = False
+    session = transport.new_session(pool_size)
     session.verify = ca_bundle(environ)
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
     return session
 
 
@@ -281,7 +337,9 @@ class VaultClient:
     """Fetches secrets from Key Vault with tokens from ``tokens``.
 
     Thread-safe: audience discovery is done once per vault under a lock;
-    ``fetch_many`` shares one session across a bounded pool.
+    ``fetch_many`` shares one session across a bounded pool. ``on_retry``
+    hears (reason, attempt, delay) before each retry sleep, the reason worded
+    ``waiting for vault <name>: <cause>`` for STATUS=.
     """
 
     def __init__(
@@ -295,6 +353,7 @@ class VaultClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         environ: Mapping[str, str] = {},
+        on_retry: Optional[Callable[[str, int, float], None]] = None,
     ) -> None:
         self._session = session
         self._environ = environ
@@ -304,6 +363,7 @@ class VaultClient:
         self._api_version = api_version
         self._clock = clock
         self._sleep = sleep
+        self._on_retry = on_retry
         self._audiences: Dict[str, str] = {}
         self._audience_lock = threading.Lock()
 
@@ -342,61 +402,70 @@ class VaultClient:
     def fetch_secret(self, request: SecretRequest) -> Secret:
         """GET one secret. Raises a VaultError subclass naming the secret."""
         url = secret_url(request.vault, request.name, request.version)
-        params = {"api-version": self._api_version}
         audience = self._audience(request)
-        backoff = Backoff(self._policy, clock=self._clock, sleep=self._sleep)
+        backoff = self._backoff()
         fresh_token_taken = False
         while True:
             token = self._tokens(audience, False)
             try:
-                status, headers, body = self._get(url, params, token)
+                reply = self._get(request.vault, url, token, backoff)
             except requests.RequestException as exc:
-                if not isinstance(exc, requests.exceptions.SSLError) and backoff.wait(
-                    f"vault: {type(exc).__name__}"
-                ):
+                if _is_retryable(exc) and backoff.wait(self._reason(request, exc)):
                     continue
-                raise _unreachable(request.vault, exc, f"secret '{request.name}': ") from None
-            if status == 200:
-                return parse_secret_bundle(request.name, body)
-            if status == 401 and not fresh_token_taken:
+                raise _request_failed(request.vault, exc, f"secret '{request.name}': ") from None
+            if reply.status == 200:
+                return parse_secret_bundle(request.name, reply.body)
+            if reply.status == 401 and not fresh_token_taken:
                 # A revoked or rotated token: ask IMDS for a new one, once.
                 self._tokens(audience, True)
                 fresh_token_taken = True
                 continue
-            if status in RETRY_STATUSES:
-                retry_after = parse_retry_after(headers.get("Retry-After"))
-                if backoff.wait(f"vault: HTTP {status}", retry_after):
+            if reply.status in RETRY_STATUSES:
+                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+                if backoff.wait(self._reason(request, reply.status), retry_after):
                     continue
-            raise error_for_status(request.name, status, body)
+            raise error_for_status(request.name, reply.status, reply.body)
 
-    def _get(
-        self, url: str, params: Dict[str, str], token: Optional[str]
-    ) -> Tuple[int, "requests.structures.CaseInsensitiveDict[str]", bytes]:
+    def _backoff(self) -> Backoff:
+        return Backoff(self._policy, clock=self._clock, sleep=self._sleep,
+                       on_retry=self._on_retry)
+
+    @staticmethod
+    def _reason(request: SecretRequest, failure: Union[int, Exception]) -> str:
+        """``waiting for vault contoso-kv: connection refused`` (or ``HTTP 503``)."""
+        cause = (f"HTTP {failure}" if isinstance(failure, int)
+                 else transport.describe_failure(failure))
+        return f"waiting for vault {vault_label(request.vault)}: {cause}"
+
+    def _get(self, vault: str, url: str, token: Optional[str],
+             backoff: Backoff) -> transport.Reply:
+        """One bounded GET of ``url`` on ``vault``, with the token if given.
+
+        First checks that urllib3 will connect to exactly the vault's host
+        and port: nothing is sent otherwise (issue 9, item 1).
+        """
+        try:
+            check_target(url, vault)
+        except ValueError as exc:
+            raise VaultError(f"{exc}; nothing was sent",
+                             "write the vault as https://<name>.vault.azure.net") from None
         headers = {"Accept": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        # allow_redirects=False: a redirect would carry the token elsewhere.
-        response = self._session.get(url, params=params, headers=headers, timeout=TIMEOUT_S,
-                                     allow_redirects=False, stream=True,
-                                     proxies=proxies_for(url, self._environ))
-        try:
-            chunks: List[bytes] = []
-            size = 0
-            for chunk in response.iter_content(16384):
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise requests.exceptions.ContentDecodingError("response too large")
-                chunks.append(chunk)
-            return response.status_code, response.headers, b"".join(chunks)
-        finally:
-            response.close()
+        # bounded_get never follows a redirect: it would carry the token elsewhere.
+        return transport.bounded_get(
+            self._session, url, params={"api-version": self._api_version}, headers=headers,
+            timeout=TIMEOUT_S, total_s=backoff.request_budget(REQUEST_TOTAL_S),
+            max_bytes=MAX_BODY_BYTES, proxies=proxies_for(url, self._environ))
 
     def _audience(self, request: SecretRequest) -> str:
-        """The token resource for ``request.vault``; discovered once per vault."""
+        """The token resource for ``request.vault``; discovered once per vault,
+        after checking that the vault URL is a strict, normalised one."""
         with self._audience_lock:
             known = self._audiences.get(request.vault)
             if known is not None:
                 return known
+            _check_vault_url(request.vault)
             host = urlsplit(request.vault).hostname or ""
             audience = audience_for_host(host) or self._challenge(request, host)
             self._audiences[request.vault] = audience
@@ -405,27 +474,51 @@ class VaultClient:
     def _challenge(self, request: SecretRequest, host: str) -> str:
         """Elicit the 401 challenge with an unauthenticated request."""
         url = secret_url(request.vault, request.name, request.version)
-        params = {"api-version": self._api_version}
-        backoff = Backoff(self._policy, clock=self._clock, sleep=self._sleep)
+        backoff = self._backoff()
         while True:
             try:
-                status, headers, body = self._get(url, params, None)
+                reply = self._get(request.vault, url, None, backoff)
             except requests.RequestException as exc:
-                if not isinstance(exc, requests.exceptions.SSLError) and backoff.wait(
-                    f"vault: {type(exc).__name__}"
-                ):
+                if _is_retryable(exc) and backoff.wait(self._reason(request, exc)):
                     continue
-                raise _unreachable(request.vault, exc, "") from None
+                raise _request_failed(request.vault, exc, "") from None
             # Honour Retry-After here too: this is the run's first vault request,
             # so a throttled vault usually answers it first [protocol.md B8].
-            if status in RETRY_STATUSES and backoff.wait(
-                f"vault: HTTP {status}", parse_retry_after(headers.get("Retry-After"))
+            if reply.status in RETRY_STATUSES and backoff.wait(
+                self._reason(request, reply.status),
+                parse_retry_after(reply.headers.get("Retry-After")),
             ):
                 continue
             break
-        challenge = headers.get("WWW-Authenticate", "")
-        if status != 401 or not challenge:
+        if reply.status in RETRY_STATUSES:
+            raise _challenge_failed(request.vault, reply.status, reply.body)
+        challenge = reply.headers.get("WWW-Authenticate", "")
+        if reply.status != 401 or not challenge:
             raise VaultError(
                 f"vault {request.vault} did not send a Key Vault authentication challenge "
-                f"(HTTP {status})", "check that the manifest's vault URL is a Key Vault")
+                f"(HTTP {reply.status})", "check that the manifest's vault URL is a Key Vault")
         return audience_from_challenge(host, challenge)
+
+
+def _check_vault_url(vault: str) -> None:
+    """Refuse a vault URL that is not strict and normalised (one built
+    outside the manifest, say); raises VaultError, nothing is sent."""
+    try:
+        normalized = normalize_vault_url(vault)
+    except ValueError as exc:
+        raise VaultError(f"vault URL refused, no request sent: {exc}") from None
+    if normalized != vault:
+        raise VaultError(f"vault URL {vault!r} is not in its normal form {normalized}; "
+                         "no request sent", "write the vault URL as the manifest does")
+
+
+def _challenge_failed(vault: str, status: int, body: bytes) -> VaultError:
+    """The vault kept failing (5xx, 408, 429) before it sent a challenge."""
+    if status == 429:
+        return VaultThrottledError(
+            f"vault {vault}: throttled (429) before it sent its challenge",
+            "the vault's request limit was reached; fewer refreshes or fewer agents")
+    code, inner, _ = parse_error(body)
+    detail = f" ({inner or code})" if inner or code else ""
+    return VaultUnavailableError(f"vault {vault} kept failing (HTTP {status}{detail})",
+                                 "retry later")

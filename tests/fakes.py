@@ -35,6 +35,14 @@ class FakeResponse:
         for start in range(0, len(self._body), size):
             yield self._body[start:start + size]
 
+    @property
+    def raw(self) -> "FakeResponse":
+        """urllib3's raw response, as far as agent.transport reads it."""
+        return self
+
+    def stream(self, size: int, decode_content: bool = True) -> Iterator[bytes]:
+        return self.iter_content(size)
+
     def close(self) -> None:
         self.closed = True
 

@@ -7,11 +7,13 @@ import email.utils
 import pytest
 from fakes import FakeClock
 
-from agent.retry import Backoff, RetryPolicy, parse_retry_after
+from agent.retry import MIN_REQUEST_S, Backoff, RetryPolicy, parse_retry_after
 
 
 @pytest.mark.parametrize("value, expected", [
     ("7", 7.0), (" 2.5 ", 2.5), ("-3", 0.0), (None, None), ("", None), ("soon", None),
+    ("nan", None), ("inf", None), ("-inf", None), ("1e400", None),
+    ("Fri, 31 Dec 99999 23:59:59 GMT", None),
 ])
 def test_parse_retry_after_seconds(value: object, expected: object) -> None:
     """Delta-seconds parse; junk and absence give None; never negative."""
@@ -31,8 +33,8 @@ def test_backoff_grows_with_jitter_and_stops_at_deadline() -> None:
     backoff = Backoff(policy, clock=clock, sleep=clock.sleep, rng=lambda: 1.0)
     while backoff.wait("x"):
         pass
-    assert clock.sleeps == [1, 2, 4, 4, 4, 4]
-    assert sum(clock.sleeps) <= 20
+    assert clock.sleeps == [1, 2, 4, 4, 4, 4, 1]  # the last sleep ends at the deadline
+    assert sum(clock.sleeps) == 20
 
 
 def test_backoff_lower_jitter_bound() -> None:
@@ -73,3 +75,45 @@ def test_on_retry_reports_reason_and_attempt() -> None:
     backoff.wait("waiting for IMDS: connection refused")
     assert heard == [("waiting for IMDS: connection refused", 1),
                      ("waiting for IMDS: connection refused", 2)]
+
+
+# --- issue 9: no hot loops, a final attempt, bounded requests
+
+
+@pytest.mark.parametrize("retry_after", [0.0, 0.001])
+def test_retry_after_zero_waits_at_least_the_backoff_step(retry_after: float) -> None:
+    """Retry-After: 0 (or a past date) never shortens the normal backoff step."""
+    clock = FakeClock()
+    backoff = Backoff(RetryPolicy(deadline_s=60, base_delay_s=1), clock=clock,
+                      sleep=clock.sleep, rng=lambda: 0.0)
+    for _ in range(4):
+        assert backoff.wait("x", retry_after=retry_after)
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_past_http_date_counts_as_zero() -> None:
+    """An HTTP date in the past parses to 0 (and the step then applies)."""
+    header = email.utils.formatdate(1_000_000, usegmt=True)
+    assert parse_retry_after(header, now=2_000_000) == 0.0
+
+
+def test_final_attempt_when_the_next_sleep_would_pass_the_deadline() -> None:
+    """The loop sleeps only up to the deadline and allows exactly one more attempt."""
+    clock = FakeClock()
+    backoff = Backoff(RetryPolicy(deadline_s=3, base_delay_s=2, max_delay_s=8), clock=clock,
+                      sleep=clock.sleep, rng=lambda: 1.0)
+    assert backoff.wait("x")  # 2 s
+    assert backoff.wait("x")  # would be 4 s: sleeps the 1 s left instead
+    assert not backoff.wait("x")
+    assert clock.sleeps == [2.0, 1.0]
+    assert backoff.attempts == 3
+
+
+def test_request_budget_stays_within_the_deadline_with_a_floor() -> None:
+    """A request gets its own bound, cut to the time left, but never below MIN_REQUEST_S."""
+    clock = FakeClock()
+    backoff = Backoff(RetryPolicy(deadline_s=20), clock=clock, sleep=clock.sleep)
+    assert backoff.request_budget(30) == 20
+    clock.now += 18
+    assert backoff.request_budget(30) == MIN_REQUEST_S
+    assert backoff.request_budget(1) == 1

@@ -12,7 +12,9 @@ import requests
 from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
 
 from agent.errors import (
+    EXIT_CONFIG,
     IdentityUnavailableError,
+    KvAgentError,
     SecretNotFoundError,
     VaultError,
     VaultForbiddenError,
@@ -218,7 +220,7 @@ def test_429_without_retry_after_backs_off_then_gives_up() -> None:
     session = FakeSession(*[error(429, "Throttled") for _ in range(50)])
     with pytest.raises(VaultThrottledError):
         client(session, clock=clock, deadline=10).fetch_secret(SecretRequest(VAULT, "db"))
-    assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 10
+    assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 10 + 1e-9
 
 
 @pytest.mark.parametrize("failure", [error(500, "InternalError"), error(503, "Unavailable"),
@@ -336,10 +338,14 @@ def test_ca_bundle_follows_requests_convention(tmp_path: Any) -> None:
     assert ca_bundle({}) is True
 
 
-def test_missing_ca_bundle_is_one_clear_error() -> None:
-    """A CA bundle variable naming a missing file is an error naming the variable."""
-    with pytest.raises(VaultError, match="REQUESTS_CA_BUNDLE=/nonexistent.pem does not exist"):
+def test_missing_ca_bundle_is_one_clear_config_error() -> None:
+    """A CA bundle variable naming a missing file is a configuration error (exit 78) naming
+    the variable and the fix."""
+    with pytest.raises(KvAgentError, match="REQUESTS_CA_BUNDLE=/nonexistent.pem does not exist"
+                       ) as caught:
         ca_bundle({"REQUESTS_CA_BUNDLE": "/nonexistent.pem"})
+    assert caught.value.exit_code == EXIT_CONFIG
+    assert "unset it" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_session_ignores_netrc_and_environment() -> None:

@@ -1,0 +1,286 @@
+"""Bounded HTTP GETs: every answer is bounded in size and in total time.
+
+A vault or IMDS answer is untrusted input, and a server can be slow on
+purpose. requests' ``timeout`` bounds each socket operation only: a server
+that sends one byte every few seconds (in the TLS handshake, the headers or
+the body) keeps a request alive for hours, and ``kv-agent once --retry-for
+10`` with it (issue 9, item 4). So every request here runs under a **total
+deadline**, enforced like this:
+
+1. While :func:`bounded_get` runs, a :class:`_Deadline` is the calling
+   thread's current one, with a timer armed for the deadline.
+2. The sessions built by :func:`new_session` use connection classes that
+   attach every socket they connect, or reuse, to the current deadline.
+3. When the timer fires it ``shutdown()``\\ s those sockets. Whatever recv the
+   request is blocked in (handshake, status line, headers or body) returns at
+   once, and :func:`bounded_get` reports :class:`DeadlineExceededError`.
+
+Why a timer and not per-chunk clock checks with a shrinking socket timeout:
+the status line and headers are read by http.client with ``readline()``,
+which we cannot interleave with checks, and the TLS handshake happens inside
+urllib3; only closing the socket from outside bounds those. ``shutdown`` (not
+``close``) is safe from another thread: it never frees the descriptor under
+the reader's feet. Connect itself is bounded by the connect timeout.
+
+Bodies are read raw and decoded here (gzip/deflate) with ``max_length``, so a
+compression bomb never inflates beyond ``max_bytes`` in memory; an oversized
+body is :class:`ResponseTooLargeError`, a corrupt encoding
+:class:`BadResponseError`: both mean "a bad answer", not "unreachable".
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import zlib
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from agent.untrusted import escape
+
+CHUNK_BYTES = 4096
+
+_current = threading.local()
+
+
+class ResponseTooLargeError(requests.RequestException):
+    """The body (after decoding) exceeded the size bound."""
+
+
+class BadResponseError(requests.RequestException):
+    """The body could not be decoded (a corrupt or unsupported Content-Encoding)."""
+
+
+class DeadlineExceededError(requests.Timeout):
+    """No complete answer within the request's total deadline."""
+
+
+class Reply(NamedTuple):
+    """A complete HTTP answer: status, headers and the decoded body."""
+
+    status: int
+    headers: "CaseInsensitiveDict[str]"
+    body: bytes
+
+
+class _Deadline:
+    """The sockets of one request, shut down when its time is up."""
+
+    def __init__(self, seconds: float) -> None:
+        self.is_expired = False
+        self._lock = threading.Lock()
+        self._sockets: List[socket.socket] = []
+        self._timer = threading.Timer(max(0.0, seconds), self._expire)
+        self._timer.daemon = True
+
+    def attach(self, sock: Optional[socket.socket]) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            if not self.is_expired:
+                self._sockets.append(sock)
+                return
+        _shutdown(sock)  # connected after the deadline passed
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.is_expired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shutdown(sock)
+
+    def __enter__(self) -> "_Deadline":
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected
+
+
+def _attach(sock: Optional[socket.socket]) -> None:
+    deadline: Optional[_Deadline] = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.attach(sock)
+
+
+class _DeadlineHTTPConnection(HTTPConnection):
+    """Attaches its socket to the thread's current deadline (new or reused)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _attach(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)  # a keep-alive connection, already connected
+        super().request(*args, **kwargs)
+
+
+class _DeadlineHTTPSConnection(HTTPSConnection):
+    """As :class:`_DeadlineHTTPConnection`; attached before the TLS handshake."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _attach(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_POOLS: Dict[str, Any] = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with the deadline-aware pools (direct and via a proxy)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS has pools of its own
+            manager.pool_classes_by_scheme = dict(_POOLS)
+        return manager
+
+
+def new_session(pool_size: int) -> requests.Session:
+    """A keep-alive session whose requests :func:`bounded_get` can bound in
+    total time; urllib3's own retries are off (ours honour Retry-After and
+    budgets) and ``trust_env`` is off (callers read the environment once)."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = _DeadlineAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def bounded_get(
+    session: requests.Session,
+    url: str,
+    *,
+    params: Mapping[str, str],
+    headers: Mapping[str, str],
+    timeout: Tuple[float, float],
+    total_s: float,
+    max_bytes: int,
+    proxies: Optional[Mapping[str, str]] = None,
+) -> Reply:
+    """GET ``url`` without following redirects and return the whole answer.
+
+    Raises requests.RequestException: :class:`DeadlineExceededError` when no
+    complete answer came within ``total_s`` seconds (connect, handshake,
+    headers and body together), :class:`ResponseTooLargeError` past
+    ``max_bytes`` of decoded body, :class:`BadResponseError` for a body that
+    cannot be decoded, and requests' own errors otherwise.
+    """
+    started = time.monotonic()
+    with _Deadline(total_s) as deadline:
+        try:
+            response = session.get(url, params=dict(params), headers=dict(headers),
+                                   timeout=timeout, allow_redirects=False, stream=True,
+                                   proxies=dict(proxies or {}))
+            try:
+                body = _read_body(response, max_bytes, started + total_s)
+                return Reply(response.status_code, response.headers, body)
+            finally:
+                response.close()
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline.is_expired or time.monotonic() >= started + total_s:
+                raise DeadlineExceededError(
+                    f"no complete answer within {total_s:g} s") from None
+            if isinstance(exc, requests.RequestException):
+                raise
+            if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+                raise requests.exceptions.ReadTimeout(str(exc)) from None
+            raise requests.ConnectionError(str(exc)) from None
+
+
+def _read_body(response: requests.Response, max_bytes: int, deadline: float) -> bytes:
+    """The decoded body, at most ``max_bytes``; the clock is checked per chunk
+    too, for sessions whose sockets the deadline cannot reach."""
+    decoder = _decoder(response.headers.get("Content-Encoding", ""))
+    chunks: List[bytes] = []
+    size = 0
+    for raw in _raw_chunks(response):
+        if time.monotonic() >= deadline:
+            raise DeadlineExceededError("the body did not arrive in time")
+        data = decoder(raw, max_bytes - size)
+        size += len(data)
+        if size > max_bytes:
+            raise ResponseTooLargeError(f"response too large (over {max_bytes} bytes)")
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def _raw_chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as sent (still encoded), in small chunks."""
+    yield from response.raw.stream(CHUNK_BYTES, decode_content=False)
+
+
+def _decoder(encoding: str) -> Any:
+    """A function (data, room) -> decoded bytes, at most room + 1 of them, so
+    a bomb is caught after inflating one byte too many, not gigabytes."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return lambda data, room: data
+    if name not in ("gzip", "x-gzip", "deflate"):
+        raise BadResponseError(f"unsupported Content-Encoding '{escape(name, 40)}'")
+    # gzip: the gzip header; deflate: zlib-wrapped (what servers send).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in name else zlib.MAX_WBITS)
+
+    def decode(data: bytes, room: int) -> bytes:
+        try:
+            return inflater.decompress(data, max(room, 0) + 1)
+        except zlib.error:
+            raise BadResponseError(f"the response's {name} encoding is corrupt") from None
+
+    return decode
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short cause for an operator: 'connection refused', 'timed out'...
+    (fixed words or our own messages, never the server's text)."""
+    if isinstance(exc, (DeadlineExceededError, ResponseTooLargeError, BadResponseError)):
+        return str(exc)
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS failed"
+    text = str(exc).lower()
+    for needle, words in (("refused", "connection refused"),
+                          ("reset", "connection reset"),
+                          ("unreachable", "network unreachable"),
+                          ("name or service", "name not resolved"),
+                          ("remotedisconnected", "connection closed"),
+                          ("aborted", "connection closed")):
+        if needle in text:
+            return words
+    return type(exc).__name__
