@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from typing import Any, Dict
 
 import pytest
 import requests
 from fakes import FakeClock, FakeSession, json_reply, refused
+from hostile import HostileServer, trickle
+from hostile import response as hostile_response
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent import transport
 from agent.errors import IdentityUnavailableError
 from agent.identity import (
     DEFAULT_IMDS_ENDPOINT,
+    MAX_TOKEN_LIFETIME_S,
     AccessToken,
     Identity,
     TokenSource,
@@ -18,7 +27,7 @@ from agent.identity import (
     parse_expires_on,
     parse_token_response,
 )
-from agent.retry import RetryPolicy
+from agent.retry import MIN_REQUEST_S, RetryPolicy
 
 ENDPOINT = "http://127.0.0.1:9/metadata/identity/oauth2/token"
 RESOURCE = "https://vault.azure.net"
@@ -181,7 +190,7 @@ def test_retries_are_bounded_in_time() -> None:
     session = FakeSession(*[refused() for _ in range(100)])
     with pytest.raises(IdentityUnavailableError, match="connection refused") as caught:
         source(session, clock=clock, deadline=30).get_token(RESOURCE)
-    assert sum(clock.sleeps) <= 30
+    assert sum(clock.sleeps) <= 30 + 1e-9
     assert "KV_AGENT_IMDS_ENDPOINT" in str(caught.value)
 
 
@@ -225,3 +234,109 @@ def test_concurrent_callers_share_one_request() -> None:
     for thread in threads:
         thread.join()
     assert len(session.sent) == 1
+
+
+# ---------------------------------------------------------------------------
+# Issue 9: untrusted IMDS answers
+
+
+@pytest.mark.parametrize("body", [
+    b'{"access_token": "eyJ.secret-token-text", "expires_on": "1e400"}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_on": 1e400}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": "inf"}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": "-inf"}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": "nan"}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": NaN}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": Infinity}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_in": [1]}',
+    b'{"access_token": "eyJ.secret-token-text", "expires_on": {"a": 1}}',
+    b'{"access_token": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"access_token": "eyJ.secret-token-text\\ud800", "expires_in": "60"}',
+])
+def test_absurd_expiry_and_shapes_are_a_clear_error(body: bytes) -> None:
+    """Item 9: infinite, NaN, non-numeric expiries and deep JSON give IdentityUnavailableError
+    (or a usable, sanely bounded token), never another exception."""
+    try:
+        token = source(FakeSession((200, {}, body))).get_token(RESOURCE)
+    except IdentityUnavailableError as exc:
+        assert "secret-token-text" not in str(exc)
+    else:
+        assert NOW <= token.expires_on <= NOW + MAX_TOKEN_LIFETIME_S
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"expires_in": "1e300"}, NOW + MAX_TOKEN_LIFETIME_S),
+    ({"expires_on": str(10 ** 30)}, NOW + MAX_TOKEN_LIFETIME_S),
+    ({"expires_in": "-3600"}, NOW),
+    ({"expires_on": "5"}, NOW),
+])
+def test_expiry_is_clamped_to_a_sane_range(content: Dict[str, Any], expected: float) -> None:
+    """Item 9: an expiry in the past means 'now' (use once); one years away is cut to a week."""
+    assert parse_expires_on(content, NOW) == expected
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(expires_on=JSON_VALUES, expires_in=JSON_VALUES,
+       numeric=st.one_of(st.floats(), st.integers()).map(str))
+def test_parse_expires_on_property(expires_on: Any, expires_in: Any, numeric: str) -> None:
+    """Item 9: over arbitrary JSON values, the expiry is finite and within [now, now + a week],
+    or ValueError."""
+    for content in ({"expires_on": expires_on, "expires_in": expires_in},
+                    {"expires_in": expires_in}, {"expires_on": numeric},
+                    {"expires_in": numeric}):
+        try:
+            value = parse_expires_on(content, NOW)
+        except ValueError:
+            continue
+        assert math.isfinite(value) and NOW <= value <= NOW + MAX_TOKEN_LIFETIME_S
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=JSON_VALUES, token=JSON_VALUES, raw=st.binary(max_size=64))
+def test_parse_token_response_property(content: Any, token: Any, raw: bytes) -> None:
+    """Item 9: any JSON document or bytes yields an AccessToken or ValueError, nothing else."""
+    bodies = [json.dumps(content).encode(), raw,
+              json.dumps({"access_token": token, "expires_in": content}).encode(),
+              json.dumps({"access_token": "t", "expires_on": content,
+                          "resource": token}).encode()]
+    for body in bodies:
+        try:
+            parsed = parse_token_response(body, RESOURCE, NOW)
+        except ValueError:
+            continue
+        assert isinstance(parsed, AccessToken) and math.isfinite(parsed.expires_on)
+        parsed.resource.encode("utf-8")
+
+
+def test_imds_error_text_is_escaped() -> None:
+    """Item 7: IMDS's error_description reaches messages without control characters."""
+    body = {"error": "invalid_request",
+            "error_description": "nope\n kv-agent: error: forged\x1b[31m\u202e"}
+    with pytest.raises(IdentityUnavailableError) as caught:
+        source(FakeSession(json_reply(400, body))).get_token(RESOURCE)
+    text = str(caught.value)
+    assert "\x1b" not in text and "\n" not in text and "\u202e" not in text
+    assert "\\x1b" in text
+
+
+def test_trickling_imds_is_cut_at_the_total_deadline() -> None:
+    """Item 4: IMDS sending its headers one byte a second cannot outlast the retry budget
+    plus one bounded final attempt."""
+    slow = hostile_response(200, json.dumps(token_body()).encode())
+    with HostileServer(trickle(slow, 1.0), tls=False, give_up_s=40) as server:
+        tokens = TokenSource(transport.new_session(1), Identity(),
+                             endpoint=f"http://127.0.0.1:{server.port}/token",
+                             policy=RetryPolicy(deadline_s=3))
+        started = time.monotonic()
+        with pytest.raises(IdentityUnavailableError, match="no complete answer"):
+            tokens.get_token(RESOURCE)
+        elapsed = time.monotonic() - started
+    assert elapsed < 3 + MIN_REQUEST_S + 3

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+import tracemalloc
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import requests
 from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
+from hostile import HostileServer, answer, gzip_bomb, loopback_443_server, trickle
+from hostile import response as hostile_response
 
 from agent.errors import (
     EXIT_CONFIG,
@@ -21,7 +24,7 @@ from agent.errors import (
     VaultThrottledError,
     VaultUnavailableError,
 )
-from agent.retry import RetryPolicy
+from agent.retry import MIN_REQUEST_S, Backoff, RetryPolicy
 from agent.vault import (
     KNOWN_AUDIENCES,
     Secret,
@@ -34,6 +37,7 @@ from agent.vault import (
     parse_challenge,
     proxies_for,
     secret_url,
+    vault_label,
 )
 
 VAULT = "https://contoso.vault.azure.net"
@@ -369,3 +373,189 @@ def test_session_ignores_netrc_and_environment() -> None:
 def test_proxies_for_vault(environ: Dict[str, str], expected: Dict[str, str]) -> None:
     """The vault's proxy comes from https_proxy/all_proxy unless no_proxy covers its host."""
     assert proxies_for(VAULT + "/secrets/db", environ) == expected
+
+
+# ---------------------------------------------------------------------------
+# Issue 9: untrusted network input
+
+
+def real_client(ca_path: str, tokens: Tokens, deadline: float = 30,
+                on_retry: Any = None) -> VaultClient:
+    """A VaultClient with a real session (real sockets, real clock)."""
+    return VaultClient(new_session({"REQUESTS_CA_BUNDLE": ca_path}), tokens,
+                       policy=RetryPolicy(deadline_s=deadline), on_retry=on_retry)
+
+
+@pytest.mark.parametrize("crafted", [
+    "https://{ip}\\.vault.azure.net",
+    "https://{ip}\\@contoso.vault.azure.net",
+    "https://{ip}\\.vault.azure.net/",
+])
+def test_token_never_reaches_a_host_the_url_check_did_not_see(crafted: str) -> None:
+    """Item 1: a vault URL whose host urllib3 parses differently (a backslash) is refused
+    before any request; the hostile server it points at never gets an Authorization header."""
+    body = json.dumps({"value": "planted", "id": f"{VAULT}/secrets/db/{VERSION}"}).encode()
+    try:
+        server, ip = loopback_443_server(answer(hostile_response(200, body)))
+    except PermissionError:
+        pytest.skip("binding port 443 on loopback needs root")
+    tokens = Tokens()
+    with server:
+        with pytest.raises(VaultError, match="no request sent|nothing was sent"):
+            real_client(server.ca_path, tokens).fetch_secret(
+                SecretRequest(crafted.format(ip=ip), "db"))
+        # fetch_many (the daemon's path) refuses it too.
+        (outcome,) = real_client(server.ca_path, tokens).fetch_many(
+            [SecretRequest(crafted.format(ip=ip), "db")])
+        assert isinstance(outcome, VaultError)
+    assert not server.saw_authorization and server.connections == 0
+    assert tokens.calls == []
+
+
+def test_every_request_is_checked_against_where_urllib3_connects() -> None:
+    """Item 1: even with a vetted audience cached, a request whose URL urllib3 would send
+    elsewhere is refused without a request."""
+    session = FakeSession()
+    vault_client = client(session)
+    with pytest.raises(VaultError, match="would go to evil.example"):
+        vault_client._get(VAULT, "https://evil.example\\.vault.azure.net/secrets/db",
+                          "token", Backoff(RetryPolicy()))
+    assert session.sent == []
+
+
+SURROGATE_BODY = b'{"value": "ab\\ud800cd", "id": "https://contoso.vault.azure.net/secrets/db/1"}'
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("reply", [
+    pytest.param((200, {}, SURROGATE_BODY), id="lone-surrogate-value"),
+    pytest.param((200, {}, DEEP), id="deep-200"),
+    pytest.param((200, {}, b'{"value": ' + DEEP + b"}"), id="deep-value"),
+    pytest.param((400, {}, DEEP), id="deep-400"),
+    pytest.param((400, {}, b'{"error": ' + DEEP + b"}"), id="deep-error"),
+    pytest.param((200, {}, b'["value", "x"]'), id="list-200"),
+    pytest.param((200, {}, b'"value"'), id="string-200"),
+    pytest.param((200, {}, b'{"value": "ok", "id": ["a"], "contentType": {"x": 1}}'),
+                 id="odd-id"),
+    pytest.param((404, {}, b'{"error": "SecretNotFound"}'), id="error-string"),
+    pytest.param((403, {}, b'{"error": {"code": 5, "innererror": "x", "message": ["m"]}}'),
+                 id="odd-error-types"),
+    pytest.param((400, {}, b'{"error": {"code": "C", "message": "\\ud800"}}'),
+                 id="surrogate-message"),
+    pytest.param((400, {}, b"\xff\xfe\x00garbage"), id="not-utf8"),
+])
+def test_malformed_responses_are_one_secrets_error(reply: Any) -> None:
+    """Item 3: surrogates, deep nesting, non-objects and odd types in 200 and error bodies
+    fail only their own secret, as a VaultError; others still arrive (the daemon's path)."""
+
+    class Mixed(RoutingSession):
+        def get(self, url: str, **kwargs: Any) -> FakeResponse:
+            if url.endswith("/bad"):
+                return FakeResponse(*reply)
+            return super().get(url, **kwargs)
+
+    outcomes = client(Mixed()).fetch_many(
+        [SecretRequest(VAULT, "good"), SecretRequest(VAULT, "bad"), SecretRequest(VAULT, "ok")])
+    assert isinstance(outcomes[0], Secret) and isinstance(outcomes[2], Secret)
+    if isinstance(outcomes[1], Secret):  # a usable value with odd metadata
+        assert outcomes[1].value == b"ok"
+        return
+    assert isinstance(outcomes[1], VaultError)
+    text = str(outcomes[1])
+    assert "ab\\ud800" not in text and "\ud800cd" not in text  # no part of the value
+    text.encode("utf-8")  # always encodable
+
+
+def test_network_text_in_versions_and_errors_is_escaped() -> None:
+    """Item 7: the version from the id and the vault's error text carry no control characters."""
+    forged = "\n kv-agent: error: forged\x1b[31m\u202e"
+    bundle_body = json.dumps({"value": "v", "id": f"{VAULT}/secrets/db/1{forged}"}).encode()
+    secret = client(FakeSession((200, {}, bundle_body))).fetch_secret(SecretRequest(VAULT, "db"))
+    error_body = json.dumps({"error": {"code": f"Bad{forged}",
+                                       "message": f"\x1b[2Jboom{forged}"}}).encode()
+    with pytest.raises(VaultError) as caught:
+        client(FakeSession((400, {}, error_body))).fetch_secret(SecretRequest(VAULT, "db"))
+    for text in (secret.version, str(caught.value)):
+        assert not any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in text), repr(text)
+        assert "\u202e" not in text
+    assert "\\x1b" in str(caught.value)
+
+
+def test_oversized_body_is_too_large_not_unreachable() -> None:
+    """Item 8: a body over the cap fails at once as 'too large', not 'unreachable ... DNS'."""
+    session = FakeSession(*[(200, {}, b"x" * (512 * 1024)) for _ in range(50)])
+    with pytest.raises(VaultError) as caught:
+        client(session, deadline=10).fetch_secret(SecretRequest(VAULT, "db"))
+    assert "too large" in str(caught.value)
+    assert "DNS" not in str(caught.value) and "unreachable" not in str(caught.value)
+    assert len(session.sent) == 1
+
+
+def test_gzip_bomb_is_too_large_and_never_inflated_in_memory() -> None:
+    """Item 8: a gzip body that inflates to 64 MB is refused as 'too large' while
+    using a few MB at most."""
+    tokens = Tokens()
+    challenge = hostile_response(401, b"", {"WWW-Authenticate": CHALLENGE})
+    with HostileServer(answer(challenge), answer(gzip_bomb(64 * 1024 * 1024))) as server:
+        tracemalloc.start()
+        try:
+            with pytest.raises(VaultError) as caught:
+                real_client(server.ca_path, tokens).fetch_secret(SecretRequest(server.url, "db"))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert "too large" in str(caught.value) and "DNS" not in str(caught.value)
+    assert peak < 8 * 1024 * 1024
+
+
+def test_5xx_on_the_challenge_is_unavailable_not_a_wrong_vault() -> None:
+    """Item 8: a vault failing its unauthenticated first request is unavailable (exit 69)."""
+    session = FakeSession(*[error(500, "InternalError") for _ in range(100)])
+    with pytest.raises(VaultUnavailableError) as caught:
+        client(session, deadline=5).fetch_secret(SecretRequest(LOCAL, "db"))
+    assert caught.value.exit_code == 69
+    assert "not a Key Vault" not in str(caught.value)
+
+
+def test_retry_after_zero_storm_backs_off() -> None:
+    """Item 5: Retry-After: 0 (and a past date) waits at least the normal backoff step."""
+    clock = FakeClock()
+    past = "Wed, 21 Oct 2015 07:28:00 GMT"
+    session = FakeSession(*[error(429, "Throttled", **{"Retry-After": ra})
+                            for ra in ["0", past, "-5", "0", past, "0"] * 20])
+    with pytest.raises(VaultThrottledError):
+        client(session, clock=clock, deadline=20).fetch_secret(SecretRequest(VAULT, "db"))
+    assert min(clock.sleeps) >= 0.25
+    assert len(session.sent) <= 10
+
+
+def test_trickled_body_is_cut_at_the_total_deadline() -> None:
+    """Item 4: a vault sending its body one byte a second cannot hold a request (or the
+    retry budget) open beyond the deadline plus one bounded final attempt."""
+    tokens = Tokens()
+    challenge = hostile_response(401, b"", {"WWW-Authenticate": CHALLENGE})
+    body = json.dumps({"value": "x" * 200, "id": f"{VAULT}/secrets/db/1"}).encode()
+    slow = hostile_response(200, body)
+    with HostileServer(answer(challenge), trickle(slow, 1.0, prefix=len(slow) - len(body)),
+                       give_up_s=40) as server:
+        started = time.monotonic()
+        with pytest.raises(VaultUnavailableError, match="too slow"):
+            real_client(server.ca_path, tokens, deadline=3).fetch_secret(
+                SecretRequest(server.url, "db"))
+        elapsed = time.monotonic() - started
+    assert elapsed < 3 + MIN_REQUEST_S + 3
+
+
+def test_vault_retries_are_reported_with_the_vaults_name() -> None:
+    """Item 16: each retry is announced as 'waiting for vault <name>: <cause>'."""
+    heard: List[Tuple[str, int]] = []
+    clock = FakeClock()
+    session = FakeSession(refused(), error(503, "Unavailable"), bundle())
+    VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
+                sleep=clock.sleep,
+                on_retry=lambda reason, attempt, delay: heard.append((reason, attempt))
+                ).fetch_secret(SecretRequest("https://contoso-kv.vault.azure.net", "db"))
+    assert heard == [("waiting for vault contoso-kv: connection refused", 1),
+                     ("waiting for vault contoso-kv: HTTP 503", 2)]
+    assert vault_label("https://127.0.0.1:8443") == "127.0.0.1:8443"
+    assert vault_label("https://[::1]:8443") == "[::1]:8443"
