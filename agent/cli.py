@@ -25,6 +25,7 @@ from agent.errors import (
     KvAgentError,
     ManifestError,
 )
+from agent.untrusted import escape
 
 if TYPE_CHECKING:
     from agent.agent import SecretOutcome
@@ -39,7 +40,13 @@ _JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
 
 class _Formatter(logging.Formatter):
     """``kv-agent: warning: ...`` on a terminal; ``<4>warning: ...`` under
-    systemd (JOURNAL_STREAM set), where journald adds the time and name."""
+    systemd (JOURNAL_STREAM set), where journald adds the time and name.
+
+    Defence in depth for text that came from the network (issue 9, item 7):
+    control characters are escaped and continuation lines are indented, so no
+    record can start a line that looks like another ``kv-agent:`` line or
+    repaint a terminal, even if some message missed its escaping.
+    """
 
     def __init__(self, journal: bool) -> None:
         super().__init__()
@@ -50,10 +57,11 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         label = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        if self._journal:
-            priority = _JOURNAL_PRIORITY.get(record.levelno, 6)
-            return "\n".join(f"<{priority}>{label}{line}" for line in message.splitlines())
-        return f"kv-agent: {label}{message}"
+        first, *rest = [escape(line, limit=0) for line in message.splitlines()] or [""]
+        prefix = (f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>" if self._journal
+                  else "kv-agent: ")
+        return "\n".join([f"{prefix}{label}{first}"]
+                         + [f"{prefix if self._journal else ''}  {line}" for line in rest])
 
 
 def configure_logging(level: int, environ: Mapping[str, str], stream: TextIO) -> None:

@@ -87,7 +87,8 @@ def _normalize_host(raw: str, text: str) -> str:
         try:
             return str(ipaddress.IPv4Address(host))
         except ValueError:
-            raise ValueError(f"{text!r} is not a valid IPv4 address or host name") from None
+            raise ValueError(f"{text!r} is not a valid IPv4 address or host name; "
+                             f"write {EXAMPLE}") from None
     return host
 
 

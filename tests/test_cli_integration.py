@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import queue
 import re
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import pytest
+from hostile import HostileServer, answer, loopback_443_server, trickle
+from hostile import response as hostile_response
 
 from agent.demo import DEMO_SECRETS
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
@@ -776,3 +779,186 @@ def test_demo_exits_zero_and_prints_no_secret_value(kv: Harness) -> None:
     assert "kv-agent demo: done" in result.stdout
     assert "UNEXPECTED" not in result.stdout
     assert (directory / "secrets" / "db-password").read_bytes() == b"demo-only-rotated-value"
+
+
+# ---------------------------------------------------------------------------
+# Issue 9: untrusted network input
+
+
+@pytest.mark.parametrize("vault", [
+    "https://evil.example\\.vault.azure.net",
+    "https://evil.example;.vault.azure.net",
+    "https://evil.example%23.vault.azure.net",
+    "https://evil.example@contoso.vault.azure.net",
+    "https://evil.example\t.vault.azure.net",
+    "https://127.1",
+])
+def test_check_refuses_vault_hosts_the_http_library_reads_differently(
+    kv: Harness, vault: str
+) -> None:
+    """Item 1: a vault host with '\\', ';', '%', '@', whitespace or a non-canonical address is a
+    manifest error (exit 78) naming the line and the fix."""
+    manifest = write_private(kv.root / "m.yaml", (
+        f"vault: {json.dumps(vault)}\ndirectory: {kv.directory}\nsecrets:\n  - name: x\n"))
+
+    result = kv.run("check", "--manifest", str(manifest))
+
+    assert result.returncode == 78, result.output
+    assert len(result.error_lines) == 1, result.stderr
+    assert ":1: vault:" in result.error_lines[0]
+    assert "vault.azure.net" in result.error_lines[0]
+
+
+def test_once_never_sends_the_token_to_a_host_behind_a_backslash(kv: Harness) -> None:
+    """Item 1: with vault 'https://IP\\.vault.azure.net' (urllib3 connects to IP:443), `once`
+    exits 78 and the hostile TLS server there never receives an Authorization header."""
+    name = fresh_name("hostile")
+    body = json.dumps({"value": "planted-by-evil", "id": f"https://x/secrets/{name}/1"}).encode()
+    try:
+        server, ip = loopback_443_server(answer(hostile_response(200, body)))
+    except PermissionError:
+        pytest.skip("binding port 443 on loopback needs root")
+    manifest = write_private(kv.root / "m.yaml", (
+        f"vault: 'https://{ip}\\.vault.azure.net'\ndirectory: {kv.directory}\n"
+        f"secrets:\n  - name: {name}\n"))
+    with server:
+        result = kv.run("once", "--manifest", str(manifest),
+                        env=kv.env(REQUESTS_CA_BUNDLE=server.ca_path))
+    assert result.returncode == 78, result.output
+    assert not server.saw_authorization and server.connections == 0
+    assert kv.emulator.imds_requests == 0
+    assert not (kv.directory / name).exists()
+
+
+def test_once_malformed_answers_fail_only_their_secret(kv: Harness) -> None:
+    """Item 3: a lone surrogate in a value, deep JSON in a 200 and an error body, and a
+    non-object body each fail their own secret (exit 1, no traceback); the good one is written."""
+    good = fresh_name("good")
+    kv.put(good, fresh_value("good"))
+    bad = {fresh_name("surrogate"): (200, b'{"value": "ab\\ud800cd", "id": "https://x/s/1"}'),
+           fresh_name("deep"): (200, b"[" * 100_000 + b"]" * 100_000),
+           fresh_name("deep-error"): (400, b'{"error": ' + b"[" * 100_000 + b"]" * 100_000
+                                      + b"}"),
+           fresh_name("list"): (200, b'["value"]')}
+    for name, (status, body) in bad.items():
+        kv.put(name, fresh_value(name))
+        kv.emulator.inject_fault("vault", status, body=body, path_contains=name, count=100)
+    manifest = kv.manifest(entry(good) + "".join(entry(name) for name in bad))
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 1, result.output
+    assert (kv.directory / good).exists()
+    assert len(result.error_lines) == len(bad), result.stderr
+    for name in bad:
+        assert any(f"'{name}'" in line for line in result.error_lines)
+        assert not (kv.directory / name).exists()
+    assert "\\ud800" not in result.stderr
+
+
+FORGED = "\n kv-agent: error: forged\x1b[31mRED\x1b[0m\u202e"
+
+
+def test_vault_and_imds_text_cannot_forge_log_lines(kv: Harness) -> None:
+    """Item 7: a version (from the id) and error texts holding a newline, a fake
+    'kv-agent: error:' line and ANSI escapes reach stderr escaped: no forged line, no ESC."""
+    first, forged_id, forged_error = (fresh_name("plain"), fresh_name("forged-id"),
+                                      fresh_name("forged-error"))
+    for name in (first, forged_id, forged_error):
+        kv.put(name, fresh_value(name))
+    kv.emulator.inject_fault("vault", 200, path_contains=forged_id, body=json.dumps(
+        {"value": "v", "id": f"https://x/secrets/{forged_id}/1{FORGED}"}).encode())
+    kv.emulator.inject_fault("vault", 400, path_contains=forged_error, body=json.dumps(
+        {"error": {"code": f"Bad{FORGED}", "message": f"\x1b[2Jboom{FORGED}"}}).encode())
+    manifest = kv.manifest(entry(first) + entry(forged_id) + entry(forged_error))
+
+    vault_run = kv.run("once", "--manifest", str(manifest))
+    kv.emulator.inject_fault("imds", 400, body=json.dumps(
+        {"error": "invalid_request", "error_description": f"nope{FORGED}"}).encode())
+    imds_run = kv.run("once", "--manifest", str(manifest))
+
+    assert vault_run.returncode == 1 and imds_run.returncode == 69
+    for run in (vault_run, imds_run):
+        assert "\x1b" not in run.stderr and "\u202e" not in run.stderr
+        lines = run.stderr.splitlines()
+        assert not [line for line in lines if re.match(r"\s*kv-agent: error: forged", line)]
+        assert all(line.startswith("kv-agent: ") for line in lines), run.stderr
+    assert "\\x1b" in vault_run.stderr and "\\x1b" in imds_run.stderr
+
+
+def test_log_formatter_never_starts_a_forged_line() -> None:
+    """Item 7, defence in depth: whatever a log record holds, every continuation line is
+    indented and control characters are escaped."""
+    from agent.cli import _Formatter
+
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "text%s", (FORGED,), None)
+    for journal in (False, True):
+        lines = _Formatter(journal).format(record).split("\n")
+        assert lines[0] in ("kv-agent: error: text", "<3>error: text")
+        assert all(line.startswith(("  ", "<3>  ")) for line in lines[1:])
+        assert "\x1b" not in "".join(lines) and "\u202e" not in "".join(lines)
+
+
+def test_once_retry_for_10_ends_despite_a_trickling_vault(kv: Harness) -> None:
+    """Item 4: a vault sending one byte every 2 s cannot keep `once --retry-for 10` alive:
+    it exits 69 within 25 s, saying the vault was too slow."""
+    name = fresh_name("trickle")
+    slow = hostile_response(401, b"", {"WWW-Authenticate": 'Bearer resource="https://vault'
+                                       '.azure.net"'})
+    with HostileServer(trickle(slow, 2.0), give_up_s=55) as server:
+        manifest = write_private(kv.root / "m.yaml", (
+            f"vault: {server.url}\ndirectory: {kv.directory}\nsecrets:\n  - name: {name}\n"))
+        result = kv.run("once", "--retry-for", "10", "--manifest", str(manifest),
+                        env=kv.env(REQUESTS_CA_BUNDLE=server.ca_path))
+    assert result.returncode == 69, result.output
+    assert result.elapsed_s < 25, result.elapsed_s
+    (line,) = result.error_lines
+    assert "too slow" in line and "no complete answer" in line
+    assert not server.saw_authorization
+
+
+def test_once_429_storm_with_retry_after_zero_is_not_a_hot_loop(kv: Harness) -> None:
+    """Item 5: a vault answering every request 429 with Retry-After: 0 (or a past date) gets a
+    handful of requests per second, not thousands."""
+    name = fresh_name("storm")
+    kv.put(name, fresh_value("storm"))
+    kv.emulator.inject_fault("vault", 429, retry_after="0", count=20_000, path_contains=name)
+    manifest = kv.manifest(entry(name))
+
+    result = kv.run("once", "--retry-for", "4", "--manifest", str(manifest))
+
+    assert result.returncode == 1, result.output
+    assert "throttled" in result.stderr
+    requests_made = kv.emulator.vault_requests
+    assert requests_made <= 12, f"{requests_made} requests in {result.elapsed_s:.1f} s"
+
+
+def test_once_challenge_failing_with_500_is_unavailable(kv: Harness) -> None:
+    """Item 8: 500s on the unauthenticated first request exit 69 (unavailable), not
+    'not a Key Vault' with exit 1."""
+    name = fresh_name("challenge-500")
+    kv.put(name, fresh_value("challenge-500"))
+    kv.emulator.inject_fault("vault", 500, count=1000)
+    manifest = kv.manifest(entry(name))
+
+    result = kv.run("once", "--retry-for", "2", "--manifest", str(manifest))
+
+    assert result.returncode == 69, result.output
+    (line,) = result.error_lines
+    assert "kept failing (HTTP 500" in line and "not a Key Vault" not in line
+
+
+def test_once_missing_ca_bundle_is_a_config_error(kv: Harness) -> None:
+    """Item 8: REQUESTS_CA_BUNDLE naming a missing file exits 78 with one line naming the
+    variable and the fix, before any request."""
+    name = fresh_name("ca")
+    manifest = kv.manifest(entry(name))
+    missing = str(kv.root / "missing-ca.pem")
+
+    result = kv.run("once", "--manifest", str(manifest), env=kv.env(REQUESTS_CA_BUNDLE=missing))
+
+    assert result.returncode == 78, result.output
+    assert result.error_lines == [f"kv-agent: error: REQUESTS_CA_BUNDLE={missing} does not "
+                                  "exist; point REQUESTS_CA_BUNDLE at a PEM CA bundle, or "
+                                  "unset it"]
+    assert kv.emulator.imds_requests == 0 and kv.emulator.vault_requests == 0
