@@ -775,3 +775,22 @@ def test_no_secret_or_token_in_debug_logs(start_agent: StartAgent, vault: Vault)
     assert "DEBUG" in err or "debug:" in err  # it really logged at debug level
     assert vault.tokens()
     assert_no_leak(err, vault)
+
+
+def test_vault_unreachable_at_start_shows_the_vaults_reason(start_agent: StartAgent,
+                                                             vault: Vault,
+                                                             shm_dir: Path) -> None:
+    """Issue 9 item 16: while the vault refuses connections at start, STATUS= names the vault
+    and the reason, like IMDS: 'waiting for vault 127.0.0.1:PORT: connection refused (attempt 4)'."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on: refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = start_agent(text=manifest_text(f"https://127.0.0.1:{port}", shm_dir / "out",
+                                         [entry("unreached")]))
+    expected = f"waiting for vault 127.0.0.1:{port}: connection refused (attempt 4)"
+    run.wait(lambda: any(s.startswith(expected) for s in run.notes.statuses()),
+             f"STATUS {expected!r}")
+    assert not run.readies()
+    run.stop()
