@@ -927,10 +927,10 @@ def test_once_429_storm_with_retry_after_zero_is_not_a_hot_loop(kv: Harness) -> 
 
     result = kv.run("once", "--retry-for", "4", "--manifest", str(manifest))
 
-    assert result.returncode == 1, result.output
-    assert "throttled" in result.stderr
     requests_made = kv.emulator.vault_requests
     assert requests_made <= 12, f"{requests_made} requests in {result.elapsed_s:.1f} s"
+    assert result.returncode == 1, result.output
+    assert "throttled" in result.stderr
 
 
 def test_once_challenge_failing_with_500_is_unavailable(kv: Harness) -> None:

@@ -277,7 +277,8 @@ def test_expiry_is_clamped_to_a_sane_range(content: Dict[str, Any], expected: fl
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    | st.sampled_from(["1e400", "inf", "-inf", "nan", "1e308", "-5", float("inf"), 1e308]),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12)
