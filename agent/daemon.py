@@ -58,6 +58,9 @@ DEBOUNCE_MAX_S = 2.0  # ... but never later than this after the first event
 # and each write is atomic anyway. Short, so SIGTERM exits within ~2 s.
 STOP_GRACE_S = 1.5
 STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
+# Retry budget of one refresh's IMDS and vault requests; the start-up and
+# failure backoffs above then space the refreshes themselves.
+REFRESH_RETRY = RetryPolicy(deadline_s=30.0)
 
 SyncResult = Union[SyncReport, KvAgentError, None]  # None: interrupted
 
@@ -257,8 +260,7 @@ class Daemon:
         """Make ``manifest`` current: a new Agent (token cache and sessions)."""
         agent = Agent(manifest, environ=self._environ, on_retry=self._on_retry,
                       sleep=self._interruptible_sleep,
-                      imds_policy=RetryPolicy(deadline_s=30.0),
-                      vault_policy=RetryPolicy(deadline_s=30.0))
+                      imds_policy=REFRESH_RETRY, vault_policy=REFRESH_RETRY)
         agent.prepare()
         old = self._agent
         self._agent, self._manifest, self._manifest_bytes = agent, manifest, raw

@@ -27,7 +27,14 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import pytest
 import yaml
-from daemon_harness import AgentProcess, Datagram, NotifySocket, wait_for
+from daemon_harness import (
+    FAST_RETRY_MAIN,
+    AgentProcess,
+    Datagram,
+    LateListener,
+    NotifySocket,
+    wait_for,
+)
 
 from agent.emulator import Emulator
 
@@ -239,7 +246,7 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
     def start(entries: Sequence[Mapping[str, Any]] = (), *, text: Optional[str] = None,
               notify: bool = True, args: Sequence[str] = (), env: Mapping[str, str] = {},
               manifest: Optional[Path] = None, state_dir: Optional[Path] = None,
-              **manifest_keys: Any) -> Running:
+              fast_retry: bool = False, **manifest_keys: Any) -> Running:
         directory = shm_dir / "out"
         path = manifest or etc / "manifest.yaml"
         if not path.exists():
@@ -259,7 +266,8 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
             full_env["NOTIFY_SOCKET"] = sock.path
         full_env.update(env)
         process = AgentProcess([*args, "run", "--manifest", str(path),
-                                "--state-dir", str(state_dir)], full_env)
+                                "--state-dir", str(state_dir)], full_env,
+                               main=FAST_RETRY_MAIN if fast_retry else None)
         running = Running(process, sock, path, directory, state_dir, vault, full_env)
         started.append(running)
         return running
@@ -336,6 +344,80 @@ def test_imds_down_at_start_then_up(start_agent: StartAgent, vault: Vault) -> No
     assert read(run.directory / "boot-secret") == value
     assert "1 secret current" in ready.fields["STATUS"]
     run.stop()
+
+
+class ReadyWatch:
+    """Checks the output directory the moment each READY=1 arrives."""
+
+    def __init__(self, run: Running, required: Sequence[str]) -> None:
+        self.run = run
+        self.required = required
+        self.missing_at_ready: List[List[str]] = []  # one list per READY=1
+        run.notes.on_datagram(self._check)
+
+    def _check(self, message: Datagram) -> None:
+        if message.has("READY", "1"):
+            self.missing_at_ready.append(
+                [name for name in self.required if not (self.run.directory / name).is_file()])
+
+
+def _assert_not_ready_while_imds_down(run: Running, watch: ReadyWatch) -> None:
+    """Whole refreshes fail (at least two); meanwhile no READY=1 and no "ready" status."""
+    run.wait(lambda: len(run.process.lines("refresh failed")) >= 1
+             and len(run.notes.statuses()) >= 3, "a whole refresh to fail")
+    failed_at = len(run.notes.messages)
+    run.wait(lambda: len(run.notes.messages) > failed_at + 1, "the next failing refresh")
+    assert watch.missing_at_ready == [], "READY=1 was sent without the files"
+    assert not (run.directory / "boot-secret").exists()
+    document = run.status_json()
+    assert document["state"] == "starting", document
+    shown = run.status_cli()
+    assert shown.returncode == 1, shown.stdout
+    assert "starting" in shown.stdout and "ready" not in shown.stdout.split("\n")[0]
+
+
+def test_no_ready_while_imds_answers_410(start_agent: StartAgent, vault: Vault) -> None:
+    """IMDS answering 410 at start fails whole refreshes without READY=1; READY=1 comes
+    only once IMDS recovers, and at that moment every required file exists."""
+    value = vault.put("boot-secret")
+    vault.put("second")
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    run = start_agent([entry("boot-secret"), entry("second"), entry("extra", optional=True)],
+                      fast_retry=True)
+    watch = ReadyWatch(run, ["boot-secret", "second"])
+    _assert_not_ready_while_imds_down(run, watch)
+    vault.emulator.clear_faults()
+    run.wait_ready()
+    assert watch.missing_at_ready[0] == []
+    assert read(run.directory / "boot-secret") == value
+    assert run.status_cli().returncode == 0
+    run.stop()
+    assert all(missing == [] for missing in watch.missing_at_ready)
+
+
+def test_no_ready_while_imds_refuses_connections(start_agent: StartAgent,
+                                                vault: Vault) -> None:
+    """IMDS refusing connections at start fails whole refreshes without READY=1; READY=1
+    comes only once IMDS listens, and at that moment every required file exists."""
+    value = vault.put("boot-secret")
+    endpoint = vault.emulator.imds_endpoint
+    imds = re.match(r"http://([^:/]+):(\d+)", endpoint)
+    assert imds is not None
+    late = LateListener((imds.group(1), int(imds.group(2))))
+    try:
+        closed = endpoint.replace(f":{imds.group(2)}/", f":{late.port}/", 1)
+        run = start_agent([entry("boot-secret")], fast_retry=True,
+                          env={"KV_AGENT_IMDS_ENDPOINT": closed})
+        watch = ReadyWatch(run, ["boot-secret"])
+        _assert_not_ready_while_imds_down(run, watch)
+        assert "connection refused" in run.status_json()["error"]
+        late.open()
+        run.wait_ready()
+        assert watch.missing_at_ready == [[]]
+        assert read(run.directory / "boot-secret") == value
+        run.stop()
+    finally:
+        late.close()
 
 
 def test_invalid_manifest_at_start_exits_78(start_agent: StartAgent, vault: Vault) -> None:
