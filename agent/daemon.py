@@ -8,7 +8,9 @@ vault -> writer path; one :class:`~agent.agent.Agent` does each cycle):
    previous run wrote for secrets no longer in the manifest.
 2. Initial sync, retried with bounded backoff until every non-optional secret
    is on disk, with STATUS= saying what it waits for; then READY=1, so units
-   ordered after kv-agent find their files.
+   ordered after kv-agent find their files. "On disk" is checked positively,
+   file by file: a refresh that failed as a whole (IMDS down) leaves no
+   per-secret error behind, so no error must never be read as "written".
 3. Sleep until the next refresh (interval with jitter), a signal, a manifest
    edit (inotify) or the watchdog; nothing else wakes the process.
 4. SIGHUP or a manifest edit: RELOADING=1, re-read the manifest (an invalid
@@ -79,6 +81,9 @@ class SecretState:
         self.error: Optional[str] = None
         self.cause: Optional[str] = None
         self.error_since: Optional[float] = None
+        # Inode of the file a refresh last found current (written or unchanged):
+        # with the ledger of written files, what makes this entry count as on disk.
+        self.inode: Optional[int] = None
 
     def as_json(self) -> Dict[str, Any]:
         return {"name": self.name, "path": self.path, "vault": self.vault,
@@ -318,15 +323,25 @@ class Daemon:
             for problem in problems:
                 log.error("manifest rejected, keeping the previous one: %s", problem)
             self._manifest_error = problems[0]
-            self._phase = "ready" if self._is_ready else "starting"
-            self._notifier.ready(self._status_line())
-            self._save_status()
+            self._finish_reload()
             return
         self._manifest_error = None
         if old is not None:
             self._remove_dropped(old, manifest)
         self._ready_after_sync = True
         self._start_sync()
+
+    def _finish_reload(self) -> None:
+        """End a RELOADING=1 that needs no refresh: READY=1 again, unless the
+        agent never was ready (then the first real READY=1 ends it; a READY=1
+        now would announce files that may not exist)."""
+        if self._is_ready:
+            self._phase = "ready"
+            self._notifier.ready(self._status_line())
+        else:
+            self._phase = "starting"
+            self._notifier.status(self._status_line())
+        self._save_status()
 
     # -- refresh -----------------------------------------------------------------------
 
@@ -407,9 +422,9 @@ class Daemon:
             self._phase = "ready"
             log.info("ready: %s", self._status_line())
             self._notifier.ready(self._status_line())
-        elif self._ready_after_sync and self._sync_thread is None:
-            self._ready_after_sync = False
-            self._phase = "ready" if self._is_ready else "starting"
+        elif self._ready_after_sync and self._sync_thread is None and self._is_ready:
+            self._ready_after_sync = False  # a reload is finished
+            self._phase = "ready"
             self._notifier.ready(self._status_line())
         else:
             self._notifier.status(self._status_line())
@@ -436,6 +451,7 @@ class Daemon:
         if outcome.changed or state.updated is None:
             state.updated = now_wall
         state.version = outcome.version
+        state.inode = _inode(entry.path)
         if outcome.changed:
             self._track(entry.path)
             return entry.on_change, entry.path
@@ -460,14 +476,25 @@ class Daemon:
         self._next_refresh = self._now() + max(delay, 0.5)
 
     def _has_every_required_file(self) -> bool:
-        """Every non-optional secret is current, or keeps the file this agent
-        wrote earlier in this boot (state lives on /run) as its last good one."""
-        for state in self._secrets.values():
-            if state.is_optional or state.error is None:
-                continue
-            if not self._is_our_file(state.path):
-                return False
-        return True
+        """READY's condition: every non-optional entry's path holds a regular
+        file that a refresh found current, or that this agent wrote earlier in
+        this boot (the ledger lives on /run) and keeps as its last good one.
+
+        Checked on the files themselves, never inferred from an absence of
+        errors: when IMDS is down, the refresh fails as a whole and no
+        per-secret error is recorded at all (issue 9: READY=1 with an empty
+        directory).
+        """
+        return all(self._is_on_disk(state) for state in self._secrets.values()
+                   if not state.is_optional)
+
+    def _is_on_disk(self, state: SecretState) -> bool:
+        try:
+            st = os.lstat(state.path)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_ino in (state.inode,
+                                                          self._written.get(state.path))
 
     # -- files we wrote ----------------------------------------------------------------
 
@@ -605,6 +632,15 @@ class Daemon:
                 for outcome in result.outcomes:
                     if outcome.changed:
                         self._track(outcome.entry.path)
+
+
+def _inode(path: str) -> Optional[int]:
+    """The inode of the regular file at ``path`` (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino if stat.S_ISREG(st.st_mode) else None
 
 
 def writer_root_for(path: str, directory: str) -> str:

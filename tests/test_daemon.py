@@ -386,6 +386,17 @@ def test_no_ready_while_imds_answers_410(start_agent: StartAgent, vault: Vault) 
                       fast_retry=True)
     watch = ReadyWatch(run, ["boot-secret", "second"])
     _assert_not_ready_while_imds_down(run, watch)
+    # A reload while starting ends without READY=1 too.
+    run.process.send_signal(signal.SIGHUP)
+
+    def reload_refresh_failed() -> bool:
+        reloading = run.notes.with_key("RELOADING", "1")
+        return bool(reloading) and any(
+            m.at > reloading[0].at and "; next " in m.fields.get("STATUS", "")
+            for m in run.notes.messages)  # "next": the refresh ended and the next is due
+
+    run.wait(reload_refresh_failed, "the reload's refresh to fail")
+    assert watch.missing_at_ready == [], run.describe()
     vault.emulator.clear_faults()
     run.wait_ready()
     assert watch.missing_at_ready[0] == []
