@@ -225,12 +225,22 @@ def _exit_code(failures: Sequence["SecretOutcome"]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from agent.daemon import Daemon
-    from agent.state import state_dir
+    # Handlers first, before the heavy imports and the manifest: until then a
+    # SIGHUP would kill the agent (see agent/signals.py). The daemon takes the
+    # flags over, so nothing asked for in the meantime is lost.
+    from agent.signals import SignalFlags
 
-    daemon = Daemon(_manifest_path(args, environ), environ=environ,
-                    state_dir=state_dir(environ, args.state_dir))
-    return daemon.run()
+    signals = SignalFlags()
+    signals.install()
+    try:
+        from agent.daemon import Daemon
+        from agent.state import state_dir
+
+        daemon = Daemon(_manifest_path(args, environ), environ=environ,
+                        state_dir=state_dir(environ, args.state_dir), signals=signals)
+        return daemon.run()
+    finally:
+        signals.restore()
 
 
 def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -18,6 +18,9 @@ vault -> writer path; one :class:`~agent.agent.Agent` does each cycle):
    refresh now, READY=1.
 5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes
    and exit 0. Files stay: consumers keep working across agent restarts.
+   The handlers are installed before step 1 (by ``kv-agent run``, first
+   thing: see :mod:`agent.signals`), and a stop or reload requested before
+   the loop starts is honoured.
 
 Threads: the main thread runs the event loop and owns all state; a refresh
 runs in one worker thread (itself fanning out fetches) and hands its report
@@ -45,6 +48,7 @@ from agent.hooks import HookRunner, hook_triggers
 from agent.manifest import Manifest, parse_manifest, read_manifest_text
 from agent.notify import Notifier, watchdog_interval_s
 from agent.retry import RetryPolicy
+from agent.signals import SignalFlags
 from agent.state import STATUS_VERSION, StateStore, iso_time, read_written
 from agent.watch import ManifestWatcher
 from agent.writer import Writer
@@ -103,6 +107,7 @@ class Daemon:
         environ: Mapping[str, str],
         state_dir: str,
         notifier: Optional[Notifier] = None,
+        signals: Optional[SignalFlags] = None,
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -111,6 +116,7 @@ class Daemon:
         self._environ = environ
         self._store = StateStore(state_dir)
         self._notifier = notifier or Notifier(environ)
+        self._signals = signals or SignalFlags()
         self._wall = wall
         self._now = monotonic
         self._rng = rng
@@ -137,8 +143,6 @@ class Daemon:
         self._manifest_error: Optional[str] = None
         self._waiting: Optional[str] = None  # set by the refresh thread while retrying
         self._saved_waiting: Optional[str] = None
-        self._reload_requested = False
-        self._stop_requested = False
         self._edit_first: Optional[float] = None
         self._edit_last: Optional[float] = None
         self.cycles = 0
@@ -150,13 +154,26 @@ class Daemon:
 
         Raises ManifestError or KvAgentError when the agent cannot start at all.
         """
+        self._signals.install()  # a no-op when `kv-agent run` did it first thing
+        try:
+            return self._run()
+        finally:
+            self._signals.restore()
+
+    def _run(self) -> int:
         manifest, raw = self._read_manifest()
+        if self._signals.stop_requested:  # SIGTERM while starting: nothing done yet
+            log.info("stopped before the first refresh; no file touched")
+            self._close_wake_pipe()
+            return 0
         self._store.prepare()
         self._written = read_written(self._store.load())
         self._install(manifest, raw)
         self._remove_orphans(manifest)
         watcher = ManifestWatcher(self._manifest_path)
-        previous = self._install_signals()
+        previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        if self._signals.reload_requested:
+            self._wake()  # a SIGHUP during start-up: reload at the first turn of the loop
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         selector.register(watcher.fileno(), selectors.EVENT_READ, "inotify")
@@ -166,7 +183,7 @@ class Daemon:
             self._start_sync()
             self._loop(selector, watcher)
         finally:
-            self._restore_signals(previous)
+            signal.set_wakeup_fd(previous_wakeup_fd)
             selector.close()
             watcher.close()
             self._shutdown()
@@ -177,7 +194,7 @@ class Daemon:
     def _loop(self, selector: selectors.BaseSelector, watcher: ManifestWatcher) -> None:
         watchdog_s = watchdog_interval_s(self._environ, os.getpid())
         next_watchdog = self._now() if watchdog_s else None
-        while not self._stop_requested:
+        while not self._signals.stop_requested:
             now = self._now()
             if next_watchdog is not None and now >= next_watchdog:
                 if self._is_healthy(now):
@@ -190,14 +207,13 @@ class Daemon:
                 elif watcher.read():
                     self._note_edit()
             self._handle_results()
-            if self._stop_requested:
+            if self._signals.stop_requested:
                 break
             if not self._is_ready and self._waiting != self._saved_waiting:
                 self._saved_waiting = self._waiting  # what the start waits for
                 self._save_status()
             self._handle_edits()
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._signals.take_reload():
                 self._reload("SIGHUP")
             if self._sync_thread is None and self._next_refresh is not None \
                     and self._now() >= self._next_refresh:
@@ -219,26 +235,6 @@ class Daemon:
         return self._sync_thread is None or now - self._sync_started < STUCK_AFTER_S
 
     # -- signals -----------------------------------------------------------------------
-
-    def _install_signals(self) -> Dict[int, Any]:
-        previous: Dict[int, Any] = {}
-        for signum, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
-                                (signal.SIGHUP, self._on_reload)):
-            previous[signum] = signal.signal(signum, handler)
-        previous[-1] = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        return previous
-
-    @staticmethod
-    def _restore_signals(previous: Dict[int, Any]) -> None:
-        signal.set_wakeup_fd(previous.pop(-1))
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self._stop_requested = True  # handlers only set flags
-
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self._reload_requested = True
 
     def _wake(self) -> None:
         try:
@@ -617,13 +613,16 @@ class Daemon:
         self._save_status()
         if self._agent is not None and (thread is None or not thread.is_alive()):
             self._agent.close()
+        self._close_wake_pipe()
+        log.info("stopped; files left in place")
+
+    def _close_wake_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
-        log.info("stopped; files left in place")
 
     def _handle_results_quietly(self) -> None:
         """Record files written by a refresh that finished while stopping."""

@@ -475,6 +475,92 @@ def test_works_without_notify_socket(start_agent: StartAgent, vault: Vault) -> N
     assert read(run.directory / "plain") == second
 
 
+def caught_signals(pid: int) -> Set[int]:
+    """The signals ``pid`` has a handler for (SigCgt in /proc/<pid>/status)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", text, re.M).group(1), 16)  # type: ignore
+    return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
+
+
+class FifoManifest:
+    """A manifest served through a FIFO: the agent blocks reading it until
+    :meth:`release`, so a test can act while the agent is still starting."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        os.mkfifo(path, 0o600)
+        self._fd = os.open(path, os.O_RDWR)  # a writer, so the agent's open() returns
+
+    def release(self) -> None:
+        """Put a regular file with the same text in its place (for reloads),
+        then hand the agent the text and EOF."""
+        spare = self.path.with_name(".manifest.new")
+        write_file(spare, self.text)
+        os.replace(spare, self.path)
+        os.write(self._fd, self.text.encode())
+        os.close(self._fd)
+        self._fd = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+
+
+START_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def test_sighup_during_start_up_is_survived(start_agent: StartAgent, vault: Vault,
+                                            shm_dir: Path, tmp_path: Path) -> None:
+    """Handlers are in place before the manifest is read; SIGHUPs sent then (and during
+    the first 100 ms after) neither kill the agent nor get lost: it reloads and is READY."""
+    value = vault.put("early")
+    fifo = FifoManifest(tmp_path / "etc" / "manifest.yaml",
+                        manifest_text(vault.url, shm_dir / "out", [entry("early")]))
+    try:
+        run = start_agent(manifest=fifo.path)
+        run.wait(lambda: START_SIGNALS <= caught_signals(run.process.pid),
+                 "SIGHUP/SIGTERM/SIGINT handlers while the manifest is still unread")
+        for _ in range(20):
+            run.process.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        assert run.process.is_running()
+        fifo.release()
+        for _ in range(20):  # and in the first 100 ms of the start proper
+            run.process.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        run.wait_ready()
+        assert read(run.directory / "early") == value
+        run.wait(lambda: run.process.lines("reloading (SIGHUP)"), "the early reload")
+        assert run.process.is_running()
+        run.stop()
+    finally:
+        fifo.close()
+
+
+def test_sigterm_during_start_up_exits_zero(start_agent: StartAgent, vault: Vault,
+                                            shm_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM before the manifest is read is honoured once it is: exit 0, nothing fetched."""
+    vault.put("never")
+    fifo = FifoManifest(tmp_path / "etc" / "manifest.yaml",
+                        manifest_text(vault.url, shm_dir / "out", [entry("never")]))
+    try:
+        run = start_agent(manifest=fifo.path)
+        run.wait(lambda: START_SIGNALS <= caught_signals(run.process.pid),
+                 "SIGHUP/SIGTERM/SIGINT handlers while the manifest is still unread")
+        run.process.send_signal(signal.SIGTERM)
+        fifo.release()
+        assert run.process.wait(PROMPT_EXIT_S + 5) == 0, run.describe()
+        assert vault.emulator.vault_requests == 0 and vault.emulator.imds_requests == 0
+        assert not run.readies()
+        assert "Traceback" not in run.process.stderr
+    finally:
+        fifo.close()
+
+
 # ---------------------------------------------------------------------------
 # Refresh
 
