@@ -55,14 +55,14 @@ def test_no_status_or_dead_agent_is_unavailable() -> None:
 
 
 def test_state_store_replaces_atomically(tmp_path: Path) -> None:
-    """The status file is replaced whole, world-readable, with no temp file left."""
+    """The status file is replaced whole, root-only (0600), with no temp file left."""
     store = StateStore(str(tmp_path / "state"))
     store.prepare()
     store.save({"written": {"/run/secrets/db": 12}})
     first = os.stat(store.path).st_ino
     store.save({"written": {"/run/secrets/db": 13, "bad": "x"}})
     assert os.stat(store.path).st_ino != first
-    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
     assert os.listdir(tmp_path / "state") == ["status.json"]
     assert read_written(store.load()) == {"/run/secrets/db": 13}
 
