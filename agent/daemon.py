@@ -580,6 +580,7 @@ class Daemon:
             "version": STATUS_VERSION,
             "pid": os.getpid(),
             "state": self._phase,
+            "saved_at": iso_time(self._wall()),  # when stopped: the time of the stop
             "status": self._status_line(),
             "manifest": os.path.abspath(self._manifest_path),
             "manifest_error": self._manifest_error,
@@ -602,6 +603,7 @@ class Daemon:
         """STOPPING=1; let an in-flight refresh finish its current write; exit."""
         self._notifier.stopping()
         self._phase = "stopped"
+        self._next_refresh = None  # none will come: not in the last status
         self._stop.set()
         thread = self._sync_thread
         if thread is not None:

@@ -930,7 +930,11 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
     run.stop()
     stopped = run.status_cli()
     assert stopped.returncode == 69
-    assert "not running" in stopped.stdout
+    first, *rest = stopped.stdout.splitlines()
+    assert re.fullmatch(r"kv-agent is not running; the last run \(pid \d+\) stopped at "
+                        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; the lines below are from then", first)
+    assert any(line.startswith("  was ok   alpha") for line in rest)
+    assert not any(line.startswith("  ok") for line in rest), stopped.stdout
     assert run.status_cli("--json").returncode == 69
     never = run_cli(["status", "--state-dir", str(run.state_dir / "nothing-here")], run.env)
     assert never.returncode == 69

@@ -81,3 +81,27 @@ def test_state_dir_precedence() -> None:
     assert state_dir({}, None) == "/run/kv-agent"
     assert state_dir({"KV_AGENT_STATE_DIR": "/x"}, None) == "/x"
     assert state_dir({"KV_AGENT_STATE_DIR": "/x"}, "/y") == "/y"
+
+
+def test_stopped_agent_shows_the_last_run_as_past() -> None:
+    """After a clean stop, the status says when the last run stopped and marks every
+    per-secret line as from then: no current "ok", no next refresh."""
+    lines, code = render_status(document(state="stopped", saved_at="2026-11-24T14:05:09Z"), "x")
+    assert code == EXIT_UNAVAILABLE
+    assert lines[0] == ("kv-agent is not running; the last run (pid %d) stopped at "
+                        "2026-11-24T14:05:09Z; the lines below are from then" % os.getpid())
+    assert not any(line.lstrip().startswith(("ok ", "FAIL ", "warn ")) for line in lines)
+    assert any(line.startswith("  was ok   db -> /run/secrets/db") for line in lines)
+    assert any(line.startswith("  was warn flag") for line in lines)
+    assert not any("next:" in line for line in lines)
+
+
+def test_dead_agent_shows_its_last_status_time() -> None:
+    """An agent that died without stopping is reported with the time of its last status."""
+    doc = document(pid=2**22 + 12345, saved_at="2026-11-24T14:03:00Z")
+    lines, code = render_status(doc, "x")
+    assert code == EXIT_UNAVAILABLE
+    assert lines[0].startswith(f"kv-agent is not running; the last run (pid {2**22 + 12345}) "
+                               "ended without stopping cleanly; its last status was written at "
+                               "2026-11-24T14:03:00Z; the lines below are from then")
+    assert any(line.startswith("  was ok   db") for line in lines)
