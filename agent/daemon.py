@@ -526,9 +526,14 @@ class Daemon:
                 log.info("not removing %s: it is no longer the file kv-agent wrote", path)
             self._written.pop(path, None)
             return
+        writer = Writer(root)
         try:
-            Writer(root).remove(path)
+            writer.remove(path)
             log.info("removed %s: its secret left the manifest", path)
+            # Only parents of a file this agent removed, and only the ones
+            # shaped as the writer makes them: not a hunt for empty directories.
+            for directory in writer.remove_empty_parents(path):
+                log.info("removed %s: empty once its secrets left", directory)
         except (KvAgentError, OSError) as exc:
             log.warning("could not remove %s: %s", path, exc)
         self._written.pop(path, None)
