@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from agent import __version__
 from agent.errors import (
@@ -67,6 +67,17 @@ def configure_logging(level: int, environ: Mapping[str, str], stream: TextIO) ->
         logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it accepts the global options too, so
+    `kv-agent check --debug` works like `kv-agent --debug check`. Their
+    default is SUPPRESS: a subcommand not given them keeps the values parsed
+    before it instead of resetting them to False."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _add_global_options(self, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; factored out so tests can inspect it."""
     parser = argparse.ArgumentParser(
@@ -74,10 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Materialise Azure Key Vault secrets into files on tmpfs, "
         "authenticated by the VM's managed identity.")
     parser.add_argument("--version", action="version", version=f"kv-agent {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="debug logging and tracebacks (never secret values or tokens)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_global_options(parser, default=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_CommandParser)
 
     def with_manifest(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--manifest", metavar="FILE",
@@ -132,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tmpfs directory for the demo (default /dev/shm/kv-agent-demo)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="debug logging and tracebacks (never secret values or tokens)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors")
 
 
 def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
