@@ -431,6 +431,26 @@ def test_no_ready_while_imds_refuses_connections(start_agent: StartAgent,
         late.close()
 
 
+def test_restart_with_imds_down_is_ready_with_the_files_it_wrote(start_agent: StartAgent,
+                                                                 vault: Vault,
+                                                                 shm_dir: Path) -> None:
+    """After a restart in the same boot, IMDS down still allows READY=1: every required
+    file is the one this agent wrote before (its ledger's inode), and stays in place."""
+    values = {name: vault.put(name) for name in ("kept-a", "kept-b")}
+    state = shm_dir / "state"
+    first = start_agent([entry("kept-a"), entry("kept-b")], refresh="60s", state_dir=state)
+    first.wait_ready()
+    first.stop()
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    second = start_agent(state_dir=state, fast_retry=True)
+    watch = ReadyWatch(second, list(values))
+    second.wait_ready()
+    assert watch.missing_at_ready == [[]]
+    second.wait(lambda: second.process.lines("refresh failed"), "the failed refresh logged")
+    assert {name: read(second.directory / name) for name in values} == values
+    second.stop()
+
+
 def test_invalid_manifest_at_start_exits_78(start_agent: StartAgent, vault: Vault) -> None:
     """An invalid manifest at start exits 78 with a one-line error naming the key, no traceback."""
     run = start_agent([entry("x", colour="blue")])
