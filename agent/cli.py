@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from agent import __version__
 from agent.errors import (
@@ -75,6 +75,17 @@ def configure_logging(level: int, environ: Mapping[str, str], stream: TextIO) ->
         logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it accepts the global options too, so
+    `kv-agent check --debug` works like `kv-agent --debug check`. Their
+    default is SUPPRESS: a subcommand not given them keeps the values parsed
+    before it instead of resetting them to False."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _add_global_options(self, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; factored out so tests can inspect it."""
     parser = argparse.ArgumentParser(
@@ -82,10 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Materialise Azure Key Vault secrets into files on tmpfs, "
         "authenticated by the VM's managed identity.")
     parser.add_argument("--version", action="version", version=f"kv-agent {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="debug logging and tracebacks (never secret values or tokens)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_global_options(parser, default=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_CommandParser)
 
     def with_manifest(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--manifest", metavar="FILE",
@@ -140,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tmpfs directory for the demo (default /dev/shm/kv-agent-demo)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="debug logging and tracebacks (never secret values or tokens)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors")
 
 
 def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
@@ -233,12 +250,22 @@ def _exit_code(failures: Sequence["SecretOutcome"]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from agent.daemon import Daemon
-    from agent.state import state_dir
+    # Handlers first, before the heavy imports and the manifest: until then a
+    # SIGHUP would kill the agent (see agent/signals.py). The daemon takes the
+    # flags over, so nothing asked for in the meantime is lost.
+    from agent.signals import SignalFlags
 
-    daemon = Daemon(_manifest_path(args, environ), environ=environ,
-                    state_dir=state_dir(environ, args.state_dir))
-    return daemon.run()
+    signals = SignalFlags()
+    signals.install()
+    try:
+        from agent.daemon import Daemon
+        from agent.state import state_dir
+
+        daemon = Daemon(_manifest_path(args, environ), environ=environ,
+                        state_dir=state_dir(environ, args.state_dir), signals=signals)
+        return daemon.run()
+    finally:
+        signals.restore()
 
 
 def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -8,7 +8,9 @@ vault -> writer path; one :class:`~agent.agent.Agent` does each cycle):
    previous run wrote for secrets no longer in the manifest.
 2. Initial sync, retried with bounded backoff until every non-optional secret
    is on disk, with STATUS= saying what it waits for; then READY=1, so units
-   ordered after kv-agent find their files.
+   ordered after kv-agent find their files. "On disk" is checked positively,
+   file by file: a refresh that failed as a whole (IMDS down) leaves no
+   per-secret error behind, so no error must never be read as "written".
 3. Sleep until the next refresh (interval with jitter), a signal, a manifest
    edit (inotify) or the watchdog; nothing else wakes the process.
 4. SIGHUP or a manifest edit: RELOADING=1, re-read the manifest (an invalid
@@ -16,6 +18,9 @@ vault -> writer path; one :class:`~agent.agent.Agent` does each cycle):
    refresh now, READY=1.
 5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes
    and exit 0. Files stay: consumers keep working across agent restarts.
+   The handlers are installed before step 1 (by ``kv-agent run``, first
+   thing: see :mod:`agent.signals`), and a stop or reload requested before
+   the loop starts is honoured.
 
 Threads: the main thread runs the event loop and owns all state; a refresh
 runs in one worker thread (itself fanning out fetches) and hands its report
@@ -43,6 +48,7 @@ from agent.hooks import HookRunner, hook_triggers
 from agent.manifest import Manifest, parse_manifest, read_manifest_text
 from agent.notify import Notifier, watchdog_interval_s
 from agent.retry import RetryPolicy
+from agent.signals import SignalFlags
 from agent.state import STATUS_VERSION, StateStore, iso_time, read_written
 from agent.watch import ManifestWatcher
 from agent.writer import Writer
@@ -58,6 +64,9 @@ DEBOUNCE_MAX_S = 2.0  # ... but never later than this after the first event
 # and each write is atomic anyway. Short, so SIGTERM exits within ~2 s.
 STOP_GRACE_S = 1.5
 STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
+# Retry budget of one refresh's IMDS and vault requests; the start-up and
+# failure backoffs above then space the refreshes themselves.
+REFRESH_RETRY = RetryPolicy(deadline_s=30.0)
 
 SyncResult = Union[SyncReport, KvAgentError, None]  # None: interrupted
 
@@ -76,6 +85,9 @@ class SecretState:
         self.error: Optional[str] = None
         self.cause: Optional[str] = None
         self.error_since: Optional[float] = None
+        # Inode of the file a refresh last found current (written or unchanged):
+        # with the ledger of written files, what makes this entry count as on disk.
+        self.inode: Optional[int] = None
 
     def as_json(self) -> Dict[str, Any]:
         return {"name": self.name, "path": self.path, "vault": self.vault,
@@ -95,6 +107,7 @@ class Daemon:
         environ: Mapping[str, str],
         state_dir: str,
         notifier: Optional[Notifier] = None,
+        signals: Optional[SignalFlags] = None,
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -103,6 +116,7 @@ class Daemon:
         self._environ = environ
         self._store = StateStore(state_dir)
         self._notifier = notifier or Notifier(environ)
+        self._signals = signals or SignalFlags()
         self._wall = wall
         self._now = monotonic
         self._rng = rng
@@ -129,8 +143,6 @@ class Daemon:
         self._manifest_error: Optional[str] = None
         self._waiting: Optional[str] = None  # set by the refresh thread while retrying
         self._saved_waiting: Optional[str] = None
-        self._reload_requested = False
-        self._stop_requested = False
         self._edit_first: Optional[float] = None
         self._edit_last: Optional[float] = None
         self.cycles = 0
@@ -142,13 +154,26 @@ class Daemon:
 
         Raises ManifestError or KvAgentError when the agent cannot start at all.
         """
+        self._signals.install()  # a no-op when `kv-agent run` did it first thing
+        try:
+            return self._run()
+        finally:
+            self._signals.restore()
+
+    def _run(self) -> int:
         manifest, raw = self._read_manifest()
+        if self._signals.stop_requested:  # SIGTERM while starting: nothing done yet
+            log.info("stopped before the first refresh; no file touched")
+            self._close_wake_pipe()
+            return 0
         self._store.prepare()
         self._written = read_written(self._store.load())
         self._install(manifest, raw)
         self._remove_orphans(manifest)
         watcher = ManifestWatcher(self._manifest_path)
-        previous = self._install_signals()
+        previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        if self._signals.reload_requested:
+            self._wake()  # a SIGHUP during start-up: reload at the first turn of the loop
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         selector.register(watcher.fileno(), selectors.EVENT_READ, "inotify")
@@ -158,7 +183,7 @@ class Daemon:
             self._start_sync()
             self._loop(selector, watcher)
         finally:
-            self._restore_signals(previous)
+            signal.set_wakeup_fd(previous_wakeup_fd)
             selector.close()
             watcher.close()
             self._shutdown()
@@ -169,7 +194,7 @@ class Daemon:
     def _loop(self, selector: selectors.BaseSelector, watcher: ManifestWatcher) -> None:
         watchdog_s = watchdog_interval_s(self._environ, os.getpid())
         next_watchdog = self._now() if watchdog_s else None
-        while not self._stop_requested:
+        while not self._signals.stop_requested:
             now = self._now()
             if next_watchdog is not None and now >= next_watchdog:
                 if self._is_healthy(now):
@@ -182,14 +207,13 @@ class Daemon:
                 elif watcher.read():
                     self._note_edit()
             self._handle_results()
-            if self._stop_requested:
+            if self._signals.stop_requested:
                 break
             if not self._is_ready and self._waiting != self._saved_waiting:
                 self._saved_waiting = self._waiting  # what the start waits for
                 self._save_status()
             self._handle_edits()
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._signals.take_reload():
                 self._reload("SIGHUP")
             if self._sync_thread is None and self._next_refresh is not None \
                     and self._now() >= self._next_refresh:
@@ -211,26 +235,6 @@ class Daemon:
         return self._sync_thread is None or now - self._sync_started < STUCK_AFTER_S
 
     # -- signals -----------------------------------------------------------------------
-
-    def _install_signals(self) -> Dict[int, Any]:
-        previous: Dict[int, Any] = {}
-        for signum, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
-                                (signal.SIGHUP, self._on_reload)):
-            previous[signum] = signal.signal(signum, handler)
-        previous[-1] = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        return previous
-
-    @staticmethod
-    def _restore_signals(previous: Dict[int, Any]) -> None:
-        signal.set_wakeup_fd(previous.pop(-1))
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self._stop_requested = True  # handlers only set flags
-
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self._reload_requested = True
 
     def _wake(self) -> None:
         try:
@@ -257,8 +261,7 @@ class Daemon:
         """Make ``manifest`` current: a new Agent (token cache and sessions)."""
         agent = Agent(manifest, environ=self._environ, on_retry=self._on_retry,
                       sleep=self._interruptible_sleep,
-                      imds_policy=RetryPolicy(deadline_s=30.0),
-                      vault_policy=RetryPolicy(deadline_s=30.0))
+                      imds_policy=REFRESH_RETRY, vault_policy=REFRESH_RETRY)
         agent.prepare()
         old = self._agent
         self._agent, self._manifest, self._manifest_bytes = agent, manifest, raw
@@ -316,15 +319,25 @@ class Daemon:
             for problem in problems:
                 log.error("manifest rejected, keeping the previous one: %s", problem)
             self._manifest_error = problems[0]
-            self._phase = "ready" if self._is_ready else "starting"
-            self._notifier.ready(self._status_line())
-            self._save_status()
+            self._finish_reload()
             return
         self._manifest_error = None
         if old is not None:
             self._remove_dropped(old, manifest)
         self._ready_after_sync = True
         self._start_sync()
+
+    def _finish_reload(self) -> None:
+        """End a RELOADING=1 that needs no refresh: READY=1 again, unless the
+        agent never was ready (then the first real READY=1 ends it; a READY=1
+        now would announce files that may not exist)."""
+        if self._is_ready:
+            self._phase = "ready"
+            self._notifier.ready(self._status_line())
+        else:
+            self._phase = "starting"
+            self._notifier.status(self._status_line())
+        self._save_status()
 
     # -- refresh -----------------------------------------------------------------------
 
@@ -405,9 +418,9 @@ class Daemon:
             self._phase = "ready"
             log.info("ready: %s", self._status_line())
             self._notifier.ready(self._status_line())
-        elif self._ready_after_sync and self._sync_thread is None:
-            self._ready_after_sync = False
-            self._phase = "ready" if self._is_ready else "starting"
+        elif self._ready_after_sync and self._sync_thread is None and self._is_ready:
+            self._ready_after_sync = False  # a reload is finished
+            self._phase = "ready"
             self._notifier.ready(self._status_line())
         else:
             self._notifier.status(self._status_line())
@@ -434,6 +447,7 @@ class Daemon:
         if outcome.changed or state.updated is None:
             state.updated = now_wall
         state.version = outcome.version
+        state.inode = _inode(entry.path)
         if outcome.changed:
             self._track(entry.path)
             return entry.on_change, entry.path
@@ -458,14 +472,25 @@ class Daemon:
         self._next_refresh = self._now() + max(delay, 0.5)
 
     def _has_every_required_file(self) -> bool:
-        """Every non-optional secret is current, or keeps the file this agent
-        wrote earlier in this boot (state lives on /run) as its last good one."""
-        for state in self._secrets.values():
-            if state.is_optional or state.error is None:
-                continue
-            if not self._is_our_file(state.path):
-                return False
-        return True
+        """READY's condition: every non-optional entry's path holds a regular
+        file that a refresh found current, or that this agent wrote earlier in
+        this boot (the ledger lives on /run) and keeps as its last good one.
+
+        Checked on the files themselves, never inferred from an absence of
+        errors: when IMDS is down, the refresh fails as a whole and no
+        per-secret error is recorded at all (issue 9: READY=1 with an empty
+        directory).
+        """
+        return all(self._is_on_disk(state) for state in self._secrets.values()
+                   if not state.is_optional)
+
+    def _is_on_disk(self, state: SecretState) -> bool:
+        try:
+            st = os.lstat(state.path)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_ino in (state.inode,
+                                                          self._written.get(state.path))
 
     # -- files we wrote ----------------------------------------------------------------
 
@@ -501,9 +526,14 @@ class Daemon:
                 log.info("not removing %s: it is no longer the file kv-agent wrote", path)
             self._written.pop(path, None)
             return
+        writer = Writer(root)
         try:
-            Writer(root).remove(path)
+            writer.remove(path)
             log.info("removed %s: its secret left the manifest", path)
+            # Only parents of a file this agent removed, and only the ones
+            # shaped as the writer makes them: not a hunt for empty directories.
+            for directory in writer.remove_empty_parents(path):
+                log.info("removed %s: empty once its secrets left", directory)
         except (KvAgentError, OSError) as exc:
             log.warning("could not remove %s: %s", path, exc)
         self._written.pop(path, None)
@@ -555,6 +585,7 @@ class Daemon:
             "version": STATUS_VERSION,
             "pid": os.getpid(),
             "state": self._phase,
+            "saved_at": iso_time(self._wall()),  # when stopped: the time of the stop
             "status": self._status_line(),
             "manifest": os.path.abspath(self._manifest_path),
             "manifest_error": self._manifest_error,
@@ -577,6 +608,7 @@ class Daemon:
         """STOPPING=1; let an in-flight refresh finish its current write; exit."""
         self._notifier.stopping()
         self._phase = "stopped"
+        self._next_refresh = None  # none will come: not in the last status
         self._stop.set()
         thread = self._sync_thread
         if thread is not None:
@@ -588,13 +620,16 @@ class Daemon:
         self._save_status()
         if self._agent is not None and (thread is None or not thread.is_alive()):
             self._agent.close()
+        self._close_wake_pipe()
+        log.info("stopped; files left in place")
+
+    def _close_wake_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
-        log.info("stopped; files left in place")
 
     def _handle_results_quietly(self) -> None:
         """Record files written by a refresh that finished while stopping."""
@@ -603,6 +638,15 @@ class Daemon:
                 for outcome in result.outcomes:
                     if outcome.changed:
                         self._track(outcome.entry.path)
+
+
+def _inode(path: str) -> Optional[int]:
+    """The inode of the regular file at ``path`` (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino if stat.S_ISREG(st.st_mode) else None
 
 
 def writer_root_for(path: str, directory: str) -> str:

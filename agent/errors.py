@@ -21,6 +21,7 @@ EXIT_USAGE = 2  # bad command line (argparse's own code)
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: IMDS or the vault cannot be reached
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug; a traceback was printed
 EXIT_CANTCREAT = 73  # EX_CANTCREAT: the output directory cannot be used
+EXIT_NOPERM = 77  # EX_NOPERM: this user may not read what the command needs
 EXIT_CONFIG = 78  # EX_CONFIG: the manifest is invalid
 
 
@@ -100,3 +101,10 @@ class ConfigError(KvAgentError):
     naming a missing file): fix it, retrying will not help."""
 
     exit_code = EXIT_CONFIG
+
+
+class PermissionDeniedError(KvAgentError):
+    """The user running the command may not read what it needs (status.json
+    is root's alone), which is not the same as "nothing there"."""
+
+    exit_code = EXIT_NOPERM

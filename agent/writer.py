@@ -336,6 +336,47 @@ class Writer:
             raise
         os.fsync(dir_fd)  # (8)
 
+    def remove_empty_parents(self, path: str) -> List[str]:
+        """After ``path`` was removed: rmdir the directories between it and the
+        root that are now empty and have the shape this writer creates (owned
+        by this user, DIR_MODE), deepest first, stopping at the first that is
+        not. Returns the directories removed.
+
+        The root is never removed, and a directory the operator made with its
+        own mode is kept. Each level is opened from the root with O_NOFOLLOW
+        (no symlink is followed) and removed by name in its parent only if
+        that name is still the same inode; rmdir(2) fails on a non-empty
+        directory, so nothing that appears meanwhile is lost.
+        """
+        self._check_path(path)
+        relative = posixpath.relpath(posixpath.dirname(path), self.root)
+        parts = [] if relative == "." else relative.split("/")
+        fds = [self._open_root()]  # fds[i] is the directory holding parts[i]
+        removed: List[str] = []
+        try:
+            for part in parts:
+                try:
+                    fds.append(os.open(part, _O_DIR, dir_fd=fds[-1]))
+                except OSError:
+                    break  # missing, a symlink or a file: nothing below to prune
+            for depth in range(len(fds) - 1, 0, -1):
+                st = os.fstat(fds[depth])
+                if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != DIR_MODE:
+                    break
+                name = parts[depth - 1]
+                try:
+                    if os.stat(name, dir_fd=fds[depth - 1], follow_symlinks=False).st_ino \
+                            != st.st_ino:
+                        break
+                    os.rmdir(name, dir_fd=fds[depth - 1])
+                except OSError:
+                    break  # not empty, or gone: stop there
+                removed.append(posixpath.join(self.root, *parts[:depth]))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return removed
+
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:
     try:

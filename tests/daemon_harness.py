@@ -4,8 +4,9 @@
 datagram socket whose messages are collected, with their arrival time, by a
 background thread. :class:`AgentProcess` is one ``python -m agent run``
 process whose stderr is collected line by line. :func:`wait_for` polls a
-predicate until it holds. Nothing here sleeps for a fixed time to let
-something happen: every wait is a poll with a deadline.
+predicate until it holds. :class:`LateListener` is a loopback port that
+refuses connections until it is opened. Nothing here sleeps for a fixed time
+to let something happen: every wait is a poll with a deadline.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ T = TypeVar("T")
 
 POLL_S = 0.05
 STOP_KILL_AFTER_S = 15.0  # a process still alive this long after SIGTERM is killed
+
+# `python -c` code that runs the kv-agent command line with the daemon's
+# retry schedule shortened to about a second, so a test sees a whole refresh
+# fail (and the next one start) within seconds instead of 30 s.
+FAST_RETRY_MAIN = (
+    "import sys\n"
+    "import agent.daemon as daemon\n"
+    "from agent.retry import RetryPolicy\n"
+    "daemon.REFRESH_RETRY = RetryPolicy(deadline_s=1.0, base_delay_s=0.1, max_delay_s=0.3)\n"
+    "daemon.START_RETRY_S = (0.3, 0.6)\n"
+    "from agent.cli import main\n"
+    "sys.exit(main())\n"
+)
 
 
 def wait_for(predicate: Callable[[], Optional[T]], timeout_s: float, what: str,
@@ -133,8 +147,11 @@ class NotifySocket:
 class AgentProcess:
     """One running ``kv-agent`` process with its stderr collected."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
-        self.argv = [sys.executable, "-m", "agent", *args]
+    def __init__(self, args: Sequence[str], env: Mapping[str, str],
+                 main: Optional[str] = None) -> None:
+        """``main``: Python code to run instead of ``-m agent`` (e.g. FAST_RETRY_MAIN)."""
+        entry = ["-m", "agent"] if main is None else ["-c", main]
+        self.argv = [sys.executable, *entry, *args]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=dict(env), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -209,3 +226,71 @@ class AgentProcess:
             if stream is not None:
                 stream.close()
 
+
+
+class LateListener:
+    """A loopback TCP port that refuses connections (it is bound but not
+    listening, so the kernel answers a SYN with RST) until :meth:`open`, after
+    which every connection is forwarded to ``target``: a service that is down,
+    then comes up on the same address."""
+
+    def __init__(self, target: Tuple[str, int]) -> None:
+        self._target = target
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self._closed = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._sockets: List[socket.socket] = []
+
+    def open(self) -> None:
+        """Start accepting (and forwarding) connections."""
+        self._sock.listen(16)
+        self._sock.settimeout(0.1)
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self._target, timeout=5.0)
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            self._spawn(self._pump, client, upstream)
+            self._spawn(self._pump, upstream, client)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock, how in ((sink, socket.SHUT_WR), (source, socket.SHUT_RD)):
+                try:
+                    sock.shutdown(how)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._sock.close()
+        for sock in self._sockets:
+            sock.close()

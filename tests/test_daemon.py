@@ -27,7 +27,14 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import pytest
 import yaml
-from daemon_harness import AgentProcess, Datagram, NotifySocket, wait_for
+from daemon_harness import (
+    FAST_RETRY_MAIN,
+    AgentProcess,
+    Datagram,
+    LateListener,
+    NotifySocket,
+    wait_for,
+)
 
 from agent.emulator import Emulator
 
@@ -239,7 +246,7 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
     def start(entries: Sequence[Mapping[str, Any]] = (), *, text: Optional[str] = None,
               notify: bool = True, args: Sequence[str] = (), env: Mapping[str, str] = {},
               manifest: Optional[Path] = None, state_dir: Optional[Path] = None,
-              **manifest_keys: Any) -> Running:
+              fast_retry: bool = False, **manifest_keys: Any) -> Running:
         directory = shm_dir / "out"
         path = manifest or etc / "manifest.yaml"
         if not path.exists():
@@ -259,7 +266,8 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
             full_env["NOTIFY_SOCKET"] = sock.path
         full_env.update(env)
         process = AgentProcess([*args, "run", "--manifest", str(path),
-                                "--state-dir", str(state_dir)], full_env)
+                                "--state-dir", str(state_dir)], full_env,
+                               main=FAST_RETRY_MAIN if fast_retry else None)
         running = Running(process, sock, path, directory, state_dir, vault, full_env)
         started.append(running)
         return running
@@ -338,6 +346,111 @@ def test_imds_down_at_start_then_up(start_agent: StartAgent, vault: Vault) -> No
     run.stop()
 
 
+class ReadyWatch:
+    """Checks the output directory the moment each READY=1 arrives."""
+
+    def __init__(self, run: Running, required: Sequence[str]) -> None:
+        self.run = run
+        self.required = required
+        self.missing_at_ready: List[List[str]] = []  # one list per READY=1
+        run.notes.on_datagram(self._check)
+
+    def _check(self, message: Datagram) -> None:
+        if message.has("READY", "1"):
+            self.missing_at_ready.append(
+                [name for name in self.required if not (self.run.directory / name).is_file()])
+
+
+def _assert_not_ready_while_imds_down(run: Running, watch: ReadyWatch) -> None:
+    """Whole refreshes fail (at least two); meanwhile no READY=1 and no "ready" status."""
+    run.wait(lambda: len(run.process.lines("refresh failed")) >= 1
+             and len(run.notes.statuses()) >= 3, "a whole refresh to fail")
+    failed_at = len(run.notes.messages)
+    run.wait(lambda: len(run.notes.messages) > failed_at + 1, "the next failing refresh")
+    assert watch.missing_at_ready == [], "READY=1 was sent without the files"
+    assert not (run.directory / "boot-secret").exists()
+    document = run.status_json()
+    assert document["state"] == "starting", document
+    shown = run.status_cli()
+    assert shown.returncode == 1, shown.stdout
+    assert "starting" in shown.stdout and "ready" not in shown.stdout.split("\n")[0]
+
+
+def test_no_ready_while_imds_answers_410(start_agent: StartAgent, vault: Vault) -> None:
+    """IMDS answering 410 at start fails whole refreshes without READY=1; READY=1 comes
+    only once IMDS recovers, and at that moment every required file exists."""
+    value = vault.put("boot-secret")
+    vault.put("second")
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    run = start_agent([entry("boot-secret"), entry("second"), entry("extra", optional=True)],
+                      fast_retry=True)
+    watch = ReadyWatch(run, ["boot-secret", "second"])
+    _assert_not_ready_while_imds_down(run, watch)
+    # A reload while starting ends without READY=1 too.
+    run.process.send_signal(signal.SIGHUP)
+
+    def reload_refresh_failed() -> bool:
+        reloading = run.notes.with_key("RELOADING", "1")
+        return bool(reloading) and any(
+            m.at > reloading[0].at and "; next " in m.fields.get("STATUS", "")
+            for m in run.notes.messages)  # "next": the refresh ended and the next is due
+
+    run.wait(reload_refresh_failed, "the reload's refresh to fail")
+    assert watch.missing_at_ready == [], run.describe()
+    vault.emulator.clear_faults()
+    run.wait_ready()
+    assert watch.missing_at_ready[0] == []
+    assert read(run.directory / "boot-secret") == value
+    assert run.status_cli().returncode == 0
+    run.stop()
+    assert all(missing == [] for missing in watch.missing_at_ready)
+
+
+def test_no_ready_while_imds_refuses_connections(start_agent: StartAgent,
+                                                vault: Vault) -> None:
+    """IMDS refusing connections at start fails whole refreshes without READY=1; READY=1
+    comes only once IMDS listens, and at that moment every required file exists."""
+    value = vault.put("boot-secret")
+    endpoint = vault.emulator.imds_endpoint
+    imds = re.match(r"http://([^:/]+):(\d+)", endpoint)
+    assert imds is not None
+    late = LateListener((imds.group(1), int(imds.group(2))))
+    try:
+        closed = endpoint.replace(f":{imds.group(2)}/", f":{late.port}/", 1)
+        run = start_agent([entry("boot-secret")], fast_retry=True,
+                          env={"KV_AGENT_IMDS_ENDPOINT": closed})
+        watch = ReadyWatch(run, ["boot-secret"])
+        _assert_not_ready_while_imds_down(run, watch)
+        assert "connection refused" in run.status_json()["error"]
+        late.open()
+        run.wait_ready()
+        assert watch.missing_at_ready == [[]]
+        assert read(run.directory / "boot-secret") == value
+        run.stop()
+    finally:
+        late.close()
+
+
+def test_restart_with_imds_down_is_ready_with_the_files_it_wrote(start_agent: StartAgent,
+                                                                 vault: Vault,
+                                                                 shm_dir: Path) -> None:
+    """After a restart in the same boot, IMDS down still allows READY=1: every required
+    file is the one this agent wrote before (its ledger's inode), and stays in place."""
+    values = {name: vault.put(name) for name in ("kept-a", "kept-b")}
+    state = shm_dir / "state"
+    first = start_agent([entry("kept-a"), entry("kept-b")], refresh="60s", state_dir=state)
+    first.wait_ready()
+    first.stop()
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    second = start_agent(state_dir=state, fast_retry=True)
+    watch = ReadyWatch(second, list(values))
+    second.wait_ready()
+    assert watch.missing_at_ready == [[]]
+    second.wait(lambda: second.process.lines("refresh failed"), "the failed refresh logged")
+    assert {name: read(second.directory / name) for name in values} == values
+    second.stop()
+
+
 def test_invalid_manifest_at_start_exits_78(start_agent: StartAgent, vault: Vault) -> None:
     """An invalid manifest at start exits 78 with a one-line error naming the key, no traceback."""
     run = start_agent([entry("x", colour="blue")])
@@ -380,6 +493,92 @@ def test_works_without_notify_socket(start_agent: StartAgent, vault: Vault) -> N
     assert "Traceback" not in run.process.stderr
     run.stop()
     assert read(run.directory / "plain") == second
+
+
+def caught_signals(pid: int) -> Set[int]:
+    """The signals ``pid`` has a handler for (SigCgt in /proc/<pid>/status)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", text, re.M).group(1), 16)  # type: ignore
+    return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
+
+
+class FifoManifest:
+    """A manifest served through a FIFO: the agent blocks reading it until
+    :meth:`release`, so a test can act while the agent is still starting."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        os.mkfifo(path, 0o600)
+        self._fd = os.open(path, os.O_RDWR)  # a writer, so the agent's open() returns
+
+    def release(self) -> None:
+        """Put a regular file with the same text in its place (for reloads),
+        then hand the agent the text and EOF."""
+        spare = self.path.with_name(".manifest.new")
+        write_file(spare, self.text)
+        os.replace(spare, self.path)
+        os.write(self._fd, self.text.encode())
+        os.close(self._fd)
+        self._fd = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+
+
+START_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def test_sighup_during_start_up_is_survived(start_agent: StartAgent, vault: Vault,
+                                            shm_dir: Path, tmp_path: Path) -> None:
+    """Handlers are in place before the manifest is read; SIGHUPs sent then (and during
+    the first 100 ms after) neither kill the agent nor get lost: it reloads and is READY."""
+    value = vault.put("early")
+    fifo = FifoManifest(tmp_path / "etc" / "manifest.yaml",
+                        manifest_text(vault.url, shm_dir / "out", [entry("early")]))
+    try:
+        run = start_agent(manifest=fifo.path)
+        run.wait(lambda: START_SIGNALS <= caught_signals(run.process.pid),
+                 "SIGHUP/SIGTERM/SIGINT handlers while the manifest is still unread")
+        for _ in range(20):
+            run.process.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        assert run.process.is_running()
+        fifo.release()
+        for _ in range(20):  # and in the first 100 ms of the start proper
+            run.process.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        run.wait_ready()
+        assert read(run.directory / "early") == value
+        run.wait(lambda: run.process.lines("reloading (SIGHUP)"), "the early reload")
+        assert run.process.is_running()
+        run.stop()
+    finally:
+        fifo.close()
+
+
+def test_sigterm_during_start_up_exits_zero(start_agent: StartAgent, vault: Vault,
+                                            shm_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM before the manifest is read is honoured once it is: exit 0, nothing fetched."""
+    vault.put("never")
+    fifo = FifoManifest(tmp_path / "etc" / "manifest.yaml",
+                        manifest_text(vault.url, shm_dir / "out", [entry("never")]))
+    try:
+        run = start_agent(manifest=fifo.path)
+        run.wait(lambda: START_SIGNALS <= caught_signals(run.process.pid),
+                 "SIGHUP/SIGTERM/SIGINT handlers while the manifest is still unread")
+        run.process.send_signal(signal.SIGTERM)
+        fifo.release()
+        assert run.process.wait(PROMPT_EXIT_S + 5) == 0, run.describe()
+        assert vault.emulator.vault_requests == 0 and vault.emulator.imds_requests == 0
+        assert not run.readies()
+        assert "Traceback" not in run.process.stderr
+    finally:
+        fifo.close()
 
 
 # ---------------------------------------------------------------------------
@@ -509,6 +708,33 @@ def test_sighup_reload_adds_and_removes_entries(start_agent: StartAgent, vault: 
     run.stop()
     assert sorted(p.name for p in directory.iterdir()) == ["added", "keep", "never-fetched",
                                                            "swapped"]
+
+
+def test_directories_emptied_by_a_removal_are_removed(start_agent: StartAgent, vault: Vault,
+                                                      shm_dir: Path) -> None:
+    """Removing entries also removes the directories that became empty (deepest first),
+    but never a non-empty one, one the operator gave another mode, or the root."""
+    for name in ("keep", "cert", "key", "deep", "shared", "own"):
+        vault.put(name)
+    directory = shm_dir / "out"
+    (directory / "custom").mkdir(parents=True)
+    os.chmod(directory / "custom", 0o750)  # the operator's own directory
+    entries = [entry("keep"), entry("cert", path="tls/cert"), entry("key", path="tls/key"),
+               entry("deep", path="a/b/c/deep"), entry("shared", path="mixed/shared"),
+               entry("own", path="custom/own")]
+    run = start_agent(entries, refresh="60s")
+    run.wait_ready()
+    (directory / "mixed" / "operator-file").write_text("not kv-agent's")
+    write_file(run.manifest, manifest_text(vault.url, directory, [entry("keep")],
+                                           refresh="60s"))
+    run.process.send_signal(signal.SIGHUP)
+    run.wait_ready(2)
+    assert sorted(p.name for p in directory.iterdir()) == ["custom", "keep", "mixed"]
+    assert os.listdir(directory / "mixed") == ["operator-file"]
+    assert os.listdir(directory / "custom") == []
+    assert run.process.lines(f"removed {directory / 'tls'}:")
+    assert run.process.lines(f"removed {directory / 'a'}:")
+    run.stop()
 
 
 SECOND_ENTRY = "- name: second\n  path: second\n  mode: '0440'\n"
@@ -728,6 +954,9 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
                                     "status.json with a refresh")
     assert document["pid"] == run.process.pid
     assert document["state"] == "ready"
+    # It names every secret and path: root's alone (issue 9).
+    assert stat.S_IMODE(os.lstat(run.state_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(run.state_dir / "status.json").st_mode) == 0o600
     assert document["next_refresh"] and document["refresh_interval_s"] == 1.0
     by_name = {s["name"]: s for s in document["secrets"]}
     alpha, beta = by_name["alpha"], by_name["beta"]
@@ -748,7 +977,11 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
     run.stop()
     stopped = run.status_cli()
     assert stopped.returncode == 69
-    assert "not running" in stopped.stdout
+    first, *rest = stopped.stdout.splitlines()
+    assert re.fullmatch(r"kv-agent is not running; the last run \(pid \d+\) stopped at "
+                        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; the lines below are from then", first)
+    assert any(line.startswith("  was ok   alpha") for line in rest)
+    assert not any(line.startswith("  ok") for line in rest), stopped.stdout
     assert run.status_cli("--json").returncode == 69
     never = run_cli(["status", "--state-dir", str(run.state_dir / "nothing-here")], run.env)
     assert never.returncode == 69

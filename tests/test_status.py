@@ -55,14 +55,14 @@ def test_no_status_or_dead_agent_is_unavailable() -> None:
 
 
 def test_state_store_replaces_atomically(tmp_path: Path) -> None:
-    """The status file is replaced whole, world-readable, with no temp file left."""
+    """The status file is replaced whole, root-only (0600), with no temp file left."""
     store = StateStore(str(tmp_path / "state"))
     store.prepare()
     store.save({"written": {"/run/secrets/db": 12}})
     first = os.stat(store.path).st_ino
     store.save({"written": {"/run/secrets/db": 13, "bad": "x"}})
     assert os.stat(store.path).st_ino != first
-    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
     assert os.listdir(tmp_path / "state") == ["status.json"]
     assert read_written(store.load()) == {"/run/secrets/db": 13}
 
@@ -81,3 +81,27 @@ def test_state_dir_precedence() -> None:
     assert state_dir({}, None) == "/run/kv-agent"
     assert state_dir({"KV_AGENT_STATE_DIR": "/x"}, None) == "/x"
     assert state_dir({"KV_AGENT_STATE_DIR": "/x"}, "/y") == "/y"
+
+
+def test_stopped_agent_shows_the_last_run_as_past() -> None:
+    """After a clean stop, the status says when the last run stopped and marks every
+    per-secret line as from then: no current "ok", no next refresh."""
+    lines, code = render_status(document(state="stopped", saved_at="2026-11-24T14:05:09Z"), "x")
+    assert code == EXIT_UNAVAILABLE
+    assert lines[0] == ("kv-agent is not running; the last run (pid %d) stopped at "
+                        "2026-11-24T14:05:09Z; the lines below are from then" % os.getpid())
+    assert not any(line.lstrip().startswith(("ok ", "FAIL ", "warn ")) for line in lines)
+    assert any(line.startswith("  was ok   db -> /run/secrets/db") for line in lines)
+    assert any(line.startswith("  was warn flag") for line in lines)
+    assert not any("next:" in line for line in lines)
+
+
+def test_dead_agent_shows_its_last_status_time() -> None:
+    """An agent that died without stopping is reported with the time of its last status."""
+    doc = document(pid=2**22 + 12345, saved_at="2026-11-24T14:03:00Z")
+    lines, code = render_status(doc, "x")
+    assert code == EXIT_UNAVAILABLE
+    assert lines[0].startswith(f"kv-agent is not running; the last run (pid {2**22 + 12345}) "
+                               "ended without stopping cleanly; its last status was written at "
+                               "2026-11-24T14:03:00Z; the lines below are from then")
+    assert any(line.startswith("  was ok   db") for line in lines)
