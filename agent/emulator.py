@@ -1032,7 +1032,9 @@ class _ImdsApi:
         self._issuer = issuer
 
     def handle(self, request: _Request) -> _Response:
-        if request.path != IMDS_TOKEN_PATH:
+        # msal-node (under @azure/identity 4.x) canonicalises an overridden IMDS
+        # endpoint (AZURE_POD_IDENTITY_AUTHORITY_HOST) into ".../token/": accept it.
+        if request.path not in (IMDS_TOKEN_PATH, IMDS_TOKEN_PATH + "/"):
             return _imds_error(404, "not_found", "The requested resource was not found")
         if request.method != "GET":
             return _imds_error(405, "method_not_allowed", "Only GET is supported")

@@ -421,6 +421,16 @@ def test_imds_other_methods_and_paths_are_refused(emulator: Emulator) -> None:
     assert list(post.json()) == list(other.json()) == ["error", "error_description"]
 
 
+def test_imds_accepts_the_token_path_with_a_trailing_slash(emulator: Emulator) -> None:
+    """``.../oauth2/token/``, which msal-node sends when the IMDS host is overridden, gets a token."""
+    response = requests.get(
+        emulator.imds_endpoint + "/", params=IMDS_PARAMS, headers=METADATA, timeout=5
+    )
+
+    assert response.status_code == 200, response.text
+    assert claims(response.json()["access_token"])["aud"] == KV_RESOURCE
+
+
 @pytest.fixture(scope="module")
 def two_identities() -> Iterator[Emulator]:
     """A VM with a system-assigned identity and two user-assigned ones."""
