@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import pytest
+import requests
+from daemon_harness import AgentProcess, wait_for
 
 from agent.demo import DEMO_SECRETS
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
@@ -339,6 +341,59 @@ def test_once_failures_name_each_secret_and_keep_its_file(kv: Harness) -> None:
         for fragment in fragments:
             assert fragment in line, line
         assert "left as it was" in line, line
+
+
+def rotate_through_the_vault_api(emulator: Emulator, name: str, value: str) -> None:
+    """PUT a new version over HTTPS, as a user would with curl or an SDK (issue 9 item 24)."""
+    SECRET_VALUES.add(value)
+    with requests.Session() as client:
+        client.trust_env = False
+        grant = client.get(emulator.imds_endpoint, headers={"Metadata": "true"}, timeout=5,
+                           params={"api-version": IMDS_API_VERSION, "resource": KEYVAULT_AUDIENCE})
+        bearer = grant.json()["access_token"]
+        TOKENS.add(bearer)
+        put = client.put(f"{emulator.vault_url}/secrets/{name}", params={"api-version": "7.6"},
+                         json={"value": value}, headers={"Authorization": f"Bearer {bearer}"},
+                         verify=emulator.ca_path, timeout=5)
+    assert put.status_code == 200, put.status_code
+
+
+def test_once_picks_up_a_secret_rotated_through_the_vault_api(kv: Harness) -> None:
+    """A version written with an HTTP PUT to the emulator is what the next once writes."""
+    name = fresh_name("rest-rotated")
+    kv.put(name, fresh_value("before"))
+    manifest = kv.manifest(entry(name))
+    assert kv.run("once", "--manifest", str(manifest)).returncode == 0
+
+    rotated = fresh_value("after")
+    rotate_through_the_vault_api(kv.emulator, name, rotated)
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert (kv.directory / name).read_bytes() == rotated.encode()
+
+
+def test_run_picks_up_a_secret_rotated_through_the_vault_api(kv: Harness) -> None:
+    """A running agent writes a version PUT over HTTP at its next refresh."""
+    name = fresh_name("rest-running")
+    first = fresh_value("first")
+    kv.put(name, first)
+    manifest = kv.manifest(entry(name), header="refresh: 1s\nrefresh_jitter: 0%\n")
+    target = kv.directory / name
+    agent = AgentProcess(["run", "--manifest", str(manifest)], kv.env())
+    try:
+        wait_for(lambda: target.exists() and target.read_bytes() == first.encode(), 20,
+                 "the first write", lambda: agent.stderr)
+        rotated = fresh_value("rotated")
+        rotate_through_the_vault_api(kv.emulator, name, rotated)
+        wait_for(lambda: target.read_bytes() == rotated.encode(), 20,
+                 "the rotated value", lambda: agent.stderr)
+        code, _ = agent.stop()
+    finally:
+        agent.kill()
+    OUTPUTS.append(agent.stdout + agent.stderr)
+    assert code == 0
+    assert_no_leak(agent.stdout + agent.stderr)
 
 
 def test_once_with_debug_on_failures_prints_no_value_or_token(kv: Harness) -> None:

@@ -273,3 +273,81 @@ def test_js_sdk_disabled_and_missing_secrets_raise_rest_errors(
         "innerCode": None,
     }
     assert ok(versions_of_missing) == [[]]
+
+
+@pytest.mark.parametrize("max_page_size", [None, 1, 7])
+def test_js_sdk_lists_everything_across_empty_pages(
+    js_dir: Path, max_page_size: int | None
+) -> None:
+    """With empty pages on, byPage() follows a nextLink past pages without items and loses nothing."""
+    step: dict[str, Any] = {"op": "list"}
+    if max_page_size is not None:
+        step["maxPageSize"] = max_page_size
+    with Emulator(SECRETS, empty_pages=True) as emulator:
+        listed, versions = run_js(
+            js_dir, emulator, [step, {**step, "op": "versions", "name": "rotated"}]
+        )
+
+    pages = ok(listed)
+    assert [len(page) for page in pages[:2]] == [0, 0]
+    assert sorted(item["name"] for page in pages for item in page) == sorted(SECRETS)
+    assert len([item for page in ok(versions) for item in page]) == 3
+
+
+def test_js_sdk_set_update_delete_recover_purge(js_dir: Path) -> None:
+    """SecretClient's write operations work end to end against the emulator's write API."""
+    with Emulator(SECRETS) as emulator:
+        answers = run_js(
+            js_dir,
+            emulator,
+            [
+                {"op": "set", "name": "written", "value": "first",
+                 "contentType": "text/plain", "tags": {"env": "test"},
+                 "notBefore": 1_600_000_000, "expiresOn": 2_000_000_000},
+                {"op": "set", "name": "written", "value": "second"},
+                {"op": "versions", "name": "written"},
+                {"op": "delete", "name": "written"},
+                {"op": "getDeleted", "name": "written"},
+                {"op": "listDeleted"},
+                {"op": "set", "name": "written", "value": "third"},
+                {"op": "recover", "name": "written"},
+                {"op": "get", "name": "written"},
+                {"op": "delete", "name": "written"},
+                {"op": "purge", "name": "written"},
+                {"op": "getDeleted", "name": "written"},
+                {"op": "set", "name": "written", "value": "fourth"},
+            ],
+        )
+        (
+            first, second, versions, deleted, fetched, listed, conflict,
+            recovered, after_recover, _, purged, gone, fourth,
+        ) = answers
+        (update,) = run_js(
+            js_dir,
+            emulator,
+            [{"op": "update", "name": "written", "version": ok(fourth)["version"],
+              "enabled": False, "tags": {"env": "prod"}}],
+        )
+        (disabled,) = run_js(js_dir, emulator, [{"op": "get", "name": "written"}])
+
+    assert (ok(first)["value"], ok(first)["contentType"]) == ("first", "text/plain")
+    assert (ok(first)["notBefore"], ok(first)["expiresOn"]) == (1_600_000_000, 2_000_000_000)
+    assert ok(second)["version"] != ok(first)["version"]
+    assert len(ok(versions)[0]) == 2
+    assert ok(deleted)["recoveryId"] == f"{emulator_url(deleted)}/deletedsecrets/written"
+    assert ok(deleted)["scheduledPurgeDate"] - ok(deleted)["deletedOn"] == 90 * 86400
+    assert ok(fetched)["name"] == "written"
+    assert [item["name"] for page in ok(listed) for item in page] == ["written"]
+    assert error(conflict)["statusCode"] == 409 and error(conflict)["code"] == "Conflict"
+    assert ok(recovered)["name"] == "written"
+    assert ok(after_recover)["value"] == "second"
+    assert ok(purged) is None
+    assert error(gone)["statusCode"] == 404
+    assert ok(fourth)["value"] == "fourth"
+    assert (ok(update)["enabled"], ok(update)["tags"]) == (False, {"env": "prod"})
+    assert error(disabled)["innerCode"] == "SecretDisabled"
+
+
+def emulator_url(answer: dict[str, Any]) -> str:
+    """The vault URL a bundle's id starts with."""
+    return str(answer["ok"]["id"]).split("/secrets/", 1)[0]

@@ -24,6 +24,7 @@ import pytest
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceExistsError,
     ResourceNotFoundError,
 )
 from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
@@ -288,3 +289,69 @@ def test_sdk_retries_a_transient_imds_error(fresh: Emulator) -> None:
         assert client.get_secret("db-password").value == "hunter2"
 
     assert [record.status for record in fresh.imds_log] == [500, 200]
+
+
+def test_sdk_lists_everything_across_empty_pages(fresh: Emulator) -> None:
+    """With empty pages on, both lists still yield every item: the SDK follows a nextLink past
+    a page without items, as it must in Azure."""
+    fresh.empty_pages = True
+    with secret_client(fresh) as client:
+        names = [str(item.name) for item in client.list_properties_of_secrets(max_page_size=5)]
+        versions = list(client.list_properties_of_secret_versions("rotated", max_page_size=1))
+
+    assert sorted(names) == sorted(SECRETS)
+    assert len(versions) == 3
+    pages = [r for r in fresh.vault_log if r.path == "/secrets" and r.status == 200]
+    assert len(pages) == 2 + 7 + 1  # two empty, seven of items, the empty last one
+
+
+def test_sdk_set_update_delete_recover_purge(fresh: Emulator) -> None:
+    """SecretClient's write operations work end to end: set, update, soft delete, get and list
+    deleted, recover, delete again, purge, and set anew."""
+    with secret_client(fresh) as client:
+        created = client.set_secret(
+            "written", "first", content_type="text/plain", tags={"env": "test"}
+        )
+        rotated = client.set_secret("written", "second")
+        updated = client.update_secret_properties(
+            "written", rotated.properties.version, enabled=False, tags={"env": "prod"}
+        )
+        disabled = pytest.raises(HttpResponseError, client.get_secret, "written")
+        client.update_secret_properties("written", enabled=True)  # latest, via ".../written/"
+        deleted = client.begin_delete_secret("written", _polling_interval=0.05).result()
+        fetched = client.get_deleted_secret("written")
+        listed = [item.name for item in client.list_deleted_secrets()]
+        with pytest.raises(ResourceExistsError) as conflict:
+            client.set_secret("written", "third")
+        recovered = client.begin_recover_deleted_secret("written", _polling_interval=0.05).result()
+        value_after_recover = client.get_secret("written").value
+        client.begin_delete_secret("written", _polling_interval=0.05).result()
+        client.purge_deleted_secret("written")
+        with pytest.raises(ResourceNotFoundError):
+            client.get_deleted_secret("written")
+        fresh_start = client.set_secret("written", "fourth")
+        versions = list(client.list_properties_of_secret_versions("written"))
+
+    assert (created.value, created.properties.content_type) == ("first", "text/plain")
+    assert created.properties.tags == {"env": "test"}
+    assert rotated.properties.version != created.properties.version
+    assert (updated.enabled, updated.tags) == (False, {"env": "prod"})
+    assert disabled.value.status_code == 403
+    assert deleted.name == fetched.name == "written"
+    assert deleted.recovery_id == f"{fresh.vault_url}/deletedsecrets/written"
+    assert deleted.deleted_date is not None and deleted.scheduled_purge_date is not None
+    assert listed == ["written"]
+    assert conflict.value.status_code == 409
+    assert conflict.value.error is not None
+    assert conflict.value.error.code == "Conflict"
+    assert recovered.name == "written" and value_after_recover == "second"
+    assert fresh_start.value == "fourth" and len(versions) == 1
+
+
+def test_sdk_bad_set_is_a_400(emu: Emulator) -> None:
+    """A value over Key Vault's 25 KB limit is refused with 400 BadParameter, as the service does."""
+    with secret_client(emu) as client, pytest.raises(HttpResponseError) as caught:
+        client.set_secret("too-big", "x" * (25 * 1024 + 1))
+
+    assert caught.value.status_code == 400
+    assert caught.value.error is not None and caught.value.error.code == "BadParameter"
