@@ -216,9 +216,32 @@ FORBIDDEN_INNER_CODES = (
 )
 
 _SECRET_KEYS = frozenset(
-    {"value", "versions", "enabled", "content_type", "tags", "not_before", "expires_on"}
+    {
+        "value",
+        "versions",
+        "enabled",
+        "content_type",
+        "tags",
+        "not_before",
+        "expires_on",
+        "managed",
+        "kid",
+    }
 )
 _VERSION_KEYS = _SECRET_KEYS - {"versions"}
+# The structured secrets file: its top level holds only these keys (see load_emulator_file).
+_FILE_KEYS = frozenset({"secrets", "identities"})
+_IDENTITIES_KEYS = frozenset({"system_assigned", "user_assigned"})
+_USER_ASSIGNED_KEYS = frozenset({"client_id", "object_id", "msi_res_id"})
+# Certificate-backed secrets carry the certificate policy's content type (B9).
+CERTIFICATE_CONTENT_TYPES = ("application/x-pkcs12", "application/x-pem-file")
+GUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+DEFAULT_UAMI_RESOURCE_PREFIX = (
+    "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/kv-emulator"
+    "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"
+)
 
 
 # --- public value types -----------------------------------------------------------------
@@ -246,6 +269,14 @@ class IdentityConfig:
     user_assigned: tuple[UserAssignedIdentity, ...] = ()
     system_client_id: str = DEFAULT_SYSTEM_CLIENT_ID
     system_object_id: str = DEFAULT_SYSTEM_OBJECT_ID
+
+
+@dataclass(frozen=True)
+class EmulatorFile:
+    """A secrets file: ``secrets`` for ``Emulator(secrets=...)``, and the VM's identities."""
+
+    secrets: dict[str, Any]
+    identities: IdentityConfig
 
 
 @dataclass(frozen=True)
@@ -559,7 +590,27 @@ def _parse_attributes(
     for key in ("not_before", "expires_on"):
         if key in data:
             changes[key] = _check_int(data[key], f"{where}: {key}")
+    if "managed" in data:
+        if not isinstance(data["managed"], bool):
+            raise ValueError(f"{where}: managed must be true or false")
+        changes["managed"] = data["managed"]
+    if "kid" in data:
+        if not isinstance(data["kid"], str) or not data["kid"].startswith("https://"):
+            raise ValueError(f"{where}: kid must be a key URL (https://<vault>/keys/<name>/<version>)")
+        changes["kid"] = data["kid"]
     return dataclasses.replace(base, **changes)
+
+
+def _check_certificate(spec: _VersionSpec, where: str) -> _VersionSpec:
+    """A certificate-backed secret is ``managed`` and has a certificate content type (B9)."""
+    if spec.kid is not None and not spec.managed:
+        raise ValueError(f"{where}: kid is only for certificate-backed secrets (add managed: true)")
+    if spec.managed and spec.content_type not in CERTIFICATE_CONTENT_TYPES:
+        raise ValueError(
+            f"{where}: a managed (certificate-backed) secret needs content_type "
+            f"{' or '.join(CERTIFICATE_CONTENT_TYPES)}"
+        )
+    return spec
 
 
 def _check_keys(data: Mapping[Any, Any], allowed: frozenset[str], where: str) -> None:
@@ -583,7 +634,8 @@ def _parse_version(entry: object, defaults: _VersionSpec, where: str) -> _Versio
     if "value" not in entry:
         raise ValueError(f"{where}: missing 'value'")
     spec = _parse_attributes(entry, defaults, where)
-    return dataclasses.replace(spec, value=_check_value(entry["value"], where))
+    spec = dataclasses.replace(spec, value=_check_value(entry["value"], where))
+    return _check_certificate(spec, where)
 
 
 def _parse_secret(spec: object, where: str) -> list[_VersionSpec]:
@@ -612,9 +664,8 @@ def _parse_secret(spec: object, where: str) -> list[_VersionSpec]:
         for index, entry in enumerate(versions)
     ]
     if "value" in spec:
-        result.append(
-            dataclasses.replace(defaults, value=_check_value(spec["value"], where))
-        )
+        latest = dataclasses.replace(defaults, value=_check_value(spec["value"], where))
+        result.append(_check_certificate(latest, where))
     if not result:
         raise ValueError(f"{where}: needs a 'value' or a non-empty 'versions' list")
     return result
@@ -643,19 +694,94 @@ def _parse_secrets(data: object, source: str) -> dict[str, list[_VersionSpec]]:
 
 
 def load_secrets_file(path: str) -> dict[str, Any]:
+    """The secrets of a YAML secrets file, ready for ``Emulator(secrets=...)``.
+
+    Both forms of :func:`load_emulator_file` are read; the identities, if any,
+    are validated and left out. Raises ValueError with a one-line message
+    naming the file and the problem.
+    """
+    return load_emulator_file(path).secrets
+
+
+def load_emulator_file(path: str) -> EmulatorFile:
     """Read and validate a YAML secrets file for the emulator.
 
-    The file maps each secret name to either its value (a string) or a mapping
-    with ``value`` and/or ``versions`` (older values, oldest first; each a string
-    or a mapping with its own attributes) plus optional ``enabled``,
-    ``content_type``, ``tags``, ``not_before`` and ``expires_on`` (epoch
-    seconds). Returns the mapping as read, ready for ``Emulator(secrets=...)``.
+    Plain form: the file maps each secret name to either its value (a string)
+    or a mapping with ``value`` and/or ``versions`` (older values, oldest first;
+    each a string or a mapping with its own attributes) plus optional
+    ``enabled``, ``content_type``, ``tags``, ``not_before`` and ``expires_on``
+    (epoch seconds), and for a certificate-backed secret ``managed: true`` (with
+    content_type application/x-pkcs12 or application/x-pem-file) and optionally
+    ``kid`` (default ``<vault>/keys/<name>/<version>``).
+
+    Structured form: a top level with only ``secrets:`` (the plain form's
+    mapping) and ``identities:``, which holds ``system_assigned`` (true by
+    default) and ``user_assigned``, a list of identities each with a
+    ``client_id`` and optionally ``object_id`` and ``msi_res_id``. (So a plain
+    file cannot name a secret ``secrets`` or ``identities`` whose spec is a
+    mapping: write it in the structured form.)
 
     Raises ValueError with a one-line message naming the file and the problem.
     """
+    data = _read_yaml(path)
+    if isinstance(data, Mapping) and data and set(data) <= _FILE_KEYS and all(
+        value is None or isinstance(value, Mapping) for value in data.values()
+    ):
+        secrets = data.get("secrets")
+        identities = _parse_identities(data.get("identities"), f"{path}: identities")
+    else:
+        secrets, identities = data, IdentityConfig()
+    _parse_secrets(secrets, path)
+    return EmulatorFile(dict(secrets) if secrets is not None else {}, identities)
+
+
+def _parse_identities(data: object, where: str) -> IdentityConfig:
+    """``identities:`` of a structured secrets file (see load_emulator_file)."""
+    if data is None:
+        return IdentityConfig()
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {_type_name(data)}")  # noqa: TRY004
+    _check_keys(data, _IDENTITIES_KEYS, where)
+    system = data.get("system_assigned", True)
+    if not isinstance(system, bool):
+        raise ValueError(f"{where}: system_assigned must be true or false")
+    listed = data.get("user_assigned") or []
+    if not isinstance(listed, list):
+        raise ValueError(f"{where}: user_assigned must be a list, got {_type_name(listed)}")  # noqa: TRY004
+    user_assigned = tuple(
+        _parse_user_assigned(item, index, f"{where}: user_assigned[{index}]")
+        for index, item in enumerate(listed)
+    )
+    client_ids = [identity.client_id.lower() for identity in user_assigned]
+    if len(set(client_ids)) != len(client_ids):
+        raise ValueError(f"{where}: two user-assigned identities share a client_id")
+    return IdentityConfig(system_assigned=system, user_assigned=user_assigned)
+
+
+def _parse_user_assigned(item: object, index: int, where: str) -> UserAssignedIdentity:
+    if not isinstance(item, Mapping):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: expected a mapping with client_id, got {_type_name(item)}"
+        )
+    _check_keys(item, _USER_ASSIGNED_KEYS, where)
+    client_id = item.get("client_id")
+    if not isinstance(client_id, str) or not GUID_RE.match(client_id):
+        raise ValueError(f"{where}: client_id must be a GUID (the identity's client id)")
+    # Stable defaults, so a test that selects by client_id need not invent the others.
+    object_id = item.get("object_id", str(uuid.uuid5(uuid.NAMESPACE_URL, client_id.lower())))
+    if not isinstance(object_id, str) or not GUID_RE.match(object_id):
+        raise ValueError(f"{where}: object_id must be a GUID (the identity's principal id)")
+    msi_res_id = item.get("msi_res_id", f"{DEFAULT_UAMI_RESOURCE_PREFIX}uami-{index}")
+    if not isinstance(msi_res_id, str) or not msi_res_id.startswith("/subscriptions/"):
+        raise ValueError(f"{where}: msi_res_id must be an ARM id (/subscriptions/...)")
+    return UserAssignedIdentity(client_id, object_id, msi_res_id)
+
+
+def _read_yaml(path: str) -> object:
+    """The YAML document in ``path``; ValueError naming the file on any problem."""
     try:
         with open(path, encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
+            data: object = yaml.safe_load(stream)
     except OSError as exc:
         raise ValueError(
             f"{path}: cannot read secrets file: {exc.strerror or exc}"
@@ -664,8 +790,7 @@ def load_secrets_file(path: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not UTF-8 text") from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from exc
-    _parse_secrets(data, path)
-    return dict(data) if data is not None else {}
+    return data
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -1328,7 +1453,12 @@ class _VaultApi:
 
     def _list_secrets(self, call: _Call) -> _Response:
         entries = [
-            (name.upper(), self._bundle(name, version, with_value=False, versioned_id=False))
+            (
+                name.upper(),
+                self._bundle(
+                    name, version, with_value=False, versioned_id=False, is_item=True
+                ),
+            )
             for name, version in self._store.latest_of_all()
         ]
         return self._page(call, "/secrets", entries)
@@ -1336,14 +1466,17 @@ class _VaultApi:
     def _list_versions(self, call: _Call) -> _Response:
         name = call.parts[1]
         entries = [
-            (f"{version.seq:012d}", self._bundle(stored, version, with_value=False))
+            (
+                f"{version.seq:012d}",
+                self._bundle(stored, version, with_value=False, is_item=True),
+            )
             for stored, version in self._store.versions(name)
         ]
         return self._page(call, f"/secrets/{quote(name)}/versions", entries)
 
     def _list_deleted(self, call: _Call) -> _Response:
         entries = [
-            (found.secret.name.upper(), self._deleted_bundle(found, versioned_id=False))
+            (found.secret.name.upper(), self._deleted_bundle(found, is_item=True))
             for found in self._store.all_deleted()
         ]
         return self._page(call, "/deletedsecrets", sorted(entries, key=lambda e: e[0]))
@@ -1457,8 +1590,9 @@ class _VaultApi:
         *,
         with_value: bool,
         versioned_id: bool = True,
+        is_item: bool = False,
     ) -> dict[str, object]:
-        """SecretBundle / SecretItem with the key order seen on the wire (B3)."""
+        """SecretBundle, or a list's SecretItem (no kid), with the wire's key order (B3)."""
         spec = version.spec
         bundle: dict[str, object] = {}
         if with_value:
@@ -1481,14 +1615,15 @@ class _VaultApi:
             recoverableDays=KEYVAULT_RECOVERABLE_DAYS,
         )
         bundle["attributes"] = attributes
-        if spec.kid is not None:
-            bundle["kid"] = spec.kid
+        if spec.managed and not is_item:
+            # A certificate's key, secret and certificate share name and version (B9).
+            bundle["kid"] = spec.kid or f"{self._vault_url}/keys/{name}/{version.version}"
         if spec.tags is not None:
             bundle["tags"] = dict(spec.tags)
         return bundle
 
     def _deleted_bundle(
-        self, found: _DeletedSecret, *, versioned_id: bool = True
+        self, found: _DeletedSecret, *, is_item: bool = False
     ) -> dict[str, object]:
         """DeletedSecretBundle / DeletedSecretItem: the recorded DELETE answer's order (B5)."""
         name = found.secret.name
@@ -1500,7 +1635,8 @@ class _VaultApi:
                 name,
                 found.secret.versions[-1],
                 with_value=False,
-                versioned_id=versioned_id,
+                versioned_id=not is_item,
+                is_item=is_item,
             ),
         }
 

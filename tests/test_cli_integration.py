@@ -819,6 +819,54 @@ def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
                 stream.close()
 
 
+def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness) -> None:
+    """A secrets file with secrets: and identities: gives kv-agent emulator a user-assigned
+    identity that once selects by client_id, and --empty-pages serves lists with empty pages."""
+    name, value = fresh_name("declared"), fresh_value("declared")
+    SECRET_VALUES.add(value)
+    client_id = "5e1f0a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b"
+    secrets_file = write_private(
+        kv.root / "secrets.yaml",
+        f"secrets:\n  {name}: {json.dumps(value)}\n"
+        f"identities:\n  system_assigned: false\n  user_assigned:\n"
+        f"    - client_id: {client_id}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "emulator", "--secrets", str(secrets_file),
+         "--empty-pages"],
+        env=base_environ(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = _read_banner(process, timeout_s=20)
+        manifest = write_private(kv.root / "manifest.yaml",
+                                 f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
+                                 f"identity:\n  client_id: {client_id}\n"
+                                 f"secrets:\n{entry(name)}")
+        env = kv.env(KV_AGENT_IMDS_ENDPOINT=banner["imds"], REQUESTS_CA_BUNDLE=banner["ca"])
+
+        result = kv.run("once", "--manifest", str(manifest), env=env)
+
+        assert result.returncode == 0, result.stderr
+        assert (kv.directory / name).read_bytes() == value.encode()
+        with requests.Session() as client:
+            client.trust_env = False
+            grant = client.get(banner["imds"], headers={"Metadata": "true"}, timeout=5,
+                               params={"api-version": IMDS_API_VERSION,
+                                       "resource": KEYVAULT_AUDIENCE, "client_id": client_id})
+            TOKENS.add(grant.json()["access_token"])
+            page = client.get(f"{banner['vault']}/secrets", params={"api-version": "7.6"},
+                              headers={"Authorization": f"Bearer {grant.json()['access_token']}"},
+                              verify=banner["ca"], timeout=5).json()
+        assert page["value"] == [] and page["nextLink"] is not None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_demo_exits_zero_and_prints_no_secret_value(kv: Harness) -> None:
     """kv-agent demo in a new tmpfs directory exits 0 and prints no secret value."""
     SECRET_VALUES.update(DEMO_SECRETS.values())

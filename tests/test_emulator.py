@@ -32,6 +32,7 @@ from agent.emulator import (
     Emulator,
     IdentityConfig,
     UserAssignedIdentity,
+    load_emulator_file,
     load_secrets_file,
 )
 
@@ -1685,3 +1686,119 @@ def test_vault_empty_lists_stay_one_page_with_empty_pages(emulator: Emulator) ->
         response = vault_get(empty, "/secrets/missing/versions", token(empty))
 
     assert response.content == b'{"value":[],"nextLink":null}'
+
+
+# ---------------------------------------------------------------------------
+# The structured secrets file: identities and certificate-backed secrets
+
+STRUCTURED = """\
+secrets:
+  plain: hello
+  tls:
+    value: "-----BEGIN PRIVATE KEY-----\\n...\\n"
+    content_type: application/x-pem-file
+    managed: true
+identities:
+  system_assigned: false
+  user_assigned:
+    - client_id: aaaaaaaa-0000-4000-8000-00000000000a
+      object_id: aaaaaaaa-0000-4000-8000-0000000000a0
+      msi_res_id: /subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-a
+    - client_id: bbbbbbbb-0000-4000-8000-00000000000b
+"""
+
+
+def test_structured_file_declares_identities_and_certificate_backed_secrets(
+    tmp_path: Path,
+) -> None:
+    """A file with secrets: and identities: gives the emulator those user-assigned identities
+    (and no system identity), and a managed secret answers with managed and kid as in B9."""
+    path = tmp_path / "secrets.yaml"
+    path.write_text(STRUCTURED, encoding="utf-8")
+    loaded = load_emulator_file(str(path))
+
+    assert load_secrets_file(str(path)) == loaded.secrets
+    assert set(loaded.secrets) == {"plain", "tls"}
+    with Emulator(loaded.secrets, identities=loaded.identities) as emulator:
+        by_client = imds_get(emulator, {**IMDS_PARAMS, "client_id": UAMI_A.client_id})
+        second = imds_get(
+            emulator, {**IMDS_PARAMS, "client_id": "bbbbbbbb-0000-4000-8000-00000000000b"}
+        )
+        by_resource = imds_get(emulator, {**IMDS_PARAMS, "msi_res_id": UAMI_A.msi_res_id})
+        unselected = imds_get(emulator)
+        bearer = by_client.json()["access_token"]
+        tls = vault_get(emulator, "/secrets/tls", bearer).json()
+        listed = follow_pages(emulator, bearer, "/secrets", {"api-version": API_VERSION})
+
+    assert by_client.status_code == second.status_code == by_resource.status_code == 200
+    assert claims(bearer)["oid"] == UAMI_A.object_id
+    assert claims(by_resource.json()["access_token"])["appid"] == UAMI_A.client_id
+    assert unselected.status_code == 400  # two user-assigned identities, no system one
+    assert list(tls) == ["value", "contentType", "id", "managed", "attributes", "kid"]
+    version = tls["id"].rsplit("/", 1)[1]
+    assert tls["kid"] == tls["id"].replace("/secrets/tls/", "/keys/tls/")
+    assert tls["kid"].endswith(version) and tls["managed"] is True
+    (item,) = [i for page in listed for i in page["value"] if i["id"].endswith("/tls")]
+    assert item["managed"] is True and "kid" not in item
+
+
+def test_plain_file_keeps_the_default_identities(tmp_path: Path) -> None:
+    """The plain name: value form still loads, with the default system-assigned identity."""
+    path = tmp_path / "secrets.yaml"
+    path.write_text("db-password: s3cret\nsecrets: also-a-secret\n", encoding="utf-8")
+
+    loaded = load_emulator_file(str(path))
+
+    assert loaded.secrets == {"db-password": "s3cret", "secrets": "also-a-secret"}
+    assert loaded.identities == IdentityConfig()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("identities: {system: true}\n", "unknown key 'system'"),
+        ("identities: {system_assigned: 'no'}\n", "system_assigned must be true or false"),
+        ("identities: {user_assigned: {client_id: x}}\n", "user_assigned must be a list"),
+        ("identities: {user_assigned: [{client_id: not-a-guid}]}\n", "client_id must be a GUID"),
+        (
+            "identities: {user_assigned: [{client_id: aaaaaaaa-0000-4000-8000-00000000000a},"
+            " {client_id: AAAAAAAA-0000-4000-8000-00000000000A}]}\n",
+            "share a client_id",
+        ),
+        (
+            "identities: {user_assigned: [{client_id: aaaaaaaa-0000-4000-8000-00000000000a,"
+            " msi_res_id: id-a}]}\n",
+            "msi_res_id must be an ARM id",
+        ),
+        ("secrets: {s: {value: x, managed: true}}\n", "needs content_type"),
+        ("secrets: {s: {value: x, kid: 'https://v/keys/s/1'}}\n", "add managed: true"),
+        (
+            "secrets: {s: {value: x, managed: true, content_type: application/x-pkcs12,"
+            " kid: /keys/s}}\n",
+            "kid must be a key URL",
+        ),
+    ],
+    ids=[
+        "identities-unknown-key",
+        "system-not-bool",
+        "user-assigned-not-list",
+        "client-id-not-guid",
+        "duplicate-client-id",
+        "resource-id-not-arm",
+        "managed-without-content-type",
+        "kid-without-managed",
+        "kid-not-url",
+    ],
+)
+def test_structured_file_errors_are_one_clear_line(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    """A bad identities: or certificate entry raises one line naming the file, the key and the fix."""
+    path = tmp_path / "secrets.yaml"
+    path.write_text(content, encoding="utf-8")
+
+    with pytest.raises(ValueError) as caught:
+        load_emulator_file(str(path))
+
+    text = str(caught.value)
+    assert text.startswith(str(path) + ": ") and message in text and "\n" not in text

@@ -173,7 +173,12 @@ def ok(answer: dict[str, Any]) -> Any:
 
 
 def error(answer: dict[str, Any]) -> dict[str, Any]:
-    """The error of a step that must have failed."""
+    """The error of a step that must have failed, without its message."""
+    return {key: value for key, value in error_with_message(answer).items() if key != "message"}
+
+
+def error_with_message(answer: dict[str, Any]) -> dict[str, Any]:
+    """The error of a step that must have failed: name, statusCode, code, innerCode, message."""
     assert "error" in answer, answer
     failure = answer["error"]
     assert isinstance(failure, dict)
@@ -351,3 +356,35 @@ def test_js_sdk_set_update_delete_recover_purge(js_dir: Path) -> None:
 def emulator_url(answer: dict[str, Any]) -> str:
     """The vault URL a bundle's id starts with."""
     return str(answer["ok"]["id"]).split("/secrets/", 1)[0]
+
+
+def test_js_sdk_verifies_the_challenge_of_a_vault_azure_net_name(js_dir: Path) -> None:
+    """Under a *.vault.azure.net name (resolved to loopback as a hosts entry would) the JS SDK's
+    default challenge-resource check passes; it compares host names only, so any port works."""
+    hostname = "kv-emulator.vault.azure.net"
+    with Emulator(SECRETS, vault_hostname=hostname) as emulator:
+        resolve = {"KV_TEST_RESOLVE": f"{hostname}=127.0.0.1"}
+        verified, listed = run_js(
+            js_dir,
+            emulator,
+            [{"op": "get", "name": "db-password"}, {"op": "list", "maxPageSize": 10}],
+            verify_challenge_resource=True,
+            extra_env=resolve,
+        )
+        assert emulator.vault_url.startswith(f"https://{hostname}:")
+
+    assert ok(verified)["value"] == "hunter2"
+    assert sorted(item["name"] for page in ok(listed) for item in page) == sorted(SECRETS)
+
+
+def test_js_sdk_check_refuses_the_default_loopback_vault_url(js_dir: Path, emu: Emulator) -> None:
+    """At https://127.0.0.1:<port> the JS SDK's default check refuses the challenge, hence the name
+    (or disableChallengeResourceVerification)."""
+    (answer,) = run_js(
+        js_dir, emu, [{"op": "get", "name": "db-password"}], verify_challenge_resource=True
+    )
+
+    failure = error_with_message(answer)
+    assert failure["statusCode"] is None
+    assert "does not match the requested domain" in failure["message"]
+    assert emu.imds_requests == 0

@@ -4,7 +4,7 @@
 // Input (stdin, JSON): {"vaultUrl": ..., "verifyChallengeResource": bool,
 //   "credential": {"clientId": ...} (optional), "steps": [{"op": ..., ...}, ...]}
 // Output (stdout, JSON): one result per step, in order: {"ok": <value>} or
-//   {"error": {"name", "statusCode", "code", "innerCode"}}. A step's failure does not
+//   {"error": {"name", "statusCode", "code", "innerCode", "message"}}. A step's failure does not
 //   stop the next step. Dates are epoch seconds. Only the emulator's made-up test
 //   values ever pass through here.
 //
@@ -96,6 +96,7 @@ function describe(error) {
     code: error.code ?? details.code ?? null,
     // The SDK's deserialiser renames the wire's "innererror" to "innerError".
     innerCode: (details.innerError ?? details.innererror)?.code ?? null,
+    message: String(error.message ?? "").slice(0, 300),
   };
 }
 
