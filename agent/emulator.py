@@ -18,7 +18,11 @@ Two servers are started, both on ``host`` (127.0.0.1 by default):
   JWTs signed with a random per-instance key (real ones are RS256; nobody but
   this emulator's own vault checks the signature).
 * Key Vault, HTTPS with a throw-away CA generated at start (``cryptography`` is
-  imported only there, so pre-made certificate files work without it).
+  imported only there, so pre-made certificate files work without it): get and
+  list (B3, B4), and the writes the official SDKs make (SetSecret, UpdateSecret,
+  DeleteSecret with soft delete, deleted-secret get/list/recover/purge), shaped
+  like the recorded CRUD exchange. ``empty_pages`` makes lists open with empty
+  pages carrying a nextLink, as real lists may (B4).
 
 Server design, each point learnt from a benchmark stall: a thread per
 connection with HTTP/1.1 keep-alive; a listen backlog of 128 (socketserver's 5
@@ -1094,7 +1098,9 @@ class _SecretStore:
         version = uuid.uuid4().hex
         with self._lock:
             if name.lower() in self._deleted:
-                raise _DeletedConflictError(name)
+                raise _DeletedConflictError(
+                    f"secret {name!r} is soft-deleted in the emulator: recover or purge it first"
+                )
             self._seq += 1
             secret = self._secrets.setdefault(name.lower(), _Secret(name))
             secret.versions.append(_Version(version, spec, now, now, self._seq))
@@ -2290,7 +2296,11 @@ class Emulator:
         not_before: int | None = None,
         expires_on: int | None = None,
     ) -> str:
-        """Add a new version of ``name`` (created if missing); returns its 32-hex version id."""
+        """Add a new version of ``name`` (created if missing); returns its 32-hex version id.
+
+        Raises LookupError while ``name`` is soft-deleted (through the REST API),
+        as the service answers 409 then.
+        """
         _check_name(name, "set_secret")
         spec = _VersionSpec(
             _check_value(value, f"set_secret {name!r}"),
@@ -2311,7 +2321,8 @@ class Emulator:
         self._store.set_enabled(name, version, True)
 
     def delete_secret(self, name: str) -> None:
-        """Remove a secret and all its versions; raises KeyError when there is none."""
+        """Remove a secret and all its versions at once (a delete plus a purge, no soft-deleted
+        copy); raises KeyError when there is none. ``DELETE /secrets/<name>`` soft-deletes."""
         self._store.delete(name)
 
     def forbid_secret(self, name: str, inner_code: str = "AccessDenied") -> None:
