@@ -1506,6 +1506,8 @@ def test_vault_soft_delete_recover_and_purge(fresh: Emulator) -> None:
     listed = follow_pages(fresh, bearer, "/deletedsecrets", {"api-version": API_VERSION})
     one = vault_get(fresh, "/deletedsecrets/rotated", bearer)
     conflict = vault_call(fresh, "PUT", "/secrets/rotated", bearer, {"value": "again"})
+    with pytest.raises(LookupError, match="recover or purge it first"):
+        fresh.set_secret("rotated", "through the Python API")
     recovered = vault_call(fresh, "POST", "/deletedsecrets/rotated/recover", bearer)
     versions = follow_pages(fresh, bearer, "/secrets/rotated/versions", {"api-version": API_VERSION})
 
