@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser(
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
     emulator.add_argument("--secrets", metavar="FILE", required=True,
-                          help="YAML mapping of secret name to value")
+                          help="YAML mapping of secret name to value, or a document with "
+                               "'secrets:' and 'identities:' (see the README)")
     emulator.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     emulator.add_argument("--imds-port", type=int, default=0, help="IMDS port (default: any)")
     emulator.add_argument("--vault-port", type=int, default=0, help="vault port (default: any)")
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--tls-cert", help="serve this certificate (PEM) instead")
     emulator.add_argument("--tls-key", help="key for --tls-cert (PEM)")
     emulator.add_argument("--ca-cert", help="CA that signed --tls-cert (PEM), to print")
+    emulator.add_argument("--empty-pages", action="store_true",
+                          help="open every list with empty pages that carry a nextLink, as "
+                               "Azure may")
     emulator.set_defaults(handler=_cmd_emulator)
 
     demo = commands.add_parser(
@@ -291,16 +295,19 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import signal
     import threading
 
-    from agent.emulator import Emulator, load_secrets_file
+    from agent.emulator import Emulator, load_emulator_file
 
     try:
-        secrets = load_secrets_file(args.secrets)
+        loaded = load_emulator_file(args.secrets)
     except (OSError, ValueError) as exc:
-        raise KvAgentError(str(exc), "pass a YAML mapping of secret name to value") from None
+        raise KvAgentError(str(exc), "pass a YAML mapping of secret name to value, or "
+                                     "'secrets:' and 'identities:' as the README shows") from None
+    secrets = loaded.secrets
     emulator = Emulator(
         secrets, host=args.host, imds_port=args.imds_port, vault_port=args.vault_port,
         vault_hostname=args.vault_hostname, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        ca_cert=args.ca_cert, cert_dir=args.cert_dir, latency_s=args.latency_ms / 1000.0)
+        ca_cert=args.ca_cert, cert_dir=args.cert_dir, latency_s=args.latency_ms / 1000.0,
+        identities=loaded.identities, empty_pages=args.empty_pages)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

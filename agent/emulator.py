@@ -18,7 +18,11 @@ Two servers are started, both on ``host`` (127.0.0.1 by default):
   JWTs signed with a random per-instance key (real ones are RS256; nobody but
   this emulator's own vault checks the signature).
 * Key Vault, HTTPS with a throw-away CA generated at start (``cryptography`` is
-  imported only there, so pre-made certificate files work without it).
+  imported only there, so pre-made certificate files work without it): get and
+  list (B3, B4), and the writes the official SDKs make (SetSecret, UpdateSecret,
+  DeleteSecret with soft delete, deleted-secret get/list/recover/purge), shaped
+  like the recorded CRUD exchange. ``empty_pages`` makes lists open with empty
+  pages carrying a nextLink, as real lists may (B4).
 
 Server design, each point learnt from a benchmark stall: a thread per
 connection with HTTP/1.1 keep-alive; a listen backlog of 128 (socketserver's 5
@@ -106,6 +110,20 @@ KEYVAULT_SERVICE_VERSION = "1.9.576.1"
 KEYVAULT_RECOVERY_LEVEL = "Recoverable+Purgeable"
 KEYVAULT_RECOVERABLE_DAYS = 90
 KEYVAULT_MAX_PAGE_SIZE = 25  # protocol.md B4: maxresults 1-25, default 25
+# The list-by-page recording opens with two empty pages that carry a nextLink (B4).
+EMPTY_PAGES_BEFORE_FIRST = 2
+KEYVAULT_RECOVERABLE_S = KEYVAULT_RECOVERABLE_DAYS * 86400  # scheduledPurgeDate - deletedDate
+# Write bodies: "maximum size of 25k bytes" per value (B7); the body cap leaves room
+# for attributes and tags without letting a client make the emulator buffer megabytes.
+KEYVAULT_MAX_VALUE_BYTES = 25 * 1024
+MAX_REQUEST_BODY_BYTES = 64 * 1024
+# A larger body is read and dropped up to this size, so the client sees the 413
+# rather than a reset; beyond it the connection is closed unread.
+MAX_DISCARDED_BODY_BYTES = 1024 * 1024
+MAX_CONTENT_TYPE_CHARS = 255
+MAX_TAGS = 15
+MAX_TAG_CHARS = 256
+MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z: the largest IntDate a client can mean
 SECRET_NAME_RE = re.compile(r"^[0-9a-zA-Z-]+$")  # spec pattern, protocol.md B7 and E11
 SECRET_VERSION_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -154,6 +172,13 @@ KV_NOT_FOUND = (
     "resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
 )
 KV_DISABLED = "Operation get is not allowed on a disabled secret."
+# Deleted-secret wording quoted from real responses in public issues (protocol.md B5;
+# Azure/azure-sdk-for-net#26027, external-secrets/external-secrets#3519).
+KV_DELETED_NOT_FOUND = "Deleted Secret not found: {name}"
+KV_DELETED_CONFLICT = (
+    "Secret {name} is currently in a deleted but recoverable state, and its name cannot "
+    "be reused; in this state, the secret can only be recovered or purged."
+)
 KV_INVALID_NAME = "The request URI contains an invalid name: {name}"
 KV_BAD_API_VERSION = (
     "The specified version ({version}) is not recognized. Consider using the latest "
@@ -195,9 +220,32 @@ FORBIDDEN_INNER_CODES = (
 )
 
 _SECRET_KEYS = frozenset(
-    {"value", "versions", "enabled", "content_type", "tags", "not_before", "expires_on"}
+    {
+        "value",
+        "versions",
+        "enabled",
+        "content_type",
+        "tags",
+        "not_before",
+        "expires_on",
+        "managed",
+        "kid",
+    }
 )
 _VERSION_KEYS = _SECRET_KEYS - {"versions"}
+# The structured secrets file: its top level holds only these keys (see load_emulator_file).
+_FILE_KEYS = frozenset({"secrets", "identities"})
+_IDENTITIES_KEYS = frozenset({"system_assigned", "user_assigned"})
+_USER_ASSIGNED_KEYS = frozenset({"client_id", "object_id", "msi_res_id"})
+# Certificate-backed secrets carry the certificate policy's content type (B9).
+CERTIFICATE_CONTENT_TYPES = ("application/x-pkcs12", "application/x-pem-file")
+GUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+DEFAULT_UAMI_RESOURCE_PREFIX = (
+    "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/kv-emulator"
+    "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"
+)
 
 
 # --- public value types -----------------------------------------------------------------
@@ -225,6 +273,14 @@ class IdentityConfig:
     user_assigned: tuple[UserAssignedIdentity, ...] = ()
     system_client_id: str = DEFAULT_SYSTEM_CLIENT_ID
     system_object_id: str = DEFAULT_SYSTEM_OBJECT_ID
+
+
+@dataclass(frozen=True)
+class EmulatorFile:
+    """A secrets file: ``secrets`` for ``Emulator(secrets=...)``, and the VM's identities."""
+
+    secrets: dict[str, Any]
+    identities: IdentityConfig
 
 
 @dataclass(frozen=True)
@@ -264,6 +320,9 @@ class _VersionSpec:
     tags: dict[str, str] | None = None
     not_before: int | None = None
     expires_on: int | None = None
+    # Certificate-backed secrets (protocol.md B9): read-only, never set through the API.
+    managed: bool = False
+    kid: str | None = None
 
 
 @dataclass
@@ -283,6 +342,19 @@ class _Secret:
 
     name: str
     versions: list[_Version] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _DeletedSecret:
+    """A soft-deleted secret with every version, as recover brings it back (B5)."""
+
+    secret: _Secret
+    deleted: int
+    purge_at: int
+
+
+class _DeletedConflictError(LookupError):
+    """The name belongs to a deleted secret that was neither recovered nor purged."""
 
 
 @dataclass
@@ -326,6 +398,8 @@ class _Request:
     query: str
     headers: dict[str, str]
     client_ip: str
+    # None when the body was not read: over MAX_REQUEST_BODY_BYTES, or chunked.
+    body: bytes | None = b""
 
 
 @dataclass(frozen=True)
@@ -520,7 +594,27 @@ def _parse_attributes(
     for key in ("not_before", "expires_on"):
         if key in data:
             changes[key] = _check_int(data[key], f"{where}: {key}")
+    if "managed" in data:
+        if not isinstance(data["managed"], bool):
+            raise ValueError(f"{where}: managed must be true or false")
+        changes["managed"] = data["managed"]
+    if "kid" in data:
+        if not isinstance(data["kid"], str) or not data["kid"].startswith("https://"):
+            raise ValueError(f"{where}: kid must be a key URL (https://<vault>/keys/<name>/<version>)")
+        changes["kid"] = data["kid"]
     return dataclasses.replace(base, **changes)
+
+
+def _check_certificate(spec: _VersionSpec, where: str) -> _VersionSpec:
+    """A certificate-backed secret is ``managed`` and has a certificate content type (B9)."""
+    if spec.kid is not None and not spec.managed:
+        raise ValueError(f"{where}: kid is only for certificate-backed secrets (add managed: true)")
+    if spec.managed and spec.content_type not in CERTIFICATE_CONTENT_TYPES:
+        raise ValueError(
+            f"{where}: a managed (certificate-backed) secret needs content_type "
+            f"{' or '.join(CERTIFICATE_CONTENT_TYPES)}"
+        )
+    return spec
 
 
 def _check_keys(data: Mapping[Any, Any], allowed: frozenset[str], where: str) -> None:
@@ -544,7 +638,8 @@ def _parse_version(entry: object, defaults: _VersionSpec, where: str) -> _Versio
     if "value" not in entry:
         raise ValueError(f"{where}: missing 'value'")
     spec = _parse_attributes(entry, defaults, where)
-    return dataclasses.replace(spec, value=_check_value(entry["value"], where))
+    spec = dataclasses.replace(spec, value=_check_value(entry["value"], where))
+    return _check_certificate(spec, where)
 
 
 def _parse_secret(spec: object, where: str) -> list[_VersionSpec]:
@@ -573,9 +668,8 @@ def _parse_secret(spec: object, where: str) -> list[_VersionSpec]:
         for index, entry in enumerate(versions)
     ]
     if "value" in spec:
-        result.append(
-            dataclasses.replace(defaults, value=_check_value(spec["value"], where))
-        )
+        latest = dataclasses.replace(defaults, value=_check_value(spec["value"], where))
+        result.append(_check_certificate(latest, where))
     if not result:
         raise ValueError(f"{where}: needs a 'value' or a non-empty 'versions' list")
     return result
@@ -604,19 +698,94 @@ def _parse_secrets(data: object, source: str) -> dict[str, list[_VersionSpec]]:
 
 
 def load_secrets_file(path: str) -> dict[str, Any]:
+    """The secrets of a YAML secrets file, ready for ``Emulator(secrets=...)``.
+
+    Both forms of :func:`load_emulator_file` are read; the identities, if any,
+    are validated and left out. Raises ValueError with a one-line message
+    naming the file and the problem.
+    """
+    return load_emulator_file(path).secrets
+
+
+def load_emulator_file(path: str) -> EmulatorFile:
     """Read and validate a YAML secrets file for the emulator.
 
-    The file maps each secret name to either its value (a string) or a mapping
-    with ``value`` and/or ``versions`` (older values, oldest first; each a string
-    or a mapping with its own attributes) plus optional ``enabled``,
-    ``content_type``, ``tags``, ``not_before`` and ``expires_on`` (epoch
-    seconds). Returns the mapping as read, ready for ``Emulator(secrets=...)``.
+    Plain form: the file maps each secret name to either its value (a string)
+    or a mapping with ``value`` and/or ``versions`` (older values, oldest first;
+    each a string or a mapping with its own attributes) plus optional
+    ``enabled``, ``content_type``, ``tags``, ``not_before`` and ``expires_on``
+    (epoch seconds), and for a certificate-backed secret ``managed: true`` (with
+    content_type application/x-pkcs12 or application/x-pem-file) and optionally
+    ``kid`` (default ``<vault>/keys/<name>/<version>``).
+
+    Structured form: a top level with only ``secrets:`` (the plain form's
+    mapping) and ``identities:``, which holds ``system_assigned`` (true by
+    default) and ``user_assigned``, a list of identities each with a
+    ``client_id`` and optionally ``object_id`` and ``msi_res_id``. (So a plain
+    file cannot name a secret ``secrets`` or ``identities`` whose spec is a
+    mapping: write it in the structured form.)
 
     Raises ValueError with a one-line message naming the file and the problem.
     """
+    data = _read_yaml(path)
+    if isinstance(data, Mapping) and data and set(data) <= _FILE_KEYS and all(
+        value is None or isinstance(value, Mapping) for value in data.values()
+    ):
+        secrets = data.get("secrets")
+        identities = _parse_identities(data.get("identities"), f"{path}: identities")
+    else:
+        secrets, identities = data, IdentityConfig()
+    _parse_secrets(secrets, path)
+    return EmulatorFile(dict(secrets) if secrets is not None else {}, identities)
+
+
+def _parse_identities(data: object, where: str) -> IdentityConfig:
+    """``identities:`` of a structured secrets file (see load_emulator_file)."""
+    if data is None:
+        return IdentityConfig()
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {_type_name(data)}")  # noqa: TRY004
+    _check_keys(data, _IDENTITIES_KEYS, where)
+    system = data.get("system_assigned", True)
+    if not isinstance(system, bool):
+        raise ValueError(f"{where}: system_assigned must be true or false")
+    listed = data.get("user_assigned") or []
+    if not isinstance(listed, list):
+        raise ValueError(f"{where}: user_assigned must be a list, got {_type_name(listed)}")  # noqa: TRY004
+    user_assigned = tuple(
+        _parse_user_assigned(item, index, f"{where}: user_assigned[{index}]")
+        for index, item in enumerate(listed)
+    )
+    client_ids = [identity.client_id.lower() for identity in user_assigned]
+    if len(set(client_ids)) != len(client_ids):
+        raise ValueError(f"{where}: two user-assigned identities share a client_id")
+    return IdentityConfig(system_assigned=system, user_assigned=user_assigned)
+
+
+def _parse_user_assigned(item: object, index: int, where: str) -> UserAssignedIdentity:
+    if not isinstance(item, Mapping):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: expected a mapping with client_id, got {_type_name(item)}"
+        )
+    _check_keys(item, _USER_ASSIGNED_KEYS, where)
+    client_id = item.get("client_id")
+    if not isinstance(client_id, str) or not GUID_RE.match(client_id):
+        raise ValueError(f"{where}: client_id must be a GUID (the identity's client id)")
+    # Stable defaults, so a test that selects by client_id need not invent the others.
+    object_id = item.get("object_id", str(uuid.uuid5(uuid.NAMESPACE_URL, client_id.lower())))
+    if not isinstance(object_id, str) or not GUID_RE.match(object_id):
+        raise ValueError(f"{where}: object_id must be a GUID (the identity's principal id)")
+    msi_res_id = item.get("msi_res_id", f"{DEFAULT_UAMI_RESOURCE_PREFIX}uami-{index}")
+    if not isinstance(msi_res_id, str) or not msi_res_id.startswith("/subscriptions/"):
+        raise ValueError(f"{where}: msi_res_id must be an ARM id (/subscriptions/...)")
+    return UserAssignedIdentity(client_id, object_id, msi_res_id)
+
+
+def _read_yaml(path: str) -> object:
+    """The YAML document in ``path``; ValueError naming the file on any problem."""
     try:
         with open(path, encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
+            data: object = yaml.safe_load(stream)
     except OSError as exc:
         raise ValueError(
             f"{path}: cannot read secrets file: {exc.strerror or exc}"
@@ -625,8 +794,7 @@ def load_secrets_file(path: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not UTF-8 text") from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from exc
-    _parse_secrets(data, path)
-    return dict(data) if data is not None else {}
+    return data
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -921,12 +1089,18 @@ class _SecretStore:
         # Keyed by lower-case name: Key Vault names are case-insensitive (B7).
         self._secrets: dict[str, _Secret] = {}
         self._forbidden: dict[str, str] = {}
+        self._deleted: dict[str, _DeletedSecret] = {}
         self._seq = 0
 
     def add(self, name: str, spec: _VersionSpec) -> str:
+        """Append a version (creating the secret); raises _DeletedConflictError (B5 409)."""
         now = int(self._clock())
         version = uuid.uuid4().hex
         with self._lock:
+            if name.lower() in self._deleted:
+                raise _DeletedConflictError(
+                    f"secret {name!r} is soft-deleted in the emulator: recover or purge it first"
+                )
             self._seq += 1
             secret = self._secrets.setdefault(name.lower(), _Secret(name))
             secret.versions.append(_Version(version, spec, now, now, self._seq))
@@ -942,9 +1116,59 @@ class _SecretStore:
             target.updated = int(self._clock())
 
     def delete(self, name: str) -> None:
+        """Remove a live secret at once, as a delete followed by a purge would."""
         with self._lock:
             if self._secrets.pop(name.lower(), None) is None:
                 raise KeyError(f"no secret {name!r} in the emulator")
+
+    def update(
+        self,
+        name: str,
+        version: str | None,
+        change: Callable[[_VersionSpec], _VersionSpec],
+    ) -> tuple[str, _Version] | None:
+        """Apply ``change`` to one version's attributes; None when there is no such version."""
+        with self._lock:
+            target = self._find(name, version)
+            if target is None:
+                return None
+            target.spec = change(target.spec)
+            target.updated = int(self._clock())
+            return self._secrets[name.lower()].name, dataclasses.replace(target)
+
+    def soft_delete(self, name: str) -> _DeletedSecret | None:
+        """Move a secret with all its versions to the deleted state; None when missing."""
+        now = int(self._clock())
+        with self._lock:
+            secret = self._secrets.pop(name.lower(), None)
+            if secret is None:
+                return None
+            deleted = _DeletedSecret(secret, now, now + KEYVAULT_RECOVERABLE_S)
+            self._deleted[name.lower()] = deleted
+            return _copy_deleted(deleted)
+
+    def deleted(self, name: str) -> _DeletedSecret | None:
+        with self._lock:
+            found = self._deleted.get(name.lower())
+            return None if found is None else _copy_deleted(found)
+
+    def all_deleted(self) -> list[_DeletedSecret]:
+        with self._lock:
+            return [_copy_deleted(found) for found in self._deleted.values()]
+
+    def recover(self, name: str) -> tuple[str, _Version] | None:
+        """Bring a deleted secret back with every version; None when it is not deleted."""
+        with self._lock:
+            found = self._deleted.pop(name.lower(), None)
+            if found is None:
+                return None
+            self._secrets[name.lower()] = found.secret
+            return found.secret.name, dataclasses.replace(found.secret.versions[-1])
+
+    def purge(self, name: str) -> bool:
+        """Forget a deleted secret for good; False when it is not deleted."""
+        with self._lock:
+            return self._deleted.pop(name.lower(), None) is not None
 
     def forbid(self, name: str, inner_code: str | None) -> None:
         with self._lock:
@@ -990,6 +1214,12 @@ class _SecretStore:
         return next((v for v in secret.versions if v.version == version.lower()), None)
 
 
+def _copy_deleted(found: _DeletedSecret) -> _DeletedSecret:
+    """A snapshot callers may read without the store's lock."""
+    versions = [dataclasses.replace(version) for version in found.secret.versions]
+    return dataclasses.replace(found, secret=_Secret(found.secret.name, versions))
+
+
 # --- fault queue ------------------------------------------------------------------------
 
 
@@ -1032,7 +1262,9 @@ class _ImdsApi:
         self._issuer = issuer
 
     def handle(self, request: _Request) -> _Response:
-        if request.path != IMDS_TOKEN_PATH:
+        # msal-node (under @azure/identity 4.x) canonicalises an overridden IMDS
+        # endpoint (AZURE_POD_IDENTITY_AUTHORITY_HOST) into ".../token/": accept it.
+        if request.path not in (IMDS_TOKEN_PATH, IMDS_TOKEN_PATH + "/"):
             return _imds_error(404, "not_found", "The requested resource was not found")
         if request.method != "GET":
             return _imds_error(405, "method_not_allowed", "Only GET is supported")
@@ -1117,7 +1349,9 @@ class _VaultApi:
         vault_url: str,
         link_base: str,
         vault_name: str,
+        empty_pages: bool,
     ) -> None:
+        self.empty_pages = empty_pages
         self._store = store
         self._issuer = issuer
         self._vault_url = vault_url
@@ -1143,102 +1377,217 @@ class _VaultApi:
             raise _VaultError(401, "Unauthorized", str(exc), headers=challenge) from exc
 
     def _route(self, request: _Request, claims: Mapping[str, Any]) -> _Response:
+        """Dispatch on (collection, shape of the path, method), then check the api-version."""
         path = request.path
         if path.endswith("/") and len(path) > 1:
             # "/secrets/<name>/" is what the SDKs send for "latest" (B3).
             path = path[:-1]
-        parts = path.split("/")[1:]
-        if not parts or parts[0] != "secrets" or len(parts) > 3:
+        parts = [unquote(part) for part in path.split("/")[1:]]
+        operation = self._operation(parts, request.method)
+        query = dict(parse_qsl(request.query, keep_blank_values=True))
+        api_version = _check_api_version(query.get("api-version"))
+        if len(parts) > 1 and not SECRET_NAME_RE.match(parts[1]):
+            raise _VaultError(400, "BadParameter", KV_INVALID_NAME.format(name=parts[1]))
+        return operation(_Call(parts, query, api_version, claims, request))
+
+    def _operation(
+        self, parts: list[str], method: str
+    ) -> Callable[[_Call], _Response]:
+        """The handler for a path and method: 404 for an unknown path, 405 for a method."""
+        collection = parts[0] if parts else ""
+        if collection == "secrets" and len(parts) == 3 and parts[2] == "versions":
+            shape = "versions"
+        elif collection == "deletedsecrets" and len(parts) == 3 and parts[2] == "recover":
+            shape = "recover"
+        else:
+            shape = f"{len(parts)}"
+        methods: Mapping[str, Callable[[_Call], _Response]] = {
+            ("secrets", "1"): {"GET": self._list_secrets},
+            ("secrets", "2"): {
+                "GET": self._get,
+                "PUT": self._set,
+                "PATCH": self._update,
+                "DELETE": self._delete,
+            },
+            ("secrets", "3"): {"GET": self._get, "PATCH": self._update},
+            ("secrets", "versions"): {"GET": self._list_versions},
+            ("deletedsecrets", "1"): {"GET": self._list_deleted},
+            ("deletedsecrets", "2"): {"GET": self._get_deleted, "DELETE": self._purge},
+            ("deletedsecrets", "recover"): {"POST": self._recover},
+        }.get((collection, shape), {})
+        if not methods:
             # The real body for an unknown path is not recorded [unverified].
             raise _VaultError(404, "NotFound", "The requested resource was not found.")
-        if request.method != "GET":
+        if method not in methods:
             raise _VaultError(
                 405,
                 "MethodNotAllowed",
-                f"The requested resource does not support http method '{request.method}'.",
-            )  # the emulator serves reads only [body unverified]
-        query = dict(parse_qsl(request.query, keep_blank_values=True))
-        api_version = _check_api_version(query.get("api-version"))
-        if len(parts) == 1:
-            return self._list(query, api_version, self._store.latest_of_all(), None)
-        name = unquote(parts[1])
-        if not SECRET_NAME_RE.match(name):
-            raise _VaultError(400, "BadParameter", KV_INVALID_NAME.format(name=name))
-        if len(parts) == 3 and parts[2] == "versions":
-            return self._list(query, api_version, self._store.versions(name), name)
-        version = unquote(parts[2]) if len(parts) == 3 else None
-        return self._get(name, version, claims, request.client_ip)
+                f"The requested resource does not support http method '{method}'.",
+            )  # [body unverified]
+        return methods[method]
 
-    def _get(
-        self, name: str, version: str | None, claims: Mapping[str, Any], client_ip: str
-    ) -> _Response:
+    # -- reads
+
+    def _get(self, call: _Call) -> _Response:
+        name = call.parts[1]
+        version = call.parts[2] if len(call.parts) == 3 else None
         inner_code = self._store.forbidden(name)
         if inner_code is not None:
             message = _forbidden_message(
                 inner_code,
-                claims=claims,
+                claims=call.claims,
                 vault_name=self._vault_name,
                 secret_name=name,
-                client_ip=client_ip,
+                client_ip=call.request.client_ip,
                 issuer=self._issuer.issuer,
             )
             raise _VaultError(403, "Forbidden", message, inner_code)
+        stored_name, stored = self._find(name, version)
+        if not stored.spec.enabled:
+            raise _VaultError(403, "Forbidden", KV_DISABLED, "SecretDisabled")
+        return _ok(self._bundle(stored_name, stored, with_value=True))
+
+    def _find(self, name: str, version: str | None) -> tuple[str, _Version]:
+        """A live version, or the recorded 404 SecretNotFound (B5)."""
         found = None
         if version is None or SECRET_VERSION_RE.match(version):
             found = self._store.get(name, version)
         if found is None:
             label = name if version is None else f"{name}/{version}"
             raise _VaultError(404, "SecretNotFound", KV_NOT_FOUND.format(name=label))
-        stored_name, stored = found
-        if not stored.spec.enabled:
-            raise _VaultError(403, "Forbidden", KV_DISABLED, "SecretDisabled")
-        return _Response(
-            200, _json_bytes(self._bundle(stored_name, stored, with_value=True))
-        )
+        return found
 
-    def _list(
-        self,
-        query: Mapping[str, str],
-        api_version: str,
-        items: list[tuple[str, _Version]],
-        versions_of: str | None,
+    def _list_secrets(self, call: _Call) -> _Response:
+        entries = [
+            (
+                name.upper(),
+                self._bundle(
+                    name, version, with_value=False, versioned_id=False, is_item=True
+                ),
+            )
+            for name, version in self._store.latest_of_all()
+        ]
+        return self._page(call, "/secrets", entries)
+
+    def _list_versions(self, call: _Call) -> _Response:
+        name = call.parts[1]
+        entries = [
+            (
+                f"{version.seq:012d}",
+                self._bundle(stored, version, with_value=False, is_item=True),
+            )
+            for stored, version in self._store.versions(name)
+        ]
+        return self._page(call, f"/secrets/{quote(name)}/versions", entries)
+
+    def _list_deleted(self, call: _Call) -> _Response:
+        entries = [
+            (found.secret.name.upper(), self._deleted_bundle(found, is_item=True))
+            for found in self._store.all_deleted()
+        ]
+        return self._page(call, "/deletedsecrets", sorted(entries, key=lambda e: e[0]))
+
+    def _get_deleted(self, call: _Call) -> _Response:
+        return _ok(self._deleted_bundle(self._deleted(call.parts[1])))
+
+    def _deleted(self, name: str) -> _DeletedSecret:
+        found = self._store.deleted(name)
+        if found is None:
+            message = KV_DELETED_NOT_FOUND.format(name=name)
+            raise _VaultError(404, "SecretNotFound", message)
+        return found
+
+    # -- writes (SetSecret, UpdateSecret, DeleteSecret, Recover, Purge: REST 7.x)
+
+    def _set(self, call: _Call) -> _Response:
+        """PUT /secrets/<name>: a new version; 409 while the name is soft-deleted."""
+        body = _json_body(call.request.body, allowed=_SET_KEYS)
+        if "value" not in body:
+            raise _VaultError(400, "BadParameter", "The secret value is missing.")
+        spec = _apply_body(_VersionSpec(_body_value(body["value"])), body)
+        name = call.parts[1]
+        try:
+            version = self._store.add(name, spec)
+        except _DeletedConflictError:
+            message = KV_DELETED_CONFLICT.format(name=name)
+            raise _VaultError(
+                409, "Conflict", message, "ObjectIsDeletedButRecoverable"
+            ) from None
+        stored_name, stored = self._find(name, version)
+        return _ok(self._bundle(stored_name, stored, with_value=True))
+
+    def _update(self, call: _Call) -> _Response:
+        """PATCH /secrets/<name>[/<version>]: attributes, content type, tags; no value."""
+        body = _json_body(call.request.body, allowed=_UPDATE_KEYS)
+        name = call.parts[1]
+        version = call.parts[2] if len(call.parts) == 3 else None
+        self._find(name, version)  # 404 before any change
+        found = self._store.update(name, version, lambda spec: _apply_body(spec, body))
+        if found is None:  # deleted meanwhile
+            self._find(name, version)
+        assert found is not None
+        return _ok(self._bundle(*found, with_value=False))
+
+    def _delete(self, call: _Call) -> _Response:
+        """DELETE /secrets/<name>: soft delete, answered with the DeletedSecretBundle (B5)."""
+        name = call.parts[1]
+        found = self._store.soft_delete(name)
+        if found is None:
+            self._find(name, None)  # raises the 404
+        assert found is not None
+        return _ok(self._deleted_bundle(found))
+
+    def _recover(self, call: _Call) -> _Response:
+        """POST /deletedsecrets/<name>/recover: every version back, the latest's bundle."""
+        name = call.parts[1]
+        found = self._store.recover(name)
+        if found is None:
+            self._deleted(name)  # raises the 404
+        assert found is not None
+        return _ok(self._bundle(*found, with_value=False))  # [unverified: no value]
+
+    def _purge(self, call: _Call) -> _Response:
+        """DELETE /deletedsecrets/<name>: gone for good, 204 with no body."""
+        name = call.parts[1]
+        if not self._store.purge(name):
+            self._deleted(name)  # raises the 404
+        return _Response(204, b"")
+
+    # -- paging and bodies
+
+    def _page(
+        self, call: _Call, path: str, entries: list[tuple[str, dict[str, object]]]
     ) -> _Response:
-        """One page of /secrets or /secrets/<name>/versions (protocol.md B4).
+        """One page of a list (protocol.md B4); ``entries`` are (sort key, item), sorted.
 
         The cursor is the sort key of the last item returned, so a page boundary
         survives secrets being added or deleted between pages, as in the real
-        service whose skiptoken holds the last upper-cased name.
+        service whose skiptoken holds the last upper-cased name. With
+        ``empty_pages`` the list opens with EMPTY_PAGES_BEFORE_FIRST empty pages
+        and ends with ``{"value":[],"nextLink":null}``, as the recording does.
         """
-        max_results = _check_max_results(query.get("maxresults"))
-        cursor = _decode_skiptoken(query.get("$skiptoken"))
-
-        def sort_key(item: tuple[str, _Version]) -> str:
-            return f"{item[1].seq:012d}" if versions_of is not None else item[0].upper()
-
-        remaining = [
-            item for item in items if cursor is None or sort_key(item) > cursor
-        ]
-        page = remaining[: max_results or KEYVAULT_MAX_PAGE_SIZE]
+        max_results = _check_max_results(call.query.get("maxresults"))
+        opening_gaps = EMPTY_PAGES_BEFORE_FIRST if self.empty_pages else 0
+        cursor, gaps = _decode_skiptoken(call.query.get("$skiptoken"), opening_gaps)
+        remaining = [entry for entry in entries if entry[0] > cursor]
+        values: list[dict[str, object]] = []
+        link_state: tuple[str, int] | None = None
+        if remaining and gaps > 0:
+            link_state = (cursor, gaps - 1)
+        else:
+            chosen = remaining[: max_results or KEYVAULT_MAX_PAGE_SIZE]
+            values = [item for _, item in chosen]
+            if len(remaining) > len(chosen) or (self.empty_pages and chosen):
+                link_state = (chosen[-1][0], 0)
         next_link = None
-        if len(remaining) > len(page):
-            path = (
-                "/secrets"
-                if versions_of is None
-                else f"/secrets/{quote(versions_of)}/versions"
-            )
+        if link_state is not None:
             next_link = (
-                f"{self._link_base}{path}?api-version={quote(api_version, safe='.-')}"
-                f"&$skiptoken={_encode_skiptoken(sort_key(page[-1]))}"
+                f"{self._link_base}{path}?api-version={quote(call.api_version, safe='.-')}"
+                f"&$skiptoken={_encode_skiptoken(*link_state)}"
             )
             if max_results is not None:
                 next_link += f"&maxresults={max_results}"
-        values = [
-            self._bundle(
-                name, version, with_value=False, versioned_id=versions_of is not None
-            )
-            for name, version in page
-        ]
-        return _Response(200, _json_bytes({"value": values, "nextLink": next_link}))
+        return _ok({"value": values, "nextLink": next_link})
 
     def _bundle(
         self,
@@ -1247,8 +1596,9 @@ class _VaultApi:
         *,
         with_value: bool,
         versioned_id: bool = True,
+        is_item: bool = False,
     ) -> dict[str, object]:
-        """SecretBundle / SecretItem with the key order seen on the wire (B3)."""
+        """SecretBundle, or a list's SecretItem (no kid), with the wire's key order (B3)."""
         spec = version.spec
         bundle: dict[str, object] = {}
         if with_value:
@@ -1257,6 +1607,8 @@ class _VaultApi:
             bundle["contentType"] = spec.content_type
         secret_id = f"{self._vault_url}/secrets/{name}"
         bundle["id"] = f"{secret_id}/{version.version}" if versioned_id else secret_id
+        if spec.managed:
+            bundle["managed"] = True
         attributes: dict[str, object] = {"enabled": spec.enabled}
         if spec.not_before is not None:
             attributes["nbf"] = spec.not_before
@@ -1269,9 +1621,182 @@ class _VaultApi:
             recoverableDays=KEYVAULT_RECOVERABLE_DAYS,
         )
         bundle["attributes"] = attributes
+        if spec.managed and not is_item:
+            # A certificate's key, secret and certificate share name and version (B9).
+            bundle["kid"] = spec.kid or f"{self._vault_url}/keys/{name}/{version.version}"
         if spec.tags is not None:
             bundle["tags"] = dict(spec.tags)
         return bundle
+
+    def _deleted_bundle(
+        self, found: _DeletedSecret, *, is_item: bool = False
+    ) -> dict[str, object]:
+        """DeletedSecretBundle / DeletedSecretItem: the recorded DELETE answer's order (B5)."""
+        name = found.secret.name
+        return {
+            "recoveryId": f"{self._vault_url}/deletedsecrets/{name}",
+            "deletedDate": found.deleted,
+            "scheduledPurgeDate": found.purge_at,
+            **self._bundle(
+                name,
+                found.secret.versions[-1],
+                with_value=False,
+                versioned_id=not is_item,
+                is_item=is_item,
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A routed vault request: path parts (unquoted), query, api-version, token claims."""
+
+    parts: list[str]
+    query: dict[str, str]
+    api_version: str
+    claims: Mapping[str, Any]
+    request: _Request
+
+
+def _ok(value: object) -> _Response:
+    return _Response(200, _json_bytes(value))
+
+
+# --- write bodies (SecretSetParameters, SecretUpdateParameters: REST 7.x) -----------------
+
+_SET_KEYS = frozenset({"value", "contentType", "tags", "attributes"})
+_UPDATE_KEYS = _SET_KEYS - {"value"}
+_WRITABLE_ATTRIBUTES = frozenset({"enabled", "nbf", "exp"})
+# Read-only attributes a client may echo back from a GET; ignored like the service does.
+_READ_ONLY_ATTRIBUTES = frozenset(
+    {"created", "updated", "recoveryLevel", "recoverableDays"}
+)
+
+
+def _bad_body(message: str) -> _VaultError:
+    # The service's wording for malformed bodies is not recorded [unverified].
+    return _VaultError(400, "BadParameter", message)
+
+
+def _json_body(body: bytes | None, *, allowed: frozenset[str]) -> dict[str, Any]:
+    """The request's JSON object, checked strictly; raises _VaultError 400/413.
+
+    Rejected: no body, over MAX_REQUEST_BODY_BYTES (413), not UTF-8, not JSON,
+    NaN/Infinity, duplicate keys, nesting deep enough to exhaust the parser, a
+    top-level value that is not an object, and keys outside ``allowed``. A key
+    whose value is null counts as absent.
+    """
+    if body is None:
+        raise _VaultError(
+            413,
+            "RequestEntityTooLarge",
+            f"The request body must be sent with a Content-Length of at most "
+            f"{MAX_REQUEST_BODY_BYTES} bytes.",
+        )  # [unverified]
+    if not body.strip():
+        raise _bad_body("The request body is missing.")
+    try:
+        data = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+        )
+    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise _bad_body("The request body is not valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise _bad_body("The request body must be a JSON object.")
+    unknown = sorted(key for key in data if key not in allowed)
+    if unknown:
+        raise _bad_body(f"The request body has an unknown property '{unknown[0]}'.")
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _body_text(value: object, what: str, max_chars: int) -> str:
+    """A string that can be stored and echoed as UTF-8 (no lone surrogates), bounded."""
+    if not isinstance(value, str):
+        raise _bad_body(f"The {what} must be a string.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad_body(f"The {what} is not valid Unicode text.") from None
+    if len(value) > max_chars:
+        raise _bad_body(f"The {what} is longer than {max_chars} characters.")
+    return value
+
+
+def _body_value(value: object) -> str:
+    text = _body_text(value, "secret value", KEYVAULT_MAX_VALUE_BYTES)
+    if len(text.encode("utf-8")) > KEYVAULT_MAX_VALUE_BYTES:
+        raise _bad_body(
+            f"The secret value is larger than {KEYVAULT_MAX_VALUE_BYTES} bytes."
+        )
+    return text
+
+
+def _apply_body(spec: _VersionSpec, body: Mapping[str, Any]) -> _VersionSpec:
+    """Overlay contentType, tags and attributes from a checked body on ``spec``."""
+    changes: dict[str, Any] = {}
+    if "contentType" in body:
+        changes["content_type"] = _body_text(
+            body["contentType"], "contentType", MAX_CONTENT_TYPE_CHARS
+        )
+    if "tags" in body:
+        changes["tags"] = _body_tags(body["tags"])
+    attributes = body.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise _bad_body("The attributes must be a JSON object.")
+    unknown = sorted(
+        key
+        for key in attributes
+        if key not in _WRITABLE_ATTRIBUTES | _READ_ONLY_ATTRIBUTES
+    )
+    if unknown:
+        raise _bad_body(f"The attributes have an unknown property '{unknown[0]}'.")
+    if attributes.get("enabled") is not None:
+        if not isinstance(attributes["enabled"], bool):
+            raise _bad_body("The attribute 'enabled' must be true or false.")
+        changes["enabled"] = attributes["enabled"]
+    for wire, field_name in (("nbf", "not_before"), ("exp", "expires_on")):
+        if attributes.get(wire) is not None:
+            changes[field_name] = _body_epoch(attributes[wire], wire)
+    return dataclasses.replace(spec, **changes)
+
+
+def _body_tags(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _bad_body("The tags must be a JSON object of strings.")
+    if len(value) > MAX_TAGS:
+        raise _bad_body(f"A secret can have at most {MAX_TAGS} tags.")
+    return {
+        _body_text(key, "tag name", MAX_TAG_CHARS): _body_text(
+            item, "tag value", MAX_TAG_CHARS
+        )
+        for key, item in value.items()
+    }
+
+
+def _body_epoch(value: object, name: str) -> int:
+    # Negative dates are accepted: @azure/keyvault-secrets 4.12 sends `(ms / 1000) | 0`,
+    # which wraps dates after 2038-01-19 to negative numbers, and the service's answer
+    # to them is not recorded [unverified].
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not -MAX_EPOCH_S <= value <= MAX_EPOCH_S
+    ):
+        raise _bad_body(f"The attribute '{name}' must be an integer date (epoch seconds).")
+    return value
 
 
 def _check_api_version(api_version: str | None) -> str:
@@ -1300,24 +1825,29 @@ def _check_max_results(raw: str | None) -> int | None:
     return int(raw)
 
 
-def _encode_skiptoken(cursor: str) -> str:
-    """Opaque like the real one: base64 of {"NextMarker": ..., "TargetLocation": 0}."""
-    marker = _b64url(f"emulator!{cursor}".encode())
+def _encode_skiptoken(cursor: str, gaps: int) -> str:
+    """Opaque like the real one: base64 of {"NextMarker": ..., "TargetLocation": 0}.
+
+    ``gaps`` counts the empty pages still to serve before the next items.
+    """
+    marker = _b64url(f"emulator!{gaps}!{cursor}".encode())
     return _b64url(_json_bytes({"NextMarker": marker, "TargetLocation": 0}))
 
 
-def _decode_skiptoken(token: str | None) -> str | None:
+def _decode_skiptoken(token: str | None, opening_gaps: int) -> tuple[str, int]:
+    """(cursor, empty pages to serve first); no token means the start of the list."""
     if token is None:
-        return None
+        return "", opening_gaps
     try:
         outer = json.loads(_b64url_decode(token))
         marker = _b64url_decode(str(outer["NextMarker"])).decode("utf-8")
     except (ValueError, KeyError, TypeError) as exc:
         raise _VaultError(400, "BadParameter", "The skip token is invalid.") from exc
-    prefix, _, cursor = marker.partition("!")
-    if prefix != "emulator":
+    prefix, _, rest = marker.partition("!")
+    gaps, _, cursor = rest.partition("!")
+    if prefix != "emulator" or gaps not in {str(n) for n in range(EMPTY_PAGES_BEFORE_FIRST + 1)}:
         raise _VaultError(400, "BadParameter", "The skip token is invalid.")
-    return cursor
+    return cursor, int(gaps)
 
 
 def _forbidden_message(
@@ -1406,14 +1936,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _LoopbackServer
 
     def _serve(self) -> None:
-        length = self.headers.get("Content-Length", "0")
-        if "Transfer-Encoding" in self.headers or not length.isdigit():
-            # A body this server does not parse (chunked, or a bad length): close after
-            # answering, or its bytes would be read as the next request on the connection.
-            self.close_connection = True
-        elif int(length) > 0:
-            # Drain the body so the next request on this connection parses.
-            self.rfile.read(int(length))
+        body = self._read_body()
         split = urlsplit(self.path)
         request = _Request(
             method=self.command,
@@ -1421,6 +1944,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             query=split.query,
             headers={name.lower(): value for name, value in self.headers.items()},
             client_ip=str(self.client_address[0]),
+            body=body,
         )
         answer = self.server.dispatch(request)
         if answer is None:  # injected drop: close without a byte of response
@@ -1437,6 +1961,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None when it is chunked, malformed or over the cap.
+
+        Whatever is not read makes the connection close after the answer, or its
+        bytes would be parsed as the next request on this keep-alive connection.
+        """
+        length = self.headers.get("Content-Length", "0")
+        if "Transfer-Encoding" in self.headers or not length.isdigit():
+            self.close_connection = True
+            return None
+        size = int(length)
+        if size > MAX_REQUEST_BODY_BYTES:
+            self.close_connection = True
+            if size <= MAX_DISCARDED_BODY_BYTES:
+                while size > 0:
+                    chunk = self.rfile.read(min(size, 65536))
+                    if not chunk:
+                        break
+                    size -= len(chunk)
+            return None
+        return self.rfile.read(size) if size > 0 else b""
 
     do_GET = _serve
     do_HEAD = _serve
@@ -1563,11 +2109,13 @@ class Emulator:
         tenant_id: str = DEFAULT_TENANT_ID,
         identities: IdentityConfig | None = None,
         clock: Callable[[], float] = time.time,
+        empty_pages: bool = False,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         self.host = host
         self.latency_s = latency_s
+        self._empty_pages = empty_pages
         self._imds_port = imds_port
         self._vault_port = vault_port
         self._vault_hostname = vault_hostname
@@ -1625,6 +2173,7 @@ class Emulator:
             vault_url,
             f"https://{vault_host}:{vault_port}",
             vault_host.split(".")[0] if self._vault_hostname else "kv-emulator",
+            self._empty_pages,
         )
         self._urls = (f"http://{self.host}:{imds.server_port}", vault_url, ca_path)
         for server, name in ((imds, "imds"), (vault, "vault")):
@@ -1703,6 +2252,24 @@ class Emulator:
         return self._started_urls()[2]
 
     @property
+    def empty_pages(self) -> bool:
+        """Whether lists open with empty pages that carry a nextLink, as Azure's may (B4).
+
+        Off by default; on, every list starts with EMPTY_PAGES_BEFORE_FIRST pages
+        ``{"value":[],"nextLink":"..."}``, every page with items has a nextLink and
+        the last page is ``{"value":[],"nextLink":null}``, as in the recording
+        ``keyvault__js__recording_can_list_secrets_by_page.json``. A client that
+        stops at the first empty page then fails here rather than in Azure.
+        """
+        return self._empty_pages
+
+    @empty_pages.setter
+    def empty_pages(self, enabled: bool) -> None:
+        self._empty_pages = enabled
+        if self._vault_api is not None:
+            self._vault_api.empty_pages = enabled
+
+    @property
     def tenant_id(self) -> str:
         """Tenant in token claims and in the vault's 401 challenge."""
         return self._issuer.tenant_id
@@ -1729,7 +2296,11 @@ class Emulator:
         not_before: int | None = None,
         expires_on: int | None = None,
     ) -> str:
-        """Add a new version of ``name`` (created if missing); returns its 32-hex version id."""
+        """Add a new version of ``name`` (created if missing); returns its 32-hex version id.
+
+        Raises LookupError while ``name`` is soft-deleted (through the REST API),
+        as the service answers 409 then.
+        """
         _check_name(name, "set_secret")
         spec = _VersionSpec(
             _check_value(value, f"set_secret {name!r}"),
@@ -1750,7 +2321,8 @@ class Emulator:
         self._store.set_enabled(name, version, True)
 
     def delete_secret(self, name: str) -> None:
-        """Remove a secret and all its versions; raises KeyError when there is none."""
+        """Remove a secret and all its versions at once (a delete plus a purge, no soft-deleted
+        copy); raises KeyError when there is none. ``DELETE /secrets/<name>`` soft-deletes."""
         self._store.delete(name)
 
     def forbid_secret(self, name: str, inner_code: str = "AccessDenied") -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import pytest
+import requests
+from daemon_harness import AgentProcess, wait_for
 from hostile import HostileServer, answer, loopback_443_server, trickle
 from hostile import response as hostile_response
 
@@ -342,6 +344,59 @@ def test_once_failures_name_each_secret_and_keep_its_file(kv: Harness) -> None:
         for fragment in fragments:
             assert fragment in line, line
         assert "left as it was" in line, line
+
+
+def rotate_through_the_vault_api(emulator: Emulator, name: str, value: str) -> None:
+    """PUT a new version over HTTPS, as a user would with curl or an SDK (issue 9 item 24)."""
+    SECRET_VALUES.add(value)
+    with requests.Session() as client:
+        client.trust_env = False
+        grant = client.get(emulator.imds_endpoint, headers={"Metadata": "true"}, timeout=5,
+                           params={"api-version": IMDS_API_VERSION, "resource": KEYVAULT_AUDIENCE})
+        bearer = grant.json()["access_token"]
+        TOKENS.add(bearer)
+        put = client.put(f"{emulator.vault_url}/secrets/{name}", params={"api-version": "7.6"},
+                         json={"value": value}, headers={"Authorization": f"Bearer {bearer}"},
+                         verify=emulator.ca_path, timeout=5)
+    assert put.status_code == 200, put.status_code
+
+
+def test_once_picks_up_a_secret_rotated_through_the_vault_api(kv: Harness) -> None:
+    """A version written with an HTTP PUT to the emulator is what the next once writes."""
+    name = fresh_name("rest-rotated")
+    kv.put(name, fresh_value("before"))
+    manifest = kv.manifest(entry(name))
+    assert kv.run("once", "--manifest", str(manifest)).returncode == 0
+
+    rotated = fresh_value("after")
+    rotate_through_the_vault_api(kv.emulator, name, rotated)
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert (kv.directory / name).read_bytes() == rotated.encode()
+
+
+def test_run_picks_up_a_secret_rotated_through_the_vault_api(kv: Harness) -> None:
+    """A running agent writes a version PUT over HTTP at its next refresh."""
+    name = fresh_name("rest-running")
+    first = fresh_value("first")
+    kv.put(name, first)
+    manifest = kv.manifest(entry(name), header="refresh: 1s\nrefresh_jitter: 0%\n")
+    target = kv.directory / name
+    agent = AgentProcess(["run", "--manifest", str(manifest)], kv.env())
+    try:
+        wait_for(lambda: target.exists() and target.read_bytes() == first.encode(), 20,
+                 "the first write", lambda: agent.stderr)
+        rotated = fresh_value("rotated")
+        rotate_through_the_vault_api(kv.emulator, name, rotated)
+        wait_for(lambda: target.read_bytes() == rotated.encode(), 20,
+                 "the rotated value", lambda: agent.stderr)
+        code, _ = agent.stop()
+    finally:
+        agent.kill()
+    OUTPUTS.append(agent.stdout + agent.stderr)
+    assert code == 0
+    assert_no_leak(agent.stdout + agent.stderr)
 
 
 def test_once_with_debug_on_failures_prints_no_value_or_token(kv: Harness) -> None:
@@ -758,6 +813,54 @@ def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
         OUTPUTS.append(errors)
         assert_no_leak(errors)
         assert not os.path.exists(banner["ca"]), "the generated CA was not removed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness) -> None:
+    """A secrets file with secrets: and identities: gives kv-agent emulator a user-assigned
+    identity that once selects by client_id, and --empty-pages serves lists with empty pages."""
+    name, value = fresh_name("declared"), fresh_value("declared")
+    SECRET_VALUES.add(value)
+    client_id = "5e1f0a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b"
+    secrets_file = write_private(
+        kv.root / "secrets.yaml",
+        f"secrets:\n  {name}: {json.dumps(value)}\n"
+        f"identities:\n  system_assigned: false\n  user_assigned:\n"
+        f"    - client_id: {client_id}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "emulator", "--secrets", str(secrets_file),
+         "--empty-pages"],
+        env=base_environ(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = _read_banner(process, timeout_s=20)
+        manifest = write_private(kv.root / "manifest.yaml",
+                                 f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
+                                 f"identity:\n  client_id: {client_id}\n"
+                                 f"secrets:\n{entry(name)}")
+        env = kv.env(KV_AGENT_IMDS_ENDPOINT=banner["imds"], REQUESTS_CA_BUNDLE=banner["ca"])
+
+        result = kv.run("once", "--manifest", str(manifest), env=env)
+
+        assert result.returncode == 0, result.stderr
+        assert (kv.directory / name).read_bytes() == value.encode()
+        with requests.Session() as client:
+            client.trust_env = False
+            grant = client.get(banner["imds"], headers={"Metadata": "true"}, timeout=5,
+                               params={"api-version": IMDS_API_VERSION,
+                                       "resource": KEYVAULT_AUDIENCE, "client_id": client_id})
+            TOKENS.add(grant.json()["access_token"])
+            page = client.get(f"{banner['vault']}/secrets", params={"api-version": "7.6"},
+                              headers={"Authorization": f"Bearer {grant.json()['access_token']}"},
+                              verify=banner["ca"], timeout=5).json()
+        assert page["value"] == [] and page["nextLink"] is not None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
     finally:
         if process.poll() is None:
             process.kill()

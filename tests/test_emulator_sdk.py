@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ import pytest
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceExistsError,
     ResourceNotFoundError,
 )
 from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
@@ -288,3 +291,166 @@ def test_sdk_retries_a_transient_imds_error(fresh: Emulator) -> None:
         assert client.get_secret("db-password").value == "hunter2"
 
     assert [record.status for record in fresh.imds_log] == [500, 200]
+
+
+def test_sdk_lists_everything_across_empty_pages(fresh: Emulator) -> None:
+    """With empty pages on, both lists still yield every item: the SDK follows a nextLink past
+    a page without items, as it must in Azure."""
+    fresh.empty_pages = True
+    with secret_client(fresh) as client:
+        names = [str(item.name) for item in client.list_properties_of_secrets(max_page_size=5)]
+        versions = list(client.list_properties_of_secret_versions("rotated", max_page_size=1))
+
+    assert sorted(names) == sorted(SECRETS)
+    assert len(versions) == 3
+    pages = [r for r in fresh.vault_log if r.path == "/secrets" and r.status == 200]
+    assert len(pages) == 2 + 7 + 1  # two empty, seven of items, the empty last one
+
+
+def test_sdk_set_update_delete_recover_purge(fresh: Emulator) -> None:
+    """SecretClient's write operations work end to end: set, update, soft delete, get and list
+    deleted, recover, delete again, purge, and set anew."""
+    with secret_client(fresh) as client:
+        created = client.set_secret(
+            "written", "first", content_type="text/plain", tags={"env": "test"}
+        )
+        rotated = client.set_secret("written", "second")
+        updated = client.update_secret_properties(
+            "written", rotated.properties.version, enabled=False, tags={"env": "prod"}
+        )
+        disabled = pytest.raises(HttpResponseError, client.get_secret, "written")
+        client.update_secret_properties("written", enabled=True)  # latest, via ".../written/"
+        deleted = client.begin_delete_secret("written", _polling_interval=0.05).result()
+        fetched = client.get_deleted_secret("written")
+        listed = [item.name for item in client.list_deleted_secrets()]
+        with pytest.raises(ResourceExistsError) as conflict:
+            client.set_secret("written", "third")
+        recovered = client.begin_recover_deleted_secret("written", _polling_interval=0.05).result()
+        value_after_recover = client.get_secret("written").value
+        client.begin_delete_secret("written", _polling_interval=0.05).result()
+        client.purge_deleted_secret("written")
+        with pytest.raises(ResourceNotFoundError):
+            client.get_deleted_secret("written")
+        fresh_start = client.set_secret("written", "fourth")
+        versions = list(client.list_properties_of_secret_versions("written"))
+
+    assert (created.value, created.properties.content_type) == ("first", "text/plain")
+    assert created.properties.tags == {"env": "test"}
+    assert rotated.properties.version != created.properties.version
+    assert (updated.enabled, updated.tags) == (False, {"env": "prod"})
+    assert disabled.value.status_code == 403
+    assert deleted.name == fetched.name == "written"
+    assert deleted.recovery_id == f"{fresh.vault_url}/deletedsecrets/written"
+    assert deleted.deleted_date is not None and deleted.scheduled_purge_date is not None
+    assert listed == ["written"]
+    assert conflict.value.status_code == 409
+    assert conflict.value.error is not None
+    assert conflict.value.error.code == "Conflict"
+    assert recovered.name == "written" and value_after_recover == "second"
+    assert fresh_start.value == "fourth" and len(versions) == 1
+
+
+def test_sdk_bad_set_is_a_400(emu: Emulator) -> None:
+    """A value over Key Vault's 25 KB limit is refused with 400 BadParameter, as the service does."""
+    with secret_client(emu) as client, pytest.raises(HttpResponseError) as caught:
+        client.set_secret("too-big", "x" * (25 * 1024 + 1))
+
+    assert caught.value.status_code == 400
+    assert caught.value.error is not None and caught.value.error.code == "BadParameter"
+
+
+# ---------------------------------------------------------------------------
+# The SDK's own challenge-resource check, under a *.vault.azure.net name (item 26)
+
+VAULT_HOSTNAME = "kv-emulator.vault.azure.net"
+
+
+def resolve_to_loopback(monkeypatch: pytest.MonkeyPatch, hostname: str) -> None:
+    """Answer lookups of ``hostname`` with 127.0.0.1, as a hosts entry would; no DNS is asked."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.lower() == hostname:
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def start_named(monkeypatch: pytest.MonkeyPatch, vault_port: int) -> Emulator:
+    """An emulator serving https://kv-emulator.vault.azure.net[:port] on a loopback address of
+    its own (so port 443 does not collide with other tests), with that name resolved to it."""
+    host = f"127.0.{os.getpid() % 250 + 1}.{vault_port % 250 + 2}"
+    emulator = Emulator(SECRETS, host=host, vault_port=vault_port, vault_hostname=VAULT_HOSTNAME)
+    try:
+        emulator.start()
+    except PermissionError:
+        pytest.skip(f"binding {host}:{vault_port} needs root or CAP_NET_BIND_SERVICE")
+    aim_sdk_at(emulator, monkeypatch)
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(name, str) and name.lower() == VAULT_HOSTNAME:
+            name = host  # as a hosts entry "127.0.x.y kv-emulator.vault.azure.net" would
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return emulator
+
+
+@contextmanager
+def verifying_client(emulator: Emulator) -> Iterator[SecretClient]:
+    """A SecretClient with the SDK's default challenge-resource verification left on."""
+    with ManagedIdentityCredential() as credential:
+        client = SecretClient(
+            vault_url=emulator.vault_url, credential=credential, connection_verify=emulator.ca_path
+        )
+        with client:
+            yield client
+
+
+def test_sdk_verifies_the_challenge_of_a_vault_azure_net_name_on_port_443(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a *.vault.azure.net name on port 443 the SDK's default check passes, so SDK code
+    runs against the emulator unchanged."""
+    emulator = start_named(monkeypatch, 443)
+    try:
+        with verifying_client(emulator) as client:
+            secret = client.get_secret("db-password")
+            names = {item.name for item in client.list_properties_of_secrets(max_page_size=10)}
+    finally:
+        emulator.stop()
+
+    assert secret.value == "hunter2"
+    assert secret.properties.vault_url == f"https://{VAULT_HOSTNAME}"
+    assert names == set(SECRETS)  # nextLinks carry :443, the same authority for the SDK
+
+
+def test_sdk_check_counts_the_port_so_another_port_needs_the_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """azure-keyvault-secrets compares host and port: at *.vault.azure.net:<other port> its
+    check refuses, and verify_challenge_resource=False is the way (the README says so)."""
+    emulator = start_named(monkeypatch, 0)
+    try:
+        with verifying_client(emulator) as client, pytest.raises(ValueError, match="challenge"):
+            client.get_secret("db-password")
+        with secret_client(emulator) as client:
+            value = client.get_secret("db-password").value
+    finally:
+        emulator.stop()
+
+    assert value == "hunter2"
+
+
+def test_sdk_check_refuses_the_default_loopback_vault_url(emu: Emulator) -> None:
+    """At https://127.0.0.1:<port> the SDK's default check refuses the challenge, hence the name."""
+    with ManagedIdentityCredential() as credential:
+        client = SecretClient(
+            vault_url=emu.vault_url, credential=credential, connection_verify=emu.ca_path
+        )
+        with client, pytest.raises(ValueError, match="challenge resource"):
+            client.get_secret("db-password")
+
+    assert emu.imds_requests == 0
