@@ -38,10 +38,12 @@ from agent.emulator import (
 
 REPO = Path(__file__).resolve().parent.parent
 # Verbatim copies of real, sanitised SDK recordings (tests/recordings/README.md);
-# KV_AGENT_RECORDINGS may point at a fuller set.
+# KV_AGENT_RECORDINGS may point at a fuller set; the project's shared/ folder
+# (beside the clone, in development and in CI) holds the full one.
 RECORDINGS_CANDIDATES = (
     os.environ.get("KV_AGENT_RECORDINGS", ""),
     str(REPO / "tests" / "recordings"),
+    str(REPO.parent / "shared" / "docs" / "recordings"),
 )
 
 KV_RESOURCE = "https://vault.azure.net"
