@@ -93,3 +93,11 @@ class WriteError(KvAgentError):
     """A file could not be written safely; its previous content is intact."""
 
     exit_code = EXIT_CANTCREAT
+
+
+class MissingDependencyError(KvAgentError):
+    """An optional Python package a command needs is not installed (the
+    emulator's and the demo's ``cryptography``): 69, EX_UNAVAILABLE, as for a
+    support program that does not exist."""
+
+    exit_code = EXIT_UNAVAILABLE

@@ -74,11 +74,16 @@ def test_deb_file_list(built_deb: Path) -> None:
 
 
 def test_deb_metadata(built_deb: Path) -> None:
-    """Depends on Debian's requests, yaml and sdnotify; the manifest is a conffile."""
+    """Depends on Debian's requests, yaml and sdnotify, recommends cryptography
+    (for the demo); the manifest is a conffile."""
     depends = run(["dpkg-deb", "-f", str(built_deb), "Depends"]).stdout
     names = {item.strip().split()[0] for item in depends.split(",")}
     assert {"python3-requests", "python3-yaml", "python3-sdnotify"} <= names
     assert not any("inotify" in name for name in names)
+    # `kv-agent demo` needs cryptography (issue 9, item 15): installed by default.
+    recommends = run(["dpkg-deb", "-f", str(built_deb), "Recommends"]).stdout
+    assert "python3-cryptography" in recommends.split(",")[0]
+    assert not run(["dpkg-deb", "-f", str(built_deb), "Suggests"]).stdout.strip()
     assert run(["dpkg-deb", "-f", str(built_deb), "Architecture"]).stdout.strip() == "all"
     control = run(["dpkg-deb", "-I", str(built_deb), "conffiles"]).stdout.split()
     assert control == ["/etc/kv-agent/manifest.yaml"]
@@ -158,14 +163,17 @@ def test_rpm_file_list(built_rpm: Path) -> None:
 
 
 def test_rpm_dependencies_and_scriptlets(built_rpm: Path) -> None:
-    """Requires the distribution's requests and PyYAML, bundles the rest, and
-    presets (never force-enables) the unit."""
+    """Requires the distribution's requests and PyYAML, bundles the rest,
+    recommends cryptography (for the demo), and presets (never force-enables)
+    the unit."""
     requires: Set[str] = {line.split()[0] for line in rpm_query(built_rpm, "-R").splitlines()}
     assert {"python3", "python3-requests", "python3-pyyaml", "systemd"} <= requires
     assert not any("inotify" in r or "sdnotify" in r for r in requires)
     provides = rpm_query(built_rpm, "--provides")
     assert "bundled(python3dist(inotify-simple))" in provides
     assert "bundled(python3dist(sdnotify))" in provides
+    assert rpm_query(built_rpm, "--recommends").split() == ["python3-cryptography"]
+    assert not rpm_query(built_rpm, "--suggests").strip()
     scripts = rpm_query(built_rpm, "--scripts")
     assert "%systemd" not in scripts and "%tmpfiles" not in scripts, scripts
     assert "preset" in scripts or "install-system-units" in scripts
