@@ -439,3 +439,51 @@ def test_purge_leaves_nothing_behind(machine: Container) -> None:
     assert gone == "", gone
     assert machine.run(["systemctl", "show", "-p", "LoadState", "kv-agent"]
                        ).stdout.strip() == "LoadState=not-found"
+
+
+@pytest.fixture(scope="module")
+def lib_layout_deb(built_deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built .deb as 0.1.0 was before issue 9: the unit under
+    /lib/systemd/system (what Debian 12's debhelper does by itself), with a
+    lower version, so installing the real .deb over it is an upgrade."""
+    work = tmp_path_factory.mktemp("lib-layout")
+    tree = work / "tree"
+    kvsystem.run(["dpkg-deb", "-R", str(built_deb), str(tree)])
+    (tree / "lib/systemd/system").mkdir(parents=True)
+    (tree / UNIT_PATH.lstrip("/")).rename(tree / "lib/systemd/system/kv-agent.service")
+    for empty in ("usr/lib/systemd/system", "usr/lib/systemd"):
+        (tree / empty).rmdir()
+    for name, old, new in (("control", "Version: ", "Version: 0.0.1~lib-layout\n"),
+                           ("md5sums", "usr/lib/systemd/system/", None)):
+        path = tree / "DEBIAN" / name
+        lines = path.read_text().splitlines(keepends=True)
+        if new is not None:
+            lines = [new if line.startswith(old) else line for line in lines]
+        else:
+            lines = [line.replace(old, "lib/systemd/system/") for line in lines]
+        path.write_text("".join(lines))
+    deb = work / "kv-agent_0.0.1~lib-layout_all.deb"
+    kvsystem.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb)])
+    return deb
+
+
+def test_upgrade_from_the_lib_layout_keeps_the_unit(
+        machine: Container, built_deb: Path, lib_layout_deb: Path) -> None:
+    """Upgrading from a .deb with the unit in /lib/systemd/system to this one
+    (/usr/lib) keeps the unit (DEP17: a file moved from / to /usr within one
+    package is not lost), and a purge afterwards warns about nothing."""
+    machine.copy_in(lib_layout_deb, f"/root/{lib_layout_deb.name}")
+    machine.run(["apt-get", "install", "-y", "--no-install-recommends",
+                 f"/root/{lib_layout_deb.name}"], timeout=120)
+    assert machine.run(["dpkg", "-S", "/lib/systemd/system/kv-agent.service"]
+                       ).stdout.startswith("kv-agent:")
+    machine.run(["apt-get", "install", "-y", "--no-install-recommends",
+                 f"/root/{built_deb.name}"], timeout=120)
+    assert machine.run(["dpkg-query", "-W", "-f=${Version}", "kv-agent"]).stdout == "0.1.0"
+    assert machine.run(["test", "-f", UNIT_PATH], check=False).returncode == 0, \
+        "the unit was lost in the upgrade"
+    assert machine.run(["dpkg", "-S", UNIT_PATH]).stdout.startswith("kv-agent:")
+    assert machine.run(["systemctl", "show", "-p", "LoadState", "kv-agent"]
+                       ).stdout.strip() == "LoadState=loaded"
+    result = machine.run(["apt-get", "purge", "-y", "kv-agent"], timeout=120)
+    assert "warning" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
