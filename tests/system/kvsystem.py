@@ -1,5 +1,6 @@
 """Host-side machinery for the system tests: host tools, packages, a cached
-Debian root file system, and a booted systemd container to drive.
+root file system per Debian release (SUITES), and a booted systemd container
+to drive.
 
 Safety rules this module enforces, not just follows:
 
