@@ -829,12 +829,12 @@ def generate_certificates(
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:
-        from agent.errors import KvAgentError
+        from agent.errors import MissingDependencyError
 
-        raise KvAgentError(
-            "the emulator needs the 'cryptography' package to make its test CA",
-            "install it (pip install 'kv-agent[emulator]', or apt install "
-            "python3-cryptography), or pass --tls-cert/--tls-key",
+        raise MissingDependencyError(
+            "the emulator needs the Python package 'cryptography' to make its test CA",
+            "install python3-cryptography (Debian, Ubuntu, RHEL, Azure Linux) or run "
+            "pip install 'kv-agent[emulator]', or pass --tls-cert/--tls-key",
         ) from None
 
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -108,3 +108,11 @@ class PermissionDeniedError(KvAgentError):
     is root's alone), which is not the same as "nothing there"."""
 
     exit_code = EXIT_NOPERM
+
+
+class MissingDependencyError(KvAgentError):
+    """An optional Python package a command needs is not installed (the
+    emulator's and the demo's ``cryptography``): 69, EX_UNAVAILABLE, as for a
+    support program that does not exist."""
+
+    exit_code = EXIT_UNAVAILABLE

@@ -8,23 +8,30 @@
 # The Debian packaging lives in packaging/debian; dpkg-buildpackage wants it
 # at debian/ in the tree it builds, so this copies the files the package is
 # made of (symlinks in packaging/debian resolved) into a scratch directory and
-# builds there: the work tree is never written to. Prints the .deb's path.
+# builds there: the work tree is never written to. The maintainer comes from
+# pyproject.toml (packaging/maintainer). Prints the .deb's path.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-"$here/dist"}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-version=$(dpkg-parsechangelog -l "$here/packaging/debian/changelog" -S Version)
+maintainer=$("$here/packaging/maintainer")
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/kv-agent-deb.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT INT TERM
+# The maintainer (debian/control, debian/changelog) is pyproject.toml's author.
+cp -RL "$here/packaging/debian" "$scratch/debian"
+for file in control changelog; do
+    sed "s|@MAINTAINER@|$maintainer|g" "$here/packaging/debian/$file" >"$scratch/debian/$file"
+done
+version=$(dpkg-parsechangelog -l "$scratch/debian/changelog" -S Version)
 src="$scratch/kv-agent-$version"
 mkdir -p "$src"
 (cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
     agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$src"
 rm -rf "$src/packaging/debian"
-cp -RL "$here/packaging/debian" "$src/debian"
+mv "$scratch/debian" "$src/debian"
 
 # -b: binary only (the source package is this repository); -us -uc: unsigned.
 (cd "$src" && dpkg-buildpackage -b -us -uc >"$scratch/build.log" 2>&1) || {

@@ -9,18 +9,22 @@
 # of, then runs rpmbuild -bb in a scratch _topdir. On a host whose rpm has no
 # systemd macros or RPM database of build dependencies (Debian), it loads
 # packaging/rpm/macros.fallback and skips the BuildRequires check (--nodeps).
-# Prints the .rpm's path.
+# The packager comes from pyproject.toml (packaging/maintainer). Prints the
+# .rpm's path.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-"$here/dist"}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-spec="$here/packaging/rpm/kv-agent.spec"
-version=$(sed -n 's/^Version:[[:space:]]*//p' "$spec")
+maintainer=$("$here/packaging/maintainer")
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/kv-agent-rpm.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT INT TERM
+# Packager: and %changelog name pyproject.toml's author.
+spec="$scratch/kv-agent.spec"
+sed "s|@MAINTAINER@|$maintainer|g" "$here/packaging/rpm/kv-agent.spec" >"$spec"
+version=$(sed -n 's/^Version:[[:space:]]*//p' "$spec")
 mkdir -p "$scratch/SOURCES" "$scratch/kv-agent-$version"
 (cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
     agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$scratch/kv-agent-$version"

@@ -56,15 +56,21 @@ def built_rpm(host_tools: None, packages_dir: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", params=kvsystem.SUITES)
+def suite(request: pytest.FixtureRequest) -> str:
+    """The Debian release a system test boots: every one in kvsystem.SUITES."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def rootfs_tar(host_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cached Debian root file system tar (mmdebstrap on a cold cache)."""
+def rootfs_tar(host_tools: None, suite: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cached root file system tar of ``suite`` (mmdebstrap on a cold cache)."""
     started = time.monotonic()
     try:
-        tar = kvsystem.rootfs_tar(log=tmp_path_factory.mktemp("mmdebstrap") / "log")
+        tar = kvsystem.rootfs_tar(suite, log=tmp_path_factory.mktemp("mmdebstrap") / "log")
     except kvsystem.Unavailable as exc:
         pytest.skip(str(exc))
-    TIMINGS["root file system (mmdebstrap or cache)"] = time.monotonic() - started
+    TIMINGS[f"{suite}: root file system (mmdebstrap or cache)"] = time.monotonic() - started
     return tar
 
 
@@ -85,10 +91,16 @@ def needs_run(agent_run_available: bool) -> None:
 
 # -- ordered scenarios -----------------------------------------------------------
 # Tests marked `scenario` in one module are steps of one story on one booted
-# machine: once a step fails, the later ones skip instead of failing for the
-# same reason.
+# machine (one per suite): once a step fails, the later ones on that machine
+# skip instead of failing for the same reason; the other suite's still run.
 
 _FAILED_STEP: Dict[str, str] = {}
+
+
+def _scenario_key(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    suite = callspec.params.get("suite", "") if callspec is not None else ""
+    return f"{item.path}[{suite}]"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -97,7 +109,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("scenario") is not None:
-        failed = _FAILED_STEP.get(str(item.path))
+        failed = _FAILED_STEP.get(_scenario_key(item))
         if failed:
             pytest.skip(f"an earlier step failed: {failed}")
 
@@ -107,7 +119,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     if item.get_closest_marker("scenario") is not None and report.failed:
-        _FAILED_STEP.setdefault(str(item.path), item.name)
+        _FAILED_STEP.setdefault(_scenario_key(item), item.name)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,5 +1,6 @@
 """Host-side machinery for the system tests: host tools, packages, a cached
-Debian root file system, and a booted systemd container to drive.
+root file system per Debian release (SUITES), and a booted systemd container
+to drive.
 
 Safety rules this module enforces, not just follows:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,15 +178,21 @@ def build_rpm(outdir: Path) -> Path:
 # -- root file system -------------------------------------------------------------
 
 
+# The releases the system test boots, oldest first: Debian 12 (systemd 252,
+# Python 3.11) and Debian 13 (systemd 257, Python 3.13). The .deb is built once
+# on the host and installed on each, as users do with a downloaded .deb.
+SUITES = ("bookworm", "trixie")
+
+
 def host_debian_suite() -> str:
-    """The host's Debian codename (the container runs the same release)."""
+    """The host's Debian codename (its apt sources are the template for every suite)."""
     fields: Dict[str, str] = {}
     with open("/etc/os-release", encoding="utf-8") as handle:
         for line in handle:
             key, _, value = line.strip().partition("=")
             fields[key] = value.strip('"')
     if fields.get("ID") != "debian" or not fields.get("VERSION_CODENAME"):
-        raise Unavailable(f"the system test builds a Debian root file system with the host's "
+        raise Unavailable(f"the system test builds Debian root file systems from the host's "
                           f"apt sources; this host is {fields.get('PRETTY_NAME', 'unknown')}")
     return fields["VERSION_CODENAME"]
 
@@ -202,13 +210,24 @@ def host_sources_file() -> Path:
     raise Unavailable("found no Debian apt sources file on the host")
 
 
-def rootfs_tar(log: Optional[Path] = None) -> Path:
-    """A tar of a Debian root file system with ROOTFS_PACKAGES, cached under
-    CACHE_DIR keyed by its inputs (suite, sources, packages); made with
-    mmdebstrap when missing. Stale tars of other keys are removed."""
-    suite = host_debian_suite()
-    sources = host_sources_file()
-    key_text = "\n".join([suite, "variant=apt", sources.read_text(), *sorted(ROOTFS_PACKAGES)])
+def suite_sources(suite: str) -> str:
+    """The apt sources for ``suite``: the host's own file, with the host's
+    codename replaced (bookworm-updates -> trixie-updates, and so on), so
+    every release comes from the mirror the host already uses."""
+    host_suite = host_debian_suite()
+    text = host_sources_file().read_text()
+    if suite == host_suite:
+        return text
+    return re.sub(rf"\b{re.escape(host_suite)}(?=[\s/-]|$)", suite, text)
+
+
+def rootfs_tar(suite: str, log: Optional[Path] = None) -> Path:
+    """A tar of a Debian ``suite`` root file system with ROOTFS_PACKAGES,
+    cached under CACHE_DIR keyed by its inputs (suite, sources, packages);
+    made with mmdebstrap when missing. Stale tars of the same suite (other
+    keys) are removed; other suites' tars stay."""
+    sources = suite_sources(suite)
+    key_text = "\n".join([suite, "variant=apt", sources, *sorted(ROOTFS_PACKAGES)])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tar = CACHE_DIR / f"rootfs-{suite}-{key}.tar"
@@ -218,20 +237,27 @@ def rootfs_tar(log: Optional[Path] = None) -> Path:
     return tar
 
 
-def _make_rootfs(tar: Path, suite: str, sources: Path, log: Optional[Path]) -> None:
+def _make_rootfs(tar: Path, suite: str, sources: str, log: Optional[Path]) -> None:
     # mmdebstrap picks its output format from the name: keep the .tar suffix.
     partial = tar.with_name(f"partial-{os.getpid()}-{tar.name}")
     shutil.rmtree(partial, ignore_errors=True)
-    result = run(["mmdebstrap", "--variant=apt", "--mode=root",
-                  f"--include={','.join(ROOTFS_PACKAGES)}",
-                  suite, str(partial), str(sources)], timeout=900, check=False)
+    # mmdebstrap tells deb822 from one-line format by the suffix: keep the host's.
+    sources_file = tar.with_name(
+        f"partial-{os.getpid()}-{suite}{host_sources_file().suffix}")
+    sources_file.write_text(sources)
+    try:
+        result = run(["mmdebstrap", "--variant=apt", "--mode=root",
+                      f"--include={','.join(ROOTFS_PACKAGES)}",
+                      suite, str(partial), str(sources_file)], timeout=1200, check=False)
+    finally:
+        sources_file.unlink(missing_ok=True)
     if log is not None:
         log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise AssertionError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
     os.replace(partial, tar)
-    for stale in CACHE_DIR.glob("rootfs-*.tar"):
+    for stale in CACHE_DIR.glob(f"rootfs-{suite}-*.tar"):
         if stale != tar:
             stale.unlink(missing_ok=True)
 

@@ -30,6 +30,24 @@ def test_versions_agree() -> None:
     assert re.search(rf"^Version:\s+{re.escape(version)}$", spec, re.MULTILINE)
 
 
+def pyproject_maintainer() -> str:
+    """'Name <email>' of pyproject.toml's first author (the packages' maintainer)."""
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        author = tomllib.load(handle)["project"]["authors"][0]
+    return f"{author['name']} <{author['email']}>"
+
+
+def test_maintainer_comes_from_pyproject(host_tools: None) -> None:
+    """packaging/maintainer prints pyproject.toml's author, and no packaging
+    file names a placeholder (example.org) maintainer or homepage."""
+    assert run([str(REPO / "packaging" / "maintainer")]).stdout.strip() == pyproject_maintainer()
+    for path in (REPO / "packaging").rglob("*"):
+        if path.is_file() and "vendor" not in path.parts:
+            assert "example.org" not in path.read_text(errors="replace"), path
+
+
 # -- .deb ---------------------------------------------------------------------------
 
 
@@ -53,7 +71,8 @@ def test_deb_file_list(built_deb: Path) -> None:
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
-        "/lib/systemd/system/kv-agent.service",
+        # /usr/lib, not /lib: right on Debian 12 (/usr-merged) and 13 (issue 9, item 21).
+        "/usr/lib/systemd/system/kv-agent.service",
         "/usr/lib/tmpfiles.d/kv-agent.conf",
         "/etc/kv-agent/manifest.yaml",
         "/usr/share/man/man8/kv-agent.8.gz",
@@ -71,17 +90,29 @@ def test_deb_file_list(built_deb: Path) -> None:
     assert files["/usr/bin/kv-agent"] == "-rwxr-xr-x"
     assert not any("dist-packages" in path or "site-packages" in path for path in files)
     assert not any(path.endswith(".pyc") for path in files)
+    # Nothing at all under /lib: on Debian 13 dpkg would try to remove
+    # /lib/systemd/system (the symlinked /usr/lib one) on purge.
+    assert not [path for path in files if path == "/lib" or path.startswith("/lib/")]
 
 
 def test_deb_metadata(built_deb: Path) -> None:
-    """Depends on Debian's requests, yaml and sdnotify; the manifest is a conffile."""
+    """Depends on Debian's requests, yaml and sdnotify, recommends cryptography
+    (for the demo); the manifest is a conffile."""
     depends = run(["dpkg-deb", "-f", str(built_deb), "Depends"]).stdout
     names = {item.strip().split()[0] for item in depends.split(",")}
     assert {"python3-requests", "python3-yaml", "python3-sdnotify"} <= names
     assert not any("inotify" in name for name in names)
+    # `kv-agent demo` needs cryptography (issue 9, item 15): installed by default.
+    recommends = run(["dpkg-deb", "-f", str(built_deb), "Recommends"]).stdout
+    assert "python3-cryptography" in recommends.split(",")[0]
+    assert not run(["dpkg-deb", "-f", str(built_deb), "Suggests"]).stdout.strip()
     assert run(["dpkg-deb", "-f", str(built_deb), "Architecture"]).stdout.strip() == "all"
     control = run(["dpkg-deb", "-I", str(built_deb), "conffiles"]).stdout.split()
     assert control == ["/etc/kv-agent/manifest.yaml"]
+    # The maintainer is pyproject.toml's author; no Homepage until there is a real one.
+    assert run(["dpkg-deb", "-f", str(built_deb), "Maintainer"]).stdout.strip() == \
+        pyproject_maintainer()
+    assert not run(["dpkg-deb", "-f", str(built_deb), "Homepage"]).stdout.strip()
 
 
 def test_deb_maintainer_scripts_enable_nothing(built_deb: Path, tmp_path: Path) -> None:
@@ -118,8 +149,12 @@ def rpm_query(rpm: Path, *args: str) -> str:
 
 
 def test_rpm_is_noarch(built_rpm: Path) -> None:
+    """noarch, pyproject's version, its author as packager, and no URL."""
     assert rpm_query(built_rpm, "--qf", "%{ARCH} %{NAME} %{VERSION}") == \
         f"noarch kv-agent {pyproject_version()}"
+    assert rpm_query(built_rpm, "--qf", "%{PACKAGER}") == pyproject_maintainer()
+    assert rpm_query(built_rpm, "--qf", "%{URL}") == "(none)"
+    assert pyproject_maintainer() in rpm_query(built_rpm, "--changelog").splitlines()[0]
 
 
 def test_rpm_file_list(built_rpm: Path) -> None:
@@ -128,8 +163,9 @@ def test_rpm_file_list(built_rpm: Path) -> None:
     listing = rpm_query(built_rpm, "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]")
     files = {line.split(" ", 1)[1]: line.split(" ", 1)[0] for line in listing.splitlines()}
     regular = {path for path, mode in files.items() if mode.startswith("-")}
-    doc = f"/usr/share/doc/kv-agent-{pyproject_version()}"
-    licenses = f"/usr/share/licenses/kv-agent-{pyproject_version()}"
+    # No -VERSION: the unit, the man page and the README say /usr/share/doc/kv-agent.
+    doc = "/usr/share/doc/kv-agent"
+    licenses = "/usr/share/licenses/kv-agent"
     expected = {
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
@@ -158,14 +194,17 @@ def test_rpm_file_list(built_rpm: Path) -> None:
 
 
 def test_rpm_dependencies_and_scriptlets(built_rpm: Path) -> None:
-    """Requires the distribution's requests and PyYAML, bundles the rest, and
-    presets (never force-enables) the unit."""
+    """Requires the distribution's requests and PyYAML, bundles the rest,
+    recommends cryptography (for the demo), and presets (never force-enables)
+    the unit."""
     requires: Set[str] = {line.split()[0] for line in rpm_query(built_rpm, "-R").splitlines()}
     assert {"python3", "python3-requests", "python3-pyyaml", "systemd"} <= requires
     assert not any("inotify" in r or "sdnotify" in r for r in requires)
     provides = rpm_query(built_rpm, "--provides")
     assert "bundled(python3dist(inotify-simple))" in provides
     assert "bundled(python3dist(sdnotify))" in provides
+    assert rpm_query(built_rpm, "--recommends").split() == ["python3-cryptography"]
+    assert not rpm_query(built_rpm, "--suggests").strip()
     scripts = rpm_query(built_rpm, "--scripts")
     assert "%systemd" not in scripts and "%tmpfiles" not in scripts, scripts
     assert "preset" in scripts or "install-system-units" in scripts
