@@ -26,7 +26,7 @@ import yaml
 
 from agent.errors import ManifestError
 from agent.identity import Identity
-from agent.writer import RESERVED_PREFIX
+from agent.writer import RESERVED_PREFIX, system_directory_problem
 
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
 DEFAULT_DIRECTORY = "/run/secrets"
@@ -803,6 +803,9 @@ def _top_directory(problems: _Problems, data: _Map) -> str:
     except ValueError as exc:
         problems.add("directory", str(exc), line)
         return DEFAULT_DIRECTORY
+    shared = system_directory_problem(normal)  # the writer refuses it too, but with no line
+    if shared:
+        problems.add("directory", shared, line)
     return normal
 
 

@@ -699,3 +699,13 @@ def test_check_accepts_double_slash_directory_promptly(shm_dir: Path, tmp_path: 
         pytest.fail("kv-agent check hung on directory: //dev/shm/...")
     assert result.returncode == 0, result.stderr
     assert f"into {shm_dir}/out" in result.stdout
+
+
+@pytest.mark.parametrize("directory", ["/run", "/dev", "/dev/shm", "/proc/x", "/sys/fs/cgroup/x",
+                                       "/dev/kv-agent-secrets", "/tmp", "//run"])
+def test_system_directory_is_a_manifest_problem(directory: str) -> None:
+    """directory: /run, /dev, /dev/shm itself and kernel trees are refused with exit 78 and the line."""
+    problem = one_problem(f"vault: https://kv.vault.azure.net\ndirectory: {directory}\n"
+                          "secrets: []\n")
+    assert problem.startswith("m.yaml:2: directory: "), problem
+    assert "system directory" in problem or "belongs to the kernel" in problem, problem
