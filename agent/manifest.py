@@ -268,8 +268,8 @@ def check_shape(text: str) -> Optional[Tuple[str, Optional[int]]]:
             else:
                 continue  # stream and document events
             if total > MAX_NODES:
-                return (f"more than {MAX_NODES} values once aliases are expanded; "
-                        "a manifest needs far fewer (an alias bomb?)", line)
+                return (f"more than {MAX_NODES} values (aliases expanded); "
+                        "a manifest needs far fewer: split it or remove repetition", line)
             if len(stack) + depth > MAX_DEPTH:
                 return (f"{where()}nested deeper than {MAX_DEPTH} levels "
                         "(aliases expanded); flatten it", line)
@@ -409,7 +409,10 @@ def _unknown_keys(
             continue
         import difflib  # only on this error path: keeps start-up lean
 
-        close = difflib.get_close_matches(key[:64], known, n=1, cutoff=0.6)
+        # Suggestions only for lines that will be shown: difflib costs ~50 us
+        # a key, and a 1 MiB manifest can hold 50,000 unknown ones.
+        close = (difflib.get_close_matches(key[:64], known, n=1, cutoff=0.6)
+                 if len(problems.lines) < MAX_PROBLEMS else [])
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         problems.add(f"{prefix}{echo(key)}", "unknown key", data.key_lines.get(key), hint)
     for key, line in data.duplicates:

@@ -1005,7 +1005,6 @@ def test_clean_leftovers_is_bounded_in_depth_and_size(root: Path,
     deep.mkdir(parents=True)
     (deep / f"{RESERVED_PREFIX}too-deep").write_bytes(b"x")
     (root / "d" / f"{RESERVED_PREFIX}shallow").write_bytes(b"x")
-    monkeypatch.setattr(sys, "getrecursionlimit", sys.getrecursionlimit)  # untouched
     assert Writer(str(root)).prepare() == [f"{root}/d/{RESERVED_PREFIX}shallow"]
     monkeypatch.setattr(writer_module, "MAX_CLEAN_ENTRIES", 50)
     for index in range(60):
