@@ -262,7 +262,8 @@ class Writer:
                     st = os.lstat(path)
                 except OSError as exc:
                     raise WriteError(f"cannot use {self.root}: {path}: {exc.strerror}") from None
-                self._check_owner(path, st, is_root=path == self.root)
+                is_root = existing == self.root and path == chain[-1]  # the root, resolved
+                self._check_owner(path, st, is_root=is_root)
 
     def _check_owner(self, path: str, st: os.stat_result, *, is_root: bool) -> None:
         """Raise WriteError if another user could replace ``path`` (or, for a

@@ -789,6 +789,16 @@ def test_unsafe_directory_behind_a_symlinked_parent_is_refused(shm_dir: Path) ->
         Writer(str(shm_dir / "link" / "secrets")).check()
 
 
+def test_root_reached_through_a_symlinked_parent_is_judged_as_the_root(shm_dir: Path) -> None:
+    """A world-writable sticky root stays refused when reached through a symlinked parent."""
+    require_root()
+    (shm_dir / "real" / "secrets").mkdir(parents=True)
+    os.chmod(shm_dir / "real" / "secrets", 0o1777)
+    (shm_dir / "link").symlink_to(shm_dir / "real")
+    with pytest.raises(WriteError, match="writable by group or others"):
+        Writer(str(shm_dir / "link" / "secrets")).check()
+
+
 def test_safe_roots_are_accepted(shm_dir: Path) -> None:
     """Root-owned parents, a sticky root-owned parent (like /dev/shm) and a 0700 root pass."""
     require_root()
