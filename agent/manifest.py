@@ -921,6 +921,8 @@ def _parse_entry(
         problems.add(f"{prefix}.{key}", message, entry.key_lines.get(key, entry.line), hint)
 
     name = entry.get("name")
+    if name is not None and not isinstance(name, str) and "name" in entry.raw:
+        name = entry.raw["name"]  # "2024" or "0755" is a YAML number: take it as written
     if name is None:
         fail("name", "missing", "add the Key Vault secret name")
     elif not isinstance(name, str) or not SECRET_NAME_RE.match(name):
@@ -954,6 +956,8 @@ def _parse_entry(
 
     version = entry.get("version")
     if version is not None:
+        if not isinstance(version, str) and "version" in entry.raw:
+            version = entry.raw["version"]  # an all-digit version is a YAML number: as written
         if not isinstance(version, str) or not VERSION_RE.match(version):
             fail("version", f"'{echo(version)}' is not a secret version",
                  "use the 32-character hex version id, or remove it for the current one")

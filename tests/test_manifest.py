@@ -709,3 +709,18 @@ def test_system_directory_is_a_manifest_problem(directory: str) -> None:
                           "secrets: []\n")
     assert problem.startswith("m.yaml:2: directory: "), problem
     assert "system directory" in problem or "belongs to the kernel" in problem, problem
+
+
+def test_all_digit_version_is_taken_as_written() -> None:
+    """A version of 32 digits (a YAML number) is kept exactly as written, leading zeros too."""
+    for digits in ("12345678901234567890123456789012", "01234567012345670123456701234567"):
+        manifest = parse_manifest(ENTRY + f"    version: {digits}\n", "m.yaml",
+                                  accounts=ACCOUNTS, check_filesystem=False)
+        assert manifest.secrets[0].version == digits
+
+
+def test_all_digit_secret_name_is_taken_as_written() -> None:
+    """Key Vault allows all-digit names: ``name: 0755`` is the secret '0755', not 493."""
+    manifest = parse_manifest("vault: https://kv.vault.azure.net\nsecrets:\n  - name: 0755\n",
+                              "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    assert (manifest.secrets[0].name, manifest.secrets[0].path) == ("0755", "/run/secrets/0755")
