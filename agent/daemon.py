@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from agent.agent import Agent, Interrupted, SecretOutcome, SyncReport, short_cause
 from agent.errors import KvAgentError, ManifestError
 from agent.hooks import HookRunner, hook_triggers
-from agent.manifest import Manifest, parse_manifest, read_manifest_text
+from agent.manifest import Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
 from agent.notify import Notifier, watchdog_interval_s
 from agent.retry import RetryPolicy
 from agent.signals import SignalFlags
@@ -291,11 +291,9 @@ class Daemon:
         if self._edit_last is None or self._now() < self._edit_deadline():
             return
         self._edit_first = self._edit_last = None
-        try:
-            with open(self._manifest_path, "rb") as handle:
-                raw = handle.read()
-        except OSError:
-            raw = None  # deleted or unreadable: let the reload report it
+        # Bounded and non-blocking (a FIFO put in its place must not stall
+        # the loop); None when deleted or unreadable: the reload reports it.
+        raw = read_manifest_bytes(self._manifest_path)
         if raw is not None and raw == self._manifest_bytes and self._manifest_error is None:
             return  # touched, chmod-ed or rewritten identically
         # (When an edit was rejected, going back to the bytes in use is a

@@ -26,13 +26,14 @@ import yaml
 from agent.errors import ManifestError
 from agent.identity import Identity
 from agent.vault_url import normalize_vault_url
-from agent.writer import RESERVED_PREFIX
+from agent.writer import RESERVED_PREFIX, system_directory_problem
 
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
 DEFAULT_DIRECTORY = "/run/secrets"
 DEFAULT_REFRESH_S = 15 * 60.0
 DEFAULT_MODE = 0o400
 MIN_REFRESH_S = 1.0
+MAX_REFRESH_S = 31 * 24 * 3600.0  # a month; longer waits overflow nothing but help no one
 
 TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secrets")
 SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault",
@@ -50,9 +51,31 @@ RESOURCE_ID_RE = re.compile(
     r"microsoft\.managedidentity/userassignedidentities/[^/]+$",
     re.IGNORECASE,
 )
-DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$", re.ASCII)
+MAX_DURATION_CHARS = 20
 MODE_RE = re.compile(r"^[0-7]{3,4}$")
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
+
+# User and group names are bounded and plain BEFORE any lookup: NSS modules
+# are C code that trusts its input (a 50 MB name aborted the process inside
+# nss-systemd). 256 is LOGIN_NAME_MAX; the characters are what useradd,
+# systemd and directory services (user@domain, MACHINE$) produce.
+MAX_ACCOUNT_NAME_CHARS = 256
+ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\\-]*\$?", re.ASCII)
+
+# Bounds on the text itself, checked before any value is built, so no input
+# can cost more than a bounded amount of time or memory (a "billion laughs"
+# alias bomb is a few hundred bytes that expand to billions of values).
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB; a thousand entries take about 150 KiB
+MAX_SCALAR_CHARS = 4096  # PATH_MAX: no valid value is longer
+MAX_DEPTH = 20  # the schema nests 4 deep (secrets, entry, on_change)
+MAX_NODES = 100_000  # values with every alias expanded
+MAX_VAULT_CHARS = 256  # https:// + a 24-character name + the longest cloud suffix
+NAME_MAX = 255  # bytes in one path component (Linux)
+PATH_MAX = 4095  # bytes in a path, without the terminating NUL
+MAX_PROBLEMS = 50  # lines reported; the rest are counted
+MAX_PROBLEM_CHARS = 320  # a problem's text after FILE:LINE:, escaped and capped
+ECHO_CHARS = 60  # of a value quoted in a problem
 
 
 class SecretFile(NamedTuple):
@@ -145,13 +168,21 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Map
     data.line = node.start_mark.line + 1
     data.key_lines, data.raw, data.duplicates = {}, {}, []
     yield data
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
-    for key_node, value_node in node.value:
+    # flatten_mapping puts merged pairs (``<<: *base``) first: keys given
+    # here override them, as YAML says, and only a key given twice here is
+    # a mistake.
+    merged = len(node.value) - own
+    explicit = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
-            key = str(key)
-        if key in data:
-            data.duplicates.append((key, key_node.start_mark.line + 1))
+            key = echo(key)  # a list or number as a key: named, never formatted whole
+        if index >= merged:
+            if key in explicit:
+                data.duplicates.append((key, key_node.start_mark.line + 1))
+            explicit.add(key)
         data[key] = loader.construct_object(value_node, deep=True)
         data.key_lines[key] = key_node.start_mark.line + 1
         if isinstance(value_node, yaml.ScalarNode):
@@ -159,6 +190,182 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Map
 
 
 _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+
+
+class _Open:
+    """A collection being parsed in check_shape: what it expands to so far,
+    and where in it the parser is (for the key path of a problem)."""
+
+    def __init__(self, anchor: Optional[str], is_map: bool) -> None:
+        self.anchor = anchor
+        self.is_map = is_map
+        self.values = 1
+        self.depth_below = 0
+        self.children = 0  # events seen directly inside: keys and values alternate in a map
+        self.key = ""
+
+    def add(self, values: int, depth: int, key_text: Optional[str]) -> None:
+        if self.is_map and self.children % 2 == 0:
+            self.key = key_text if key_text is not None else "?"
+        self.children += 1
+        self.values += values
+        self.depth_below = max(self.depth_below, depth)
+
+    def where(self) -> str:
+        if self.is_map:  # after a key, its value is being parsed
+            return f".{echo(self.key)}" if self.children % 2 == 1 else ""
+        return f"[{self.children}]"
+
+
+def check_shape(text: str) -> Optional[Tuple[str, Optional[int]]]:
+    """The first reason ``text`` is too costly to build, with its line, or None.
+
+    Runs on libyaml's event stream (a state machine: no recursion, no values
+    built) before anything is constructed, and refuses a scalar longer than
+    MAX_SCALAR_CHARS or holding a NUL or an unpaired surrogate (which no
+    system call accepts), nesting deeper than MAX_DEPTH, and more than
+    MAX_NODES values once aliases are expanded: anchors and merge keys stay
+    usable, a "billion laughs" does not. Syntax errors are left to the
+    loader, which reports them with their line.
+    """
+    expanded: Dict[str, Tuple[int, int]] = {}  # anchor -> (values, depth) it stands for
+    stack: List[_Open] = []
+    total = 0
+
+    def where() -> str:
+        path = "".join(node.where() for node in stack).lstrip(".")
+        return f"{path}: " if path else ""
+
+    try:
+        for event in yaml.parse(text, Loader=_SafeLoader):
+            line = event.start_mark.line + 1 if event.start_mark else None
+            key_text = None
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append(_Open(event.anchor, isinstance(event, yaml.MappingStartEvent)))
+                total += 1
+                if len(stack) > MAX_DEPTH:
+                    return f"{where()}nested deeper than {MAX_DEPTH} levels; flatten it", line
+                continue
+            if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                node = stack.pop()
+                values, depth = node.values, node.depth_below + 1
+                if node.anchor is not None:
+                    expanded[node.anchor] = (values, depth)
+            elif isinstance(event, yaml.AliasEvent):
+                if event.anchor not in expanded:
+                    return (f"{where()}alias *{echo(event.anchor)} refers to an anchor "
+                            "that is not complete before it; define the anchor first", line)
+                values, depth = expanded[event.anchor]
+                total += values
+            elif isinstance(event, yaml.ScalarEvent):
+                problem = _scalar_problem(event.value)
+                if problem:
+                    return f"{where()}{problem}", line
+                values, depth, key_text = 1, 0, event.value
+                if event.anchor is not None:
+                    expanded[event.anchor] = (values, depth)
+                total += 1
+            else:
+                continue  # stream and document events
+            if total > MAX_NODES:
+                return (f"more than {MAX_NODES} values (aliases expanded); "
+                        "a manifest needs far fewer: split it or remove repetition", line)
+            if len(stack) + depth > MAX_DEPTH:
+                return (f"{where()}nested deeper than {MAX_DEPTH} levels "
+                        "(aliases expanded); flatten it", line)
+            if stack:
+                stack[-1].add(values, depth, key_text)
+    except yaml.YAMLError:
+        return None  # the loader reports the syntax error with its line
+    return None
+
+
+def _scalar_problem(value: str) -> Optional[str]:
+    if len(value) > MAX_SCALAR_CHARS:
+        return (f"a value of {len(value)} characters; values are at most "
+                f"{MAX_SCALAR_CHARS} characters: shorten it")
+    if "\0" in value:
+        return f"'{echo(value)}' contains a NUL character; remove it"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"'{echo(value)}' contains an unpaired surrogate (not text); remove it"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Echoing values into messages
+
+
+def echo(value: Any) -> str:
+    """``value`` as at most ECHO_CHARS printable characters on one line.
+
+    Whatever the manifest holds is quoted into problems through this: a
+    value may be huge (a 1 MiB string, a number of 4,000 digits, an alias
+    bomb that would take gigabytes to format), hold a newline that forges a
+    log line, or an escape sequence. Only a bounded prefix is ever formatted.
+    """
+    text = "".join(char if char.isprintable() else _escape(char)
+                   for char in _sketch(value, ECHO_CHARS + 1, 2))
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS - 3] + "..."
+
+
+def _escape(char: str) -> str:
+    return repr(char)[1:-1]  # \n, \x1b, \ud800: visible, never acted upon
+
+
+def _sketch(value: Any, budget: int, levels: int) -> str:
+    """At most about ``budget`` characters of ``value``, formatting no more."""
+    if isinstance(value, str):
+        return value[:budget]
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 128:
+            return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+        return str(value)
+    if isinstance(value, dict):
+        pairs = (f"{_sketch_item(key, budget, levels - 1)}: "
+                 f"{_sketch_item(item, budget, levels - 1)}" for key, item in value.items())
+        return _sketch_items(pairs, "{", "}", budget, levels)
+    if isinstance(value, (list, tuple)):
+        items = (_sketch_item(item, budget, levels - 1) for item in value)
+        return _sketch_items(items, "[", "]", budget, levels)
+    if isinstance(value, (set, frozenset)):
+        items = (_sketch_item(item, budget, levels - 1) for item in value)
+        return _sketch_items(items, "{", "}", budget, levels)
+    if isinstance(value, bytes):
+        return repr(value[:budget])
+    return f"<{type(value).__name__}>"[:budget]
+
+
+def _sketch_items(items: Iterator[str], opening: str, closing: str, budget: int,
+                  levels: int) -> str:
+    """The first few of ``items`` (sketched lazily: the rest are never made)."""
+    if levels == 0:
+        return f"{opening}...{closing}"
+    parts: List[str] = []
+    used = 0
+    for index, part in enumerate(items):
+        if index == 4 or used > budget:
+            parts.append("...")
+            break
+        parts.append(part)
+        used += len(part) + 2
+    return opening + ", ".join(parts) + closing
+
+
+def _sketch_item(value: Any, budget: int, levels: int) -> str:
+    """Items inside a collection are quoted the way Python's repr quotes them."""
+    if isinstance(value, str):
+        return repr(value[:max(budget, 0)])
+    return _sketch(value, max(budget, 0), levels)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` with control characters escaped, capped at ``limit`` characters."""
+    printable = "".join(char if char.isprintable() else _escape(char) for char in text[:limit])
+    return printable if len(printable) <= limit else printable[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------
@@ -173,16 +380,24 @@ class _Problems:
         self.lines: List[str] = []
 
     def add(self, key: str, message: str, line: Optional[int], hint: str = "") -> None:
+        """Record one problem. Whatever the parts hold, the line is printable
+        and at most MAX_PROBLEM_CHARS after ``FILE:LINE:`` (values are echoed
+        short already; this is the net under every message)."""
         where = f"{self.source}:{line}" if line else self.source
-        text = f"{where}: {key}: {message}" if key else f"{where}: {message}"
-        self.lines.append(f"{text}; {hint}" if hint else text)
+        text = f"{key}: {message}" if key else message
+        body = _one_line(f"{text}; {hint}" if hint else text, MAX_PROBLEM_CHARS)
+        self.lines.append(f"{where}: {body}")
 
     def raise_if_any(self) -> None:
         if self.lines:
             count = len(self.lines)
+            shown = self.lines[:MAX_PROBLEMS]
+            if count > MAX_PROBLEMS:
+                shown.append(f"{self.source}: and {count - MAX_PROBLEMS} more problems; "
+                             "fix these first")
             raise ManifestError(
                 f"{self.source}: {count} problem{'s' if count > 1 else ''}",
-                problems=self.lines,
+                problems=shown,
             )
 
 
@@ -194,11 +409,14 @@ def _unknown_keys(
             continue
         import difflib  # only on this error path: keeps start-up lean
 
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        # Suggestions only for lines that will be shown: difflib costs ~50 us
+        # a key, and a 1 MiB manifest can hold 50,000 unknown ones.
+        close = (difflib.get_close_matches(key[:64], known, n=1, cutoff=0.6)
+                 if len(problems.lines) < MAX_PROBLEMS else [])
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-        problems.add(f"{prefix}{key}", "unknown key", data.key_lines.get(key), hint)
+        problems.add(f"{prefix}{echo(key)}", "unknown key", data.key_lines.get(key), hint)
     for key, line in data.duplicates:
-        problems.add(f"{prefix}{key}", "key given twice", line, "keep one")
+        problems.add(f"{prefix}{echo(key)}", "key given twice", line, "keep one")
 
 
 # ---------------------------------------------------------------------------
@@ -208,22 +426,30 @@ def _unknown_keys(
 def parse_duration(value: Any) -> float:
     """Parse ``90``, ``"90s"``, ``"15m"``, ``"1h"`` or ``"1h30m"`` to seconds.
 
-    Raises ValueError unless the result is a whole number of seconds >= 1.
+    Raises ValueError unless the result is a whole number of seconds from 1
+    to MAX_REFRESH_S. Integers are compared before any float conversion and
+    text is bounded before int(): a 400-digit number overflows a float and a
+    5,000-digit one exceeds Python's int-from-text limit.
     """
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, int):
         seconds = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        seconds = int(value.strip())
-    else:
-        match = DURATION_RE.match(str(value).strip()) if isinstance(value, str) else None
-        if not match or not any(match.groups()):
+    elif isinstance(value, str) and len(value.strip()) <= MAX_DURATION_CHARS:
+        match = DURATION_RE.match(value.strip())
+        if value.strip().isascii() and value.strip().isdigit():
+            seconds = int(value.strip())
+        elif match and any(match.groups()):
+            hours, minutes, secs = (int(g) if g else 0 for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
             raise ValueError("not a duration")
-        hours, minutes, secs = (int(g) if g else 0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
+    else:
+        raise ValueError("not a duration")
     if seconds < MIN_REFRESH_S:
         raise ValueError("must be at least 1 second")
+    if seconds > MAX_REFRESH_S:
+        raise ValueError(f"must be at most 31 days ({int(MAX_REFRESH_S) // 3600}h)")
     return float(seconds)
 
 
@@ -235,12 +461,13 @@ def parse_mode(value: Any, raw: Optional[str]) -> int:
     number YAML produced is not what the operator meant.
     """
     if not isinstance(value, str):
-        text = (raw or str(value)).strip()
+        text = (raw if raw is not None else echo(value)).strip()
         suggestion = text.zfill(4) if MODE_RE.match(text) else "0440"
-        raise ValueError(f"{text} must be a quoted octal string; write mode: \"{suggestion}\"")
+        raise ValueError(f"{echo(text)} must be a quoted octal string; "
+                         f"write mode: \"{suggestion}\"")
     text = value.strip()
     if not MODE_RE.match(text):
-        raise ValueError(f"'{value}' is not an octal mode; write e.g. mode: \"0440\"")
+        raise ValueError(f"'{echo(value)}' is not an octal mode; write e.g. mode: \"0440\"")
     mode = int(text, 8)
     if mode > 0o777:
         raise ValueError(
@@ -267,19 +494,28 @@ def _parse_account(
     value: Any, lookup: Callable[[str], Optional[int]], kind: str
 ) -> Tuple[int, str]:
     """A numeric id is taken as given (``DynamicUser=`` ids need not be in
-    passwd); a name must resolve."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"must be a {kind} name or numeric id")
-    text = str(value).strip()
-    if text.isdigit():
-        number = int(text)
+    passwd); a name must be plain and at most MAX_ACCOUNT_NAME_CHARS (checked
+    before the lookup, which is C code that trusts its input) and resolve."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"must be a {kind} name or numeric id, not '{echo(value)}'")
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_ID:
+            raise ValueError(f"{echo(value)} is out of range (0 to {MAX_ID})")
+        return value, str(value)
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        number = int(text) if len(text) <= 10 else MAX_ID + 1
         if number > MAX_ID:
-            raise ValueError(f"{text} is out of range")
+            raise ValueError(f"{echo(text)} is out of range (0 to {MAX_ID})")
         return number, text
+    if len(text) > MAX_ACCOUNT_NAME_CHARS or not ACCOUNT_NAME_RE.fullmatch(text):
+        raise ValueError(
+            f"'{echo(text)}' is not a valid {kind} name: at most {MAX_ACCOUNT_NAME_CHARS} "
+            "letters, digits and . _ - @ (not first), or a numeric id")
     resolved = lookup(text)
     if resolved is None:
         fix = "useradd" if kind == "user" else "groupadd"
-        raise ValueError(f"unknown {kind} '{text}'; create it ({fix}) or use a numeric id")
+        raise ValueError(f"unknown {kind} '{echo(text)}'; create it ({fix}) or use a numeric id")
     return resolved, text
 
 
@@ -292,23 +528,46 @@ def resolve_path(directory: str, value: Any) -> str:
 
     Rejects, each with a reason: empty paths, NUL bytes, ``..`` elements,
     absolute paths outside ``directory``, the directory itself, a trailing
-    slash and names starting with the writer's reserved prefix. Pure: it does
-    not look at the file system (see :func:`check_no_symlinked_parents`).
+    slash, a component over NAME_MAX or a path over PATH_MAX bytes (the
+    kernel's ENAMETOOLONG, found here rather than at the first write) and
+    names starting with the writer's reserved prefix. Pure: it does not look
+    at the file system (see :func:`check_no_symlinked_parents`).
     """
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a file name relative to directory")
     if "\0" in value:
         raise ValueError("contains a NUL byte")
     if value.endswith("/"):
-        raise ValueError(f"'{value}' ends with '/'; name a file, not a directory")
+        raise ValueError(f"'{echo(value)}' ends with '/'; name a file, not a directory")
     if ".." in value.split("/"):
-        raise ValueError(f"'{value}' contains '..'; paths must stay inside {directory}")
-    joined = posixpath.normpath(posixpath.join(directory, value))
+        raise ValueError(f"'{echo(value)}' contains '..'; paths must stay inside {directory}")
+    joined = normalise_path(posixpath.join(directory, value))
     if not joined.startswith(directory.rstrip("/") + "/"):
-        raise ValueError(f"'{value}' is outside {directory}; use a path inside it")
+        raise ValueError(f"'{echo(value)}' is outside {directory}; use a path inside it")
+    check_path_length(joined)
     if posixpath.basename(joined).startswith(RESERVED_PREFIX):
         raise ValueError(f"names starting with '{RESERVED_PREFIX}' are reserved for kv-agent")
     return joined
+
+
+def normalise_path(path: str) -> str:
+    """``posixpath.normpath``, but with one leading slash: POSIX keeps exactly
+    two (``//dev/shm``) as implementation-defined, and ``//`` is its own
+    dirname, so walking up from such a path never reached ``/`` (issue 9:
+    ``directory: //dev/shm/x`` looped forever). Linux reads ``//`` as ``/``."""
+    normal = posixpath.normpath(path)
+    return "/" + normal.lstrip("/") if normal.startswith("//") else normal
+
+
+def check_path_length(path: str) -> None:
+    """Raise ValueError if a component of ``path`` is over NAME_MAX bytes or
+    the whole over PATH_MAX, as the kernel would with ENAMETOOLONG."""
+    for part in path.split("/"):
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise ValueError(f"component '{echo(part)}' is longer than {NAME_MAX} bytes; "
+                             "shorten it")
+    if len(path.encode("utf-8", "surrogatepass")) > PATH_MAX:
+        raise ValueError(f"longer than {PATH_MAX} bytes; choose a shorter path")
 
 
 def check_no_symlinked_parents(directory: str, path: str) -> None:
@@ -322,6 +581,8 @@ def check_no_symlinked_parents(directory: str, path: str) -> None:
             st = os.lstat(current)
         except FileNotFoundError:
             return  # the writer creates the rest, never through a symlink
+        except OSError as exc:  # e.g. EACCES, ENOTDIR: a problem to report, not a crash
+            raise ValueError(f"parent {current}: {exc.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
             raise ValueError(f"parent {current} is a symlink; replace it with a directory")
         if not stat.S_ISDIR(st.st_mode):
@@ -352,24 +613,72 @@ def check_file_safety(source: str, st: os.stat_result, euid: int) -> None:
 
 def read_manifest_text(source: str, euid: Optional[int] = None) -> str:
     """Read the manifest after checking its owner and mode (following a
-    symlink, since a symlink swap is a legitimate way to publish it)."""
+    symlink, since a symlink swap is a legitimate way to publish it).
+
+    Only a regular file of at most MAX_MANIFEST_BYTES is read: the open is
+    non-blocking so a FIFO cannot stall the agent, and the size is checked
+    before and during the read. Raises ManifestError.
+    """
     try:
-        with open(source, "rb") as handle:
-            st = os.fstat(handle.fileno())
-            check_file_safety(source, st, os.geteuid() if euid is None else euid)
-            data = handle.read()
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ManifestError(
             f"{source}: no such file", "write one (see README) or pass --manifest"
         ) from None
-    except IsADirectoryError:
-        raise ManifestError(f"{source}: is a directory", "pass the manifest file") from None
     except PermissionError:
         raise ManifestError(f"{source}: permission denied", "run as root") from None
+    except OSError as exc:
+        raise ManifestError(f"{source}: {exc.strerror}", "pass the manifest file") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ManifestError(f"{source}: is a directory", "pass the manifest file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{source}: not a regular file", "pass the manifest file")
+        check_file_safety(source, st, os.geteuid() if euid is None else euid)
+        data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1) \
+            if st.st_size <= MAX_MANIFEST_BYTES else b""
+    except OSError as exc:
+        raise ManifestError(f"{source}: {exc.strerror}", "pass the manifest file") from None
+    finally:
+        os.close(fd)
+    if st.st_size > MAX_MANIFEST_BYTES or len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{source}: larger than {MAX_MANIFEST_BYTES >> 20} MiB",
+                            "a manifest needs far less; is this the right file?")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ManifestError(f"{source}: not UTF-8 text", "save it as UTF-8") from None
+
+
+def read_manifest_bytes(source: str) -> Optional[bytes]:
+    """The manifest's bytes for change detection, or None when it is not a
+    readable regular file of at most MAX_MANIFEST_BYTES (never blocks)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= MAX_MANIFEST_BYTES else None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: List[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def load_manifest(
@@ -387,9 +696,22 @@ def parse_manifest(
     check_filesystem: bool = True,
 ) -> Manifest:
     """Validate manifest text; pure apart from account lookups and, when
-    ``check_filesystem``, lstat() of existing parents."""
+    ``check_filesystem``, lstat() of existing parents.
+
+    Whatever ``text`` holds, this returns a Manifest or raises ManifestError
+    whose problems are single printable lines of bounded length, in bounded
+    time and memory (tests/test_manifest_fuzz.py checks it).
+    """
     accounts = accounts or Accounts.system()
     problems = _Problems(source)
+    if len(text) > MAX_MANIFEST_BYTES:
+        problems.add("", f"larger than {MAX_MANIFEST_BYTES >> 20} MiB", None,
+                     "a manifest needs far less; is this the right file?")
+        problems.raise_if_any()
+    too_costly = check_shape(text)
+    if too_costly is not None:
+        problems.add("", too_costly[0], too_costly[1])
+        problems.raise_if_any()
     try:
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -397,6 +719,11 @@ def parse_manifest(
         reason = getattr(exc, "problem", None) or "invalid YAML"
         problems.add("", f"not valid YAML: {reason}", mark.line + 1 if mark else None,
                      "fix the syntax (indentation, quotes, colons)")
+        problems.raise_if_any()
+    except (ValueError, OverflowError, TypeError, RecursionError) as exc:
+        # SafeLoader's own constructors, e.g. the date 2001-02-30 (ValueError).
+        problems.add("", f"a value YAML cannot build: {echo(str(exc))}", None,
+                     "quote the value to make it a string")
         problems.raise_if_any()
     if not isinstance(data, _Map):
         problems.add("", "the top level must be a mapping with vault, directory and secrets",
@@ -427,26 +754,46 @@ def _top_vault(problems: _Problems, data: _Map) -> Optional[str]:
                          "add vault: https://<name>.vault.azure.net")
         return None
     try:
-        return parse_vault_url(data["vault"])
+        return _vault_url(data["vault"])
     except ValueError as exc:
         problems.add("vault", str(exc), data.key_lines.get("vault"))
         return None
+
+
+def _vault_url(value: Any) -> str:
+    """parse_vault_url, given only a string of a vault URL's length at most."""
+    if isinstance(value, str) and len(value) > MAX_VAULT_CHARS:
+        raise ValueError(f"'{echo(value)}' is longer than {MAX_VAULT_CHARS} characters; "
+                         "write https://<name>.vault.azure.net")
+    if not isinstance(value, str):
+        raise ValueError(f"'{echo(value)}' is not a URL such as "
+                         "https://contoso-kv.vault.azure.net")
+    return parse_vault_url(value)
 
 
 def _top_directory(problems: _Problems, data: _Map) -> str:
     value = data.get("directory", DEFAULT_DIRECTORY)
     line = data.key_lines.get("directory")
     if not isinstance(value, str) or not value.startswith("/"):
-        problems.add("directory", f"'{value}' must be an absolute path", line,
+        problems.add("directory", f"'{echo(value)}' must be an absolute path", line,
                      f"e.g. directory: {DEFAULT_DIRECTORY}")
         return DEFAULT_DIRECTORY
     if ".." in value.split("/") or "\0" in value:
-        problems.add("directory", f"'{value}' must not contain '..'", line)
+        problems.add("directory", f"'{echo(value)}' must not contain '..'", line)
         return DEFAULT_DIRECTORY
-    normal = posixpath.normpath(value)
+    normal = normalise_path(value)
     if normal == "/":
         problems.add("directory", "'/' is not a secrets directory", line,
                      f"e.g. directory: {DEFAULT_DIRECTORY}")
+        return DEFAULT_DIRECTORY
+    try:
+        check_path_length(normal)
+    except ValueError as exc:
+        problems.add("directory", str(exc), line)
+        return DEFAULT_DIRECTORY
+    shared = system_directory_problem(normal)  # the writer refuses it too, but with no line
+    if shared:
+        problems.add("directory", shared, line)
     return normal
 
 
@@ -458,14 +805,16 @@ def _top_number(problems: _Problems, data: _Map, key: str, parse: Callable[[Any]
     try:
         return parse(data[key])
     except ValueError as exc:
-        problems.add(key, f"'{data[key]}': {exc}", data.key_lines.get(key), hint)
+        problems.add(key, f"'{echo(data[key])}': {exc}", data.key_lines.get(key), hint)
         return default
 
 
 def parse_jitter(value: Any) -> float:
     """Parse ``10%`` or ``0.1`` into a fraction in [0, MAX_JITTER]."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("not a percentage")
+    if isinstance(value, int) and not -100 <= value <= 100:  # str() of a huge int may fail
+        raise ValueError(f"must be between 0% and {MAX_JITTER:.0%}")
     text = str(value).strip()
     try:
         fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -483,8 +832,8 @@ def parse_command(value: Any) -> Tuple[str, ...]:
     quoting rules, and running it through a shell would invite injection.
     """
     if isinstance(value, str):
-        raise ValueError(f"'{value}' must be a list of arguments, not a string; "
-                         f"write on_change: {value.split()!r}")
+        raise ValueError(f"'{echo(value)}' must be a list of arguments, not a string; "
+                         f"write on_change: {echo(value.split())}")
     if not isinstance(value, list) or not value or not all(
             isinstance(arg, str) and arg and "\0" not in arg for arg in value):
         raise ValueError("must be a non-empty list of non-empty strings")
@@ -507,13 +856,13 @@ def _parse_identity(problems: _Problems, value: Any, line: Optional[int]) -> Ide
     if not given:
         return Identity()
     key = given[0]
-    text = str(value[key]).strip()
+    text = value[key].strip() if isinstance(value[key], str) else echo(value[key])
     pattern = RESOURCE_ID_RE if key == "resource_id" else GUID_RE
     if not pattern.match(text):
         example = ("/subscriptions/<sub>/resourceGroups/<rg>/providers/"
                    "Microsoft.ManagedIdentity/userAssignedIdentities/<name>"
                    if key == "resource_id" else "a GUID like 00000000-0000-0000-0000-000000000000")
-        problems.add(f"identity.{key}", f"'{text}' is not valid", value.key_lines.get(key),
+        problems.add(f"identity.{key}", f"'{echo(text)}' is not valid", value.key_lines.get(key),
                      f"expected {example}")
         return Identity()
     return Identity(key, text)
@@ -557,16 +906,18 @@ def _parse_entry(
         problems.add(f"{prefix}.{key}", message, entry.key_lines.get(key, entry.line), hint)
 
     name = entry.get("name")
+    if name is not None and not isinstance(name, str) and "name" in entry.raw:
+        name = entry.raw["name"]  # "2024" or "0755" is a YAML number: take it as written
     if name is None:
         fail("name", "missing", "add the Key Vault secret name")
     elif not isinstance(name, str) or not SECRET_NAME_RE.match(name):
-        fail("name", f"'{name}' is not a Key Vault secret name",
+        fail("name", f"'{echo(name)}' is not a Key Vault secret name",
              "use 1-127 characters of 0-9, a-z, A-Z and '-'")
 
     entry_vault = vault
     if "vault" in entry:
         try:
-            entry_vault = parse_vault_url(entry["vault"])
+            entry_vault = _vault_url(entry["vault"])
         except ValueError as exc:
             fail("vault", str(exc))
 
@@ -590,14 +941,15 @@ def _parse_entry(
 
     version = entry.get("version")
     if version is not None:
-        version = str(version)
-        if not VERSION_RE.match(version):
-            fail("version", f"'{version}' is not a secret version",
+        if not isinstance(version, str) and "version" in entry.raw:
+            version = entry.raw["version"]  # an all-digit version is a YAML number: as written
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            fail("version", f"'{echo(version)}' is not a secret version",
                  "use the 32-character hex version id, or remove it for the current one")
 
     optional = entry.get("optional", False)
     if not isinstance(optional, bool):
-        fail("optional", f"'{optional}' is not true or false", "write optional: true")
+        fail("optional", f"'{echo(optional)}' is not true or false", "write optional: true")
 
     on_change: Tuple[str, ...] = ()
     if "on_change" in entry:
@@ -641,7 +993,9 @@ def _check_path_conflicts(problems: _Problems, secrets: List[SecretFile]) -> Non
         seen[secret.path] = secret
     for secret in secrets:
         parent = posixpath.dirname(secret.path)
-        while parent != "/" and parent:
+        # Up to the top, which is its own dirname ("/"; "//" before paths
+        # were normalised, and this loop never ended).
+        while parent != posixpath.dirname(parent):
             if parent in seen:
                 problems.add("path", f"{secret.path} would be inside {parent}, which "
                              f"'{seen[parent].name}' writes as a file", secret.line,

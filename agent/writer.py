@@ -15,7 +15,17 @@ Invariants:
 * A reader of a target sees the old file or the new one, complete, with its
   final owner and mode; never a partial file or a moment of wrong ownership
   (consul-template's weak spot: it chowns after the rename).
-* The root must be on tmpfs or ramfs, so secrets never reach a disk.
+* The root must be on tmpfs or ramfs, so secrets never reach a disk; not on
+  devtmpfs (which reports the tmpfs magic), and not a system directory such
+  as /run, /dev or /dev/shm itself (see :func:`system_directory_problem`).
+* The root and every directory above it belong to root (or the agent's own
+  user) and are not writable by group or others, as sudo and ssh demand of
+  the paths they trust: whoever can write a directory on the way can replace
+  what is below it. A world-writable sticky parent owned by root (/dev/shm,
+  /tmp) is fine, since only its owner may then remove the root; the root
+  itself may not be one.
+* Start-up cleaning stays on the root's file system, MAX_CLEAN_DEPTH levels
+  down at most, and gives up (WriteError) beyond MAX_CLEAN_ENTRIES entries.
 * No concurrency guarantee: callers serialise calls (the agent writes from one
   thread).
 """
@@ -28,7 +38,7 @@ import os
 import posixpath
 import secrets
 import stat
-from typing import Callable, List, NamedTuple
+from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from agent.errors import WriteError
 
@@ -40,6 +50,19 @@ RAMFS_MAGIC = 0x858458F6
 MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Directories shared with the whole system: a root there mixes secrets with
+# files kv-agent does not own, and start-up cleaning would walk all of them.
+SYSTEM_DIRECTORIES = frozenset({
+    "/", "/dev", "/dev/shm", "/run", "/run/user", "/run/lock", "/run/shm", "/tmp",
+    "/var/tmp", "/var/run", "/var/lock", "/proc", "/sys",
+})
+# Trees that belong to the kernel: nothing below them is a secrets root
+# (/sys/fs/cgroup may even be a tmpfs), except below /dev/shm.
+KERNEL_TREES = ("/proc", "/sys", "/dev")
+TMPFS_CANDIDATES = ("/run", "/dev/shm")  # named in hints when they are tmpfs here
+MAX_CLEAN_DEPTH = 64  # directory levels below the root that start-up cleaning visits
+MAX_CLEAN_ENTRIES = 100_000  # more than any manifest makes: not kv-agent's tree
 
 
 class FileSpec(NamedTuple):
@@ -79,42 +102,130 @@ def filesystem_type(fd: int) -> int:
     return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
 
 
+def mount_type(fd: int) -> Optional[str]:
+    """The type of the mount holding ``fd`` ("tmpfs", "devtmpfs", ...) from
+    /proc/self/mountinfo, matched by device number; None when unknown.
+
+    statfs cannot tell devtmpfs (/dev) from tmpfs: both report TMPFS_MAGIC.
+    """
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                # ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE ...
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == device and "-" in fields[6:]:
+                    after = fields.index("-", 6) + 1
+                    found = fields[after] if after < len(fields) else found
+    except OSError:
+        return None
+    return found
+
+
+def tmpfs_hint(fs_type: Callable[[int], int] = filesystem_type) -> str:
+    """Where to put secrets instead, naming only TMPFS_CANDIDATES that are
+    tmpfs or ramfs on this host (/run is not on every host)."""
+    found = []
+    for candidate in TMPFS_CANDIDATES:
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if fs_type(fd) in MEMORY_FILESYSTEMS:
+                found.append(candidate)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if found:
+        return f"choose a directory under {' or '.join(found)}"
+    return "mount a tmpfs (mount -t tmpfs) and choose a directory on it"
+
+
+def system_directory_problem(path: str) -> Optional[str]:
+    """Why the normalised absolute ``path`` may not be a secrets root, or None.
+
+    Pure (apart from naming a tmpfs in the hint): refuses SYSTEM_DIRECTORIES
+    themselves and anything inside KERNEL_TREES except below /dev/shm.
+    """
+    if path in SYSTEM_DIRECTORIES:
+        if path in ("/", "/dev", "/proc", "/sys"):
+            return f"{path} is a system directory, not a secrets directory; {tmpfs_hint()}"
+        return (f"{path} is a system directory shared with other programs; "
+                f"use a directory of its own inside it, e.g. {path}/secrets")
+    for tree in KERNEL_TREES:
+        if path.startswith(tree + "/") and not path.startswith("/dev/shm/"):
+            return f"{path} is inside {tree}, which belongs to the kernel; {tmpfs_hint()}"
+    return None
+
+
+def _directories_above(path: str) -> Iterator[str]:
+    """``/``, then each ancestor of ``path``, down to ``path`` itself."""
+    current = "/"
+    yield current
+    for part in path.strip("/").split("/"):
+        if part:
+            current = posixpath.join(current, part)
+            yield current
+
+
 class Writer:
     """Applies :class:`FileSpec` values under ``root``.
 
-    ``fs_type`` is injectable so tests can exercise the refusal path.
+    ``fs_type`` and ``mount_type`` are injectable so tests can exercise the
+    refusal paths; ``euid`` is the user besides root who may own the root and
+    its parents (the agent's own).
     """
 
-    def __init__(self, root: str, *, fs_type: Callable[[int], int] = filesystem_type) -> None:
+    def __init__(self, root: str, *, fs_type: Callable[[int], int] = filesystem_type,
+                 mount_type: Callable[[int], Optional[str]] = mount_type,
+                 euid: Optional[int] = None) -> None:
         if not root.startswith("/"):
             raise ValueError("root must be absolute")
-        self.root = posixpath.normpath(root)
+        normal = posixpath.normpath(root)
+        self.root = "/" + normal.lstrip("/")  # POSIX keeps "//"; Linux reads it as "/"
         self._fs_type = fs_type
+        self._mount_type = mount_type
+        self._euid = os.geteuid() if euid is None else euid
 
     # -- start-up ---------------------------------------------------------
 
     def prepare(self) -> List[str]:
-        """Create the root if needed, check it is tmpfs/ramfs, and remove
-        leftover temporary files. Returns the leftovers removed."""
-        self.check()  # refuse before creating anything on a disk file system
+        """Create the root if needed, check it (tmpfs or ramfs, not a system
+        directory, only root or we can replace it), and remove leftover
+        temporary files. Returns the leftovers removed. Raises WriteError."""
+        self.check()  # refuse before creating anything on a disk or in a shared place
         self._make_root()
         fd = self._open_root()
         try:
             kind = self._fs_type(fd)
+            # Judged again on the very directory opened: one planted between
+            # check() and mkdir() (which then finds it "already there") is
+            # refused like any other.
+            self._check_owner(self.root, os.fstat(fd), is_root=True)
+            self._check_mount(fd, self.root)
         finally:
             os.close(fd)
         if kind not in MEMORY_FILESYSTEMS:
             raise WriteError(
                 f"{self.root} is not on tmpfs or ramfs (filesystem type 0x{kind:x}); "
-                "secrets must never reach a disk: choose a directory under /run or /dev/shm"
+                f"secrets must never reach a disk: {tmpfs_hint()}"
             )
         return self.clean_leftovers()
 
     def check(self) -> None:
-        """Without creating anything: raise WriteError if the root (or, when it
-        does not exist yet, its nearest existing ancestor) is not tmpfs/ramfs."""
+        """Without creating anything: raise WriteError if the root is a system
+        directory, a symlink, not on tmpfs/ramfs (judged on its nearest
+        existing ancestor when it does not exist yet), on devtmpfs, or if it
+        or a directory above it could be replaced by another user."""
+        problem = system_directory_problem(self.root)
+        if problem:
+            raise WriteError(problem)
         path = self.root
-        while not os.path.lexists(path):
+        while not os.path.lexists(path) and path != posixpath.dirname(path):
             path = posixpath.dirname(path)
         if path == self.root and os.path.islink(path):
             raise WriteError(f"{self.root} is a symlink; point directory at a real directory")
@@ -124,18 +235,86 @@ class Writer:
             raise WriteError(f"cannot use {self.root}: {path}: {exc.strerror}") from None
         try:
             kind = self._fs_type(fd)
+            if kind not in MEMORY_FILESYSTEMS:
+                where = (f"is not on tmpfs or ramfs (filesystem type 0x{kind:x})"
+                         if path == self.root
+                         else f"is not on tmpfs or ramfs ({path} is type 0x{kind:x})")
+                raise WriteError(f"{self.root} {where}; secrets must never reach a disk: "
+                                 f"{tmpfs_hint()}")
+            self._check_mount(fd, path)
         finally:
             os.close(fd)
-        if kind not in MEMORY_FILESYSTEMS:
-            where = (f"is not on tmpfs or ramfs (filesystem type 0x{kind:x})" if path == self.root
-                     else f"is not on tmpfs or ramfs ({path} is type 0x{kind:x})")
-            raise WriteError(f"{self.root} {where}; secrets must never reach a disk: "
-                             "choose a directory under /run or /dev/shm")
+        self._check_directories(path)
+
+    def _check_mount(self, fd: int, path: str) -> None:
+        if self._mount_type(fd) == "devtmpfs":
+            raise WriteError(f"{self.root}: {path} is on devtmpfs (/dev, the kernel's device "
+                             f"nodes), which only looks like tmpfs; {tmpfs_hint()}")
+
+    def _check_directories(self, existing: str) -> None:
+        """Every directory from / down to ``existing`` (the root, or its
+        nearest existing ancestor), both as written and as resolved through
+        symlinks, must be one only root or we can change."""
+        real = os.path.realpath(existing)
+        for chain in (list(_directories_above(existing)), list(_directories_above(real))):
+            for path in chain:
+                try:
+                    st = os.lstat(path)
+                except OSError as exc:
+                    raise WriteError(f"cannot use {self.root}: {path}: {exc.strerror}") from None
+                is_root = existing == self.root and path == chain[-1]  # the root, resolved
+                self._check_owner(path, st, is_root=is_root)
+
+    def _check_owner(self, path: str, st: os.stat_result, *, is_root: bool) -> None:
+        """Raise WriteError if another user could replace ``path`` (or, for a
+        directory above the root, what is inside it)."""
+        fix_owner = "root:root" if self._euid == 0 else str(self._euid)
+        if is_root:
+            fix = (f"chown {fix_owner} {path} && chmod 0755 {path}, "
+                   "or remove it so kv-agent creates it")
+            if st.st_uid not in (0, self._euid):
+                raise WriteError(f"{path} is owned by uid {st.st_uid}, who could delete or "
+                                 f"replace the secrets; {fix}")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise WriteError(f"{path} is writable by group or others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}), who could delete or "
+                                 f"replace the secrets; {fix}")
+            return
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, self._euid):  # its owner may retarget it in a sticky dir
+                raise WriteError(f"{self.root}: {path} is a symlink owned by uid {st.st_uid}, "
+                                 f"who could point it elsewhere; {tmpfs_hint()}")
+            return
+        if st.st_uid not in (0, self._euid):
+            raise WriteError(f"{self.root}: {path} is owned by uid {st.st_uid}, who could "
+                             f"replace {self.root}; chown {fix_owner} {path}, or "
+                             f"{tmpfs_hint()}")
+        is_sticky_root = bool(st.st_mode & stat.S_ISVTX) and st.st_uid == 0
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not is_sticky_root:
+            raise WriteError(f"{self.root}: {path} is writable by group or others (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}), who could replace "
+                             f"{self.root}; chmod go-w {path}, or {tmpfs_hint()}")
 
     def clean_leftovers(self) -> List[str]:
-        """Remove temporary files a crash left behind (never following links)."""
+        """Remove temporary files a crash left behind (never following links).
+
+        Bounded, because the root may hold a tree kv-agent did not make: it
+        never descends into another file system mounted below the root, nor
+        deeper than MAX_CLEAN_DEPTH, and raises WriteError after
+        MAX_CLEAN_ENTRIES entries.
+        """
         removed = []
-        for dirpath, _dirs, files, dir_fd in os.fwalk(self.root, follow_symlinks=False):
+        root_device = os.lstat(self.root).st_dev
+        seen = 0
+        for dirpath, dirs, files, dir_fd in os.fwalk(self.root, follow_symlinks=False):
+            seen += len(dirs) + len(files)
+            if seen > MAX_CLEAN_ENTRIES:
+                raise WriteError(
+                    f"{self.root} holds more than {MAX_CLEAN_ENTRIES} entries, far more than "
+                    "kv-agent writes; choose a directory of its own")
+            is_deepest = dirpath[len(self.root):].count("/") >= MAX_CLEAN_DEPTH
+            dirs[:] = [] if is_deepest else [
+                name for name in dirs if _device_of(name, dir_fd) == root_device]
             for name in files:
                 if name.startswith(RESERVED_PREFIX):
                     os.unlink(name, dir_fd=dir_fd)
@@ -208,7 +387,7 @@ class Writer:
         system symlinks (/var/run -> /run); the root itself may not be one."""
         missing = []
         path = self.root
-        while not os.path.lexists(path):
+        while not os.path.lexists(path) and path != posixpath.dirname(path):
             missing.append(path)
             path = posixpath.dirname(path)
         for directory in reversed(missing):
@@ -376,6 +555,14 @@ class Writer:
             for fd in fds:
                 os.close(fd)
         return removed
+
+
+def _device_of(name: str, dir_fd: int) -> Optional[int]:
+    """st_dev of ``name`` in ``dir_fd`` (not following a link), None if gone."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_dev
+    except OSError:
+        return None
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

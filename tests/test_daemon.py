@@ -1027,3 +1027,49 @@ def test_vault_unreachable_at_start_shows_the_vaults_reason(start_agent: StartAg
              f"STATUS {expected!r}")
     assert not run.readies()
     run.stop()
+
+
+def test_hostile_manifest_edits_keep_the_previous_manifest(start_agent: StartAgent,
+                                                          vault: Vault) -> None:
+    """Hostile edits (huge refresh, alias bomb, over-long path, 5 MB owner, a FIFO, a //-directory)
+    never kill or hang a running agent: it keeps the previous manifest and stops on SIGTERM."""
+    vault.put("steady")
+    run = start_agent([entry("steady")])
+    run.wait_ready()
+    original = run.manifest.read_text()
+    assert "refresh: 1s\n" in original and "  path: steady\n" in original
+    bomb = "".join(f"  - &l{level} [" + ", ".join([f"*l{level - 1}" if level else "lol"] * 9)
+                   + "]\n" for level in range(10))
+    hostile = {
+        "refresh overflowing a float": original.replace("refresh: 1s", "refresh: " + "9" * 400),
+        "refresh over 4300 digits": original.replace("refresh: 1s", "refresh: " + "9" * 5000),
+        "billion laughs": original.replace("refresh: 1s\n", "refresh:\n" + bomb),
+        "path component over 255 bytes": original.replace("  path: steady",
+                                                          "  path: " + "p" * 300 + "/x"),
+        "owner of 5 MB": original.replace("  path: steady",
+                                          "  owner: " + "o" * (5 << 20) + "\n  path: steady"),
+    }
+    rejected = 0
+
+    def wait_rejected(what: str) -> None:
+        run.wait(lambda: len(run.process.lines("manifest rejected, keeping the previous one"))
+                 > rejected, f"the {what} edit to be rejected")
+        assert run.process.is_running(), f"the {what} edit stopped the agent"
+
+    for what, text in hostile.items():
+        write_file(run.manifest, text)
+        wait_rejected(what)
+        rejected = len(run.process.lines("manifest rejected, keeping the previous one"))
+    run.manifest.unlink()  # a FIFO in its place: reading it must not block the loop
+    os.mkfifo(run.manifest, 0o600)
+    wait_rejected("FIFO")
+    run.manifest.unlink()
+    # '//dev/shm/...' is /dev/shm/...: accepted (its walk up used to loop forever).
+    write_file(run.manifest, original.replace(f"directory: {run.directory}",
+                                              f"directory: /{run.directory}"))
+    run.wait(lambda: run.status_json()["manifest_error"] is None
+             and "manifest" not in run.notes.last_status(), "the //-directory edit to be read")
+    new = vault.put("steady")  # still refreshing, into the same directory
+    run.wait_content("steady", new)
+    assert "Traceback" not in run.process.stderr
+    run.stop()

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -379,3 +388,339 @@ def test_refresh_jitter() -> None:
     for bad in ("80%", "-1%", "lots", "true"):
         problems = parse(f"refresh_jitter: {bad}\n" + base)
         assert len(problems) == 1 and "refresh_jitter" in problems[0], problems
+
+
+# ---------------------------------------------------------------------------
+# Hostile manifests (issue 9, items 6 and 11): every input yields a Manifest
+# or a ManifestError of bounded one-line problems; never a hang, a crash or
+# gigabytes of memory. Each case runs in a forked child with a time and
+# memory bound, so a regression fails the test instead of hanging the suite.
+
+ISOLATED_TIMEOUT_S = 10.0  # generous: a loaded 2-core machine; a sane parse takes ms
+ISOLATED_EXTRA_MEMORY = 512 << 20  # bytes of address space the parse may add
+MAX_PROBLEM_CHARS = 400  # a problem line: file, line, key, a short echo, the fix
+
+
+def _address_space() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_isolated(text: str, *, timeout_s: float = ISOLATED_TIMEOUT_S,
+                   accounts: Optional[Accounts] = None,
+                   check_filesystem: bool = False) -> Dict[str, object]:
+    """Run parse_manifest(text) in a forked child bounded in time and memory.
+
+    Returns {"ok": directory} for a Manifest, {"problems": [...], "code": n}
+    for a ManifestError, or {"crash": description} for anything else,
+    including a timeout (the child is killed) or a killing signal.
+    """
+
+    read_fd, write_fd = os.pipe()
+    limit = _address_space() + ISOLATED_EXTRA_MEMORY
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_fd)
+        result: Dict[str, object]
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            manifest = parse_manifest(text, "m.yaml", accounts=accounts or ACCOUNTS,
+                                      check_filesystem=check_filesystem)
+            result = {"ok": manifest.directory}
+        except ManifestError as exc:
+            result = {"problems": list(exc.problems), "code": exc.exit_code}
+        except BaseException as exc:  # noqa: B036 - report whatever escaped
+            result = {"crash": "".join(traceback.format_exception_only(type(exc), exc))[-2000:]}
+        try:
+            data = json.dumps(result).encode()
+        except BaseException:  # noqa: B036
+            data = json.dumps({"crash": "unserialisable result"}).encode()
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(data)
+        os._exit(0)
+    os.close(write_fd)
+    chunks: List[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return {"crash": f"no result within {timeout_s:g} s (hang)"}
+            ready, _, _ = select.select([read_fd], [], [], remaining)
+            if ready:
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return {"crash": f"child died (wait status {status})"}
+    return dict(json.loads(b"".join(chunks)))
+
+
+def assert_bounded_problems(outcome: Dict[str, object]) -> List[str]:
+    """The outcome is a valid Manifest or single-line, bounded problems (exit 78)."""
+    assert "crash" not in outcome, outcome["crash"]
+    if "ok" in outcome:
+        return []
+    assert outcome["code"] == EXIT_CONFIG
+    problems = outcome["problems"]
+    assert isinstance(problems, list) and problems
+    for problem in problems:
+        assert isinstance(problem, str)
+        assert len(problem) <= MAX_PROBLEM_CHARS, problem[:1000]
+        assert problem.isprintable(), repr(problem[:1000])  # no newline, no escape sequence
+    return problems
+
+
+BASE = "vault: https://kv.vault.azure.net\ndirectory: /dev/shm/kv-agent-hostile\n"
+ENTRY = BASE + "secrets:\n  - name: s\n"
+
+
+def laughs(levels: int = 10, width: int = 9) -> str:
+    """A "billion laughs" sequence: ``width ** levels`` leaves from a few lines."""
+    lines = ["  - &l0 [" + ", ".join(["lol"] * width) + "]"]
+    for level in range(1, levels):
+        lines.append(f"  - &l{level} [" + ", ".join([f"*l{level - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    "refresh-overflows-float": BASE + "refresh: " + "9" * 400 + "\nsecrets: []\n",
+    "refresh-over-4300-digits": BASE + "refresh: " + "9" * 5000 + "\nsecrets: []\n",
+    "refresh-huge-hex": BASE + "refresh: 0x" + "f" * 20000 + "\nsecrets: []\n",
+    "refresh-huge-string": BASE + "refresh: '" + "9" * 5000 + "h'\nsecrets: []\n",
+    "refresh-a-year": BASE + "refresh: 8760h\nsecrets: []\n",
+    "refresh-invalid-date": BASE + "refresh: 2001-02-30\nsecrets: []\n",
+    "billion-laughs-as-refresh": BASE + "refresh:\n" + laughs() + "secrets: []\n",
+    "billion-laughs-as-owner": ENTRY + "    owner:\n" + laughs().replace("  - ", "      - "),
+    "billion-laughs-as-key": BASE + "secrets: []\n? [" + laughs(6, 6).replace("\n", " ") + "]\n: 1\n",
+    "merge-key-bomb": BASE + "secrets: []\n" + "".join(
+        f"k{i}: &m{i} {{" + ", ".join(f"<<: *m{i - 1}" if j == 0 and i else f"a{j}: {j}"
+                                      for j in range(9)) + "}\n" for i in range(12)),
+    "deep-nesting": BASE + "refresh: " + "[" * 900 + "]" * 900 + "\nsecrets: []\n",
+    "deep-block-nesting": BASE + "secrets: []\nrefresh:\n" + "".join(
+        " " * i + "- \n" for i in range(1, 400)),
+    "newline-in-echo": ENTRY + "    on_change: \"a\\nkv-agent: error: forged\"\n",
+    "escape-in-echo": ENTRY + "    name: \"\\e[31mred\\e[0m\"\n",
+    "nul-in-refresh": BASE + "refresh: \"1\\0\"\nsecrets: []\n",
+    "nul-in-owner": ENTRY + "    owner: \"root\\0x\"\n",
+    "long-unknown-key": BASE + "secrets: []\n" + "k" * 4000 + ": 1\n",
+    "long-name": ENTRY.replace("name: s", "name: " + "s" * 100000),
+    "long-path-component": ENTRY + "    path: " + "p" * 256 + "\n",
+    "long-path": ENTRY + "    path: " + "/".join(["p" * 200] * 30) + "\n",
+    "long-directory-component": BASE.replace("kv-agent-hostile", "d" * 300) + "secrets: []\n",
+    "long-owner": ENTRY + "    owner: " + "o" * 100000 + "\n",
+    "long-group": ENTRY + "    group: " + "g" * 300 + "\n",
+    "long-version": ENTRY + "    version: " + "a" * 100000 + "\n",
+    "long-vault": BASE.replace("kv.vault", "k" * 100000 + ".vault") + "secrets: []\n",
+    "long-on-change": ENTRY + "    on_change: [\"" + "x" * 100000 + "\"]\n",
+    "numeric-version": ENTRY + "    version: " + "1" * 4000 + "\n",
+    "float-owner": ENTRY + "    owner: 1e400\n",
+    "list-as-directory": BASE.replace("directory: /dev/shm/kv-agent-hostile",
+                                      "directory: [" + ", ".join(["x"] * 10000) + "]")
+                         + "secrets: []\n",
+    "mapping-as-mode": ENTRY + "    mode: {a: [1, 2, {b: c}]}\n",
+    "tagged-values": ENTRY + "    optional: !!binary 'aGVsbG8='\n    mode: !!set {a}\n",
+    "python-tag": ENTRY + "    owner: !!python/object/apply:os.system ['true']\n",
+    "recursive-alias": BASE + "refresh: &r [*r]\nsecrets: []\n",
+    "timestamp-directory": BASE.replace("/dev/shm/kv-agent-hostile", "2001-12-14") + "secrets: []\n",
+    "non-string-keys": BASE + "secrets: []\n1: a\nnull: b\n[1, 2]: c\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_manifest_is_refused_in_bounded_lines(name: str) -> None:
+    """A hostile manifest yields exit-78 problems, each one bounded printable line, promptly."""
+    problems = assert_bounded_problems(parse_isolated(HOSTILE[name]))
+    assert problems, f"{name} was accepted"
+
+
+def test_double_slash_directory_does_not_hang() -> None:
+    """``directory: //dev/shm/x`` (its own dirname in POSIX) parses promptly to /dev/shm/x."""
+    outcome = parse_isolated(BASE.replace("directory: /dev", "directory: //dev")
+                             + "secrets:\n  - name: s\n    path: a/b/c\n")
+    assert outcome == {"ok": "/dev/shm/kv-agent-hostile"}
+
+
+def test_owner_and_group_are_bounded_before_any_lookup() -> None:
+    """A long or malformed owner/group is refused without ever reaching the NSS lookup."""
+    looked_up: List[str] = []
+
+    def lookup(name: str) -> Optional[int]:
+        looked_up.append(name)
+        return None
+
+    spy = Accounts(user=lookup, group=lookup)
+    for value in ("u" * 257, "x" * 100000, "has space", "a:b", "a/b", "-rf", "\u00e9l\u00e8ve"):
+        for key in ("owner", "group"):
+            problems = assert_bounded_problems(parse_isolated(
+                ENTRY + f"    {key}: \"{value}\"\n", accounts=spy))
+            assert len(problems) == 1 and f"secrets[0].{key}" in problems[0], problems
+    assert looked_up == []
+
+
+@pytest.mark.parametrize("name", ["postgres", "www-data", "_apt", "svc.app", "MACHINE$",
+                                  "user@contoso.com", "a" * 32])
+def test_plausible_account_names_are_looked_up(name: str) -> None:
+    """Names as useradd, systemd and directory services make them still reach the lookup."""
+    seen: List[str] = []
+    spy = Accounts(user=lambda n: seen.append(n) or 1000, group=lambda n: 1000)
+    manifest = parse_manifest(ENTRY + f"    owner: '{name}'\n", "m.yaml", accounts=spy,
+                              check_filesystem=False)
+    assert manifest.secrets[0].uid == 1000 and seen == [name]
+
+
+def test_merge_keys_and_small_aliases_still_work() -> None:
+    """Anchors, aliases and merge keys of a reasonable size keep working."""
+    text = ("vault: https://kv.vault.azure.net\nsecrets:\n"
+            "  - &base {name: a, owner: postgres, group: postgres, mode: \"0440\"}\n"
+            "  - <<: *base\n    name: b\n")
+    manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    assert [(s.name, s.uid, s.mode) for s in manifest.secrets] == [("a", 110, 0o440),
+                                                                    ("b", 110, 0o440)]
+
+
+def test_refresh_has_an_upper_bound() -> None:
+    """A refresh beyond 31 days is refused with the range, not overflowed later."""
+    problem = one_problem(BASE + "refresh: 745h\nsecrets: []\n")
+    assert "refresh" in problem and "31 days" in problem
+    assert parse_duration("744h") == 744 * 3600
+
+
+def test_path_component_over_255_bytes_is_refused_with_a_filesystem(shm_dir: Path) -> None:
+    """A path component longer than NAME_MAX is a manifest problem, not ENAMETOOLONG (exit 70)."""
+    text = (f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nsecrets:\n"
+            f"  - name: s\n    path: {'p' * 300}/x\n")
+    problems = assert_bounded_problems(parse_isolated(text, check_filesystem=True))
+    assert len(problems) == 1 and "255 bytes" in problems[0], problems
+
+
+def test_oversized_manifest_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    """A manifest file over 1 MiB is refused by size, with the limit in the message."""
+    path = write_manifest(tmp_path / "m.yaml", ENTRY + "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ManifestError, match="1 MiB"):
+        load_manifest(path, accounts=ACCOUNTS)
+
+
+def test_manifest_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    """A FIFO (or device) as the manifest is refused at once instead of blocking the read."""
+    fifo = tmp_path / "m.yaml"
+    os.mkfifo(fifo, 0o600)
+    outcome: List[str] = []
+
+    def load() -> None:
+        try:
+            load_manifest(str(fifo), accounts=ACCOUNTS)
+        except ManifestError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(ISOLATED_TIMEOUT_S)
+    if thread.is_alive():  # unblock the stuck open() so the thread can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_manifest blocked on a FIFO")
+    assert outcome and "not a regular file" in outcome[0], outcome
+
+
+# -- the real command on the known killers
+
+
+CLI_TIMEOUT_S = 20.0  # a few seconds of work at most; Python start-up under load
+
+
+def run_check(manifest: Path, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """``kv-agent check`` on ``manifest``, bounded to 1 GiB of address space."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "check", "--manifest", str(manifest)],
+        capture_output=True, text=True, timeout=timeout_s, preexec_fn=limit,
+        cwd=str(Path(__file__).resolve().parent.parent), check=False)
+
+
+def cli_killers(shm_dir: Path) -> Dict[str, str]:
+    base = f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}/out\n"
+    entry = base + "secrets:\n  - name: s\n"
+    return {
+        "refresh-overflows-float": base + "refresh: " + "9" * 400 + "\nsecrets: []\n",
+        "refresh-over-4300-digits": base + "refresh: " + "9" * 5000 + "\nsecrets: []\n",
+        "refresh-invalid-date": base + "refresh: 2001-02-30\nsecrets: []\n",
+        "billion-laughs": base + "refresh:\n" + laughs() + "secrets: []\n",
+        "path-component-over-255-bytes": (
+            f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nsecrets:\n"
+            f"  - name: s\n    path: {'p' * 300}/x\n"),
+        "owner-of-5-MB": entry + "    owner: " + "o" * (5 << 20) + "\n",
+        "newline-in-echo": entry + "    on_change: \"a\\nkv-agent: error: forged\"\n",
+    }
+
+
+@pytest.mark.parametrize("killer", ["refresh-overflows-float", "refresh-over-4300-digits",
+                                    "refresh-invalid-date", "billion-laughs",
+                                    "path-component-over-255-bytes", "owner-of-5-MB",
+                                    "newline-in-echo", "fifo"])
+def test_check_refuses_known_killers_with_one_line(killer: str, shm_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """``kv-agent check`` on each known killer exits 78 promptly with one line and no traceback."""
+
+    path = tmp_path / "manifest.yaml"
+    if killer == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        write_manifest(path, cli_killers(shm_dir)[killer])
+    try:
+        result = run_check(path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"kv-agent check hung on {killer}")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 78, (result.returncode, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("kv-agent: error: "), result.stderr[-3000:]
+    assert len(lines[0]) <= MAX_PROBLEM_CHARS + 20 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_accepts_double_slash_directory_promptly(shm_dir: Path, tmp_path: Path) -> None:
+    """``directory: //dev/shm/...`` no longer loops forever: check reads it as /dev/shm/..."""
+
+    path = tmp_path / "manifest.yaml"
+    write_manifest(path, f"vault: https://kv.vault.azure.net\ndirectory: /{shm_dir}/out\n"
+                         "secrets:\n  - name: s\n    path: a/b\n")
+    try:
+        result = run_check(path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("kv-agent check hung on directory: //dev/shm/...")
+    assert result.returncode == 0, result.stderr
+    assert f"into {shm_dir}/out" in result.stdout
+
+
+@pytest.mark.parametrize("directory", ["/run", "/dev", "/dev/shm", "/proc/x", "/sys/fs/cgroup/x",
+                                       "/dev/kv-agent-secrets", "/tmp", "//run"])
+def test_system_directory_is_a_manifest_problem(directory: str) -> None:
+    """directory: /run, /dev, /dev/shm itself and kernel trees are refused with exit 78 and the line."""
+    problem = one_problem(f"vault: https://kv.vault.azure.net\ndirectory: {directory}\n"
+                          "secrets: []\n")
+    assert problem.startswith("m.yaml:2: directory: "), problem
+    assert "system directory" in problem or "belongs to the kernel" in problem, problem
+
+
+def test_all_digit_version_is_taken_as_written() -> None:
+    """A version of 32 digits (a YAML number) is kept exactly as written, leading zeros too."""
+    for digits in ("12345678901234567890123456789012", "01234567012345670123456701234567"):
+        manifest = parse_manifest(ENTRY + f"    version: {digits}\n", "m.yaml",
+                                  accounts=ACCOUNTS, check_filesystem=False)
+        assert manifest.secrets[0].version == digits
+
+
+def test_all_digit_secret_name_is_taken_as_written() -> None:
+    """Key Vault allows all-digit names: ``name: 0755`` is the secret '0755', not 493."""
+    manifest = parse_manifest("vault: https://kv.vault.azure.net\nsecrets:\n  - name: 0755\n",
+                              "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    assert (manifest.secrets[0].name, manifest.secrets[0].path) == ("0755", "/run/secrets/0755")

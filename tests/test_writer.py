@@ -713,6 +713,230 @@ def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# An unsafe or system root is refused (issue 9, item 10), as sudo and ssh
+# refuse paths others can write: whoever can replace the root or one of its
+# parents can delete or replace the secrets.
+
+
+def _fix_hint_for(path: Path) -> List[str]:
+    return [f"chown root:root {path}", f"chmod 0755 {path}", "remove it so kv-agent creates it"]
+
+
+@pytest.mark.parametrize("owner, mode", [
+    pytest.param((OTHER_UID, 0), 0o755, id="owned-by-another-user"),
+    pytest.param((0, OTHER_GID), 0o775, id="group-writable"),
+    pytest.param((0, 0), 0o777, id="world-writable"),
+    pytest.param((0, 0), 0o1777, id="sticky-world-writable"),
+    pytest.param((OTHER_UID, OTHER_GID), 0o777, id="app-secrets-0777-of-another-user"),
+])
+def test_precreated_unsafe_root_is_refused(shm_dir: Path, owner: Tuple[int, int],
+                                           mode: int) -> None:
+    """A pre-created root that another user owns or may write is refused, with the fix."""
+    require_root()
+    root = shm_dir / "app-secrets"
+    root.mkdir()
+    (root / f"{RESERVED_PREFIX}planted").write_bytes(b"x")
+    os.chown(root, *owner)
+    os.chmod(root, mode)
+    for action in (Writer(str(root)).check, Writer(str(root)).prepare):
+        with pytest.raises(WriteError) as caught:
+            action()
+        assert caught.value.exit_code == EXIT_CANTCREAT
+        for fragment in _fix_hint_for(root):
+            assert fragment in str(caught.value), str(caught.value)
+    assert (root / f"{RESERVED_PREFIX}planted").exists()  # refused before any cleaning
+
+
+@pytest.mark.parametrize("owner, mode", [
+    pytest.param((OTHER_UID, 0), 0o755, id="parent-owned-by-another-user"),
+    pytest.param((0, 0), 0o777, id="parent-world-writable-not-sticky"),
+    pytest.param((0, OTHER_GID), 0o775, id="parent-group-writable"),
+    pytest.param((OTHER_UID, 0), 0o1777, id="parent-sticky-but-not-root"),
+])
+def test_unsafe_parent_is_refused_and_nothing_created(shm_dir: Path, owner: Tuple[int, int],
+                                                      mode: int) -> None:
+    """A parent another user controls is refused, naming it, and nothing is created."""
+    require_root()
+    parent = shm_dir / "parent"
+    parent.mkdir()
+    os.chown(parent, *owner)
+    os.chmod(parent, mode)
+    for root in (parent / "secrets", parent / "a" / "secrets"):
+        for action in (Writer(str(root)).check, Writer(str(root)).prepare):
+            with pytest.raises(WriteError, match=f"{parent}"):
+                action()
+    assert os.listdir(parent) == []
+
+
+def test_existing_root_under_an_unsafe_parent_is_refused(shm_dir: Path) -> None:
+    """A safe root below a parent another user owns is still refused (they could swap it)."""
+    require_root()
+    parent = shm_dir / "parent"
+    (parent / "secrets").mkdir(parents=True)
+    os.chown(parent, OTHER_UID, OTHER_GID)
+    with pytest.raises(WriteError, match=f"{parent} is owned by uid {OTHER_UID}"):
+        Writer(str(parent / "secrets")).check()
+
+
+def test_unsafe_directory_behind_a_symlinked_parent_is_refused(shm_dir: Path) -> None:
+    """A parent reached through a symlink is judged where it really is."""
+    require_root()
+    real = shm_dir / "theirs"
+    real.mkdir()
+    os.chown(real, OTHER_UID, OTHER_GID)
+    (shm_dir / "link").symlink_to(real)
+    with pytest.raises(WriteError, match=f"{real}"):
+        Writer(str(shm_dir / "link" / "secrets")).check()
+
+
+def test_root_reached_through_a_symlinked_parent_is_judged_as_the_root(shm_dir: Path) -> None:
+    """A world-writable sticky root stays refused when reached through a symlinked parent."""
+    require_root()
+    (shm_dir / "real" / "secrets").mkdir(parents=True)
+    os.chmod(shm_dir / "real" / "secrets", 0o1777)
+    (shm_dir / "link").symlink_to(shm_dir / "real")
+    with pytest.raises(WriteError, match="writable by group or others"):
+        Writer(str(shm_dir / "link" / "secrets")).check()
+
+
+def test_safe_roots_are_accepted(shm_dir: Path) -> None:
+    """Root-owned parents, a sticky root-owned parent (like /dev/shm) and a 0700 root pass."""
+    require_root()
+    sticky = shm_dir / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    Writer(str(sticky / "secrets")).prepare()
+    private = shm_dir / "private"
+    private.mkdir(mode=0o700)
+    Writer(str(private)).prepare()
+    Writer(str(shm_dir / "new" / "deeper")).prepare()
+    assert stat.S_IMODE(os.lstat(sticky / "secrets").st_mode) == DIR_MODE
+
+
+def test_root_created_by_another_user_after_check_is_refused(shm_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare() re-checks the root it opened: one planted between check and mkdir is refused."""
+    require_root()
+    root = shm_dir / "raced"
+    writer = Writer(str(root))
+    real_check = writer.check
+
+    def check_then_plant() -> None:
+        real_check()
+        root.mkdir(mode=0o777)
+        os.chmod(root, 0o777)
+
+    monkeypatch.setattr(writer, "check", check_then_plant)
+    with pytest.raises(WriteError, match="writable by group or others"):
+        writer.prepare()
+
+
+@pytest.mark.parametrize("directory", ["/", "/dev", "/dev/shm", "/run", "/run/user", "/tmp",
+                                       "/var/tmp", "/proc", "/sys", "/run/lock",
+                                       "/dev/kv-agent-secrets", "/dev/mqueue/x",
+                                       "/sys/fs/cgroup/x", "/proc/self/x"])
+def test_system_directories_are_refused(directory: str) -> None:
+    """System roots and trees (/dev, /run, /dev/shm itself, /proc, /sys...) are refused, uncreated."""
+    existed = os.path.lexists(directory)
+    for action in (Writer(directory).check, Writer(directory).prepare):
+        with pytest.raises(WriteError) as caught:
+            action()
+        assert caught.value.exit_code == EXIT_CANTCREAT
+        assert directory in str(caught.value)
+    assert os.path.lexists(directory) == existed
+
+
+def test_devtmpfs_is_refused_although_it_reports_tmpfs(shm_dir: Path) -> None:
+    """devtmpfs reports TMPFS_MAGIC to statfs (as /dev shows), so the mount's type decides."""
+    fd = os.open("/dev", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        from agent.writer import mount_type
+        if mount_type(fd) != "devtmpfs":
+            pytest.skip("/dev is not devtmpfs here")
+        assert filesystem_type(fd) == TMPFS_MAGIC
+    finally:
+        os.close(fd)
+    fake_dev = shm_dir / "fake-dev"
+    with pytest.raises(WriteError, match="devtmpfs"):
+        Writer(str(fake_dev), mount_type=lambda fd: "devtmpfs").check()
+    assert not fake_dev.exists()
+
+
+def test_devtmpfs_bind_mounted_below_dev_shm_is_refused(shm_dir: Path) -> None:
+    """/dev bind-mounted under /dev/shm is still devtmpfs: refused by its mount type."""
+    require_root()
+    bind = shm_dir / "devbind"
+    bind.mkdir()
+    if subprocess.run(["mount", "--bind", "/dev", str(bind)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot bind-mount /dev here")
+    try:
+        fd = os.open(bind, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            from agent.writer import mount_type
+            if mount_type(fd) != "devtmpfs":
+                pytest.skip("/dev is not devtmpfs here")
+        finally:
+            os.close(fd)
+        with pytest.raises(WriteError, match="devtmpfs"):
+            Writer(str(bind / "kv-agent-secrets")).check()
+        assert not (bind / "kv-agent-secrets").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(bind)], check=False)
+
+
+def test_check_command_reports_an_unsafe_directory_with_exit_73(shm_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """`kv-agent check` on a pre-created 0777 directory exits 73 with the fix, in one line."""
+    require_root()
+    directory = shm_dir / "app-secrets"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(f"vault: https://kv.vault.azure.net\ndirectory: {directory}\n"
+                        "secrets:\n  - name: s\n")
+    os.chmod(manifest, 0o600)
+    result = subprocess.run([sys.executable, "-m", "agent", "check", "--manifest", str(manifest)],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    assert result.returncode == EXIT_CANTCREAT, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in _fix_hint_for(directory):
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("memory, hint", [
+    pytest.param({"/run", "/dev/shm"}, "choose a directory under /run or /dev/shm", id="both"),
+    pytest.param({"/dev/shm"}, "choose a directory under /dev/shm", id="shm-only"),
+    pytest.param({"/run"}, "choose a directory under /run", id="run-only"),
+    pytest.param(set(), "mount a tmpfs", id="neither"),
+])
+def test_not_tmpfs_hint_names_a_tmpfs_that_exists(memory: set, hint: str) -> None:
+    """The 'not on tmpfs' hint names only directories that are tmpfs on this host."""
+    from agent.writer import tmpfs_hint
+
+    def fake_type(fd: int) -> int:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        return TMPFS_MAGIC if path in memory else EXT4_MAGIC
+
+    assert tmpfs_hint(fake_type).startswith(hint)
+
+
+def test_not_tmpfs_message_on_this_host_names_a_real_tmpfs(tmp_path: Path) -> None:
+    """On this host, the refusal of a disk root suggests only directories that are tmpfs here."""
+    if is_memory_fs(tmp_path):
+        pytest.skip("tmp_path is on tmpfs here")
+    with pytest.raises(WriteError) as caught:
+        Writer(str(tmp_path / "secrets")).check()
+    message = str(caught.value)
+    for candidate in ("/run", "/dev/shm"):
+        if os.path.isdir(candidate) and not is_memory_fs(Path(candidate)):
+            assert f"under {candidate}" not in message and f"or {candidate}" not in message, \
+                message
+
+
+# ---------------------------------------------------------------------------
 # Leftovers from a crash
 
 
@@ -761,6 +985,42 @@ def test_clean_leftovers_after_a_simulated_crash(writer: Writer, root: Path,
     assert (root / stranded[0]).read_bytes() == SECRET
     assert Writer(str(root)).prepare() == [f"{root}/{stranded[0]}"]
     assert snapshot(root) == {"a/f": (b"old", 0o600, *ME)}
+
+
+def test_clean_leftovers_stays_on_the_roots_file_system(root: Path, shm_dir: Path) -> None:
+    """Start-up cleaning never descends into a file system mounted below the root."""
+    require_root()
+    mounted = root / "mnt"
+    mounted.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "kv-agent-test", str(mounted)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mounted / f"{RESERVED_PREFIX}not-ours").write_bytes(b"x")
+        (root / f"{RESERVED_PREFIX}ours").write_bytes(b"x")
+        assert Writer(str(root)).prepare() == [f"{root}/{RESERVED_PREFIX}ours"]
+        assert (mounted / f"{RESERVED_PREFIX}not-ours").exists()
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
+
+
+def test_clean_leftovers_is_bounded_in_depth_and_size(root: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deep tree never overflows the stack, and a huge one is refused as not kv-agent's."""
+    import agent.writer as writer_module
+
+    deep = root
+    for _ in range(writer_module.MAX_CLEAN_DEPTH + 5):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (deep / f"{RESERVED_PREFIX}too-deep").write_bytes(b"x")
+    (root / "d" / f"{RESERVED_PREFIX}shallow").write_bytes(b"x")
+    assert Writer(str(root)).prepare() == [f"{root}/d/{RESERVED_PREFIX}shallow"]
+    monkeypatch.setattr(writer_module, "MAX_CLEAN_ENTRIES", 50)
+    for index in range(60):
+        (root / f"file-{index}").write_bytes(b"")
+    with pytest.raises(WriteError, match="more than 50 entries"):
+        Writer(str(root)).prepare()
 
 
 # ---------------------------------------------------------------------------
