@@ -505,80 +505,94 @@ def caught_signals(pid: int) -> Set[int]:
     return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
 
 
-class FifoManifest:
-    """A manifest served through a FIFO: the agent blocks reading it until
-    :meth:`release`, so a test can act while the agent is still starting."""
+class ManifestOpens:
+    """Watches the manifest file for IN_OPEN, so a test can tell whether the
+    agent has opened it yet (inotify queues the event synchronously with open(2))."""
 
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self.text = text
-        os.mkfifo(path, 0o600)
-        self._fd = os.open(path, os.O_RDWR)  # a writer, so the agent's open() returns
+    def __init__(self, path: Path) -> None:
+        from inotify_simple import INotify, flags
 
-    def release(self) -> None:
-        """Put a regular file with the same text in its place (for reloads),
-        then hand the agent the text and EOF."""
-        spare = self.path.with_name(".manifest.new")
-        write_file(spare, self.text)
-        os.replace(spare, self.path)
-        os.write(self._fd, self.text.encode())
-        os.close(self._fd)
-        self._fd = -1
+        self._inotify = INotify(nonblocking=True)
+        self._inotify.add_watch(str(path), flags.OPEN)
+        self.count = 0
+
+    def seen(self) -> bool:
+        self.count += len(self._inotify.read(timeout=0))
+        return self.count > 0
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
+        self._inotify.close()
 
 
 START_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
+def wait_for_early_handlers(run: "Running", opens: ManifestOpens) -> None:
+    """Poll until the agent has its signal handlers, and prove that at that moment
+    it had not opened the manifest yet: handlers are read first, opens second, so
+    'handlers and no open' held at the first read (opens only ever grow)."""
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        if START_SIGNALS <= caught_signals(run.process.pid):
+            assert not opens.seen(), "the manifest was read before the signal handlers existed"
+            return
+        assert not opens.seen(), "the manifest was read before the signal handlers existed"
+        time.sleep(0.0005)
+    pytest.fail("the agent never installed its SIGHUP/SIGTERM/SIGINT handlers")
+
+
+@pytest.fixture
+def early_manifest(vault: Vault, shm_dir: Path, tmp_path: Path) -> Callable[[str], Path]:
+    """Writes a one-entry manifest before the agent starts, so a test can watch it."""
+
+    def make(name: str) -> Path:
+        path = tmp_path / "early" / "manifest.yaml"
+        path.parent.mkdir(exist_ok=True)
+        write_file(path, manifest_text(vault.url, shm_dir / "out", [entry(name)]))
+        return path
+
+    return make
+
+
 def test_sighup_during_start_up_is_survived(start_agent: StartAgent, vault: Vault,
-                                            shm_dir: Path, tmp_path: Path) -> None:
+                                            early_manifest: Callable[[str], Path]) -> None:
     """Handlers are in place before the manifest is read; SIGHUPs sent then (and during
     the first 100 ms after) neither kill the agent nor get lost: it reloads and is READY."""
     value = vault.put("early")
-    fifo = FifoManifest(tmp_path / "etc" / "manifest.yaml",
-                        manifest_text(vault.url, shm_dir / "out", [entry("early")]))
+    path = early_manifest("early")
+    opens = ManifestOpens(path)
     try:
-        run = start_agent(manifest=fifo.path)
-        run.wait(lambda: START_SIGNALS <= caught_signals(run.process.pid),
-                 "SIGHUP/SIGTERM/SIGINT handlers while the manifest is still unread")
-        for _ in range(20):
+        run = start_agent(manifest=path)
+        wait_for_early_handlers(run, opens)
+        for _ in range(20):  # from before the manifest is read into the start proper
             run.process.send_signal(signal.SIGHUP)
             time.sleep(0.005)
         assert run.process.is_running()
-        fifo.release()
-        for _ in range(20):  # and in the first 100 ms of the start proper
-            run.process.send_signal(signal.SIGHUP)
-            time.sleep(0.005)
         run.wait_ready()
         assert read(run.directory / "early") == value
         run.wait(lambda: run.process.lines("reloading (SIGHUP)"), "the early reload")
         assert run.process.is_running()
         run.stop()
     finally:
-        fifo.close()
+        opens.close()
 
 
 def test_sigterm_during_start_up_exits_zero(start_agent: StartAgent, vault: Vault,
-                                            shm_dir: Path, tmp_path: Path) -> None:
+                                            early_manifest: Callable[[str], Path]) -> None:
     """SIGTERM before the manifest is read is honoured once it is: exit 0, nothing fetched."""
     vault.put("never")
-    fifo = FifoManifest(tmp_path / "etc" / "manifest.yaml",
-                        manifest_text(vault.url, shm_dir / "out", [entry("never")]))
+    path = early_manifest("never")
+    opens = ManifestOpens(path)
     try:
-        run = start_agent(manifest=fifo.path)
-        run.wait(lambda: START_SIGNALS <= caught_signals(run.process.pid),
-                 "SIGHUP/SIGTERM/SIGINT handlers while the manifest is still unread")
+        run = start_agent(manifest=path)
+        wait_for_early_handlers(run, opens)
         run.process.send_signal(signal.SIGTERM)
-        fifo.release()
         assert run.process.wait(PROMPT_EXIT_S + 5) == 0, run.describe()
         assert vault.emulator.vault_requests == 0 and vault.emulator.imds_requests == 0
         assert not run.readies()
         assert "Traceback" not in run.process.stderr
     finally:
-        fifo.close()
+        opens.close()
 
 
 # ---------------------------------------------------------------------------
