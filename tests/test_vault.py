@@ -363,3 +363,21 @@ def test_session_ignores_netrc_and_environment() -> None:
 def test_proxies_for_vault(environ: Dict[str, str], expected: Dict[str, str]) -> None:
     """The vault's proxy comes from https_proxy/all_proxy unless no_proxy covers its host."""
     assert proxies_for(VAULT + "/secrets/db", environ) == expected
+
+
+# --- guards the mutation check relies on (tests/mutations)
+
+
+def test_secret_repr_never_shows_the_value() -> None:
+    """repr() and str() of a Secret name it but never show its value."""
+    secret = Secret("db", VERSION, b"plain-ascii-s3cr3t", "text/plain")
+    for text in (repr(secret), str(secret), f"{secret}", repr([secret])):
+        assert "plain-ascii-s3cr3t" not in text and "****" in text and "'db'" in text
+
+
+def test_valid_bundle_over_the_size_cap_is_refused() -> None:
+    """A well-formed 200 SecretBundle larger than the body cap fails the secret, not memory."""
+    value = "v" * (300 * 1024)
+    session = FakeSession(*[bundle(value) for _ in range(50)])
+    with pytest.raises(VaultError):
+        client(session, deadline=1).fetch_secret(SecretRequest(VAULT, "db"))

@@ -1,0 +1,116 @@
+"""The curated mutation check (tests/mutations): every deliberate breakage of a
+README promise must make the tests that guard it fail.
+
+Each test is one mutation: a scratch copy of the repository gets that one
+breakage and its guarding tests must fail there, while they pass on the
+unmutated copy. A surviving mutant is a failing test named after it. The
+mutants run in parallel (``KV_AGENT_MUTATION_JOBS``, default 2), all at once
+the first time a test here needs a verdict; ``-k NAME`` runs only that one.
+Skip the whole check with ``-m "not mutations"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+from mutations.runner import (
+    DEFAULT_JOBS,
+    REPO,
+    AnchorError,
+    CheckReport,
+    format_table,
+    mutated_text,
+    run_check,
+    verdict,
+)
+from mutations.table import MUTATIONS, Mutation
+
+pytestmark = pytest.mark.mutations
+
+JOBS_ENV = "KV_AGENT_MUTATION_JOBS"
+
+
+def _params() -> List[object]:
+    params: List[object] = []
+    for mutation in MUTATIONS:
+        marks = [pytest.mark.xfail(reason=f"pending: {mutation.pending}", strict=True)] \
+            if mutation.pending else []
+        params.append(pytest.param(mutation, id=mutation.name, marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def check(request: pytest.FixtureRequest) -> Iterator[CheckReport]:
+    """Run the mutants selected in this session (all of them, normally) once,
+    in parallel, and print the table at the end of the module."""
+    selected = [item.callspec.params["mutation"] for item in request.session.items
+                if getattr(item, "callspec", None) is not None
+                and isinstance(item.callspec.params.get("mutation"), Mutation)]
+    chosen = list(dict.fromkeys(selected)) or list(MUTATIONS)
+    report = run_check(chosen, int(os.environ.get(JOBS_ENV, DEFAULT_JOBS)))
+    yield report
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(format_table(chosen, report))
+
+
+def test_table_is_well_formed() -> None:
+    """Mutation names are unique kebab-case ids; every guard is a node id in an existing test
+    module; every promise is stated."""
+    names = [mutation.name for mutation in MUTATIONS]
+    assert len(names) == len(set(names)), "two mutations share a name"
+    assert len([m for m in MUTATIONS if not m.pending]) >= 15
+    for mutation in MUTATIONS:
+        assert mutation.name == mutation.name.lower() and " " not in mutation.name
+        assert mutation.promise and mutation.find != mutation.replace, mutation.name
+        assert mutation.guards, f"mutation '{mutation.name}' names no guarding test"
+        for guard in mutation.guards:
+            module = guard.split("::", 1)[0]
+            assert (REPO / module).is_file(), f"mutation '{mutation.name}': no {module}"
+
+
+def test_every_anchor_occurs_exactly_once() -> None:
+    """Each mutation's anchor is found exactly once in its file and the mutant compiles, so a
+    refactor that moves a guarded line is noticed here, naming the mutation to update."""
+    problems = []
+    for mutation in MUTATIONS:
+        try:
+            mutated_text(REPO, mutation)
+        except AnchorError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("mutation", _params())
+def test_mutant_is_caught(mutation: Mutation, check: CheckReport) -> None:
+    """The mutant fails its guarding tests, which pass on the unmutated copy."""
+    status = check.baseline[mutation.name]
+    result = check.results[mutation.name]
+    where = f"{mutation.path}: {mutation.find.strip()!r} -> {mutation.replace.strip()!r}"
+    assert not status.error, status.error
+    assert not status.failed, (
+        f"the guarding tests of '{mutation.name}' fail on the unmutated copy: "
+        f"{', '.join(status.failed)}; fix them first, a failing test proves nothing")
+    if status.passed == 0:
+        pytest.skip(f"every guarding test of '{mutation.name}' skips here: "
+                    f"{'; '.join(status.skipped)}")
+    assert result.outcome == "caught", (
+        f"mutant '{mutation.name}' {verdict(mutation, check)}: {mutation.promise}.\n"
+        f"Breaking {where}\ndid not fail {', '.join(mutation.guards)} ({result.detail}).\n"
+        "Add or sharpen a test that fails when this promise breaks, and name it in "
+        "tests/mutations/table.py.")
+
+
+def test_runner_copies_only_the_repository_sources(tmp_path: Path) -> None:
+    """The scratch copy holds agent/, tests/ and pyproject.toml but no .git or .venv."""
+    from mutations.runner import copy_repository
+
+    copy_repository(tmp_path / "copy")
+    present = {entry.name for entry in (tmp_path / "copy").iterdir()}
+    assert {"agent", "tests", "pyproject.toml", "README.md"} <= present
+    assert not present & {".git", ".venv"}
+    assert not list((tmp_path / "copy").rglob("__pycache__"))
