@@ -53,9 +53,11 @@ def check(request: pytest.FixtureRequest) -> Iterator[CheckReport]:
     report = run_check(chosen, int(os.environ.get(JOBS_ENV, DEFAULT_JOBS)))
     yield report
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(format_table(chosen, report))
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # the table belongs in the CI log
+            reporter.write_line("")
+            reporter.write_line(format_table(chosen, report))
 
 
 def test_table_is_well_formed() -> None:
@@ -98,6 +100,8 @@ def test_mutant_is_caught(mutation: Mutation, check: CheckReport) -> None:
     if status.passed == 0:
         pytest.skip(f"every guarding test of '{mutation.name}' skips here: "
                     f"{'; '.join(status.skipped)}")
+    assert result.outcome not in ("BROKEN", "TIMEOUT"), (
+        f"mutation '{mutation.name}' {result.outcome}: {result.detail}")
     assert result.outcome == "caught", (
         f"mutant '{mutation.name}' {verdict(mutation, check)}: {mutation.promise}.\n"
         f"Breaking {where}\ndid not fail {', '.join(mutation.guards)} ({result.detail}).\n"
@@ -114,3 +118,20 @@ def test_runner_copies_only_the_repository_sources(tmp_path: Path) -> None:
     assert {"agent", "tests", "pyproject.toml", "README.md"} <= present
     assert not present & {".git", ".venv"}
     assert not list((tmp_path / "copy").rglob("__pycache__"))
+
+
+@pytest.mark.parametrize("guard, classname, name, expected", [
+    ("tests/test_a.py", "tests.test_a", "test_x[p]", True),
+    ("tests/test_a.py", "tests.test_ab", "test_x", False),
+    ("tests/test_a.py::test_x", "tests.test_a", "test_x", True),
+    ("tests/test_a.py::test_x", "tests.test_a", "test_x[default]", True),
+    ("tests/test_a.py::test_x", "tests.test_a", "test_xy", False),
+    ("tests/test_a.py::test_x[debug]", "tests.test_a", "test_x[default]", False),
+    ("tests/test_a.py::TestC::test_x", "tests.test_a.TestC", "test_x", True),
+])
+def test_baseline_maps_node_ids_to_junit_cases(guard: str, classname: str, name: str,
+                                               expected: bool) -> None:
+    """A guard node id selects exactly the junit test cases pytest would run for it."""
+    from mutations.runner import _node_matches
+
+    assert _node_matches(guard, classname, name) is expected
