@@ -184,12 +184,13 @@ def first_failure(output: str) -> str:
     return " | ".join(tail)
 
 
-def run_mutant(mutation: Mutation, timeout_s: float = MUTANT_TIMEOUT_S) -> RunResult:
-    """Copy, mutate, run the guards with -x; classify the outcome."""
+def run_mutant(mutation: Mutation, timeout_s: float = MUTANT_TIMEOUT_S,
+               source: Path = REPO) -> RunResult:
+    """Copy ``source``, mutate, run the guards with -x; classify the outcome."""
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="kv-agent-mutant-", dir=scratch_parent()))
     try:
-        copy_repository(scratch)
+        copy_repository(scratch, source)
         try:
             text = mutated_text(scratch, mutation)
         except AnchorError as exc:
@@ -240,14 +241,15 @@ def _junit_cases(path: Path) -> List[Tuple[str, str, str, str]]:
     return cases
 
 
-def run_baseline(mutations: Sequence[Mutation],
-                 timeout_s: float = BASELINE_TIMEOUT_S) -> Tuple[Dict[str, GuardStatus], float]:
-    """Run the union of all guards on an unmutated copy; a status per mutation."""
+def run_baseline(mutations: Sequence[Mutation], timeout_s: float = BASELINE_TIMEOUT_S,
+                 source: Path = REPO) -> Tuple[Dict[str, GuardStatus], float]:
+    """Run the union of all guards on an unmutated copy of ``source``; a
+    status per mutation."""
     started = time.monotonic()
     guards = list(dict.fromkeys(guard for m in mutations for guard in m.guards))
     scratch = Path(tempfile.mkdtemp(prefix="kv-agent-baseline-", dir=scratch_parent()))
     try:
-        copy_repository(scratch)
+        copy_repository(scratch, source)
         junit = scratch / ".baseline-junit.xml"
         code, output, _ = run_pytest(scratch, [f"--junitxml={junit}", *guards], timeout_s)
         cases = _junit_cases(junit) if junit.exists() else []
@@ -283,14 +285,15 @@ def _expected_cost(mutation: Mutation) -> int:
     return 2 if "test_daemon" in guards else 1 if "test_cli_integration" in guards else 0
 
 
-def run_check(mutations: Sequence[Mutation] = MUTATIONS, jobs: int = DEFAULT_JOBS
-              ) -> CheckReport:
-    """Run every mutant and the baseline, ``jobs`` at a time."""
+def run_check(mutations: Sequence[Mutation] = MUTATIONS, jobs: int = DEFAULT_JOBS,
+              source: Path = REPO) -> CheckReport:
+    """Run every mutant and the baseline on copies of ``source``, ``jobs`` at a time."""
     started = time.monotonic()
     ordered = sorted(mutations, key=_expected_cost, reverse=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        baseline = pool.submit(run_baseline, mutations)
-        futures = [pool.submit(run_mutant, mutation) for mutation in ordered]
+        baseline = pool.submit(run_baseline, mutations, BASELINE_TIMEOUT_S, source)
+        futures = [pool.submit(run_mutant, mutation, MUTANT_TIMEOUT_S, source)
+                   for mutation in ordered]
         results = {future.result().name: future.result() for future in futures}
         statuses, baseline_seconds = baseline.result()
     return CheckReport(results, statuses, baseline_seconds, time.monotonic() - started)
@@ -338,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", "-j", type=int, default=DEFAULT_JOBS,
                         help=f"mutants run at once (default {DEFAULT_JOBS})")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--source", type=Path, default=REPO,
+                        help="the tree to mutate (default: this checkout)")
     args = parser.parse_args(argv)
     by_name = {mutation.name: mutation for mutation in MUTATIONS}
     unknown = [name for name in args.names if name not in by_name]
@@ -348,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{mutation.name}: {mutation.promise} [{mutation.path}]")
         return 0
     chosen = [by_name[name] for name in args.names] or list(MUTATIONS)
-    report = run_check(chosen, args.jobs)
+    report = run_check(chosen, args.jobs, args.source.resolve())
     print(format_table(chosen, report))
     failures = [m for m in chosen if not is_success(m, report)]
     for mutation in failures:
