@@ -46,9 +46,12 @@ def _params() -> List[object]:
 def check(request: pytest.FixtureRequest) -> Iterator[CheckReport]:
     """Run the mutants selected in this session (all of them, normally) once,
     in parallel, and print the table at the end of the module."""
-    selected = [item.callspec.params["mutation"] for item in request.session.items
-                if getattr(item, "callspec", None) is not None
-                and isinstance(item.callspec.params.get("mutation"), Mutation)]
+    selected: List[Mutation] = []
+    for item in request.session.items:
+        if isinstance(item, pytest.Function) and hasattr(item, "callspec"):
+            mutation = item.callspec.params.get("mutation")
+            if isinstance(mutation, Mutation):
+                selected.append(mutation)
     chosen = list(dict.fromkeys(selected)) or list(MUTATIONS)
     report = run_check(chosen, int(os.environ.get(JOBS_ENV, DEFAULT_JOBS)))
     yield report
