@@ -341,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", "-j", type=int, default=DEFAULT_JOBS,
                         help=f"mutants run at once (default {DEFAULT_JOBS})")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also print the failing test (or the reason) of every mutant")
     parser.add_argument("--source", type=Path, default=REPO,
                         help="the tree to mutate (default: this checkout)")
     args = parser.parse_args(argv)
@@ -355,6 +357,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chosen = [by_name[name] for name in args.names] or list(MUTATIONS)
     report = run_check(chosen, args.jobs, args.source.resolve())
     print(format_table(chosen, report))
+    if args.verbose:
+        print()
+        for mutation in chosen:
+            print(f"{mutation.name}: {report.results[mutation.name].detail}")
     failures = [m for m in chosen if not is_success(m, report)]
     for mutation in failures:
         result = report.results[mutation.name]
