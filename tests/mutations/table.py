@@ -267,6 +267,57 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    if False:",
         (f"{MANIFEST}::test_foreign_owner_is_refused",),
     ),
+    Mutation(
+        "path-outside-directory",
+        "path: relative to directory, or absolute inside it (/run/secretsX is not inside "
+        "/run/secrets)",
+        "agent/manifest.py",
+        '    if not joined.startswith(directory.rstrip("/") + "/"):',
+        '    if not joined.startswith(directory.rstrip("/")):',
+        (f"{MANIFEST}::test_entry_rules",),
+    ),
+    Mutation(
+        "symlinked-parent-accepted",
+        "check validates paths: a symlink among the existing parents inside directory is "
+        "refused",
+        "agent/manifest.py",
+        "        if stat.S_ISLNK(st.st_mode):",
+        "        if False:",
+        (f"{MANIFEST}::test_symlinked_parent_is_refused",),
+    ),
+    Mutation(
+        "setuid-mode-accepted",
+        'mode: quoted octal; no setuid/setgid/sticky bits',
+        "agent/manifest.py",
+        "    if mode > 0o777:",
+        "    if False:",
+        (f"{MANIFEST}::test_entry_rules",),
+    ),
+    Mutation(
+        "invalid-manifest-not-78",
+        "an invalid manifest exits 78, which the unit's RestartPreventExitStatus= honours",
+        "agent/errors.py",
+        "    exit_code = EXIT_CONFIG",
+        "    exit_code = EXIT_FAILURE",
+        (f"{CLI}::test_invalid_manifest_is_refused_by_check_and_once_with_file_line_key_and_fix",),
+    ),
+    # -- once ----------------------------------------------------------------
+    Mutation(
+        "once-exits-zero-on-failure",
+        "kv-agent once exits 0 only when every non-optional file is written",
+        "agent/cli.py",
+        "    return _exit_code(report.failures)",
+        "    return _exit_code(())",
+        (f"{CLI}::test_once_failures_name_each_secret_and_keep_its_file",),
+    ),
+    Mutation(
+        "optional-failure-fails-the-run",
+        "optional: true: a failure is reported but fails nothing",
+        "agent/agent.py",
+        "return tuple(o for o in self.outcomes if o.error and not o.entry.is_optional)",
+        "return tuple(o for o in self.outcomes if o.error)",
+        (f"{CLI}::test_once_reports_optional_failures_but_exits_zero",),
+    ),
     # -- the running agent ---------------------------------------------------
     Mutation(
         "ready-without-files",
@@ -298,6 +349,22 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "        if not self._is_our_file(path):",
         "        if False:",
         (f"{DAEMON}::test_restart_removes_only_its_own_files_of_dropped_entries",),
+    ),
+    Mutation(
+        "hook-at-first-write",
+        "on_change runs after a file changes, never at the first write at start",
+        "agent/daemon.py",
+        "        if self._is_ready and current:",
+        "        if current:",
+        (f"{DAEMON}::test_on_change_hooks_run_once_per_change_never_at_start",),
+    ),
+    Mutation(
+        "sigterm-ignored",
+        "SIGTERM sends STOPPING=1 and exits 0 within seconds",
+        "agent/daemon.py",
+        "        self._stop_requested = True  # handlers only set flags",
+        "        pass  # handlers only set flags",
+        (f"{DAEMON}::test_works_without_notify_socket",),
     ),
     # -- hooks ---------------------------------------------------------------
     Mutation(
