@@ -17,8 +17,11 @@ from typing import Iterator, List
 
 import pytest
 from mutations.runner import (
+    BROKEN,
+    CAUGHT,
     DEFAULT_JOBS,
     REPO,
+    TIMEOUT,
     AnchorError,
     CheckReport,
     format_table,
@@ -96,6 +99,9 @@ def test_mutant_is_caught(mutation: Mutation, check: CheckReport) -> None:
     status = check.baseline[mutation.name]
     result = check.results[mutation.name]
     where = f"{mutation.path}: {mutation.find.strip()!r} -> {mutation.replace.strip()!r}"
+    assert not status.missing, (
+        f"mutation '{mutation.name}': no test {', '.join(status.missing)} (renamed?); "
+        "name its guarding tests anew in tests/mutations/table.py")
     assert not status.error, status.error
     assert not status.failed, (
         f"the guarding tests of '{mutation.name}' fail on the unmutated copy: "
@@ -103,9 +109,9 @@ def test_mutant_is_caught(mutation: Mutation, check: CheckReport) -> None:
     if status.passed == 0:
         pytest.skip(f"every guarding test of '{mutation.name}' skips here: "
                     f"{'; '.join(status.skipped)}")
-    assert result.outcome not in ("BROKEN", "TIMEOUT"), (
+    assert result.outcome not in (BROKEN, TIMEOUT), (
         f"mutation '{mutation.name}' {result.outcome}: {result.detail}")
-    assert result.outcome == "caught", (
+    assert result.outcome == CAUGHT, (
         f"mutant '{mutation.name}' {verdict(mutation, check)}: {mutation.promise}.\n"
         f"Breaking {where}\ndid not fail {', '.join(mutation.guards)} ({result.detail}).\n"
         "Add or sharpen a test that fails when this promise breaks, and name it in "
