@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import secrets
+import select
 import signal
 import socket
 import stat
@@ -29,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -1065,3 +1067,111 @@ def test_once_missing_ca_bundle_is_a_config_error(kv: Harness) -> None:
                                   "exist; point REQUESTS_CA_BUNDLE at a PEM CA bundle, or "
                                   "unset it"]
     assert kv.emulator.imds_requests == 0 and kv.emulator.vault_requests == 0
+
+
+# Proxies: the vault honours them, IMDS never does
+
+
+class RecordingProxy:
+    """A loopback HTTP proxy that records the request line of every request it
+    is asked to carry: CONNECT is tunnelled, an absolute-form request (what a
+    client sends a proxy for plain http) is forwarded in origin form. Both
+    reach only loopback targets, so the proxy is honest but never a way out."""
+
+    def __init__(self) -> None:
+        self.requests: List[str] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self._stopped = threading.Event()
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, name="proxy", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            line, _, rest = head.partition(b"\r\n")
+            method, target, version = line.decode("latin-1").split(" ", 2)
+            with self._lock:
+                self.requests.append(f"{method} {target}")
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+                forward = (host.strip("[]"), int(port))
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                first = rest.partition(b"\r\n\r\n")[2]  # the client's first TLS bytes, if any
+            else:
+                parts = urlsplit(target)
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+                forward = (parts.hostname or "", parts.port or 80)
+                first = f"{method} {path} {version}\r\n".encode("latin-1") + rest
+            if forward[0] not in ("127.0.0.1", "localhost", "::1"):
+                return  # the recorded request line fails the test; nothing leaves loopback
+            with socket.create_connection(forward, timeout=10) as upstream:
+                if first:
+                    upstream.sendall(first)
+                _pump(client, upstream)
+
+
+def _pump(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    sockets = [a, b]
+    while True:
+        readable, _, _ = select.select(sockets, [], [], 10)
+        if not readable:
+            return
+        for source in readable:
+            data = source.recv(65536)
+            if not data:
+                return
+            (b if source is a else a).sendall(data)
+
+
+@pytest.fixture
+def proxy() -> Iterator[RecordingProxy]:
+    started = RecordingProxy()
+    yield started
+    started.close()
+
+
+def test_once_reaches_imds_directly_whatever_the_proxy_variables(
+    kv: Harness, proxy: RecordingProxy
+) -> None:
+    """With http_proxy, https_proxy and all_proxy (both cases) naming a proxy, once reaches IMDS
+    directly and only the vault through the proxy (README: proxy variables apply to the vault
+    only)."""
+    name = fresh_name("proxied")
+    value = fresh_value("proxied")
+    kv.put(name, value)
+    manifest = kv.manifest(entry(name))
+    variables = {variable: proxy.url for base in ("http_proxy", "https_proxy", "all_proxy")
+                 for variable in (base, base.upper())}
+
+    result = kv.run("once", "--manifest", str(manifest), env=kv.env(**variables))
+
+    imds = urlsplit(kv.emulator.imds_endpoint)
+    vault = urlsplit(kv.emulator.vault_url)
+    assert not [line for line in proxy.requests if f":{imds.port}" in line], (
+        f"IMDS was asked through the proxy: {proxy.requests}")
+    assert result.returncode == 0, result.stderr
+    assert kv.emulator.imds_requests == 1
+    assert proxy.requests and set(proxy.requests) == {f"CONNECT {vault.hostname}:{vault.port}"}
+    assert (kv.directory / name).read_bytes() == value.encode()

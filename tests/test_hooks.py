@@ -96,3 +96,15 @@ def test_hook_does_not_inherit_systemd_hand_over(tmp_path: Path) -> None:
     runner.trigger((sys.executable, "-c", script, str(out)), ["/a"])
     wait_runs(runner, 1)
     assert out.read_text() == "KEEP"
+
+
+def test_hook_output_never_reaches_the_agents_output(capfd: pytest.CaptureFixture[str]) -> None:
+    """What a hook prints on stdout or stderr is discarded: it never reaches the agent's own
+    stdout or stderr (the journal), since a hook may print the secret it read."""
+    runner = HookRunner({})
+    script = ("import sys; print('hook-out-s3cret'); print('hook-err-s3cret', file=sys.stderr); "
+              "raise SystemExit(1)")
+    runner.trigger((sys.executable, "-c", script), ["/a"])
+    wait_runs(runner, 1)
+    out, err = capfd.readouterr()
+    assert "hook-out-s3cret" not in out + err and "hook-err-s3cret" not in out + err

@@ -559,3 +559,21 @@ def test_vault_retries_are_reported_with_the_vaults_name() -> None:
                      ("waiting for vault contoso-kv: HTTP 503", 2)]
     assert vault_label("https://127.0.0.1:8443") == "127.0.0.1:8443"
     assert vault_label("https://[::1]:8443") == "[::1]:8443"
+
+
+# --- guards the mutation check relies on (tests/mutations)
+
+
+def test_secret_repr_never_shows_the_value() -> None:
+    """repr() and str() of a Secret name it but never show its value."""
+    secret = Secret("db", VERSION, b"plain-ascii-s3cr3t", "text/plain")
+    for text in (repr(secret), str(secret), f"{secret}", repr([secret])):
+        assert "plain-ascii-s3cr3t" not in text and "****" in text and "'db'" in text
+
+
+def test_valid_bundle_over_the_size_cap_is_refused() -> None:
+    """A well-formed 200 SecretBundle larger than the body cap fails the secret, not memory."""
+    value = "v" * (300 * 1024)
+    session = FakeSession(*[bundle(value) for _ in range(50)])
+    with pytest.raises(VaultError):
+        client(session, deadline=1).fetch_secret(SecretRequest(VAULT, "db"))

@@ -1254,3 +1254,15 @@ def test_hammering_reader_sees_only_complete_files_with_their_owner_and_mode(
     assert report["reads"] >= 200, report
     assert min(report["seen"]) > 0, report
     assert reserved_names(root) == []
+
+
+# ---------------------------------------------------------------------------
+# Guards the mutation check relies on (tests/mutations)
+
+
+def test_file_spec_repr_never_shows_the_content() -> None:
+    """repr() and str() of a FileSpec show path, owner and mode but never the content."""
+    spec = FileSpec("/run/secrets/db", SECRET, 1234, 4321, 0o440)
+    for text in (repr(spec), str(spec), repr([spec])):
+        assert SECRET.decode() not in text and "content=****" in text
+        assert "/run/secrets/db" in text and "0o440" in text

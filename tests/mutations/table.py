@@ -1,0 +1,397 @@
+"""The mutations: one named, one-line breakage per README promise.
+
+Each mutation replaces ``find`` (which must occur exactly once in ``path``:
+a refactor that moves or duplicates the line is noticed, never silently
+skipped) by ``replace``, and names the pytest node ids that must fail on the
+mutant: the narrowest tests that guard the promise, so the whole check stays
+within a few minutes of CI time. Keep ``find`` a short, distinctive line.
+
+``pending`` marks a mutation whose guarding test is known to be missing (it is
+expected to survive); the reason says what will guard it. Once that test
+exists, add its node id to ``guards`` and drop ``pending``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+
+class Mutation(NamedTuple):
+    """One deliberate breakage of one promise."""
+
+    name: str  # kebab-case, the pytest id of the test that checks it
+    promise: str  # what the README promises, in its own words where possible
+    path: str  # relative to the repository root
+    find: str  # exact text, occurring exactly once in ``path``
+    replace: str
+    guards: Tuple[str, ...]  # pytest node ids that must fail on the mutant
+    pending: Optional[str] = None  # why it is expected to survive for now
+
+
+VAULT = "tests/test_vault.py"
+IDENTITY = "tests/test_identity.py"
+WRITER = "tests/test_writer.py"
+MANIFEST = "tests/test_manifest.py"
+HOOKS = "tests/test_hooks.py"
+DAEMON = "tests/test_daemon.py"
+CLI = "tests/test_cli_integration.py"
+
+MUTATIONS: Tuple[Mutation, ...] = (
+    # -- where a token may go ------------------------------------------------
+    Mutation(
+        "token-host-outside-audience-domain",
+        "the agent never sends a token to a host other than the vault: a challenge's "
+        "audience is used only when the vault host lies under its domain",
+        "agent/vault.py",
+        "    if not is_loopback_host(host) and not host.lower().endswith(",
+        "    if False and not host.lower().endswith(",
+        (f"{VAULT}::test_unknown_host_is_refused_even_with_a_vault_challenge",),
+    ),
+    Mutation(
+        "audience-from-look-alike-suffix",
+        "the token audience comes from the vault's DNS suffix (evilvault.azure.net is not "
+        "under vault.azure.net)",
+        "agent/vault.py",
+        '        if host.endswith("." + suffix):',
+        "        if host.endswith(suffix):",
+        (f"{VAULT}::test_audience_from_dns_suffix",),
+    ),
+    Mutation(
+        "vault-follows-redirects",
+        "the agent never sends a token along a redirect",
+        "agent/vault.py",
+        "allow_redirects=False, stream=True,",
+        "allow_redirects=True, stream=True,",
+        (f"{VAULT}::test_redirect_is_not_followed",),
+    ),
+    Mutation(
+        "http-vault-accepted",
+        "vault: https only; a manifest naming an http vault is refused",
+        "agent/manifest.py",
+        '    if parts.scheme.lower() != "https":',
+        '    if parts.scheme.lower() not in ("https", "http"):',
+        (f"{MANIFEST}::test_top_level_rules",),
+    ),
+    Mutation(
+        "vault-session-reads-netrc",
+        "the vault session never reads ~/.netrc (whose Basic credentials would replace the "
+        "bearer token) nor the environment behind the agent's back",
+        "agent/vault.py",
+        "    session.trust_env = False",
+        "    session.trust_env = True",
+        (f"{VAULT}::test_session_ignores_netrc_and_environment",),
+    ),
+    Mutation(
+        "imds-through-proxy",
+        "proxy variables apply to the vault only: IMDS is always reached directly",
+        "agent/agent.py",
+        "imds_session.trust_env = False",
+        "imds_session.trust_env = True",
+        (f"{CLI}::test_once_reaches_imds_directly_whatever_the_proxy_variables",),
+    ),
+    Mutation(
+        "imds-follows-redirects",
+        "IMDS requests never follow a redirect",
+        "agent/identity.py",
+        "timeout=TIMEOUT_S, allow_redirects=False, stream=True,",
+        "timeout=TIMEOUT_S, allow_redirects=True, stream=True,",
+        (f"{IDENTITY}::test_request_shape_system_assigned",),
+    ),
+    Mutation(
+        "imds-without-metadata-header",
+        "every IMDS request carries Metadata: true",
+        "agent/identity.py",
+        'self._endpoint, params=params, headers={"Metadata": "true"},',
+        "self._endpoint, params=params, headers={},",
+        (f"{IDENTITY}::test_request_shape_system_assigned",),
+    ),
+    # -- anything from the network is bounded --------------------------------
+    Mutation(
+        "vault-body-unbounded",
+        "every vault response body is size-bounded",
+        "agent/vault.py",
+        "                if size > MAX_BODY_BYTES:",
+        "                if False:",
+        (f"{VAULT}::test_valid_bundle_over_the_size_cap_is_refused",),
+    ),
+    Mutation(
+        "imds-body-unbounded",
+        "every IMDS response body is size-bounded",
+        "agent/identity.py",
+        "        if size > MAX_BODY_BYTES:",
+        "        if False:",
+        (f"{IDENTITY}::test_oversized_body_is_refused",),
+    ),
+    Mutation(
+        "vault-ignores-retry-after",
+        "a throttled vault (429) is retried honouring Retry-After",
+        "agent/vault.py",
+        '                retry_after = parse_retry_after(headers.get("Retry-After"))',
+        "                retry_after = None",
+        (f"{VAULT}::test_429_honours_retry_after",),
+    ),
+    Mutation(
+        "imds-ignores-retry-after",
+        "IMDS is retried honouring Retry-After",
+        "agent/identity.py",
+        '                retry_after = parse_retry_after(response.headers.get("Retry-After"))',
+        "                retry_after = None",
+        (f"{IDENTITY}::test_retry_after_is_honoured",),
+    ),
+    # -- never a secret or a token in a log ----------------------------------
+    Mutation(
+        "secret-repr-shows-value",
+        "logs never contain a secret value (a Secret's repr masks it)",
+        "agent/vault.py",
+        "version={self.version!r}, value=****)",
+        "version={self.version!r}, value={self.value!r})",
+        (f"{VAULT}::test_secret_repr_never_shows_the_value",),
+    ),
+    Mutation(
+        "file-spec-repr-shows-value",
+        "logs never contain a secret value (a FileSpec's repr masks its content)",
+        "agent/writer.py",
+        'return (f"FileSpec(path={self.path!r}, content=****, uid={self.uid}, "',
+        'return (f"FileSpec(path={self.path!r}, content={self.content!r}, uid={self.uid}, "',
+        (f"{WRITER}::test_file_spec_repr_never_shows_the_content",),
+    ),
+    Mutation(
+        "value-in-write-log-line",
+        "logs never contain a secret value (the 'wrote' line names the version)",
+        "agent/agent.py",
+        "fetched.version, entry.owner, entry.group, entry.mode)",
+        "fetched.value, entry.owner, entry.group, entry.mode)",
+        (f"{CLI}::test_once_writes_every_secret_byte_for_byte_with_owner_group_and_mode"
+         "[default]",),
+    ),
+    Mutation(
+        "token-repr-shows-token",
+        "logs never contain a token (an AccessToken's repr masks it)",
+        "agent/identity.py",
+        'return f"AccessToken(token=****, resource=',
+        'return f"AccessToken(token={self.token!r}, resource=',
+        (f"{IDENTITY}::test_access_token_repr_masks_the_token",),
+    ),
+    # -- the writer ----------------------------------------------------------
+    Mutation(
+        "writer-follows-symlinked-parents",
+        "every path is reached from the root with O_NOFOLLOW: a symlink below the root is "
+        "never followed",
+        "agent/writer.py",
+        "_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC",
+        "_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC",
+        (f"{WRITER}::test_symlinked_parent_is_refused",),
+    ),
+    Mutation(
+        "writer-temp-without-excl-nofollow",
+        "the temporary file is created O_CREAT|O_EXCL|O_NOFOLLOW, never through a planted "
+        "link",
+        "agent/writer.py",
+        "flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC",
+        "flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
+        (f"{WRITER}::test_steps_follow_the_writer_contract",),
+    ),
+    Mutation(
+        "first-byte-before-owner-and-mode",
+        "every file gets its final owner and mode before any byte goes in",
+        "agent/writer.py",
+        "os.fchown(fd, spec.uid, spec.gid)  # (5)",
+        "os.write(fd, spec.content[:1]); os.lseek(fd, 0, os.SEEK_SET); "
+        "os.fchown(fd, spec.uid, spec.gid)  # (5)",
+        (f"{WRITER}::test_steps_follow_the_writer_contract",),
+    ),
+    Mutation(
+        "unchanged-file-rewritten",
+        "a file is rewritten only when its content, owner or mode changed",
+        "agent/writer.py",
+        "if self._matches(dir_fd, name, spec):  # (3)",
+        "if False:  # (3)",
+        (f"{WRITER}::test_unchanged_file_keeps_inode_and_times",),
+    ),
+    Mutation(
+        "owner-change-not-rewritten",
+        "a file whose owner changed is rewritten with the manifest's owner",
+        "agent/writer.py",
+        "if not stat.S_ISREG(st.st_mode) or (st.st_uid, st.st_gid) != (spec.uid, spec.gid):",
+        "if not stat.S_ISREG(st.st_mode):",
+        (f"{WRITER}::test_owner_only_change_rewrites",),
+    ),
+    Mutation(
+        "mode-change-not-rewritten",
+        "a file whose mode changed (even behind the agent's back) is rewritten with the "
+        "manifest's mode",
+        "agent/writer.py",
+        "if stat.S_IMODE(st.st_mode) != spec.mode or st.st_size != len(spec.content):",
+        "if st.st_size != len(spec.content):",
+        (f"{WRITER}::test_mode_changed_behind_the_writers_back_is_repaired",),
+    ),
+    Mutation(
+        "disk-taken-for-tmpfs",
+        "the output root must be tmpfs or ramfs: secrets never reach a disk",
+        "agent/writer.py",
+        "return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF",
+        "return TMPFS_MAGIC",
+        (f"{WRITER}::test_check_refuses_missing_root_on_disk_without_creating_it",),
+    ),
+    Mutation(
+        "temp-file-left-on-failure",
+        "on any failure the temporary file is removed and the target is as it was",
+        "agent/writer.py",
+        "def _unlink_quietly(name: str, dir_fd: int) -> None:",
+        "def _unlink_quietly(name: str, dir_fd: int) -> None:\n    return",
+        (f"{WRITER}::test_failure_keeps_old_file_and_removes_temp",),
+    ),
+    Mutation(
+        "failing-secret-loses-its-file",
+        "a secret that fails keeps its last good file",
+        "agent/agent.py",
+        "            return SecretOutcome(entry, error=fetched)",
+        "            return SecretOutcome(entry, error=fetched, "
+        "changed=self.writer.remove(entry.path))",
+        (f"{CLI}::test_once_failures_name_each_secret_and_keep_its_file",),
+    ),
+    # -- the manifest --------------------------------------------------------
+    Mutation(
+        "writable-manifest-accepted",
+        "kv-agent refuses a manifest that is writable by group or others",
+        "agent/manifest.py",
+        "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):",
+        "    if st.st_mode & 0:",
+        (f"{MANIFEST}::test_writable_by_others_is_refused",),
+    ),
+    Mutation(
+        "foreign-manifest-accepted",
+        "kv-agent refuses a manifest owned by anyone other than root or its own user",
+        "agent/manifest.py",
+        "    if st.st_uid not in (0, euid):",
+        "    if False:",
+        (f"{MANIFEST}::test_foreign_owner_is_refused",),
+    ),
+    Mutation(
+        "path-outside-directory",
+        "path: relative to directory, or absolute inside it (/run/secretsX is not inside "
+        "/run/secrets)",
+        "agent/manifest.py",
+        '    if not joined.startswith(directory.rstrip("/") + "/"):',
+        '    if not joined.startswith(directory.rstrip("/")):',
+        (f"{MANIFEST}::test_entry_rules",),
+    ),
+    Mutation(
+        "symlinked-parent-accepted",
+        "check validates paths: a symlink among the existing parents inside directory is "
+        "refused",
+        "agent/manifest.py",
+        "        if stat.S_ISLNK(st.st_mode):",
+        "        if False:",
+        (f"{MANIFEST}::test_symlinked_parent_is_refused",),
+    ),
+    Mutation(
+        "setuid-mode-accepted",
+        'mode: quoted octal; no setuid/setgid/sticky bits',
+        "agent/manifest.py",
+        "    if mode > 0o777:",
+        "    if False:",
+        (f"{MANIFEST}::test_entry_rules",),
+    ),
+    Mutation(
+        "invalid-manifest-not-78",
+        "an invalid manifest exits 78, which the unit's RestartPreventExitStatus= honours",
+        "agent/errors.py",
+        "EXIT_CONFIG = 78",
+        "EXIT_CONFIG = 1",
+        (f"{CLI}::test_invalid_manifest_is_refused_by_check_and_once_with_file_line_key_and_fix",),
+    ),
+    # -- once ----------------------------------------------------------------
+    Mutation(
+        "once-exits-zero-on-failure",
+        "kv-agent once exits 0 only when every non-optional file is written",
+        "agent/cli.py",
+        "    return _exit_code(report.failures)",
+        "    return _exit_code(())",
+        (f"{CLI}::test_once_failures_name_each_secret_and_keep_its_file",),
+    ),
+    Mutation(
+        "optional-failure-fails-the-run",
+        "optional: true: a failure is reported but fails nothing",
+        "agent/agent.py",
+        "return tuple(o for o in self.outcomes if o.error and not o.entry.is_optional)",
+        "return tuple(o for o in self.outcomes if o.error)",
+        (f"{CLI}::test_once_reports_optional_failures_but_exits_zero",),
+    ),
+    # -- the running agent ---------------------------------------------------
+    Mutation(
+        "ready-without-files",
+        "READY=1 only when every non-optional secret's file is on disk",
+        "agent/daemon.py",
+        "if not self._is_ready and self._has_every_required_file():",
+        "if not self._is_ready:",
+        (f"{DAEMON}::test_ready_only_after_every_required_file_exists",),
+        # Survives today: with IMDS down at start no test watches READY. The readiness
+        # fix (branch fix9-daemon) brings the guard: once merged, set guards to
+        # (f"{DAEMON}::test_no_ready_while_imds_refuses_connections",) and drop pending
+        # (checked on that branch: caught in 5.5 s).
+        pending=("issue 9 item 2: no test watches READY while IMDS is down at start; "
+                 "its guard arrives with the readiness fix in tests/test_daemon.py"),
+    ),
+    Mutation(
+        "bad-edit-stops-the-agent",
+        "an invalid manifest edit is rejected and the previous manifest stays in use",
+        "agent/daemon.py",
+        'log.error("manifest rejected, keeping the previous one: %s", problem)',
+        "raise",
+        (f"{DAEMON}::test_invalid_manifest_on_reload_keeps_the_old_one",),
+    ),
+    Mutation(
+        "foreign-file-removed",
+        "when a secret leaves the manifest its file is deleted only if it is still the file "
+        "the agent wrote",
+        "agent/daemon.py",
+        "        if not self._is_our_file(path):",
+        "        if False:",
+        (f"{DAEMON}::test_restart_removes_only_its_own_files_of_dropped_entries",),
+    ),
+    Mutation(
+        "hook-at-first-write",
+        "on_change runs after a file changes, never at the first write at start",
+        "agent/daemon.py",
+        "        if self._is_ready and current:",
+        "        if current:",
+        (f"{DAEMON}::test_on_change_hooks_run_once_per_change_never_at_start",),
+    ),
+    Mutation(
+        "sigterm-ignored",
+        "SIGTERM sends STOPPING=1 and exits 0 within seconds",
+        "agent/daemon.py",
+        # After merging fix9-daemon (handlers move to agent/signals.py): path
+        # "agent/signals.py", find "        self.stop_requested = True", replace
+        # "        pass" (checked on that branch: caught in 17 s).
+        "        self._stop_requested = True  # handlers only set flags",
+        "        pass  # handlers only set flags",
+        (f"{DAEMON}::test_works_without_notify_socket",),
+    ),
+    # -- hooks ---------------------------------------------------------------
+    Mutation(
+        "hook-gets-notify-socket",
+        "a hook never gets the agent's NOTIFY_SOCKET or watchdog variables",
+        "agent/hooks.py",
+        "if key not in PRIVATE_ENV}",
+        "if key not in ()}",
+        (f"{HOOKS}::test_hook_does_not_inherit_systemd_hand_over",),
+    ),
+    Mutation(
+        "hook-runs-in-a-shell",
+        "on_change runs its argv without a shell",
+        "agent/hooks.py",
+        "done = subprocess.run(list(command), env=env,",
+        'done = subprocess.run(" ".join(command), shell=True, env=env,',
+        (f"{HOOKS}::test_hook_runs_without_a_shell_and_sees_changed_paths",),
+    ),
+    Mutation(
+        "hook-output-reaches-the-log",
+        "a hook's output is discarded, because it might print a secret",
+        "agent/hooks.py",
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,",
+        "stdout=None, stderr=None,",
+        (f"{HOOKS}::test_hook_output_never_reaches_the_agents_output",),
+    ),
+)
