@@ -137,7 +137,20 @@ class Running:
         return f"{notes}\nstderr:\n{self.process.stderr[-4000:]}"
 
     def wait(self, predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-        return wait_for(predicate, timeout_s, what, self.describe)
+        """Poll ``predicate``; fail at once (not after ``timeout_s``) when the agent
+        exits without it coming true, so a dying agent costs no waiting."""
+
+        def holds_or_exited() -> Any:
+            result = predicate()
+            if result or self.process.is_running():
+                return result
+            result = predicate()  # it may have come true as the agent stopped
+            if not result:
+                raise AssertionError(f"the agent exited while waiting for {what}\n"
+                                     + self.describe())
+            return result
+
+        return wait_for(holds_or_exited, timeout_s, what, self.describe)
 
     @property
     def notes(self) -> NotifySocket:

@@ -35,6 +35,8 @@ MANIFEST = "tests/test_manifest.py"
 HOOKS = "tests/test_hooks.py"
 DAEMON = "tests/test_daemon.py"
 CLI = "tests/test_cli_integration.py"
+RETRY = "tests/test_retry.py"
+STATE = "tests/test_state.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -59,15 +61,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "vault-follows-redirects",
         "the agent never sends a token along a redirect",
-        "agent/vault.py",
-        "allow_redirects=False, stream=True,",
-        "allow_redirects=True, stream=True,",
-        (f"{VAULT}::test_redirect_is_not_followed",),
+        "agent/transport.py",
+        "timeout=timeout, allow_redirects=False, stream=True,",
+        "timeout=timeout, allow_redirects=True, stream=True,",
+        (f"{VAULT}::test_redirect_is_not_followed",
+         f"{IDENTITY}::test_request_shape_system_assigned"),
     ),
     Mutation(
         "http-vault-accepted",
         "vault: https only; a manifest naming an http vault is refused",
-        "agent/manifest.py",
+        "agent/vault_url.py",
         '    if parts.scheme.lower() != "https":',
         '    if parts.scheme.lower() not in ("https", "http"):',
         (f"{MANIFEST}::test_top_level_rules",),
@@ -76,7 +79,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "vault-session-reads-netrc",
         "the vault session never reads ~/.netrc (whose Basic credentials would replace the "
         "bearer token) nor the environment behind the agent's back",
-        "agent/vault.py",
+        "agent/transport.py",
         "    session.trust_env = False",
         "    session.trust_env = True",
         (f"{VAULT}::test_session_ignores_netrc_and_environment",),
@@ -90,43 +93,28 @@ MUTATIONS: Tuple[Mutation, ...] = (
         (f"{CLI}::test_once_reaches_imds_directly_whatever_the_proxy_variables",),
     ),
     Mutation(
-        "imds-follows-redirects",
-        "IMDS requests never follow a redirect",
-        "agent/identity.py",
-        "timeout=TIMEOUT_S, allow_redirects=False, stream=True,",
-        "timeout=TIMEOUT_S, allow_redirects=True, stream=True,",
-        (f"{IDENTITY}::test_request_shape_system_assigned",),
-    ),
-    Mutation(
         "imds-without-metadata-header",
         "every IMDS request carries Metadata: true",
         "agent/identity.py",
-        'self._endpoint, params=params, headers={"Metadata": "true"},',
-        "self._endpoint, params=params, headers={},",
+        'headers={"Metadata": "true"}, timeout=TIMEOUT_S,',
+        "headers={}, timeout=TIMEOUT_S,",
         (f"{IDENTITY}::test_request_shape_system_assigned",),
     ),
     # -- anything from the network is bounded --------------------------------
     Mutation(
         "vault-body-unbounded",
         "every vault response body is size-bounded",
-        "agent/vault.py",
-        "                if size > MAX_BODY_BYTES:",
-        "                if False:",
-        (f"{VAULT}::test_valid_bundle_over_the_size_cap_is_refused",),
-    ),
-    Mutation(
-        "imds-body-unbounded",
-        "every IMDS response body is size-bounded",
-        "agent/identity.py",
-        "        if size > MAX_BODY_BYTES:",
+        "agent/transport.py",
+        "        if size > max_bytes:",
         "        if False:",
-        (f"{IDENTITY}::test_oversized_body_is_refused",),
+        (f"{VAULT}::test_valid_bundle_over_the_size_cap_is_refused",
+         f"{IDENTITY}::test_oversized_body_is_refused"),
     ),
     Mutation(
         "vault-ignores-retry-after",
         "a throttled vault (429) is retried honouring Retry-After",
         "agent/vault.py",
-        '                retry_after = parse_retry_after(headers.get("Retry-After"))',
+        '                retry_after = parse_retry_after(reply.headers.get("Retry-After"))',
         "                retry_after = None",
         (f"{VAULT}::test_429_honours_retry_after",),
     ),
@@ -134,7 +122,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "imds-ignores-retry-after",
         "IMDS is retried honouring Retry-After",
         "agent/identity.py",
-        '                retry_after = parse_retry_after(response.headers.get("Retry-After"))',
+        '                retry_after = parse_retry_after(headers.get("Retry-After"))',
         "                retry_after = None",
         (f"{IDENTITY}::test_retry_after_is_honoured",),
     ),
@@ -325,13 +313,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "agent/daemon.py",
         "if not self._is_ready and self._has_every_required_file():",
         "if not self._is_ready:",
-        (f"{DAEMON}::test_ready_only_after_every_required_file_exists",),
-        # Survives today: with IMDS down at start no test watches READY. The readiness
-        # fix (branch fix9-daemon) brings the guard: once merged, set guards to
-        # (f"{DAEMON}::test_no_ready_while_imds_refuses_connections",) and drop pending
-        # (checked on that branch: caught in 5.5 s).
-        pending=("issue 9 item 2: no test watches READY while IMDS is down at start; "
-                 "its guard arrives with the readiness fix in tests/test_daemon.py"),
+        (f"{DAEMON}::test_no_ready_while_imds_refuses_connections",),
+        # Survived the suite before issue 9: no test watched READY while IMDS was down.
     ),
     Mutation(
         "bad-edit-stops-the-agent",
@@ -361,12 +344,9 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "sigterm-ignored",
         "SIGTERM sends STOPPING=1 and exits 0 within seconds",
-        "agent/daemon.py",
-        # After merging fix9-daemon (handlers move to agent/signals.py): path
-        # "agent/signals.py", find "        self.stop_requested = True", replace
-        # "        pass" (checked on that branch: caught in 17 s).
-        "        self._stop_requested = True  # handlers only set flags",
-        "        pass  # handlers only set flags",
+        "agent/signals.py",
+        "        self.stop_requested = True",
+        "        pass",
         (f"{DAEMON}::test_works_without_notify_socket",),
     ),
     # -- hooks ---------------------------------------------------------------
@@ -393,5 +373,55 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,",
         "stdout=None, stderr=None,",
         (f"{HOOKS}::test_hook_output_never_reaches_the_agents_output",),
+    ),
+    # -- issue 9: promises the field testing found broken ---------------------
+    Mutation(
+        "token-where-urllib3-connects-unchecked",
+        "a token goes only to the host the HTTP library will really connect to "
+        "(https://evil.example\\.vault.azure.net must not reach evil.example)",
+        "agent/vault.py",
+        "            check_target(url, vault)",
+        "            pass",
+        (f"{VAULT}::test_every_request_is_checked_against_where_urllib3_connects",),
+    ),
+    Mutation(
+        "forged-log-line",
+        "network text cannot forge a kv-agent: log line (control characters escaped)",
+        "agent/cli.py",
+        "first, *rest = [escape(line, limit=0) for line in message.splitlines()]",
+        "first, *rest = [line for line in message.splitlines()]",
+        (f"{CLI}::test_log_formatter_never_starts_a_forged_line",),
+    ),
+    Mutation(
+        "retry-after-zero-hot-loop",
+        "Retry-After: 0 waits at least the normal backoff step (no 429 hot loop)",
+        "agent/retry.py",
+        "        return max(step, min(retry_after, self._policy.max_retry_after_s))",
+        "        return min(retry_after, self._policy.max_retry_after_s)",
+        (f"{RETRY}::test_retry_after_zero_waits_at_least_the_backoff_step",),
+    ),
+    Mutation(
+        "no-total-request-deadline",
+        "every request is bounded in total time, not only per read",
+        "agent/transport.py",
+        "        self._timer.start()",
+        "        pass",
+        (f"{VAULT}::test_trickled_body_is_cut_at_the_total_deadline",),
+    ),
+    Mutation(
+        "status-json-world-readable",
+        "status.json (secret names and paths) is readable by root only",
+        "agent/state.py",
+        "STATUS_FILE_MODE = 0o600",
+        "STATUS_FILE_MODE = 0o644",
+        (f"{STATE}::test_new_state_is_private",),
+    ),
+    Mutation(
+        "output-directory-of-another-user",
+        "an output directory another user owns or can write is refused",
+        "agent/writer.py",
+        "            if st.st_uid not in (0, self._euid):\n                raise WriteError(f\"{path} is owned by uid",
+        "            if False:\n                raise WriteError(f\"{path} is owned by uid",
+        (f"{WRITER}::test_precreated_unsafe_root_is_refused",),
     ),
 )
