@@ -185,3 +185,36 @@ def test_the_lists_come_from_the_code() -> None:
     assert {"KV_AGENT_STATE_DIR", "KV_AGENT_IMDS_ENDPOINT", "KV_AGENT_MANIFEST"} <= \
         _environment_names()
     assert {"--debug", "-q", "--quiet", "--version"} <= _global_options()
+
+
+# -- the promises table ---------------------------------------------------------------
+
+
+def _promises_section() -> str:
+    text = README.read_text()
+    start = text.index("## The promises, and the tests that prove them")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_every_test_the_promises_table_names_exists() -> None:
+    """Each `file.py::test_name` the README gives as proof of a promise is a real test
+    function, so the table cannot point at a test that was renamed or removed."""
+    named = re.findall(r"`(test_[a-z_]+\.py)(?:::(test_[a-z0-9_]+))?", _promises_section())
+    assert len(named) >= 10
+    for filename, function in named:
+        source = REPO / "tests" / filename
+        assert source.is_file(), f"README promises table: tests/{filename} does not exist"
+        if function:
+            assert re.search(rf"^def {function}\(", source.read_text(), re.M), (
+                f"README promises table: {filename}::{function} does not exist")
+
+
+def test_every_mutation_the_promises_table_names_exists() -> None:
+    """The bracketed mutation names in the promises table are mutations of the check."""
+    from mutations.table import MUTATIONS
+
+    known = {mutation.name for mutation in MUTATIONS}
+    named = [name.strip() for group in re.findall(r"\[([a-z0-9, -]+)\]", _promises_section())
+             for name in group.split(",")]
+    assert len(named) >= 8
+    assert set(named) <= known, f"unknown mutations: {sorted(set(named) - known)}"
