@@ -61,6 +61,20 @@ def _no_network_escape(
         pytest.fail(f"attempted to reach beyond loopback: {escaped}")
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Tests that run ``agent.cli.main`` in-process install a handler on the
+    stream pytest captured for them; put the root logger back afterwards, so
+    a later test never logs into a closed stream ("--- Logging error ---")."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture
 def shm_dir(tmp_path: Path) -> Iterator[Path]:
     """A fresh directory on tmpfs (/dev/shm), removed afterwards."""

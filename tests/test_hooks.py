@@ -102,8 +102,10 @@ def test_hook_output_never_reaches_the_agents_output(capfd: pytest.CaptureFixtur
     """What a hook prints on stdout or stderr is discarded: it never reaches the agent's own
     stdout or stderr (the journal), since a hook may print the secret it read."""
     runner = HookRunner({})
-    script = ("import sys; print('hook-out-s3cret'); print('hook-err-s3cret', file=sys.stderr); "
-              "raise SystemExit(1)")
+    # The markers are built at run time: the hook's argv (which a failure is logged with)
+    # must not contain them, only its output may.
+    script = ("import sys; print('hook-out-' + 's3cret'); "
+              "print('hook-err-' + 's3cret', file=sys.stderr); raise SystemExit(1)")
     runner.trigger((sys.executable, "-c", script), ["/a"])
     wait_runs(runner, 1)
     out, err = capfd.readouterr()
