@@ -24,6 +24,7 @@ from agent.errors import (
     EXIT_UNAVAILABLE,
     KvAgentError,
     ManifestError,
+    MissingDependencyError,
 )
 from agent.untrusted import escape
 
@@ -295,6 +296,7 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import signal
     import threading
 
+    _require_emulator("emulator")
     from agent.emulator import Emulator, load_emulator_file
 
     try:
@@ -340,9 +342,38 @@ def _emulator_banner(imds: str, vault: str, ca_path: str, count: int) -> List[st
 
 
 def _cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from agent.demo import run_demo
+    _require_emulator("demo")
+    from agent.emulator.demo import run_demo
 
     return run_demo(args.directory, say=lambda line: print(line, flush=True))
+
+
+# Where the .deb and the .rpm install the agent (packaging/kv-agent puts it on sys.path).
+_PACKAGED_ROOT = "/usr/lib/kv-agent"
+
+
+def _require_emulator(command: str) -> None:
+    """Raise MissingDependencyError unless the ``agent.emulator`` package is installed.
+
+    The emulator and the demo ship apart from the agent (the kv-agent-emulator
+    .deb and .rpm, the wheel's ``emulator`` extra), so on a VM with only the
+    agent ``kv-agent demo`` names the package to install instead of failing
+    with a traceback. Only the emulator's own absence is caught: an ImportError
+    from inside an installed emulator is a bug and keeps its traceback.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("agent.emulator") is not None:
+        return
+    import agent
+
+    if os.path.dirname(os.path.dirname(os.path.abspath(agent.__file__))) == _PACKAGED_ROOT:
+        hint = ("install the kv-agent-emulator package: apt install kv-agent-emulator "
+                "(Debian, Ubuntu) or dnf install kv-agent-emulator (RHEL, Azure Linux)")
+    else:
+        hint = "install it with pip install 'kv-agent[emulator]'"
+    raise MissingDependencyError(f"kv-agent {command} needs the emulator, "
+                                 "which is not installed", hint)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,8 +38,8 @@ from daemon_harness import AgentProcess, wait_for
 from hostile import HostileServer, answer, loopback_443_server, trickle
 from hostile import response as hostile_response
 
-from agent.demo import DEMO_SECRETS
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
+from agent.emulator.demo import DEMO_SECRETS
 from agent.writer import MEMORY_FILESYSTEMS, filesystem_type
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ from typing import Any, List
 
 import pytest
 
-from agent import demo
 from agent.cli import main
+from agent.emulator import demo
 from agent.errors import EXIT_FAILURE, EXIT_UNAVAILABLE
 
 REPO = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ import kvsystem
 import pytest
 from kvsystem import IMDS_ADDRESS, TIMINGS, Container
 
-from agent.demo import DEMO_SECRETS
+from agent.emulator.demo import DEMO_SECRETS
 
 pytestmark = pytest.mark.scenario
 

@@ -19,8 +19,9 @@ import shutil
 import stat
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from agent.emulator.facade import Emulator
 from agent.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -28,9 +29,6 @@ from agent.errors import (
     MissingDependencyError,
     WriteError,
 )
-
-if TYPE_CHECKING:
-    from agent.emulator import Emulator
 
 Say = Callable[[str], None]
 MARKER = ".kv-agent-demo"
@@ -217,8 +215,6 @@ def run_demo(directory: str, say: Say, command: Optional[Sequence[str]] = None) 
     WriteError when the directory or the emulator cannot be set up.
     """
     require_cryptography()
-    from agent.emulator import Emulator
-
     _prepare_directory(directory)
     secrets_dir = os.path.join(directory, "secrets")
     manifest_path = os.path.join(directory, "manifest.yaml")
@@ -256,7 +252,7 @@ def run_demo(directory: str, say: Say, command: Optional[Sequence[str]] = None) 
     return EXIT_OK
 
 
-def _run_steps(steps: _Steps, emulator: "Emulator", manifest: str, secrets_dir: str,
+def _run_steps(steps: _Steps, emulator: Emulator, manifest: str, secrets_dir: str,
                say: Say) -> None:
     """The five steps; raises _StepFailedError after the first unexpected one."""
     say("\n1. Validate the manifest (no network):")

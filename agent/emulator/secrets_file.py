@@ -1,0 +1,371 @@
+"""The emulator's secrets: the YAML secrets file and the ``secrets`` argument, validated.
+
+The emulator checks names and values itself (``SECRET_NAME_RE`` in :mod:`.wire`),
+independently of the agent's manifest parser: it stands in for Key Vault, so it
+refuses what Key Vault refuses, whatever the agent believes. Every problem is a
+``ValueError`` with one line naming the file (or argument) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from agent.emulator.wire import (
+    CERTIFICATE_CONTENT_TYPES,
+    DEFAULT_SYSTEM_CLIENT_ID,
+    DEFAULT_SYSTEM_OBJECT_ID,
+    DEFAULT_UAMI_RESOURCE_PREFIX,
+    GUID_RE,
+    SECRET_NAME_RE,
+)
+
+_SECRET_KEYS = frozenset(
+    {
+        "value",
+        "versions",
+        "enabled",
+        "content_type",
+        "tags",
+        "not_before",
+        "expires_on",
+        "managed",
+        "kid",
+    }
+)
+_VERSION_KEYS = _SECRET_KEYS - {"versions"}
+# The structured secrets file: its top level holds only these keys (see load_emulator_file).
+_FILE_KEYS = frozenset({"secrets", "identities"})
+_IDENTITIES_KEYS = frozenset({"system_assigned", "user_assigned"})
+_USER_ASSIGNED_KEYS = frozenset({"client_id", "object_id", "msi_res_id"})
+
+
+
+
+@dataclass(frozen=True)
+class UserAssignedIdentity:
+    """A user-assigned managed identity as IMDS knows it (protocol.md A1 selectors)."""
+
+    client_id: str
+    object_id: str
+    msi_res_id: str
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Which managed identities the emulated VM has.
+
+    The default, a system-assigned identity only, is the common VM set-up.
+    ``system_assigned=False`` with no user-assigned identity emulates a VM
+    without any identity ("Identity not found").
+    """
+
+    system_assigned: bool = True
+    user_assigned: tuple[UserAssignedIdentity, ...] = ()
+    system_client_id: str = DEFAULT_SYSTEM_CLIENT_ID
+    system_object_id: str = DEFAULT_SYSTEM_OBJECT_ID
+
+
+@dataclass(frozen=True)
+class EmulatorFile:
+    """A secrets file: ``secrets`` for ``Emulator(secrets=...)``, and the VM's identities."""
+
+    secrets: dict[str, Any]
+    identities: IdentityConfig
+
+
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """One secret version as given by a caller, before it gets an id and dates."""
+
+    value: str
+    enabled: bool = True
+    content_type: str | None = None
+    tags: dict[str, str] | None = None
+    not_before: int | None = None
+    expires_on: int | None = None
+    # Certificate-backed secrets (protocol.md B9): read-only, never set through the API.
+    managed: bool = False
+    kid: str | None = None
+
+
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or not SECRET_NAME_RE.match(name):
+        raise ValueError(
+            f"{where}: invalid secret name {name!r} (use only 0-9, a-z, A-Z and -)"
+        )
+    return name
+
+
+def check_value(value: object, where: str) -> str:
+    # Key Vault values are strings; YAML turns `yes` into True and `0123` into 83,
+    # so a non-string is more likely a quoting mistake than a wish.
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: value must be a string, got {_type_name(value)} (quote it)"
+        )
+    return value
+
+
+def _is_unquoted_scalar(value: object) -> bool:
+    """A YAML scalar that is not a string: ``yes``, ``8080``, ``1.5``, ``2024-01-01``."""
+    return not isinstance(value, (str, Mapping, list)) and value is not None
+
+
+def _check_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: must be an integer (epoch seconds), got {_type_name(value)}"
+        )
+    return value
+
+
+def _check_tags(value: object, where: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"{where}: tags must be a mapping of strings to strings")
+    return dict(value)
+
+
+def _parse_attributes(
+    data: Mapping[Any, Any], base: VersionSpec, where: str
+) -> VersionSpec:
+    """Overlay the attributes present in ``data`` on ``base`` (value untouched)."""
+    changes: dict[str, Any] = {}
+    if "enabled" in data:
+        if not isinstance(data["enabled"], bool):
+            raise ValueError(f"{where}: enabled must be true or false")
+        changes["enabled"] = data["enabled"]
+    if "content_type" in data:
+        if not isinstance(data["content_type"], str):
+            raise ValueError(f"{where}: content_type must be a string")
+        changes["content_type"] = data["content_type"]
+    if "tags" in data:
+        changes["tags"] = _check_tags(data["tags"], f"{where}: tags")
+    for key in ("not_before", "expires_on"):
+        if key in data:
+            changes[key] = _check_int(data[key], f"{where}: {key}")
+    if "managed" in data:
+        if not isinstance(data["managed"], bool):
+            raise ValueError(f"{where}: managed must be true or false")
+        changes["managed"] = data["managed"]
+    if "kid" in data:
+        if not isinstance(data["kid"], str) or not data["kid"].startswith("https://"):
+            raise ValueError(f"{where}: kid must be a key URL (https://<vault>/keys/<name>/<version>)")
+        changes["kid"] = data["kid"]
+    return dataclasses.replace(base, **changes)
+
+
+def _check_certificate(spec: VersionSpec, where: str) -> VersionSpec:
+    """A certificate-backed secret is ``managed`` and has a certificate content type (B9)."""
+    if spec.kid is not None and not spec.managed:
+        raise ValueError(f"{where}: kid is only for certificate-backed secrets (add managed: true)")
+    if spec.managed and spec.content_type not in CERTIFICATE_CONTENT_TYPES:
+        raise ValueError(
+            f"{where}: a managed (certificate-backed) secret needs content_type "
+            f"{' or '.join(CERTIFICATE_CONTENT_TYPES)}"
+        )
+    return spec
+
+
+def _check_keys(data: Mapping[Any, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(str(key) for key in data if key not in allowed)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _parse_version(entry: object, defaults: VersionSpec, where: str) -> VersionSpec:
+    if isinstance(entry, str):
+        return dataclasses.replace(defaults, value=entry)
+    if _is_unquoted_scalar(entry):
+        check_value(entry, where)  # raises, with the "quote it" hint
+    if not isinstance(entry, Mapping):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: must be a string or a mapping, got {_type_name(entry)}"
+        )
+    _check_keys(entry, _VERSION_KEYS, where)
+    if "value" not in entry:
+        raise ValueError(f"{where}: missing 'value'")
+    spec = _parse_attributes(entry, defaults, where)
+    spec = dataclasses.replace(spec, value=check_value(entry["value"], where))
+    return _check_certificate(spec, where)
+
+
+def _parse_secret(spec: object, where: str) -> list[VersionSpec]:
+    """One secret's versions, oldest first.
+
+    Secret-level attributes are defaults for every version; ``versions`` lists
+    older values and ``value``, when present, becomes the latest.
+    """
+    if isinstance(spec, str):
+        return [VersionSpec(spec)]
+    if _is_unquoted_scalar(spec):
+        check_value(spec, where)  # raises, with the "quote it" hint
+    if not isinstance(spec, Mapping):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: must be a string or a mapping, got {_type_name(spec)}"
+        )
+    _check_keys(spec, _SECRET_KEYS, where)
+    defaults = _parse_attributes(spec, VersionSpec(""), where)
+    versions = spec.get("versions", [])
+    if not isinstance(versions, list):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: versions must be a list, got {_type_name(versions)}"
+        )
+    result = [
+        _parse_version(entry, defaults, f"{where}: versions[{index}]")
+        for index, entry in enumerate(versions)
+    ]
+    if "value" in spec:
+        latest = dataclasses.replace(defaults, value=check_value(spec["value"], where))
+        result.append(_check_certificate(latest, where))
+    if not result:
+        raise ValueError(f"{where}: needs a 'value' or a non-empty 'versions' list")
+    return result
+
+
+def parse_secrets(data: object, source: str) -> dict[str, list[VersionSpec]]:
+    """Validate a secrets mapping; raises ValueError naming ``source`` and the problem."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{source}: expected a mapping of secret name to value, got {_type_name(data)}"
+        )
+    result: dict[str, list[VersionSpec]] = {}
+    seen: dict[str, str] = {}
+    for name, spec in data.items():
+        checked = check_name(name, source)
+        if checked.lower() in seen:
+            raise ValueError(
+                f"{source}: secret {checked!r} duplicates {seen[checked.lower()]!r} "
+                "(names are case-insensitive)"
+            )
+        seen[checked.lower()] = checked
+        result[checked] = _parse_secret(spec, f"{source}: secret {checked!r}")
+    return result
+
+
+def load_secrets_file(path: str) -> dict[str, Any]:
+    """The secrets of a YAML secrets file, ready for ``Emulator(secrets=...)``.
+
+    Both forms of :func:`load_emulator_file` are read; the identities, if any,
+    are validated and left out. Raises ValueError with a one-line message
+    naming the file and the problem.
+    """
+    return load_emulator_file(path).secrets
+
+
+def load_emulator_file(path: str) -> EmulatorFile:
+    """Read and validate a YAML secrets file for the emulator.
+
+    Plain form: the file maps each secret name to either its value (a string)
+    or a mapping with ``value`` and/or ``versions`` (older values, oldest first;
+    each a string or a mapping with its own attributes) plus optional
+    ``enabled``, ``content_type``, ``tags``, ``not_before`` and ``expires_on``
+    (epoch seconds), and for a certificate-backed secret ``managed: true`` (with
+    content_type application/x-pkcs12 or application/x-pem-file) and optionally
+    ``kid`` (default ``<vault>/keys/<name>/<version>``).
+
+    Structured form: a top level with only ``secrets:`` (the plain form's
+    mapping) and ``identities:``, which holds ``system_assigned`` (true by
+    default) and ``user_assigned``, a list of identities each with a
+    ``client_id`` and optionally ``object_id`` and ``msi_res_id``. (So a plain
+    file cannot name a secret ``secrets`` or ``identities`` whose spec is a
+    mapping: write it in the structured form.)
+
+    Raises ValueError with a one-line message naming the file and the problem.
+    """
+    data = _read_yaml(path)
+    if isinstance(data, Mapping) and data and set(data) <= _FILE_KEYS and all(
+        value is None or isinstance(value, Mapping) for value in data.values()
+    ):
+        secrets = data.get("secrets")
+        identities = _parse_identities(data.get("identities"), f"{path}: identities")
+    else:
+        secrets, identities = data, IdentityConfig()
+    parse_secrets(secrets, path)
+    return EmulatorFile(dict(secrets) if secrets is not None else {}, identities)
+
+
+def _parse_identities(data: object, where: str) -> IdentityConfig:
+    """``identities:`` of a structured secrets file (see load_emulator_file)."""
+    if data is None:
+        return IdentityConfig()
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {_type_name(data)}")  # noqa: TRY004
+    _check_keys(data, _IDENTITIES_KEYS, where)
+    system = data.get("system_assigned", True)
+    if not isinstance(system, bool):
+        raise ValueError(f"{where}: system_assigned must be true or false")
+    listed = data.get("user_assigned") or []
+    if not isinstance(listed, list):
+        raise ValueError(f"{where}: user_assigned must be a list, got {_type_name(listed)}")  # noqa: TRY004
+    user_assigned = tuple(
+        _parse_user_assigned(item, index, f"{where}: user_assigned[{index}]")
+        for index, item in enumerate(listed)
+    )
+    client_ids = [identity.client_id.lower() for identity in user_assigned]
+    if len(set(client_ids)) != len(client_ids):
+        raise ValueError(f"{where}: two user-assigned identities share a client_id")
+    return IdentityConfig(system_assigned=system, user_assigned=user_assigned)
+
+
+def _parse_user_assigned(item: object, index: int, where: str) -> UserAssignedIdentity:
+    if not isinstance(item, Mapping):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: expected a mapping with client_id, got {_type_name(item)}"
+        )
+    _check_keys(item, _USER_ASSIGNED_KEYS, where)
+    client_id = item.get("client_id")
+    if not isinstance(client_id, str) or not GUID_RE.match(client_id):
+        raise ValueError(f"{where}: client_id must be a GUID (the identity's client id)")
+    # Stable defaults, so a test that selects by client_id need not invent the others.
+    object_id = item.get("object_id", str(uuid.uuid5(uuid.NAMESPACE_URL, client_id.lower())))
+    if not isinstance(object_id, str) or not GUID_RE.match(object_id):
+        raise ValueError(f"{where}: object_id must be a GUID (the identity's principal id)")
+    msi_res_id = item.get("msi_res_id", f"{DEFAULT_UAMI_RESOURCE_PREFIX}uami-{index}")
+    if not isinstance(msi_res_id, str) or not msi_res_id.startswith("/subscriptions/"):
+        raise ValueError(f"{where}: msi_res_id must be an ARM id (/subscriptions/...)")
+    return UserAssignedIdentity(client_id, object_id, msi_res_id)
+
+
+def _read_yaml(path: str) -> object:
+    """The YAML document in ``path``; ValueError naming the file on any problem."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data: object = yaml.safe_load(stream)
+    except OSError as exc:
+        raise ValueError(
+            f"{path}: cannot read secrets file: {exc.strerror or exc}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from exc
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line message."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(problem)
