@@ -1,6 +1,6 @@
 #!/bin/sh
-# Build the kv-agent .deb from this source tree with the standard Debian
-# tools, on Debian 12 / Ubuntu 22.04 or later:
+# Build the kv-agent and kv-agent-emulator .debs from this source tree with
+# the standard Debian tools, on Debian 12 / Ubuntu 22.04 or later:
 #
 #   apt-get install --no-install-recommends dpkg-dev debhelper dh-python python3
 #   packaging/build-deb.sh [OUTDIR]          # default OUTDIR: ./dist
@@ -9,7 +9,8 @@
 # at debian/ in the tree it builds, so this copies the files the package is
 # made of (symlinks in packaging/debian resolved) into a scratch directory and
 # builds there: the work tree is never written to. The maintainer comes from
-# pyproject.toml (packaging/maintainer). Prints the .deb's path.
+# pyproject.toml (packaging/maintainer). Prints the paths of the two .debs,
+# one a line: kv-agent's, then kv-agent-emulator's.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,3 +43,4 @@ for file in "$scratch"/*.deb "$scratch"/*.buildinfo "$scratch"/*.changes; do
     cp "$file" "$out/"
 done
 echo "$out/kv-agent_${version}_all.deb"
+echo "$out/kv-agent-emulator_${version}_all.deb"

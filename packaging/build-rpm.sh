@@ -1,5 +1,6 @@
 #!/bin/sh
-# Build the kv-agent RPM (noarch) from this source tree with rpmbuild:
+# Build the kv-agent and kv-agent-emulator RPMs (noarch) from this source
+# tree with rpmbuild:
 #
 #   on RHEL 9 / Azure Linux:  dnf install rpm-build python3-devel systemd-rpm-macros
 #   on Debian / Ubuntu:       apt-get install --no-install-recommends rpm
@@ -10,7 +11,7 @@
 # systemd macros or RPM database of build dependencies (Debian), it loads
 # packaging/rpm/macros.fallback and skips the BuildRequires check (--nodeps).
 # The packager comes from pyproject.toml (packaging/maintainer). Prints the
-# .rpm's path.
+# paths of the two .rpms, one a line: kv-agent's, then kv-agent-emulator's.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,4 +40,6 @@ rpmbuild -bb "$@" "$spec" >"$scratch/build.log" 2>&1 || {
     cat "$scratch/build.log" >&2
     exit 1
 }
-ls "$out"/kv-agent-"$version"-*.noarch.rpm | tail -n 1
+for name in kv-agent kv-agent-emulator; do
+    ls "$out/$name-$version"-*.noarch.rpm | tail -n 1
+done

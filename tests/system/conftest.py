@@ -39,21 +39,45 @@ def packages_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_deb(host_tools: None, packages_dir: Path) -> Path:
-    """The .deb built from this tree by packaging/build-deb.sh."""
+def built_debs(host_tools: None, packages_dir: Path) -> Dict[str, Path]:
+    """The .debs built from this tree by packaging/build-deb.sh, by package name."""
     started = time.monotonic()
-    path = kvsystem.build_deb(packages_dir)
-    TIMINGS["build .deb"] = time.monotonic() - started
-    return path
+    paths = kvsystem.build_deb(packages_dir)
+    TIMINGS["build .debs"] = time.monotonic() - started
+    return paths
 
 
 @pytest.fixture(scope="session")
-def built_rpm(host_tools: None, packages_dir: Path) -> Path:
-    """The .rpm built from this tree by packaging/build-rpm.sh."""
+def built_deb(built_debs: Dict[str, Path]) -> Path:
+    """The agent's .deb (kv-agent)."""
+    return built_debs["kv-agent"]
+
+
+@pytest.fixture(scope="session")
+def built_emulator_deb(built_debs: Dict[str, Path]) -> Path:
+    """The emulator's .deb (kv-agent-emulator)."""
+    return built_debs["kv-agent-emulator"]
+
+
+@pytest.fixture(scope="session")
+def built_rpms(host_tools: None, packages_dir: Path) -> Dict[str, Path]:
+    """The .rpms built from this tree by packaging/build-rpm.sh, by package name."""
     started = time.monotonic()
-    path = kvsystem.build_rpm(packages_dir)
-    TIMINGS["build .rpm"] = time.monotonic() - started
-    return path
+    paths = kvsystem.build_rpm(packages_dir)
+    TIMINGS["build .rpms"] = time.monotonic() - started
+    return paths
+
+
+@pytest.fixture(scope="session")
+def built_rpm(built_rpms: Dict[str, Path]) -> Path:
+    """The agent's .rpm (kv-agent)."""
+    return built_rpms["kv-agent"]
+
+
+@pytest.fixture(scope="session")
+def built_emulator_rpm(built_rpms: Dict[str, Path]) -> Path:
+    """The emulator's .rpm (kv-agent-emulator)."""
+    return built_rpms["kv-agent-emulator"]
 
 
 @pytest.fixture(scope="session", params=kvsystem.SUITES)

@@ -159,20 +159,26 @@ def ensure_host_tools() -> List[str]:
 # -- packages -------------------------------------------------------------------
 
 
-def build_deb(outdir: Path) -> Path:
-    """Build the .deb with packaging/build-deb.sh; returns its path."""
-    result = run([str(REPO / "packaging" / "build-deb.sh"), str(outdir)], timeout=600)
-    path = Path(result.stdout.strip().splitlines()[-1])
-    assert path.is_file(), result.stdout
-    return path
+# The binary packages each build script makes, in the order it prints their paths.
+PACKAGES = ("kv-agent", "kv-agent-emulator")
 
 
-def build_rpm(outdir: Path) -> Path:
-    """Build the .rpm with packaging/build-rpm.sh; returns its path."""
-    result = run([str(REPO / "packaging" / "build-rpm.sh"), str(outdir)], timeout=600)
-    path = Path(result.stdout.strip().splitlines()[-1])
-    assert path.is_file(), result.stdout
-    return path
+def _built(script: str, outdir: Path) -> Dict[str, Path]:
+    """Run a build script; returns package name -> the path it printed."""
+    result = run([str(REPO / "packaging" / script), str(outdir)], timeout=600)
+    paths = [Path(line) for line in result.stdout.strip().splitlines()[-len(PACKAGES):]]
+    assert len(paths) == len(PACKAGES) and all(path.is_file() for path in paths), result.stdout
+    return dict(zip(PACKAGES, paths))
+
+
+def build_deb(outdir: Path) -> Dict[str, Path]:
+    """Build the .debs with packaging/build-deb.sh; returns package name -> path."""
+    return _built("build-deb.sh", outdir)
+
+
+def build_rpm(outdir: Path) -> Dict[str, Path]:
+    """Build the .rpms with packaging/build-rpm.sh; returns package name -> path."""
+    return _built("build-rpm.sh", outdir)
 
 
 # -- root file system -------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The .deb in a real systemd: Debian 12 and Debian 13 containers booted with
+"""The .debs in a real systemd: Debian 12 and Debian 13 containers booted with
 systemd-nspawn, driven from the host with nsenter.
 
-The .deb is built once on the host and installed on each release (systemd
+The .debs (kv-agent, then kv-agent-emulator, which `kv-agent demo` and the
+container's emulator need) are built once on the host and installed on each
+release (systemd
 252 and Python 3.11 on Debian 12; systemd 257 and Python 3.13 on Debian 13),
 each booted from its own cached root file system. One machine per release,
 one story; the tests below are its steps, in order (a failed step skips the
@@ -82,8 +84,8 @@ def secrets_yaml(values: Dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def machine(suite: str, rootfs_tar: Path, built_deb: Path) -> Iterator[Container]:
-    """The booted ``suite`` container with the .deb and the emulator driver
+def machine(suite: str, rootfs_tar: Path, built_debs: Dict[str, Path]) -> Iterator[Container]:
+    """The booted ``suite`` container with the .debs and the emulator driver
     copied in; torn down at the end whatever happened."""
     container = Container(rootfs_tar, name=f"kv-agent-test-{suite}")
     started = time.monotonic()
@@ -91,7 +93,8 @@ def machine(suite: str, rootfs_tar: Path, built_deb: Path) -> Iterator[Container
         container.boot()
         TIMINGS[f"{suite}: container unpack"] = container.timings["unpack_s"]
         TIMINGS[f"{suite}: container boot to running"] = container.timings["boot_s"]
-        container.copy_in(built_deb, f"/root/{built_deb.name}")
+        for deb in built_debs.values():
+            container.copy_in(deb, f"/root/{deb.name}")
         container.copy_in(Path(__file__).with_name("container_emulator.py"),
                           "/root/emu/emulator.py")
         yield container
@@ -160,9 +163,33 @@ def test_default_manifest_passes_check(machine: Container) -> None:
     assert "/etc/kv-agent/manifest.yaml: OK" in result.stdout
 
 
+def test_demo_without_the_emulator_package(machine: Container) -> None:
+    """With kv-agent alone, `kv-agent demo` and `kv-agent emulator` say in one
+    line which package to install, and exit 69 (issue 10, item 4)."""
+    for argv in (["kv-agent", "demo"], ["kv-agent", "emulator", "--secrets", "/dev/null"]):
+        result = machine.run(argv, check=False)
+        assert result.returncode == 69, result.stdout + result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "apt install kv-agent-emulator" in lines[0], result.stderr
+        assert not result.stdout
+
+
+def test_emulator_package_installs(machine: Container, built_emulator_deb: Path) -> None:
+    """apt installs kv-agent-emulator beside kv-agent (offline: its
+    dependencies are there) and puts the emulator and the demo under
+    /usr/lib/kv-agent/agent/emulator."""
+    machine.run(["apt-get", "install", "-y", "--no-install-recommends",
+                 f"/root/{built_emulator_deb.name}"], timeout=120)
+    listed = machine.run(["dpkg", "-L", "kv-agent-emulator"]).stdout.split()
+    assert "/usr/lib/kv-agent/agent/emulator/demo.py" in listed, listed
+    assert not [path for path in machine.run(["dpkg", "-L", "kv-agent"]).stdout.split()
+                if "emulator" in path or "demo" in path]
+
+
 def test_demo_from_the_installed_package(machine: Container, suite: str) -> None:
     """`kv-agent demo`, as installed (/usr/bin/kv-agent, the agent in
-    /usr/lib/kv-agent), runs every step and exits 0 (issue 9, item 15)."""
+    /usr/lib/kv-agent, the emulator from kv-agent-emulator), runs every step
+    and exits 0 (issue 9, item 15; issue 10, item 4)."""
     started = time.monotonic()
     result = machine.run(["kv-agent", "demo"], check=False, timeout=180)
     TIMINGS[f"{suite}: kv-agent demo"] = time.monotonic() - started
@@ -428,8 +455,9 @@ def test_invalid_manifest_at_start_fails_without_restarts(
 
 def test_purge_leaves_nothing_behind(machine: Container) -> None:
     """`apt-get purge kv-agent` removes the unit, the generator, the manifest
-    and /etc/kv-agent without a single warning (a .deb with /lib/systemd/system
-    made dpkg on Debian 13 warn that the directory was not empty)."""
+    and /etc/kv-agent (and kv-agent-emulator, which depends on it) without a
+    single warning (a .deb with /lib/systemd/system made dpkg on Debian 13 warn
+    that the directory was not empty)."""
     result = machine.run(["apt-get", "purge", "-y", "kv-agent"], timeout=120)
     output = result.stdout + result.stderr
     assert "warning" not in output.lower(), output

@@ -1,16 +1,27 @@
-"""The .deb and the .rpm built from this tree: contents, metadata, lintian."""
+"""The .debs and the .rpms built from this tree: contents, metadata, lintian.
+
+Each build makes two packages: kv-agent (the service, nothing of the emulator)
+and kv-agent-emulator (the emulator and ``kv-agent demo``), whose file lists
+are checked apart (issue 10, item 4).
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Set
+from typing import Dict, Iterable, List, Set
 
 import pytest
 from kvsystem import REPO, run
 
 AGENT_MODULES = sorted(p.name for p in (REPO / "agent").glob("*.py"))
+EMULATOR_MODULES = sorted(p.name for p in (REPO / "agent" / "emulator").glob("*.py"))
 APP = "/usr/lib/kv-agent"
+
+
+def emulator_or_demo(paths: Iterable[str]) -> List[str]:
+    """The paths among ``paths`` that belong to the emulator or the demo."""
+    return sorted(path for path in paths if "emulator" in path or "demo" in path)
 
 
 def pyproject_version() -> str:
@@ -93,19 +104,53 @@ def test_deb_file_list(built_deb: Path) -> None:
     # Nothing at all under /lib: on Debian 13 dpkg would try to remove
     # /lib/systemd/system (the symlinked /usr/lib one) on purge.
     assert not [path for path in files if path == "/lib" or path.startswith("/lib/")]
+    # The emulator and the demo are kv-agent-emulator's alone (issue 10, item 4).
+    assert not emulator_or_demo(files), emulator_or_demo(files)
+
+
+def test_emulator_deb_file_list(built_emulator_deb: Path) -> None:
+    """kv-agent-emulator holds the emulator package (with the demo) beside the
+    agent in /usr/lib/kv-agent, and nothing else but its Debian docs."""
+    files = deb_files(built_emulator_deb)
+    regular = {path for path, mode in files.items() if mode.startswith("-")}
+    expected = {
+        *(f"{APP}/agent/emulator/{name}" for name in EMULATOR_MODULES),
+        "/usr/share/doc/kv-agent-emulator/changelog.gz",
+        "/usr/share/doc/kv-agent-emulator/copyright",
+        "/usr/share/python3/runtime.d/kv-agent-emulator.rtupdate",
+    }
+    assert regular == expected, (
+        f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
+    assert f"{APP}/agent/emulator/demo.py" in regular
+    assert not any(path.endswith(".pyc") for path in files)
+
+
+def test_emulator_deb_metadata(built_emulator_deb: Path) -> None:
+    """kv-agent-emulator depends on this very kv-agent and on Debian's
+    cryptography (the emulator's test CA) and yaml; no conffiles."""
+    depends = run(["dpkg-deb", "-f", str(built_emulator_deb), "Depends"]).stdout
+    items = [item.strip() for item in depends.split(",")]
+    assert f"kv-agent (= {pyproject_version()})" in items, depends
+    assert {"python3-cryptography", "python3-yaml"} <= {item.split()[0] for item in items}
+    assert run(["dpkg-deb", "-f", str(built_emulator_deb), "Architecture"]
+               ).stdout.strip() == "all"
+    control = run(["dpkg-deb", "-I", str(built_emulator_deb)]).stdout
+    assert "conffiles" not in control
 
 
 def test_deb_metadata(built_deb: Path) -> None:
-    """Depends on Debian's requests, yaml and sdnotify, recommends cryptography
-    (for the demo); the manifest is a conffile."""
+    """Depends on Debian's requests, yaml and sdnotify, suggests (never
+    installs) the emulator; the manifest is a conffile."""
     depends = run(["dpkg-deb", "-f", str(built_deb), "Depends"]).stdout
     names = {item.strip().split()[0] for item in depends.split(",")}
     assert {"python3-requests", "python3-yaml", "python3-sdnotify"} <= names
     assert not any("inotify" in name for name in names)
-    # `kv-agent demo` needs cryptography (issue 9, item 15): installed by default.
-    recommends = run(["dpkg-deb", "-f", str(built_deb), "Recommends"]).stdout
-    assert "python3-cryptography" in recommends.split(",")[0]
-    assert not run(["dpkg-deb", "-f", str(built_deb), "Suggests"]).stdout.strip()
+    # `kv-agent demo` comes with kv-agent-emulator, which brings cryptography:
+    # the agent needs neither (issue 10, item 4).
+    assert not any("cryptography" in name for name in names)
+    assert not run(["dpkg-deb", "-f", str(built_deb), "Recommends"]).stdout.strip()
+    assert run(["dpkg-deb", "-f", str(built_deb), "Suggests"]).stdout.strip() == \
+        "kv-agent-emulator"
     assert run(["dpkg-deb", "-f", str(built_deb), "Architecture"]).stdout.strip() == "all"
     control = run(["dpkg-deb", "-I", str(built_deb), "conffiles"]).stdout.split()
     assert control == ["/etc/kv-agent/manifest.yaml"]
@@ -132,9 +177,10 @@ def test_deb_maintainer_scripts_enable_nothing(built_deb: Path, tmp_path: Path) 
         assert "was-enabled" in guard, postinst
 
 
-def test_lintian_reports_no_errors(built_deb: Path) -> None:
-    """lintian finds no errors (and, with the overrides, no warnings)."""
-    result = run(["lintian", "--no-tag-display-limit", str(built_deb)], check=False)
+def test_lintian_reports_no_errors(built_debs: Dict[str, Path]) -> None:
+    """lintian finds no errors (and, with the overrides, no warnings) in either .deb."""
+    result = run(["lintian", "--no-tag-display-limit", *map(str, built_debs.values())],
+                 check=False)
     lines = [line for line in result.stdout.splitlines() if line]
     print("lintian:", "\n".join(lines) or "clean")
     assert not [line for line in lines if line.startswith("E:")], result.stdout
@@ -191,11 +237,39 @@ def test_rpm_file_list(built_rpm: Path) -> None:
     configs = rpm_query(built_rpm, "-c").split()
     assert configs == ["/etc/kv-agent/manifest.yaml"]
     assert not any("site-packages" in path for path in files)
+    # The emulator and the demo are kv-agent-emulator's alone (issue 10, item 4).
+    assert not emulator_or_demo(files), emulator_or_demo(files)
+
+
+def test_emulator_rpm_file_list(built_emulator_rpm: Path) -> None:
+    """kv-agent-emulator holds the emulator package (with the demo) beside the
+    agent in /usr/lib/kv-agent, and nothing else."""
+    listing = rpm_query(built_emulator_rpm, "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]")
+    files = {line.split(" ", 1)[1]: line.split(" ", 1)[0] for line in listing.splitlines()}
+    regular = {path for path, mode in files.items() if mode.startswith("-")}
+    # Byte-code only where the build host has the Python macros (RHEL, Azure Linux).
+    regular = {path for path in regular if "/__pycache__/" not in path}
+    expected = {f"{APP}/agent/emulator/{name}" for name in EMULATOR_MODULES}
+    assert regular == expected, (
+        f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
+    assert f"{APP}/agent/emulator/demo.py" in regular
+    assert not rpm_query(built_emulator_rpm, "-c").strip()
+
+
+def test_emulator_rpm_requires(built_emulator_rpm: Path) -> None:
+    """kv-agent-emulator requires this very kv-agent and the distribution's
+    cryptography (the emulator's test CA) and PyYAML."""
+    assert rpm_query(built_emulator_rpm, "--qf", "%{ARCH} %{NAME} %{VERSION}") == \
+        f"noarch kv-agent-emulator {pyproject_version()}"
+    requires = rpm_query(built_emulator_rpm, "-R").splitlines()
+    release = rpm_query(built_emulator_rpm, "--qf", "%{RELEASE}")
+    assert f"kv-agent = {pyproject_version()}-{release}" in requires, requires
+    assert {"python3-cryptography", "python3-pyyaml"} <= {line.split()[0] for line in requires}
 
 
 def test_rpm_dependencies_and_scriptlets(built_rpm: Path) -> None:
     """Requires the distribution's requests and PyYAML, bundles the rest,
-    recommends cryptography (for the demo), and presets (never force-enables)
+    suggests (never installs) the emulator, and presets (never force-enables)
     the unit."""
     requires: Set[str] = {line.split()[0] for line in rpm_query(built_rpm, "-R").splitlines()}
     assert {"python3", "python3-requests", "python3-pyyaml", "systemd"} <= requires
@@ -203,8 +277,9 @@ def test_rpm_dependencies_and_scriptlets(built_rpm: Path) -> None:
     provides = rpm_query(built_rpm, "--provides")
     assert "bundled(python3dist(inotify-simple))" in provides
     assert "bundled(python3dist(sdnotify))" in provides
-    assert rpm_query(built_rpm, "--recommends").split() == ["python3-cryptography"]
-    assert not rpm_query(built_rpm, "--suggests").strip()
+    assert not any("cryptography" in r for r in requires)
+    assert not rpm_query(built_rpm, "--recommends").strip()
+    assert rpm_query(built_rpm, "--suggests").split() == ["kv-agent-emulator"]
     scripts = rpm_query(built_rpm, "--scripts")
     assert "%systemd" not in scripts and "%tmpfiles" not in scripts, scripts
     assert "preset" in scripts or "install-system-units" in scripts
