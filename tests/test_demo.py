@@ -125,3 +125,55 @@ def test_missing_cryptography_is_one_line_naming_the_package_exit_69(
     if argv[0] == "demo":
         assert "--tls" not in errors[0]
         assert not (shm_dir / "demo").exists(), "the demo set up before checking"
+
+
+def _tree_without_the_emulator(root: Path) -> Path:
+    """A copy of this tree's ``agent`` package without ``agent/emulator``: what
+    the kv-agent package installs alone (issue 10, item 4)."""
+    shutil.copytree(REPO / "agent", root / "agent",
+                    ignore=shutil.ignore_patterns("emulator", "__pycache__"))
+    return root
+
+
+@pytest.mark.parametrize("argv", [["demo", "--directory", "DIR"],
+                                  ["emulator", "--secrets", "SECRETS"]],
+                         ids=["demo", "emulator"])
+def test_without_the_emulator_package_one_line_names_it_exit_69(
+        shm_dir: Path, tmp_path: Path, argv: List[str]) -> None:
+    """From an agent installed without its emulator, demo and emulator exit 69
+    with one error line naming what to install (here, outside the packages,
+    pip's emulator extra), and the demo sets nothing up."""
+    root = _tree_without_the_emulator(tmp_path / "installed")
+    argv = [{"DIR": str(shm_dir / "demo"), "SECRETS": "/dev/null"}.get(a, a) for a in argv]
+
+    done = subprocess.run([sys.executable, "-I", "-c", demo._ENTRY, str(root), *argv],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+    assert done.returncode == EXIT_UNAVAILABLE, done.stdout + done.stderr
+    errors = _lines(done.stderr)
+    assert errors == [f"kv-agent: error: kv-agent {argv[0]} needs the emulator, which is not "
+                      "installed; install it with pip install 'kv-agent[emulator]'"], done.stderr
+    assert not done.stdout
+    assert not (shm_dir / "demo").exists()
+
+
+def test_packaged_agent_without_the_emulator_names_the_distribution_package(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Where the .deb or the .rpm installed the agent (/usr/lib/kv-agent), the
+    missing emulator is named as the kv-agent-emulator package, for apt and dnf."""
+    import importlib.util
+
+    import agent.cli as cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None
+                        if name == "agent.emulator" else real_find_spec(name, *rest))
+    monkeypatch.setattr(cli, "_PACKAGED_ROOT", str(REPO))
+
+    assert main(["demo"]) == EXIT_UNAVAILABLE
+
+    errors = _lines(capsys.readouterr().err)
+    assert len(errors) == 1, errors
+    assert "apt install kv-agent-emulator" in errors[0]
+    assert "dnf install kv-agent-emulator" in errors[0]
