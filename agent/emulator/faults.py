@@ -1,5 +1,4 @@
-"""Injected faults: a first-in first-out queue, and the realistic answer for a faulted request.
-"""
+"""Injected faults: a first-in first-out queue, and the realistic answer for a faulted request."""
 
 from __future__ import annotations
 

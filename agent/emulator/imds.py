@@ -1,5 +1,4 @@
-"""The IMDS token endpoint (protocol.md A1-A5, A9): its rules, in the order a request meets them.
-"""
+"""IMDS's token endpoint: its rules in the order a request meets them (protocol.md A1-A5, A9)."""
 
 from __future__ import annotations
 
