@@ -1,4 +1,5 @@
-"""IMDS token source: request shape, parsing, caching, retries, errors."""
+"""Managed-identity tokens: the IMDS request factory (request shape, errors, retries)
+and the token cache (when to ask), each through the other's real code."""
 
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ from hypothesis import strategies as st
 
 from agent import transport
 from agent.errors import IdentityUnavailableError
-from agent.identity import (
-    DEFAULT_IMDS_ENDPOINT,
+from agent.identity import TokenCache
+from agent.identity_selector import Identity
+from agent.imds import DEFAULT_IMDS_ENDPOINT, ImdsRequestFactory, imds_endpoint
+from agent.token_request import (
     MAX_TOKEN_LIFETIME_S,
     AccessToken,
-    Identity,
-    TokenSource,
-    imds_endpoint,
     parse_expires_on,
     parse_token_response,
 )
@@ -45,11 +45,11 @@ def token_body(**overrides: Any) -> Dict[str, Any]:
 
 
 def source(session: FakeSession, identity: Identity = Identity(), *, wall: Any = None,
-           clock: FakeClock = None, deadline: float = 30) -> TokenSource:  # type: ignore[assignment]
+           clock: FakeClock = None, deadline: float = 30) -> TokenCache:  # type: ignore[assignment]
     clock = clock or FakeClock()
-    return TokenSource(session, identity, endpoint=ENDPOINT,  # type: ignore[arg-type]
-                       policy=RetryPolicy(deadline_s=deadline), wall=wall or (lambda: NOW),
-                       clock=clock, sleep=clock.sleep)
+    return TokenCache(session, ImdsRequestFactory(ENDPOINT, identity),  # type: ignore[arg-type]
+                      policy=RetryPolicy(deadline_s=deadline), wall=wall or (lambda: NOW),
+                      clock=clock, sleep=clock.sleep)
 
 
 def test_request_shape_system_assigned() -> None:
@@ -333,9 +333,8 @@ def test_trickling_imds_is_cut_at_the_total_deadline() -> None:
     plus one bounded final attempt."""
     slow = hostile_response(200, json.dumps(token_body()).encode())
     with HostileServer(trickle(slow, 1.0), tls=False, give_up_s=40) as server:
-        tokens = TokenSource(transport.new_session(1), Identity(),
-                             endpoint=f"http://127.0.0.1:{server.port}/token",
-                             policy=RetryPolicy(deadline_s=3))
+        factory = ImdsRequestFactory(f"http://127.0.0.1:{server.port}/token", Identity())
+        tokens = TokenCache(transport.new_session(1), factory, policy=RetryPolicy(deadline_s=3))
         started = time.monotonic()
         with pytest.raises(IdentityUnavailableError, match="no complete answer"):
             tokens.get_token(RESOURCE)
