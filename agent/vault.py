@@ -64,8 +64,9 @@ from agent.vault_list import (
     LIST_PATH,
     PAGE_SIZE,
     ListLimits,
+    Page,
     SecretItem,
-    next_page_url,
+    check_next_link,
     parse_page,
 )
 from agent.vault_url import check_target, normalize_vault_url
@@ -439,50 +440,56 @@ class VaultClient:
 
         Empty pages with a nextLink are not the end [protocol.md B4]. A
         nextLink is followed only to the vault itself
-        (:func:`agent.vault_list.next_page_url`), each at most once. The
+        (:func:`agent.vault_list.check_next_link`), each at most once. The
         listing is bounded by ``limits`` (pages, items, total seconds); going
         past one is an error, never a silently shorter list. Raises a
         VaultError subclass naming the vault.
         """
         url = vault + LIST_PATH
-        params: Optional[Dict[str, str]] = {"api-version": self._api_version,
-                                            "maxresults": str(PAGE_SIZE)}
+        params: Mapping[str, str] = {"api-version": self._api_version,
+                                     "maxresults": str(PAGE_SIZE)}
         audience = self._audience(vault, url)
         deadline = self._clock() + limits.deadline_s
-        prefix = f"listing vault {vault}: "
         items: List[SecretItem] = []
         followed: Set[str] = set()
         for number in range(1, limits.max_pages + 1):
-            left = deadline - self._clock()
-            if left <= 0:
-                raise VaultUnavailableError(
-                    f"{prefix}not done after {limits.deadline_s:g} s ({number - 1} pages)",
-                    "retry later")
-            backoff = self._backoff(min(self._policy.deadline_s, left))
-            reply = self._exchange(vault, url, params, audience, backoff, prefix)
-            if reply.status != 200:
-                raise _list_error(vault, reply.status, reply.body)
-            try:
-                page = parse_page(load_json(reply.body))
-                if page.next_link is not None:
-                    url = next_page_url(page.next_link, vault)
-            except ValueError as exc:
-                raise VaultError(f"{prefix}page {number} is unusable: {exc}; "
-                                 "nothing more was sent",
-                                 "check that the vault URL is a Key Vault") from None
+            page = self._list_page(vault, url, params, audience, number, deadline, limits)
             items.extend(page.items)
             if len(items) > limits.max_items:
-                raise VaultError(f"{prefix}more than {limits.max_items} secrets",
+                raise VaultError(f"listing vault {vault}: more than {limits.max_items} secrets",
                                  "list a smaller vault, or raise the limit")
             if page.next_link is None:
                 return tuple(items)
-            if url in followed:
-                raise VaultError(f"{prefix}page {number}'s nextLink repeats an earlier page "
-                                 "(a paging loop)", "retry later")
-            followed.add(url)
-            params = {}  # the nextLink carries its own query, sent verbatim
-        raise VaultError(f"{prefix}more than {limits.max_pages} pages",
+            if page.next_link in followed:
+                raise VaultError(f"listing vault {vault}: page {number}'s nextLink repeats an "
+                                 "earlier page (a paging loop)", "retry later")
+            followed.add(page.next_link)
+            url, params = page.next_link, {}  # the nextLink carries its own query
+        raise VaultError(f"listing vault {vault}: more than {limits.max_pages} pages",
                          "list a smaller vault, or raise the limit")
+
+    def _list_page(self, vault: str, url: str, params: Mapping[str, str], audience: str,
+                   number: int, deadline: float, limits: ListLimits) -> Page:
+        """Page ``number`` of the list, its nextLink (if any) checked safe to
+        follow; retried within what is left of the listing's deadline."""
+        prefix = f"listing vault {vault}: "
+        left = deadline - self._clock()
+        if left <= 0:
+            raise VaultUnavailableError(
+                f"{prefix}not done after {limits.deadline_s:g} s ({number - 1} pages)",
+                "retry later")
+        backoff = self._backoff(min(self._policy.deadline_s, left))
+        reply = self._exchange(vault, url, params, audience, backoff, prefix)
+        if reply.status != 200:
+            raise _list_error(vault, reply.status, reply.body)
+        try:
+            page = parse_page(load_json(reply.body))
+            if page.next_link is not None:
+                check_next_link(page.next_link, vault)
+        except ValueError as exc:
+            raise VaultError(f"{prefix}page {number} is unusable: {exc}; nothing more was sent",
+                             "check that the vault URL is a Key Vault") from None
+        return page
 
     def _backoff(self, deadline_s: Optional[float] = None) -> Backoff:
         policy = self._policy if deadline_s is None else self._policy._replace(

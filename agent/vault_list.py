@@ -164,8 +164,8 @@ def parse_tags(raw: Any) -> Mapping[str, str]:
     return MappingProxyType(tags)
 
 
-def next_page_url(link: str, vault: str) -> str:
-    """``link`` itself, if a bearer token may follow it; ValueError otherwise.
+def check_next_link(link: str, vault: str) -> None:
+    """Raise ValueError unless a bearer token may follow ``link``.
 
     It must be https to exactly the vault's host and port (as urllib3 will
     connect: :func:`agent.vault_url.check_target`), carry no credentials or
@@ -184,5 +184,4 @@ def next_page_url(link: str, vault: str) -> str:
         raise ValueError(f"the nextLink '{shown}' leads away from the vault") from None
     if parts.path != LIST_PATH:
         raise ValueError(f"the nextLink '{shown}' leaves the secret list")
-    return link
 
