@@ -31,6 +31,8 @@ from agent.untrusted import escape, load_json
 # Managed-identity tokens live ~24 h [protocol.md A2]; an expiry further out
 # (a "1e300" from a broken or hostile endpoint) is clamped to this.
 MAX_TOKEN_LIFETIME_S = 7 * 86400.0
+# Follow-up requests (challenges answered) one token may take; Arc needs one.
+MAX_FOLLOW_UPS = 3
 
 
 class AccessToken(NamedTuple):
@@ -49,7 +51,7 @@ class AccessToken(NamedTuple):
         return f"AccessToken(token=****, resource={self.resource!r}, expires_on={self.expires_on})"
 
 
-class Limits(NamedTuple):
+class RequestLimits(NamedTuple):
     """Bounds of one request to a local identity endpoint (policy as data)."""
 
     timeout_s: Tuple[float, float] = (2.0, 10.0)  # connect, each read (it answers locally)
@@ -93,23 +95,28 @@ class RequestFactory:
     """How to ask one identity endpoint for a token (the interface; IMDS is
     :class:`agent.imds.ImdsRequestFactory`).
 
-    A factory is pure: it builds requests and interprets replies, and never
-    sends, sleeps or caches. Two endpoints the interface is shaped for:
+    A factory builds requests and interprets replies; it never sends, sleeps
+    or caches, so each is unit-testable without a socket. Two endpoints the
+    interface is shaped for:
 
     * Azure Arc [protocol.md A7]: :meth:`request` sends no credential; to
       its 401 with ``WWW-Authenticate: Basic realm=<key file>``,
       :meth:`answer` returns the same request with ``Authorization: Basic
-      <file contents>`` (a :class:`TokenRequest`, sent at once), and raises
-      if the reply to a request that already carried it is 401 again.
+      <file contents>`` (a :class:`TokenRequest`, sent at once; the file is
+      checked first: under ``/var/opt/azcmagent/tokens``, ``.key``, at most
+      4096 bytes), and raises if a request that already carried it gets 401
+      again. Its selectors are IMDS's; its ``api-version`` is 2020-06-01.
     * App Service [protocol.md A8]: :meth:`request` adds the
-      ``X-IDENTITY-HEADER`` read from the environment when the factory was
-      built; :meth:`answer` is IMDS's with App Service's retried statuses.
+      ``X-IDENTITY-HEADER`` taken from the environment when the factory was
+      built (``api-version`` 2019-08-01, selectors ``client_id``,
+      ``principal_id``, ``mi_res_id``); :meth:`answer` parses the same token
+      shape (its ``expires_on`` may be a date: :func:`parse_expires_on`).
     """
 
     name = "the identity endpoint"  # for "waiting for <name>: ..." (STATUS=)
     endpoint = ""  # the token URL, for messages
     unreachable_hint = "check the identity endpoint"  # when it gives no answer at all
-    limits = Limits()
+    limits = RequestLimits()
 
     def request(self, resource: str) -> TokenRequest:
         """The first request for a token for ``resource``."""
@@ -128,12 +135,14 @@ def request_token(session: requests.Session, factory: RequestFactory, resource: 
 
     Every GET is bounded in time and size; connection failures and
     :class:`Retry` answers are retried within ``backoff``'s budget, a
-    follow-up :class:`TokenRequest` is sent at once. An oversized body is
+    follow-up :class:`TokenRequest` is sent at once (at most MAX_FOLLOW_UPS
+    of them, so a factory cannot loop forever). An oversized body is
     not retried (it will be as large next time). Raises
     IdentityUnavailableError naming the endpoint and the fix.
     """
     request = factory.request(resource)
     limits = factory.limits
+    follow_ups = 0
     while True:
         try:
             reply = transport.bounded_get(
@@ -152,6 +161,11 @@ def request_token(session: requests.Session, factory: RequestFactory, resource: 
         if isinstance(answer, AccessToken):
             return answer
         if isinstance(answer, TokenRequest):
+            follow_ups += 1
+            if follow_ups > MAX_FOLLOW_UPS:
+                raise IdentityUnavailableError(
+                    f"{factory.name} at {factory.endpoint} kept challenging "
+                    f"({follow_ups} follow-up requests)", factory.unreachable_hint)
             request = answer
             continue
         if backoff.wait(f"waiting for {factory.name}: HTTP {answer.status}", answer.retry_after):

@@ -568,3 +568,13 @@ def test_token_source_asks_imds_at_the_configured_endpoint_without_a_proxy(
         finally:
             tokens.close()
         assert emulator.imds_requests == 1
+
+
+def test_endless_challenges_are_bounded() -> None:
+    """A factory that keeps answering with follow-up requests is stopped after a few."""
+    follow_up = TokenRequest("http://127.0.0.1:9/token", {}, {"Authorization": "Basic k"})
+    factory = ScriptedFactory(*[follow_up for _ in range(10)])
+    tokens, session = cache(factory)
+    with pytest.raises(IdentityUnavailableError, match="kept challenging"):
+        tokens.get_token(RESOURCE)
+    assert len(session.sent) == 4
