@@ -23,8 +23,7 @@ deleted".
 from __future__ import annotations
 
 import re
-from types import MappingProxyType
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
 from agent.untrusted import escape
@@ -33,7 +32,9 @@ from agent.vault_url import check_target
 LIST_PATH = "/secrets"
 PAGE_SIZE = 25  # maxresults: 1-25, the service's maximum [protocol.md B4]
 MAX_NEXT_LINK_CHARS = 4096  # a real one is ~400 characters
-MAX_TAGS = 50  # Key Vault allows 15 [protocol.md B3]
+MAX_TAGS = 50  # Key Vault allows 15 [protocol.md B3]; more is not a vault talking
+MAX_TAG_CHARS = 256  # Key Vault's limit on a tag's name and on its value
+MAX_KID_CHARS = 512
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}\Z")  # [protocol.md B7]
 _VERSION = re.compile(r"[0-9a-zA-Z]{1,64}\Z")
 
@@ -48,15 +49,22 @@ class ListLimits(NamedTuple):
 
 
 class SecretAttributes(NamedTuple):
-    """A secret's attributes; None where absent or not of the documented type.
-    Times are epoch seconds [protocol.md B3]."""
+    """What Key Vault says about a secret besides its value [protocol.md B3].
+
+    Times are epoch seconds. Every field is None when the vault left it out
+    or sent something of the wrong type. ``tags`` is a tuple of (name, value)
+    pairs so the value stays immutable and hashable. (The same value, field
+    for field, as the fetched secret's attributes: one shape for both.)
+    """
 
     enabled: Optional[bool] = None
     nbf: Optional[int] = None
     exp: Optional[int] = None
     created: Optional[int] = None
     updated: Optional[int] = None
-    recovery_level: Optional[str] = None
+    tags: Optional[Tuple[Tuple[str, str], ...]] = None
+    managed: Optional[bool] = None
+    kid: Optional[str] = None
 
 
 class SecretItem(NamedTuple):
@@ -70,8 +78,6 @@ class SecretItem(NamedTuple):
     version: Optional[str]
     content_type: Optional[str]
     attributes: SecretAttributes
-    tags: Mapping[str, str]
-    managed: bool
 
 
 class Page(NamedTuple):
@@ -111,9 +117,7 @@ def parse_item(raw: Any, index: int = 0) -> SecretItem:
         id=escape(raw_id, 512),
         version=version,
         content_type=escape(content_type, 255) if isinstance(content_type, str) else None,
-        attributes=parse_attributes(raw.get("attributes")),
-        tags=parse_tags(raw.get("tags")),
-        managed=raw.get("managed") is True,
+        attributes=parse_attributes(raw),
     )
 
 
@@ -129,39 +133,47 @@ def _name_and_version(raw_id: str, index: int) -> Tuple[str, Optional[str]]:
     return parts[2], parts[3]
 
 
-def parse_attributes(raw: Any) -> SecretAttributes:
-    """SecretAttributes from an ``attributes`` object; total: any field of
-    another type (or any non-object) reads as absent."""
-    if not isinstance(raw, dict):
-        return SecretAttributes()
-    enabled = raw.get("enabled")
-    level = raw.get("recoveryLevel")
+def parse_attributes(bundle: Mapping[str, Any]) -> SecretAttributes:
+    """The attributes of a list item or SecretBundle (already JSON): the
+    ``attributes`` object plus ``tags``, ``managed`` and ``kid``.
+
+    Total: whatever shape the vault sent, a field of the wrong type is None,
+    text is escaped and bounded (it can reach a log), tags beyond MAX_TAGS
+    are dropped.
+    """
+    attributes = bundle.get("attributes")
+    if not isinstance(attributes, dict):
+        attributes = {}
+    kid = bundle.get("kid")
     return SecretAttributes(
-        enabled=enabled if isinstance(enabled, bool) else None,
-        nbf=_epoch(raw.get("nbf")),
-        exp=_epoch(raw.get("exp")),
-        created=_epoch(raw.get("created")),
-        updated=_epoch(raw.get("updated")),
-        recovery_level=escape(level, 64) if isinstance(level, str) else None,
+        enabled=_flag(attributes.get("enabled")),
+        nbf=_epoch(attributes.get("nbf")),
+        exp=_epoch(attributes.get("exp")),
+        created=_epoch(attributes.get("created")),
+        updated=_epoch(attributes.get("updated")),
+        tags=_tags(bundle.get("tags")),
+        managed=_flag(bundle.get("managed")),
+        kid=escape(kid, MAX_KID_CHARS) if isinstance(kid, str) else None,
     )
 
 
+def _flag(value: Any) -> Optional[bool]:
+    return value if isinstance(value, bool) else None
+
+
 def _epoch(value: Any) -> Optional[int]:
-    """An IntDate (whole epoch seconds) or None; bools and floats are not."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    # bool is an int to Python, not a time to Key Vault.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
+
+
+def _tags(value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
+    if not isinstance(value, dict):
         return None
-    return value if -(2 ** 53) < value < 2 ** 53 else None
-
-
-def parse_tags(raw: Any) -> Mapping[str, str]:
-    """Tags as a read-only name -> value mapping, escaped; entries whose
-    value is not a string are dropped, and at most MAX_TAGS are kept."""
-    tags: Dict[str, str] = {}
-    if isinstance(raw, dict):
-        for key, value in list(raw.items())[:MAX_TAGS]:
-            if isinstance(value, str):
-                tags[escape(key, 256)] = escape(value, 256)
-    return MappingProxyType(tags)
+    return tuple((escape(name, MAX_TAG_CHARS), escape(text, MAX_TAG_CHARS))
+                 for name, text in list(value.items())[:MAX_TAGS]
+                 if isinstance(name, str) and isinstance(text, str))
 
 
 def check_next_link(link: str, vault: str) -> None:

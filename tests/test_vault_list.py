@@ -26,7 +26,6 @@ from agent.vault_list import (
     parse_attributes,
     parse_item,
     parse_page,
-    parse_tags,
 )
 
 VAULT = "https://contoso.vault.azure.net"
@@ -104,12 +103,13 @@ def test_real_list_item_shapes_parse() -> None:
     (parsed,) = parse_page({"value": [{
         "contentType": "application/x-pkcs12", "id": f"{VAULT}/secrets/tls-cert",
         "managed": True, "tags": {"env": "prod", "n": 5},
+        "kid": f"{VAULT}/keys/tls-cert/{'b' * 32}",
         "attributes": {"enabled": False, "nbf": 1, "exp": 2, "created": 3, "updated": 4,
                        "recoveryLevel": "Recoverable+Purgeable"}}],
         "nextLink": None}).items
     assert parsed.name == "tls-cert" and parsed.content_type == "application/x-pkcs12"
-    assert parsed.managed is True and dict(parsed.tags) == {"env": "prod"}
-    assert parsed.attributes == SecretAttributes(False, 1, 2, 3, 4, "Recoverable+Purgeable")
+    assert parsed.attributes == SecretAttributes(
+        False, 1, 2, 3, 4, (("env", "prod"),), True, f"{VAULT}/keys/tls-cert/{'b' * 32}")
     assert parse_item({"id": f"{VAULT}/secrets/db/{'a' * 32}"}).version == "a" * 32
 
 
@@ -134,7 +134,8 @@ def test_emulator_list_is_complete_with_and_without_empty_pages(empty_pages: boo
         pages = [r for r in emulator.vault_log if r.path == "/secrets" and r.status == 200]
     assert sorted(i.name for i in items) == sorted(names + ["tagged"])
     (tagged,) = [i for i in items if i.name == "tagged"]
-    assert tagged.content_type == "text/plain" and dict(tagged.tags) == {"team": "db"}
+    assert tagged.content_type == "text/plain"
+    assert tagged.attributes.tags == (("team", "db"),)
     assert len(pages) == (6 if empty_pages else 3)
 
 
@@ -227,14 +228,16 @@ def test_malformed_pages_and_items_fail_the_listing_clearly(body: bytes) -> None
 
 def test_odd_attribute_types_read_as_absent() -> None:
     """Attributes, tags and flags of the wrong type are None/empty, never an exception."""
-    assert parse_attributes({"enabled": "yes", "nbf": 1.5, "exp": True, "created": "1",
-                             "updated": 10 ** 30, "recoveryLevel": 7}) == SecretAttributes()
-    assert parse_attributes(["x"]) == SecretAttributes()
-    assert dict(parse_tags({"a": "b\n\x1b", "c": None, "d": ["x"]})) == {"a": "b\\x0a\\x1b"}
-    assert dict(parse_tags({str(n): "v" for n in range(100)})).__len__() == 50
-    odd = parse_item({"id": f"{VAULT}/secrets/db", "contentType": 5, "managed": "true",
-                      "tags": "x"})
-    assert odd.content_type is None and odd.managed is False and dict(odd.tags) == {}
+    assert parse_attributes({"attributes": {"enabled": "yes", "nbf": 1.5, "exp": True,
+                                            "created": "1", "updated": 10 ** 30},
+                             "managed": "true", "tags": "x", "kid": 5}) == SecretAttributes()
+    assert parse_attributes({"attributes": ["x"]}) == SecretAttributes()
+    assert parse_attributes({"tags": {"a": "b\n\x1b", "c": None, "d": ["x"]}}).tags == (
+        ("a", "b\\x0a\\x1b"),)
+    many = parse_attributes({"tags": {str(n): "v" for n in range(100)}}).tags
+    assert many is not None and len(many) == 50
+    odd = parse_item({"id": f"{VAULT}/secrets/db", "contentType": 5})
+    assert odd.content_type is None and odd.attributes == SecretAttributes()
 
 
 def test_next_link_check_accepts_the_real_forms() -> None:
