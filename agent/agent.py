@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Callable, Mapping, NamedTuple, Optional, Tuple
 
-from agent import transport
 from agent.errors import (
     IdentityUnavailableError,
     KvAgentError,
@@ -24,7 +23,7 @@ from agent.errors import (
     VaultUnavailableError,
     WriteError,
 )
-from agent.identity import TokenSource, imds_endpoint
+from agent.identity import token_source
 from agent.manifest import Accounts, Manifest, SecretFile, load_manifest
 from agent.retry import RetryPolicy
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
@@ -127,17 +126,13 @@ class Agent:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.manifest = manifest
-        imds_session = transport.new_session(pool_size=1)
-        imds_session.trust_env = False  # IMDS must never go through a proxy
-        self.tokens = TokenSource(imds_session, manifest.identity,
-                                  endpoint=imds_endpoint(environ), policy=imds_policy,
-                                  on_retry=on_retry, sleep=sleep)
-        vault_session = new_session(environ)
+        self.tokens = token_source(manifest.identity, environ, imds_policy,
+                                   on_retry=on_retry, sleep=sleep)
+        self._vault_session = new_session(environ)
         self.vault = VaultClient(
-            vault_session, lambda resource, force: self._token(resource, force),
+            self._vault_session, lambda resource, force: self._token(resource, force),
             policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry)
         self.writer = Writer(manifest.directory)
-        self._sessions = (imds_session, vault_session)
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
@@ -179,5 +174,5 @@ class Agent:
 
     def close(self) -> None:
         """Release HTTP connections."""
-        for session in self._sessions:
-            session.close()
+        self.tokens.close()
+        self._vault_session.close()

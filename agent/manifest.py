@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Opt
 import yaml
 
 from agent.errors import ManifestError
-from agent.identity import Identity
+from agent.identity_selector import Identity
 from agent.vault_url import normalize_vault_url
 from agent.writer import RESERVED_PREFIX, system_directory_problem
 

@@ -1,4 +1,4 @@
-"""Bounded exponential backoff with jitter, honouring Retry-After.
+"""Bounded exponential backoff with equal jitter, honouring Retry-After.
 
 Both IMDS and Key Vault ask clients to back off exponentially and to respect
 ``Retry-After`` when present [protocol.md A4, B8]. The policy is data; the
@@ -21,8 +21,11 @@ class RetryPolicy(NamedTuple):
 
     ``deadline_s`` bounds the whole loop, sleeps *and* requests: a caller
     gives each request at most :meth:`Backoff.time_left` (see
-    :func:`Backoff.request_budget`). Delays grow as ``base_delay_s * 2**n`` up
-    to ``max_delay_s`` with jitter, so a fleet of VMs does not retry in step.
+    :func:`Backoff.request_budget`). The n-th delay is drawn with *equal
+    jitter*: uniformly from ``[step/2, step]`` where ``step = base_delay_s *
+    2**n`` capped at ``max_delay_s``, so a fleet of VMs does not retry in
+    step, yet no delay collapses towards zero as full jitter's ``[0, step]``
+    would allow.
     When the next delay would pass the deadline, the loop sleeps only up to
     the deadline and makes one final attempt. A Retry-After counts as at
     least the normal step (``Retry-After: 0`` must not turn a 429 storm into a
@@ -105,11 +108,12 @@ class Backoff:
         return min(per_request_s, max(self.time_left(), MIN_REQUEST_S))
 
     def step(self) -> float:
-        """The jittered backoff delay for the current attempt."""
+        """The backoff delay for the current attempt: equal jitter, uniformly
+        in ``[step/2, step]`` (see :class:`RetryPolicy`)."""
         ceiling = min(self._policy.max_delay_s,
                       self._policy.base_delay_s * 2 ** min(self.attempts - 1, 64))
-        # "Equal jitter": at least half the step, so retries still spread out
-        # but never collapse to an immediate hammering.
+        # At least half the step, so retries still spread out but never
+        # collapse to an immediate hammering.
         return float(ceiling / 2 + self._rng() * ceiling / 2)
 
     def next_delay(self, retry_after: Optional[float]) -> float:

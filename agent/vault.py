@@ -1,4 +1,4 @@
-"""Key Vault secrets client: GET one secret, or many concurrently.
+"""Key Vault secrets client: GET one secret, many concurrently, or the list.
 
 Where a token may go is the security boundary of this module:
 
@@ -18,8 +18,10 @@ will really connect to must be that host, so parser differences
 Every request is bounded in total time and size (:mod:`agent.transport`),
 every body is untrusted (parse failures are one secret's VaultError, text is
 escaped before it can reach a log), transient failures are retried with
-backoff (429 honouring Retry-After), and one 401 triggers one fresh token.
-Concurrency is a bounded thread pool over one keep-alive session.
+backoff (429 honouring Retry-After), and one 401 triggers one fresh token;
+one send loop (:meth:`VaultClient._exchange`) does all of that for every
+request. Concurrency is a bounded thread pool over one keep-alive session.
+The list's pages and items are parsed in :mod:`agent.vault_list`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,19 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -46,6 +60,15 @@ from agent.errors import (
 )
 from agent.retry import Backoff, RetryPolicy, parse_retry_after
 from agent.untrusted import escape, load_json
+from agent.vault_list import (
+    LIST_PATH,
+    PAGE_SIZE,
+    ListLimits,
+    Page,
+    SecretItem,
+    check_next_link,
+    parse_page,
+)
 from agent.vault_url import check_target, normalize_vault_url
 
 API_VERSION = "7.6"  # GA; everything kv-agent uses exists since 7.0 [protocol.md B2]
@@ -381,7 +404,8 @@ class VaultClient:
             if request.vault in vault_errors or request.vault in self._audiences:
                 continue
             try:
-                self._tokens(self._audience(request), False)
+                probe = secret_url(request.vault, request.name, request.version)
+                self._tokens(self._audience(request.vault, probe), False)
             except VaultError as exc:
                 vault_errors[request.vault] = exc
 
@@ -402,44 +426,119 @@ class VaultClient:
     def fetch_secret(self, request: SecretRequest) -> Secret:
         """GET one secret. Raises a VaultError subclass naming the secret."""
         url = secret_url(request.vault, request.name, request.version)
-        audience = self._audience(request)
-        backoff = self._backoff()
+        audience = self._audience(request.vault, url)
+        reply = self._exchange(request.vault, url, None, audience, self._backoff(),
+                               f"secret '{request.name}': ")
+        if reply.status == 200:
+            return parse_secret_bundle(request.name, reply.body)
+        raise error_for_status(request.name, reply.status, reply.body)
+
+    def list_secrets(self, vault: str, limits: ListLimits = ListLimits()
+                     ) -> Tuple[SecretItem, ...]:
+        """Every secret's properties (never a value) on ``vault``, in the
+        vault's order, following ``nextLink`` verbatim until it is null.
+
+        Empty pages with a nextLink are not the end [protocol.md B4]. A
+        nextLink is followed only to the vault itself
+        (:func:`agent.vault_list.check_next_link`), each at most once. The
+        listing is bounded by ``limits`` (pages, items, total seconds); going
+        past one is an error, never a silently shorter list. Raises a
+        VaultError subclass naming the vault.
+        """
+        url = vault + LIST_PATH
+        params: Mapping[str, str] = {"api-version": self._api_version,
+                                     "maxresults": str(PAGE_SIZE)}
+        audience = self._audience(vault, url)
+        deadline = self._clock() + limits.deadline_s
+        items: List[SecretItem] = []
+        followed: Set[str] = set()
+        for number in range(1, limits.max_pages + 1):
+            page = self._list_page(vault, url, params, audience, number, deadline, limits)
+            items.extend(page.items)
+            if len(items) > limits.max_items:
+                raise VaultError(f"listing vault {vault}: more than {limits.max_items} secrets",
+                                 "list a smaller vault, or raise the limit")
+            if page.next_link is None:
+                return tuple(items)
+            if page.next_link in followed:
+                raise VaultError(f"listing vault {vault}: page {number}'s nextLink repeats an "
+                                 "earlier page (a paging loop)", "retry later")
+            followed.add(page.next_link)
+            url, params = page.next_link, {}  # the nextLink carries its own query
+        raise VaultError(f"listing vault {vault}: more than {limits.max_pages} pages",
+                         "list a smaller vault, or raise the limit")
+
+    def _list_page(self, vault: str, url: str, params: Mapping[str, str], audience: str,
+                   number: int, deadline: float, limits: ListLimits) -> Page:
+        """Page ``number`` of the list, its nextLink (if any) checked safe to
+        follow; retried within what is left of the listing's deadline."""
+        prefix = f"listing vault {vault}: "
+        left = deadline - self._clock()
+        if left <= 0:
+            raise VaultUnavailableError(
+                f"{prefix}not done after {limits.deadline_s:g} s ({number - 1} pages)",
+                "retry later")
+        backoff = self._backoff(min(self._policy.deadline_s, left))
+        reply = self._exchange(vault, url, params, audience, backoff, prefix)
+        if reply.status != 200:
+            raise _list_error(vault, reply.status, reply.body)
+        try:
+            page = parse_page(load_json(reply.body))
+            if page.next_link is not None:
+                check_next_link(page.next_link, vault)
+        except ValueError as exc:
+            raise VaultError(f"{prefix}page {number} is unusable: {exc}; nothing more was sent",
+                             "check that the vault URL is a Key Vault") from None
+        return page
+
+    def _backoff(self, deadline_s: Optional[float] = None) -> Backoff:
+        policy = self._policy if deadline_s is None else self._policy._replace(
+            deadline_s=deadline_s)
+        return Backoff(policy, clock=self._clock, sleep=self._sleep, on_retry=self._on_retry)
+
+    @staticmethod
+    def _reason(vault: str, failure: Union[int, Exception]) -> str:
+        """``waiting for vault contoso-kv: connection refused`` (or ``HTTP 503``)."""
+        cause = (f"HTTP {failure}" if isinstance(failure, int)
+                 else transport.describe_failure(failure))
+        return f"waiting for vault {vault_label(vault)}: {cause}"
+
+    def _exchange(self, vault: str, url: str, params: Optional[Mapping[str, str]],
+                  audience: Optional[str], backoff: Backoff, prefix: str) -> transport.Reply:
+        """GET ``url`` until an answer that is not transient: the one send loop.
+
+        With an ``audience`` the request carries its token, and one 401 gets
+        one fresh token; without, it is sent unauthenticated (to elicit the
+        challenge). Connection failures, 408, 429 and 5xx are retried within
+        ``backoff``, honouring Retry-After [protocol.md B8]; the last reply is
+        returned for the caller to judge. A request that got no usable answer
+        raises its VaultError, ``prefix`` naming what was asked.
+        """
         fresh_token_taken = False
         while True:
-            token = self._tokens(audience, False)
+            token = self._tokens(audience, False) if audience is not None else None
             try:
-                reply = self._get(request.vault, url, token, backoff)
+                reply = self._get(vault, url, token, backoff, params)
             except requests.RequestException as exc:
-                if _is_retryable(exc) and backoff.wait(self._reason(request, exc)):
+                if _is_retryable(exc) and backoff.wait(self._reason(vault, exc)):
                     continue
-                raise _request_failed(request.vault, exc, f"secret '{request.name}': ") from None
-            if reply.status == 200:
-                return parse_secret_bundle(request.name, reply.body)
-            if reply.status == 401 and not fresh_token_taken:
+                raise _request_failed(vault, exc, prefix) from None
+            if reply.status == 401 and audience is not None and not fresh_token_taken:
                 # A revoked or rotated token: ask IMDS for a new one, once.
                 self._tokens(audience, True)
                 fresh_token_taken = True
                 continue
             if reply.status in RETRY_STATUSES:
                 retry_after = parse_retry_after(reply.headers.get("Retry-After"))
-                if backoff.wait(self._reason(request, reply.status), retry_after):
+                if backoff.wait(self._reason(vault, reply.status), retry_after):
                     continue
-            raise error_for_status(request.name, reply.status, reply.body)
+            return reply
 
-    def _backoff(self) -> Backoff:
-        return Backoff(self._policy, clock=self._clock, sleep=self._sleep,
-                       on_retry=self._on_retry)
-
-    @staticmethod
-    def _reason(request: SecretRequest, failure: Union[int, Exception]) -> str:
-        """``waiting for vault contoso-kv: connection refused`` (or ``HTTP 503``)."""
-        cause = (f"HTTP {failure}" if isinstance(failure, int)
-                 else transport.describe_failure(failure))
-        return f"waiting for vault {vault_label(request.vault)}: {cause}"
-
-    def _get(self, vault: str, url: str, token: Optional[str],
-             backoff: Backoff) -> transport.Reply:
-        """One bounded GET of ``url`` on ``vault``, with the token if given.
+    def _get(self, vault: str, url: str, token: Optional[str], backoff: Backoff,
+             params: Optional[Mapping[str, str]] = None) -> transport.Reply:
+        """One bounded GET of ``url`` on ``vault``, with the token if given,
+        and ``params`` (default: the api-version; ``{}`` for a nextLink,
+        which carries its own query).
 
         First checks that urllib3 will connect to exactly the vault's host
         and port: nothing is sent otherwise (issue 9, item 1).
@@ -454,48 +553,37 @@ class VaultClient:
             headers["Authorization"] = f"Bearer {token}"
         # bounded_get never follows a redirect: it would carry the token elsewhere.
         return transport.bounded_get(
-            self._session, url, params={"api-version": self._api_version}, headers=headers,
-            timeout=TIMEOUT_S, total_s=backoff.request_budget(REQUEST_TOTAL_S),
+            self._session, url,
+            params={"api-version": self._api_version} if params is None else params,
+            headers=headers, timeout=TIMEOUT_S, total_s=backoff.request_budget(REQUEST_TOTAL_S),
             max_bytes=MAX_BODY_BYTES, proxies=proxies_for(url, self._environ))
 
-    def _audience(self, request: SecretRequest) -> str:
-        """The token resource for ``request.vault``; discovered once per vault,
-        after checking that the vault URL is a strict, normalised one."""
+    def _audience(self, vault: str, probe_url: str) -> str:
+        """The token resource for ``vault``; discovered once per vault (from
+        the 401 to an unauthenticated GET of ``probe_url`` when the host is
+        not under a known cloud), after checking that the vault URL is a
+        strict, normalised one."""
         with self._audience_lock:
-            known = self._audiences.get(request.vault)
+            known = self._audiences.get(vault)
             if known is not None:
                 return known
-            _check_vault_url(request.vault)
-            host = urlsplit(request.vault).hostname or ""
-            audience = audience_for_host(host) or self._challenge(request, host)
-            self._audiences[request.vault] = audience
+            _check_vault_url(vault)
+            host = urlsplit(vault).hostname or ""
+            audience = audience_for_host(host) or self._challenge(vault, host, probe_url)
+            self._audiences[vault] = audience
             return audience
 
-    def _challenge(self, request: SecretRequest, host: str) -> str:
-        """Elicit the 401 challenge with an unauthenticated request."""
-        url = secret_url(request.vault, request.name, request.version)
-        backoff = self._backoff()
-        while True:
-            try:
-                reply = self._get(request.vault, url, None, backoff)
-            except requests.RequestException as exc:
-                if _is_retryable(exc) and backoff.wait(self._reason(request, exc)):
-                    continue
-                raise _request_failed(request.vault, exc, "") from None
-            # Honour Retry-After here too: this is the run's first vault request,
-            # so a throttled vault usually answers it first [protocol.md B8].
-            if reply.status in RETRY_STATUSES and backoff.wait(
-                self._reason(request, reply.status),
-                parse_retry_after(reply.headers.get("Retry-After")),
-            ):
-                continue
-            break
+    def _challenge(self, vault: str, host: str, probe_url: str) -> str:
+        """Elicit the 401 challenge with an unauthenticated request. Retry-After
+        is honoured here too: this is the run's first vault request, so a
+        throttled vault usually answers it first [protocol.md B8]."""
+        reply = self._exchange(vault, probe_url, None, None, self._backoff(), "")
         if reply.status in RETRY_STATUSES:
-            raise _challenge_failed(request.vault, reply.status, reply.body)
+            raise _challenge_failed(vault, reply.status, reply.body)
         challenge = reply.headers.get("WWW-Authenticate", "")
         if reply.status != 401 or not challenge:
             raise VaultError(
-                f"vault {request.vault} did not send a Key Vault authentication challenge "
+                f"vault {vault} did not send a Key Vault authentication challenge "
                 f"(HTTP {reply.status})", "check that the manifest's vault URL is a Key Vault")
         return audience_from_challenge(host, challenge)
 
@@ -522,3 +610,36 @@ def _challenge_failed(vault: str, status: int, body: bytes) -> VaultError:
     detail = f" ({inner or code})" if inner or code else ""
     return VaultUnavailableError(f"vault {vault} kept failing (HTTP {status}{detail})",
                                  "retry later")
+
+
+def _list_error(vault: str, status: int, body: bytes) -> VaultError:
+    """The error for a final non-200 answer to a list request."""
+    code, inner, message = parse_error(body)
+    detail = f" ({inner or code})" if inner or code else ""
+    prefix = f"listing vault {vault}:"
+    if status == 403:
+        if inner == "ForbiddenByFirewall":
+            return VaultForbiddenError(
+                f"{prefix} the vault's firewall refused this VM (403{detail})",
+                "allow this VM's network or private endpoint in the vault's networking")
+        return VaultForbiddenError(
+            f"{prefix} permission denied (403{detail})",
+            "grant this VM's identity the 'Key Vault Secrets User' role on the vault, "
+            "or a 'list' secret access policy")
+    if status == 401:
+        return VaultError(f"{prefix} the vault rejected the identity's token (401{detail}: "
+                          f"{message})", "check the vault's tenant and the token audience")
+    if status == 429:
+        return VaultThrottledError(
+            f"{prefix} throttled by the vault (429)",
+            "the vault's request limit was reached; fewer refreshes or fewer agents")
+    if status >= 500 or status == 408:
+        return VaultUnavailableError(f"{prefix} the vault kept failing (HTTP {status}{detail})",
+                                     "retry later")
+    if 300 <= status < 400:
+        return VaultError(f"{prefix} the vault answered with a redirect (HTTP {status}); "
+                          "not followed, a token never leaves the vault's URL",
+                          "use the vault's canonical URL in the manifest")
+    return VaultError(f"{prefix} HTTP {status}{detail} {message}".rstrip(),
+                      "check that the manifest's vault URL is a Key Vault")
+

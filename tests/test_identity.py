@@ -1,11 +1,12 @@
-"""IMDS token source: request shape, parsing, caching, retries, errors."""
+"""Managed-identity tokens: the IMDS request factory (request shape, errors, retries)
+and the token cache (when to ask), each through the other's real code."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import requests
@@ -14,20 +15,24 @@ from hostile import HostileServer, trickle
 from hostile import response as hostile_response
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from requests.structures import CaseInsensitiveDict
 
 from agent import transport
 from agent.errors import IdentityUnavailableError
-from agent.identity import (
-    DEFAULT_IMDS_ENDPOINT,
+from agent.identity import TokenCache, token_source, with_refresh_on
+from agent.identity_selector import Identity
+from agent.imds import DEFAULT_IMDS_ENDPOINT, ImdsRequestFactory, imds_endpoint
+from agent.retry import MIN_REQUEST_S, RetryPolicy
+from agent.token_request import (
     MAX_TOKEN_LIFETIME_S,
     AccessToken,
-    Identity,
-    TokenSource,
-    imds_endpoint,
+    Answer,
+    RequestFactory,
+    Retry,
+    TokenRequest,
     parse_expires_on,
     parse_token_response,
 )
-from agent.retry import MIN_REQUEST_S, RetryPolicy
 
 ENDPOINT = "http://127.0.0.1:9/metadata/identity/oauth2/token"
 RESOURCE = "https://vault.azure.net"
@@ -45,11 +50,11 @@ def token_body(**overrides: Any) -> Dict[str, Any]:
 
 
 def source(session: FakeSession, identity: Identity = Identity(), *, wall: Any = None,
-           clock: FakeClock = None, deadline: float = 30) -> TokenSource:  # type: ignore[assignment]
+           clock: FakeClock = None, deadline: float = 30) -> TokenCache:  # type: ignore[assignment]
     clock = clock or FakeClock()
-    return TokenSource(session, identity, endpoint=ENDPOINT,  # type: ignore[arg-type]
-                       policy=RetryPolicy(deadline_s=deadline), wall=wall or (lambda: NOW),
-                       clock=clock, sleep=clock.sleep)
+    return TokenCache(session, ImdsRequestFactory(ENDPOINT, identity),  # type: ignore[arg-type]
+                      policy=RetryPolicy(deadline_s=deadline), wall=wall or (lambda: NOW),
+                      clock=clock, sleep=clock.sleep)
 
 
 def test_request_shape_system_assigned() -> None:
@@ -333,11 +338,243 @@ def test_trickling_imds_is_cut_at_the_total_deadline() -> None:
     plus one bounded final attempt."""
     slow = hostile_response(200, json.dumps(token_body()).encode())
     with HostileServer(trickle(slow, 1.0), tls=False, give_up_s=40) as server:
-        tokens = TokenSource(transport.new_session(1), Identity(),
-                             endpoint=f"http://127.0.0.1:{server.port}/token",
-                             policy=RetryPolicy(deadline_s=3))
+        factory = ImdsRequestFactory(f"http://127.0.0.1:{server.port}/token", Identity())
+        tokens = TokenCache(transport.new_session(1), factory, policy=RetryPolicy(deadline_s=3))
         started = time.monotonic()
         with pytest.raises(IdentityUnavailableError, match="no complete answer"):
             tokens.get_token(RESOURCE)
         elapsed = time.monotonic() - started
     assert elapsed < 3 + MIN_REQUEST_S + 3
+
+
+# ---------------------------------------------------------------------------
+# Issue 10: when (the token cache) apart from how (the request factory)
+
+
+class ScriptedFactory(RequestFactory):
+    """A fake request factory: each reply's meaning comes from a script of
+    answers (a token, a follow-up request, a Retry, or an error to raise)."""
+
+    name = "the fake endpoint"
+    endpoint = "http://127.0.0.1:9/token"
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.asked: List[str] = []
+
+    def request(self, resource: str) -> TokenRequest:
+        self.asked.append(resource)
+        return TokenRequest(self.endpoint, {"resource": resource}, {})
+
+    def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,
+               now: float) -> Answer:
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+
+def fake_token(lifetime_s: float, resource: str = RESOURCE, now: float = NOW) -> AccessToken:
+    return AccessToken(f"token-{lifetime_s}", now + lifetime_s, resource)
+
+
+def cache(factory: RequestFactory, wall: Any = None, replies: int = 10,
+          clock: Optional[FakeClock] = None) -> Tuple[TokenCache, FakeSession]:
+    clock = clock or FakeClock()
+    session = FakeSession(*[(200, {}, b"{}") for _ in range(replies)])
+    tokens = TokenCache(session, factory, policy=RetryPolicy(deadline_s=30),  # type: ignore[arg-type]
+                        wall=wall or (lambda: NOW), clock=clock, sleep=clock.sleep)
+    return tokens, session
+
+
+def test_cache_keeps_one_token_per_resource() -> None:
+    """Each resource gets its own token, asked for once and then served from the cache."""
+    factory = ScriptedFactory(fake_token(86400), fake_token(86400, "https://vault.azure.cn"))
+    tokens, _ = cache(factory)
+    for _ in range(3):
+        assert tokens.get_token(RESOURCE).resource == RESOURCE
+        assert tokens.get_token("https://vault.azure.cn").resource == "https://vault.azure.cn"
+    assert factory.asked == [RESOURCE, "https://vault.azure.cn"]
+
+
+def test_cache_margin_is_five_minutes_on_the_injected_wall_clock() -> None:
+    """A token is reused until 300 s before it expires, measured on the injected clock."""
+    wall = [NOW]
+    factory = ScriptedFactory(fake_token(1000), fake_token(1000, now=NOW + 700))
+    tokens, _ = cache(factory, wall=lambda: wall[0])
+    first = tokens.get_token(RESOURCE)
+    wall[0] = NOW + 699
+    assert tokens.get_token(RESOURCE) is first
+    wall[0] = NOW + 700
+    assert tokens.get_token(RESOURCE) is not first
+    assert len(factory.asked) == 2
+
+
+def test_short_token_is_never_renewed_early() -> None:
+    """A token living under two hours has no half-life renewal: only the margin applies."""
+    wall = [NOW]
+    factory = ScriptedFactory(fake_token(3600))
+    tokens, _ = cache(factory, wall=lambda: wall[0])
+    first = tokens.get_token(RESOURCE)
+    assert first.refresh_on == 0
+    wall[0] = NOW + 3000
+    assert tokens.get_token(RESOURCE) is first
+
+
+def test_half_life_renewal_replaces_the_token_when_it_succeeds() -> None:
+    """At half-life a long token is renewed, and the new token is served from then on."""
+    wall = [NOW]
+    renewed = fake_token(86400, now=NOW + 43300)
+    factory = ScriptedFactory(fake_token(86400), renewed)
+    tokens, _ = cache(factory, wall=lambda: wall[0])
+    first = tokens.get_token(RESOURCE)
+    assert first.refresh_on == NOW + 43200
+    wall[0] = NOW + 43199
+    assert tokens.get_token(RESOURCE) is first
+    wall[0] = NOW + 43300
+    assert tokens.get_token(RESOURCE).token == renewed.token
+    assert tokens.get_token(RESOURCE).token == renewed.token
+    assert len(factory.asked) == 2
+
+
+def test_failed_half_life_renewal_keeps_the_valid_token(caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal that fails serves the still-valid token and logs one warning without it."""
+    wall = [NOW]
+    factory = ScriptedFactory(fake_token(86400), IdentityUnavailableError("endpoint down"))
+    tokens, _ = cache(factory, wall=lambda: wall[0])
+    first = tokens.get_token(RESOURCE)
+    wall[0] = NOW + 50000
+    with caplog.at_level("WARNING"):
+        assert tokens.get_token(RESOURCE) is first
+    assert "endpoint down" in caplog.text and first.token not in caplog.text
+
+
+def test_expired_token_failure_is_raised_not_hidden() -> None:
+    """Past the margin there is nothing valid to fall back on: the error reaches the caller."""
+    wall = [NOW]
+    factory = ScriptedFactory(fake_token(86400), IdentityUnavailableError("endpoint down"))
+    tokens, _ = cache(factory, wall=lambda: wall[0])
+    tokens.get_token(RESOURCE)
+    wall[0] = NOW + 86400 - 299
+    with pytest.raises(IdentityUnavailableError, match="endpoint down"):
+        tokens.get_token(RESOURCE)
+
+
+def test_endpoint_refresh_on_is_kept() -> None:
+    """An endpoint that says when to renew is believed; the cache computes it otherwise."""
+    token = AccessToken("t", NOW + 86400, RESOURCE, refresh_on=NOW + 60)
+    assert with_refresh_on(token, NOW) is token
+    assert with_refresh_on(token._replace(refresh_on=0), NOW).refresh_on == NOW + 43200
+    assert with_refresh_on(AccessToken("t", NOW + 7199, RESOURCE), NOW).refresh_on == 0
+
+
+def test_concurrent_callers_for_a_slow_endpoint_share_one_request() -> None:
+    """Callers that arrive while a request is in flight wait for it instead of asking again."""
+    import threading
+
+    class SlowFactory(ScriptedFactory):
+        def answer(self, *args: Any) -> Answer:
+            time.sleep(0.05)
+            return super().answer(*args)
+
+    factory = SlowFactory(fake_token(86400))
+    tokens, _ = cache(factory)
+    got: List[AccessToken] = []
+    threads = [threading.Thread(target=lambda: got.append(tokens.get_token(RESOURCE)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(factory.asked) == 1 and len(set(got)) == 1
+
+
+def test_follow_up_request_is_sent_at_once_with_its_headers() -> None:
+    """A factory may answer a challenge with a follow-up request (Azure Arc's key file):
+    it is sent at once, without a backoff sleep, and its headers never show in a repr."""
+    answered = TokenRequest("http://127.0.0.1:9/token", {"resource": RESOURCE},
+                            {"Authorization": "Basic key-file-secret"})
+    clock = FakeClock()
+    factory = ScriptedFactory(answered, fake_token(86400))
+    tokens, session = cache(factory, clock=clock)
+    assert tokens.get_token(RESOURCE).token == "token-86400"
+    assert [sent.headers for sent in session.sent] == [{}, {"Authorization": "Basic key-file-secret"}]
+    assert clock.sleeps == []
+    assert "key-file-secret" not in repr(answered) and "Authorization" in repr(answered)
+
+
+def test_retry_answers_back_off_then_name_the_endpoint() -> None:
+    """A Retry answer sleeps (Retry-After first) and, once the budget is spent, fails
+    naming the endpoint, the status and its words."""
+    clock = FakeClock()
+    factory = ScriptedFactory(*[Retry(503, "busy", retry_after=7.0) for _ in range(20)])
+    tokens, _ = cache(factory, clock=clock, replies=20)
+    with pytest.raises(IdentityUnavailableError,
+                       match=r"the fake endpoint kept answering HTTP 503 \(busy\)"):
+        tokens.get_token(RESOURCE)
+    assert clock.sleeps[0] == 7.0 and sum(clock.sleeps) <= 30
+
+
+def test_imds_factory_request_shape() -> None:
+    """The IMDS factory builds a GET of the endpoint with api-version, resource, the
+    selector's IMDS name and Metadata: true, and nothing else (pure, no I/O)."""
+    request = ImdsRequestFactory(ENDPOINT, Identity("resource_id", "/sub/x")).request(RESOURCE)
+    assert request == TokenRequest(
+        ENDPOINT, {"api-version": "2018-02-01", "resource": RESOURCE, "msi_res_id": "/sub/x"},
+        {"Metadata": "true"})
+    assert ImdsRequestFactory(ENDPOINT, Identity()).request(RESOURCE).params == {
+        "api-version": "2018-02-01", "resource": RESOURCE}
+
+
+def reply(status: int, content: Any, **headers: str) -> transport.Reply:
+    return transport.Reply(status, CaseInsensitiveDict(headers), json.dumps(content).encode())
+
+
+def test_imds_factory_answers() -> None:
+    """200 is a token; 404/410/429/5xx are Retry with Retry-After and IMDS's words; 400 and
+    other statuses raise at once with the fix."""
+    factory = ImdsRequestFactory(ENDPOINT, Identity())
+    sent = factory.request(RESOURCE)
+    token = factory.answer(sent, reply(200, token_body()), RESOURCE, NOW)
+    assert isinstance(token, AccessToken) and token.token == TOKEN and token.refresh_on == 0
+    assert factory.answer(sent, reply(429, {"error": "x", "error_description": "slow down"},
+                                      **{"Retry-After": "7"}), RESOURCE, NOW) == \
+        Retry(429, "slow down", 7.0)
+    assert factory.answer(sent, reply(410, {}), RESOURCE, NOW) == Retry(410, "", None)
+    with pytest.raises(IdentityUnavailableError, match="system-assigned") as caught:
+        factory.answer(sent, reply(400, {"error_description": "Identity not found"}),
+                       RESOURCE, NOW)
+    assert caught.value.hint and "az vm identity assign" in caught.value.hint
+    with pytest.raises(IdentityUnavailableError, match="HTTP 403"):
+        factory.answer(sent, reply(403, {}), RESOURCE, NOW)
+
+
+def test_token_source_asks_imds_at_the_configured_endpoint_without_a_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """token_source() is the agent's one way in: IMDS at KV_AGENT_IMDS_ENDPOINT, over a
+    session that ignores the process's proxy variables, with a cache in front."""
+    from agent.emulator import Emulator
+
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    with Emulator({"db": "v"}) as emulator:
+        tokens = token_source(Identity(), {"KV_AGENT_IMDS_ENDPOINT": emulator.imds_endpoint},
+                              RetryPolicy(deadline_s=2))
+        try:
+            first = tokens.get_token(RESOURCE)
+            assert tokens.get_token(RESOURCE) is first
+        finally:
+            tokens.close()
+        assert emulator.imds_requests == 1
+
+
+def test_endless_challenges_are_bounded() -> None:
+    """A factory that keeps answering with follow-up requests is stopped after a few."""
+    follow_up = TokenRequest("http://127.0.0.1:9/token", {}, {"Authorization": "Basic k"})
+    factory = ScriptedFactory(*[follow_up for _ in range(10)])
+    tokens, session = cache(factory)
+    with pytest.raises(IdentityUnavailableError, match="kept challenging"):
+        tokens.get_token(RESOURCE)
+    assert len(session.sent) == 4

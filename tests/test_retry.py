@@ -117,3 +117,16 @@ def test_request_budget_stays_within_the_deadline_with_a_floor() -> None:
     clock.now += 18
     assert backoff.request_budget(30) == MIN_REQUEST_S
     assert backoff.request_budget(1) == 1
+
+
+def test_jitter_is_equal_jitter_as_documented() -> None:
+    """Issue 10: the docs name the jitter the code draws: equal jitter, in [step/2, step]."""
+    import agent.retry
+
+    for doc in (agent.retry.__doc__, RetryPolicy.__doc__, Backoff.step.__doc__):
+        assert doc and "equal jitter" in " ".join(doc.split())
+    assert "[step/2, step]" in " ".join((RetryPolicy.__doc__ or "").split())
+    policy = RetryPolicy(base_delay_s=2, max_delay_s=100)
+    for draw, expected in ((0.0, 1.0), (0.5, 1.5), (0.999999, 2.0)):
+        step = Backoff(policy, rng=lambda value=draw: value).step()
+        assert step == pytest.approx(expected, abs=1e-5)

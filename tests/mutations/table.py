@@ -87,17 +87,18 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "imds-through-proxy",
         "proxy variables apply to the vault only: IMDS is always reached directly",
-        "agent/agent.py",
-        "imds_session.trust_env = False",
-        "imds_session.trust_env = True",
-        (f"{CLI}::test_once_reaches_imds_directly_whatever_the_proxy_variables",),
+        "agent/identity.py",
+        "    session.trust_env = False  # IMDS must never go through a proxy [protocol.md A1]",
+        "    session.trust_env = True",
+        (f"{CLI}::test_once_reaches_imds_directly_whatever_the_proxy_variables",
+         f"{IDENTITY}::test_token_source_asks_imds_at_the_configured_endpoint_without_a_proxy"),
     ),
     Mutation(
         "imds-without-metadata-header",
         "every IMDS request carries Metadata: true",
-        "agent/identity.py",
-        'headers={"Metadata": "true"}, timeout=TIMEOUT_S,',
-        "headers={}, timeout=TIMEOUT_S,",
+        "agent/imds.py",
+        'headers={"Metadata": "true"})',
+        "headers={})",
         (f"{IDENTITY}::test_request_shape_system_assigned",),
     ),
     # -- anything from the network is bounded --------------------------------
@@ -121,9 +122,9 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "imds-ignores-retry-after",
         "IMDS is retried honouring Retry-After",
-        "agent/identity.py",
-        '                retry_after = parse_retry_after(headers.get("Retry-After"))',
-        "                retry_after = None",
+        "agent/imds.py",
+        '            retry_after = parse_retry_after(reply.headers.get("Retry-After"))',
+        "            retry_after = None",
         (f"{IDENTITY}::test_retry_after_is_honoured",),
     ),
     # -- never a secret or a token in a log ----------------------------------
@@ -155,7 +156,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "token-repr-shows-token",
         "logs never contain a token (an AccessToken's repr masks it)",
-        "agent/identity.py",
+        "agent/token_request.py",
         'return f"AccessToken(token=****, resource=',
         'return f"AccessToken(token={self.token!r}, resource=',
         (f"{IDENTITY}::test_access_token_repr_masks_the_token",),

@@ -1,0 +1,199 @@
+"""Key Vault's secret list, one page at a time: values and pure parsing.
+
+``GET {vault}/secrets?api-version=..&maxresults=25`` answers
+``{"value": [SecretItem...], "nextLink": <url or null>}`` [protocol.md B4].
+The client (:meth:`agent.vault.VaultClient.list_secrets`) follows ``nextLink``
+verbatim until it is null; these functions say what a page holds and whether
+a ``nextLink`` may be followed at all. Three facts of the real service shape
+them:
+
+* pages can be **empty and still have a nextLink** (the cursor walks deleted
+  entries): only a null ``nextLink`` ends the list;
+* the real ``nextLink`` spells the port (``https://{vault}:443/secrets?...``)
+  and carries its own query: it is sent as is, with no parameters added;
+* an item has no value, and its ``id`` is the unversioned secret URL.
+
+Everything here is untrusted: a page is at most a bounded body, text is
+escaped, odd attribute types read as "absent". An item without a usable
+name, or a page of the wrong shape, is a ValueError for the whole listing:
+a list quietly missing a secret could later be taken for "that secret was
+deleted".
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
+from urllib.parse import urlsplit
+
+from agent.untrusted import escape
+from agent.vault_url import check_target
+
+LIST_PATH = "/secrets"
+PAGE_SIZE = 25  # maxresults: 1-25, the service's maximum [protocol.md B4]
+MAX_NEXT_LINK_CHARS = 4096  # a real one is ~400 characters
+MAX_TAGS = 50  # Key Vault allows 15 [protocol.md B3]; more is not a vault talking
+MAX_TAG_CHARS = 256  # Key Vault's limit on a tag's name and on its value
+MAX_KID_CHARS = 512
+_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}\Z")  # [protocol.md B7]
+_VERSION = re.compile(r"[0-9a-zA-Z]{1,64}\Z")
+
+
+class ListLimits(NamedTuple):
+    """Bounds of one listing (policy as data): pages and items fetched, and
+    seconds from the first request to the last page."""
+
+    max_pages: int = 1000
+    max_items: int = 10_000
+    deadline_s: float = 120.0
+
+
+class SecretAttributes(NamedTuple):
+    """What Key Vault says about a secret besides its value [protocol.md B3].
+
+    Times are epoch seconds. Every field is None when the vault left it out
+    or sent something of the wrong type. ``tags`` is a tuple of (name, value)
+    pairs so the value stays immutable and hashable. (The same value, field
+    for field, as the fetched secret's attributes: one shape for both.)
+    """
+
+    enabled: Optional[bool] = None
+    nbf: Optional[int] = None
+    exp: Optional[int] = None
+    created: Optional[int] = None
+    updated: Optional[int] = None
+    tags: Optional[Tuple[Tuple[str, str], ...]] = None
+    managed: Optional[bool] = None
+    kid: Optional[str] = None
+
+
+class SecretItem(NamedTuple):
+    """One entry of a secret list: the secret's properties, never its value.
+
+    ``version`` is set only when the id is versioned (``/versions`` lists).
+    """
+
+    name: str
+    id: str
+    version: Optional[str]
+    content_type: Optional[str]
+    attributes: SecretAttributes
+
+
+class Page(NamedTuple):
+    """One page: its items and the URL of the next page (None: the last)."""
+
+    items: Tuple[SecretItem, ...]
+    next_link: Optional[str]
+
+
+def parse_page(content: Any) -> Page:
+    """A Page from a decoded 200 body; ValueError when the page or one of its
+    items has the wrong shape. The next link is not checked here."""
+    if not isinstance(content, dict):
+        raise ValueError("the page is not a JSON object")
+    values = content.get("value")
+    if not isinstance(values, list):
+        raise ValueError("the page has no 'value' list")
+    next_link = content.get("nextLink")
+    if next_link is not None and not isinstance(next_link, str):
+        raise ValueError("the page's nextLink is not a string")
+    return Page(tuple(parse_item(raw, index) for index, raw in enumerate(values)),
+                next_link or None)
+
+
+def parse_item(raw: Any, index: int = 0) -> SecretItem:
+    """A SecretItem from one list entry; ValueError unless it is an object
+    whose ``id`` names a secret (``.../secrets/<name>[/<version>]``)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"item {index} is not a JSON object")
+    raw_id = raw.get("id")
+    if not isinstance(raw_id, str):
+        raise ValueError(f"item {index} has no id")
+    name, version = _name_and_version(raw_id, index)
+    content_type = raw.get("contentType")
+    return SecretItem(
+        name=name,
+        id=escape(raw_id, 512),
+        version=version,
+        content_type=escape(content_type, 255) if isinstance(content_type, str) else None,
+        attributes=parse_attributes(raw),
+    )
+
+
+def _name_and_version(raw_id: str, index: int) -> Tuple[str, Optional[str]]:
+    parts = urlsplit(raw_id[:MAX_NEXT_LINK_CHARS]).path.split("/")
+    # ['', 'secrets', name] or ['', 'secrets', name, version]
+    if len(parts) not in (3, 4) or parts[:2] != ["", "secrets"] or not _NAME.match(parts[2]):
+        raise ValueError(f"item {index}'s id '{escape(raw_id, 100)}' names no secret")
+    if len(parts) == 3 or parts[3] == "":
+        return parts[2], None
+    if not _VERSION.match(parts[3]):
+        raise ValueError(f"item {index}'s id '{escape(raw_id, 100)}' has an invalid version")
+    return parts[2], parts[3]
+
+
+def parse_attributes(bundle: Mapping[str, Any]) -> SecretAttributes:
+    """The attributes of a list item or SecretBundle (already JSON): the
+    ``attributes`` object plus ``tags``, ``managed`` and ``kid``.
+
+    Total: whatever shape the vault sent, a field of the wrong type is None,
+    text is escaped and bounded (it can reach a log), tags beyond MAX_TAGS
+    are dropped.
+    """
+    attributes = bundle.get("attributes")
+    if not isinstance(attributes, dict):
+        attributes = {}
+    kid = bundle.get("kid")
+    return SecretAttributes(
+        enabled=_flag(attributes.get("enabled")),
+        nbf=_epoch(attributes.get("nbf")),
+        exp=_epoch(attributes.get("exp")),
+        created=_epoch(attributes.get("created")),
+        updated=_epoch(attributes.get("updated")),
+        tags=_tags(bundle.get("tags")),
+        managed=_flag(bundle.get("managed")),
+        kid=escape(kid, MAX_KID_CHARS) if isinstance(kid, str) else None,
+    )
+
+
+def _flag(value: Any) -> Optional[bool]:
+    return value if isinstance(value, bool) else None
+
+
+def _epoch(value: Any) -> Optional[int]:
+    # bool is an int to Python, not a time to Key Vault.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
+
+
+def _tags(value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
+    if not isinstance(value, dict):
+        return None
+    return tuple((escape(name, MAX_TAG_CHARS), escape(text, MAX_TAG_CHARS))
+                 for name, text in list(value.items())[:MAX_TAGS]
+                 if isinstance(name, str) and isinstance(text, str))
+
+
+def check_next_link(link: str, vault: str) -> None:
+    """Raise ValueError unless a bearer token may follow ``link``.
+
+    It must be https to exactly the vault's host and port (as urllib3 will
+    connect: :func:`agent.vault_url.check_target`), carry no credentials or
+    fragment, and continue the same list (path ``/secrets``), so a page can
+    never send the token, or the listing, anywhere else.
+    """
+    shown = escape(link, 200)
+    if len(link) > MAX_NEXT_LINK_CHARS:
+        raise ValueError(f"the nextLink is over {MAX_NEXT_LINK_CHARS} characters")
+    parts = urlsplit(link)
+    if parts.username is not None or parts.password is not None or parts.fragment:
+        raise ValueError(f"the nextLink '{shown}' carries credentials or a fragment")
+    try:
+        check_target(link, vault)
+    except ValueError:
+        raise ValueError(f"the nextLink '{shown}' leads away from the vault") from None
+    if parts.path != LIST_PATH:
+        raise ValueError(f"the nextLink '{shown}' leaves the secret list")
+
