@@ -25,7 +25,6 @@ The rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Optional, Tuple
 
 from agent.snapshot import READY, RELOADING, STARTING, STOPPED
@@ -36,8 +35,7 @@ MIN_DELAY_S = 0.5  # jitter never brings two refreshes closer than this
 STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
 
 
-@dataclass(frozen=True)
-class Lifecycle:
+class Lifecycle(NamedTuple):
     """Where the daemon stands. Times are monotonic seconds."""
 
     phase: str = STARTING
@@ -63,8 +61,8 @@ class Finished(NamedTuple):
 def start_sync(state: Lifecycle, now: float) -> Tuple[Lifecycle, bool]:
     """A refresh is wanted: start it (True), or queue it after the running one."""
     if state.is_syncing:
-        return replace(state, sync_again=True), False
-    return replace(state, is_syncing=True, sync_started=now, next_refresh=None), True
+        return state._replace(sync_again=True), False
+    return state._replace(is_syncing=True, sync_started=now, next_refresh=None), True
 
 
 def is_refresh_due(state: Lifecycle, now: float) -> bool:
@@ -80,7 +78,7 @@ def is_healthy(state: Lifecycle, now: float) -> bool:
 
 def sync_abandoned(state: Lifecycle) -> Lifecycle:
     """A refresh was interrupted by a stop: nothing else changes."""
-    return replace(state, is_syncing=False)
+    return state._replace(is_syncing=False)
 
 
 def sync_finished(
@@ -93,20 +91,20 @@ def sync_finished(
     places the jitter. ``has_every_required_file`` is called only while not
     ready: it looks at the files, which costs a stat per entry."""
     run_hooks = state.is_ready and is_current
-    state = replace(state, is_syncing=False)
+    state = state._replace(is_syncing=False)
     again = state.sync_again or not is_current
     if again:
-        state = replace(state, sync_again=False, is_syncing=True, sync_started=now,
+        state = state._replace(sync_again=False, is_syncing=True, sync_started=now,
                         next_refresh=None)
     else:
         delay = refresh_delay(state, is_failing, interval_s, jitter, rng)
-        state = replace(state, next_refresh=now + delay,
+        state = state._replace(next_refresh=now + delay,
                         failing_streak=state.failing_streak + 1 if is_failing else 0)
     if not state.is_ready and has_every_required_file():
-        state = replace(state, is_ready=True, ready_after_sync=False, phase=READY)
+        state = state._replace(is_ready=True, ready_after_sync=False, phase=READY)
         return Finished(state, again, True, True, run_hooks)
     if state.ready_after_sync and not state.is_syncing and state.is_ready:
-        state = replace(state, ready_after_sync=False, phase=READY)  # a reload is finished
+        state = state._replace(ready_after_sync=False, phase=READY)  # a reload is finished
         return Finished(state, again, True, False, run_hooks)
     return Finished(state, again, False, False, run_hooks)
 
@@ -129,12 +127,12 @@ def refresh_delay(state: Lifecycle, is_failing: bool, interval_s: float, jitter:
 
 def reload_started(state: Lifecycle) -> Lifecycle:
     """RELOADING=1 was sent; the manifest is being re-read."""
-    return replace(state, phase=RELOADING)
+    return state._replace(phase=RELOADING)
 
 
 def reload_accepted(state: Lifecycle) -> Lifecycle:
     """The new manifest is in use; its refresh will end the reload."""
-    return replace(state, ready_after_sync=True)
+    return state._replace(ready_after_sync=True)
 
 
 def reload_rejected(state: Lifecycle) -> Tuple[Lifecycle, bool]:
@@ -142,10 +140,10 @@ def reload_rejected(state: Lifecycle) -> Tuple[Lifecycle, bool]:
     again. Not when the agent never was ready: a READY=1 now would announce
     files that may not exist (the first real READY=1 ends the reload)."""
     if state.is_ready:
-        return replace(state, phase=READY), True
-    return replace(state, phase=STARTING), False
+        return state._replace(phase=READY), True
+    return state._replace(phase=STARTING), False
 
 
 def stopped(state: Lifecycle) -> Lifecycle:
     """STOPPING=1 was sent: no refresh will come."""
-    return replace(state, phase=STOPPED, next_refresh=None)
+    return state._replace(phase=STOPPED, next_refresh=None)

@@ -1,5 +1,11 @@
 """Load and validate the YAML manifest into a frozen :class:`Manifest`.
 
+The manifest is where the pipeline starts: each entry becomes an
+:class:`Entry` made of a :class:`~agent.sources.Source` (what to fetch), a
+transform name (:mod:`agent.transforms`) and an
+:class:`~agent.outputs.OutputSet` (the files). The syntax has one shape
+today: a single ``path:`` is the one-output, ``raw`` case.
+
 The manifest decides which secrets land where, owned by whom: whoever can edit
 it can direct any secret to any user. So it is refused unless only root (or the
 agent's own user) can write it, as sudo does with sudoers; and it is validated
@@ -19,7 +25,6 @@ import posixpath
 import pwd
 import re
 import stat
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import yaml
@@ -81,8 +86,7 @@ MAX_PROBLEM_CHARS = 320  # a problem's text after FILE:LINE:, escaped and capped
 ECHO_CHARS = 60  # of a value quoted in a problem
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One manifest entry: a :class:`~agent.sources.Source` to fetch, the
     transform that turns it into bytes, and the :class:`~agent.outputs.OutputSet`
     those bytes become. The manifest's single ``path:`` is the one-output,
@@ -100,7 +104,19 @@ class Entry:
     transform: str = DEFAULT_TRANSFORM
     is_optional: bool = False
     on_change: Tuple[str, ...] = ()  # argv run (no shell) after a file changes
-    line: Optional[int] = field(default=None, compare=False)
+    line: Optional[int] = None  # last: equality compares the fields before it
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self[:-1] == other[:-1]
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self[:-1])
 
     @property
     def primary(self) -> Output:

@@ -6,12 +6,12 @@ written files in it is :mod:`agent.ledger`. One JSON document, replaced
 atomically after every change, serves two readers:
 
 * operators and health checks, through ``kv-agent status`` (or ``jq``): per
-  secret its path, version, last update and last error; the last and next
+  entry its paths, version, last update and last error; the last and next
   refresh;
-* the agent itself after a restart or reload: ``written`` lists the files
-  this agent wrote (path -> inode), so a secret removed from the manifest has
-  its file deleted only if it is still the very file the agent wrote, never
-  anything else.
+* the agent itself after a restart, a reload or an upgrade: ``written`` lists
+  the files this agent wrote (path -> inode and entry), so an entry removed
+  from the manifest has its files deleted only if they are still the very
+  files the agent wrote, never anything else.
 
 It holds no secret value and no token, but it names every secret and its
 path, which consumers must not learn: /run/secrets is 0751 precisely so that

@@ -912,6 +912,39 @@ def test_restart_removes_only_its_own_files_of_dropped_entries(start_agent: Star
     assert sorted(p.name for p in first.directory.iterdir()) == ["stays", "taken-over"]
 
 
+def test_upgrade_reads_the_previous_status_version_and_its_ledger(start_agent: StartAgent,
+                                                                 vault: Vault,
+                                                                 shm_dir: Path) -> None:
+    """An agent upgraded in place finds a version 1 status.json (path -> inode): the
+    ledger survives, so files of dropped entries go only if they are still its own."""
+    values = {name: vault.put(name) for name in ("stays", "goes", "taken-over")}
+    state = shm_dir / "state"
+    first = start_agent([entry("stays"), entry("goes"), entry("taken-over")],
+                        refresh="60s", state_dir=state)
+    first.wait_ready()
+    first.stop()
+    document = first.status_json()
+    assert document["version"] == 2
+    old = dict(document, version=1,
+               written={path: record["inode"] for path, record in document["written"].items()},
+               secrets=[{key: value for key, value in secret.items() if key != "paths"}
+                        for secret in document["secrets"]])
+    (state / "status.json").write_text(json.dumps(old))
+    assert run_cli(["status", "--state-dir", str(state)], env=dict(os.environ)).stdout \
+        .startswith("kv-agent is not running; the last run")
+    replace_file(first.directory / "taken-over", "operator's file now")
+    write_file(first.manifest, manifest_text(vault.url, first.directory, [entry("stays")],
+                                             refresh="60s"))
+    second = start_agent(state_dir=state)
+    second.wait_ready()
+    assert not (first.directory / "goes").exists()
+    assert read(first.directory / "taken-over") == "operator's file now"
+    assert read(first.directory / "stays") == values["stays"]
+    written = second.status_json()["written"]
+    assert list(written) == [str(first.directory / "stays")]
+    second.stop()
+
+
 # ---------------------------------------------------------------------------
 # Hooks, watchdog, stop
 

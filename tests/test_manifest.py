@@ -724,3 +724,18 @@ def test_all_digit_secret_name_is_taken_as_written() -> None:
     manifest = parse_manifest("vault: https://kv.vault.azure.net\nsecrets:\n  - name: 0755\n",
                               "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
     assert (manifest.secrets[0].name, manifest.secrets[0].key) == ("0755", "/run/secrets/0755")
+
+
+def test_comments_do_not_change_the_manifest() -> None:
+    """Entries compare without their line numbers: a comment-only edit is the same
+    manifest (so a reload keeps sessions and token), a real edit is not."""
+    text = "vault: https://kv.vault.azure.net\nsecrets:\n  - name: api\n  - name: db\n"
+    before = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    after = parse_manifest("# owner: platform team\n\n" + text, "m.yaml", accounts=ACCOUNTS,
+                           check_filesystem=False)
+    assert after.secrets[0].line == before.secrets[0].line + 2
+    assert after == before and not after != before
+    assert hash(after.secrets) == hash(before.secrets)
+    moved = parse_manifest(text.replace("name: db", "name: db\n    mode: '0440'"), "m.yaml",
+                           accounts=ACCOUNTS, check_filesystem=False)
+    assert moved != before
