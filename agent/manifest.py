@@ -111,9 +111,8 @@ class Entry(NamedTuple):
             return NotImplemented
         return self[:-1] == other[:-1]
 
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
+    def __ne__(self, other: object) -> bool:  # tuple's own would compare ``line``
+        return not self == other
 
     def __hash__(self) -> int:
         return hash(self[:-1])
