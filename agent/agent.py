@@ -1,11 +1,13 @@
-"""The agent: the one place that knows the order manifest -> identity ->
-vault -> writer.
+"""The agent: the one place that knows the order of one sync, the pipeline
+
+    manifest entries -> sources -> fetch -> transforms -> outputs -> writer.
 
 :func:`check` validates without any network call. :class:`Agent` performs one
-sync: fetch every secret concurrently, then write the ones that arrived, one
-by one. A secret that fails keeps its last good file and never stops the
-others. Nothing here prints; the CLI turns a :class:`SyncReport` into output
-and an exit code.
+sync: fetch every distinct source once, concurrently (entries naming the same
+secret share a fetch); then, entry by entry, turn what arrived into the bytes
+of each output (:mod:`agent.transforms`) and hand them to the writer. An entry
+that fails keeps its last good files and never stops the others. Nothing here
+prints; the CLI turns a :class:`SyncReport` into output and an exit code.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from agent.errors import (
     WriteError,
 )
 from agent.identity import token_source
-from agent.manifest import Accounts, Manifest, SecretFile, load_manifest
+from agent.manifest import Accounts, Entry, Manifest, load_manifest
+from agent.outputs import OutputSet
 from agent.retry import RetryPolicy
+from agent.sources import unique_sources
+from agent.transforms import apply_transform
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
 from agent.writer import FileSpec, Writer
 
@@ -60,22 +65,28 @@ class SecretOutcome(NamedTuple):
     """What happened to one manifest entry in one sync.
 
     Exactly one of ``version`` (fetched and written) or ``error`` is set;
-    ``changed`` says whether the file on disk changed.
+    ``changed_paths`` lists the entry's files whose content or metadata changed.
     """
 
-    entry: SecretFile
+    entry: Entry
     version: Optional[str] = None
-    changed: bool = False
+    changed_paths: Tuple[str, ...] = ()
     error: Optional[KvAgentError] = None
 
+    @property
+    def changed(self) -> bool:
+        """Whether any of the entry's files changed on disk."""
+        return bool(self.changed_paths)
+
     def describe(self) -> str:
-        """One line for an operator: the secret, its file, the cause and fix."""
+        """One line for an operator: the secret, its files, the cause and fix."""
+        paths = ", ".join(self.entry.paths)
         if self.error is None:
-            return f"secret '{self.entry.name}': {self.entry.path} at version {self.version}"
+            return f"secret '{self.entry.name}': {paths} at version {self.version}"
         text = str(self.error)
         if f"'{self.entry.name}'" not in text:
             text = f"secret '{self.entry.name}': {text}"
-        return f"{text} [{self.entry.path} left as it was]"
+        return f"{text} [{paths} left as it was]"
 
 
 class SyncReport(NamedTuple):
@@ -121,7 +132,7 @@ class Agent:
         *,
         environ: Mapping[str, str],
         imds_policy: RetryPolicy = RetryPolicy(),
-        vault_policy: RetryPolicy = RetryPolicy(deadline_s=60.0),
+        vault_policy: RetryPolicy = RetryPolicy(),
         on_retry: Optional[Callable[[str, int, float], None]] = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -143,34 +154,46 @@ class Agent:
             log.info("removed leftover temporary file %s", leftover)
 
     def sync(self, should_stop: Callable[[], bool] = lambda: False) -> SyncReport:
-        """Fetch every secret, write those that arrived; never raises for a
-        single secret. Raises IdentityUnavailableError when no token can be
-        had at all (then no file is touched). When ``should_stop`` turns true
-        the remaining writes are abandoned (each write is atomic, so a file is
-        either replaced whole or left as it was)."""
+        """Fetch every source, write the entries whose source arrived; never
+        raises for a single entry. Raises IdentityUnavailableError when no
+        token can be had at all (then no file is touched). When
+        ``should_stop`` turns true the remaining writes are abandoned (each
+        write is atomic, so a file is either replaced whole or left as it was)."""
         started = time.monotonic()
         entries = self.manifest.secrets
-        fetched = self.vault.fetch_many(
-            [SecretRequest(e.vault, e.name, e.version) for e in entries])
+        sources = unique_sources(entry.source for entry in entries)
+        fetched = dict(zip(sources, self.vault.fetch_many(
+            [SecretRequest(*source) for source in sources])))
         outcomes = []
-        for entry, result in zip(entries, fetched):
+        for entry in entries:
             if should_stop():
                 raise Interrupted()
-            outcomes.append(self._write(entry, result))
+            outcomes.append(self._write(entry, fetched[entry.source]))
         return SyncReport(tuple(outcomes), time.monotonic() - started)
 
-    def _write(self, entry: SecretFile, fetched: "Secret | KvAgentError") -> SecretOutcome:
+    def _write(self, entry: Entry, fetched: "Secret | KvAgentError") -> SecretOutcome:
         if isinstance(fetched, KvAgentError):
             return SecretOutcome(entry, error=fetched)
-        spec = FileSpec(entry.path, fetched.value, entry.uid, entry.gid, entry.mode)
         try:
-            result = self.writer.apply(spec)
+            contents = apply_transform(entry.transform, fetched, len(entry.outputs.outputs))
+            changed = self._write_set(entry, fetched, contents)
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
-        if result.changed:
-            log.info("wrote %s (secret %s, version %s, %s:%s %04o)", entry.path, entry.name,
-                     fetched.version, entry.owner, entry.group, entry.mode)
-        return SecretOutcome(entry, version=fetched.version, changed=result.changed)
+        return SecretOutcome(entry, version=fetched.version, changed_paths=changed)
+
+    def _write_set(self, entry: Entry, fetched: Secret,
+                   contents: Tuple[bytes, ...]) -> Tuple[str, ...]:
+        """Write each output of ``entry``; the paths that changed. Atomic per
+        file (the writer's contract); today every set has one file."""
+        outputs: OutputSet = entry.outputs
+        changed = []
+        for output, data in zip(outputs.outputs, contents):
+            spec = FileSpec(output.path, data, output.uid, output.gid, output.mode)
+            if self.writer.apply(spec).changed:
+                log.info("wrote %s (secret %s, version %s, %s:%s %04o)", output.path, entry.name,
+                         fetched.version, output.owner, output.group, output.mode)
+                changed.append(output.path)
+        return tuple(changed)
 
     def close(self) -> None:
         """Release HTTP connections."""

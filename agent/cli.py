@@ -89,6 +89,8 @@ class _CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; factored out so tests can inspect it."""
+    from agent.retry import ONCE_RETRY_S  # light: the standard library only
+
     parser = argparse.ArgumentParser(
         prog="kv-agent",
         description="Materialise Azure Key Vault secrets into files on tmpfs, "
@@ -109,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     once = commands.add_parser("once", help="fetch every secret once and write the files")
     with_manifest(once)
-    once.add_argument("--retry-for", metavar="SECONDS", type=float, default=75.0,
-                      help="keep retrying an unavailable IMDS or vault this long (default 75)")
+    once.add_argument("--retry-for", metavar="SECONDS", type=float, default=ONCE_RETRY_S,
+                      help="keep retrying an unavailable IMDS or vault this long "
+                           f"(default {ONCE_RETRY_S:g})")
     once.set_defaults(handler=_cmd_once)
 
     check = commands.add_parser("check", help="validate the manifest without network access")
@@ -276,6 +279,7 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import json
 
+    from agent.snapshot import parse_snapshot
     from agent.state import StateStore, state_dir
     from agent.status import render_status
 
@@ -283,7 +287,7 @@ def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     document = store.load()
     if args.json:
         print(json.dumps(document, indent=2, sort_keys=True))
-    lines, code = render_status(document, store.path)
+    lines, code = render_status(parse_snapshot(document), store.path)
     if not args.json:
         for line in lines:
             print(line)

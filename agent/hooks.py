@@ -40,7 +40,6 @@ class HookRunner:
         self._running: Set[Command] = set()
         self._pending: Dict[Command, Tuple[str, ...]] = {}
         self._threads: Set[threading.Thread] = set()
-        self.runs = 0  # completed runs, for tests and status
 
     def trigger(self, command: Command, paths: Sequence[str]) -> None:
         """Run ``command`` (now, or after its current run) for changed ``paths``."""
@@ -92,8 +91,6 @@ class HookRunner:
             else:
                 log.warning("on_change hook '%s' exited with status %d (its output is "
                             "discarded; run it by hand to see why)", shown, done.returncode)
-        with self._lock:
-            self.runs += 1
 
     def wait(self, timeout_s: float) -> None:
         """Wait (bounded) for running hooks, e.g. before exiting."""

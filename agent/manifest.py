@@ -1,5 +1,11 @@
 """Load and validate the YAML manifest into a frozen :class:`Manifest`.
 
+The manifest is where the pipeline starts: each entry becomes an
+:class:`Entry` made of a :class:`~agent.sources.Source` (what to fetch), a
+transform name (:mod:`agent.transforms`) and an
+:class:`~agent.outputs.OutputSet` (the files). The syntax has one shape
+today: a single ``path:`` is the one-output, ``raw`` case.
+
 The manifest decides which secrets land where, owned by whom: whoever can edit
 it can direct any secret to any user. So it is refused unless only root (or the
 agent's own user) can write it, as sudo does with sudoers; and it is validated
@@ -25,10 +31,12 @@ import yaml
 
 from agent.errors import ManifestError
 from agent.identity_selector import Identity
+from agent.outputs import Output, OutputSet
+from agent.sources import Source
+from agent.transforms import DEFAULT_TRANSFORM
 from agent.vault_url import normalize_vault_url
 from agent.writer import RESERVED_PREFIX, system_directory_problem
 
-DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
 DEFAULT_DIRECTORY = "/run/secrets"
 DEFAULT_REFRESH_S = 15 * 60.0
 DEFAULT_MODE = 0o400
@@ -78,26 +86,52 @@ MAX_PROBLEM_CHARS = 320  # a problem's text after FILE:LINE:, escaped and capped
 ECHO_CHARS = 60  # of a value quoted in a problem
 
 
-class SecretFile(NamedTuple):
-    """One manifest entry: a Key Vault secret and the file it becomes.
+class Entry(NamedTuple):
+    """One manifest entry: a :class:`~agent.sources.Source` to fetch, the
+    transform that turns it into bytes, and the :class:`~agent.outputs.OutputSet`
+    those bytes become. The manifest's single ``path:`` is the one-output,
+    ``raw`` case, the only one the syntax has today.
 
-    ``path`` is absolute and normalised, inside the manifest's directory.
-    ``owner``/``group`` keep the manifest's spelling for messages; ``uid`` and
-    ``gid`` are what the writer applies.
+    ``name`` is the secret's name as the manifest gives it, for messages.
+    ``line`` (where the entry starts) serves messages only and is left out
+    of equality: a manifest that only gained a comment is the same manifest,
+    and a reload keeps its sessions and token.
     """
 
     name: str
-    path: str
-    vault: str
-    uid: int
-    gid: int
-    mode: int
-    owner: str = "root"
-    group: str = "root"
-    version: Optional[str] = None
+    source: Source
+    outputs: OutputSet
+    transform: str = DEFAULT_TRANSFORM
     is_optional: bool = False
-    line: Optional[int] = None
-    on_change: Tuple[str, ...] = ()  # argv run (no shell) after the file changes
+    on_change: Tuple[str, ...] = ()  # argv run (no shell) after a file changes
+    line: Optional[int] = None  # last: equality compares the fields before it
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self[:-1] == other[:-1]
+
+    def __ne__(self, other: object) -> bool:  # tuple's own would compare ``line``
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self[:-1])
+
+    @property
+    def primary(self) -> Output:
+        """The first output: the entry is known by its path (``key``)."""
+        return self.outputs.outputs[0]
+
+    @property
+    def key(self) -> str:
+        """What the daemon's state, ledger and status.json know the entry by:
+        its first output's path, unique in a manifest (two entries may not
+        share a path) and stable across edits that do not move that file."""
+        return self.outputs.outputs[0].path
+
+    @property
+    def paths(self) -> Tuple[str, ...]:
+        return self.outputs.paths
 
 
 class Manifest(NamedTuple):
@@ -108,7 +142,7 @@ class Manifest(NamedTuple):
     directory: str
     refresh_interval_s: float
     identity: Identity
-    secrets: Tuple[SecretFile, ...]
+    secrets: Tuple[Entry, ...]
     refresh_jitter: float = DEFAULT_JITTER  # fraction of the interval, either way
 
 
@@ -871,7 +905,7 @@ def _parse_identity(problems: _Problems, value: Any, line: Optional[int]) -> Ide
 def _parse_secrets(
     problems: _Problems, data: _Map, vault: Optional[str], directory: str,
     accounts: Accounts, check_filesystem: bool,
-) -> Tuple[SecretFile, ...]:
+) -> Tuple[Entry, ...]:
     entries = data.get("secrets")
     line = data.key_lines.get("secrets", data.line)
     if entries is None:
@@ -880,7 +914,7 @@ def _parse_secrets(
     if not isinstance(entries, list):
         problems.add("secrets", "must be a list of entries, each starting with '- name:'", line)
         return ()
-    parsed: List[SecretFile] = []
+    parsed: List[Entry] = []
     for index, entry in enumerate(entries):
         secret = _parse_entry(problems, entry, index, line, vault, directory, accounts,
                               check_filesystem)
@@ -893,7 +927,7 @@ def _parse_secrets(
 def _parse_entry(
     problems: _Problems, entry: Any, index: int, list_line: int, vault: Optional[str],
     directory: str, accounts: Accounts, check_filesystem: bool,
-) -> Optional[SecretFile]:
+) -> Optional[Entry]:
     prefix = f"secrets[{index}]"
     if not isinstance(entry, _Map):
         problems.add(prefix, "must be a mapping with name, path, owner, group, mode",
@@ -960,10 +994,11 @@ def _parse_entry(
 
     if len(problems.lines) > before or path is None or not isinstance(name, str):
         return None
-    return SecretFile(
-        name=name, path=path, vault=entry_vault or "", uid=uid, gid=gid, mode=mode,
-        owner=owner, group=group, version=version.lower() if version else None,
-        is_optional=bool(optional), line=entry.line, on_change=on_change,
+    output = Output(path, uid, gid, mode, owner, group)
+    return Entry(
+        name=name, source=Source(entry_vault or "", name, version.lower() if version else None),
+        outputs=OutputSet((output,)), is_optional=bool(optional), on_change=on_change,
+        line=entry.line,
     )
 
 
@@ -980,25 +1015,27 @@ def _account(
         return 0, "root"
 
 
-def _check_path_conflicts(problems: _Problems, secrets: List[SecretFile]) -> None:
-    """Two entries may not write one path, nor one write inside another's file."""
-    seen: Dict[str, SecretFile] = {}
-    for secret in secrets:
-        other = seen.get(secret.path)
-        if other is not None:
-            problems.add("path", f"{secret.path} is written by both '{other.name}' "
-                         f"(line {other.line}) and '{secret.name}'", secret.line,
-                         "give each entry its own path")
-            continue
-        seen[secret.path] = secret
-    for secret in secrets:
-        parent = posixpath.dirname(secret.path)
-        # Up to the top, which is its own dirname ("/"; "//" before paths
-        # were normalised, and this loop never ended).
-        while parent != posixpath.dirname(parent):
-            if parent in seen:
-                problems.add("path", f"{secret.path} would be inside {parent}, which "
-                             f"'{seen[parent].name}' writes as a file", secret.line,
-                             "choose paths that do not nest")
-                break
-            parent = posixpath.dirname(parent)
+def _check_path_conflicts(problems: _Problems, entries: List[Entry]) -> None:
+    """No two outputs may be one path, nor one lie inside another's file."""
+    seen: Dict[str, Entry] = {}
+    for entry in entries:
+        for path in entry.paths:
+            other = seen.get(path)
+            if other is not None:
+                problems.add("path", f"{path} is written by both '{other.name}' "
+                             f"(line {other.line}) and '{entry.name}'", entry.line,
+                             "give each entry its own path")
+                continue
+            seen[path] = entry
+    for entry in entries:
+        for path in entry.paths:
+            parent = posixpath.dirname(path)
+            # Up to the top, which is its own dirname ("/"; "//" before paths
+            # were normalised, and this loop never ended).
+            while parent != posixpath.dirname(parent):
+                if parent in seen:
+                    problems.add("path", f"{path} would be inside {parent}, which "
+                                 f"'{seen[parent].name}' writes as a file", entry.line,
+                                 "choose paths that do not nest")
+                    break
+                parent = posixpath.dirname(parent)

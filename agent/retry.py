@@ -33,11 +33,20 @@ class RetryPolicy(NamedTuple):
     than the remaining budget ends the loop (the server said not before).
     """
 
-    deadline_s: float = 75.0  # IMDS 410 means "back within 70 s" [protocol.md A3]
+    deadline_s: float = 75.0  # ONCE_RETRY_S; IMDS 410 means "back within 70 s" [protocol.md A3]
     base_delay_s: float = 0.5
     max_delay_s: float = 10.0
     max_retry_after_s: float = 60.0
 
+
+# Every retry budget of the agent, in this one place:
+# - `kv-agent once` (and any caller that names none) retries IMDS and the vault
+#   this long; `--retry-for` overrides it. Above IMDS's 70 s [protocol.md A3].
+ONCE_RETRY_S = 75.0
+# - one refresh of `kv-agent run`; the lifecycle's backoff then spaces the
+#   refreshes themselves (agent/lifecycle.py), so a refresh gives up sooner.
+REFRESH_RETRY_S = 30.0
+REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S)
 
 # Every attempt, the final one included, may take at least this long even
 # when the budget is (nearly) spent: a request needs a few seconds to succeed.

@@ -1,14 +1,17 @@
-"""The agent's own state under ``/run/kv-agent``: ``status.json``.
+"""The agent's own state under ``/run/kv-agent``: ``status.json``, stored.
 
-One JSON document, replaced atomically after every change, serves two readers:
+This module is the storage (a private directory, an atomic replace); what the
+document holds is :class:`agent.snapshot.StatusSnapshot`, and the ledger of
+written files in it is :mod:`agent.ledger`. One JSON document, replaced
+atomically after every change, serves two readers:
 
 * operators and health checks, through ``kv-agent status`` (or ``jq``): per
-  secret its path, version, last update and last error; the last and next
+  entry its paths, version, last update and last error; the last and next
   refresh;
-* the agent itself after a restart or reload: ``written`` lists the files
-  this agent wrote (path -> inode), so a secret removed from the manifest has
-  its file deleted only if it is still the very file the agent wrote, never
-  anything else.
+* the agent itself after a restart, a reload or an upgrade: ``written`` lists
+  the files this agent wrote (path -> inode and entry), so an entry removed
+  from the manifest has its files deleted only if they are still the very
+  files the agent wrote, never anything else.
 
 It holds no secret value and no token, but it names every secret and its
 path, which consumers must not learn: /run/secrets is 0751 precisely so that
@@ -25,7 +28,6 @@ import errno
 import json
 import os
 import stat
-import time
 from typing import Any, Dict, Mapping, Optional
 
 from agent.errors import KvAgentError, PermissionDeniedError
@@ -33,7 +35,6 @@ from agent.errors import KvAgentError, PermissionDeniedError
 DEFAULT_STATE_DIR = "/run/kv-agent"
 STATE_DIR_ENV = "KV_AGENT_STATE_DIR"
 STATUS_FILE = "status.json"
-STATUS_VERSION = 1
 STATE_DIR_MODE = 0o700
 STATUS_FILE_MODE = 0o600
 
@@ -41,13 +42,6 @@ STATUS_FILE_MODE = 0o600
 def state_dir(environ: Mapping[str, str], given: Optional[str] = None) -> str:
     """``--state-dir``, else ``$KV_AGENT_STATE_DIR``, else /run/kv-agent."""
     return given or environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
-
-
-def iso_time(epoch_s: Optional[float]) -> Optional[str]:
-    """UTC ISO 8601 with seconds, or None."""
-    if epoch_s is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
 
 
 class StateStore:
@@ -114,15 +108,6 @@ class StateStore:
         finally:
             os.close(fd)
         os.replace(temp, self.path)
-
-
-def read_written(document: Mapping[str, Any]) -> Dict[str, int]:
-    """The ``written`` map (path -> inode) of a status document, validated."""
-    written = document.get("written")
-    if not isinstance(written, dict):
-        return {}
-    return {path: inode for path, inode in written.items()
-            if isinstance(path, str) and isinstance(inode, int)}
 
 
 def _make_private(name: str, dir_fd: int) -> None:

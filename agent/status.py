@@ -1,6 +1,7 @@
-"""``kv-agent status``: the daemon's status.json rendered for humans.
+"""``kv-agent status``: the daemon's status snapshot rendered for humans.
 
-Pure: a document in, lines and an exit code out (the CLI prints them). The
+Pure: a :class:`~agent.snapshot.StatusSnapshot` in (parsed from status.json,
+either version), lines and an exit code out (the CLI prints them). The
 exit code makes the command a health check: 0 when the agent runs and every
 non-optional secret is current, 1 when one is failing or the agent has not
 finished starting (not READY yet), 69 when no agent is running. A failing
@@ -14,14 +15,15 @@ mark reads "was ok", never a current-looking "ok" (issue 9).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import List, Optional, Tuple
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from agent.snapshot import STARTING, STOPPED, EntryStatus, StatusSnapshot
 
 
-def is_running(pid: Any) -> bool:
+def is_running(pid: Optional[int]) -> bool:
     """Whether a process with ``pid`` exists (it may belong to another user)."""
-    if not isinstance(pid, int) or pid <= 0:
+    if pid is None or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -32,58 +34,55 @@ def is_running(pid: Any) -> bool:
     return True
 
 
-def render_status(document: Mapping[str, Any], path: str) -> Tuple[List[str], int]:
-    """Lines describing the agent and each secret, and the exit code."""
-    if not document:
+def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[str], int]:
+    """Lines describing the agent and each entry, and the exit code."""
+    if snapshot is None:
         return [f"kv-agent is not running: no status in {path}"], EXIT_UNAVAILABLE
-    pid = document.get("pid")
-    running = document.get("state") != "stopped" and is_running(pid)
-    secrets = [s for s in document.get("secrets", []) if isinstance(s, dict)]
-    failing = [s for s in secrets if s.get("error")]
-    required_failing = [s for s in failing if not s.get("optional")]
+    running = snapshot.phase != STOPPED and is_running(snapshot.pid)
+    required_failing = [e for e in snapshot.entries if e.error and not e.is_optional]
     if running:
-        lines = [f"kv-agent is running (pid {pid}, {document.get('state')}): "
-                 f"{document.get('status', '')}",
-                 f"  manifest: {document.get('manifest')}",
-                 f"  last refresh: {document.get('last_refresh') or 'never'}; "
-                 f"next: {document.get('next_refresh') or '-'}"]
+        lines = [f"kv-agent is running (pid {snapshot.pid}, {snapshot.phase}): "
+                 f"{snapshot.status}",
+                 f"  manifest: {snapshot.manifest}",
+                 f"  last refresh: {snapshot.last_refresh or 'never'}; "
+                 f"next: {snapshot.next_refresh or '-'}"]
     else:
-        lines = [_last_run_head(document),
-                 f"  last status: {document.get('status', '')}",
-                 f"  manifest: {document.get('manifest')}",
-                 f"  last refresh: {document.get('last_refresh') or 'never'}"]
-    if document.get("manifest_error"):
-        lines.append(f"  manifest edit rejected: {document['manifest_error']}")
-    if document.get("error"):
-        lines.append(f"  refresh error: {document['error']}")
-    for secret in secrets:
-        mark = _mark(secret)
+        lines = [_last_run_head(snapshot),
+                 f"  last status: {snapshot.status}",
+                 f"  manifest: {snapshot.manifest}",
+                 f"  last refresh: {snapshot.last_refresh or 'never'}"]
+    if snapshot.manifest_error:
+        lines.append(f"  manifest edit rejected: {snapshot.manifest_error}")
+    if snapshot.error:
+        lines.append(f"  refresh error: {snapshot.error}")
+    for entry in snapshot.entries:
+        mark = _mark(entry)
         if not running:
             mark = f"was {mark:4}"
-        version = (secret.get("version") or "-")[:12]
-        lines.append(f"  {mark:4} {secret.get('name')} -> {secret.get('path')} "
-                     f"(version {version}, updated {secret.get('updated') or '-'})")
-        if secret.get("error"):
-            lines.append(f"       since {secret.get('error_since')}: {secret['error']}")
+        version = (entry.version or "-")[:12]
+        lines.append(f"  {mark:4} {entry.name} -> {', '.join(entry.paths) or '?'} "
+                     f"(version {version}, updated {entry.updated or '-'})")
+        if entry.error:
+            lines.append(f"       since {entry.error_since}: {entry.error}")
     if not running:
         return lines, EXIT_UNAVAILABLE
     # Still starting: the required files may not exist yet, so not healthy.
-    is_starting = document.get("state") == "starting"
-    return lines, (EXIT_FAILURE if required_failing or document.get("error") or is_starting
+    is_starting = snapshot.phase == STARTING
+    return lines, (EXIT_FAILURE if required_failing or snapshot.error or is_starting
                    else EXIT_OK)
 
 
-def _mark(secret: Dict[str, Any]) -> str:
-    if not secret.get("error"):
+def _mark(entry: EntryStatus) -> str:
+    if not entry.error:
         return "ok"
-    return "warn" if secret.get("optional") else "FAIL"
+    return "warn" if entry.is_optional else "FAIL"
 
 
-def _last_run_head(document: Mapping[str, Any]) -> str:
+def _last_run_head(snapshot: StatusSnapshot) -> str:
     """The first line when no agent runs: whose lines these are, and from when."""
-    when = document.get("saved_at") or "an unknown time"
-    run = f"the last run (pid {document.get('pid')})"
-    if document.get("state") == "stopped":
+    when = snapshot.saved_at or "an unknown time"
+    run = f"the last run (pid {snapshot.pid})"
+    if snapshot.phase == STOPPED:
         ended = f"{run} stopped at {when}"
     else:
         ended = (f"{run} ended without stopping cleanly; its last status was written "

@@ -59,6 +59,7 @@ from agent.errors import (
     VaultUnavailableError,
 )
 from agent.retry import Backoff, RetryPolicy, parse_retry_after
+from agent.sources import SecretAttributes, parse_attributes
 from agent.untrusted import escape, load_json
 from agent.vault_list import (
     LIST_PATH,
@@ -100,6 +101,7 @@ class Secret(NamedTuple):
     version: str
     value: bytes
     content_type: Optional[str] = None
+    attributes: SecretAttributes = SecretAttributes()
 
     def __repr__(self) -> str:
         return f"Secret(name={self.name!r}, version={self.version!r}, value=****)"
@@ -201,7 +203,8 @@ def parse_secret_bundle(name: str, body: bytes) -> Secret:
     version = raw_id.rstrip("/").rsplit("/", 1)[-1] if isinstance(raw_id, str) else ""
     content_type = content.get("contentType")
     return Secret(name, escape(version, 64), data,
-                  escape(content_type, 100) if isinstance(content_type, str) else None)
+                  escape(content_type, 100) if isinstance(content_type, str) else None,
+                  parse_attributes(content))
 
 
 def _json_object(body: bytes) -> Dict[str, Any]:

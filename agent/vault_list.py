@@ -23,18 +23,16 @@ deleted".
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
+from agent.sources import SecretAttributes, parse_attributes
 from agent.untrusted import escape
 from agent.vault_url import check_target
 
 LIST_PATH = "/secrets"
 PAGE_SIZE = 25  # maxresults: 1-25, the service's maximum [protocol.md B4]
 MAX_NEXT_LINK_CHARS = 4096  # a real one is ~400 characters
-MAX_TAGS = 50  # Key Vault allows 15 [protocol.md B3]; more is not a vault talking
-MAX_TAG_CHARS = 256  # Key Vault's limit on a tag's name and on its value
-MAX_KID_CHARS = 512
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}\Z")  # [protocol.md B7]
 _VERSION = re.compile(r"[0-9a-zA-Z]{1,64}\Z")
 
@@ -46,25 +44,6 @@ class ListLimits(NamedTuple):
     max_pages: int = 1000
     max_items: int = 10_000
     deadline_s: float = 120.0
-
-
-class SecretAttributes(NamedTuple):
-    """What Key Vault says about a secret besides its value [protocol.md B3].
-
-    Times are epoch seconds. Every field is None when the vault left it out
-    or sent something of the wrong type. ``tags`` is a tuple of (name, value)
-    pairs so the value stays immutable and hashable. (The same value, field
-    for field, as the fetched secret's attributes: one shape for both.)
-    """
-
-    enabled: Optional[bool] = None
-    nbf: Optional[int] = None
-    exp: Optional[int] = None
-    created: Optional[int] = None
-    updated: Optional[int] = None
-    tags: Optional[Tuple[Tuple[str, str], ...]] = None
-    managed: Optional[bool] = None
-    kid: Optional[str] = None
 
 
 class SecretItem(NamedTuple):
@@ -131,49 +110,6 @@ def _name_and_version(raw_id: str, index: int) -> Tuple[str, Optional[str]]:
     if not _VERSION.match(parts[3]):
         raise ValueError(f"item {index}'s id '{escape(raw_id, 100)}' has an invalid version")
     return parts[2], parts[3]
-
-
-def parse_attributes(bundle: Mapping[str, Any]) -> SecretAttributes:
-    """The attributes of a list item or SecretBundle (already JSON): the
-    ``attributes`` object plus ``tags``, ``managed`` and ``kid``.
-
-    Total: whatever shape the vault sent, a field of the wrong type is None,
-    text is escaped and bounded (it can reach a log), tags beyond MAX_TAGS
-    are dropped.
-    """
-    attributes = bundle.get("attributes")
-    if not isinstance(attributes, dict):
-        attributes = {}
-    kid = bundle.get("kid")
-    return SecretAttributes(
-        enabled=_flag(attributes.get("enabled")),
-        nbf=_epoch(attributes.get("nbf")),
-        exp=_epoch(attributes.get("exp")),
-        created=_epoch(attributes.get("created")),
-        updated=_epoch(attributes.get("updated")),
-        tags=_tags(bundle.get("tags")),
-        managed=_flag(bundle.get("managed")),
-        kid=escape(kid, MAX_KID_CHARS) if isinstance(kid, str) else None,
-    )
-
-
-def _flag(value: Any) -> Optional[bool]:
-    return value if isinstance(value, bool) else None
-
-
-def _epoch(value: Any) -> Optional[int]:
-    # bool is an int to Python, not a time to Key Vault.
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
-        return value
-    return None
-
-
-def _tags(value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
-    if not isinstance(value, dict):
-        return None
-    return tuple((escape(name, MAX_TAG_CHARS), escape(text, MAX_TAG_CHARS))
-                 for name, text in list(value.items())[:MAX_TAGS]
-                 if isinstance(name, str) and isinstance(text, str))
 
 
 def check_next_link(link: str, vault: str) -> None:

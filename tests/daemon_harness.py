@@ -32,10 +32,11 @@ STOP_KILL_AFTER_S = 15.0  # a process still alive this long after SIGTERM is kil
 # fail (and the next one start) within seconds instead of 30 s.
 FAST_RETRY_MAIN = (
     "import sys\n"
-    "import agent.daemon as daemon\n"
-    "from agent.retry import RetryPolicy\n"
-    "daemon.REFRESH_RETRY = RetryPolicy(deadline_s=1.0, base_delay_s=0.1, max_delay_s=0.3)\n"
-    "daemon.START_RETRY_S = (0.3, 0.6)\n"
+    "import agent.lifecycle as lifecycle\n"
+    "import agent.retry as retry\n"
+    "retry.REFRESH_RETRY = retry.RetryPolicy(deadline_s=1.0, base_delay_s=0.1,"
+    " max_delay_s=0.3)\n"
+    "lifecycle.START_RETRY_S = (0.3, 0.6)\n"
     "from agent.cli import main\n"
     "sys.exit(main())\n"
 )

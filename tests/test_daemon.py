@@ -20,10 +20,22 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import pytest
 import yaml
@@ -36,7 +48,9 @@ from daemon_harness import (
     wait_for,
 )
 
+from agent.daemon import Daemon
 from agent.emulator import Emulator
+from agent.notify import Notifier
 
 pytestmark = pytest.mark.integration
 
@@ -826,6 +840,24 @@ def test_manifest_edit_is_noticed_without_a_signal(start_agent: StartAgent, vaul
     run.stop()
 
 
+def test_comment_only_edit_keeps_sessions_and_token(start_agent: StartAgent,
+                                                    vault: Vault) -> None:
+    """A manifest edit that only adds comments (moving every entry's line)
+    reloads without a new token: the sessions and the token cache are kept."""
+    value = vault.put("stable")
+    run = start_agent([entry("stable")], refresh="60s")
+    run.wait_ready()
+    assert read(run.directory / "stable") == value
+    tokens_before = vault.emulator.imds_requests
+    replace_file(run.manifest, "# a comment\n# and another\n" + run.manifest.read_text())
+    run.wait_ready(2)
+    run.process.send_signal(signal.SIGHUP)
+    run.wait_ready(3)
+    assert vault.emulator.imds_requests == tokens_before
+    assert len(run.notes.with_key("RELOADING", "1")) == 2
+    run.stop()
+
+
 def test_invalid_manifest_on_reload_keeps_the_old_one(start_agent: StartAgent,
                                                       vault: Vault) -> None:
     """An invalid edit is rejected with a log line and STATUS, and the old manifest keeps refreshing."""
@@ -878,6 +910,39 @@ def test_restart_removes_only_its_own_files_of_dropped_entries(start_agent: Star
     assert all(re.match(r"<[0-7]>", line) for line in second.process.stderr.splitlines())
     second.stop()
     assert sorted(p.name for p in first.directory.iterdir()) == ["stays", "taken-over"]
+
+
+def test_upgrade_reads_the_previous_status_version_and_its_ledger(start_agent: StartAgent,
+                                                                 vault: Vault,
+                                                                 shm_dir: Path) -> None:
+    """An agent upgraded in place finds a version 1 status.json (path -> inode): the
+    ledger survives, so files of dropped entries go only if they are still its own."""
+    values = {name: vault.put(name) for name in ("stays", "goes", "taken-over")}
+    state = shm_dir / "state"
+    first = start_agent([entry("stays"), entry("goes"), entry("taken-over")],
+                        refresh="60s", state_dir=state)
+    first.wait_ready()
+    first.stop()
+    document = first.status_json()
+    assert document["version"] == 2
+    old = dict(document, version=1,
+               written={path: record["inode"] for path, record in document["written"].items()},
+               secrets=[{key: value for key, value in secret.items() if key != "paths"}
+                        for secret in document["secrets"]])
+    (state / "status.json").write_text(json.dumps(old))
+    assert run_cli(["status", "--state-dir", str(state)], env=dict(os.environ)).stdout \
+        .startswith("kv-agent is not running; the last run")
+    replace_file(first.directory / "taken-over", "operator's file now")
+    write_file(first.manifest, manifest_text(vault.url, first.directory, [entry("stays")],
+                                             refresh="60s"))
+    second = start_agent(state_dir=state)
+    second.wait_ready()
+    assert not (first.directory / "goes").exists()
+    assert read(first.directory / "taken-over") == "operator's file now"
+    assert read(first.directory / "stays") == values["stays"]
+    written = second.status_json()["written"]
+    assert list(written) == [str(first.directory / "stays")]
+    second.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -1100,3 +1165,34 @@ def test_hostile_manifest_edits_keep_the_previous_manifest(start_agent: StartAge
     run.wait_content("steady", new)
     assert "Traceback" not in run.process.stderr
     run.stop()
+
+
+# ---------------------------------------------------------------------------
+# In-process: the threads' contract (no subprocess)
+
+
+class _RecordingNotifier(Notifier):
+    """Records which thread sent each STATUS= line."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.sent: List[Tuple[int, str]] = []
+
+    def status(self, text: str) -> None:
+        self.sent.append((threading.get_ident(), text))
+
+
+def test_retry_notices_reach_systemd_from_the_main_thread(tmp_path: Path) -> None:
+    """A retry in the refresh thread only posts a notice: the main thread records it,
+    sends STATUS= and writes status.json (the main thread owns all state)."""
+    notifier = _RecordingNotifier()
+    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
+                    notifier=notifier)
+    worker = threading.Thread(target=daemon._on_retry, args=("IMDS (410)", 2, 1.0))
+    worker.start()
+    worker.join()
+    assert notifier.sent == [] and not (tmp_path / "status.json").exists()
+    daemon._handle_messages()
+    assert notifier.sent == [(threading.get_ident(), "retrying IMDS (410) (attempt 2)")]
+    saved = json.loads((tmp_path / "status.json").read_text())
+    assert saved["status"] == "retrying IMDS (410) (attempt 2)" and saved["state"] == "starting"

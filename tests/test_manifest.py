@@ -83,14 +83,14 @@ def test_good_manifest_parses_to_frozen_values() -> None:
     assert manifest.refresh_interval_s == 900
     assert manifest.identity.selector == "client_id"
     db, tls = manifest.secrets
-    assert (db.path, db.uid, db.gid, db.mode, db.is_optional) == (
-        "/run/secrets/db-password", 110, 120, 0o440, False)
-    assert (tls.path, tls.uid, tls.gid, tls.mode, tls.is_optional) == (
-        "/run/secrets/nginx/tls.key", 111, 121, 0o400, True)
-    assert tls.version == "0123456789abcdef0123456789abcdef"
-    assert db.vault == manifest.vault
+    assert (db.primary.path, db.primary.uid, db.primary.gid, db.primary.mode,
+            db.is_optional) == ("/run/secrets/db-password", 110, 120, 0o440, False)
+    assert (tls.primary.path, tls.primary.uid, tls.primary.gid, tls.primary.mode,
+            tls.is_optional) == ("/run/secrets/nginx/tls.key", 111, 121, 0o400, True)
+    assert tls.source.version == "0123456789abcdef0123456789abcdef"
+    assert db.source.vault == manifest.vault
     with pytest.raises(AttributeError):
-        db.mode = 0o777  # type: ignore[misc]
+        db.primary.mode = 0o777  # type: ignore[misc]
 
 
 def test_defaults_are_safe() -> None:
@@ -98,7 +98,7 @@ def test_defaults_are_safe() -> None:
     manifest = parse_manifest("vault: https://kv.vault.azure.net\nsecrets:\n  - name: api\n",
                               "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
     (secret,) = manifest.secrets
-    assert (secret.path, secret.uid, secret.gid, secret.mode) == ("/run/secrets/api", 0, 0, 0o400)
+    assert secret.primary[:4] == ("/run/secrets/api", 0, 0, 0o400)
     assert manifest.identity.selector is None
     assert manifest.directory == "/run/secrets"
 
@@ -197,7 +197,7 @@ def test_numeric_owner_need_not_exist() -> None:
     """A numeric uid/gid is taken as given (DynamicUser= services)."""
     manifest = parse_manifest(entry(owner="61234", group='"61235"'), "m.yaml",
                               accounts=ACCOUNTS, check_filesystem=False)
-    assert (manifest.secrets[0].uid, manifest.secrets[0].gid) == (61234, 61235)
+    assert (manifest.secrets[0].primary.uid, manifest.secrets[0].primary.gid) == (61234, 61235)
 
 
 def test_two_entries_one_path() -> None:
@@ -228,7 +228,7 @@ def test_per_entry_vault_makes_top_vault_optional() -> None:
     """When every entry names its vault, the top-level vault may be omitted."""
     text = "secrets:\n  - name: a\n    vault: https://a.vault.azure.net/\n"
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    assert manifest.secrets[0].vault == "https://a.vault.azure.net"
+    assert manifest.secrets[0].source.vault == "https://a.vault.azure.net"
 
 
 @pytest.mark.parametrize("value, seconds", [
@@ -572,7 +572,7 @@ def test_plausible_account_names_are_looked_up(name: str) -> None:
     spy = Accounts(user=lambda n: seen.append(n) or 1000, group=lambda n: 1000)
     manifest = parse_manifest(ENTRY + f"    owner: '{name}'\n", "m.yaml", accounts=spy,
                               check_filesystem=False)
-    assert manifest.secrets[0].uid == 1000 and seen == [name]
+    assert manifest.secrets[0].primary.uid == 1000 and seen == [name]
 
 
 def test_merge_keys_and_small_aliases_still_work() -> None:
@@ -581,7 +581,7 @@ def test_merge_keys_and_small_aliases_still_work() -> None:
             "  - &base {name: a, owner: postgres, group: postgres, mode: \"0440\"}\n"
             "  - <<: *base\n    name: b\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    assert [(s.name, s.uid, s.mode) for s in manifest.secrets] == [("a", 110, 0o440),
+    assert [(s.name, s.primary.uid, s.primary.mode) for s in manifest.secrets] == [("a", 110, 0o440),
                                                                     ("b", 110, 0o440)]
 
 
@@ -716,11 +716,26 @@ def test_all_digit_version_is_taken_as_written() -> None:
     for digits in ("12345678901234567890123456789012", "01234567012345670123456701234567"):
         manifest = parse_manifest(ENTRY + f"    version: {digits}\n", "m.yaml",
                                   accounts=ACCOUNTS, check_filesystem=False)
-        assert manifest.secrets[0].version == digits
+        assert manifest.secrets[0].source.version == digits
 
 
 def test_all_digit_secret_name_is_taken_as_written() -> None:
     """Key Vault allows all-digit names: ``name: 0755`` is the secret '0755', not 493."""
     manifest = parse_manifest("vault: https://kv.vault.azure.net\nsecrets:\n  - name: 0755\n",
                               "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    assert (manifest.secrets[0].name, manifest.secrets[0].path) == ("0755", "/run/secrets/0755")
+    assert (manifest.secrets[0].name, manifest.secrets[0].key) == ("0755", "/run/secrets/0755")
+
+
+def test_comments_do_not_change_the_manifest() -> None:
+    """Entries compare without their line numbers: a comment-only edit is the same
+    manifest (so a reload keeps sessions and token), a real edit is not."""
+    text = "vault: https://kv.vault.azure.net\nsecrets:\n  - name: api\n  - name: db\n"
+    before = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    after = parse_manifest("# owner: platform team\n\n" + text, "m.yaml", accounts=ACCOUNTS,
+                           check_filesystem=False)
+    assert after.secrets[0].line == before.secrets[0].line + 2
+    assert after == before and not after != before
+    assert hash(after.secrets) == hash(before.secrets)
+    moved = parse_manifest(text.replace("name: db", "name: db\n    mode: '0440'"), "m.yaml",
+                           accounts=ACCOUNTS, check_filesystem=False)
+    assert moved != before

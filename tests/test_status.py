@@ -6,11 +6,24 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Mapping, Tuple
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from agent.state import StateStore, read_written, state_dir
-from agent.status import render_status
+from agent.ledger import Written
+from agent.snapshot import (
+    READY,
+    EntryStatus,
+    StatusSnapshot,
+    parse_snapshot,
+    read_written,
+)
+from agent.state import StateStore, state_dir
+from agent.status import render_status as render_snapshot
+
+
+def render_status(document: Mapping[str, Any], path: str) -> Tuple[List[str], int]:
+    """What `kv-agent status` shows for a loaded status.json."""
+    return render_snapshot(parse_snapshot(document), path)
 
 
 def document(**overrides: Any) -> Dict[str, Any]:
@@ -64,7 +77,7 @@ def test_state_store_replaces_atomically(tmp_path: Path) -> None:
     assert os.stat(store.path).st_ino != first
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
     assert os.listdir(tmp_path / "state") == ["status.json"]
-    assert read_written(store.load()) == {"/run/secrets/db": 13}
+    assert read_written(store.load()) == (Written("/run/secrets/db", 13),)
 
 
 def test_unreadable_state_is_empty(tmp_path: Path) -> None:
@@ -105,3 +118,42 @@ def test_dead_agent_shows_its_last_status_time() -> None:
                                "ended without stopping cleanly; its last status was written at "
                                "2026-11-24T14:03:00Z; the lines below are from then")
     assert any(line.startswith("  was ok   db") for line in lines)
+
+
+def test_version_2_round_trips_and_lists_every_path() -> None:
+    """A version 2 snapshot reads back equal, keyed by entry with all its paths."""
+    snapshot = StatusSnapshot(
+        pid=os.getpid(), phase=READY, saved_at="2026-11-24T14:02:11Z", status="1 secret current",
+        manifest="/etc/kv-agent/manifest.yaml",
+        entries=(EntryStatus("tls", ("/run/secrets/tls.key", "/run/secrets/tls.crt"),
+                             "https://a.vault.azure.net", version="b" * 32),),
+        written=(Written("/run/secrets/tls.crt", 8, "/run/secrets/tls.key"),
+                 Written("/run/secrets/tls.key", 7, "/run/secrets/tls.key")),
+        refresh_interval_s=900.0)
+    document = json.loads(json.dumps(snapshot.as_json()))
+    assert document["version"] == 2 and document["secrets"][0]["path"] == "/run/secrets/tls.key"
+    assert parse_snapshot(document) == snapshot
+    lines, code = render_status(document, "x")
+    assert code == EXIT_OK
+    assert any("tls -> /run/secrets/tls.key, /run/secrets/tls.crt" in line for line in lines)
+
+
+def test_version_1_ledger_survives_an_upgrade() -> None:
+    """An old agent's status.json (path -> inode) still yields its ledger and entries."""
+    old = document(written={"/run/secrets/db": 12, "/run/secrets/gone": 14, "bad": "x"})
+    snapshot = parse_snapshot(old)
+    assert snapshot is not None and snapshot.version == 1
+    assert snapshot.written == (Written("/run/secrets/db", 12), Written("/run/secrets/gone", 14))
+    assert [e.paths for e in snapshot.entries] == [("/run/secrets/db",), ("/run/secrets/flag",)]
+
+
+def test_damaged_documents_read_as_values_or_nothing() -> None:
+    """Odd types in status.json never crash the reader; unknown versions read as none."""
+    assert parse_snapshot({"version": 99, "pid": 1}) is None
+    assert parse_snapshot({"pid": 1}) is None
+    odd = parse_snapshot({"version": 2, "pid": "1", "state": 3, "secrets": [1, {"paths": 5}],
+                          "written": {"/a": {"inode": "x"}, "/b": True},
+                          "refresh_interval_s": True})
+    assert odd is not None and odd.pid is None and odd.written == ()
+    assert odd.entries == (EntryStatus("?", ()),) and odd.refresh_interval_s is None
+    assert render_snapshot(odd, "x")[1] == EXIT_UNAVAILABLE

@@ -98,7 +98,7 @@ def test_known_cloud_vault_needs_no_challenge() -> None:
     session = FakeSession(bundle())
     tokens = Tokens()
     secret = client(session, tokens).fetch_secret(SecretRequest(VAULT, "db"))
-    assert secret == Secret("db", VERSION, b"s3cr3t", None)
+    assert secret[:4] == ("db", VERSION, b"s3cr3t", None)
     assert tokens.calls == [("https://vault.azure.net", False)]
     (sent,) = session.sent
     assert sent.url == f"{VAULT}/secrets/db"

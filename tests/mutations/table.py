@@ -37,6 +37,7 @@ DAEMON = "tests/test_daemon.py"
 CLI = "tests/test_cli_integration.py"
 RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
+LIFECYCLE = "tests/test_lifecycle.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -148,8 +149,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "value-in-write-log-line",
         "logs never contain a secret value (the 'wrote' line names the version)",
         "agent/agent.py",
-        "fetched.version, entry.owner, entry.group, entry.mode)",
-        "fetched.value, entry.owner, entry.group, entry.mode)",
+        "fetched.version, output.owner, output.group, output.mode)",
+        "fetched.value, output.owner, output.group, output.mode)",
         (f"{CLI}::test_once_writes_every_secret_byte_for_byte_with_owner_group_and_mode"
          "[default]",),
     ),
@@ -236,7 +237,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "agent/agent.py",
         "            return SecretOutcome(entry, error=fetched)",
         "            return SecretOutcome(entry, error=fetched, "
-        "changed=self.writer.remove(entry.path))",
+        "changed_paths=entry.paths if self.writer.remove(entry.key) else ())",
         (f"{CLI}::test_once_failures_name_each_secret_and_keep_its_file",),
     ),
     # -- the manifest --------------------------------------------------------
@@ -311,10 +312,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "ready-without-files",
         "READY=1 only when every non-optional secret's file is on disk",
-        "agent/daemon.py",
-        "if not self._is_ready and self._has_every_required_file():",
-        "if not self._is_ready:",
-        (f"{DAEMON}::test_no_ready_while_imds_refuses_connections",),
+        "agent/lifecycle.py",
+        "    if not state.is_ready and has_every_required_file():",
+        "    if not state.is_ready:",
+        (f"{DAEMON}::test_no_ready_while_imds_refuses_connections",
+         f"{LIFECYCLE}::test_no_ready_while_a_required_file_is_missing"),
         # Survived the suite before issue 9: no test watched READY while IMDS was down.
     ),
     Mutation(
@@ -329,18 +331,19 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "foreign-file-removed",
         "when a secret leaves the manifest its file is deleted only if it is still the file "
         "the agent wrote",
-        "agent/daemon.py",
-        "        if not self._is_our_file(path):",
+        "agent/ledger.py",
+        "        if not self.is_ours(path):",
         "        if False:",
         (f"{DAEMON}::test_restart_removes_only_its_own_files_of_dropped_entries",),
     ),
     Mutation(
         "hook-at-first-write",
         "on_change runs after a file changes, never at the first write at start",
-        "agent/daemon.py",
-        "        if self._is_ready and current:",
-        "        if current:",
-        (f"{DAEMON}::test_on_change_hooks_run_once_per_change_never_at_start",),
+        "agent/lifecycle.py",
+        "    run_hooks = state.is_ready and is_current",
+        "    run_hooks = is_current",
+        (f"{DAEMON}::test_on_change_hooks_run_once_per_change_never_at_start",
+         f"{LIFECYCLE}::test_hooks_run_only_once_ready_and_for_the_current_manifest"),
     ),
     Mutation(
         "sigterm-ignored",

@@ -1,0 +1,149 @@
+"""The daemon's lifecycle as a small state machine: pure decisions of
+(state, event, clock).
+
+Phases: ``starting`` -> ``ready`` <-> ``reloading`` (and ``stopped`` at the
+end; names in :mod:`agent.snapshot`). Each function here takes the current
+:class:`Lifecycle`, one event and the monotonic time, and returns the next
+state plus what the daemon must do about it (announce READY=1, start a
+refresh, run hooks). Nothing here reads a clock, a file or a socket, so
+every rule is unit-tested with plain numbers (tests/test_lifecycle.py); the
+daemon (:mod:`agent.daemon`) performs the actions.
+
+The rules:
+
+* READY=1 is sent once, after the first refresh that leaves every required
+  file on disk, checked file by file by the caller (``has_every_required_file``),
+  never inferred from an absence of errors (issue 9). A reload ends with
+  READY=1 again only when the agent was ready before.
+* Refreshes never overlap: one asked for during a refresh runs right after
+  it. The next refresh is the interval with jitter; after a failure, sooner,
+  backing off: 1, 2, 4 ... s (up to 30 s) while starting, 5, 10, 20 ... s
+  (up to the interval) once ready.
+* ``on_change`` hooks run only for changes after READY, and only for a
+  refresh of the current manifest.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple
+
+from agent.snapshot import READY, RELOADING, STARTING, STOPPED
+
+START_RETRY_S = (1.0, 30.0)  # first and largest delay while waiting to be ready
+FAILURE_RETRY_S = 5.0  # a failing refresh retries after 5, 10, 20 ... s, up to the interval
+MIN_DELAY_S = 0.5  # jitter never brings two refreshes closer than this
+STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
+
+
+class Lifecycle(NamedTuple):
+    """Where the daemon stands. Times are monotonic seconds."""
+
+    phase: str = STARTING
+    is_ready: bool = False
+    is_syncing: bool = False
+    sync_started: float = 0.0
+    sync_again: bool = False  # a refresh was asked for during the running one
+    ready_after_sync: bool = False  # a reload waits for its refresh to say READY=1
+    failing_streak: int = 0
+    next_refresh: Optional[float] = None
+
+
+class Finished(NamedTuple):
+    """What to do once a refresh has finished."""
+
+    state: Lifecycle
+    start_sync: bool  # start another refresh now
+    announce_ready: bool  # READY=1 (else STATUS= only)
+    became_ready: bool  # the first READY=1 of this run
+    run_hooks: bool
+
+
+def start_sync(state: Lifecycle, now: float) -> Tuple[Lifecycle, bool]:
+    """A refresh is wanted: start it (True), or queue it after the running one."""
+    if state.is_syncing:
+        return state._replace(sync_again=True), False
+    return state._replace(is_syncing=True, sync_started=now, next_refresh=None), True
+
+
+def is_refresh_due(state: Lifecycle, now: float) -> bool:
+    """The timer's refresh is due and none is running."""
+    return (not state.is_syncing and state.next_refresh is not None
+            and now >= state.next_refresh)
+
+
+def is_healthy(state: Lifecycle, now: float) -> bool:
+    """The loop runs and no refresh is stuck: worth a WATCHDOG=1."""
+    return not state.is_syncing or now - state.sync_started < STUCK_AFTER_S
+
+
+def sync_abandoned(state: Lifecycle) -> Lifecycle:
+    """A refresh was interrupted by a stop: nothing else changes."""
+    return state._replace(is_syncing=False)
+
+
+def sync_finished(
+    state: Lifecycle, *, is_failing: bool, is_current: bool,
+    has_every_required_file: Callable[[], bool], now: float, interval_s: float,
+    jitter: float, rng: float,
+) -> Finished:
+    """The decisions after a refresh. ``is_current``: it ran for the manifest
+    still in use (not one a reload replaced meanwhile). ``rng`` in [0, 1)
+    places the jitter. ``has_every_required_file`` is called only while not
+    ready: it looks at the files, which costs a stat per entry."""
+    run_hooks = state.is_ready and is_current
+    state = state._replace(is_syncing=False)
+    again = state.sync_again or not is_current
+    if again:
+        state = state._replace(sync_again=False, is_syncing=True, sync_started=now,
+                        next_refresh=None)
+    else:
+        delay = refresh_delay(state, is_failing, interval_s, jitter, rng)
+        state = state._replace(next_refresh=now + delay,
+                        failing_streak=state.failing_streak + 1 if is_failing else 0)
+    if not state.is_ready and has_every_required_file():
+        state = state._replace(is_ready=True, ready_after_sync=False, phase=READY)
+        return Finished(state, again, True, True, run_hooks)
+    if state.ready_after_sync and not state.is_syncing and state.is_ready:
+        state = state._replace(ready_after_sync=False, phase=READY)  # a reload is finished
+        return Finished(state, again, True, False, run_hooks)
+    return Finished(state, again, False, False, run_hooks)
+
+
+def refresh_delay(state: Lifecycle, is_failing: bool, interval_s: float, jitter: float,
+                  rng: float) -> float:
+    """Seconds to the next refresh: the interval with jitter, sooner (backing
+    off) after failures; never below MIN_DELAY_S."""
+    streak = state.failing_streak
+    if not state.is_ready and is_failing:
+        first, largest = START_RETRY_S
+        delay = min(largest, first * 2.0 ** streak, interval_s)
+    elif is_failing:
+        delay = min(interval_s, FAILURE_RETRY_S * 2.0 ** streak)
+    else:
+        delay = interval_s
+    delay *= 1 + jitter * (2 * rng - 1)
+    return max(delay, MIN_DELAY_S)
+
+
+def reload_started(state: Lifecycle) -> Lifecycle:
+    """RELOADING=1 was sent; the manifest is being re-read."""
+    return state._replace(phase=RELOADING)
+
+
+def reload_accepted(state: Lifecycle) -> Lifecycle:
+    """The new manifest is in use; its refresh will end the reload."""
+    return state._replace(ready_after_sync=True)
+
+
+def reload_rejected(state: Lifecycle) -> Tuple[Lifecycle, bool]:
+    """The edit was refused and the old manifest kept; True: announce READY=1
+    again. Not when the agent never was ready: a READY=1 now would announce
+    files that may not exist (the first real READY=1 ends the reload)."""
+    if state.is_ready:
+        return state._replace(phase=READY), True
+    return state._replace(phase=STARTING), False
+
+
+def stopped(state: Lifecycle) -> Lifecycle:
+    """STOPPING=1 was sent: no refresh will come."""
+    return state._replace(phase=STOPPED, next_refresh=None)

@@ -1,0 +1,61 @@
+"""The ledger of written files: a file is removed only while it is still the agent's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.ledger import Ledger, Written, writer_root_for
+
+
+def test_records_inode_and_entry_of_a_written_file(shm_dir: Path) -> None:
+    """record() notes the regular file's inode and its entry; a missing file is forgotten."""
+    path = shm_dir / "db"
+    path.write_text("x")
+    ledger = Ledger()
+    ledger.record(str(path), "/key")
+    assert ledger.records() == (Written(str(path), os.lstat(path).st_ino, "/key"),)
+    assert ledger.is_ours(str(path))
+    path.unlink()
+    ledger.record(str(path), "/key")
+    assert ledger.records() == ()
+
+
+def test_a_replaced_file_is_not_ours_and_survives_removal(shm_dir: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """A file replaced (new inode) or turned into a symlink is left alone and forgotten."""
+    caplog.set_level("INFO")
+    ours, swapped, linked = (shm_dir / name for name in ("ours", "swapped", "linked"))
+    for path in (ours, swapped, linked):
+        path.write_text("agent")
+    ledger = Ledger()
+    for path in (ours, swapped, linked):
+        ledger.record(str(path), str(path))
+    (shm_dir / "new").write_text("operator")
+    os.replace(shm_dir / "new", swapped)
+    linked.unlink()
+    linked.symlink_to(ours)
+    for path in (swapped, linked, ours):
+        ledger.remove(str(shm_dir), str(path))
+    assert swapped.read_text() == "operator" and linked.is_symlink()
+    assert not ours.exists()
+    assert ledger.records() == ()
+    assert f"not removing {swapped}" in caplog.text and f"removed {ours}" in caplog.text
+
+
+def test_orphans_are_recorded_paths_no_output_keeps() -> None:
+    """orphans() lists recorded paths absent from the kept outputs, sorted."""
+    ledger = Ledger([Written("/run/secrets/b", 2), Written("/run/secrets/a", 1, "/a"),
+                     Written("/run/secrets/c", 3)])
+    assert ledger.orphans(["/run/secrets/c"]) == ("/run/secrets/a", "/run/secrets/b")
+    assert ledger.inode("/run/secrets/a") == 1 and ledger.inode("/nope") is None
+
+
+def test_writer_root_for_an_old_directory() -> None:
+    """A path outside the manifest's directory is removed from under its own parent."""
+    assert writer_root_for("/run/secrets/x/y", "/run/secrets") == "/run/secrets"
+    assert writer_root_for("/run/old/y", "/run/secrets") == "/run/old"
+    assert writer_root_for("/run/secrets-2/y", "/run/secrets") == "/run/secrets-2"

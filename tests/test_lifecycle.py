@@ -1,0 +1,177 @@
+"""The daemon's lifecycle decisions, as pure functions of (state, event, clock).
+
+Every test drives :mod:`agent.lifecycle` with plain numbers for the monotonic
+clock and the jitter draw: no process, no thread, no sleep."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import lifecycle
+from agent.lifecycle import FAILURE_RETRY_S, START_RETRY_S, STUCK_AFTER_S, Lifecycle
+from agent.snapshot import READY, RELOADING, STARTING, STOPPED
+
+INTERVAL_S = 900.0
+
+
+def finish(state: Lifecycle, now: float, *, is_failing: bool = False, is_current: bool = True,
+           has_files: bool = True, rng: float = 0.5, jitter: float = 0.0) -> lifecycle.Finished:
+    return lifecycle.sync_finished(state, is_failing=is_failing, is_current=is_current,
+                                   has_every_required_file=lambda: has_files, now=now,
+                                   interval_s=INTERVAL_S, jitter=jitter, rng=rng)
+
+
+def started(state: Lifecycle, now: float) -> Lifecycle:
+    state, start = lifecycle.start_sync(state, now)
+    assert start
+    return state
+
+
+def test_first_refresh_with_every_file_makes_ready() -> None:
+    """A refresh that leaves every required file on disk says READY=1 once and
+    schedules the next at the interval."""
+    state = started(Lifecycle(), now=10.0)
+    assert (state.phase, state.is_syncing, state.next_refresh) == (STARTING, True, None)
+    done = finish(state, now=11.0)
+    assert done.announce_ready and done.became_ready and not done.start_sync
+    assert done.state.phase == READY and done.state.is_ready
+    assert done.state.next_refresh == 11.0 + INTERVAL_S
+    again = finish(started(done.state, now=911.0), now=912.0)
+    assert not again.announce_ready and not again.became_ready
+
+
+def test_no_ready_while_a_required_file_is_missing() -> None:
+    """Without every required file (IMDS down: no per-secret error at all) there is
+    no READY=1, however the refresh went."""
+    for is_failing in (True, False):
+        done = finish(started(Lifecycle(), 0.0), now=1.0, is_failing=is_failing,
+                      has_files=False)
+        assert not done.announce_ready and not done.state.is_ready
+        assert done.state.phase == STARTING
+
+
+def test_files_are_looked_at_only_until_ready() -> None:
+    """Once ready, no refresh stats the files again (the hot path stays cheap)."""
+    ready = finish(started(Lifecycle(), 0.0), now=1.0).state
+
+    def never() -> bool:
+        raise AssertionError("looked at the files after READY")
+
+    lifecycle.sync_finished(started(ready, 2.0), is_failing=False, is_current=True,
+                            has_every_required_file=never, now=3.0, interval_s=INTERVAL_S,
+                            jitter=0.0, rng=0.5)
+
+
+def test_start_up_failures_back_off_from_one_to_thirty_seconds() -> None:
+    """While starting, failing refreshes retry after 1, 2, 4 ... s, at most 30 s."""
+    state, now, delays = Lifecycle(), 0.0, []
+    for _ in range(7):
+        done = finish(started(state, now), now, is_failing=True, has_files=False)
+        assert done.state.next_refresh is not None
+        delays.append(done.state.next_refresh - now)
+        state, now = done.state, done.state.next_refresh
+    first, largest = START_RETRY_S
+    assert delays == [first, 2 * first, 4 * first, 8 * first, 16 * first, largest, largest]
+
+
+def test_failures_once_ready_back_off_up_to_the_interval_and_reset() -> None:
+    """Once ready, failures retry after 5, 10, 20 ... s up to the interval; a good
+    refresh goes back to the interval."""
+    state = finish(started(Lifecycle(), 0.0), 0.0).state
+    delays = []
+    now = 0.0
+    for _ in range(10):
+        state = finish(started(state, now), now, is_failing=True).state
+        assert state.next_refresh is not None
+        delays.append(state.next_refresh - now)
+    assert delays[:3] == [FAILURE_RETRY_S, 2 * FAILURE_RETRY_S, 4 * FAILURE_RETRY_S]
+    assert max(delays) == INTERVAL_S
+    state = finish(started(state, now), now).state
+    assert state.failing_streak == 0 and state.next_refresh == now + INTERVAL_S
+
+
+@pytest.mark.parametrize("rng,factor", [(0.0, 0.9), (0.5, 1.0), (0.999999, 1.1)])
+def test_jitter_spreads_the_interval_either_way(rng: float, factor: float) -> None:
+    """A 10% jitter places the next refresh within +-10% of the interval."""
+    state = finish(started(Lifecycle(), 0.0), 0.0, rng=rng, jitter=0.10).state
+    assert state.next_refresh == pytest.approx(INTERVAL_S * factor, rel=1e-5)
+
+
+def test_delay_never_below_half_a_second() -> None:
+    """Whatever the interval and jitter, refreshes are at least 0.5 s apart."""
+    assert lifecycle.refresh_delay(Lifecycle(is_ready=True), False, 0.1, 0.5, 0.0) == 0.5
+
+
+def test_refreshes_never_overlap_one_asked_for_meanwhile_follows() -> None:
+    """A refresh asked for while one runs is queued, then started when it finishes,
+    with no timer set meanwhile."""
+    state = started(Lifecycle(), 0.0)
+    state, start = lifecycle.start_sync(state, 0.5)
+    assert not start and state.sync_again
+    done = finish(state, 1.0)
+    assert done.start_sync and done.state.is_syncing and not done.state.sync_again
+    assert done.state.next_refresh is None and done.state.sync_started == 1.0
+
+
+def test_refresh_for_a_replaced_manifest_is_redone_and_runs_no_hooks() -> None:
+    """A refresh that finished for a manifest a reload replaced starts another,
+    and its changes trigger no hook."""
+    ready = finish(started(Lifecycle(), 0.0), 0.0).state
+    done = finish(started(ready, 1.0), 2.0, is_current=False)
+    assert done.start_sync and not done.run_hooks
+
+
+def test_hooks_run_only_once_ready_and_for_the_current_manifest() -> None:
+    """The first refresh (before READY) runs no hook; later ones do."""
+    first = finish(started(Lifecycle(), 0.0), 0.0)
+    assert not first.run_hooks
+    assert finish(started(first.state, 1.0), 1.0).run_hooks
+
+
+def test_reload_says_ready_again_after_its_refresh() -> None:
+    """reloading -> (refresh) -> READY=1 again, once the reload's refresh is done."""
+    ready = finish(started(Lifecycle(), 0.0), 0.0).state
+    reloading = lifecycle.reload_accepted(lifecycle.reload_started(ready))
+    assert reloading.phase == RELOADING
+    done = finish(started(reloading, 5.0), 6.0)
+    assert done.announce_ready and not done.became_ready
+    assert done.state.phase == READY and not done.state.ready_after_sync
+
+
+def test_rejected_reload_announces_ready_only_when_it_was_ready() -> None:
+    """A rejected edit ends the reload: READY=1 if the agent was ready, else it
+    stays starting (a READY=1 then would announce files that may not exist)."""
+    ready = finish(started(Lifecycle(), 0.0), 0.0).state
+    state, announce = lifecycle.reload_rejected(lifecycle.reload_started(ready))
+    assert announce and state.phase == READY
+    state, announce = lifecycle.reload_rejected(lifecycle.reload_started(Lifecycle()))
+    assert not announce and state.phase == STARTING
+
+
+def test_timer_is_due_only_when_idle_and_past_the_deadline() -> None:
+    """The timer fires at next_refresh, never while a refresh runs."""
+    state = finish(started(Lifecycle(), 0.0), 0.0).state
+    assert not lifecycle.is_refresh_due(state, INTERVAL_S - 0.001)
+    assert lifecycle.is_refresh_due(state, INTERVAL_S)
+    assert not lifecycle.is_refresh_due(started(state, INTERVAL_S), INTERVAL_S + 1)
+
+
+def test_watchdog_is_withheld_for_a_stuck_refresh() -> None:
+    """WATCHDOG=1 stops once one refresh has run for STUCK_AFTER_S."""
+    state = started(Lifecycle(), 100.0)
+    assert lifecycle.is_healthy(state, 100.0 + STUCK_AFTER_S - 1)
+    assert not lifecycle.is_healthy(state, 100.0 + STUCK_AFTER_S)
+    assert lifecycle.is_healthy(lifecycle.sync_abandoned(state), 1e9)
+
+
+def test_stop_clears_the_next_refresh() -> None:
+    """After STOPPING=1 the phase is stopped and no refresh is announced."""
+    state = lifecycle.stopped(finish(started(Lifecycle(), 0.0), 0.0).state)
+    assert (state.phase, state.next_refresh) == (STOPPED, None)
+
+
+def test_states_are_immutable() -> None:
+    """A Lifecycle is a value: decisions return new states."""
+    state = Lifecycle()
+    with pytest.raises(AttributeError):
+        state.phase = READY  # type: ignore[misc]
