@@ -18,8 +18,8 @@ from agent.errors import VaultError, VaultForbiddenError, VaultUnavailableError
 from agent.identity import token_source
 from agent.identity_selector import Identity
 from agent.retry import RetryPolicy
-from agent.vault import MAX_BODY_BYTES, VaultClient, new_session
 from agent.sources import SecretAttributes, parse_attributes
+from agent.vault import MAX_BODY_BYTES, VaultClient, new_session
 from agent.vault_list import ListLimits, check_next_link, parse_item, parse_page
 
 VAULT = "https://contoso.vault.azure.net"
