@@ -362,7 +362,7 @@ class Writer:
             if stat.S_ISDIR(st.st_mode):
                 raise WriteError(f"{path} is a directory; not removing it")
             os.unlink(name, dir_fd=dir_fd)
-            os.fsync(dir_fd)
+            _sync_directory(dir_fd)
             return True
         except FileNotFoundError:
             return False
@@ -513,7 +513,7 @@ class Writer:
         except BaseException:
             _unlink_quietly(temp, dir_fd)
             raise
-        os.fsync(dir_fd)  # (8)
+        _sync_directory(dir_fd)  # (8)
 
     def remove_empty_parents(self, path: str) -> List[str]:
         """After ``path`` was removed: rmdir the directories between it and the
@@ -563,6 +563,22 @@ def _device_of(name: str, dir_fd: int) -> Optional[int]:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_dev
     except OSError:
         return None
+
+
+def _sync_directory(dir_fd: int) -> None:
+    """fsync(2) a directory after a rename or unlink in it.
+
+    The rename or unlink is the commit point: once it returned, the change is
+    visible to every reader and cannot be undone. On tmpfs and ramfs (the only
+    file systems the writer accepts) nothing ever reaches a disk, so the sync
+    adds no durability; should it fail anyway, reporting the write as failed
+    would be false. So a failure is ignored, rather than leaking a bare
+    OSError past the WriteError contract.
+    """
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

@@ -1266,3 +1266,21 @@ def test_file_spec_repr_never_shows_the_content() -> None:
     for text in (repr(spec), str(spec), repr([spec])):
         assert SECRET.decode() not in text and "content=****" in text
         assert "/run/secrets/db" in text and "0o440" in text
+
+
+def is_directory_fd(fd: int, *args: Any, **kwargs: Any) -> bool:
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def test_directory_fsync_failure_after_the_rename_is_not_a_failed_write(
+        writer: Writer, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing fsync of the directory after the rename (the commit point) neither raises a
+    bare OSError nor reports a write that happened as failed: apply and remove both succeed."""
+    target = root / "sub" / "secret"
+    writer.apply(spec_for(root, "sub/secret", b"old value"))
+    error = OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(os, "fsync", failing(error, os.fsync, is_directory_fd))
+    assert writer.apply(spec_for(root, "sub/secret", SECRET, mode=0o400)).changed
+    assert state_of(target) == (SECRET, 0o400, *ME)
+    assert writer.remove(str(target))
+    assert not os.path.lexists(target)

@@ -1,0 +1,92 @@
+"""The architecture, checked rather than hoped for.
+
+* The import contracts in ``pyproject.toml`` ([tool.importlinter]): the agent
+  never imports the emulator, the writer knows no Azure, errors import nothing
+  of ours, the manifest makes no network call, pipeline values do no I/O, and
+  data flows one way. ``lint-imports`` runs here, so a broken contract fails
+  the suite with the offending import chain in the message.
+* Only ``agent/cli.py`` prints to users or ends the process: no other module
+  of the agent calls ``print``, ``sys.exit``, ``exit``, ``quit`` or
+  ``os._exit``, nor raises ``SystemExit`` (``__main__`` hands main()'s code on).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT = REPO / "agent"
+EXIT_CALLS = {("sys", "exit"), ("os", "_exit")}
+BARE_CALLS = {"print", "exit", "quit"}
+
+
+def _lint_imports() -> str:
+    """The lint-imports command of this interpreter's environment."""
+    beside = Path(sys.executable).parent / "lint-imports"
+    found = str(beside) if beside.exists() else shutil.which("lint-imports")
+    if found is None:
+        pytest.fail("lint-imports is missing: install the test extras (pip install '.[test]')")
+    return found
+
+
+def test_import_contracts_hold() -> None:
+    """Every import contract in pyproject.toml is kept; a broken one is named with its chain."""
+    done = subprocess.run([_lint_imports(), "--no-cache"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report[report.find("Broken contracts"):] or report
+    assert re.search(r"Contracts: (\d+) kept, 0 broken", report), report
+
+
+def _agent_modules() -> List[str]:
+    """Every module of the agent proper (not the emulator package)."""
+    return sorted("agent" if path.name == "__init__.py" else f"agent.{path.stem}"
+                  for path in AGENT.glob("*.py"))
+
+
+def test_the_emulator_contract_covers_every_module_but_the_cli() -> None:
+    """The 'emulator-apart' contract lists every agent module except cli as a source, so a
+    new module cannot import the emulator unnoticed."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11 and later")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    contracts = {c["id"]: c for c in config["tool"]["importlinter"]["contracts"]}
+    sources = set(contracts["emulator-apart"]["source_modules"])
+    assert sources == set(_agent_modules()) - {"agent.cli"}
+
+
+def _calls_that_print_or_exit(tree: ast.AST) -> Iterator[Tuple[int, str]]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            function = node.func
+            if isinstance(function, ast.Name) and function.id in BARE_CALLS:
+                yield node.lineno, f"{function.id}()"
+            elif (isinstance(function, ast.Attribute) and isinstance(function.value, ast.Name)
+                  and (function.value.id, function.attr) in EXIT_CALLS):
+                yield node.lineno, f"{function.value.id}.{function.attr}()"
+        elif isinstance(node, ast.Raise) and node.exc is not None:
+            raised = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(raised, ast.Name) and raised.id == "SystemExit":
+                yield node.lineno, "raise SystemExit"
+
+
+def test_only_the_cli_prints_or_exits() -> None:
+    """No module of the agent but cli.py prints or ends the process (__main__ only passes
+    main()'s exit code on); the emulator package reports through callbacks the CLI gives it."""
+    offenders = []
+    for path in sorted(AGENT.rglob("*.py")):
+        relative = path.relative_to(REPO).as_posix()
+        if relative in ("agent/cli.py", "agent/__main__.py"):
+            continue
+        for line, what in _calls_that_print_or_exit(ast.parse(path.read_text(), relative)):
+            offenders.append(f"{relative}:{line}: {what}")
+    assert not offenders, "only agent/cli.py may print or exit:\n" + "\n".join(offenders)
