@@ -6,7 +6,9 @@ handlers, two servers) and is the only class tests and the CLI need.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import shutil
 import ssl
 import tempfile
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from agent.emulator.certificates import PKCS12, IssuingChain
 from agent.emulator.faults import Fault, FaultQueue, fault_response
 from agent.emulator.imds import ImdsApi, imds_headers
 from agent.emulator.keyvault import VaultApi, vault_headers
@@ -25,6 +28,7 @@ from agent.emulator.secrets_file import (
     VersionSpec,
     check_name,
     check_value,
+    parse_certificate,
     parse_secrets,
 )
 from agent.emulator.server import Answer, Dispatch, LoopbackServer
@@ -49,6 +53,10 @@ if TYPE_CHECKING:  # never imported at run time
     from typing_extensions import Self  # typing.Self is 3.11+
 
 logger = logging.getLogger(__name__)
+
+# Written beside the TLS CA when certificates exist: the trust anchor of every
+# certificate-backed secret (`openssl verify -CAfile`), stable across rotations.
+CERTIFICATE_ROOT_FILE = "certificates-root.pem"
 
 
 @dataclass(frozen=True)
@@ -119,9 +127,16 @@ class Emulator:
         self._urls: tuple[str, str, str] | None = None  # imds_base, vault_url, ca_path
         self._vault_api: VaultApi | None = None
         self._imds_api = ImdsApi(self._issuer)
-        for name, versions in parse_secrets(secrets, "secrets argument").items():
+        self._clock = clock
+        self._chain: IssuingChain | None = None  # made on the first certificate
+        self._chain_lock = threading.Lock()
+        # Each certificate's policy by lower-case name, for rotate_certificate.
+        self._policies: dict[str, VersionSpec] = {}
+        self._root_path: str | None = None
+        self._issued = 0
+        for name, versions in parse_secrets(secrets, "secrets argument", clock()).items():
             for spec in versions:
-                self._store.add(name, spec)
+                self._add_version(name, spec)
 
     # -- lifecycle
 
@@ -161,6 +176,8 @@ class Emulator:
             self._empty_pages,
         )
         self._urls = (f"http://{self.host}:{imds.server_port}", vault_url, ca_path)
+        if self._chain is not None:
+            self._write_certificate_root()
         for server, name in ((imds, "imds"), (vault, "vault")):
             thread = threading.Thread(
                 target=server.serve_forever,
@@ -176,12 +193,18 @@ class Emulator:
         """(server cert, server key, CA path): the given files, or freshly generated ones."""
         if self._tls_cert is not None and self._tls_key is not None:
             return self._tls_cert, self._tls_key, self._ca_cert or self._tls_cert
-        directory = self._cert_dir
-        if directory is None:
-            directory = self._temp_dir = tempfile.mkdtemp(prefix="kv-agent-emulator-")
+        directory = self._files_dir()
         hostnames = [name for name in (self._vault_hostname, self.host) if name]
         paths = generate_certificates(directory, hostnames=hostnames)
         return paths.server_cert, paths.server_key, paths.ca_cert
+
+    def _files_dir(self) -> str:
+        """``cert_dir``, or a temporary directory removed by :meth:`stop`."""
+        if self._cert_dir is not None:
+            return self._cert_dir
+        if self._temp_dir is None:
+            self._temp_dir = tempfile.mkdtemp(prefix="kv-agent-emulator-")
+        return self._temp_dir
 
     def stop(self) -> None:
         """Stop serving, cut open connections and remove generated certificates. Idempotent."""
@@ -199,6 +222,7 @@ class Emulator:
         self._threads = []
         self._urls = None
         self._vault_api = None
+        self._root_path = None
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
@@ -296,6 +320,123 @@ class Emulator:
             expires_on,
         )
         return self._store.add(name, spec)
+
+    # -- certificates (protocol.md B9)
+
+    def add_certificate(
+        self,
+        name: str,
+        *,
+        key_type: str = "rsa",
+        content_type: str = PKCS12,
+        pem_order: str = "key-first",
+        exportable: bool = True,
+        include_root: bool = False,
+        sans: tuple[str, ...] | list[str] = ("localhost",),
+        validity_days: int = 365,
+        valid_from_days: int = 0,
+        enabled: bool = True,
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        """Issue a certificate and store it as Key Vault does; returns the new version id.
+
+        The secret is ``managed``, its ``kid`` is ``<vault>/keys/<name>/<version>``,
+        its value a PKCS#12 (base64, empty password) or PEM text holding a new key
+        (unless ``exportable=False``), the leaf, the intermediate and, with
+        ``include_root``, the root; ``nbf``/``exp`` are the leaf's validity. The
+        arguments mean what the secrets file's ``certificate:`` keys mean
+        (:func:`load_emulator_file`) and are checked the same way (ValueError).
+        Generating an RSA key takes tens of milliseconds.
+        """
+        check_name(name, "add_certificate")
+        fields = {
+            "key_type": key_type,
+            "content_type": content_type,
+            "pem_order": pem_order,
+            "exportable": exportable,
+            "include_root": include_root,
+            "sans": list(sans),
+            "validity_days": validity_days,
+            "valid_from_days": valid_from_days,
+        }
+        certificate = parse_certificate(fields, f"add_certificate {name!r}")
+        spec = VersionSpec(
+            "",
+            enabled,
+            certificate.content_type,
+            dict(tags) if tags is not None else None,
+            managed=True,
+            certificate=certificate,
+        )
+        return self._add_version(name, spec)
+
+    def rotate_certificate(self, name: str, **changes: Any) -> str:
+        """Re-issue ``name`` with a NEW key from the same CA, as a new version; returns its id.
+
+        ``changes`` override the policy's fields for this and later rotations
+        (e.g. ``exportable=False``, ``pem_order="chain-first"``). Raises KeyError
+        when ``name`` was never added as a certificate.
+        """
+        policy = self._policies.get(name.lower())
+        if policy is None or policy.certificate is None:
+            raise KeyError(f"no certificate {name!r} in the emulator (add_certificate first)")
+        certificate = policy.certificate
+        if changes:
+            fields = {**dataclasses.asdict(certificate), **changes}
+            fields["sans"] = list(fields["sans"])
+            fields.pop("seed")
+            certificate = parse_certificate(fields, f"rotate_certificate {name!r}")
+        return self._add_version(name, dataclasses.replace(policy, certificate=certificate))
+
+    @property
+    def certificate_root_pem(self) -> bytes:
+        """The root CA of every certificate-backed secret (PEM); the same across rotations."""
+        return self._issuing_chain().root_pem
+
+    @property
+    def certificate_root_path(self) -> str:
+        """``certificates-root.pem`` beside the TLS CA (``cert_dir`` or a temporary dir).
+
+        Written at start when the secrets include a certificate, else on first use;
+        for ``openssl verify -CAfile``. Valid until :meth:`stop`.
+        """
+        self._started_urls()
+        return self._write_certificate_root()
+
+    def _issuing_chain(self) -> IssuingChain:
+        with self._chain_lock:
+            if self._chain is None:
+                self._chain = IssuingChain()
+            return self._chain
+
+    def _write_certificate_root(self) -> str:
+        if self._root_path is None:
+            path = os.path.join(self._files_dir(), CERTIFICATE_ROOT_FILE)
+            with open(path, "wb") as stream:
+                stream.write(self._issuing_chain().root_pem)
+            self._root_path = path
+        return self._root_path
+
+    def _add_version(self, name: str, spec: VersionSpec) -> str:
+        """Store one version; a declared certificate is issued first (new key, new leaf)."""
+        if spec.certificate is None:
+            return self._store.add(name, spec)
+        # Each issue gets its own seed, so "shuffled" PEM values differ between versions.
+        self._issued += 1
+        certificate = dataclasses.replace(spec.certificate, seed=self._issued)
+        issued = self._issuing_chain().issue(name, certificate, self._clock())
+        version = self._store.add(
+            name,
+            dataclasses.replace(
+                spec,
+                value=issued.value,
+                not_before=issued.not_before,
+                expires_on=issued.expires_on,
+                certificate=None,
+            ),
+        )
+        self._policies[name.lower()] = spec
+        return version
 
     def disable_secret(self, name: str, version: str | None = None) -> None:
         """Disable a version (the latest when None); GET then answers 403 SecretDisabled."""

@@ -8,7 +8,10 @@ refuses what Key Vault refuses, whatever the agent believes. Every problem is a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from agent.emulator.certificates import KEY_TYPES, PEM_ORDERS, CertificateSpec
 from agent.emulator.wire import (
     CERTIFICATE_CONTENT_TYPES,
     DEFAULT_SYSTEM_CLIENT_ID,
@@ -36,9 +40,28 @@ _SECRET_KEYS = frozenset(
         "expires_on",
         "managed",
         "kid",
+        "value_base64",
+        "not_before_in_days",
+        "expires_in_days",
     }
 )
 _VERSION_KEYS = _SECRET_KEYS - {"versions"}
+# A certificate-backed secret is declared by its policy, not by a value (see load_emulator_file).
+_CERTIFICATE_KEYS = frozenset(
+    {
+        "key_type",
+        "content_type",
+        "pem_order",
+        "exportable",
+        "include_root",
+        "sans",
+        "validity_days",
+        "valid_from_days",
+    }
+)
+# Secret-level keys that may sit beside ``certificate:`` (the rest come from the certificate).
+_WITH_CERTIFICATE_KEYS = frozenset({"certificate", "enabled", "tags"})
+_SECONDS_PER_DAY = 86400
 # The structured secrets file: its top level holds only these keys (see load_emulator_file).
 _FILE_KEYS = frozenset({"secrets", "identities"})
 _IDENTITIES_KEYS = frozenset({"system_assigned", "user_assigned"})
@@ -94,6 +117,8 @@ class VersionSpec:
     # Certificate-backed secrets (protocol.md B9): read-only, never set through the API.
     managed: bool = False
     kid: str | None = None
+    # Declared certificates: the emulator issues the value (and nbf/exp) when it stores it.
+    certificate: CertificateSpec | None = None
 
 
 
@@ -133,6 +158,36 @@ def _check_int(value: object, where: str) -> int:
     return value
 
 
+def _check_days(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
+            f"{where}: must be a whole number of days, got {_type_name(value)}"
+        )
+    return value
+
+
+def _entry_value(entry: Mapping[Any, Any], where: str) -> str | None:
+    """``value``, or ``value_base64`` checked as standard base64 and kept as that text.
+
+    Key Vault stores text only; binary content (a licence file, a keytab) is
+    uploaded as its base64 text, so the emulator serves exactly that text
+    (whitespace from YAML line folding removed). ``content_type`` is left to the
+    file: Key Vault attaches no meaning to it.
+    """
+    if "value" in entry and "value_base64" in entry:
+        raise ValueError(f"{where}: give value or value_base64, not both")
+    if "value_base64" not in entry:
+        return check_value(entry["value"], where) if "value" in entry else None
+    text = "".join(check_value(entry["value_base64"], f"{where}: value_base64").split())
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"{where}: value_base64 is not standard base64 (A-Z a-z 0-9 + / with = padding)"
+        ) from None
+    return text
+
+
 def _check_tags(value: object, where: str) -> dict[str, str]:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -142,10 +197,23 @@ def _check_tags(value: object, where: str) -> dict[str, str]:
 
 
 def _parse_attributes(
-    data: Mapping[Any, Any], base: VersionSpec, where: str
+    data: Mapping[Any, Any], base: VersionSpec, where: str, now: float
 ) -> VersionSpec:
-    """Overlay the attributes present in ``data`` on ``base`` (value untouched)."""
+    """Overlay the attributes present in ``data`` on ``base`` (value untouched).
+
+    ``not_before_in_days``/``expires_in_days`` are days from ``now`` (negative: in
+    the past), so a file can say "expired yesterday" without a stale epoch.
+    """
     changes: dict[str, Any] = {}
+    for relative, absolute in (
+        ("not_before_in_days", "not_before"),
+        ("expires_in_days", "expires_on"),
+    ):
+        if relative in data:
+            if absolute in data:
+                raise ValueError(f"{where}: give {absolute} or {relative}, not both")
+            days = _check_days(data[relative], f"{where}: {relative}")
+            changes[absolute] = int(now) + days * _SECONDS_PER_DAY
     if "enabled" in data:
         if not isinstance(data["enabled"], bool):
             raise ValueError(f"{where}: enabled must be true or false")
@@ -190,7 +258,9 @@ def _check_keys(data: Mapping[Any, Any], allowed: frozenset[str], where: str) ->
         )
 
 
-def _parse_version(entry: object, defaults: VersionSpec, where: str) -> VersionSpec:
+def _parse_version(
+    entry: object, defaults: VersionSpec, where: str, now: float
+) -> VersionSpec:
     if isinstance(entry, str):
         return dataclasses.replace(defaults, value=entry)
     if _is_unquoted_scalar(entry):
@@ -200,14 +270,14 @@ def _parse_version(entry: object, defaults: VersionSpec, where: str) -> VersionS
             f"{where}: must be a string or a mapping, got {_type_name(entry)}"
         )
     _check_keys(entry, _VERSION_KEYS, where)
-    if "value" not in entry:
+    value = _entry_value(entry, where)
+    if value is None:
         raise ValueError(f"{where}: missing 'value'")
-    spec = _parse_attributes(entry, defaults, where)
-    spec = dataclasses.replace(spec, value=check_value(entry["value"], where))
-    return _check_certificate(spec, where)
+    spec = _parse_attributes(entry, defaults, where, now)
+    return _check_certificate(dataclasses.replace(spec, value=value), where)
 
 
-def _parse_secret(spec: object, where: str) -> list[VersionSpec]:
+def _parse_secret(spec: object, where: str, now: float) -> list[VersionSpec]:
     """One secret's versions, oldest first.
 
     Secret-level attributes are defaults for every version; ``versions`` lists
@@ -221,27 +291,88 @@ def _parse_secret(spec: object, where: str) -> list[VersionSpec]:
         raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
             f"{where}: must be a string or a mapping, got {_type_name(spec)}"
         )
-    _check_keys(spec, _SECRET_KEYS, where)
-    defaults = _parse_attributes(spec, VersionSpec(""), where)
+    if "certificate" in spec:
+        return [_parse_certificate_secret(spec, where)]
+    _check_keys(spec, _SECRET_KEYS | {"certificate"}, where)
+    defaults = _parse_attributes(spec, VersionSpec(""), where, now)
     versions = spec.get("versions", [])
     if not isinstance(versions, list):
         raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
             f"{where}: versions must be a list, got {_type_name(versions)}"
         )
     result = [
-        _parse_version(entry, defaults, f"{where}: versions[{index}]")
+        _parse_version(entry, defaults, f"{where}: versions[{index}]", now)
         for index, entry in enumerate(versions)
     ]
-    if "value" in spec:
-        latest = dataclasses.replace(defaults, value=check_value(spec["value"], where))
+    value = _entry_value(spec, where)
+    if value is not None:
+        latest = dataclasses.replace(defaults, value=value)
         result.append(_check_certificate(latest, where))
     if not result:
         raise ValueError(f"{where}: needs a 'value' or a non-empty 'versions' list")
     return result
 
 
-def parse_secrets(data: object, source: str) -> dict[str, list[VersionSpec]]:
-    """Validate a secrets mapping; raises ValueError naming ``source`` and the problem."""
+def _parse_certificate_secret(spec: Mapping[Any, Any], where: str) -> VersionSpec:
+    """A secret declared by its certificate policy; the emulator issues its value."""
+    _check_keys(spec, _WITH_CERTIFICATE_KEYS, f"{where} (with certificate)")
+    base = _parse_attributes(spec, VersionSpec(""), where, 0.0)
+    certificate = parse_certificate(spec["certificate"], f"{where}: certificate")
+    return dataclasses.replace(
+        base, content_type=certificate.content_type, managed=True, certificate=certificate
+    )
+
+
+def parse_certificate(data: object, where: str) -> CertificateSpec:
+    """A ``certificate:`` mapping (see load_emulator_file); empty or null takes every default."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {_type_name(data)}")  # noqa: TRY004
+    _check_keys(data, _CERTIFICATE_KEYS, where)
+    changes: dict[str, Any] = {}
+    for key, choices in (
+        ("key_type", KEY_TYPES),
+        ("content_type", CERTIFICATE_CONTENT_TYPES),
+        ("pem_order", PEM_ORDERS),
+    ):
+        if key in data:
+            if data[key] not in choices:
+                raise ValueError(f"{where}: {key} must be one of {', '.join(choices)}")
+            changes[key] = data[key]
+    for key in ("exportable", "include_root"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise ValueError(f"{where}: {key} must be true or false")
+            changes[key] = data[key]
+    for key in ("validity_days", "valid_from_days"):
+        if key in data:
+            changes[key] = _check_days(data[key], f"{where}: {key}")
+    if changes.get("validity_days", 1) < 1:
+        raise ValueError(f"{where}: validity_days must be at least 1")
+    if "sans" in data:
+        changes["sans"] = _check_sans(data["sans"], f"{where}: sans")
+    return dataclasses.replace(CertificateSpec(), **changes)
+
+
+def _check_sans(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(
+        isinstance(name, str) and name and name.isascii() and " " not in name
+        for name in value
+    ):
+        raise ValueError(f"{where}: must be a non-empty list of DNS names")
+    return tuple(value)
+
+
+def parse_secrets(
+    data: object, source: str, now: float | None = None
+) -> dict[str, list[VersionSpec]]:
+    """Validate a secrets mapping; raises ValueError naming ``source`` and the problem.
+
+    ``now`` (epoch seconds, default the current time) anchors the relative
+    ``*_in_days`` attributes.
+    """
+    now = time.time() if now is None else now
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -258,7 +389,7 @@ def parse_secrets(data: object, source: str) -> dict[str, list[VersionSpec]]:
                 "(names are case-insensitive)"
             )
         seen[checked.lower()] = checked
-        result[checked] = _parse_secret(spec, f"{source}: secret {checked!r}")
+        result[checked] = _parse_secret(spec, f"{source}: secret {checked!r}", now)
     return result
 
 
