@@ -36,6 +36,8 @@ codes, because the emulator is an oracle for the agent, not a mirror of it):
   and response values and error bodies;
 * :mod:`.secrets_file`: the YAML secrets file and its own validation;
 * :mod:`.tls`: the throw-away CA and server certificate;
+* :mod:`.certificates`: certificate-backed secrets (B9): a stable root and
+  intermediate CA, leaves with new keys, PKCS#12 and PEM values;
 * :mod:`.tokens`: which identity a request means, minting and checking tokens;
 * :mod:`.store`: the vault's secrets, versions and soft-deleted secrets;
 * :mod:`.faults`: the injected-fault queue and the answers it gives;
@@ -50,7 +52,8 @@ This package ships apart from the agent (the ``kv-agent-emulator`` .deb and
 of it.
 """
 
-from agent.emulator.facade import Emulator, RequestRecord
+from agent.emulator.certificates import CertificateSpec
+from agent.emulator.facade import CERTIFICATE_ROOT_FILE, Emulator, RequestRecord
 from agent.emulator.secrets_file import (
     EmulatorFile,
     IdentityConfig,
@@ -82,6 +85,7 @@ from agent.emulator.wire import (
 )
 
 __all__ = [
+    "CERTIFICATE_ROOT_FILE",
     "FORBIDDEN_INNER_CODES",
     "IMDS",
     "IMDS_IDENTITY_NOT_FOUND",
@@ -102,6 +106,7 @@ __all__ = [
     "SERVICES",
     "VAULT",
     "CertificatePaths",
+    "CertificateSpec",
     "Emulator",
     "EmulatorFile",
     "IdentityConfig",
