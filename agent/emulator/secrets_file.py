@@ -414,6 +414,18 @@ def load_emulator_file(path: str) -> EmulatorFile:
     content_type application/x-pkcs12 or application/x-pem-file) and optionally
     ``kid`` (default ``<vault>/keys/<name>/<version>``).
 
+    Also per secret or version: ``value_base64`` instead of ``value`` (binary
+    content as Key Vault holds it: the base64 text, checked and served as is),
+    and ``not_before_in_days``/``expires_in_days`` instead of the epoch forms
+    (days from now, negative in the past: expired or not-yet-valid secrets).
+
+    A secret may instead be declared by its certificate: ``certificate:`` maps
+    ``key_type`` (rsa | ec), ``content_type`` (application/x-pkcs12 |
+    application/x-pem-file), ``pem_order`` (key-first | chain-first |
+    shuffled), ``exportable``, ``include_root``, ``sans`` (DNS names),
+    ``validity_days`` and ``valid_from_days``; only ``enabled`` and ``tags`` may
+    sit beside it. The emulator issues the value (:mod:`.certificates`).
+
     Structured form: a top level with only ``secrets:`` (the plain form's
     mapping) and ``identities:``, which holds ``system_assigned`` (true by
     default) and ``user_assigned``, a list of identities each with a
