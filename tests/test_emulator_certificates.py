@@ -414,3 +414,29 @@ def _banner(process: subprocess.Popen[str]) -> dict[str, str]:
         if line.startswith("Stop with Ctrl-C."):
             return found
     raise AssertionError(f"no banner from the emulator: {found}")
+
+
+def test_rest_create_certificate_reissues_with_a_new_key(emulator: Emulator) -> None:
+    """POST /certificates/<name>/create re-issues a declared certificate as a new version with
+    a new key (how a separate process, e.g. a system test, rotates); unknown names get 404."""
+    before = bundle(emulator, "web-shuffled")
+    with requests.Session() as client:
+        client.trust_env = False
+        client.verify = emulator.ca_path
+        headers = {"Authorization": f"Bearer {token(emulator)}"}
+        created = client.post(
+            f"{emulator.vault_url}/certificates/web-shuffled/create",
+            params={"api-version": API_VERSION}, headers=headers, json={}, timeout=5)
+        missing = client.post(
+            f"{emulator.vault_url}/certificates/never-declared/create",
+            params={"api-version": API_VERSION}, headers=headers, timeout=5)
+    after = bundle(emulator, "web-shuffled")
+
+    assert created.status_code == 202, created.text
+    assert created.json()["status"] == "completed"
+    assert created.json()["target"] == after["id"].replace("/secrets/", "/certificates/")
+    assert after["id"] != before["id"]
+    old_key, new_key = Decoded(PEM, before["value"]).key, Decoded(PEM, after["value"]).key
+    assert _public_numbers(old_key) != _public_numbers(new_key)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "CertificateNotFound"

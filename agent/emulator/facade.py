@@ -134,6 +134,7 @@ class Emulator:
         self._policies: dict[str, VersionSpec] = {}
         self._root_path: str | None = None
         self._issued = 0
+        self._issue_lock = threading.Lock()
         for name, versions in parse_secrets(secrets, "secrets argument", clock()).items():
             for spec in versions:
                 self._add_version(name, spec)
@@ -174,6 +175,7 @@ class Emulator:
             f"https://{vault_host}:{vault_port}",
             vault_host.split(".")[0] if self._vault_hostname else "kv-emulator",
             self._empty_pages,
+            self._reissue_certificate,
         )
         self._urls = (f"http://{self.host}:{imds.server_port}", vault_url, ca_path)
         if self._chain is not None:
@@ -388,6 +390,13 @@ class Emulator:
             certificate = parse_certificate(fields, f"rotate_certificate {name!r}")
         return self._add_version(name, dataclasses.replace(policy, certificate=certificate))
 
+    def _reissue_certificate(self, name: str) -> str | None:
+        """REST re-issue (``POST /certificates/<name>/create``): None for an unknown name."""
+        try:
+            return self.rotate_certificate(name)
+        except KeyError:
+            return None
+
     @property
     def certificate_root_pem(self) -> bytes:
         """The root CA of every certificate-backed secret (PEM); the same across rotations."""
@@ -422,20 +431,23 @@ class Emulator:
         if spec.certificate is None:
             return self._store.add(name, spec)
         # Each issue gets its own seed, so "shuffled" PEM values differ between versions.
-        self._issued += 1
-        certificate = dataclasses.replace(spec.certificate, seed=self._issued)
-        issued = self._issuing_chain().issue(name, certificate, self._clock())
-        version = self._store.add(
-            name,
-            dataclasses.replace(
-                spec,
-                value=issued.value,
-                not_before=issued.not_before,
-                expires_on=issued.expires_on,
-                certificate=None,
-            ),
-        )
-        self._policies[name.lower()] = spec
+        chain = self._issuing_chain()
+        # Serialised: the REST re-issue runs in a request thread, tests in theirs.
+        with self._issue_lock:
+            self._issued += 1
+            certificate = dataclasses.replace(spec.certificate, seed=self._issued)
+            issued = chain.issue(name, certificate, self._clock())
+            version = self._store.add(
+                name,
+                dataclasses.replace(
+                    spec,
+                    value=issued.value,
+                    not_before=issued.not_before,
+                    expires_on=issued.expires_on,
+                    certificate=None,
+                ),
+            )
+            self._policies[name.lower()] = spec
         return version
 
     def disable_secret(self, name: str, version: str | None = None) -> None:

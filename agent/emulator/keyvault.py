@@ -88,8 +88,12 @@ class VaultApi:
         link_base: str,
         vault_name: str,
         empty_pages: bool,
+        reissue: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self.empty_pages = empty_pages
+        # Re-issues a declared certificate (new key) and returns the new version;
+        # None when no certificate has that name.
+        self._reissue = reissue
         self._store = store
         self._issuer = issuer
         self._vault_url = vault_url
@@ -137,6 +141,8 @@ class VaultApi:
             shape = "versions"
         elif collection == "deletedsecrets" and len(parts) == 3 and parts[2] == "recover":
             shape = "recover"
+        elif collection == "certificates" and len(parts) == 3 and parts[2] == "create":
+            shape = "create"
         else:
             shape = f"{len(parts)}"
         methods: Mapping[str, Callable[[_Call], Response]] = {
@@ -152,6 +158,7 @@ class VaultApi:
             ("deletedsecrets", "1"): {"GET": self._list_deleted},
             ("deletedsecrets", "2"): {"GET": self._get_deleted, "DELETE": self._purge},
             ("deletedsecrets", "recover"): {"POST": self._recover},
+            ("certificates", "create"): {"POST": self._create_certificate},
         }.get((collection, shape), {})
         if not methods:
             # The real body for an unknown path is not recorded [unverified].
@@ -291,6 +298,39 @@ class VaultApi:
             self._deleted(name)  # raises the 404
         return Response(204, b"")
 
+    def _create_certificate(self, call: _Call) -> Response:
+        """POST /certificates/<name>/create: re-issue a declared certificate (new key).
+
+        Key Vault answers 202 with a pending CertificateOperation and issues in the
+        background; the emulator issues at once, so the new secret version exists
+        when the answer arrives and the operation says ``completed`` [unverified
+        shape]. A ``policy`` in the body is accepted and not applied: the
+        certificate keeps the policy it was declared with. Only certificates the
+        emulator issued can be re-issued (404 otherwise).
+        """
+        if call.request.body is not None and call.request.body.strip():
+            _json_body(call.request.body, allowed=_CREATE_CERTIFICATE_KEYS)
+        name = call.parts[1]
+        version = self._reissue(name)
+        if version is None:
+            message = (
+                f"A certificate with (name/id) {name} was not found in this key vault. "
+                "If you recently deleted this certificate you may be able to recover it "
+                "using the correct recovery command. For help resolving this issue, "
+                "please see https://go.microsoft.com/fwlink/?linkid=2125182"
+            )  # the SecretNotFound wording, for certificates [unverified]
+            raise _VaultError(404, "CertificateNotFound", message)
+        certificate_id = f"{self._vault_url}/certificates/{name}"
+        operation = {
+            "id": f"{certificate_id}/pending",
+            "issuer": {"name": "Self"},
+            "cancellation_requested": False,
+            "status": "completed",
+            "target": f"{certificate_id}/{version}",
+            "request_id": uuid.uuid4().hex,
+        }
+        return Response(202, json.dumps(operation, separators=(",", ":")).encode())
+
     # -- paging and bodies
 
     def _page(
@@ -413,6 +453,10 @@ _READ_ONLY_ATTRIBUTES = frozenset(
 def _bad_body(message: str) -> _VaultError:
     # The service's wording for malformed bodies is not recorded [unverified].
     return _VaultError(400, "BadParameter", message)
+
+
+# CreateCertificate's body (REST 7.x); the emulator accepts it and keeps the declared policy.
+_CREATE_CERTIFICATE_KEYS = frozenset({"policy", "attributes", "tags", "preserveCertOrder"})
 
 
 def _json_body(body: bytes | None, *, allowed: frozenset[str]) -> dict[str, Any]:
