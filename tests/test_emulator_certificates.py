@@ -318,6 +318,8 @@ def test_official_sdk_reads_certificate_secrets(
         ({"valid_from_days": "soon"}, "certificate: valid_from_days: must be a whole number"),
         ({"colour": "red"}, "certificate: unknown key 'colour'"),
         ("yes", "certificate: expected a mapping"),
+        ({"validity_days": 10**9}, "certificate: validity_days: must be within 36500 days"),
+        ({"valid_from_days": -(10**9)}, "certificate: valid_from_days: must be within"),
     ],
 )
 def test_bad_certificate_declarations_name_the_key(certificate: object, message: str) -> None:

@@ -62,6 +62,7 @@ _CERTIFICATE_KEYS = frozenset(
 # Secret-level keys that may sit beside ``certificate:`` (the rest come from the certificate).
 _WITH_CERTIFICATE_KEYS = frozenset({"certificate", "enabled", "tags"})
 _SECONDS_PER_DAY = 86400
+_MAX_DAYS = 36500
 # The structured secrets file: its top level holds only these keys (see load_emulator_file).
 _FILE_KEYS = frozenset({"secrets", "identities"})
 _IDENTITIES_KEYS = frozenset({"system_assigned", "user_assigned"})
@@ -163,6 +164,9 @@ def _check_days(value: object, where: str) -> int:
         raise ValueError(  # noqa: TRY004 - bad input, not a caller bug
             f"{where}: must be a whole number of days, got {_type_name(value)}"
         )
+    if abs(value) > _MAX_DAYS:
+        # Dates past year 9999 fit neither X.509 nor Python's datetime.
+        raise ValueError(f"{where}: must be within {_MAX_DAYS} days of now")
     return value
 
 
