@@ -43,6 +43,7 @@ import os
 import posixpath
 import secrets
 import stat
+import time
 from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from agent.errors import WriteError
@@ -69,6 +70,9 @@ KERNEL_TREES = ("/proc", "/sys", "/dev")
 TMPFS_CANDIDATES = ("/run", "/dev/shm")  # named in hints when they are tmpfs here
 MAX_CLEAN_DEPTH = 64  # directory levels below the root that start-up cleaning visits
 MAX_CLEAN_ENTRIES = 100_000  # more than any manifest makes: not kv-agent's tree
+# How long a set's old generation outlives its swap: a reader that opened the
+# set's directory just before the swap still finds every file of it.
+SET_GRACE_S = 2.0
 
 # renameat2(2) flags (linux/fs.h).
 RENAME_NOREPLACE = 1 << 0
@@ -219,12 +223,14 @@ class Writer:
 
     ``fs_type`` and ``mount_type`` are injectable so tests can exercise the
     refusal paths; ``euid`` is the user besides root who may own the root and
-    its parents (the agent's own).
+    its parents (the agent's own). ``set_grace_s`` is how long (``clock``
+    seconds) a set's old generation is kept after its swap.
     """
 
     def __init__(self, root: str, *, fs_type: Callable[[int], int] = filesystem_type,
                  mount_type: Callable[[int], Optional[str]] = mount_type,
-                 euid: Optional[int] = None) -> None:
+                 euid: Optional[int] = None, set_grace_s: float = SET_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not root.startswith("/"):
             raise ValueError("root must be absolute")
         normal = posixpath.normpath(root)
@@ -232,6 +238,10 @@ class Writer:
         self._fs_type = fs_type
         self._mount_type = mount_type
         self._euid = os.geteuid() if euid is None else euid
+        self._set_grace_s = set_grace_s
+        self._clock = clock
+        # Old set generations awaiting removal: (swapped at, parent, name).
+        self._retired: List[Tuple[float, str, str]] = []
 
     # -- start-up ---------------------------------------------------------
 
@@ -450,14 +460,18 @@ class Writer:
             appeared meanwhile is an error, never overwritten). This is the
             commit point: a reader that opened the directory before sees the
             old generation whole, after it the new one.
-        (8) Remove the old generation (now under the reserved name): files
-            first, then the directory; fsync the parent. A failure here is not
-            a failed write: the set is in place; the next start cleans up.
+        (8) Retire the old generation (now under the reserved name): it is
+            removed, files first, then the directory, by the first
+            apply_set, remove_set or retire call ``set_grace_s`` or more
+            after the swap, so a reader that opened the directory just
+            before the swap still finds every file. A failure to remove it is
+            not a failed write: the set is in place; the next start cleans up.
         Any failure before (7) removes the half-built generation and leaves
         the old set as it was. Raises WriteError, including when the file
         system lacks RENAME_EXCHANGE.
         """
         names = self._check_set(directory, specs)  # (1)
+        self.retire()
         wanted = (os.geteuid() if uid is None else uid,
                   os.getegid() if gid is None else gid, mode)
         name = posixpath.basename(directory)
@@ -468,12 +482,40 @@ class Writer:
                 return SetResult(directory, changed=False)
             generation = self._build_generation(parent_fd, directory, names, wanted)  # (4)-(6)
             self._swap(parent_fd, generation, name, directory, exists)  # (7)
-            if exists:
-                _remove_generation(parent_fd, generation)  # (8)
             _sync_directory(parent_fd)
+            if exists:
+                self._retired.append((self._clock(), posixpath.dirname(directory),
+                                      generation))  # (8)
+                if self._set_grace_s <= 0:
+                    self.retire()
             return SetResult(directory, changed=True)
         finally:
             os.close(parent_fd)
+
+    def retire(self, *, everything: bool = False) -> List[str]:
+        """Remove the old set generations swapped out ``set_grace_s`` or more
+        ago (all of them with ``everything``, e.g. at shutdown); returns
+        those removed. Never raises: one that cannot be removed is forgotten
+        and left to start-up cleaning. The daemon calls this on its ticks,
+        so an old key does not linger until the next rotation.
+        """
+        now = self._clock()
+        due = [item for item in self._retired
+               if everything or now - item[0] >= self._set_grace_s]
+        self._retired = [item for item in self._retired if item not in due]
+        removed = []
+        for _swapped, parent, name in due:
+            try:
+                parent_fd = self._open_parents(posixpath.join(parent, name), create=False)
+            except (OSError, WriteError):
+                continue
+            try:
+                if _remove_generation(parent_fd, name):
+                    removed.append(posixpath.join(parent, name))
+                    _sync_directory(parent_fd)
+            finally:
+                os.close(parent_fd)
+        return removed
 
     def remove_set(self, directory: str, paths: Iterable[str], *,
                    mode: int = DIR_MODE) -> bool:
@@ -484,8 +526,9 @@ class Writer:
         by this process's user with ``mode``, holding nothing but some of
         ``paths`` (each directly inside it) as regular files. Anything else
         is an operator's directory: WriteError, nothing touched. The directory
-        is first renamed to a reserved name, so no reader ever sees half a set
-        and a crash leaves only what start-up cleaning removes.
+        is renamed to a reserved name (RENAME_NOREPLACE), so no reader ever
+        sees half a set and a crash leaves only what start-up cleaning
+        removes, and retired like an old generation (see apply_set's (8)).
         """
         names = {self._check_path(path) for path in paths}
         for path in paths:
@@ -493,6 +536,7 @@ class Writer:
                 raise WriteError(f"{path} is not directly inside the set's directory "
                                  f"{directory}")
         name = self._check_path(directory)
+        self.retire()
         try:
             parent_fd = self._open_parents(directory, create=False)
         except FileNotFoundError:
@@ -506,8 +550,12 @@ class Writer:
                 renameat2(parent_fd, name, parent_fd, generation, RENAME_NOREPLACE)
             except OSError as exc:
                 raise WriteError(f"{directory}: cannot remove the set: {exc.strerror}") from None
-            _remove_generation(parent_fd, generation)
             _sync_directory(parent_fd)
+            # Retired like a swapped-out generation: a reader that opened the
+            # directory just before still finds the files it expects.
+            self._retired.append((self._clock(), posixpath.dirname(directory), generation))
+            if self._set_grace_s <= 0:
+                self.retire()
             return True
         finally:
             os.close(parent_fd)
