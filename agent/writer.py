@@ -57,6 +57,8 @@ RAMFS_MAGIC = 0x858458F6
 MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A temporary file or a new generation's member: never through a planted link.
+_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Directories shared with the whole system: a root there mixes secrets with
 # files kv-agent does not own, and start-up cleaning would walk all of them.
@@ -797,7 +799,7 @@ class Writer:
 
     def _replace(self, dir_fd: int, name: str, spec: FileSpec) -> None:
         temp = f"{RESERVED_PREFIX}{secrets.token_hex(8)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = _O_NEW_FILE
         try:
             fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)  # (4)
         except OSError as exc:
@@ -902,7 +904,7 @@ def _existing_set_directory(parent_fd: int, name: str, directory: str) -> bool:
 def _create_member(dir_fd: int, name: str, spec: FileSpec) -> None:
     """(5) One file of a new generation, complete, with its owner and mode
     before its first byte. Raises WriteError naming the file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = _O_NEW_FILE
     try:
         fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         try:
