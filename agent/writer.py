@@ -502,9 +502,11 @@ class Writer:
         so an old key does not linger until the next rotation.
         """
         now = self._clock()
-        due = [item for item in self._retired
-               if everything or now - item[0] >= self._set_grace_s]
-        self._retired = [item for item in self._retired if item not in due]
+        due: List[Tuple[float, str, str]] = []
+        kept: List[Tuple[float, str, str]] = []
+        for item in self._retired:
+            (due if everything or now - item[0] >= self._set_grace_s else kept).append(item)
+        self._retired = kept
         removed = []
         for _swapped, parent, name in due:
             try:
@@ -931,8 +933,14 @@ def _remove_generation(parent_fd: int, name: str) -> bool:
     """
     try:
         fd = os.open(name, _O_DIR, dir_fd=parent_fd)
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            return False
+        try:  # a link or file swapped in under the reserved name: the name goes
+            os.unlink(name, dir_fd=parent_fd)
+            return True
+        except OSError:
+            return False
     try:
         if os.fstat(fd).st_dev != os.fstat(parent_fd).st_dev:
             return False

@@ -432,13 +432,15 @@ def test_clean_leftovers_removes_generations_but_not_foreign_directories(
     (root / f"{SET_PREFIX}a" / "tls.key").write_bytes(b"x")
     (root / f"sub/{SET_PREFIX}b" / "link").symlink_to(shm_dir / "target")
     (root / f"{SET_PREFIX}foreign" / "sub").mkdir(parents=True)
+    (root / f"{SET_PREFIX}link").symlink_to(shm_dir)  # removed as a link, not followed
     (root / f"{RESERVED_PREFIX}dir").mkdir()
     removed = writer.clean_leftovers()
     assert sorted(removed) == sorted(f"{root}/{r}" for r in (
-        f"{SET_PREFIX}a", f"sub/{SET_PREFIX}b", f"sub/{SET_PREFIX}empty"))
+        f"{SET_PREFIX}a", f"sub/{SET_PREFIX}b", f"sub/{SET_PREFIX}empty", f"{SET_PREFIX}link"))
     assert sorted(os.listdir(root)) == sorted([f"{SET_PREFIX}foreign", f"{RESERVED_PREFIX}dir",
                                                "sub"])
     assert (shm_dir / "target").read_bytes() == b"target"
+    assert (shm_dir / "root").is_dir()
 
 
 def test_clean_leftovers_never_removes_a_generation_on_another_mount(
