@@ -27,8 +27,10 @@ Invariants:
 * A set (:meth:`Writer.apply_set`) is a directory holding only its files;
   it changes by one renameat2(RENAME_EXCHANGE) with a directory built beside
   it under :data:`SET_PREFIX`, so a reader that opened the set's directory
-  sees one generation whole. A directory with :data:`SET_PREFIX` at start-up
-  is a half-built or old generation and is removed.
+  sees one generation whole. The old generation outlives the swap by
+  ``set_grace_s`` (so such a reader never finds a file missing); a directory
+  with :data:`SET_PREFIX` at start-up is a half-built or old generation and
+  is removed.
 * Start-up cleaning stays on the root's file system, MAX_CLEAN_DEPTH levels
   down at most, and gives up (WriteError) beyond MAX_CLEAN_ENTRIES entries.
 * No concurrency guarantee: callers serialise calls (the agent writes from one

@@ -220,6 +220,27 @@ def test_members_get_owner_and_mode_before_their_first_byte(
     assert tail[:3] == [("fsync", None), ("fchown", ME), ("fchmod", (DIR_MODE,))]
 
 
+def test_sets_swap_on_ramfs_too(shm_dir: Path) -> None:
+    """ramfs, the writer's other memory file system, swaps sets with RENAME_EXCHANGE."""
+    require_root()
+    mounted = shm_dir / "ramfs"
+    mounted.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "kv-agent-test", str(mounted)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a ramfs here")
+    try:
+        os.chmod(mounted, 0o755)
+        writer = Writer(str(mounted / "root"), set_grace_s=0)
+        writer.prepare()
+        directory = mounted / "root" / "web"
+        for generation in range(3):
+            assert writer.apply_set(str(directory), set_specs(directory, generation)).changed
+        assert contents(directory) == expected(set_specs(directory, 2))
+        assert reserved(mounted) == []
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
+
+
 # ---------------------------------------------------------------------------
 # Refusals
 
