@@ -24,6 +24,13 @@ Invariants:
   what is below it. A world-writable sticky parent owned by root (/dev/shm,
   /tmp) is fine, since only its owner may then remove the root; the root
   itself may not be one.
+* A set (:meth:`Writer.apply_set`) is a directory holding only its files;
+  it changes by one renameat2(RENAME_EXCHANGE) with a directory built beside
+  it under :data:`SET_PREFIX`, so a reader that opened the set's directory
+  sees one generation whole. The old generation outlives the swap by
+  ``set_grace_s`` (so such a reader never finds a file missing); a directory
+  with :data:`SET_PREFIX` at start-up is a half-built or old generation and
+  is removed.
 * Start-up cleaning stays on the root's file system, MAX_CLEAN_DEPTH levels
   down at most, and gives up (WriteError) beyond MAX_CLEAN_ENTRIES entries.
 * No concurrency guarantee: callers serialise calls (the agent writes from one
@@ -38,11 +45,13 @@ import os
 import posixpath
 import secrets
 import stat
-from typing import Callable, Iterator, List, NamedTuple, Optional
+import time
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from agent.errors import WriteError
 
 RESERVED_PREFIX = ".kv-agent-"
+SET_PREFIX = RESERVED_PREFIX + "set-"  # a set's new or old generation (a directory)
 DIR_MODE = 0o755  # consumers must traverse; each file's own mode guards its bytes
 
 TMPFS_MAGIC = 0x01021994
@@ -50,6 +59,8 @@ RAMFS_MAGIC = 0x858458F6
 MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A temporary file or a new generation's member: never through a planted link.
+_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Directories shared with the whole system: a root there mixes secrets with
 # files kv-agent does not own, and start-up cleaning would walk all of them.
@@ -63,6 +74,16 @@ KERNEL_TREES = ("/proc", "/sys", "/dev")
 TMPFS_CANDIDATES = ("/run", "/dev/shm")  # named in hints when they are tmpfs here
 MAX_CLEAN_DEPTH = 64  # directory levels below the root that start-up cleaning visits
 MAX_CLEAN_ENTRIES = 100_000  # more than any manifest makes: not kv-agent's tree
+# How long a set's old generation outlives its swap: a reader that opened the
+# set's directory just before the swap still finds every file of it.
+SET_GRACE_S = 2.0
+
+# renameat2(2) flags (linux/fs.h).
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+# The raw syscall, for a C library without the renameat2 wrapper (glibc < 2.28).
+_RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "armv7l": 382, "i686": 353,
+                      "ppc64le": 357, "s390x": 347, "riscv64": 276}
 
 
 class FileSpec(NamedTuple):
@@ -84,6 +105,35 @@ class WriteResult(NamedTuple):
 
     path: str
     changed: bool
+
+
+class SetResult(NamedTuple):
+    """``changed`` is False when the set's directory already held exactly
+    these files (bytes, owner, mode) and was not touched."""
+
+    directory: str
+    changed: bool
+
+
+def renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
+    """renameat2(2), which Python's os module lacks. Raises OSError.
+
+    The C library's wrapper when it has one (glibc >= 2.28), else the raw
+    system call for this architecture.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = (ctypes.c_int(old_dir_fd), os.fsencode(old), ctypes.c_int(new_dir_fd),
+            os.fsencode(new), ctypes.c_uint(flags))
+    if hasattr(libc, "renameat2"):
+        result = libc.renameat2(*args)
+    else:
+        number = _RENAMEAT2_SYSCALL.get(os.uname().machine)
+        if number is None:
+            raise OSError(errno.ENOSYS, "renameat2 is not available on this architecture")
+        result = libc.syscall(ctypes.c_long(number), *args)
+    if result != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error), old)
 
 
 def filesystem_type(fd: int) -> int:
@@ -177,12 +227,14 @@ class Writer:
 
     ``fs_type`` and ``mount_type`` are injectable so tests can exercise the
     refusal paths; ``euid`` is the user besides root who may own the root and
-    its parents (the agent's own).
+    its parents (the agent's own). ``set_grace_s`` is how long (``clock``
+    seconds) a set's old generation is kept after its swap.
     """
 
     def __init__(self, root: str, *, fs_type: Callable[[int], int] = filesystem_type,
                  mount_type: Callable[[int], Optional[str]] = mount_type,
-                 euid: Optional[int] = None) -> None:
+                 euid: Optional[int] = None, set_grace_s: float = SET_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not root.startswith("/"):
             raise ValueError("root must be absolute")
         normal = posixpath.normpath(root)
@@ -190,6 +242,10 @@ class Writer:
         self._fs_type = fs_type
         self._mount_type = mount_type
         self._euid = os.geteuid() if euid is None else euid
+        self._set_grace_s = set_grace_s
+        self._clock = clock
+        # Old set generations awaiting removal: (swapped at, parent, name).
+        self._retired: List[Tuple[float, str, str]] = []
 
     # -- start-up ---------------------------------------------------------
 
@@ -298,6 +354,10 @@ class Writer:
     def clean_leftovers(self) -> List[str]:
         """Remove temporary files a crash left behind (never following links).
 
+        A directory named with SET_PREFIX (a set's generation a crash left
+        half-built, or an old one not yet removed) goes too, with the files in
+        it; one holding a subdirectory is not the writer's and stays.
+
         Bounded, because the root may hold a tree kv-agent did not make: it
         never descends into another file system mounted below the root, nor
         deeper than MAX_CLEAN_DEPTH, and raises WriteError after
@@ -315,6 +375,10 @@ class Writer:
             is_deepest = dirpath[len(self.root):].count("/") >= MAX_CLEAN_DEPTH
             dirs[:] = [] if is_deepest else [
                 name for name in dirs if _device_of(name, dir_fd) == root_device]
+            for name in [name for name in dirs if name.startswith(SET_PREFIX)]:
+                dirs.remove(name)  # a set's half-built or old generation: not descended
+                if _remove_generation(dir_fd, name):
+                    removed.append(posixpath.join(dirpath, name))
             for name in files:
                 if name.startswith(RESERVED_PREFIX):
                     os.unlink(name, dir_fd=dir_fd)
@@ -368,6 +432,254 @@ class Writer:
             return False
         finally:
             os.close(dir_fd)
+
+    # -- sets -------------------------------------------------------------
+
+    def apply_set(self, directory: str, specs: Sequence[FileSpec], *,
+                  mode: int = DIR_MODE, uid: Optional[int] = None,
+                  gid: Optional[int] = None) -> SetResult:
+        """Make ``directory`` hold exactly the files ``specs``, each with its
+        owner and mode, and nothing else, by one atomic operation.
+
+        ``directory`` is absolute, normalised and strictly below the root;
+        every spec's path is directly inside it. The directory itself gets
+        ``mode`` and ``uid``:``gid`` (default: this process's user and group).
+
+        (1) Check the directory and every spec (directly inside it, no
+            duplicate, no reserved name); at least one spec.
+        (2) Open (creating as needed, mode DIR_MODE) the directory's parents
+            with O_NOFOLLOW. A symlink or non-directory at ``directory`` is
+            refused, never followed; so is a subdirectory inside it (not the
+            writer's: nothing would know whether to keep it).
+        (3) If the directory already holds exactly these names, with these
+            bytes, owners and modes, and has its own owner and mode, stop:
+            no new inode, watchers are not woken.
+        (4) mkdir a fresh generation beside it, SET_PREFIX + random, 0700.
+        (5) Each file: O_CREAT|O_EXCL|O_NOFOLLOW 0600, fchown then fchmod
+            before the first byte, write everything, fsync.
+        (6) fsync the new directory; fchown and fchmod it to its final owner
+            and mode.
+        (7) Swap: renameat2(RENAME_EXCHANGE) with the existing directory, or
+            renameat2(RENAME_NOREPLACE) when there is none (a directory that
+            appeared meanwhile is an error, never overwritten). This is the
+            commit point: a reader that opened the directory before sees the
+            old generation whole, after it the new one.
+        (8) Retire the old generation (now under the reserved name): it is
+            removed, files first, then the directory, by the first
+            apply_set, remove_set or retire call ``set_grace_s`` or more
+            after the swap, so a reader that opened the directory just
+            before the swap still finds every file. A failure to remove it is
+            not a failed write: the set is in place; the next start cleans up.
+        Any failure before (7) removes the half-built generation and leaves
+        the old set as it was. Raises WriteError, including when the file
+        system lacks RENAME_EXCHANGE.
+        """
+        names = self._check_set(directory, specs)  # (1)
+        self.retire()
+        wanted = (os.geteuid() if uid is None else uid,
+                  os.getegid() if gid is None else gid, mode)
+        name = posixpath.basename(directory)
+        parent_fd = self._open_parents(directory)  # (2)
+        try:
+            exists = _existing_set_directory(parent_fd, name, directory)
+            if exists and self._set_matches(parent_fd, name, names, wanted):  # (3)
+                return SetResult(directory, changed=False)
+            generation = self._build_generation(parent_fd, directory, names, wanted)  # (4)-(6)
+            self._swap(parent_fd, generation, name, directory, exists)  # (7)
+            _sync_directory(parent_fd)
+            if exists:
+                self._retired.append((self._clock(), posixpath.dirname(directory),
+                                      generation))  # (8)
+                if self._set_grace_s <= 0:
+                    self.retire()
+            return SetResult(directory, changed=True)
+        finally:
+            os.close(parent_fd)
+
+    def retire(self, *, everything: bool = False) -> List[str]:
+        """Remove the old set generations swapped out ``set_grace_s`` or more
+        ago (all of them with ``everything``, e.g. at shutdown); returns
+        those removed. Never raises: one that cannot be removed is forgotten
+        and left to start-up cleaning. The daemon calls this on its ticks,
+        so an old key does not linger until the next rotation.
+        """
+        now = self._clock()
+        due: List[Tuple[float, str, str]] = []
+        kept: List[Tuple[float, str, str]] = []
+        for item in self._retired:
+            (due if everything or now - item[0] >= self._set_grace_s else kept).append(item)
+        self._retired = kept
+        removed = []
+        for _swapped, parent, name in due:
+            try:
+                parent_fd = self._open_parents(posixpath.join(parent, name), create=False)
+            except (OSError, WriteError):
+                continue
+            try:
+                if _remove_generation(parent_fd, name):
+                    removed.append(posixpath.join(parent, name))
+                    _sync_directory(parent_fd)
+            finally:
+                os.close(parent_fd)
+        return removed
+
+    def remove_set(self, directory: str, paths: Iterable[str], *,
+                   mode: int = DIR_MODE) -> bool:
+        """Remove a set's directory, when its entry left the manifest; True
+        when something was removed, False when it does not exist.
+
+        Only the writer's shape goes: a real directory (not a symlink) owned
+        by this process's user with ``mode``, holding nothing but some of
+        ``paths`` (each directly inside it) as regular files. Anything else
+        is an operator's directory: WriteError, nothing touched. The directory
+        is renamed to a reserved name (RENAME_NOREPLACE), so no reader ever
+        sees half a set and a crash leaves only what start-up cleaning
+        removes, and retired like an old generation (see apply_set's (8)).
+        """
+        names = {self._check_path(path) for path in paths}
+        for path in paths:
+            if posixpath.dirname(path) != directory:
+                raise WriteError(f"{path} is not directly inside the set's directory "
+                                 f"{directory}")
+        name = self._check_path(directory)
+        self.retire()
+        try:
+            parent_fd = self._open_parents(directory, create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            if not _existing_set_directory(parent_fd, name, directory):
+                return False
+            self._check_removable(parent_fd, name, directory, names, mode)
+            generation = f"{SET_PREFIX}{secrets.token_hex(8)}"
+            try:
+                renameat2(parent_fd, name, parent_fd, generation, RENAME_NOREPLACE)
+            except OSError as exc:
+                raise WriteError(f"{directory}: cannot remove the set: {exc.strerror}") from None
+            _sync_directory(parent_fd)
+            # Retired like a swapped-out generation: a reader that opened the
+            # directory just before still finds the files it expects.
+            self._retired.append((self._clock(), posixpath.dirname(directory), generation))
+            if self._set_grace_s <= 0:
+                self.retire()
+            return True
+        finally:
+            os.close(parent_fd)
+
+    def _check_set(self, directory: str, specs: Sequence[FileSpec]) -> List[Tuple[str, FileSpec]]:
+        """(1) The names of ``specs`` in ``directory``, in order. Pure."""
+        self._check_path(directory)
+        if not specs:
+            raise WriteError(f"{directory}: a set needs at least one file; "
+                             "use remove_set to remove one")
+        names: List[Tuple[str, FileSpec]] = []
+        seen = set()
+        for spec in specs:
+            name = self._check_path(spec.path)
+            if posixpath.dirname(spec.path) != directory:
+                raise WriteError(f"{spec.path} is not directly inside the set's directory "
+                                 f"{directory}; put every file of a set in one directory")
+            if name in seen:
+                raise WriteError(f"{spec.path} appears twice in the set {directory}")
+            seen.add(name)
+            names.append((name, spec))
+        return names
+
+    @staticmethod
+    def _set_matches(parent_fd: int, name: str, names: List[Tuple[str, FileSpec]],
+                     wanted: Tuple[int, int, int]) -> bool:
+        """True when the directory ``name`` has the wanted owner and mode and
+        holds exactly ``names`` with their bytes, owners and modes. Anything
+        unreadable counts as "differs"."""
+        try:
+            fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != wanted:
+                return False
+            if set(os.listdir(fd)) != {member for member, _spec in names}:
+                return False
+            return all(Writer._matches(fd, member, spec) for member, spec in names)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _build_generation(self, parent_fd: int, directory: str,
+                          names: List[Tuple[str, FileSpec]],
+                          wanted: Tuple[int, int, int]) -> str:
+        """(4)-(6) A complete new generation beside ``directory``; its name.
+        On any failure it is removed again and WriteError raised."""
+        generation = f"{SET_PREFIX}{secrets.token_hex(8)}"
+        try:
+            os.mkdir(generation, 0o700, dir_fd=parent_fd)  # (4)
+            fd = os.open(generation, _O_DIR, dir_fd=parent_fd)
+        except OSError as exc:
+            raise WriteError(f"{directory}: cannot create a new generation beside it: "
+                             f"{exc.strerror}") from None
+        try:
+            try:
+                for member, spec in names:
+                    _create_member(fd, member, spec)  # (5)
+                os.fsync(fd)  # (6)
+                os.fchown(fd, wanted[0], wanted[1])
+                os.fchmod(fd, wanted[2])  # mkdir(2) applied 0700 and the umask
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _remove_generation(parent_fd, generation)
+            raise WriteError(f"{directory}: cannot prepare the new generation: "
+                             f"{exc.strerror}") from None
+        except BaseException:  # WriteError from a member, or an interrupt
+            _remove_generation(parent_fd, generation)
+            raise
+        return generation
+
+    @staticmethod
+    def _swap(parent_fd: int, generation: str, name: str, directory: str,
+              exists: bool) -> None:
+        """(7) Put the new generation at ``name`` in one rename."""
+        flags = RENAME_EXCHANGE if exists else RENAME_NOREPLACE
+        try:
+            renameat2(parent_fd, generation, parent_fd, name, flags)
+        except OSError as exc:
+            _remove_generation(parent_fd, generation)
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise WriteError(f"{directory}: this kernel or file system cannot swap "
+                                 "directories (renameat2 RENAME_EXCHANGE); use a tmpfs "
+                                 "on Linux 3.15 or later") from None
+            if exc.errno == errno.EEXIST:
+                raise WriteError(f"{directory} appeared while its set was written; "
+                                 "not replacing it") from None
+            if exc.errno == errno.ENOENT:
+                raise WriteError(f"{directory} disappeared while its set was written; "
+                                 "the next write creates it") from None
+            raise WriteError(f"{directory}: cannot swap in the new set: "
+                             f"{exc.strerror}") from None
+        except BaseException:
+            _remove_generation(parent_fd, generation)
+            raise
+
+    @staticmethod
+    def _check_removable(parent_fd: int, name: str, directory: str, names: Set[str],
+                         mode: int) -> None:
+        """Raise WriteError unless ``name`` has the shape the writer gives a
+        set's directory and holds only some of ``names``, as regular files."""
+        fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != mode:
+                raise WriteError(f"{directory} was not made by kv-agent (owner {st.st_uid}, "
+                                 f"mode {stat.S_IMODE(st.st_mode):04o}); not removing it")
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.name not in names or not entry.is_file(follow_symlinks=False):
+                        raise WriteError(f"{directory} holds {entry.name!r}, which is not "
+                                         "part of the set; not removing it")
+        finally:
+            os.close(fd)
 
     # -- steps ------------------------------------------------------------
 
@@ -491,7 +803,7 @@ class Writer:
 
     def _replace(self, dir_fd: int, name: str, spec: FileSpec) -> None:
         temp = f"{RESERVED_PREFIX}{secrets.token_hex(8)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = _O_NEW_FILE
         try:
             fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)  # (4)
         except OSError as exc:
@@ -563,6 +875,89 @@ def _device_of(name: str, dir_fd: int) -> Optional[int]:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_dev
     except OSError:
         return None
+
+
+def _existing_set_directory(parent_fd: int, name: str, directory: str) -> bool:
+    """True when a set's ``directory`` exists as a real directory holding no
+    subdirectory; False when absent. WriteError for a symlink, a file or a
+    directory with a subdirectory: never followed, never taken over."""
+    try:
+        fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise WriteError(f"{directory} is a symlink or not a directory; a set needs a "
+                             "directory of its own: remove it") from None
+        raise WriteError(f"{directory}: cannot open the set's directory: "
+                         f"{exc.strerror}") from None
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    raise WriteError(f"{directory} holds a directory {entry.name!r}, which "
+                                     "is not part of the set; move it elsewhere")
+    except OSError as exc:
+        raise WriteError(f"{directory}: cannot list the set's directory: "
+                         f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return True
+
+
+def _create_member(dir_fd: int, name: str, spec: FileSpec) -> None:
+    """(5) One file of a new generation, complete, with its owner and mode
+    before its first byte. Raises WriteError naming the file."""
+    flags = _O_NEW_FILE
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        try:
+            os.fchown(fd, spec.uid, spec.gid)
+            os.fchmod(fd, spec.mode)
+            view = memoryview(spec.content)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise WriteError(_describe_failure(spec, exc)) from None
+
+
+def _remove_generation(parent_fd: int, name: str) -> bool:
+    """Remove the directory ``name`` (a set's generation) and the files in
+    it, never following a link; True when it is gone.
+
+    A generation holds only files: one with a subdirectory, or on another
+    file system, is not the writer's and is left whole. Errors are
+    swallowed: this runs after the commit point or while cleaning up, and
+    start-up cleaning retries.
+    """
+    try:
+        fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            return False
+        try:  # a link or file swapped in under the reserved name: the name goes
+            os.unlink(name, dir_fd=parent_fd)
+            return True
+        except OSError:
+            return False
+    try:
+        if os.fstat(fd).st_dev != os.fstat(parent_fd).st_dev:
+            return False
+        with os.scandir(fd) as scan:
+            entries = list(scan)
+        if any(entry.is_dir(follow_symlinks=False) for entry in entries):
+            return False
+        for entry in entries:
+            os.unlink(entry.name, dir_fd=fd)
+        os.rmdir(name, dir_fd=parent_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _sync_directory(dir_fd: int) -> None:

@@ -31,6 +31,7 @@ class Mutation(NamedTuple):
 VAULT = "tests/test_vault.py"
 IDENTITY = "tests/test_identity.py"
 WRITER = "tests/test_writer.py"
+WRITER_SETS = "tests/test_writer_sets.py"
 MANIFEST = "tests/test_manifest.py"
 HOOKS = "tests/test_hooks.py"
 DAEMON = "tests/test_daemon.py"
@@ -177,9 +178,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "the temporary file is created O_CREAT|O_EXCL|O_NOFOLLOW, never through a planted "
         "link",
         "agent/writer.py",
-        "flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC",
-        "flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
-        (f"{WRITER}::test_steps_follow_the_writer_contract",),
+        "_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC",
+        "_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
+        (f"{WRITER}::test_steps_follow_the_writer_contract",
+         f"{WRITER_SETS}::test_members_get_owner_and_mode_before_their_first_byte"),
     ),
     Mutation(
         "first-byte-before-owner-and-mode",
@@ -230,6 +232,31 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "def _unlink_quietly(name: str, dir_fd: int) -> None:",
         "def _unlink_quietly(name: str, dir_fd: int) -> None:\n    return",
         (f"{WRITER}::test_failure_keeps_old_file_and_removes_temp",),
+    ),
+    Mutation(
+        "unchanged-set-rewritten",
+        "an unchanged set is not rewritten (content, owner and mode of every member)",
+        "agent/writer.py",
+        "if exists and self._set_matches(parent_fd, name, names, wanted):  # (3)",
+        "if False:  # (3)",
+        (f"{WRITER_SETS}::test_unchanged_set_keeps_its_inodes_and_times",),
+    ),
+    Mutation(
+        "set-old-generation-removed-at-swap",
+        "a reader that opens a set's directory once and reads relative to it sees one "
+        "generation, whole, never a missing file",
+        "agent/writer.py",
+        "SET_GRACE_S = 2.0",
+        "SET_GRACE_S = 0.0",
+        (f"{WRITER_SETS}::test_reader_opening_the_directory_once_sees_one_generation",),
+    ),
+    Mutation(
+        "set-generation-left-on-failure",
+        "a failure before a set's swap leaves the old set and no half-built generation",
+        "agent/writer.py",
+        "            _remove_generation(parent_fd, generation)\n            raise WriteError(f\"{directory}: cannot prepare",
+        "            raise WriteError(f\"{directory}: cannot prepare",
+        (f"{WRITER_SETS}::test_failure_before_the_swap_keeps_the_old_set_and_leaves_nothing",),
     ),
     Mutation(
         "failing-secret-loses-its-file",
