@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from agent.transforms import TransformError
+from agent.transforms import TransformError, strict_base64
 from agent.untrusted import escape
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ def read_bundle(name: str, value: bytes, content_type: Optional[str]) -> Bundle:
 
 def _read_pkcs12(name: str, value: bytes) -> Bundle:
     try:
-        der = binascii.a2b_base64(b"".join(value.split()))
-    except binascii.Error:
+        der = strict_base64(value)
+    except (binascii.Error, ValueError):
         raise TransformError(f"secret '{name}': the PKCS#12 value is not base64",
                              "store the certificate through Key Vault's certificate API") from None
     loaded = None
@@ -214,7 +214,7 @@ def order_chain(name: str, bundle: Bundle) -> Chain:
                                  "store the key with its own certificate")
     else:
         leaves = [c for c in certificates
-                  if not any(_issued(c, other) for other in certificates if other is not c)]
+                  if not any(_issued(other, c) for other in certificates if other is not c)]
         if len(leaves) != 1:
             raise TransformError(f"secret '{name}': no single leaf among the certificates",
                                  "store one certificate with its chain")

@@ -1113,7 +1113,8 @@ def _parse_entry(
         if template is not None:
             params, sources, outputs = template
     else:
-        path = paths.resolve(fail, "path", entry.get("path", name))
+        given = entry.raw.get("name", entry.get("name"))  # a default path even if invalid
+        path = paths.resolve(fail, "path", entry.get("path", given))
         outputs = (defaults._replace(path=path),) if path is not None else ()
     if shape != "template" and isinstance(name, str):
         sources = (Source(entry_vault or "", name, version),)

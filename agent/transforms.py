@@ -85,23 +85,31 @@ def decode(material: Material, encoding: Optional[str]) -> bytes:
     """
     if encoding is None or encoding == "utf-8":
         return material.value
-    compact = b"".join(material.value.split())  # spaces, tabs and line breaks
     try:
         if encoding == "base64":
-            data = binascii.a2b_base64(compact)
-            # a2b_base64 skips stray characters; only the canonical spelling
-            # of what it decoded is accepted (strict_mode= is Python 3.11+).
-            if binascii.b2a_base64(data, newline=False) != compact:
-                raise ValueError("not canonical base64")
-            return data
+            return strict_base64(material.value)
         if encoding == "hex":
-            return bytes.fromhex(compact.decode("ascii"))
+            return bytes.fromhex(b"".join(material.value.split()).decode("ascii"))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise TransformError(f"secret '{material.name}': the value is not valid {encoding}",
                              f"store it {encoding}-encoded, or remove encoding: "
                              f"{encoding} from the entry") from None
     raise TransformError(f"secret '{material.name}': unknown encoding '{encoding}'",
                          f"use one of {', '.join(ENCODINGS)}")
+
+
+def strict_base64(text: bytes) -> bytes:
+    """Standard base64 with padding; whitespace and line breaks are ignored.
+
+    Raises ValueError for anything else: a2b_base64 alone skips stray
+    characters, so only the canonical spelling of what it decoded is
+    accepted (``strict_mode=`` needs Python 3.11).
+    """
+    compact = b"".join(text.split())
+    data = binascii.a2b_base64(compact)
+    if binascii.b2a_base64(data, newline=False) != compact:
+        raise ValueError("not canonical base64")
+    return data
 
 
 def raw(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
@@ -115,8 +123,8 @@ def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple
     from agent.certificates import split_certificate  # cryptography only when asked
 
     material = materials[0]
-    pieces: Tuple[bytes, ...] = split_certificate(material.name, material.value, material.content_type,
-                             params.kinds)
+    pieces: Tuple[bytes, ...] = split_certificate(
+        material.name, material.value, material.content_type, params.kinds)
     return pieces
 
 
