@@ -18,9 +18,6 @@ from typing import Dict, List, Optional
 import pytest
 
 from agent.errors import EXIT_CONFIG, ManifestError
-from agent.outputs import EntrySet
-from agent.sources import Source
-from agent.transforms import TransformParams
 from agent.manifest import (
     Accounts,
     load_manifest,
@@ -31,6 +28,9 @@ from agent.manifest import (
     parse_vault_url,
     resolve_path,
 )
+from agent.outputs import EntrySet
+from agent.sources import Source
+from agent.transforms import TransformParams
 
 USERS: Dict[str, int] = {"root": 0, "postgres": 110, "nginx": 111}
 GROUPS: Dict[str, int] = {"root": 0, "postgres": 120, "ssl-cert": 121}
