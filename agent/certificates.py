@@ -37,16 +37,18 @@ from __future__ import annotations
 import binascii
 import logging
 import re
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from agent.transforms import TransformError, strict_base64
 from agent.untrusted import escape
+
+if TYPE_CHECKING:  # the name is cryptography 40's; Debian 12 ships 38
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger(__name__)
 
