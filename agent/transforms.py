@@ -120,7 +120,13 @@ def raw(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, 
 
 def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
     """A certificate's secret split into the requested kinds (see :mod:`agent.certificates`)."""
-    from agent.certificates import split_certificate  # cryptography only when asked
+    try:
+        from agent.certificates import split_certificate  # cryptography only when asked
+    except ImportError:  # a package built without its dependency: one line, not a traceback
+        raise TransformError(f"secret '{materials[0].name}': certificates need the "
+                             "cryptography package, which is not installed",
+                             "install python3-cryptography (or pip install cryptography)"
+                             ) from None
 
     material = materials[0]
     pieces: Tuple[bytes, ...] = split_certificate(

@@ -211,3 +211,18 @@ def test_a_plain_secret_manifest_never_imports_cryptography() -> None:
     done = subprocess.run([sys.executable, "-c", PLAIN_PATH], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_without_cryptography_a_certificate_entry_fails_in_one_line() -> None:
+    """A package built without cryptography fails the certificate entry with the package to
+    install, never a traceback."""
+    script = ("import sys; sys.modules['cryptography'] = None\n"
+              "from agent.transforms import TransformError, TransformParams, apply_transform\n"
+              "class F:\n    name, value, content_type, attributes = 'web-tls', b'x', "
+              "'application/x-pem-file', None\n"
+              "try:\n    apply_transform('certificate', [F()], 1, TransformParams(kinds=('cert',)))\n"
+              "except TransformError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.startswith("secret 'web-tls': certificates need the cryptography package")
+    assert "install python3-cryptography" in done.stdout

@@ -1275,7 +1275,9 @@ def test_once_splits_a_certificate_into_its_files_with_owners_and_modes(
         f"      fullchain: {{path: web/fullchain.pem, owner: \"0\", mode: \"0444\"}}\n"
         f"      pfx: web/tls.pfx\n")
 
-    assert kv.run("check", "--manifest", str(manifest)).returncode == 0
+    checked = kv.run("check", "--manifest", str(manifest))
+    assert checked.returncode == 0 and "OK: 1 secret" in checked.stdout
+    assert "in 1 set" in checked.stdout
     result = kv.run("once", "--manifest", str(manifest))
 
     assert result.returncode == 0, result.stderr
