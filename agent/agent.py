@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from agent.errors import (
     IdentityUnavailableError,
@@ -161,25 +161,32 @@ class Agent:
         write is atomic, so a file is either replaced whole or left as it was)."""
         started = time.monotonic()
         entries = self.manifest.secrets
-        sources = unique_sources(entry.source for entry in entries)
+        sources = unique_sources(source for entry in entries for source in entry.sources)
         fetched = dict(zip(sources, self.vault.fetch_many(
             [SecretRequest(*source) for source in sources])))
         outcomes = []
         for entry in entries:
             if should_stop():
                 raise Interrupted()
-            outcomes.append(self._write(entry, fetched[entry.source]))
+            outcomes.append(self._write(entry, [fetched[source] for source in entry.sources]))
         return SyncReport(tuple(outcomes), time.monotonic() - started)
 
-    def _write(self, entry: Entry, fetched: "Secret | KvAgentError") -> SecretOutcome:
-        if isinstance(fetched, KvAgentError):
-            return SecretOutcome(entry, error=fetched)
+    def _write(self, entry: Entry,
+               fetched: "Sequence[Secret | KvAgentError]") -> SecretOutcome:
+        """Transform and write one entry from its fetched sources; the first
+        failed source fails the entry (a template is whole or left as it was)."""
+        secrets: List[Secret] = []
+        for one in fetched:
+            if isinstance(one, KvAgentError):
+                return SecretOutcome(entry, error=one)
+            secrets.append(one)
         try:
-            contents = apply_transform(entry.transform, fetched, len(entry.outputs.outputs))
-            changed = self._write_set(entry, fetched, contents)
+            contents = apply_transform(entry.transform, secrets, len(entry.outputs.outputs),
+                                       entry.params)
+            changed = self._write_set(entry, secrets[0], contents)
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
-        return SecretOutcome(entry, version=fetched.version, changed_paths=changed)
+        return SecretOutcome(entry, version=secrets[0].version, changed_paths=changed)
 
     def _write_set(self, entry: Entry, fetched: Secret,
                    contents: Tuple[bytes, ...]) -> Tuple[str, ...]:

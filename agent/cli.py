@@ -205,6 +205,8 @@ def _manifest_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import importlib.util
+
     from agent.agent import check
 
     path = _manifest_path(args, environ)
@@ -216,8 +218,16 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             logging.getLogger("kv-agent").warning(
                 "%s: secret '%s': on_change program '%s' is not an executable on PATH; "
                 "the hook will fail until it is", path, entry.name, entry.on_change[0])
+    if any(entry.transform == "certificate" for entry in manifest.secrets) and \
+            importlib.util.find_spec("cryptography") is None:
+        logging.getLogger("kv-agent").warning(
+            "%s: certificate entries need the cryptography package, which is not installed; "
+            "install python3-cryptography (or pip install cryptography)", path)
     count = len(manifest.secrets)
-    print(f"{path}: OK: {count} secret{'s' if count != 1 else ''} into {manifest.directory}")
+    sets = f" in {len(manifest.sets)} set{'s' if len(manifest.sets) != 1 else ''}" \
+        if manifest.sets else ""
+    print(f"{path}: OK: {count} secret{'s' if count != 1 else ''} into {manifest.directory}"
+          f"{sets}")
     return EXIT_OK
 
 

@@ -2,9 +2,13 @@
 
 The manifest is where the pipeline starts: each entry becomes an
 :class:`Entry` made of a :class:`~agent.sources.Source` (what to fetch), a
-transform name (:mod:`agent.transforms`) and an
-:class:`~agent.outputs.OutputSet` (the files). The syntax has one shape
-today: a single ``path:`` is the one-output, ``raw`` case.
+transform name with its parameters (:mod:`agent.transforms`) and an
+:class:`~agent.outputs.OutputSet` (the files). An entry has one of three
+shapes: ``path:`` (one secret to one file, ``raw``, optionally decoded with
+``encoding:``), ``certificate:`` (one certificate's secret to up to five
+files) or ``template:`` (several secrets to one file). Entries that change
+together (``set:``, and each certificate) become :class:`~agent.outputs.EntrySet`
+values in :attr:`Manifest.sets`.
 
 The manifest decides which secrets land where, owned by whom: whoever can edit
 it can direct any secret to any user. So it is refused unless only root (or the
@@ -31,9 +35,15 @@ import yaml
 
 from agent.errors import ManifestError
 from agent.identity_selector import Identity
-from agent.outputs import Output, OutputSet
+from agent.outputs import EntrySet, Output, OutputSet
 from agent.sources import Source
-from agent.transforms import DEFAULT_TRANSFORM
+from agent.transforms import (
+    CERTIFICATE_KINDS,
+    DEFAULT_TRANSFORM,
+    ENCODINGS,
+    TEMPLATE_FORMATS,
+    TransformParams,
+)
 from agent.vault_url import normalize_vault_url
 from agent.writer import RESERVED_PREFIX, system_directory_problem
 
@@ -43,9 +53,19 @@ DEFAULT_MODE = 0o400
 MIN_REFRESH_S = 1.0
 MAX_REFRESH_S = 31 * 24 * 3600.0  # a month; longer waits overflow nothing but help no one
 
-TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secrets")
+TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secrets",
+            "warn_before_expiry")
 SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault",
-               "on_change")
+               "on_change", "encoding", "certificate", "template", "set")
+OUTPUT_KEYS = ("path", "owner", "group", "mode")
+TEMPLATE_KEYS = ("path", "format", "values")
+TEMPLATE_VALUE_KEYS = ("name", "version", "vault", "encoding")
+DEFAULT_WARN_BEFORE_EXPIRY_S = 14 * 86400.0
+MAX_WARN_BEFORE_EXPIRY_S = 366 * 86400.0
+EXPIRY_WINDOW_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$", re.ASCII)
+SET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", re.ASCII)
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$", re.ASCII)
+CERTIFICATE_SET_PREFIX = "certificate:"
 DEFAULT_JITTER = 0.10  # +-10% of the interval, so a fleet does not refresh in step
 MAX_JITTER = 0.5
 IDENTITY_KEYS = ("client_id", "object_id", "resource_id")
@@ -87,21 +107,25 @@ ECHO_CHARS = 60  # of a value quoted in a problem
 
 
 class Entry(NamedTuple):
-    """One manifest entry: a :class:`~agent.sources.Source` to fetch, the
-    transform that turns it into bytes, and the :class:`~agent.outputs.OutputSet`
-    those bytes become. The manifest's single ``path:`` is the one-output,
-    ``raw`` case, the only one the syntax has today.
+    """One manifest entry: the :class:`~agent.sources.Source` values to fetch
+    (one, or a template's one per value, in order), the transform that turns
+    them into bytes with its parameters, and the
+    :class:`~agent.outputs.OutputSet` those bytes become, in order.
 
-    ``name`` is the secret's name as the manifest gives it, for messages.
+    ``name`` is the entry's ``name:`` as the manifest gives it, for messages
+    (for a template, a label; for the others, the secret). ``set_name`` is
+    the :class:`~agent.outputs.EntrySet` the entry belongs to, if any.
     ``line`` (where the entry starts) serves messages only and is left out
     of equality: a manifest that only gained a comment is the same manifest,
     and a reload keeps its sessions and token.
     """
 
     name: str
-    source: Source
+    sources: Tuple[Source, ...]
     outputs: OutputSet
     transform: str = DEFAULT_TRANSFORM
+    params: TransformParams = TransformParams()
+    set_name: Optional[str] = None
     is_optional: bool = False
     on_change: Tuple[str, ...] = ()  # argv run (no shell) after a file changes
     line: Optional[int] = None  # last: equality compares the fields before it
@@ -116,6 +140,11 @@ class Entry(NamedTuple):
 
     def __hash__(self) -> int:
         return hash(self[:-1])
+
+    @property
+    def source(self) -> Source:
+        """The first source: the entry's own secret (a template's first value)."""
+        return self.sources[0]
 
     @property
     def primary(self) -> Output:
@@ -144,6 +173,9 @@ class Manifest(NamedTuple):
     identity: Identity
     secrets: Tuple[Entry, ...]
     refresh_jitter: float = DEFAULT_JITTER  # fraction of the interval, either way
+    # Entries whose files change together, each in a directory of its own.
+    sets: Tuple[EntrySet, ...] = ()
+    warn_before_expiry_s: float = DEFAULT_WARN_BEFORE_EXPIRY_S
 
 
 class Accounts(NamedTuple):
@@ -487,6 +519,31 @@ def parse_duration(value: Any) -> float:
     return float(seconds)
 
 
+def parse_expiry_window(value: Any) -> float:
+    """Parse ``warn_before_expiry``: ``14d``, ``36h``, ``90m``, ``1d12h``
+    (or a number of seconds) to seconds, from 0 to MAX_WARN_BEFORE_EXPIRY_S.
+    Text is bounded before int(), as in :func:`parse_duration`."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and len(value.strip()) <= MAX_DURATION_CHARS:
+        text = value.strip()
+        match = EXPIRY_WINDOW_RE.match(text)
+        if text.isascii() and text.isdigit():
+            seconds = int(text)
+        elif match and any(match.groups()):
+            days, hours, minutes, secs = (int(g) if g else 0 for g in match.groups())
+            seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+        else:
+            raise ValueError("not a duration")
+    else:
+        raise ValueError("not a duration")
+    if not 0 <= seconds <= MAX_WARN_BEFORE_EXPIRY_S:
+        raise ValueError("must be from 0 to 366d")
+    return float(seconds)
+
+
 def parse_mode(value: Any, raw: Optional[str]) -> int:
     """Parse a quoted octal string such as ``"0440"`` into an int.
 
@@ -772,10 +829,15 @@ def parse_manifest(
     jitter = _top_number(problems, data, "refresh_jitter", parse_jitter, DEFAULT_JITTER,
                          f"write a percentage from 0% to {MAX_JITTER:.0%}, "
                          "e.g. refresh_jitter: 10%")
+    warn = _top_number(problems, data, "warn_before_expiry", parse_expiry_window,
+                       DEFAULT_WARN_BEFORE_EXPIRY_S,
+                       "write a duration up to 366d such as 14d, 36h or 90m")
     identity = _parse_identity(problems, data.get("identity"), data.key_lines.get("identity"))
     secrets = _parse_secrets(problems, data, vault, directory, accounts, check_filesystem)
+    sets = _collect_sets(problems, secrets, directory)
     problems.raise_if_any()
-    return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter)
+    return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter,
+                    sets, warn)
 
 
 def _top_vault(problems: _Problems, data: _Map) -> Optional[str]:
@@ -924,6 +986,52 @@ def _parse_secrets(
     return tuple(parsed)
 
 
+def _collect_sets(
+    problems: _Problems, entries: Tuple[Entry, ...], directory: str,
+) -> Tuple[EntrySet, ...]:
+    """The manifest's sets, after checking each lives alone in one directory.
+
+    A set is the entries sharing a ``set:`` name, or a certificate entry on
+    its own. Its files must all be in one directory, not the manifest's
+    top directory, and no other entry may write into it or below it: the
+    writer swaps that directory whole, so anything else in it would be
+    swapped (or lost) with the set.
+    """
+    members: Dict[str, List[Entry]] = {}
+    for entry in entries:
+        if entry.set_name is not None:
+            members.setdefault(entry.set_name, []).append(entry)
+        elif entry.transform == "certificate":
+            members[CERTIFICATE_SET_PREFIX + entry.key] = [entry]
+    sets = []
+    for name, group in members.items():
+        label = f"certificate of '{group[0].name}'" if name.startswith(
+            CERTIFICATE_SET_PREFIX) else f"set '{name}'"
+        folders = sorted({posixpath.dirname(path) for entry in group for path in entry.paths})
+        if len(folders) > 1:
+            problems.add("set", f"the {label} has files in {len(folders)} directories "
+                         f"({', '.join(folders[:3])}); its files change together",
+                         group[0].line, "put all of them in one directory")
+            continue
+        folder = folders[0]
+        if folder == directory:
+            problems.add("set", f"the {label} is in the top directory {directory}, which "
+                         "holds other files", group[0].line,
+                         f"put its files in a directory of their own, e.g. {directory}/"
+                         f"{name.rsplit('/', 1)[-1].replace(':', '-') or 'set'}/")
+            continue
+        keys = {entry.key for entry in group}
+        intruder = next((entry for entry in entries if entry.key not in keys and any(
+            path.startswith(folder + "/") for path in entry.paths)), None)
+        if intruder is not None:
+            problems.add("set", f"the {label} needs {folder} to itself, but '{intruder.name}' "
+                         f"(line {intruder.line}) writes there", group[0].line,
+                         "move one of them to another directory, or give both the same set")
+            continue
+        sets.append(EntrySet(name, folder, tuple(entry.key for entry in group)))
+    return tuple(sets)
+
+
 def _parse_entry(
     problems: _Problems, entry: Any, index: int, list_line: int, vault: Optional[str],
     directory: str, accounts: Accounts, check_filesystem: bool,
@@ -939,15 +1047,7 @@ def _parse_entry(
     def fail(key: str, message: str, hint: str = "") -> None:
         problems.add(f"{prefix}.{key}", message, entry.key_lines.get(key, entry.line), hint)
 
-    name = entry.get("name")
-    if name is not None and not isinstance(name, str) and "name" in entry.raw:
-        name = entry.raw["name"]  # "2024" or "0755" is a YAML number: take it as written
-    if name is None:
-        fail("name", "missing", "add the Key Vault secret name")
-    elif not isinstance(name, str) or not SECRET_NAME_RE.match(name):
-        fail("name", f"'{echo(name)}' is not a Key Vault secret name",
-             "use 1-127 characters of 0-9, a-z, A-Z and '-'")
-
+    name = _secret_name(fail, entry, "name")
     entry_vault = vault
     if "vault" in entry:
         try:
@@ -955,31 +1055,18 @@ def _parse_entry(
         except ValueError as exc:
             fail("vault", str(exc))
 
-    path = None
-    try:
-        path = resolve_path(directory, entry.get("path", name))
-        if check_filesystem:
-            check_no_symlinked_parents(directory, path)
-    except ValueError as exc:
-        fail("path", str(exc))
-
     uid, owner = _account(fail, entry, "owner", accounts.user, "user")
     gid, group = _account(fail, entry, "group", accounts.group, "group")
-
     mode = DEFAULT_MODE
     if "mode" in entry:
         try:
             mode = parse_mode(entry["mode"], entry.raw.get("mode"))
         except ValueError as exc:
             fail("mode", str(exc))
+    defaults = Output("", uid, gid, mode, owner, group)
 
-    version = entry.get("version")
-    if version is not None:
-        if not isinstance(version, str) and "version" in entry.raw:
-            version = entry.raw["version"]  # an all-digit version is a YAML number: as written
-        if not isinstance(version, str) or not VERSION_RE.match(version):
-            fail("version", f"'{echo(version)}' is not a secret version",
-                 "use the 32-character hex version id, or remove it for the current one")
+    version = _version(fail, entry, "version")
+    encoding = _encoding(fail, entry, "encoding")
 
     optional = entry.get("optional", False)
     if not isinstance(optional, bool):
@@ -992,14 +1079,266 @@ def _parse_entry(
         except ValueError as exc:
             fail("on_change", str(exc), 'e.g. on_change: ["systemctl", "reload", "app.service"]')
 
-    if len(problems.lines) > before or path is None or not isinstance(name, str):
+    set_name = None
+    if "set" in entry:
+        set_name = entry["set"] if isinstance(entry["set"], str) else None
+        if set_name is None or not SET_NAME_RE.match(set_name):
+            fail("set", f"'{echo(entry['set'])}' is not a set name",
+                 "use 1-64 letters, digits and . _ - (not first)")
+
+    shapes = [key for key in ("path", "certificate", "template") if key in entry]
+    if len(shapes) > 1:
+        fail(shapes[1], f"an entry has one of path, certificate or template, not "
+             f"{' and '.join(shapes)}", "split it into entries of one kind each")
         return None
-    output = Output(path, uid, gid, mode, owner, group)
+    paths = Paths(directory, check_filesystem)
+    shape = shapes[0] if shapes else "path"
+    transform, params = DEFAULT_TRANSFORM, TransformParams((encoding,))
+    sources: Tuple[Source, ...] = ()
+    outputs: Tuple[Output, ...] = ()
+    if shape == "certificate":
+        if encoding is not None:
+            fail("encoding", "a certificate is decoded by its content type",
+                 "remove encoding from a certificate entry")
+        transform = "certificate"
+        kinds, outputs = _certificate_outputs(fail, entry, paths, defaults, accounts)
+        params = TransformParams(kinds=kinds)
+    elif shape == "template":
+        for key in ("encoding", "version"):
+            if key in entry:
+                fail(key, f"a template takes {key} per value",
+                     f"write it in the value's mapping: {{name: ..., {key}: ...}}")
+        transform = "template"
+        template = _template(fail, entry, paths, defaults, accounts, entry_vault)
+        if template is not None:
+            params, sources, outputs = template
+    else:
+        given = entry.raw.get("name", entry.get("name"))  # a default path even if invalid
+        path = paths.resolve(fail, "path", entry.get("path", given))
+        outputs = (defaults._replace(path=path),) if path is not None else ()
+    if shape != "template" and isinstance(name, str):
+        sources = (Source(entry_vault or "", name, version),)
+
+    if len(problems.lines) > before or not outputs or not sources or not isinstance(name, str):
+        return None
     return Entry(
-        name=name, source=Source(entry_vault or "", name, version.lower() if version else None),
-        outputs=OutputSet((output,)), is_optional=bool(optional), on_change=on_change,
+        name=name, sources=sources, outputs=OutputSet(outputs), transform=transform,
+        params=params, set_name=set_name, is_optional=bool(optional), on_change=on_change,
         line=entry.line,
     )
+
+
+class Paths(NamedTuple):
+    """Resolves an output path inside the manifest's directory, or reports why not."""
+
+    directory: str
+    check_filesystem: bool
+
+    def resolve(self, fail: Callable[..., None], key: str, value: Any) -> Optional[str]:
+        try:
+            path = resolve_path(self.directory, value)
+            if self.check_filesystem:
+                check_no_symlinked_parents(self.directory, path)
+        except ValueError as exc:
+            fail(key, str(exc))
+            return None
+        return path
+
+
+def _secret_name(fail: Callable[..., None], data: _Map, key: str) -> Optional[str]:
+    name = data.get(key)
+    raw = getattr(data, "raw", {})
+    if name is not None and not isinstance(name, str) and key in raw:
+        name = raw[key]  # "2024" or "0755" is a YAML number: take it as written
+    if name is None:
+        fail(key, "missing", "add the Key Vault secret name")
+        return None
+    if not isinstance(name, str) or not SECRET_NAME_RE.match(name):
+        fail(key, f"'{echo(name)}' is not a Key Vault secret name",
+             "use 1-127 characters of 0-9, a-z, A-Z and '-'")
+        return None
+    return name
+
+
+def _version(fail: Callable[..., None], data: _Map, key: str) -> Optional[str]:
+    version = data.get(key)
+    if version is None:
+        return None
+    raw = getattr(data, "raw", {})
+    if not isinstance(version, str) and key in raw:
+        version = raw[key]  # an all-digit version is a YAML number: as written
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        fail(key, f"'{echo(version)}' is not a secret version",
+             "use the 32-character hex version id, or remove it for the current one")
+        return None
+    return version.lower()
+
+
+def _encoding(fail: Callable[..., None], data: _Map, key: str) -> Optional[str]:
+    if key not in data:
+        return None
+    value = data[key]
+    if isinstance(value, str) and value.lower() in ENCODINGS:
+        return value.lower()
+    fail(key, f"'{echo(value)}' is not an encoding", f"use one of {', '.join(ENCODINGS)}")
+    return None
+
+
+def _output(
+    fail: Callable[..., None], key: str, value: Any, paths: Paths, defaults: Output,
+    accounts: Accounts,
+) -> Optional[Output]:
+    """One output: a path, or a mapping {path, owner, group, mode} whose
+    missing keys take the entry's values."""
+    if not isinstance(value, _Map):
+        path = paths.resolve(fail, key, value)
+        return defaults._replace(path=path) if path is not None else None
+    problems_before = []
+
+    def inner(sub: str, message: str, hint: str = "") -> None:
+        problems_before.append(sub)
+        fail(f"{key}.{sub}", message, hint)
+
+    for unknown in value:
+        if unknown not in OUTPUT_KEYS:
+            inner(echo(unknown), "unknown key", f"known keys: {', '.join(OUTPUT_KEYS)}")
+    if "path" not in value:
+        inner("path", "missing", "add path: <file name>")
+        return None
+    path = paths.resolve(inner, "path", value["path"])
+    uid, owner = _account(inner, value, "owner", accounts.user, "user") \
+        if "owner" in value else (defaults.uid, defaults.owner)
+    gid, group = _account(inner, value, "group", accounts.group, "group") \
+        if "group" in value else (defaults.gid, defaults.group)
+    mode = defaults.mode
+    if "mode" in value:
+        try:
+            mode = parse_mode(value["mode"], value.raw.get("mode"))
+        except ValueError as exc:
+            inner("mode", str(exc))
+    if path is None or problems_before:
+        return None
+    return Output(path, uid, gid, mode, owner, group)
+
+
+def _certificate_outputs(
+    fail: Callable[..., None], entry: _Map, paths: Paths, defaults: Output, accounts: Accounts,
+) -> Tuple[Tuple[str, ...], Tuple[Output, ...]]:
+    value = entry["certificate"]
+    if not isinstance(value, _Map) or not value:
+        fail("certificate", "must be a mapping of at least one of "
+             f"{', '.join(CERTIFICATE_KINDS)} to a path", "e.g. certificate: {key: tls.key}")
+        return (), ()
+
+    def inner(sub: str, message: str, hint: str = "") -> None:
+        fail(f"certificate.{sub}", message, hint)
+
+    kinds, outputs = [], []
+    for kind, target in value.items():
+        if kind not in CERTIFICATE_KINDS:
+            import difflib  # only on this error path
+
+            close = difflib.get_close_matches(str(kind)[:64], CERTIFICATE_KINDS, n=1)
+            inner(echo(kind), "unknown output kind",
+                  f"did you mean '{close[0]}'?" if close
+                  else f"known kinds: {', '.join(CERTIFICATE_KINDS)}")
+            continue
+        output = _output(inner, kind, target, paths, defaults, accounts)
+        if output is not None:
+            kinds.append(kind)
+            outputs.append(output)
+    return tuple(kinds), tuple(outputs)
+
+
+def _template(
+    fail: Callable[..., None], entry: _Map, paths: Paths, defaults: Output, accounts: Accounts,
+    vault: Optional[str],
+) -> Optional[Tuple[TransformParams, Tuple[Source, ...], Tuple[Output, ...]]]:
+    value = entry["template"]
+    if not isinstance(value, _Map):
+        fail("template", "must be a mapping with path, format and values",
+             "e.g. template: {path: app.env, format: env, values: {DB_PASSWORD: db-password}}")
+        return None
+    before: List[str] = []
+
+    def inner(sub: str, message: str, hint: str = "") -> None:
+        before.append(sub)
+        fail(f"template.{sub}", message, hint)
+
+    for unknown in value:
+        if unknown not in TEMPLATE_KEYS:
+            import difflib  # only on this error path
+
+            close = difflib.get_close_matches(str(unknown)[:64], TEMPLATE_KEYS, n=1)
+            inner(echo(unknown), "unknown key", f"did you mean '{close[0]}'?" if close
+                  else f"known keys: {', '.join(TEMPLATE_KEYS)}")
+    form = value.get("format", "env")
+    if form not in TEMPLATE_FORMATS:
+        inner("format", f"'{echo(form)}' is not a template format",
+              f"use one of {', '.join(TEMPLATE_FORMATS)}")
+    output = None
+    if "path" in value:
+        output = _output(inner, "path", value["path"], paths, defaults, accounts)
+    else:
+        inner("path", "missing", "add path: <file name>")
+    values = value.get("values")
+    if not isinstance(values, _Map) or not values:
+        inner("values", "must be a mapping of at least one output name to a secret",
+              "e.g. values: {DB_PASSWORD: db-password}")
+        return None
+    keys, sources, encodings = [], [], []
+    for key, item in values.items():
+        where = f"values.{echo(key)}"
+        if form == "env" and not (isinstance(key, str) and ENV_KEY_RE.match(key)):
+            inner(where, f"'{echo(key)}' is not a variable name for an env file",
+                  "use letters, digits and '_', not starting with a digit")
+        elif not isinstance(key, str) or not key:
+            inner(where, "an output name must be a non-empty string")
+        source = _template_source(inner, where, item, vault)
+        if source is not None:
+            keys.append(str(key))
+            sources.append(source[0])
+            encodings.append(source[1])
+    if before or output is None:
+        return None
+    return (TransformParams(tuple(encodings), format=str(form), keys=tuple(keys)),
+            tuple(sources), (output,))
+
+
+def _template_source(
+    fail: Callable[..., None], where: str, item: Any, vault: Optional[str],
+) -> Optional[Tuple[Source, Optional[str]]]:
+    """A template value: a secret name, or {name, version, vault, encoding}."""
+    problems: List[str] = []
+
+    def inner(sub: str, message: str, hint: str = "") -> None:
+        problems.append(sub)
+        fail(f"{where}.{sub}" if sub else where, message, hint)
+
+    if not isinstance(item, _Map):
+        if not isinstance(item, str) or not SECRET_NAME_RE.match(item):
+            inner("", f"'{echo(item)}' is not a Key Vault secret name",
+                  "use 1-127 characters of 0-9, a-z, A-Z and '-', or {name: ..., version: ...}")
+            return None
+        item = {"name": item}
+    for unknown in item:
+        if unknown not in TEMPLATE_VALUE_KEYS:
+            inner(echo(unknown), "unknown key", f"known keys: {', '.join(TEMPLATE_VALUE_KEYS)}")
+    name = _secret_name(inner, item, "name")
+    version = _version(inner, item, "version")
+    encoding = _encoding(inner, item, "encoding")
+    item_vault = vault
+    if "vault" in item:
+        try:
+            item_vault = _vault_url(item["vault"])
+        except ValueError as exc:
+            inner("vault", str(exc))
+    if problems or name is None:
+        return None
+    if not item_vault:
+        inner("vault", "missing", "add vault: at the top or in this value")
+        return None
+    return Source(item_vault, name, version), encoding
 
 
 def _account(

@@ -1,23 +1,40 @@
-"""Transforms: pure functions from a fetched secret to the bytes of each output.
+"""Transforms: pure functions from fetched secrets to the bytes of each output.
 
 The middle of the pipeline (entries -> sources -> **transforms** -> outputs).
-A transform is given what the vault returned (the value's bytes, its content
-type and its attributes) and returns one ``bytes`` per output of the entry,
-in the entry's output order. Today only ``raw`` exists (the value, byte for
-byte, to one file); a certificate split into key and chain, an encoding or a
-template is one more function here and one more name in :data:`TRANSFORMS`.
+A transform is given what the vault returned for each of the entry's sources
+(the value's bytes, its content type and its attributes) and the entry's
+:class:`TransformParams`, and returns one ``bytes`` per output of the entry,
+in the entry's output order:
 
-Rules for every transform: pure (no I/O, no clock, no environment; this
-module imports nothing that does any), deterministic, and never quoting the
-value in an error: a :class:`TransformError` names the secret and the fix.
+* ``raw``: the one value to one file, as stored, or decoded (``encoding``:
+  ``utf-8``, ``base64``, ``hex``).
+* ``certificate``: a Key Vault certificate's secret (PKCS#12 or PEM) split
+  into key, cert, chain, fullchain and pfx files (:mod:`agent.certificates`,
+  imported only here, only when an entry asks for it, so a plain-secret
+  manifest never loads ``cryptography``).
+* ``template``: several secrets into one file, ``env``, ``json`` or ``raw``.
+
+Rules for every transform: pure (no I/O, no clock, no environment),
+deterministic (the same inputs give the same bytes, so an unchanged template
+is never rewritten), and never quoting the value in an error: a
+:class:`TransformError` names the secret and the fix.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Protocol, Tuple
+import binascii
+from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 from agent.errors import KvAgentError
 from agent.sources import SecretAttributes
+
+ENCODINGS = ("utf-8", "base64", "hex")
+TEMPLATE_FORMATS = ("env", "json", "raw")
+CERTIFICATE_KINDS = ("key", "cert", "chain", "fullchain", "pfx")
+# The characters a POSIX shell and systemd's EnvironmentFile= both unescape
+# after a backslash inside double quotes (systemd's SHELL_NEED_ESCAPE);
+# any other backslash is kept by both.
+_ENV_ESCAPED = frozenset('"\\`$')
 
 
 class Material(Protocol):
@@ -36,7 +53,21 @@ class Material(Protocol):
     def attributes(self) -> SecretAttributes: ...
 
 
-Transform = Callable[[Material], Tuple[bytes, ...]]
+class TransformParams(NamedTuple):
+    """What the manifest says about how to transform, beyond the transform's name.
+
+    ``encodings``: one per source (None: the value as stored). ``kinds``: a
+    certificate's output kinds, in output order. ``format`` and ``keys``: a
+    template's format and its output names, one per source, in order.
+    """
+
+    encodings: Tuple[Optional[str], ...] = ()
+    kinds: Tuple[str, ...] = ()
+    format: Optional[str] = None
+    keys: Tuple[str, ...] = ()
+
+
+Transform = Callable[[Sequence[Material], TransformParams], Tuple[bytes, ...]]
 
 
 class TransformError(KvAgentError):
@@ -44,28 +75,131 @@ class TransformError(KvAgentError):
     fails (its files keep their last good content), the others go on."""
 
 
-def raw(material: Material) -> Tuple[bytes, ...]:
-    """The value exactly as Key Vault returned it, to a single output."""
-    return (material.value,)
+def decode(material: Material, encoding: Optional[str]) -> bytes:
+    """The value as bytes: as stored (None or ``utf-8``: Key Vault's values
+    are text, and their UTF-8 bytes are what is stored), or decoded from
+    ``base64`` (the standard alphabet with padding; whitespace and line
+    breaks are ignored, anything else is an error) or ``hex``.
+
+    Raises TransformError naming the secret, never quoting the value.
+    """
+    if encoding is None or encoding == "utf-8":
+        return material.value
+    try:
+        if encoding == "base64":
+            return strict_base64(material.value)
+        if encoding == "hex":
+            return bytes.fromhex(b"".join(material.value.split()).decode("ascii"))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise TransformError(f"secret '{material.name}': the value is not valid {encoding}",
+                             f"store it {encoding}-encoded, or remove encoding: "
+                             f"{encoding} from the entry") from None
+    raise TransformError(f"secret '{material.name}': unknown encoding '{encoding}'",
+                         f"use one of {', '.join(ENCODINGS)}")
 
 
-TRANSFORMS: Mapping[str, Transform] = {"raw": raw}
+def strict_base64(text: bytes) -> bytes:
+    """Standard base64 with padding; whitespace and line breaks are ignored.
+
+    Raises ValueError for anything else: a2b_base64 alone skips stray
+    characters, so only the canonical spelling of what it decoded is
+    accepted (``strict_mode=`` needs Python 3.11).
+    """
+    compact = b"".join(text.split())
+    data = binascii.a2b_base64(compact)
+    if binascii.b2a_base64(data, newline=False) != compact:
+        raise ValueError("not canonical base64")
+    return data
+
+
+def raw(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
+    """The value exactly as Key Vault returned it (or decoded), to a single output."""
+    encoding = params.encodings[0] if params.encodings else None
+    return (decode(materials[0], encoding),)
+
+
+def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
+    """A certificate's secret split into the requested kinds (see :mod:`agent.certificates`)."""
+    try:
+        from agent.certificates import split_certificate  # cryptography only when asked
+    except ImportError:  # a package built without its dependency: one line, not a traceback
+        raise TransformError(f"secret '{materials[0].name}': certificates need the "
+                             "cryptography package, which is not installed",
+                             "install python3-cryptography (or pip install cryptography)"
+                             ) from None
+
+    material = materials[0]
+    pieces: Tuple[bytes, ...] = split_certificate(
+        material.name, material.value, material.content_type, params.kinds)
+    return pieces
+
+
+def template(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
+    """Several secrets into one file: substitution only, no logic.
+
+    ``env``: one ``KEY="value"`` line per value, double-quoted with ``"``,
+    ``\\``, `````` ` `````` and ``$`` escaped by a backslash: the one quoting
+    a POSIX shell's ``.`` and systemd's ``EnvironmentFile=`` read back alike
+    (systemd's env-file.c unescapes exactly those four inside double quotes
+    and keeps any other backslash, as the shell does; newlines are kept).
+    ``json``: one object of strings, keys in manifest order. ``raw``: the
+    values concatenated in manifest order, nothing added between them.
+    """
+    values = [decode(material, params.encodings[index] if params.encodings else None)
+              for index, material in enumerate(materials)]
+    if params.format == "raw":
+        return (b"".join(values),)
+    texts = [_text(material, value, params.format or "env")
+             for material, value in zip(materials, values)]
+    if params.format == "json":
+        import json  # only templates pay for it
+
+        return ((json.dumps(dict(zip(params.keys, texts)), ensure_ascii=False, indent=2)
+                 + "\n").encode("utf-8"),)
+    lines = [f'{key}="{_env_quote(text)}"\n' for key, text in zip(params.keys, texts)]
+    return ("".join(lines).encode("utf-8"),)
+
+
+def _text(material: Material, value: bytes, form: str) -> str:
+    """``value`` as text for an env or json template, or a TransformError:
+    systemd ignores an assignment that is not UTF-8, and a NUL ends a C
+    string (systemd's parser stops at it; the shell drops it)."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TransformError(f"secret '{material.name}': not UTF-8 text, which a {form} "
+                             "file cannot hold", "write it to a file of its own") from None
+    if form == "env" and "\0" in text:
+        raise TransformError(f"secret '{material.name}': holds a NUL character, which an "
+                             "env file cannot hold", "write it to a file of its own")
+    return text
+
+
+def _env_quote(text: str) -> str:
+    return "".join("\\" + char if char in _ENV_ESCAPED else char for char in text)
+
+
+TRANSFORMS: Mapping[str, Transform] = {"raw": raw, "certificate": certificate,
+                                       "template": template}
 DEFAULT_TRANSFORM = "raw"
 
 
-def apply_transform(name: str, material: Material, outputs: int) -> Tuple[bytes, ...]:
-    """Run transform ``name``; its result has exactly ``outputs`` items.
+def apply_transform(name: str, materials: Sequence[Material], outputs: int,
+                    params: TransformParams = TransformParams()) -> Tuple[bytes, ...]:
+    """Run transform ``name`` on the entry's fetched ``materials`` (one per
+    source, in order); its result has exactly ``outputs`` items.
 
-    Raises TransformError for an unknown transform or a result that does not
-    match the entry's outputs (a bug in a transform, reported per entry).
+    Raises TransformError for an unknown transform, a value it cannot use, or
+    a result that does not match the entry's outputs (a bug, reported per entry).
     """
     transform = TRANSFORMS.get(name)
+    label = materials[0].name if materials else "?"
     if transform is None:
-        raise TransformError(f"secret '{material.name}': unknown transform '{name}'",
+        raise TransformError(f"secret '{label}': unknown transform '{name}'",
                              f"use one of {', '.join(sorted(TRANSFORMS))}")
-    data = transform(material)
+    data = transform(materials, params)
     if len(data) != outputs:
         raise TransformError(
-            f"secret '{material.name}': transform '{name}' made {len(data)} files "
+            f"secret '{label}': transform '{name}' made {len(data)} files "
             f"for {outputs} outputs", "report this as a bug")
     return data

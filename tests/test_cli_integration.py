@@ -20,6 +20,7 @@ import queue
 import re
 import secrets
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -1160,3 +1161,184 @@ def test_once_reaches_imds_directly_whatever_the_proxy_variables(
     assert kv.emulator.imds_requests == 1
     assert proxy.requests and set(proxy.requests) == {f"CONNECT {vault.hostname}:{vault.port}"}
     assert (kv.directory / name).read_bytes() == value.encode()
+
+
+# ---------------------------------------------------------------------------
+# issue 11: encodings, templates and certificates, end to end
+
+
+def owner_and_mode(path: Path) -> Tuple[int, int, int]:
+    """(mode, uid, gid) of ``path``."""
+    state = file_state(path)
+    return state.mode, state.uid, state.gid
+
+
+def put_typed(kv: Harness, name: str, value: str, content_type: str) -> str:
+    """Store ``value`` with a content type (a certificate's secret, as Key Vault serves it)."""
+    SECRET_VALUES.add(value)
+    return kv.emulator.set_secret(name, value, content_type=content_type)
+
+
+def test_once_writes_encodings_and_templates_and_rewrites_a_template_only_on_change(
+    kv: Harness
+) -> None:
+    """base64 and hex values are decoded; env, json and raw templates hold their secrets exactly
+    (the env file sourced by sh gives back each value); a re-run touches nothing and a rotated
+    input rewrites only the templates that use it."""
+    blob = bytes(range(256))
+    names = {kind: fresh_name(kind) for kind in ("b64", "hex", "password", "user")}
+    kv.put(names["b64"], base64.b64encode(blob).decode())
+    kv.put(names["hex"], blob.hex())
+    password = fresh_value("pw") + " $HOME `id` \"q\" 'q' \\ \n second line é"
+    user = fresh_value("user")
+    kv.put(names["password"], password)
+    kv.put(names["user"], user)
+    body = (entry(names["b64"], path="license.bin", encoding="base64")
+            + entry(names["hex"], path="blob.bin", encoding="hex", mode='"0440"', owner="1234")
+            + f"  - name: app-env\n    mode: \"0440\"\n    group: \"5678\"\n"
+              f"    template:\n      path: app/app.env\n      format: env\n"
+              f"      values:\n        DB_PASSWORD: {names['password']}\n"
+              f"        DB_USER: {{name: {names['user']}}}\n"
+            + f"  - name: app-json\n    template:\n      path: app.json\n      format: json\n"
+              f"      values: {{user: {names['user']}}}\n"
+            + f"  - name: app-raw\n    template:\n      path: app.raw\n      format: raw\n"
+              f"      values: {{a: {names['user']}, b: {names['password']}}}\n")
+    manifest = kv.manifest(body)
+
+    first = kv.run("once", "--manifest", str(manifest))
+
+    assert first.returncode == 0, first.stderr
+    directory = kv.directory
+    assert (directory / "license.bin").read_bytes() == blob
+    assert owner_and_mode(directory / "blob.bin") == (0o440, 1234, 0)
+    assert (directory / "blob.bin").read_bytes() == blob
+    env = directory / "app" / "app.env"
+    assert owner_and_mode(env) == (0o440, 0, 5678)
+    for variable, value in (("DB_PASSWORD", password), ("DB_USER", user)):
+        done = subprocess.run(["sh", "-c", f'. ./app.env; printf %s "${variable}"'],
+                              cwd=env.parent, capture_output=True, timeout=10, check=True)
+        assert done.stdout.decode() == value
+    assert json.loads((directory / "app.json").read_bytes()) == {"user": user}
+    assert (directory / "app.raw").read_bytes() == (user + password).encode()
+    paths = [directory / p for p in ("license.bin", "blob.bin", "app/app.env", "app.json",
+                                     "app.raw")]
+    before = {path: file_state(path) for path in paths}
+
+    again = kv.run("once", "--manifest", str(manifest))
+    assert again.returncode == 0, again.stderr
+    assert {path: file_state(path) for path in paths} == before
+
+    kv.put(names["password"], fresh_value("pw-rotated"))
+    rotated = kv.run("once", "--manifest", str(manifest))
+    assert rotated.returncode == 0, rotated.stderr
+    changed = {path.name for path in paths if file_state(path) != before[path]}
+    assert changed == {"app.env", "app.raw"}
+
+
+def test_once_bad_encoding_and_env_value_fail_only_their_entry(kv: Harness) -> None:
+    """A value that is not base64 fails its entry, and the template using it, each with one line
+    naming the secret; the other files are written and the run exits 1."""
+    bad, good = fresh_name("notb64"), fresh_name("fine")
+    kv.put(bad, fresh_value("not base64 at all!"))
+    kv.put(good, fresh_value("fine"))
+    manifest = kv.manifest(entry(bad, encoding="base64") + entry(good)
+                           + f"  - name: env\n    template: {{path: app.env, values: "
+                             f"{{X: {{name: {bad}, encoding: base64}}}}}}\n")
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 1
+    assert (kv.directory / good).exists()
+    assert not (kv.directory / bad).exists() and not (kv.directory / "app.env").exists()
+    assert len(result.error_lines) == 2, result.stderr
+    assert all(f"secret '{bad}': the value is not valid base64" in line
+               for line in result.error_lines)
+
+
+@pytest.mark.parametrize("source", ["pfx", "pem"])
+def test_once_splits_a_certificate_into_its_files_with_owners_and_modes(
+    kv: Harness, source: str
+) -> None:
+    """A PKCS#12 or PEM certificate secret becomes key, cert, chain, fullchain and pfx files, each
+    with its owner and mode, which openssl reads and verifies against the root."""
+    certs = pytest.importorskip("certs")
+    pki = certs.make_pki("ec" if source == "pem" else "rsa")
+    name = fresh_name("web-tls")
+    if source == "pfx":
+        put_typed(kv, name, pki.pfx(), certs.PKCS12)
+    else:
+        put_typed(kv, name, pki.pem(order=[3, 0, 2, 1]), certs.PEM)
+    manifest = kv.manifest(
+        f"  - name: {name}\n    owner: \"1234\"\n    group: \"5678\"\n    mode: \"0440\"\n"
+        f"    certificate:\n      key: web/tls.key\n"
+        f"      cert: {{path: web/tls.crt, mode: \"0444\"}}\n      chain: web/chain.pem\n"
+        f"      fullchain: {{path: web/fullchain.pem, owner: \"0\", mode: \"0444\"}}\n"
+        f"      pfx: web/tls.pfx\n")
+
+    checked = kv.run("check", "--manifest", str(manifest))
+    assert checked.returncode == 0 and "OK: 1 secret" in checked.stdout
+    assert "in 1 set" in checked.stdout
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    web = kv.directory / "web"
+    expected = {"tls.key": (0o440, 1234, 5678), "tls.crt": (0o444, 1234, 5678),
+                "chain.pem": (0o440, 1234, 5678), "fullchain.pem": (0o444, 0, 5678),
+                "tls.pfx": (0o440, 1234, 5678)}
+    assert {path.name: owner_and_mode(path) for path in web.iterdir()} == expected
+    assert (web / "fullchain.pem").read_bytes() == (
+        (web / "tls.crt").read_bytes() + (web / "chain.pem").read_bytes())
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    root = kv.root / "root.pem"
+    root.write_bytes(pki.root.public_bytes(certs.serialization.Encoding.PEM))
+
+    def run_openssl(*argv: str) -> str:
+        done = subprocess.run([openssl, *argv], capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert done.returncode == 0, (argv, done.stderr)
+        return done.stdout
+
+    assert run_openssl("pkey", "-in", str(web / "tls.key"), "-pubout") == run_openssl(
+        "x509", "-in", str(web / "tls.crt"), "-noout", "-pubkey")
+    assert run_openssl("verify", "-CAfile", str(root), "-untrusted", str(web / "chain.pem"),
+                       str(web / "tls.crt")).strip().endswith("OK")
+    assert run_openssl("pkcs12", "-in", str(web / "tls.pfx"), "-passin", "pass:",
+                       "-nokeys").count("BEGIN CERTIFICATE") == 3
+
+
+def test_once_non_exportable_certificate_names_the_policy_and_keeps_the_files(
+    kv: Harness
+) -> None:
+    """A certificate whose value has no key fails an entry asking for key with the fix, while an
+    entry asking only for the chain is written; an unknown content type is refused."""
+    certs = pytest.importorskip("certs")
+    pki = certs.make_pki("ec")
+    public, plain = fresh_name("public-only"), fresh_name("plain")
+    put_typed(kv, public, pki.pem(order=[1, 2, 3]), certs.PEM)
+    put_typed(kv, plain, pki.pem(), "text/plain")
+    manifest = kv.manifest(
+        f"  - name: {public}\n    certificate: {{key: a/k, cert: a/c}}\n"
+        f"  - name: {public}\n    certificate: {{fullchain: b/fullchain.pem}}\n"
+        f"  - name: {plain}\n    certificate: {{cert: c/c}}\n")
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 1
+    assert (kv.directory / "b" / "fullchain.pem").exists()
+    assert not (kv.directory / "a").exists() and not (kv.directory / "c").exists()
+    (non_exportable, unknown) = result.error_lines
+    assert "non-exportable" in non_exportable and "exportable in the certificate policy" in \
+        non_exportable
+    assert "content type 'text/plain' is not a certificate's" in unknown
+
+
+def test_check_refuses_a_set_that_shares_its_directory(kv: Harness) -> None:
+    """check exits 78 naming the set, the intruding entry and the fix, with no network."""
+    manifest = kv.manifest("  - name: a\n    path: db/a\n    set: db\n"
+                           "  - name: b\n    path: db/b\n")
+    result = kv.run("check", "--manifest", str(manifest))
+    assert result.returncode == 78
+    assert "set 'db' needs" in result.stderr and "to itself" in result.stderr
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)

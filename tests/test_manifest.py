@@ -22,11 +22,15 @@ from agent.manifest import (
     Accounts,
     load_manifest,
     parse_duration,
+    parse_expiry_window,
     parse_manifest,
     parse_mode,
     parse_vault_url,
     resolve_path,
 )
+from agent.outputs import EntrySet
+from agent.sources import Source
+from agent.transforms import TransformParams
 
 USERS: Dict[str, int] = {"root": 0, "postgres": 110, "nginx": 111}
 GROUPS: Dict[str, int] = {"root": 0, "postgres": 120, "ssl-cert": 121}
@@ -739,3 +743,172 @@ def test_comments_do_not_change_the_manifest() -> None:
     moved = parse_manifest(text.replace("name: db", "name: db\n    mode: '0440'"), "m.yaml",
                            accounts=ACCOUNTS, check_filesystem=False)
     assert moved != before
+
+
+ISSUE_11 = """\
+vault: https://contoso-kv.vault.azure.net
+warn_before_expiry: 36h
+secrets:
+  - name: license-blob
+    path: license.bin
+    encoding: base64
+  - name: web-tls
+    certificate:
+      key: web/tls.key
+      cert: {path: web/tls.crt, mode: "0444"}
+      chain: web/chain.pem
+      fullchain: {path: web/fullchain.pem, owner: root, mode: "0444"}
+      pfx: web/tls.pfx
+    owner: nginx
+    group: postgres
+    mode: "0440"
+  - name: app-env
+    template:
+      path: app.env
+      format: env
+      values:
+        DB_PASSWORD: db-password
+        API_KEY: {name: api-key, version: 0123456789ABCDEF0123456789abcdef, encoding: hex}
+        OTHER: {name: x, vault: https://other-kv.vault.azure.net}
+  - name: db-password
+    path: db/password
+    set: db
+  - name: db-user
+    path: db/user
+    set: db
+"""
+
+
+def test_issue_11_manifest_parses_to_sources_params_outputs_and_sets() -> None:
+    """Encodings, certificate outputs (with per-output owner and mode over the entry's), a template
+    of three sources and a named set parse into the pipeline values the agent and writer use."""
+    manifest = parse_manifest(ISSUE_11, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    blob, tls, env, password, user = manifest.secrets
+    assert manifest.warn_before_expiry_s == 36 * 3600
+    assert (blob.transform, blob.params.encodings, blob.paths) == (
+        "raw", ("base64",), ("/run/secrets/license.bin",))
+    assert tls.transform == "certificate" and tls.params.kinds == (
+        "key", "cert", "chain", "fullchain", "pfx")
+    assert [(o.path.rsplit("/", 1)[1], o.uid, o.gid, o.mode) for o in tls.outputs.outputs] == [
+        ("tls.key", 111, 120, 0o440), ("tls.crt", 111, 120, 0o444), ("chain.pem", 111, 120, 0o440),
+        ("fullchain.pem", 0, 120, 0o444), ("tls.pfx", 111, 120, 0o440)]
+    assert tls.sources == (Source("https://contoso-kv.vault.azure.net", "web-tls"),)
+    assert env.transform == "template" and env.paths == ("/run/secrets/app.env",)
+    assert env.params == TransformParams((None, "hex", None), format="env",
+                                         keys=("DB_PASSWORD", "API_KEY", "OTHER"))
+    assert env.sources == (
+        Source("https://contoso-kv.vault.azure.net", "db-password"),
+        Source("https://contoso-kv.vault.azure.net", "api-key", "0123456789abcdef" * 2),
+        Source("https://other-kv.vault.azure.net", "x"))
+    assert env.source == env.sources[0]
+    assert (password.set_name, user.set_name) == ("db", "db")
+    assert manifest.sets == (  # in the order of each set's first entry
+        EntrySet("certificate:/run/secrets/web/tls.key", "/run/secrets/web",
+                 ("/run/secrets/web/tls.key",)),
+        EntrySet("db", "/run/secrets/db", ("/run/secrets/db/password", "/run/secrets/db/user")),
+    )
+
+
+def test_plain_manifest_has_no_sets_and_the_default_expiry_window() -> None:
+    """Without set: or certificate:, nothing changes: no sets, warn 14 days ahead."""
+    manifest = parse_manifest(GOOD, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    assert manifest.sets == () and manifest.warn_before_expiry_s == 14 * 86400
+    assert all(e.transform == "raw" and e.params == TransformParams((None,))
+               for e in manifest.secrets)
+
+
+V = "vault: https://kv.vault.azure.net\n"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: c/k, chian: c/c}\n",
+                 ["certificate.chian", "unknown output kind", "did you mean 'chain'"],
+                 id="unknown-kind"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {}\n",
+                 ["certificate", "at least one of key, cert, chain, fullchain, pfx"],
+                 id="no-output"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: c/k, cert: c/k}\n",
+                 ["/run/secrets/c/k is written by both 'c'"], id="two-outputs-one-path"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: c/k, cert: {mode: '0444'}}\n",
+                 ["certificate.cert.path", "missing"], id="output-without-path"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: {path: c/k, mdoe: '0400'}}\n",
+                 ["certificate.key.mdoe", "unknown key"], id="output-unknown-key"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: c/k, cert: d/c}\n",
+                 ["certificate of 'c' has files in 2 directories", "one directory"],
+                 id="certificate-spans-directories"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: k, cert: c}\n",
+                 ["in the top directory /run/secrets", "a directory of their own"],
+                 id="certificate-in-top-directory"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: web/k}\n"
+                 "  - name: other\n    path: web/other\n",
+                 ["needs /run/secrets/web to itself", "'other'"], id="stranger-in-set-dir"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: web/k}\n"
+                 "  - name: other\n    path: web/deeper/other\n",
+                 ["needs /run/secrets/web to itself"], id="stranger-below-set-dir"),
+    pytest.param(V + "secrets:\n  - name: a\n    path: db/a\n    set: db\n"
+                 "  - name: b\n    path: b\n    set: db\n",
+                 ["set 'db' has files in 2 directories"], id="set-spans-directories"),
+    pytest.param(V + "secrets:\n  - name: a\n    path: db/a\n    set: db\n"
+                 "  - name: b\n    path: db/b\n",
+                 ["set 'db' needs /run/secrets/db to itself", "'b'"], id="set-dir-shared"),
+    pytest.param(V + "secrets:\n  - name: a\n    set: [x]\n", ["set", "is not a set name"],
+                 id="bad-set-name"),
+    pytest.param(V + "secrets:\n  - name: a\n    encoding: base32\n",
+                 ["encoding", "'base32' is not an encoding", "utf-8, base64, hex"],
+                 id="unknown-encoding"),
+    pytest.param(V + "secrets:\n  - name: c\n    encoding: base64\n    certificate: {key: c/k}\n",
+                 ["encoding", "decoded by its content type"], id="encoding-on-certificate"),
+    pytest.param(V + "secrets:\n  - name: c\n    path: x\n    certificate: {key: c/k}\n",
+                 ["one of path, certificate or template"], id="path-and-certificate"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, values: {1BAD: a}}\n",
+                 ["template.values.1BAD", "not a variable name"], id="env-key-digit"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, values: {A-B: a}}\n",
+                 ["template.values.A-B", "not a variable name"], id="env-key-dash"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, format: yaml, values: {A: a}}\n",
+                 ["template.format", "'yaml' is not a template format", "env, json, raw"],
+                 id="unknown-format"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, values: {A: bad_name}}\n",
+                 ["template.values.A", "'bad_name' is not a Key Vault secret name"],
+                 id="template-bad-secret"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, values: {A: {name: a, encoding: rot13}}}\n",
+                 ["template.values.A.encoding", "not an encoding"], id="template-bad-encoding"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, values: {A: {nmae: a}}}\n",
+                 ["template.values.A.nmae", "unknown key"], id="template-value-unknown-key"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, values: {}}\n",
+                 ["template.values", "at least one"], id="template-no-values"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {values: {A: a}}\n",
+                 ["template.path", "missing"], id="template-no-path"),
+    pytest.param(V + "secrets:\n  - name: e\n    template: {path: e, valeus: {A: a}}\n",
+                 ["template.valeus", "did you mean 'values'"], id="template-typo"),
+    pytest.param(V + "secrets:\n  - name: e\n    version: " + "a" * 32 +
+                 "\n    template: {path: e, values: {A: a}}\n",
+                 ["version", "a template takes version per value"], id="template-version"),
+    pytest.param(V + "warn_before_expiry: 2y\nsecrets: []\n",
+                 ["warn_before_expiry", "not a duration", "14d"], id="bad-expiry-window"),
+    pytest.param(V + "warn_before_expiry: 400d\nsecrets: []\n",
+                 ["warn_before_expiry", "from 0 to 366d"], id="expiry-window-too-long"),
+])
+def test_issue_11_rules(text: str, fragments: List[str]) -> None:
+    """check refuses each mistake in the new syntax with one line naming the key and the fix."""
+    problems = parse(text)
+    assert problems, text
+    joined = "\n".join(problems)
+    for fragment in fragments:
+        assert fragment in joined, (fragment, problems)
+
+
+@pytest.mark.parametrize("value, seconds", [("14d", 14 * 86400), ("36h", 36 * 3600),
+                                            ("90m", 5400), ("1d12h", 36 * 3600), (0, 0),
+                                            ("3600", 3600)])
+def test_expiry_windows(value: object, seconds: float) -> None:
+    """warn_before_expiry takes days, hours, minutes and seconds."""
+    assert parse_expiry_window(value) == seconds
+
+
+def test_json_and_raw_template_keys_need_not_be_variable_names() -> None:
+    """Only env keys must be variable names; json and raw take any non-empty name."""
+    for form in ("json", "raw"):
+        manifest = parse_manifest(V + "secrets:\n  - name: e\n    template: {path: e, format: "
+                                  f"{form}, values: {{a-b.c: a, 1x: b}}}}\n", "m.yaml",
+                                  accounts=ACCOUNTS, check_filesystem=False)
+        assert manifest.secrets[0].params.keys == ("a-b.c", "1x")

@@ -262,8 +262,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "failing-secret-loses-its-file",
         "a secret that fails keeps its last good file",
         "agent/agent.py",
-        "            return SecretOutcome(entry, error=fetched)",
-        "            return SecretOutcome(entry, error=fetched, "
+        "                return SecretOutcome(entry, error=one)",
+        "                return SecretOutcome(entry, error=one, "
         "changed_paths=entry.paths if self.writer.remove(entry.key) else ())",
         (f"{CLI}::test_once_failures_name_each_secret_and_keep_its_file",),
     ),

@@ -1,0 +1,282 @@
+"""Certificates: a Key Vault certificate's secret split into the files servers read.
+
+A certificate in Key Vault is read through its secret, whose value is either
+``application/x-pkcs12`` (standard base64 of a PKCS#12 with an empty
+password) or ``application/x-pem-file`` (PEM text: a PKCS#8 key and the
+certificates, in no guaranteed order). :func:`split_certificate` parses
+either, orders the chain itself and serialises the kinds an entry asks for:
+
+* ``key``: the private key, PEM PKCS#8, unencrypted;
+* ``cert``: the leaf, PEM;
+* ``chain``: the issuers (intermediates, then the root if present), PEM;
+  empty for a self-signed leaf;
+* ``fullchain``: the leaf, then the issuers (nginx's ``ssl_certificate``);
+* ``pfx``: PKCS#12, binary, with an empty password and no encryption (see
+  :func:`_pfx`).
+
+The chain is ordered, never trusted to be: the leaf is the certificate whose
+public key is the private key's; each next one is the certificate whose
+subject is the current one's issuer (and whose subject key identifier is the
+current one's authority key identifier, when both are present), until a
+self-signed certificate or no issuer. Certificates outside that chain (an
+old intermediate, a cross-signed root left in a bundle) are dropped with a
+debug log: served, they would make a client build or a reviewer read a path
+that is not the one this key belongs to.
+
+This is the only module of the agent that imports ``cryptography`` (the one
+well-kept library that reads PKCS#12 and writes PKCS#8), and
+:mod:`agent.transforms` imports it only for a certificate entry: a
+plain-secret manifest never loads it. Pure apart from a debug log line.
+Parsing is bounded: the value is at most the vault client's body cap, and at
+most MAX_CERTIFICATES certificates are read. Errors are TransformError naming
+the secret and the fix, never quoting the value.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import re
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from agent.transforms import TransformError, strict_base64
+from agent.untrusted import escape
+
+if TYPE_CHECKING:  # the name is cryptography 40's; Debian 12 ships 38
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+log = logging.getLogger(__name__)
+
+PKCS12 = "application/x-pkcs12"
+PEM = "application/x-pem-file"
+MAX_CERTIFICATES = 20  # a leaf, a few intermediates and a root; more is not a certificate
+_PEM_BLOCK_RE = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]{1,40})-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+_KEY_BLOCKS = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY")
+
+
+class Bundle(NamedTuple):
+    """What a certificate's secret holds: maybe a key, and its certificates."""
+
+    key: Optional[PrivateKeyTypes]
+    certificates: Tuple[x509.Certificate, ...]
+
+
+class Chain(NamedTuple):
+    """The leaf, then its issuers in order (intermediates, then the root)."""
+
+    leaf: x509.Certificate
+    issuers: Tuple[x509.Certificate, ...]
+
+
+def split_certificate(name: str, value: bytes, content_type: Optional[str],
+                      kinds: Sequence[str]) -> Tuple[bytes, ...]:
+    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order.
+
+    Raises TransformError for an unknown content type, a value that does not
+    parse, a PKCS#12 with a password, an encrypted key, no key when key or
+    pfx is asked (a non-exportable certificate), or a key matching no certificate.
+    """
+    bundle = read_bundle(name, value, content_type)
+    needs_key = any(kind in ("key", "pfx") for kind in kinds)
+    if bundle.key is None and needs_key:
+        raise TransformError(
+            f"secret '{name}': no private key in the value: the certificate's policy makes "
+            "the key non-exportable",
+            "make the key exportable in the certificate policy (a new version), or ask "
+            "only for cert, chain and fullchain, which need no key")
+    chain = order_chain(name, bundle)
+    pieces = []
+    for kind in kinds:
+        if kind == "key":
+            assert bundle.key is not None  # checked above
+            pieces.append(bundle.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+        elif kind == "cert":
+            pieces.append(_pem((chain.leaf,)))
+        elif kind == "chain":
+            pieces.append(_pem(chain.issuers))
+        elif kind == "fullchain":
+            pieces.append(_pem((chain.leaf, *chain.issuers)))
+        elif kind == "pfx":
+            assert bundle.key is not None
+            pieces.append(_pfx(name, bundle.key, chain))
+        else:
+            raise TransformError(f"secret '{name}': unknown certificate output '{kind}'",
+                                 "use key, cert, chain, fullchain or pfx")
+    return tuple(pieces)
+
+
+def read_bundle(name: str, value: bytes, content_type: Optional[str]) -> Bundle:
+    """Parse the secret's value by its content type (see the module docstring)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == PKCS12:
+        return _read_pkcs12(name, value)
+    if kind == PEM:
+        return _read_pem(name, value)
+    shown = escape(content_type, 80) if content_type else "none"
+    raise TransformError(
+        f"secret '{name}': content type '{shown}' is not a certificate's "
+        f"({PKCS12} or {PEM})",
+        "point certificate: at a Key Vault certificate's name, or use path: for a plain secret")
+
+
+def _read_pkcs12(name: str, value: bytes) -> Bundle:
+    try:
+        der = strict_base64(value)
+    except (binascii.Error, ValueError):
+        raise TransformError(f"secret '{name}': the PKCS#12 value is not base64",
+                             "store the certificate through Key Vault's certificate API") from None
+    loaded = None
+    for password in (None, b""):  # an empty password is spelled either way
+        try:
+            loaded = pkcs12.load_key_and_certificates(der, password)
+            break
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    if loaded is None:
+        raise TransformError(
+            f"secret '{name}': the PKCS#12 cannot be read with an empty password "
+            "(it has a password, or it is damaged)",
+            "import the certificate into Key Vault without a password")
+    key, leaf, others = loaded
+    certificates = ([leaf] if leaf is not None else []) + list(others)
+    _check_count(name, len(certificates))
+    return Bundle(key, tuple(certificates))
+
+
+def _read_pem(name: str, value: bytes) -> Bundle:
+    key: Optional[PrivateKeyTypes] = None
+    certificates: List[x509.Certificate] = []
+    blocks = _PEM_BLOCK_RE.finditer(value)
+    for block in blocks:
+        label, text = block.group(1), block.group(0)
+        if label == b"CERTIFICATE":
+            _check_count(name, len(certificates) + 1)
+            try:
+                certificates.append(x509.load_pem_x509_certificate(text))
+            except ValueError:
+                raise TransformError(f"secret '{name}': a CERTIFICATE block does not parse",
+                                     "store a valid certificate") from None
+        elif label == b"ENCRYPTED PRIVATE KEY" or b"ENCRYPTED" in block.group(2)[:200]:
+            raise _encrypted(name)
+        elif label in _KEY_BLOCKS:
+            if key is not None:
+                raise TransformError(f"secret '{name}': the PEM holds two private keys",
+                                     "store one key with its certificates")
+            key = _load_key(name, text)
+    if not certificates:
+        raise TransformError(f"secret '{name}': no certificate in the PEM value",
+                             "store the certificate with its chain")
+    return Bundle(key, tuple(certificates))
+
+
+def _load_key(name: str, text: bytes) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(text, password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        raise _encrypted(name) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TransformError(f"secret '{name}': the private key does not parse",
+                             "store an unencrypted PKCS#8 key") from None
+
+
+def _encrypted(name: str) -> TransformError:
+    return TransformError(f"secret '{name}': the private key is encrypted",
+                          "store it unencrypted (Key Vault protects it); kv-agent has no "
+                          "password to give")
+
+
+def _check_count(name: str, count: int) -> None:
+    if count > MAX_CERTIFICATES:
+        raise TransformError(f"secret '{name}': more than {MAX_CERTIFICATES} certificates",
+                             "store the leaf and its chain only")
+
+
+def order_chain(name: str, bundle: Bundle) -> Chain:
+    """The leaf and its issuers in order (see the module docstring).
+
+    Without a key (a non-exportable certificate), the leaf is the one
+    certificate that issued none of the others. Raises TransformError when the
+    key matches no certificate, or no single leaf can be told.
+    """
+    certificates = list({c.fingerprint(hashes.SHA256()): c for c in bundle.certificates}.values())
+    if bundle.key is not None:
+        wanted = _spki(bundle.key.public_key())
+        leaves = [c for c in certificates if _spki(c.public_key()) == wanted]
+        if not leaves:
+            raise TransformError(f"secret '{name}': the private key matches none of the "
+                                 f"{len(certificates)} certificates",
+                                 "store the key with its own certificate")
+    else:
+        leaves = [c for c in certificates
+                  if not any(_issued(other, c) for other in certificates if other is not c)]
+        if len(leaves) != 1:
+            raise TransformError(f"secret '{name}': no single leaf among the certificates",
+                                 "store one certificate with its chain")
+    leaf = leaves[0]
+    issuers: List[x509.Certificate] = []
+    current, left = leaf, [c for c in certificates if c is not leaf]
+    while left and current.subject != current.issuer:
+        following = next((c for c in left if _issued(current, c)), None)
+        if following is None:
+            break
+        issuers.append(following)
+        left.remove(following)
+        current = following
+    for dropped in left:
+        log.debug("secret %s: dropped a certificate outside the chain: %s", name,
+                  escape(dropped.subject.rfc4514_string(), 200))
+    return Chain(leaf, tuple(issuers))
+
+
+def _issued(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer`` is ``child``'s issuer by name and, where both carry
+    one, by key identifier (names alone repeat across re-keyed CAs)."""
+    if child.issuer != issuer.subject:
+        return False
+    authority = _authority_key_id(child)
+    subject = _subject_key_id(issuer)
+    if authority is not None and subject is not None:
+        return authority == subject
+    return True
+
+
+def _authority_key_id(certificate: x509.Certificate) -> Optional[bytes]:
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return extension.value.key_identifier
+
+
+def _subject_key_id(certificate: x509.Certificate) -> Optional[bytes]:
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return extension.value.digest
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined,no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _pem(certificates: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+def _pfx(name: str, key: PrivateKeyTypes, chain: Chain) -> bytes:
+    """PKCS#12 with an empty password and no encryption: the file's owner and
+    mode on tmpfs protect it, and a password everyone knows adds nothing;
+    unencrypted, it is read by OpenSSL (``-passin pass:``), Java and .NET alike."""
+    return pkcs12.serialize_key_and_certificates(
+        name.encode("ascii"), key, chain.leaf, list(chain.issuers) or None,  # type: ignore[arg-type]
+        serialization.NoEncryption())
