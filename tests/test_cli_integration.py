@@ -16,7 +16,6 @@ import base64
 import json
 import logging
 import os
-import queue
 import re
 import secrets
 import select
@@ -37,6 +36,7 @@ import pytest
 import requests
 import secrecy
 from daemon_harness import AgentProcess, wait_for
+from emulator_command import emulator_command
 from hostile import HostileServer, answer, loopback_443_server, trickle
 from hostile import response as hostile_response
 from secrecy import fresh_value
@@ -738,34 +738,6 @@ def test_non_tmpfs_directory_is_refused_with_exit_73(kv: Harness, tmp_path: Path
 # emulator and demo commands
 
 
-def _read_banner(process: "subprocess.Popen[str]", timeout_s: float) -> Dict[str, str]:
-    """Read the emulator's banner until 'Stop with Ctrl-C.'; returns imds, vault, ca."""
-    lines: "queue.Queue[Optional[str]]" = queue.Queue()
-    assert process.stdout is not None
-    stdout = process.stdout
-
-    def pump() -> None:
-        for line in stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    patterns = {"imds": r"^\s*IMDS token endpoint:\s+(\S+)", "vault": r"^\s*vault:\s+(\S+)",
-                "ca": r"^\s*CA certificate:\s+(\S+)"}
-    found: Dict[str, str] = {}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        assert line is not None, f"the emulator exited early: {found}"
-        OUTPUTS.append(line)
-        for key, pattern in patterns.items():
-            match = re.match(pattern, line)
-            if match and key not in found:
-                found[key] = match.group(1)
-        if line.startswith("Stop with Ctrl-C."):
-            return found
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
     kv: Harness, signum: signal.Signals
@@ -775,12 +747,8 @@ def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
     name, value = fresh_name("served"), fresh_value("served")
     SECRET_VALUES.add(value)
     secrets_file = write_private(kv.root / "secrets.yaml", f"{name}: {json.dumps(value)}\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent", "emulator", "--secrets", str(secrets_file)],
-        env=base_environ(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
-        banner = _read_banner(process, timeout_s=20)
+    with emulator_command(secrets_file, env=base_environ(),
+                          on_line=OUTPUTS.append) as (process, banner):
         assert set(banner) == {"imds", "vault", "ca"}, banner
         assert banner["imds"].startswith("http://127.0.0.1:")
         assert banner["vault"].startswith("https://127.0.0.1:")
@@ -801,13 +769,6 @@ def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
         OUTPUTS.append(errors)
         assert_no_leak(errors)
         assert not os.path.exists(banner["ca"]), "the generated CA was not removed"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness) -> None:
@@ -821,12 +782,8 @@ def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness
         f"secrets:\n  {name}: {json.dumps(value)}\n"
         f"identities:\n  system_assigned: false\n  user_assigned:\n"
         f"    - client_id: {client_id}\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent", "emulator", "--secrets", str(secrets_file),
-         "--empty-pages"],
-        env=base_environ(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = _read_banner(process, timeout_s=20)
+    with emulator_command(secrets_file, "--empty-pages", env=base_environ(),
+                          on_line=OUTPUTS.append) as (process, banner):
         manifest = write_private(kv.root / "manifest.yaml",
                                  f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
                                  f"identity:\n  client_id: {client_id}\n"
@@ -849,13 +806,6 @@ def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness
         assert page["value"] == [] and page["nextLink"] is not None
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_demo_exits_zero_and_prints_no_secret_value(kv: Harness) -> None:

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
+from emulator_command import emulator_command
 
 from agent.emulator import CERTIFICATE_ROOT_FILE, Emulator
 from tests.test_emulator import API_VERSION, token, vault_get
@@ -367,12 +367,8 @@ def test_emulator_command_serves_a_declared_certificate(tmp_path: Path) -> None:
     cert_dir = tmp_path / "certs"
     cert_dir.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.lower().endswith("_proxy")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent", "emulator", "--secrets", str(secrets_file),
-         "--cert-dir", str(cert_dir)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = _banner(process)
+    with emulator_command(secrets_file, "--cert-dir", str(cert_dir), env=env) as (process,
+                                                                                banner):
         with requests.Session() as client:
             client.trust_env = False
             grant = client.get(banner["imds"], headers={"Metadata": "true"}, timeout=5, params={
@@ -388,34 +384,6 @@ def test_emulator_command_serves_a_declared_certificate(tmp_path: Path) -> None:
         material.issuers()[0].verify_directly_issued_by(root)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def _banner(process: subprocess.Popen[str]) -> dict[str, str]:
-    """The IMDS endpoint, vault URL and CA path from the emulator's banner."""
-    assert process.stdout is not None
-    found: dict[str, str] = {}
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        for word in line.split():
-            if word.startswith("http://127.0.0.1:"):
-                found["imds"] = word
-            elif word.startswith("https://127.0.0.1:"):
-                found["vault"] = word
-            elif word.endswith(".pem") and os.path.exists(word):
-                found["ca"] = word
-        if line.startswith("Stop with Ctrl-C."):
-            return found
-    raise AssertionError(f"no banner from the emulator: {found}")
 
 
 def test_rest_create_certificate_reissues_with_a_new_key(emulator: Emulator) -> None:

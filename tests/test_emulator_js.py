@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sdk_environment import AWAY_FROM_THE_EMULATOR
 
 from agent.emulator import Emulator
 
@@ -36,31 +37,8 @@ JS_DIR = Path(__file__).resolve().parent / "js"
 JS_FILES = ("package.json", "package-lock.json", "drive.mjs", "loopback-only.mjs")
 NPM_TIMEOUT_S = 300
 NODE_TIMEOUT_S = 60
-# Variables that would send the SDK elsewhere than the emulator's IMDS, through a
-# proxy, or make it trust other CAs.
-FOREIGN_ENVIRONMENT = (
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-    "IDENTITY_SERVER_THUMBPRINT",
-    "IMDS_ENDPOINT",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-    "AZURE_CLIENT_ID",
-    "AZURE_TENANT_ID",
-    "AZURE_AUTHORITY_HOST",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_TOKEN_CREDENTIALS",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-    "NODE_OPTIONS",
-    "NODE_EXTRA_CA_CERTS",
-)
+# What would send the SDK elsewhere than the emulator, plus node's own trust and options.
+FOREIGN_ENVIRONMENT = (*AWAY_FROM_THE_EMULATOR, "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
 
 BULK = [f"bulk-{index:02d}" for index in range(27)]  # more than one default page of 25
 SECRETS: dict[str, Any] = {

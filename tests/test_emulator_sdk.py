@@ -31,33 +31,14 @@ from azure.core.exceptions import (
 )
 from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
+from sdk_environment import AWAY_FROM_THE_EMULATOR
 
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
 
-# Variables that make ManagedIdentityCredential (or MSAL under it) choose a source
-# other than IMDS, or send traffic through a proxy, or trust another CA bundle.
-FOREIGN_ENVIRONMENT = (
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-    "IDENTITY_SERVER_THUMBPRINT",
-    "IMDS_ENDPOINT",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-    "AZURE_CLIENT_ID",
-    "AZURE_TENANT_ID",
-    "AZURE_AUTHORITY_HOST",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_TOKEN_CREDENTIALS",
-    "MY_MANAGED_IDENTITY_CONFIG",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-)
+# What would send the SDK elsewhere than the emulator, plus MSAL's own managed-identity
+# configuration and requests' CA bundles.
+FOREIGN_ENVIRONMENT = (*AWAY_FROM_THE_EMULATOR, "MY_MANAGED_IDENTITY_CONFIG",
+                       "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 USER_ASSIGNED = UserAssignedIdentity(
     client_id="cccccccc-0000-4000-8000-00000000000c",
