@@ -235,43 +235,51 @@ def parse_error(body: bytes) -> Tuple[str, str, str]:
 
 def error_for_status(name: str, status: int, body: bytes) -> VaultError:
     """The per-secret error for a final non-200 status, worded with the fix."""
-    code, inner, message = parse_error(body)
-    detail = f" ({inner or code})" if inner or code else ""
     if status == 404:
+        code, inner, _ = parse_error(body)
+        detail = f" ({inner or code})" if inner or code else ""
         return SecretNotFoundError(
             f"secret '{name}': not found in the vault (404{detail})",
             "check the name and version in the manifest, or recover a deleted secret")
+    return _refusal(f"secret '{name}':", status, body, permission="get",
+                    fallback="check the manifest entry")
+
+
+def _refusal(prefix: str, status: int, body: bytes, *, permission: str,
+             fallback: str) -> VaultError:
+    """The error for a final non-200 answer to a GET of a secret or of the list,
+    ``prefix`` naming what was asked for; ``permission`` is the access-policy
+    permission that request needs ('get' or 'list')."""
+    code, inner, message = parse_error(body)
+    detail = f" ({inner or code})" if inner or code else ""
     if status == 403:
         if inner == "SecretDisabled":
             return VaultForbiddenError(
-                f"secret '{name}': this version is disabled (403 SecretDisabled)",
+                f"{prefix} this version is disabled (403 SecretDisabled)",
                 "enable it in the vault, or pin an enabled version")
         if inner == "ForbiddenByFirewall":
             return VaultForbiddenError(
-                f"secret '{name}': the vault's firewall refused this VM (403{detail})",
+                f"{prefix} the vault's firewall refused this VM (403{detail})",
                 "allow this VM's network or private endpoint in the vault's networking")
         return VaultForbiddenError(
-            f"secret '{name}': permission denied (403{detail})",
+            f"{prefix} permission denied (403{detail})",
             "grant this VM's identity the 'Key Vault Secrets User' role on the vault, "
-            "or a 'get' secret access policy")
+            f"or a '{permission}' secret access policy")
     if status == 401:
-        return VaultError(
-            f"secret '{name}': the vault rejected the identity's token (401{detail}: "
-            f"{message})", "check the vault's tenant and the token audience")
+        return VaultError(f"{prefix} the vault rejected the identity's token (401{detail}: "
+                          f"{message})", "check the vault's tenant and the token audience")
     if status == 429:
         return VaultThrottledError(
-            f"secret '{name}': throttled by the vault (429)",
+            f"{prefix} throttled by the vault (429)",
             "the vault's request limit was reached; fewer refreshes or fewer agents")
     if status >= 500 or status == 408:
-        return VaultUnavailableError(
-            f"secret '{name}': the vault kept failing (HTTP {status}{detail})", "retry later")
+        return VaultUnavailableError(f"{prefix} the vault kept failing (HTTP {status}{detail})",
+                                     "retry later")
     if 300 <= status < 400:
-        return VaultError(
-            f"secret '{name}': the vault answered with a redirect (HTTP {status}); "
-            "not followed, a token never leaves the vault's URL",
-            "use the vault's canonical URL in the manifest")
-    return VaultError(f"secret '{name}': HTTP {status}{detail} {message}".rstrip(),
-                      "check the manifest entry")
+        return VaultError(f"{prefix} the vault answered with a redirect (HTTP {status}); "
+                          "not followed, a token never leaves the vault's URL",
+                          "use the vault's canonical URL in the manifest")
+    return VaultError(f"{prefix} HTTP {status}{detail} {message}".rstrip(), fallback)
 
 
 def _request_failed(vault: str, exc: Exception, prefix: str) -> VaultError:
@@ -617,32 +625,6 @@ def _challenge_failed(vault: str, status: int, body: bytes) -> VaultError:
 
 def _list_error(vault: str, status: int, body: bytes) -> VaultError:
     """The error for a final non-200 answer to a list request."""
-    code, inner, message = parse_error(body)
-    detail = f" ({inner or code})" if inner or code else ""
-    prefix = f"listing vault {vault}:"
-    if status == 403:
-        if inner == "ForbiddenByFirewall":
-            return VaultForbiddenError(
-                f"{prefix} the vault's firewall refused this VM (403{detail})",
-                "allow this VM's network or private endpoint in the vault's networking")
-        return VaultForbiddenError(
-            f"{prefix} permission denied (403{detail})",
-            "grant this VM's identity the 'Key Vault Secrets User' role on the vault, "
-            "or a 'list' secret access policy")
-    if status == 401:
-        return VaultError(f"{prefix} the vault rejected the identity's token (401{detail}: "
-                          f"{message})", "check the vault's tenant and the token audience")
-    if status == 429:
-        return VaultThrottledError(
-            f"{prefix} throttled by the vault (429)",
-            "the vault's request limit was reached; fewer refreshes or fewer agents")
-    if status >= 500 or status == 408:
-        return VaultUnavailableError(f"{prefix} the vault kept failing (HTTP {status}{detail})",
-                                     "retry later")
-    if 300 <= status < 400:
-        return VaultError(f"{prefix} the vault answered with a redirect (HTTP {status}); "
-                          "not followed, a token never leaves the vault's URL",
-                          "use the vault's canonical URL in the manifest")
-    return VaultError(f"{prefix} HTTP {status}{detail} {message}".rstrip(),
-                      "check that the manifest's vault URL is a Key Vault")
+    return _refusal(f"listing vault {vault}:", status, body, permission="list",
+                    fallback="check that the manifest's vault URL is a Key Vault")
 
