@@ -49,11 +49,14 @@ HOST_PACKAGES = (
 
 # The container's packages: a booting systemd, the .deb's dependencies, and
 # what the test itself uses inside (python3-cryptography for the emulator's
-# certificates, ca-certificates for update-ca-certificates, iproute2 for ip).
+# certificates, ca-certificates for update-ca-certificates, iproute2 for ip,
+# nginx and openssl for the certificate scenario: the container has no network,
+# so everything is in the image; a change here changes the cache key).
 ROOTFS_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "python3",
     "python3-requests", "python3-yaml", "python3-sdnotify",
     "python3-cryptography", "ca-certificates", "iproute2",
+    "nginx", "openssl",
 )
 
 CONTAINER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"

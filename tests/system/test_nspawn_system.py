@@ -21,10 +21,11 @@ so, while `kv-agent run --help` fails in this tree.
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List
 
 import kvsystem
 import pytest
@@ -79,8 +80,110 @@ ExecReload=/bin/sh -c 'kill -HUP "$$1"' reload $MAINPID
 WATCHDOG_DROP_IN = "[Service]\nWatchdogSec=3s\n"
 
 
-def secrets_yaml(values: Dict[str, str]) -> str:
-    return "".join(f"{name}: {json.dumps(value)}\n" for name, value in values.items())
+def secrets_yaml(values: Dict[str, object]) -> str:
+    """A plain secrets file: JSON is YAML (escaped control characters; UTF-8
+    kept as is, since YAML does not join JSON's surrogate-pair escapes)."""
+    return "".join(f"{name}: {json.dumps(value, ensure_ascii=False)}\n"
+                   for name, value in values.items())
+
+
+# -- the certificate and env-file story (issue 11) -----------------------------------
+# The emulator declares WEB_TLS (a certificate it issues: PKCS#12 on one
+# release, shuffled PEM with the root on the other) and ENV_COUNT plain
+# secrets whose values are env_values(); the agent materialises the certificate
+# for nginx and the values into one env file.
+
+WEB_TLS = "web-tls"
+TLS_DIR = "/run/secrets/tls"
+CERTIFICATE_ROOT = "/root/emu/certs/certificates-root.pem"
+NGINX_PORT = 8443
+ENV_COUNT = 200
+ENV_FILE = "/run/secrets/app.env"
+
+
+def certificate_policy(suite: str) -> Dict[str, object]:
+    """The emulator's ``certificate:`` declaration for WEB_TLS on ``suite``."""
+    if suite == "bookworm":
+        return {"key_type": "rsa", "content_type": "application/x-pkcs12",
+                "sans": ["localhost"]}
+    return {"key_type": "ec", "content_type": "application/x-pem-file",
+            "pem_order": "shuffled", "include_root": True, "sans": ["localhost"]}
+
+
+def env_values(count: int = ENV_COUNT, seed: int = 11) -> List[str]:
+    """``count`` values from a fixed seed: printable ASCII, newlines, tabs,
+    quotes, $, backquotes, backslashes and UTF-8, the hard ones first."""
+    tricky = ["", " ", "'", '"', "\\", "$", "`", "$(id)", "${X1}", "\\$", "\\\n", "\n",
+              "a\nb\n", "  lead and trail  ", "'\"'\"'", "\\\\\"", "é ✓ 漢字 🙂",
+              "#not a comment", "=", "x=y", "\t", "!history", "trailing backslash\\"]
+    rng = random.Random(seed)
+    alphabet = ([chr(c) for c in range(0x20, 0x7f)] + ["\n", "\t", "é", "ß", "漢", "🙂"]
+                + ["'", '"', "$", "\\", "`"] * 6)
+    values = tricky[:count]
+    while len(values) < count:
+        values.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))))
+    return values
+
+
+def env_secret_name(index: int) -> str:
+    return f"env-{index}"
+
+
+def emulator_secrets(suite: str) -> Dict[str, object]:
+    """The container emulator's first secrets file: SECRETS, WEB_TLS and the env values."""
+    secrets: Dict[str, object] = dict(SECRETS)
+    secrets[WEB_TLS] = {"certificate": certificate_policy(suite)}
+    for index, value in enumerate(env_values(), start=1):
+        secrets[env_secret_name(index)] = value
+    return secrets
+
+
+CERTIFICATE_ENTRIES = f"""\
+  - name: {WEB_TLS}
+    certificate:
+      key: tls/web.key
+      cert: {{path: tls/cert.pem, mode: "0444"}}
+      chain: {{path: tls/chain.pem, mode: "0444"}}
+      fullchain: {{path: tls/fullchain.pem, mode: "0444"}}
+    mode: "0400"
+    on_change: ["systemctl", "reload", "nginx"]
+  - name: app-env
+    template:
+      path: app.env
+      format: env
+      values:
+""" + "".join(f"        X{index}: {env_secret_name(index)}\n"
+              for index in range(1, ENV_COUNT + 1))
+CERTIFICATE_MANIFEST = MANIFEST + CERTIFICATE_ENTRIES
+
+# The key stays root's 0400: nginx's master process reads it as root before
+# it starts the workers, and the workers (user www-data, the processes that
+# face the network) never need it. Group www-data 0440 would hand the key to
+# a compromised worker.
+NGINX_SITE = f"""\
+server {{
+    listen 127.0.0.1:{NGINX_PORT} ssl;
+    server_name localhost;
+    ssl_certificate {TLS_DIR}/fullchain.pem;
+    ssl_certificate_key {TLS_DIR}/web.key;
+    location / {{ return 200 "kv-agent\\n"; }}
+}}
+"""
+
+# Rotates WEB_TLS in the container's emulator as an operator would in Azure:
+# the certificate's create operation (a new key, the same CA), with a token
+# from IMDS. Prints the operation's status, never the token.
+ROTATE_CERTIFICATE = f"""\
+import json, urllib.request as u
+token = json.load(u.urlopen(u.Request(
+    "http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01"
+    "&resource=https://vault.azure.net", headers={{"Metadata": "true"}})))["access_token"]
+answer = u.urlopen(u.Request(
+    "https://{VAULT_HOST}/certificates/{WEB_TLS}/create?api-version=7.4", data=b"{{}}",
+    method="POST", headers={{"Authorization": "Bearer " + token,
+                             "Content-Type": "application/json"}}))
+print(answer.status, json.load(answer)["status"])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +326,21 @@ def test_exposure_score_in_the_booted_system(machine: Container, suite: str) -> 
         assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
 
 
-def test_emulator_serves_the_production_endpoints(machine: Container) -> None:
+def test_nginx_from_the_image_makes_way(machine: Container) -> None:
+    """The image's nginx (for the certificate steps) loses its default site,
+    which listens on every address's port 80, where the emulator's IMDS must
+    bind, and stays stopped until its certificate exists."""
+    machine.run(["rm", "-f", "/etc/nginx/sites-enabled/default"])
+    machine.run(["systemctl", "stop", "nginx"])
+
+
+def test_emulator_serves_the_production_endpoints(machine: Container, suite: str) -> None:
     """Inside the container only: 169.254.169.254 on loopback, the vault name
     in /etc/hosts, the emulator's CA in the system trust store."""
     machine.assert_private_network()  # (Container.run checks it again, every time)
     machine.run(["ip", "address", "add", f"{IMDS_ADDRESS}/32", "dev", "lo"])
     machine.write("/etc/hosts", f"127.0.0.1 localhost\n{IMDS_ADDRESS} {VAULT_HOST}\n")
-    machine.write("/root/emu/secrets.yaml", secrets_yaml(SECRETS), mode=0o600)
+    machine.write("/root/emu/secrets.yaml", secrets_yaml(emulator_secrets(suite)), mode=0o600)
     machine.write(f"/etc/systemd/system/{EMULATOR_UNIT}", EMULATOR_SERVICE)
     machine.run(["systemctl", "daemon-reload"])
     machine.run(["systemctl", "start", EMULATOR_UNIT])
@@ -402,6 +513,149 @@ def test_bad_manifest_on_reload_keeps_the_old_configuration(
                      what="the rejected-manifest note to clear")
 
 
+# -- certificates for nginx, an env file for systemd (issue 11) ------------------
+
+
+def served_serial(machine: Container) -> str:
+    """The serial of the certificate nginx serves; the handshake must verify
+    against the emulator's root (so the served chain is whole and nginx holds
+    the key that matches the certificate)."""
+    return machine.sh(
+        f"openssl s_client -connect 127.0.0.1:{NGINX_PORT} -servername localhost "
+        f"-CAfile {CERTIFICATE_ROOT} -verify_return_error </dev/null 2>/dev/null "
+        "| openssl x509 -noout -serial").stdout.strip()
+
+
+def file_serial(machine: Container) -> str:
+    return machine.run(["openssl", "x509", "-noout", "-serial", "-in",
+                        f"{TLS_DIR}/cert.pem"]).stdout.strip()
+
+
+def nginx_reloads(machine: Container) -> int:
+    """How many reloads of nginx systemd finished (its "Reloaded" lines)."""
+    return journal(machine, "nginx").count("Reloaded ")
+
+
+def test_certificate_manifest_as_an_operator(machine: Container, suite: str,
+                                             needs_run: None) -> None:
+    """`kv-agent check` accepts a certificate and env-template manifest,
+    `systemctl reload kv-agent` materialises it with the declared owners and
+    modes, and `openssl verify` accepts the leaf against the emulator's root
+    with chain.pem as the untrusted intermediates."""
+    machine.write("/etc/kv-agent/manifest.yaml", CERTIFICATE_MANIFEST, mode=0o600)
+    check = machine.run(["kv-agent", "check"])
+    assert "manifest.yaml: OK: 4 secrets into /run/secrets" in check.stdout, check.stdout
+    assert not check.stderr, check.stderr  # no warning: every hook program is there
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for(f"test -s {TLS_DIR}/fullchain.pem && test -s {ENV_FILE}",
+                     what="the certificate's files and the env file")
+    listing = machine.run(["stat", "-c", "%n %a %U:%G", TLS_DIR, f"{TLS_DIR}/web.key",
+                           f"{TLS_DIR}/cert.pem", f"{TLS_DIR}/chain.pem",
+                           f"{TLS_DIR}/fullchain.pem", ENV_FILE]).stdout.splitlines()
+    assert listing[1:] == [f"{TLS_DIR}/web.key 400 root:root",
+                           f"{TLS_DIR}/cert.pem 444 root:root",
+                           f"{TLS_DIR}/chain.pem 444 root:root",
+                           f"{TLS_DIR}/fullchain.pem 444 root:root",
+                           f"{ENV_FILE} 400 root:root"], listing
+    assert machine.run(["ls", "-A", TLS_DIR]).stdout.split() == \
+        ["cert.pem", "chain.pem", "fullchain.pem", "web.key"]
+    verify = machine.run(["openssl", "verify", "-CAfile", CERTIFICATE_ROOT, "-untrusted",
+                          f"{TLS_DIR}/chain.pem", f"{TLS_DIR}/cert.pem"])
+    assert verify.stdout.strip() == f"{TLS_DIR}/cert.pem: OK", verify.stdout
+    # fullchain = cert + chain, and the key is the leaf's.
+    assert machine.read(f"{TLS_DIR}/fullchain.pem") == \
+        machine.read(f"{TLS_DIR}/cert.pem") + machine.read(f"{TLS_DIR}/chain.pem")
+    key_pub = machine.run(["openssl", "pkey", "-pubout", "-in", f"{TLS_DIR}/web.key"]).stdout
+    cert_pub = machine.sh(f"openssl x509 -noout -pubkey -in {TLS_DIR}/cert.pem").stdout
+    assert key_pub == cert_pub
+    write_report(suite, "certificate (first)", f"{WEB_TLS}: {file_serial(machine)}, "
+                 f"{certificate_policy(suite)['content_type']}")
+
+
+def test_nginx_serves_the_materialised_certificate(machine: Container, suite: str,
+                                                   needs_run: None) -> None:
+    """nginx, configured with the agent's key and fullchain, passes `nginx -t`,
+    starts and serves the certificate the agent wrote (s_client verifies it)."""
+    machine.write("/etc/nginx/conf.d/kv-agent-tls.conf", NGINX_SITE)
+    machine.run(["nginx", "-t", "-q"])
+    machine.run(["systemctl", "start", "nginx"], timeout=60)
+    serial = machine.wait_for(
+        f"openssl s_client -connect 127.0.0.1:{NGINX_PORT} -servername localhost "
+        f"-CAfile {CERTIFICATE_ROOT} -verify_return_error </dev/null >/dev/null 2>&1 && echo ok",
+        what="nginx's TLS listener")
+    assert serial.strip() == "ok"
+    assert served_serial(machine) == file_serial(machine)
+
+
+def test_certificate_rotation_reloads_nginx(machine: Container, suite: str,
+                                            needs_run: None) -> None:
+    """After the emulator re-issues the certificate (a new key), a reload of
+    kv-agent rewrites the files, its on_change hook reloads nginx, and nginx
+    serves the new serial; nginx reloaded without a failure and never
+    restarted. (Holds with per-file writes too: the hook runs after every
+    file of the entry is written.)"""
+    before = served_serial(machine)
+    main_pid = machine.run(["systemctl", "show", "-p", "MainPID", "nginx"]).stdout
+    reloads = nginx_reloads(machine)
+    old_key = machine.read(f"{TLS_DIR}/web.key")
+    created = machine.run(["python3", "-I", "-c", ROTATE_CERTIFICATE]).stdout
+    assert created.split() == ["202", "completed"], created
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for(f"[ \"$(openssl x509 -noout -serial -in {TLS_DIR}/cert.pem)\" != "
+                     f"'{before}' ]", what="the re-issued certificate on disk")
+    after = file_serial(machine)
+    deadline = time.monotonic() + 30
+    while served_serial(machine) != after:
+        assert time.monotonic() < deadline, "nginx still serves the old certificate"
+        time.sleep(0.2)
+    assert machine.read(f"{TLS_DIR}/web.key") != old_key
+    machine.run(["nginx", "-t", "-q"])
+    show = machine.run(["systemctl", "show", "-p", "ActiveState,NRestarts,MainPID",
+                        "nginx"]).stdout
+    assert "ActiveState=active\n" in show and "NRestarts=0\n" in show, show
+    assert main_pid in show, (main_pid, show)
+    nginx_log = journal(machine, "nginx")
+    assert "failed" not in nginx_log.lower(), nginx_log
+    # Debian's ExecReload= only signals the master: a key or certificate
+    # nginx refuses shows in its own log, not in systemd's.
+    refused = machine.sh("grep -E '\\[(emerg|alert|crit|error)\\]' /var/log/nginx/error.log "
+                         "|| true").stdout
+    assert not refused, refused
+    after_reloads = nginx_reloads(machine)
+    assert after_reloads > reloads, nginx_log
+    hooks = [line for line in journal(machine, "kv-agent").splitlines() if "nginx" in line]
+    write_report(suite, "certificate rotation",
+                 f"served serial before {before}, after {after}; nginx reloads "
+                 f"{reloads} -> {after_reloads}, {show.split()}\n"
+                 "kv-agent's lines naming nginx:\n" + "\n".join(hooks))
+
+
+def test_env_file_round_trips_through_systemd_and_sh(machine: Container, suite: str,
+                                                     needs_run: None) -> None:
+    """Every one of the 200 values comes back exactly from systemd's own
+    EnvironmentFile= parser (a transient unit dumping its environment with
+    `env -0`) and from a POSIX shell's `.`."""
+    values = env_values()
+    keys = [f"X{index}" for index in range(1, ENV_COUNT + 1)]
+    out = machine.root / "root" / "env-out"
+    machine.run(["mkdir", "-p", "/root/env-out"])
+    machine.run(["systemd-run", "--wait", "--quiet", "--collect",
+                 f"--property=EnvironmentFile={ENV_FILE}",
+                 "--property=StandardOutput=file:/root/env-out/systemd",
+                 "/usr/bin/env", "-0"], timeout=60)
+    from_systemd = dict(item.split("=", 1) for item in
+                        (out / "systemd").read_bytes().decode("utf-8").split("\0")[:-1])
+    printed = "; ".join(f'printf "%s\\0" "${key}"' for key in keys)
+    machine.sh(f". {ENV_FILE}; {{ {printed}; }} > /root/env-out/sh")
+    from_sh = (out / "sh").read_bytes().decode("utf-8").split("\0")[:-1]
+    wrong_systemd = [key for key, value in zip(keys, values) if from_systemd.get(key) != value]
+    wrong_sh = [key for key, value, back in zip(keys, values, from_sh) if back != value]
+    assert len(from_sh) == ENV_COUNT and not wrong_sh, wrong_sh  # names only, never values
+    assert not wrong_systemd, wrong_systemd
+    write_report(suite, "env file round trip",
+                 f"{ENV_COUNT} values exact through EnvironmentFile= and sh")
+
+
 def test_journal_holds_no_secret_or_token(machine: Container, needs_run: None) -> None:
     """Nothing in the journal (kv-agent's or anyone's) contains a secret value
     or the access token the agent used."""
@@ -421,6 +675,9 @@ def test_journal_holds_no_secret_or_token(machine: Container, needs_run: None) -
         for value in values:
             assert value not in text
     assert "eyJ" not in agent_log  # no JWT, whole or in part
+    for value in env_values():  # short ones (" ", "=") occur in any text
+        if len(value) >= 16:
+            assert value not in everything
 
 
 def test_stop_leaves_the_files(machine: Container, suite: str, needs_run: None) -> None:
