@@ -35,6 +35,7 @@ the secret and the fix, never quoting the value.
 from __future__ import annotations
 
 import binascii
+import datetime
 import logging
 import re
 from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
@@ -111,6 +112,25 @@ def split_certificate(name: str, value: bytes, content_type: Optional[str],
             raise TransformError(f"secret '{name}': unknown certificate output '{kind}'",
                                  "use key, cert, chain, fullchain or pfx")
     return tuple(pieces)
+
+
+def leaf_validity(name: str, value: bytes, content_type: Optional[str]) -> Tuple[int, int]:
+    """The leaf's notBefore and notAfter, epoch seconds, for expiry warnings.
+
+    Raises TransformError as :func:`split_certificate` does (call it after a
+    successful split, and it does not).
+    """
+    leaf = order_chain(name, read_bundle(name, value, content_type)).leaf
+    return _epoch(leaf, "not_valid_before"), _epoch(leaf, "not_valid_after")
+
+
+def _epoch(certificate: x509.Certificate, field: str) -> int:
+    """A validity bound as epoch seconds: ``<field>_utc`` (cryptography 42 and
+    later) or the naive UTC ``<field>`` that Debian 12's 38 has."""
+    aware = getattr(certificate, field + "_utc", None)
+    if aware is None:
+        aware = getattr(certificate, field).replace(tzinfo=datetime.timezone.utc)
+    return int(aware.timestamp())
 
 
 def read_bundle(name: str, value: bytes, content_type: Optional[str]) -> Bundle:

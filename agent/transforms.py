@@ -134,6 +134,15 @@ def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple
     return pieces
 
 
+def certificate_validity(material: Material) -> Tuple[int, int]:
+    """A certificate's leaf notBefore and notAfter (epoch seconds), for the
+    agent's expiry warnings. Only for a value :func:`certificate` accepted:
+    raises TransformError otherwise."""
+    from agent.certificates import leaf_validity  # cryptography only when asked
+
+    return leaf_validity(material.name, material.value, material.content_type)
+
+
 def template(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
     """Several secrets into one file: substitution only, no logic.
 
