@@ -30,7 +30,7 @@ from agent.errors import (
     VaultUnavailableError,
     WriteError,
 )
-from agent.expiry import Validity, combine
+from agent.expiry import Validity, combine, describe, judge
 from agent.identity import token_source
 from agent.manifest import Accounts, Entry, Manifest, load_manifest
 from agent.outputs import EntrySet
@@ -124,6 +124,19 @@ class SyncReport(NamedTuple):
     @property
     def changed(self) -> int:
         return sum(1 for o in self.outcomes if o.changed)
+
+
+def expiry_warnings(outcomes: Sequence[SecretOutcome], warn_before_s: float,
+                    now: float) -> List[str]:
+    """One line per written entry that is expired, not yet valid, or expires
+    within ``warn_before_s`` of epoch second ``now`` (``kv-agent once``; the
+    daemon keeps its own record so it says each once, see ExpiryWarnings)."""
+    lines = []
+    for outcome in outcomes:
+        kind = judge(outcome.validity, now, warn_before_s)
+        if kind is not None and outcome.error is None:
+            lines.append(describe(outcome.entry.name, kind, outcome.validity, now))
+    return lines
 
 
 def check(path: str, accounts: Optional[Accounts] = None) -> Manifest:
