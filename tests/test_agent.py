@@ -13,8 +13,8 @@ from agent.agent import Agent, Interrupted, expiry_warnings, short_cause
 from agent.emulator import Emulator
 from agent.errors import SecretNotFoundError, SetKeptError
 from agent.expiry import Validity
-from agent.writer import SET_GRACE_S
 from agent.manifest import Accounts, Manifest, parse_manifest
+from agent.writer import SET_GRACE_S
 
 ACCOUNTS = Accounts(user=lambda name: {"root": 0}.get(name),
                     group=lambda name: {"root": 0}.get(name))
