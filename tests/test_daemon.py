@@ -1293,7 +1293,7 @@ def test_a_certificate_set_rotates_whole_for_readers_and_hooks(start_agent: Star
             before = serial_of(directory / "tls.crt")
             vault.emulator.rotate_certificate("web-tls")
             run.process.send_signal(signal.SIGHUP)
-            run.wait(lambda: serial_of(directory / "tls.crt") not in (before, None),
+            run.wait(lambda old=before: serial_of(directory / "tls.crt") not in (old, None),  # type: ignore[misc]
                      "the rotated certificate")
         elapsed = time.monotonic() - started
         stop.touch()
@@ -1340,7 +1340,7 @@ def test_sigkill_during_certificate_rotations_leaves_one_whole_generation(
             "a crash's leftover survived the next start"
         stopping = threading.Event()
 
-        def rotate(run: Running = run) -> None:
+        def rotate(run: Running = run, stopping: threading.Event = stopping) -> None:
             while not stopping.is_set() and run.process.is_running():
                 vault.emulator.rotate_certificate("web-tls")
                 run.process.send_signal(signal.SIGHUP)
