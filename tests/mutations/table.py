@@ -39,6 +39,7 @@ CLI = "tests/test_cli_integration.py"
 RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
 LIFECYCLE = "tests/test_lifecycle.py"
+AGENT = "tests/test_agent.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -404,6 +405,36 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,",
         "stdout=None, stderr=None,",
         (f"{HOOKS}::test_hook_output_never_reaches_the_agents_output",),
+    ),
+    # -- issue 11: sets and expiry in the agent ------------------------------
+    Mutation(
+        "set-written-file-by-file",
+        "a set changes whole: the agent writes a set's files with one swap of its "
+        "directory, never file by file",
+        "agent/agent.py",
+        "            result = self.writer.apply_set(group.directory, specs)",
+        "            result = __import__('agent.writer').writer.SetResult(group.directory, "
+        "any([self.writer.apply(spec).changed for spec in specs]))",
+        (f"{AGENT}::test_a_set_is_written_by_one_swap_and_unchanged_sets_are_left",),
+    ),
+    Mutation(
+        "failing-member-writes-the-set",
+        "a failing member keeps the whole set as it was (keep-last-good applies to the set)",
+        "agent/agent.py",
+        "        if failed:\n            kept = _set_kept(group, failed[0])",
+        "        if False:\n            kept = _set_kept(group, failed[0])",
+        (f"{AGENT}::test_a_failing_member_keeps_the_whole_set",),
+    ),
+    Mutation(
+        "expired-refused",
+        "an expired secret or certificate is still written (Azure serves it), with a warning",
+        "agent/agent.py",
+        "            validity = _validity(entry, secrets)\n",
+        "            validity = _validity(entry, secrets)\n"
+        "            if validity.expires is not None and validity.expires <= time.time():\n"
+        "                raise KvAgentError(f\"secret '{entry.name}' expired\")\n",
+        (f"{AGENT}::test_outcomes_carry_the_validity_window",
+         f"{DAEMON}::test_expired_and_expiring_secrets_are_written_and_shown"),
     ),
     # -- issue 9: promises the field testing found broken ---------------------
     Mutation(
