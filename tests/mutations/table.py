@@ -415,7 +415,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            result = self.writer.apply_set(group.directory, specs)",
         "            result = __import__('agent.writer').writer.SetResult(group.directory, "
         "any([self.writer.apply(spec).changed for spec in specs]))",
-        (f"{AGENT}::test_a_set_is_written_by_one_swap_and_unchanged_sets_are_left",),
+        (f"{AGENT}::test_a_set_is_written_by_one_swap_and_unchanged_sets_are_left",
+         f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks"),
     ),
     Mutation(
         "failing-member-writes-the-set",
@@ -435,6 +436,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "                raise KvAgentError(f\"secret '{entry.name}' expired\")\n",
         (f"{AGENT}::test_outcomes_carry_the_validity_window",
          f"{DAEMON}::test_expired_and_expiring_secrets_are_written_and_shown"),
+    ),
+    Mutation(
+        "old-generation-kept-until-next-rotation",
+        "the daemon removes a set's old generation (an old key) when its grace ends, "
+        "not at the next rotation",
+        "agent/daemon.py",
+        "                self._retire_at.append(self._now() + SET_GRACE_S)",
+        "                pass",
+        (f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks",),
     ),
     # -- issue 9: promises the field testing found broken ---------------------
     Mutation(
