@@ -36,7 +36,7 @@ from agent.manifest import Accounts, Entry, Manifest, load_manifest
 from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.sources import unique_sources
-from agent.transforms import apply_transform, certificate_validity
+from agent.transforms import transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
 from agent.writer import SET_GRACE_S, FileSpec, Writer
 
@@ -240,9 +240,9 @@ class Agent:
                 return SecretOutcome(entry, error=one)
             secrets.append(one)
         try:
-            contents = apply_transform(entry.transform, secrets, len(entry.outputs.outputs),
-                                       entry.params)
-            validity = _validity(entry, secrets)
+            contents, leaf = transform_with_validity(
+                entry.transform, secrets, len(entry.outputs.outputs), entry.params)
+            validity = _validity(secrets, leaf)
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
         return _Prepared(entry, secrets[0], contents, validity)
@@ -342,12 +342,12 @@ class _Prepared(NamedTuple):
                 for output, data in zip(self.entry.outputs.outputs, self.contents)]
 
 
-def _validity(entry: Entry, secrets: Sequence[Secret]) -> Validity:
+def _validity(secrets: Sequence[Secret], leaf: Optional[Tuple[int, int]]) -> Validity:
     """The entry's validity window: its sources' nbf/exp and, for a
     certificate, the leaf's notBefore/notAfter (the narrower window counts)."""
     windows = [Validity(s.attributes.nbf, s.attributes.exp) for s in secrets]
-    if entry.transform == "certificate":
-        windows.append(Validity(*certificate_validity(secrets[0])))
+    if leaf is not None:
+        windows.append(Validity(*leaf))
     return combine(windows)
 
 

@@ -75,9 +75,26 @@ class Chain(NamedTuple):
     issuers: Tuple[x509.Certificate, ...]
 
 
+class CertificateFiles(NamedTuple):
+    """The bytes of each requested kind, and the leaf's validity (epoch seconds)."""
+
+    pieces: Tuple[bytes, ...]
+    not_before: int
+    not_after: int
+
+
 def split_certificate(name: str, value: bytes, content_type: Optional[str],
                       kinds: Sequence[str]) -> Tuple[bytes, ...]:
-    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order.
+    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order
+    (see :func:`read_certificate`)."""
+    return read_certificate(name, value, content_type, kinds).pieces
+
+
+def read_certificate(name: str, value: bytes, content_type: Optional[str],
+                     kinds: Sequence[str]) -> CertificateFiles:
+    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order,
+    with the leaf's notBefore and notAfter from the same parse (parsing a
+    PKCS#12 with its key costs milliseconds: once per version is enough).
 
     Raises TransformError for an unknown content type, a value that does not
     parse, a PKCS#12 with a password, an encrypted key, no key when key or
@@ -111,17 +128,8 @@ def split_certificate(name: str, value: bytes, content_type: Optional[str],
         else:
             raise TransformError(f"secret '{name}': unknown certificate output '{kind}'",
                                  "use key, cert, chain, fullchain or pfx")
-    return tuple(pieces)
-
-
-def leaf_validity(name: str, value: bytes, content_type: Optional[str]) -> Tuple[int, int]:
-    """The leaf's notBefore and notAfter, epoch seconds, for expiry warnings.
-
-    Raises TransformError as :func:`split_certificate` does (call it after a
-    successful split, and it does not).
-    """
-    leaf = order_chain(name, read_bundle(name, value, content_type)).leaf
-    return _epoch(leaf, "not_valid_before"), _epoch(leaf, "not_valid_after")
+    return CertificateFiles(tuple(pieces), _epoch(chain.leaf, "not_valid_before"),
+                            _epoch(chain.leaf, "not_valid_after"))
 
 
 def _epoch(certificate: x509.Certificate, field: str) -> int:

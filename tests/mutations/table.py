@@ -430,8 +430,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "expired-refused",
         "an expired secret or certificate is still written (Azure serves it), with a warning",
         "agent/agent.py",
-        "            validity = _validity(entry, secrets)\n",
-        "            validity = _validity(entry, secrets)\n"
+        "            validity = _validity(secrets, leaf)\n",
+        "            validity = _validity(secrets, leaf)\n"
         "            if validity.expires is not None and validity.expires <= time.time():\n"
         "                raise KvAgentError(f\"secret '{entry.name}' expired\")\n",
         (f"{AGENT}::test_outcomes_carry_the_validity_window",
