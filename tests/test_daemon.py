@@ -1425,3 +1425,46 @@ def test_expired_and_expiring_secrets_are_written_and_shown(start_agent: StartAg
     assert shown.returncode == 0, shown.stdout
     assert "EXPIRED at" in shown.stdout and "expires soon" in shown.stdout
     run.stop()
+
+
+def test_expiry_warnings_follow_the_injected_wall_clock(
+        tmp_path: Path, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With an injected wall clock: an entry expiring within warn_before_expiry is warned
+    about once a day, not at every refresh; once expired it is warned about once more and
+    STATUS= names it with its date; a rotation to a valid version clears it."""
+    from agent.agent import SecretOutcome
+    from agent.expiry import Validity
+    from agent.manifest import Accounts, parse_manifest
+
+    day = 86400.0
+    now = [1_793_491_200.0 - 3 * day]  # three days before 2026-11-01
+    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
+                    notifier=_RecordingNotifier(), wall=lambda: now[0])
+    accounts = Accounts(user=lambda name: 0, group=lambda name: 0)
+    manifest = parse_manifest(
+        f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nwarn_before_expiry: 7d\n"
+        "secrets:\n  - name: web-tls\n", "m.yaml", accounts=accounts, check_filesystem=False)
+    daemon._install(manifest, b"")
+    entry, = manifest.secrets
+    window = Validity(None, 1_793_491_200)
+    caplog.set_level("WARNING")
+
+    def refresh(validity: Validity = window) -> None:
+        daemon._record(SecretOutcome(entry, version="v1", validity=validity), now[0])
+
+    refresh()
+    now[0] += day / 2
+    refresh()
+    assert len(caplog.records) == 1 and "'web-tls' expires at 2026-11-01" in caplog.text
+    assert "1 expiring: web-tls (expires 2026-11-01)" in daemon._status_line()
+    now[0] += day
+    refresh()
+    assert len(caplog.records) == 2
+    now[0] = 1_793_491_200.0 + 60
+    refresh()
+    refresh()
+    assert len(caplog.records) == 3 and "'web-tls' expired at" in caplog.records[-1].message
+    assert "1 expired: web-tls (expired 2026-11-01)" in daemon._status_line()
+    assert daemon.snapshot().entries[0].expiry == "expired"
+    refresh(Validity(None, int(now[0] + 365 * day)))
+    assert "expire" not in daemon._status_line() and len(caplog.records) == 3
