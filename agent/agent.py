@@ -290,6 +290,11 @@ class Agent:
         differing = {spec.path for spec in specs if not _holds(spec)}
         existed = os.path.isdir(group.directory)
         try:
+            # The set's directory: DIR_MODE (0755) and this process's user
+            # (root), the writer's defaults and the shape remove_set expects.
+            # Like every directory the writer makes: consumers must traverse
+            # it, each file's own owner and mode guards its bytes, and only
+            # root may rename or replace anything in it.
             result = self.writer.apply_set(group.directory, specs)
         except KvAgentError as exc:
             return [SecretOutcome(one.entry, error=exc) for one in ready], False

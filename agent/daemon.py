@@ -480,7 +480,11 @@ class Daemon:
         kept = {path for entry in new.secrets for path in entry.paths}
         for entry in old.secrets:
             for path in entry.paths:
-                if path not in kept and os.path.dirname(path) not in set_directories:
+                if path in kept:
+                    continue
+                if os.path.dirname(path) in set_directories:
+                    self._ledger.forget(path)
+                else:
                     self._ledger.remove(old.directory, path)
 
     def _remove_orphans(self, manifest: Manifest) -> None:
@@ -490,7 +494,9 @@ class Daemon:
             self._remove_set(directory, manifest.directory)
         kept = (path for entry in manifest.secrets for path in entry.paths)
         for path in self._ledger.orphans(kept):
-            if os.path.dirname(path) not in set_directories:
+            if os.path.dirname(path) in set_directories:
+                self._ledger.forget(path)  # its set's next swap drops it
+            else:
                 self._ledger.remove(writer_root_for(path, manifest.directory), path)
 
     def _remove_set(self, directory: str, top: str) -> None:

@@ -129,6 +129,11 @@ class Ledger:
         else:
             self._records[path] = Written(path, inode, entry)
 
+    def forget(self, path: str) -> None:
+        """Drop ``path``'s record without touching the file (a set's next
+        swap removes a member that left it)."""
+        self._records.pop(path, None)
+
     def is_ours(self, path: str) -> bool:
         """Whether ``path`` is still the regular file the agent wrote."""
         inode = self.inode(path)
