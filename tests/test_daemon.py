@@ -1468,3 +1468,37 @@ def test_expiry_warnings_follow_the_injected_wall_clock(
     assert daemon.snapshot().entries[0].expiry == "expired"
     refresh(Validity(None, int(now[0] + 365 * day)))
     assert "expire" not in daemon._status_line() and len(caplog.records) == 3
+
+
+def test_a_set_counts_for_ready_only_while_it_is_the_agents(start_agent: StartAgent,
+                                                             vault: Vault,
+                                                             shm_dir: Path) -> None:
+    """After a restart with IMDS down, a set the agent wrote counts for READY=1, even its
+    unchanged member (whose inode the last swap changed too); a member replaced by
+    someone else does not, and then no READY=1 comes."""
+    vault.put("db-password")
+    vault.put("db-user")
+    state = shm_dir / "state"
+    members = [entry("db-password", path="db/password", set="db"),
+               entry("db-user", path="db/user", set="db")]
+    first = start_agent(members, refresh="60s", state_dir=state)
+    first.wait_ready()
+    user_inode = os.lstat(first.directory / "db" / "user").st_ino
+    password = vault.put("db-password")
+    first.process.send_signal(signal.SIGHUP)
+    first.wait_content("db/password", password)
+    first.wait_ready(2)
+    assert os.lstat(first.directory / "db" / "user").st_ino != user_inode
+    first.stop()
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    second = start_agent(state_dir=state, fast_retry=True)
+    second.wait_ready()
+    second.stop()
+    user = second.directory / "db" / "user"
+    replacement = user.with_name("replacement")
+    replacement.write_bytes(user.read_bytes())
+    os.replace(replacement, user)
+    third = start_agent(state_dir=state, fast_retry=True)
+    third.wait(lambda: third.process.lines("refresh failed"), "the failed refresh logged")
+    assert not third.readies()
+    third.stop()

@@ -446,6 +446,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "                pass",
         (f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks",),
     ),
+    Mutation(
+        "set-members-not-recorded",
+        "READY=1 only with the files: a set's files count once the agent wrote them, every "
+        "member recorded after each swap (unchanged members get new inodes too)",
+        "agent/daemon.py",
+        "            self._record_sets(agent.manifest, result)",
+        "            pass",
+        (f"{DAEMON}::test_a_set_counts_for_ready_only_while_it_is_the_agents",),
+    ),
     # -- issue 9: promises the field testing found broken ---------------------
     Mutation(
         "token-where-urllib3-connects-unchecked",
