@@ -1502,3 +1502,32 @@ def test_a_set_counts_for_ready_only_while_it_is_the_agents(start_agent: StartAg
     third.wait(lambda: third.process.lines("refresh failed"), "the failed refresh logged")
     assert not third.readies()
     third.stop()
+
+
+def test_the_grace_timer_exists_only_while_a_generation_is_pending(
+        tmp_path: Path, shm_dir: Path) -> None:
+    """With an injected monotonic clock: no retire deadline while nothing is pending (an
+    idle agent has no timer); after a swap one deadline at the end of the grace, which
+    removes the old generation and then disappears; none while a refresh runs."""
+    from agent.writer import SET_GRACE_S, FileSpec
+
+    now = [100.0]
+    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
+                    notifier=_RecordingNotifier(), monotonic=lambda: now[0])
+    writer = daemon._writer(str(shm_dir))
+    directory = shm_dir / "web"
+    for generation in (b"1", b"2"):
+        writer.apply_set(str(directory), [FileSpec(str(directory / "k"), generation,
+                                                   os.geteuid(), os.getegid(), 0o400)])
+    assert daemon._retire_deadline() is None  # the daemon was told of no swap
+    daemon._retire_at.append(now[0] + SET_GRACE_S)
+    assert daemon._retire_deadline() == now[0] + SET_GRACE_S
+    daemon._sync_thread = threading.current_thread()  # a refresh runs: it owns the writer
+    assert daemon._retire_deadline() is None
+    daemon._sync_thread = None
+    now[0] += SET_GRACE_S - 0.1
+    daemon._retire_due()
+    assert len(reserved_dirs(shm_dir)) == 1
+    now[0] += 0.1
+    daemon._retire_due()
+    assert reserved_dirs(shm_dir) == [] and daemon._retire_deadline() is None
