@@ -5,34 +5,40 @@
 :func:`check` validates without any network call. :class:`Agent` performs one
 sync: fetch every distinct source once, concurrently (entries naming the same
 secret share a fetch); then, entry by entry, turn what arrived into the bytes
-of each output (:mod:`agent.transforms`) and hand them to the writer. An entry
-that fails keeps its last good files and never stops the others. Nothing here
+of each output (:mod:`agent.transforms`) and hand them to the writer: file by
+file, or, for the entries of a set (``set:``, a certificate), all of them in
+one swap of the set's directory. An entry that fails keeps its last good
+files and never stops the others; a set member that fails keeps its whole set. Nothing here
 prints; the CLI turns a :class:`SyncReport` into output and an exit code.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
-from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from agent.errors import (
     IdentityUnavailableError,
     KvAgentError,
     SecretNotFoundError,
+    SetKeptError,
     VaultForbiddenError,
     VaultThrottledError,
     VaultUnavailableError,
     WriteError,
 )
+from agent.expiry import Validity, combine, describe, judge
 from agent.identity import token_source
 from agent.manifest import Accounts, Entry, Manifest, load_manifest
-from agent.outputs import OutputSet
+from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.sources import unique_sources
-from agent.transforms import apply_transform
+from agent.transforms import transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
-from agent.writer import FileSpec, Writer
+from agent.writer import SET_GRACE_S, FileSpec, Writer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ _SHORT_CAUSES = (
 
 def short_cause(error: KvAgentError) -> str:
     """A few words for STATUS= lines, where the whole message will not fit."""
+    if isinstance(error, SetKeptError):
+        return f"set kept: {short_cause(error.cause)}"
     if "SecretDisabled" in error.message:
         return "403 disabled"
     for kind, words in _SHORT_CAUSES:
@@ -65,13 +73,16 @@ class SecretOutcome(NamedTuple):
     """What happened to one manifest entry in one sync.
 
     Exactly one of ``version`` (fetched and written) or ``error`` is set;
-    ``changed_paths`` lists the entry's files whose content or metadata changed.
+    ``changed_paths`` lists the entry's files whose content or metadata
+    changed. ``validity`` is the window of what was fetched (see
+    :mod:`agent.expiry`); unknown after a failure.
     """
 
     entry: Entry
     version: Optional[str] = None
     changed_paths: Tuple[str, ...] = ()
     error: Optional[KvAgentError] = None
+    validity: Validity = Validity()
 
     @property
     def changed(self) -> bool:
@@ -90,10 +101,16 @@ class SecretOutcome(NamedTuple):
 
 
 class SyncReport(NamedTuple):
-    """The outcomes of one sync, in manifest order, and its wall time."""
+    """The outcomes of one sync, in manifest order, and its wall time.
+
+    ``swapped`` names the set directories whose previous generation this sync
+    swapped out: it now waits out the writer's grace (see
+    :meth:`Agent.retire_generations`).
+    """
 
     outcomes: Tuple[SecretOutcome, ...]
     elapsed_s: float
+    swapped: Tuple[str, ...] = ()
 
     @property
     def failures(self) -> Tuple[SecretOutcome, ...]:
@@ -107,6 +124,19 @@ class SyncReport(NamedTuple):
     @property
     def changed(self) -> int:
         return sum(1 for o in self.outcomes if o.changed)
+
+
+def expiry_warnings(outcomes: Sequence[SecretOutcome], warn_before_s: float,
+                    now: float) -> List[str]:
+    """One line per written entry that is expired, not yet valid, or expires
+    within ``warn_before_s`` of epoch second ``now`` (``kv-agent once``; the
+    daemon keeps its own record so it says each once, see ExpiryWarnings)."""
+    lines = []
+    for outcome in outcomes:
+        kind = judge(outcome.validity, now, warn_before_s)
+        if kind is not None and outcome.error is None:
+            lines.append(describe(outcome.entry.name, kind, outcome.validity, now))
+    return lines
 
 
 def check(path: str, accounts: Optional[Accounts] = None) -> Manifest:
@@ -123,7 +153,9 @@ class Agent:
     """Syncs one manifest's secrets to disk.
 
     Sessions, environment and retry policies are constructor arguments so
-    tests and the daemon can shape them; nothing is created at import.
+    tests and the daemon can shape them; nothing is created at import. The
+    daemon passes its own ``writer``, which outlives a reload: it holds the
+    old set generations still waiting out their grace.
     """
 
     def __init__(
@@ -135,6 +167,7 @@ class Agent:
         vault_policy: RetryPolicy = RetryPolicy(),
         on_retry: Optional[Callable[[str, int, float], None]] = None,
         sleep: Callable[[float], None] = time.sleep,
+        writer: Optional[Writer] = None,
     ) -> None:
         self.manifest = manifest
         self.tokens = token_source(manifest.identity, environ, imds_policy,
@@ -143,7 +176,8 @@ class Agent:
         self.vault = VaultClient(
             self._vault_session, lambda resource, force: self._token(resource, force),
             policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry)
-        self.writer = Writer(manifest.directory)
+        self.writer = writer or Writer(manifest.directory)
+        self._sleep = sleep
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
@@ -158,51 +192,196 @@ class Agent:
         raises for a single entry. Raises IdentityUnavailableError when no
         token can be had at all (then no file is touched). When
         ``should_stop`` turns true the remaining writes are abandoned (each
-        write is atomic, so a file is either replaced whole or left as it was)."""
+        write is atomic, so a file or a set is either replaced whole or left
+        as it was).
+
+        An entry outside any set is written file by file. The entries of a
+        set (:attr:`Manifest.sets`) are transformed first, all of them; if
+        any fails, the whole set keeps its last good generation and every
+        member reports the error; else the set is written by one
+        :meth:`Writer.apply_set` (one atomic swap of its directory).
+        """
         started = time.monotonic()
         entries = self.manifest.secrets
         sources = unique_sources(source for entry in entries for source in entry.sources)
         fetched = dict(zip(sources, self.vault.fetch_many(
             [SecretRequest(*source) for source in sources])))
-        outcomes = []
+        groups = {key: group for group in self.manifest.sets for key in group.keys}
+        by_key = {entry.key: entry for entry in entries}
+        outcomes: Dict[str, SecretOutcome] = {}
+        swapped: List[str] = []
         for entry in entries:
+            if entry.key in outcomes:
+                continue  # written with its set
             if should_stop():
                 raise Interrupted()
-            outcomes.append(self._write(entry, [fetched[source] for source in entry.sources]))
-        return SyncReport(tuple(outcomes), time.monotonic() - started)
+            group = groups.get(entry.key)
+            if group is None:
+                outcomes[entry.key] = self._write(
+                    entry, [fetched[source] for source in entry.sources])
+                continue
+            members = [by_key[key] for key in group.keys]
+            written, was_swapped = self._write_group(group, members, [
+                [fetched[source] for source in member.sources] for member in members])
+            outcomes.update((outcome.entry.key, outcome) for outcome in written)
+            if was_swapped:
+                swapped.append(group.directory)
+        return SyncReport(tuple(outcomes[entry.key] for entry in entries),
+                          time.monotonic() - started, tuple(swapped))
 
-    def _write(self, entry: Entry,
-               fetched: "Sequence[Secret | KvAgentError]") -> SecretOutcome:
-        """Transform and write one entry from its fetched sources; the first
-        failed source fails the entry (a template is whole or left as it was)."""
+    def _prepare(self, entry: Entry,
+                 fetched: "Sequence[Secret | KvAgentError]") -> "_Prepared | SecretOutcome":
+        """Transform one entry's fetched sources into the bytes of its
+        outputs, or its failed outcome: the first failed source fails the
+        entry (a template is whole or left as it was)."""
         secrets: List[Secret] = []
         for one in fetched:
             if isinstance(one, KvAgentError):
                 return SecretOutcome(entry, error=one)
             secrets.append(one)
         try:
-            contents = apply_transform(entry.transform, secrets, len(entry.outputs.outputs),
-                                       entry.params)
-            changed = self._write_set(entry, secrets[0], contents)
+            contents, leaf = transform_with_validity(
+                entry.transform, secrets, len(entry.outputs.outputs), entry.params)
+            validity = _validity(secrets, leaf)
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
-        return SecretOutcome(entry, version=secrets[0].version, changed_paths=changed)
+        return _Prepared(entry, secrets[0], contents, validity)
 
-    def _write_set(self, entry: Entry, fetched: Secret,
-                   contents: Tuple[bytes, ...]) -> Tuple[str, ...]:
-        """Write each output of ``entry``; the paths that changed. Atomic per
-        file (the writer's contract); today every set has one file."""
-        outputs: OutputSet = entry.outputs
+    def _write(self, entry: Entry,
+               fetched: "Sequence[Secret | KvAgentError]") -> SecretOutcome:
+        """Transform and write one entry outside any set, file by file."""
+        prepared = self._prepare(entry, fetched)
+        if isinstance(prepared, SecretOutcome):
+            return prepared
+        try:
+            changed = self._write_files(prepared)
+        except KvAgentError as exc:
+            return SecretOutcome(entry, error=exc)
+        return SecretOutcome(entry, version=prepared.secret.version, changed_paths=changed,
+                             validity=prepared.validity)
+
+    def _write_files(self, prepared: "_Prepared") -> Tuple[str, ...]:
+        """Write each output of an entry outside any set; the paths that
+        changed. Atomic per file (the writer's contract)."""
         changed = []
-        for output, data in zip(outputs.outputs, contents):
-            spec = FileSpec(output.path, data, output.uid, output.gid, output.mode)
+        for spec in prepared.specs():
             if self.writer.apply(spec).changed:
-                log.info("wrote %s (secret %s, version %s, %s:%s %04o)", output.path, entry.name,
-                         fetched.version, output.owner, output.group, output.mode)
-                changed.append(output.path)
+                self._log_written(prepared, spec)
+                changed.append(spec.path)
         return tuple(changed)
+
+    def _write_group(self, group: EntrySet, members: Sequence[Entry],
+                     fetched: "Sequence[Sequence[Secret | KvAgentError]]",
+                     ) -> Tuple[List[SecretOutcome], bool]:
+        """Transform every member of ``group``, then write them all with one
+        swap of the set's directory, or none: a failing member keeps the whole
+        set as it was, and every member reports why. Returns the members'
+        outcomes and whether an old generation was swapped out."""
+        prepared = [self._prepare(member, sources) for member, sources in zip(members, fetched)]
+        failed = [one for one in prepared if isinstance(one, SecretOutcome)]
+        if failed:
+            kept = _set_kept(group, failed[0])
+            return [one if isinstance(one, SecretOutcome) else SecretOutcome(one.entry, error=kept)
+                    for one in prepared], False
+        ready = [one for one in prepared if isinstance(one, _Prepared)]
+        specs = [spec for one in ready for spec in one.specs()]
+        # Which members' files differ from what is there (for their outcomes
+        # and hooks): a swap gives every file a new inode, changed or not.
+        differing = {spec.path for spec in specs if not _holds(spec)}
+        existed = os.path.isdir(group.directory)
+        try:
+            # The set's directory: DIR_MODE (0755) and this process's user
+            # (root), the writer's defaults and the shape remove_set expects.
+            # Like every directory the writer makes: consumers must traverse
+            # it, each file's own owner and mode guards its bytes, and only
+            # root may rename or replace anything in it.
+            result = self.writer.apply_set(group.directory, specs)
+        except KvAgentError as exc:
+            return [SecretOutcome(one.entry, error=exc) for one in ready], False
+        outcomes = []
+        for one in ready:
+            changed = tuple(spec.path for spec in one.specs()
+                            if result.changed and spec.path in differing)
+            for spec in one.specs():
+                if spec.path in changed:
+                    self._log_written(one, spec)
+            outcomes.append(SecretOutcome(one.entry, version=one.secret.version,
+                                          changed_paths=changed, validity=one.validity))
+        if result.changed:
+            log.info("swapped in the set %s (%s)", group.directory, group.name)
+        return outcomes, result.changed and existed
+
+    @staticmethod
+    def _log_written(prepared: "_Prepared", spec: FileSpec) -> None:
+        entry, fetched = prepared.entry, prepared.secret
+        output = next(o for o in entry.outputs.outputs if o.path == spec.path)
+        log.info("wrote %s (secret %s, version %s, %s:%s %04o)", output.path, entry.name,
+                 fetched.version, output.owner, output.group, output.mode)
+
+    def retire_generations(self, report: Optional[SyncReport]) -> None:
+        """Before a short-lived run exits (``kv-agent once``): remove the old
+        generations of the sets this sync swapped, after the writer's grace
+        (SET_GRACE_S, ~2 s) so a reader that opened a set's directory just
+        before its swap still finds every file. Costs nothing when no set
+        was swapped."""
+        if report is not None and report.swapped:
+            self._sleep(SET_GRACE_S)
+        self.writer.retire(everything=True)
 
     def close(self) -> None:
         """Release HTTP connections."""
         self.tokens.close()
         self._vault_session.close()
+
+
+class _Prepared(NamedTuple):
+    """An entry whose sources arrived and whose outputs' bytes are ready."""
+
+    entry: Entry
+    secret: Secret  # the first source: its version is the entry's
+    contents: Tuple[bytes, ...]
+    validity: Validity
+
+    def specs(self) -> List[FileSpec]:
+        return [FileSpec(output.path, data, output.uid, output.gid, output.mode)
+                for output, data in zip(self.entry.outputs.outputs, self.contents)]
+
+
+def _validity(secrets: Sequence[Secret], leaf: Optional[Tuple[int, int]]) -> Validity:
+    """The entry's validity window: its sources' nbf/exp and, for a
+    certificate, the leaf's notBefore/notAfter (the narrower window counts)."""
+    windows = [Validity(s.attributes.nbf, s.attributes.exp) for s in secrets]
+    if leaf is not None:
+        windows.append(Validity(*leaf))
+    return combine(windows)
+
+
+def _set_kept(group: EntrySet, failed: SecretOutcome) -> SetKeptError:
+    """The error of a set's members that did not fail themselves."""
+    assert failed.error is not None
+    label = (f"the certificate's files in {group.directory}"
+             if group.name.startswith("certificate:") else
+             f"set '{group.name}' ({group.directory})")
+    return SetKeptError(f"{label} kept as it was: secret '{failed.entry.name}' of the set "
+                        f"failed: {failed.error.message}", failed.error.hint, failed.error)
+
+
+def _holds(spec: FileSpec) -> bool:
+    """Whether ``spec.path`` is a regular file with these bytes, owner and
+    mode (never following a link); anything unreadable counts as not."""
+    try:
+        fd = os.open(spec.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(spec.content) or \
+                (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (spec.uid, spec.gid,
+                                                                     spec.mode):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(len(spec.content) + 1) == spec.content
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

@@ -35,6 +35,7 @@ the secret and the fix, never quoting the value.
 from __future__ import annotations
 
 import binascii
+import datetime
 import logging
 import re
 from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
@@ -74,9 +75,26 @@ class Chain(NamedTuple):
     issuers: Tuple[x509.Certificate, ...]
 
 
+class CertificateFiles(NamedTuple):
+    """The bytes of each requested kind, and the leaf's validity (epoch seconds)."""
+
+    pieces: Tuple[bytes, ...]
+    not_before: int
+    not_after: int
+
+
 def split_certificate(name: str, value: bytes, content_type: Optional[str],
                       kinds: Sequence[str]) -> Tuple[bytes, ...]:
-    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order.
+    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order
+    (see :func:`read_certificate`)."""
+    return read_certificate(name, value, content_type, kinds).pieces
+
+
+def read_certificate(name: str, value: bytes, content_type: Optional[str],
+                     kinds: Sequence[str]) -> CertificateFiles:
+    """The bytes of each of ``kinds`` (key, cert, chain, fullchain, pfx), in order,
+    with the leaf's notBefore and notAfter from the same parse (parsing a
+    PKCS#12 with its key costs milliseconds: once per version is enough).
 
     Raises TransformError for an unknown content type, a value that does not
     parse, a PKCS#12 with a password, an encrypted key, no key when key or
@@ -110,7 +128,17 @@ def split_certificate(name: str, value: bytes, content_type: Optional[str],
         else:
             raise TransformError(f"secret '{name}': unknown certificate output '{kind}'",
                                  "use key, cert, chain, fullchain or pfx")
-    return tuple(pieces)
+    return CertificateFiles(tuple(pieces), _epoch(chain.leaf, "not_valid_before"),
+                            _epoch(chain.leaf, "not_valid_after"))
+
+
+def _epoch(certificate: x509.Certificate, field: str) -> int:
+    """A validity bound as epoch seconds: ``<field>_utc`` (cryptography 42 and
+    later) or the naive UTC ``<field>`` that Debian 12's 38 has."""
+    aware = getattr(certificate, field + "_utc", None)
+    if aware is None:
+        aware = getattr(certificate, field).replace(tzinfo=datetime.timezone.utc)
+    return int(aware.timestamp())
 
 
 def read_bundle(name: str, value: bytes, content_type: Optional[str]) -> Bundle:

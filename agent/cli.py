@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
@@ -232,7 +233,7 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from agent.agent import Agent
+    from agent.agent import Agent, expiry_warnings
     from agent.manifest import load_manifest
     from agent.retry import RetryPolicy
 
@@ -242,8 +243,13 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     try:
         agent.prepare()
         report = agent.sync()
+        # Waits out the grace (about 2 s) only when a set was swapped, so a
+        # reader mid-read of the old generation still finds every file.
+        agent.retire_generations(report)
     finally:
         agent.close()
+    for line in expiry_warnings(report.outcomes, manifest.warn_before_expiry_s, time.time()):
+        logging.getLogger("kv-agent").warning("%s", line)
     for outcome in report.optional_failures:
         logging.getLogger("kv-agent").warning("optional %s", outcome.describe())
     for outcome in report.failures:

@@ -12,12 +12,14 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    file by file: a refresh that failed as a whole (IMDS down) leaves no
    per-secret error behind, so no error must never be read as "written".
 3. Sleep until the next refresh (interval with jitter), a signal, a manifest
-   edit (inotify) or the watchdog; nothing else wakes the process.
+   edit (inotify), the watchdog, or the end of an old set generation's grace
+   (only while one is pending); nothing else wakes the process.
 4. SIGHUP or a manifest edit: RELOADING=1, re-read the manifest (an invalid
-   one is rejected and the old one kept), delete files of removed entries,
-   refresh now, READY=1.
-5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes
-   and exit 0. Files stay: consumers keep working across agent restarts.
+   one is rejected and the old one kept), delete files and sets of removed
+   entries (once no refresh runs), refresh now, READY=1.
+5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes,
+   remove every old set generation and exit 0. Files stay: consumers keep
+   working across agent restarts.
    The handlers are installed before step 1 (by ``kv-agent run``, first
    thing: see :mod:`agent.signals`), and a stop or reload requested before
    the loop starts is honoured.
@@ -48,6 +50,16 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, U
 from agent import lifecycle, retry
 from agent.agent import Agent, Interrupted, SecretOutcome, SyncReport, short_cause
 from agent.errors import KvAgentError, ManifestError
+from agent.expiry import (
+    EXPIRED,
+    EXPIRING,
+    NOT_YET_VALID,
+    ExpiryWarnings,
+    Validity,
+    describe,
+    judge,
+    short,
+)
 from agent.hooks import HookRunner, hook_triggers
 from agent.ledger import Ledger, regular_inode, writer_root_for
 from agent.lifecycle import Lifecycle
@@ -55,8 +67,9 @@ from agent.loop import EventLoop, Mailbox, Watchdog
 from agent.manifest import Entry, Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
 from agent.notify import Notifier, watchdog_interval_s
 from agent.signals import SignalFlags
-from agent.snapshot import EntryStatus, StatusSnapshot, iso_time, read_written
+from agent.snapshot import EntryStatus, StatusSnapshot, iso_time, read_sets, read_written
 from agent.state import StateStore
+from agent.writer import SET_GRACE_S, Writer
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +114,19 @@ class EntryState:
         # Inode of each file a refresh last found current (written or
         # unchanged): with the ledger, what makes this entry count as on disk.
         self.inodes: Dict[str, Optional[int]] = {}
+        # Validity window of what was last written (agent.expiry).
+        self.validity = Validity()
 
     def is_same_entry(self, entry: Entry) -> bool:
         return (self.name, self.paths, self.vault) == (entry.name, entry.paths,
                                                       entry.source.vault)
 
-    def as_status(self) -> EntryStatus:
+    def as_status(self, expiry: Optional[str]) -> EntryStatus:
         return EntryStatus(self.name, self.paths, self.vault, self.is_optional, self.version,
                            iso_time(self.updated), iso_time(self.checked), self.error,
-                           self.cause, iso_time(self.error_since))
+                           self.cause, iso_time(self.error_since),
+                           iso_time(self.validity.not_before), iso_time(self.validity.expires),
+                           expiry)
 
 
 class Daemon:
@@ -142,6 +159,12 @@ class Daemon:
         # State owned by the main thread:
         self._life = Lifecycle()
         self._ledger = Ledger()
+        # One writer per output directory, kept across reloads: it holds the
+        # old set generations still waiting out their grace (SET_GRACE_S).
+        self._writers: Dict[str, Writer] = {}
+        self._retire_at: List[float] = []  # monotonic deadlines of pending generations
+        self._pending_removals: List[Tuple[Manifest, Manifest]] = []  # until no refresh runs
+        self._expiry = ExpiryWarnings()
         self._manifest: Optional[Manifest] = None
         self._manifest_bytes = b""
         self._agent: Optional[Agent] = None
@@ -173,7 +196,8 @@ class Daemon:
             self._mailbox.close()
             return 0
         self._store.prepare()
-        self._ledger = Ledger(read_written(self._store.load()))
+        document = self._store.load()
+        self._ledger = Ledger(read_written(document), read_sets(document))
         self._install(manifest, raw)
         self._remove_orphans(manifest)
         self._events.open()
@@ -201,8 +225,9 @@ class Daemon:
                 watchdog.sent(now)
             next_refresh = None if self._life.is_syncing else self._life.next_refresh
             self._events.wait(now, (watchdog.deadline(), next_refresh,
-                                    self._events.debounce.deadline()))
+                                    self._events.debounce.deadline(), self._retire_deadline()))
             self._handle_messages()
+            self._retire_due()
             if self._signals.stop_requested:
                 break
             if self._events.debounce.take_if_due(self._now()):
@@ -236,10 +261,16 @@ class Daemon:
 
     def _install(self, manifest: Manifest, raw: bytes) -> None:
         """Make ``manifest`` current: a new Agent (token cache and sessions)."""
+        is_new_directory = manifest.directory not in self._writers
         agent = Agent(manifest, environ=self._environ, on_retry=self._on_retry,
                       sleep=self._interruptible_sleep,
-                      imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY)
-        agent.prepare()
+                      imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
+                      writer=self._writer(manifest.directory))
+        if is_new_directory:
+            # Only for a directory not yet in use: cleaning it again would take
+            # an old generation from readers during its grace, or a new one
+            # from under a refresh still running for the previous manifest.
+            agent.prepare()
         old = self._agent
         self._agent, self._manifest, self._manifest_bytes = agent, manifest, raw
         if old is not None and self._sync_thread is None:
@@ -252,6 +283,7 @@ class Daemon:
             state.is_optional = entry.is_optional
             states[entry.key] = state
         self._entries = states
+        self._expiry.keep_only(states)
 
     def _handle_edit(self) -> None:
         """After a quiet debounce, reload if the manifest's bytes changed."""
@@ -292,7 +324,8 @@ class Daemon:
             return
         self._manifest_error = None
         if old is not None:
-            self._remove_dropped(old, manifest)
+            self._pending_removals.append((old, manifest))
+            self._remove_pending()
         self._life = lifecycle.reload_accepted(self._life)
         self._start_sync()
 
@@ -329,6 +362,7 @@ class Daemon:
         self._sync_thread.join()
         self._sync_thread = None
         self._waiting = None
+        self._remove_pending()  # a reload's removals waited for this refresh
         if done.agent is not self._agent:
             done.agent.close()  # a reload replaced it during the refresh
         if done.result is None:
@@ -352,6 +386,9 @@ class Daemon:
             self._last_refresh = now_wall
             for outcome in result.outcomes:
                 changed.extend(self._record(outcome, now_wall))
+            self._record_sets(agent.manifest, result)
+            if result.swapped:
+                self._retire_at.append(self._now() + SET_GRACE_S)
             is_failing = bool(result.failures or result.optional_failures)
         assert self._manifest is not None
         finished = lifecycle.sync_finished(
@@ -395,6 +432,8 @@ class Daemon:
         if outcome.changed or state.updated is None:
             state.updated = now_wall
         state.version = outcome.version
+        state.validity = outcome.validity
+        self._warn_expiry(state, entry.key, now_wall)
         state.inodes = {path: regular_inode(path) for path in entry.paths}
         for path in outcome.changed_paths:
             self._ledger.record(path, entry.key)
@@ -420,18 +459,108 @@ class Daemon:
 
     # -- files of dropped entries --------------------------------------------------------
 
+    def _remove_pending(self) -> None:
+        """Remove what reloads dropped, once no refresh runs: the refresh
+        thread writes with the same writer (which is not thread-safe), and a
+        refresh of the old manifest may still write what is being dropped."""
+        if self._sync_thread is not None:
+            return
+        while self._pending_removals:
+            old, new = self._pending_removals.pop(0)
+            self._remove_dropped(old, new)
+
     def _remove_dropped(self, old: Manifest, new: Manifest) -> None:
+        """Sets and files of ``old`` that ``new`` no longer has. A file that
+        left a set still in ``new`` is not removed on its own: the set's next
+        swap drops it with the rest of the old generation."""
+        set_directories = {group.directory for group in new.sets}
+        for group in old.sets:
+            if group.directory not in set_directories:
+                self._remove_set(group.directory, new.directory)
         kept = {path for entry in new.secrets for path in entry.paths}
         for entry in old.secrets:
             for path in entry.paths:
-                if path not in kept:
+                if path in kept:
+                    continue
+                if os.path.dirname(path) in set_directories:
+                    self._ledger.forget(path)
+                else:
                     self._ledger.remove(old.directory, path)
 
     def _remove_orphans(self, manifest: Manifest) -> None:
-        """Files a previous run wrote for entries this manifest no longer has."""
+        """Sets and files a previous run wrote for entries this manifest no longer has."""
+        set_directories = [group.directory for group in manifest.sets]
+        for directory in self._ledger.set_orphans(set_directories):
+            self._remove_set(directory, manifest.directory)
         kept = (path for entry in manifest.secrets for path in entry.paths)
         for path in self._ledger.orphans(kept):
-            self._ledger.remove(writer_root_for(path, manifest.directory), path)
+            if os.path.dirname(path) in set_directories:
+                self._ledger.forget(path)  # its set's next swap drops it
+            else:
+                self._ledger.remove(writer_root_for(path, manifest.directory), path)
+
+    def _remove_set(self, directory: str, top: str) -> None:
+        writer = self._writer(writer_root_for(directory, top))
+        if self._ledger.remove_set(writer, directory):
+            self._retire_at.append(self._now() + SET_GRACE_S)
+
+    def _record_sets(self, manifest: Manifest, report: SyncReport) -> None:
+        """Record each set whose every member a refresh wrote or found
+        current: the set's directory and every member's inode (a swap gives
+        unchanged members new inodes too)."""
+        done = {outcome.entry.key: outcome for outcome in report.outcomes}
+        for group in manifest.sets:
+            members = [done[key] for key in group.keys if key in done]
+            if len(members) != len(group.keys) or any(o.error for o in members):
+                continue
+            entry_of = {path: o.entry.key for o in members for path in o.entry.paths}
+            self._ledger.record_set(group.directory, entry_of, group.name, entry_of)
+
+    # -- old set generations -----------------------------------------------------------
+
+    def _writer(self, root: str) -> Writer:
+        """The one writer for ``root`` (the daemon's clock: its grace deadlines
+        and the writer's agree)."""
+        writer = self._writers.get(root)
+        if writer is None:
+            writer = self._writers[root] = Writer(root, clock=self._now)
+        return writer
+
+    def _retire_deadline(self) -> Optional[float]:
+        """When the oldest pending generation's grace ends; None while a
+        refresh runs (it uses the writers) or when nothing is pending, so an
+        idle agent has no timer."""
+        if self._sync_thread is not None or not self._retire_at:
+            return None
+        return min(self._retire_at)
+
+    def _retire_due(self) -> None:
+        """Remove old set generations whose grace has passed (an old key
+        must not stay in tmpfs until the next rotation)."""
+        deadline = self._retire_deadline()
+        now = self._now()
+        if deadline is None or now < deadline:
+            return
+        self._retire_at = [at for at in self._retire_at if at > now]
+        for writer in self._writers.values():
+            for directory in writer.retire():
+                log.debug("removed the old generation %s", directory)
+
+    # -- expiry ------------------------------------------------------------------------
+
+    def _warn_expiry(self, state: EntryState, key: str, now_wall: float) -> None:
+        """Log once (daily for "expiring") that what was written is expired,
+        expires soon, or is not valid yet; it is written all the same."""
+        assert self._manifest is not None
+        kind = judge(state.validity, now_wall, self._manifest.warn_before_expiry_s)
+        if self._expiry.is_due(key, kind, state.validity, now_wall):
+            assert kind is not None
+            log.warning("%s", describe(state.name, kind, state.validity, now_wall))
+
+    def _expiry_of(self, state: EntryState) -> Optional[str]:
+        if self._manifest is None:
+            return None
+        return judge(state.validity, self._wall(), self._manifest.warn_before_expiry_s)
 
     # -- retries, status ---------------------------------------------------------------
 
@@ -464,6 +593,7 @@ class Daemon:
             parts.append(f"{len(failing)} of {total} secrets failing: {names}{more}")
         else:
             parts.append(f"{total} secret{'s' if total != 1 else ''} current")
+        parts.extend(self._expiry_parts())
         if self._last_refresh is not None:
             parts.append(f"last refresh {_clock(self._last_refresh)}")
         next_wall = self._next_refresh_wall()
@@ -472,6 +602,21 @@ class Daemon:
         if self._manifest_error is not None:
             parts.append("manifest edit rejected (see log), previous manifest in use")
         return "; ".join(parts)
+
+    def _expiry_parts(self) -> List[str]:
+        """``1 expired: web-tls (expired 2026-11-01)`` and the like, for STATUS=."""
+        found: Dict[str, List[str]] = {}
+        for state in self._entries.values():
+            kind = self._expiry_of(state)
+            if kind is not None:
+                found.setdefault(kind, []).append(short(state.name, kind, state.validity))
+        parts = []
+        for kind in (EXPIRED, NOT_YET_VALID, EXPIRING):
+            names = found.get(kind, [])
+            if names:
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                parts.append(f"{len(names)} {kind}: {', '.join(names[:3])}{more}")
+        return parts
 
     def _next_refresh_wall(self) -> Optional[float]:
         if self._life.next_refresh is None:
@@ -484,8 +629,10 @@ class Daemon:
         return StatusSnapshot(
             pid=os.getpid(), phase=self._life.phase, saved_at=iso_time(self._wall()),
             status=self._status_line(), manifest=os.path.abspath(self._manifest_path),
-            entries=tuple(state.as_status() for state in self._entries.values()),
-            written=self._ledger.records(), manifest_error=self._manifest_error,
+            entries=tuple(state.as_status(self._expiry_of(state))
+                          for state in self._entries.values()),
+            written=self._ledger.records(), sets=self._ledger.sets(),
+            manifest_error=self._manifest_error,
             directory=manifest.directory if manifest else None, error=self._global_error,
             last_refresh=iso_time(self._last_refresh),
             next_refresh=iso_time(self._next_refresh_wall()),
@@ -511,8 +658,13 @@ class Daemon:
                 log.warning("stopping with a refresh still waiting on the network; "
                             "no file is half-written (writes are atomic)")
         self._record_late_writes()
+        is_idle = thread is None or not thread.is_alive()
+        if is_idle:
+            # No reader is protected past the agent's life; no old key stays.
+            for writer in self._writers.values():
+                writer.retire(everything=True)
         self._save_status()
-        if self._agent is not None and (thread is None or not thread.is_alive()):
+        if self._agent is not None and is_idle:
             self._agent.close()
         self._mailbox.close()
         log.info("stopped; files left in place")
@@ -524,6 +676,7 @@ class Daemon:
                 for outcome in message.result.outcomes:
                     for path in outcome.changed_paths:
                         self._ledger.record(path, outcome.entry.key)
+                self._record_sets(message.agent.manifest, message.result)
 
 
 def _clock(epoch_s: float) -> str:

@@ -116,3 +116,14 @@ class MissingDependencyError(KvAgentError):
     support program that does not exist."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class SetKeptError(KvAgentError):
+    """Another member of this entry's set failed, so the whole set kept its
+    last good files (a set changes whole or not at all). Carries the cause's
+    exit code: a set kept because the vault was down is worth a retry."""
+
+    def __init__(self, message: str, hint: Optional[str], cause: KvAgentError) -> None:
+        super().__init__(message, hint)
+        self.cause = cause
+        self.exit_code = cause.exit_code

@@ -9,6 +9,15 @@ restart of the agent but not a reboot, when tmpfs is empty anyway; an agent
 upgraded in place reads the ledger an older version wrote (path -> inode,
 no entry).
 
+Sets (a set's directory swapped whole, :meth:`agent.writer.Writer.apply_set`)
+are recorded too: the directory and its member paths. The directory's inode
+changes at every swap, so it is not what identifies the set as the agent's;
+a set is removed only when the ledger has it, every member file still there
+is the very file the agent wrote (each member's inode is recorded after
+every refresh that found the set current), and the directory still has the
+writer's shape (the writer checks: its owner and mode, nothing but member
+files). Anything else is left alone and forgotten.
+
 Owned by the daemon's main thread; not thread-safe.
 """
 
@@ -17,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Tuple
 
 from agent.errors import KvAgentError
 from agent.writer import Writer
@@ -43,11 +52,65 @@ def regular_inode(path: str) -> Optional[int]:
     return st.st_ino if stat.S_ISREG(st.st_mode) else None
 
 
-class Ledger:
-    """The files this agent wrote, path -> :class:`Written`."""
+class WrittenSet(NamedTuple):
+    """One set the agent wrote: its directory, its member paths, its name."""
 
-    def __init__(self, records: Iterable[Written] = ()) -> None:
+    directory: str
+    paths: Tuple[str, ...]
+    name: Optional[str] = None
+
+
+class Ledger:
+    """The files this agent wrote, path -> :class:`Written`, and its sets."""
+
+    def __init__(self, records: Iterable[Written] = (),
+                 sets: Iterable[WrittenSet] = ()) -> None:
         self._records: Dict[str, Written] = {record.path: record for record in records}
+        self._sets: Dict[str, WrittenSet] = {record.directory: record for record in sets}
+
+    def sets(self) -> Tuple[WrittenSet, ...]:
+        """Every set, sorted by directory (the order status.json shows)."""
+        return tuple(self._sets[directory] for directory in sorted(self._sets))
+
+    def record_set(self, directory: str, paths: Iterable[str], name: Optional[str],
+                   entry_of: Mapping[str, str]) -> None:
+        """Note that the set's ``directory`` now holds exactly the agent's
+        generation of ``paths`` (written or found current by a refresh), and
+        each member's inode (for entry ``entry_of[path]``)."""
+        members = tuple(sorted(paths))
+        self._sets[directory] = WrittenSet(directory, members, name)
+        for path in members:
+            self.record(path, entry_of[path])
+
+    def set_orphans(self, kept: Iterable[str]) -> Tuple[str, ...]:
+        """Recorded set directories that no current set has, sorted."""
+        return tuple(sorted(set(self._sets) - set(kept)))
+
+    def remove_set(self, writer: Writer, directory: str) -> bool:
+        """Remove the set at ``directory`` (it left the manifest) only if it
+        is still the agent's (see the module docstring), by ``writer`` (whose
+        grace keeps the old files for readers in the middle of a read); forget
+        it and its members either way. True when it was removed. Failures are
+        logged, never raised."""
+        record = self._sets.pop(directory, None)
+        if record is None:
+            return False
+        removed = False
+        foreign = [path for path in record.paths
+                   if os.path.lexists(path) and not self.is_ours(path)]
+        if foreign:
+            log.info("not removing %s: %s is no longer the file kv-agent wrote", directory,
+                     foreign[0])
+        else:
+            try:
+                removed = writer.remove_set(directory, record.paths)
+                if removed:
+                    log.info("removed %s: its set left the manifest", directory)
+            except (KvAgentError, OSError) as exc:
+                log.warning("could not remove %s: %s", directory, exc)
+        for path in record.paths:
+            self._records.pop(path, None)
+        return removed
 
     def records(self) -> Tuple[Written, ...]:
         """Every record, sorted by path (the order status.json shows)."""
@@ -65,6 +128,11 @@ class Ledger:
             self._records.pop(path, None)
         else:
             self._records[path] = Written(path, inode, entry)
+
+    def forget(self, path: str) -> None:
+        """Drop ``path``'s record without touching the file (a set's next
+        swap removes a member that left it)."""
+        self._records.pop(path, None)
 
     def is_ours(self, path: str) -> bool:
         """Whether ``path`` is still the regular file the agent wrote."""

@@ -8,7 +8,9 @@ the JSON back with :func:`parse_snapshot` and renders it (:mod:`agent.status`).
 Both sides share this one definition of the keys and the phase names.
 
 Version 2 knows an entry by its key with the list of its output paths, and
-records for each written file the entry it belongs to. Version 1 (one path
+records for each written file the entry it belongs to, and (since issue 11,
+still version 2: an older reader ignores the new keys) the sets the agent
+wrote and each entry's validity window with its expiry flags. Version 1 (one path
 per secret; ``written`` as path -> inode) is still read: an agent upgraded in
 place finds its predecessor's status.json on /run, and its ledger must
 survive so that files of dropped entries are still removed only if they are
@@ -21,7 +23,8 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from agent.ledger import Written
+from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
+from agent.ledger import Written, WrittenSet
 
 STATUS_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -53,6 +56,9 @@ class EntryStatus(NamedTuple):
     error: Optional[str] = None
     cause: Optional[str] = None
     error_since: Optional[str] = None
+    not_before: Optional[str] = None  # validity of what was written (agent.expiry)
+    expires: Optional[str] = None
+    expiry: Optional[str] = None  # "expired", "expiring", "not yet valid" or None
 
     @property
     def path(self) -> str:
@@ -64,7 +70,10 @@ class EntryStatus(NamedTuple):
         return {"name": self.name, "path": self.path, "paths": list(self.paths),
                 "vault": self.vault, "optional": self.is_optional, "version": self.version,
                 "updated": self.updated, "checked": self.checked, "error": self.error,
-                "cause": self.cause, "error_since": self.error_since}
+                "cause": self.cause, "error_since": self.error_since,
+                "not_before": self.not_before, "expires": self.expires,
+                "expired": self.expiry == EXPIRED, "expiring": self.expiry == EXPIRING,
+                "not_yet_valid": self.expiry == NOT_YET_VALID}
 
 
 class StatusSnapshot(NamedTuple):
@@ -77,6 +86,7 @@ class StatusSnapshot(NamedTuple):
     manifest: Optional[str]
     entries: Tuple[EntryStatus, ...] = ()
     written: Tuple[Written, ...] = ()
+    sets: Tuple[WrittenSet, ...] = ()
     manifest_error: Optional[str] = None
     directory: Optional[str] = None
     error: Optional[str] = None
@@ -95,6 +105,8 @@ class StatusSnapshot(NamedTuple):
             "secrets": [entry.as_json() for entry in self.entries],
             "written": {record.path: {"inode": record.inode, "entry": record.entry}
                         for record in self.written},
+            "sets": {record.directory: {"set": record.name, "paths": list(record.paths)}
+                     for record in self.sets},
         }
 
 
@@ -110,7 +122,7 @@ def parse_snapshot(document: Mapping[str, Any]) -> Optional[StatusSnapshot]:
         manifest=_str(document.get("manifest")),
         entries=tuple(_entry(item) for item in _list(document.get("secrets"))
                       if isinstance(item, dict)),
-        written=read_written(document),
+        written=read_written(document), sets=read_sets(document),
         manifest_error=_str(document.get("manifest_error")),
         directory=_str(document.get("directory")), error=_str(document.get("error")),
         last_refresh=_str(document.get("last_refresh")),
@@ -138,6 +150,30 @@ def read_written(document: Mapping[str, Any]) -> Tuple[Written, ...]:
     return tuple(sorted(records))
 
 
+def read_sets(document: Mapping[str, Any]) -> Tuple[WrittenSet, ...]:
+    """The sets of the ledger (directory -> {set, paths}), valid records only;
+    none in a document an older agent wrote."""
+    sets = document.get("sets")
+    if not isinstance(sets, dict):
+        return ()
+    records = []
+    for directory, value in sets.items():
+        if not isinstance(directory, str) or not isinstance(value, dict):
+            continue
+        paths = tuple(p for p in _list(value.get("paths")) if isinstance(p, str))
+        if paths:
+            records.append(WrittenSet(directory, paths, _str(value.get("set"))))
+    return tuple(sorted(records))
+
+
+def _expiry(item: Mapping[str, Any]) -> Optional[str]:
+    for key, kind in (("expired", EXPIRED), ("not_yet_valid", NOT_YET_VALID),
+                      ("expiring", EXPIRING)):
+        if item.get(key) is True:
+            return kind
+    return None
+
+
 def _entry(item: Mapping[str, Any]) -> EntryStatus:
     paths = tuple(p for p in _list(item.get("paths")) if isinstance(p, str))
     if not paths and isinstance(item.get("path"), str):
@@ -147,7 +183,8 @@ def _entry(item: Mapping[str, Any]) -> EntryStatus:
         is_optional=item.get("optional") is True, version=_str(item.get("version")),
         updated=_str(item.get("updated")), checked=_str(item.get("checked")),
         error=_str(item.get("error")), cause=_str(item.get("cause")),
-        error_since=_str(item.get("error_since")))
+        error_since=_str(item.get("error_since")), not_before=_str(item.get("not_before")),
+        expires=_str(item.get("expires")), expiry=_expiry(item))
 
 
 def _str(value: Any) -> Optional[str]:

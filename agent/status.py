@@ -5,7 +5,8 @@ either version), lines and an exit code out (the CLI prints them). The
 exit code makes the command a health check: 0 when the agent runs and every
 non-optional secret is current, 1 when one is failing or the agent has not
 finished starting (not READY yet), 69 when no agent is running. A failing
-optional secret is shown but fails nothing, as in the agent itself.
+optional secret is shown but fails nothing, as in the agent itself; nor does
+an expired one (it is written, as Key Vault serves it), shown with its date.
 
 When no agent runs, the document is the last run's: the first line says when
 that run stopped (or last wrote its status, if it died) and every secret's
@@ -18,6 +19,7 @@ import os
 from typing import List, Optional, Tuple
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from agent.expiry import EXPIRED, NOT_YET_VALID
 from agent.snapshot import STARTING, STOPPED, EntryStatus, StatusSnapshot
 
 
@@ -60,16 +62,29 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
         if not running:
             mark = f"was {mark:4}"
         version = (entry.version or "-")[:12]
+        expires = f", expires {entry.expires}" if entry.expires else ""
         lines.append(f"  {mark:4} {entry.name} -> {', '.join(entry.paths) or '?'} "
-                     f"(version {version}, updated {entry.updated or '-'})")
+                     f"(version {version}, updated {entry.updated or '-'}{expires})")
         if entry.error:
             lines.append(f"       since {entry.error_since}: {entry.error}")
+        if entry.expiry is not None:
+            lines.append(f"       {_expiry_line(entry)}")
     if not running:
         return lines, EXIT_UNAVAILABLE
     # Still starting: the required files may not exist yet, so not healthy.
     is_starting = snapshot.phase == STARTING
     return lines, (EXIT_FAILURE if required_failing or snapshot.error or is_starting
                    else EXIT_OK)
+
+
+def _expiry_line(entry: EntryStatus) -> str:
+    """What an expired, expiring or not yet valid entry's operator should know."""
+    if entry.expiry == EXPIRED:
+        return (f"EXPIRED at {entry.expires}: still written (Key Vault serves it); "
+                "rotate it in Key Vault")
+    if entry.expiry == NOT_YET_VALID:
+        return f"not valid before {entry.not_before}: written anyway (Key Vault serves it)"
+    return f"expires soon, at {entry.expires}: rotate it in Key Vault before then"
 
 
 def _mark(entry: EntryStatus) -> str:

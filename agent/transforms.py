@@ -120,8 +120,14 @@ def raw(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, 
 
 def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
     """A certificate's secret split into the requested kinds (see :mod:`agent.certificates`)."""
+    return _certificate_files(materials, params)[0]
+
+
+def _certificate_files(materials: Sequence[Material], params: TransformParams
+                       ) -> Tuple[Tuple[bytes, ...], Tuple[int, int]]:
+    """The certificate's files and its leaf's (notBefore, notAfter), one parse."""
     try:
-        from agent.certificates import split_certificate  # cryptography only when asked
+        from agent.certificates import read_certificate  # cryptography only when asked
     except ImportError:  # a package built without its dependency: one line, not a traceback
         raise TransformError(f"secret '{materials[0].name}': certificates need the "
                              "cryptography package, which is not installed",
@@ -129,9 +135,9 @@ def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple
                              ) from None
 
     material = materials[0]
-    pieces: Tuple[bytes, ...] = split_certificate(
-        material.name, material.value, material.content_type, params.kinds)
-    return pieces
+    files = read_certificate(material.name, material.value, material.content_type,
+                             params.kinds)
+    return files.pieces, (files.not_before, files.not_after)
 
 
 def template(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:
@@ -192,14 +198,27 @@ def apply_transform(name: str, materials: Sequence[Material], outputs: int,
     Raises TransformError for an unknown transform, a value it cannot use, or
     a result that does not match the entry's outputs (a bug, reported per entry).
     """
+    return transform_with_validity(name, materials, outputs, params)[0]
+
+
+def transform_with_validity(name: str, materials: Sequence[Material], outputs: int,
+                            params: TransformParams = TransformParams(),
+                            ) -> Tuple[Tuple[bytes, ...], Optional[Tuple[int, int]]]:
+    """:func:`apply_transform`, plus, for a certificate, its leaf's notBefore
+    and notAfter (epoch seconds) from the same parse, for expiry warnings;
+    None for other transforms."""
     transform = TRANSFORMS.get(name)
     label = materials[0].name if materials else "?"
     if transform is None:
         raise TransformError(f"secret '{label}': unknown transform '{name}'",
                              f"use one of {', '.join(sorted(TRANSFORMS))}")
-    data = transform(materials, params)
+    window: Optional[Tuple[int, int]] = None
+    if transform is certificate:
+        data, window = _certificate_files(materials, params)
+    else:
+        data = transform(materials, params)
     if len(data) != outputs:
         raise TransformError(
             f"secret '{label}': transform '{name}' made {len(data)} files "
             f"for {outputs} outputs", "report this as a bug")
-    return data
+    return data, window

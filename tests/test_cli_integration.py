@@ -43,7 +43,7 @@ from secrecy import fresh_value
 
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
 from agent.emulator.demo import DEMO_SECRETS
-from agent.writer import MEMORY_FILESYSTEMS, filesystem_type
+from agent.writer import MEMORY_FILESYSTEMS, SET_GRACE_S, filesystem_type
 
 pytestmark = pytest.mark.integration
 
@@ -1292,3 +1292,26 @@ def test_check_refuses_a_set_that_shares_its_directory(kv: Harness) -> None:
     assert result.returncode == 78
     assert "set 'db' needs" in result.stderr and "to itself" in result.stderr
     assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+
+
+def test_once_warns_about_expiry_and_waits_out_the_grace_only_after_a_swap(
+    kv: Harness
+) -> None:
+    """once writes an expired certificate and logs that it expired; a run that swapped the
+    set waits out the grace before it exits, and leaves no old generation behind."""
+    name = fresh_name("old-tls")
+    kv.emulator.add_certificate(name, key_type="ec", validity_days=10, valid_from_days=-30)
+    manifest = kv.manifest(f"  - name: {name}\n    certificate: {{key: old/tls.key, "
+                           f"cert: old/tls.crt}}\n")
+
+    first = kv.run("once", "--manifest", str(manifest))
+    kv.emulator.rotate_certificate(name)
+    second = kv.run("once", "--manifest", str(manifest))
+
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr
+        assert f"secret '{name}' expired at" in result.stderr and "still written" in \
+            result.stderr
+    assert (kv.directory / "old" / "tls.key").exists()
+    assert second.elapsed_s >= SET_GRACE_S  # (no sleep without a swap: test_agent.py)
+    assert not [n for n in os.listdir(kv.directory) if n.startswith(".kv-agent-set-")]

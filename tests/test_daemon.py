@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import stat
@@ -1186,3 +1187,347 @@ def test_retry_notices_reach_systemd_from_the_main_thread(tmp_path: Path) -> Non
     assert notifier.sent == [(threading.get_ident(), "retrying IMDS (410) (attempt 2)")]
     saved = json.loads((tmp_path / "status.json").read_text())
     assert saved["status"] == "retrying IMDS (410) (attempt 2)" and saved["state"] == "starting"
+
+
+# ---------------------------------------------------------------------------
+# Sets: a certificate's files change together (issue 11)
+
+PAIR_CHECK = r"""
+import os, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+def spki(key):
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+def read_pair(dir_fd):
+    '''(matched, serial) of tls.key and tls.crt read relative to dir_fd.'''
+    blobs = []
+    for name in ("tls.key", "tls.crt"):
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as handle:
+            blobs.append(handle.read())
+    key = serialization.load_pem_private_key(blobs[0], None)
+    cert = x509.load_pem_x509_certificate(blobs[1])
+    return spki(key.public_key()) == spki(cert.public_key()), cert.serial_number
+"""
+
+SET_READER = PAIR_CHECK + r"""
+import json
+directory, stop = sys.argv[1], sys.argv[2]
+reads, serials, problems = 0, set(), []
+print("ready", flush=True)
+while not os.path.exists(stop):
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        matched, serial = read_pair(dir_fd)
+        names = sorted(os.listdir(dir_fd))
+    except FileNotFoundError as exc:
+        problems.append(f"missing: {exc.filename}")
+        continue
+    finally:
+        os.close(dir_fd)
+    if not matched:
+        problems.append(f"mismatched pair at serial {serial}")
+    if names != ["tls.crt", "tls.key"]:
+        problems.append(f"directory holds {names}")
+    reads += 1
+    serials.add(serial)
+print(json.dumps({"reads": reads, "serials": len(serials), "problems": problems[:10],
+                  "problem_count": len(problems)}), flush=True)
+"""
+
+SET_HOOK = PAIR_CHECK + r"""
+directory, log = sys.argv[1], sys.argv[2]
+dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+try:
+    matched, serial = read_pair(dir_fd)
+finally:
+    os.close(dir_fd)
+changed = os.environ.get("KV_AGENT_CHANGED", "")
+with open(log, "a") as handle:
+    handle.write(f"{'ok' if matched else 'MISMATCH'} {serial} {changed}\n")
+"""
+
+
+def certificate_entry(name: str = "web-tls", **keys: Any) -> Dict[str, Any]:
+    return {"name": name, "certificate": {"key": "web/tls.key", "cert": "web/tls.crt"},
+            "mode": "0440", **keys}
+
+
+def serial_of(path: Path) -> Optional[int]:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+    except (OSError, ValueError):
+        return None
+
+
+def reserved_dirs(directory: Path) -> List[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith(".kv-agent-set-"))
+
+
+def test_a_certificate_set_rotates_whole_for_readers_and_hooks(start_agent: StartAgent,
+                                                                 vault: Vault,
+                                                                 shm_dir: Path) -> None:
+    """Through the running agent, a reader that opens the set's directory and reads key
+    and cert relative to it during 100 rotations never sees a mismatched pair or a
+    missing file; the hook run after each swap reads a matched pair every time, with
+    both paths in KV_AGENT_CHANGED; old generations are removed once their grace ends."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    hook_log = shm_dir / "hook.log"
+    directory = shm_dir / "out" / "web"
+    run = start_agent([certificate_entry(on_change=[
+        sys.executable, "-c", SET_HOOK, str(directory), str(hook_log)])], refresh="1h")
+    run.wait_ready()
+    stop = shm_dir / "stop-reader"
+    reader = subprocess.Popen([sys.executable, "-c", SET_READER, str(directory), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rotations = 100
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
+        started = time.monotonic()
+        for _ in range(rotations):
+            before = serial_of(directory / "tls.crt")
+            vault.emulator.rotate_certificate("web-tls")
+            run.process.send_signal(signal.SIGHUP)
+            run.wait(lambda old=before: serial_of(directory / "tls.crt") not in (old, None),  # type: ignore[misc]
+                     "the rotated certificate")
+        elapsed = time.monotonic() - started
+        stop.touch()
+        out, err = reader.communicate(timeout=30)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 0, err.decode()
+    report = json.loads(out)
+    print(f"\n{rotations} certificate rotations through the daemon (rotate + SIGHUP + "
+          f"refresh + swap) in {elapsed:.2f} s: {elapsed * 1000 / rotations:.0f} ms each; "
+          f"reader: {report}")
+    assert report["problem_count"] == 0, report["problems"]
+    assert report["reads"] >= rotations and report["serials"] >= 10, report
+    run.wait(lambda: hook_log.exists() and hook_log.read_text().count("\n") >= 10,
+             "the hook to run")
+    lines = hook_log.read_text().splitlines()
+    assert all(line.startswith("ok ") for line in lines), lines[:5]
+    assert all(line.endswith(f" {directory}/tls.crt {directory}/tls.key") for line in lines)
+    # Nothing refreshes for an hour: only the grace timer removes the last old generation.
+    run.wait(lambda: not reserved_dirs(shm_dir / "out"), "the old generations to go",
+             timeout_s=10)
+    assert sorted(os.listdir(directory)) == ["tls.crt", "tls.key"]
+    run.stop()
+
+
+def test_sigkill_during_certificate_rotations_leaves_one_whole_generation(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path) -> None:
+    """`kv-agent run` killed with SIGKILL at random moments during rotations 6 times:
+    each time the set's directory holds one whole generation (key matches cert), and
+    after the next start no half-built or old generation remains."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    directory = shm_dir / "out" / "web"
+    state_dir = shm_dir / "state-kill"
+    rng = random.Random(11)
+    check = PAIR_CHECK + "\nimport json\nfd = os.open(sys.argv[1], os.O_RDONLY | " \
+        "os.O_DIRECTORY)\nprint(json.dumps([read_pair(fd)[0], sorted(os.listdir(fd))]))\n"
+    left_behind: List[str] = []
+    for _ in range(6):
+        run = start_agent([certificate_entry()], state_dir=state_dir, refresh="1h")
+        run.wait_ready()
+        assert not set(left_behind) & set(reserved_dirs(shm_dir / "out")), \
+            "a crash's leftover survived the next start"
+        stopping = threading.Event()
+
+        def rotate(run: Running = run, stopping: threading.Event = stopping) -> None:
+            while not stopping.is_set() and run.process.is_running():
+                vault.emulator.rotate_certificate("web-tls")
+                run.process.send_signal(signal.SIGHUP)
+                time.sleep(0.02)
+
+        rotator = threading.Thread(target=rotate)
+        rotator.start()
+        time.sleep(rng.uniform(0.3, 1.0))
+        run.process.kill()
+        stopping.set()
+        rotator.join()
+        done = subprocess.run([sys.executable, "-c", check, str(directory)],
+                              capture_output=True, text=True, check=True)
+        matched, names = json.loads(done.stdout)
+        assert matched and names == ["tls.crt", "tls.key"]
+        left_behind = reserved_dirs(shm_dir / "out")
+    run = start_agent([certificate_entry()], state_dir=state_dir, refresh="1h")
+    run.wait_ready()
+    assert not set(left_behind) & set(reserved_dirs(shm_dir / "out"))
+    run.wait(lambda: not reserved_dirs(shm_dir / "out"), "no generation left", timeout_s=10)
+    run.stop()
+
+
+def test_a_set_that_leaves_the_manifest_is_removed(start_agent: StartAgent, vault: Vault,
+                                                    shm_dir: Path) -> None:
+    """A certificate entry dropped by a reload has its set's directory removed (it is
+    still the agent's), and a set dropped while the agent was down goes at the next start."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    vault.emulator.add_certificate("api-tls", key_type="ec")
+    api = {"name": "api-tls", "certificate": {"cert": "api/tls.crt"}}
+    run = start_agent([certificate_entry(), api])
+    run.wait_ready()
+    out = shm_dir / "out"
+    assert (out / "web" / "tls.key").exists() and (out / "api" / "tls.crt").exists()
+    document = run.status_json()
+    assert set(document["sets"]) == {str(out / "web"), str(out / "api")}
+    replace_file(run.manifest, manifest_text(vault.url, out, [api]))
+    run.process.send_signal(signal.SIGHUP)
+    run.wait(lambda: not (out / "web").exists(), "the dropped set to be removed")
+    run.wait(lambda: not reserved_dirs(out), "its old generation to go after the grace",
+             timeout_s=10)
+    run.wait_status_json(lambda d: set(d["sets"]) == {str(out / "api")}, "the ledger")
+    run.stop()
+    replace_file(run.manifest, manifest_text(vault.url, out, [entry("plain")]))
+    vault.put("plain")
+    again = start_agent(state_dir=run.state_dir)
+    again.wait_ready()
+    assert not (out / "api").exists() and (out / "plain").exists()
+    again.stop()
+    assert not reserved_dirs(out)
+
+
+def test_expired_and_expiring_secrets_are_written_and_shown(start_agent: StartAgent,
+                                                             vault: Vault) -> None:
+    """An expired certificate, a secret expiring within warn_before_expiry and one not
+    yet valid are all written; each is logged once as a warning, and STATUS=,
+    status.json and `kv-agent status` show them."""
+    vault.emulator.add_certificate("old-tls", key_type="ec", validity_days=10,
+                                   valid_from_days=-30)
+    now = int(time.time())
+    vault.emulator.set_secret("soon", "v1", expires_on=now + 3 * 86400)
+    vault.emulator.set_secret("later", "v2", not_before=now + 86400)
+    run = start_agent([certificate_entry("old-tls"), entry("soon"), entry("later")],
+                      warn_before_expiry="7d")
+    run.wait_ready()
+    assert (run.directory / "web" / "tls.crt").exists()
+    assert read(run.directory / "soon") == "v1" and read(run.directory / "later") == "v2"
+    status = run.notes.last_status()
+    assert re.search(r"1 expired: old-tls \(expired \d{4}-\d\d-\d\d\)", status), status
+    assert "1 not yet valid: later (valid from" in status
+    assert "1 expiring: soon (expires" in status
+    run.process.send_signal(signal.SIGHUP)
+    run.wait_ready(2)
+    assert len(run.process.lines("'old-tls' expired at")) == 1
+    assert len(run.process.lines("'soon' expires at")) == 1
+    assert len(run.process.lines("'later' is not valid before")) == 1
+    secrets = {s["name"]: s for s in run.status_json()["secrets"]}
+    assert secrets["old-tls"]["expired"] and not secrets["old-tls"]["expiring"]
+    assert secrets["soon"]["expiring"] and secrets["soon"]["expires"]
+    assert secrets["later"]["not_yet_valid"]
+    shown = run.status_cli()
+    assert shown.returncode == 0, shown.stdout
+    assert "EXPIRED at" in shown.stdout and "expires soon" in shown.stdout
+    run.stop()
+
+
+def test_expiry_warnings_follow_the_injected_wall_clock(
+        tmp_path: Path, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With an injected wall clock: an entry expiring within warn_before_expiry is warned
+    about once a day, not at every refresh; once expired it is warned about once more and
+    STATUS= names it with its date; a rotation to a valid version clears it."""
+    from agent.agent import SecretOutcome
+    from agent.expiry import Validity
+    from agent.manifest import Accounts, parse_manifest
+
+    day = 86400.0
+    now = [1_793_491_200.0 - 3 * day]  # three days before 2026-11-01
+    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
+                    notifier=_RecordingNotifier(), wall=lambda: now[0])
+    accounts = Accounts(user=lambda name: 0, group=lambda name: 0)
+    manifest = parse_manifest(
+        f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nwarn_before_expiry: 7d\n"
+        "secrets:\n  - name: web-tls\n", "m.yaml", accounts=accounts, check_filesystem=False)
+    daemon._install(manifest, b"")
+    entry, = manifest.secrets
+    window = Validity(None, 1_793_491_200)
+    caplog.set_level("WARNING")
+
+    def refresh(validity: Validity = window) -> None:
+        daemon._record(SecretOutcome(entry, version="v1", validity=validity), now[0])
+
+    refresh()
+    now[0] += day / 2
+    refresh()
+    assert len(caplog.records) == 1 and "'web-tls' expires at 2026-11-01" in caplog.text
+    assert "1 expiring: web-tls (expires 2026-11-01)" in daemon._status_line()
+    now[0] += day
+    refresh()
+    assert len(caplog.records) == 2
+    now[0] = 1_793_491_200.0 + 60
+    refresh()
+    refresh()
+    assert len(caplog.records) == 3 and "'web-tls' expired at" in caplog.records[-1].message
+    assert "1 expired: web-tls (expired 2026-11-01)" in daemon._status_line()
+    assert daemon.snapshot().entries[0].expiry == "expired"
+    refresh(Validity(None, int(now[0] + 365 * day)))
+    assert "expire" not in daemon._status_line() and len(caplog.records) == 3
+
+
+def test_a_set_counts_for_ready_only_while_it_is_the_agents(start_agent: StartAgent,
+                                                             vault: Vault,
+                                                             shm_dir: Path) -> None:
+    """After a restart with IMDS down, a set the agent wrote counts for READY=1, even its
+    unchanged member (whose inode the last swap changed too); a member replaced by
+    someone else does not, and then no READY=1 comes."""
+    vault.put("db-password")
+    vault.put("db-user")
+    state = shm_dir / "state"
+    members = [entry("db-password", path="db/password", set="db"),
+               entry("db-user", path="db/user", set="db")]
+    first = start_agent(members, refresh="60s", state_dir=state)
+    first.wait_ready()
+    user_inode = os.lstat(first.directory / "db" / "user").st_ino
+    password = vault.put("db-password")
+    first.process.send_signal(signal.SIGHUP)
+    first.wait_content("db/password", password)
+    first.wait_ready(2)
+    assert os.lstat(first.directory / "db" / "user").st_ino != user_inode
+    first.stop()
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    second = start_agent(state_dir=state, fast_retry=True)
+    second.wait_ready()
+    second.stop()
+    user = second.directory / "db" / "user"
+    replacement = user.with_name("replacement")
+    replacement.write_bytes(user.read_bytes())
+    os.replace(replacement, user)
+    third = start_agent(state_dir=state, fast_retry=True)
+    third.wait(lambda: third.process.lines("refresh failed"), "the failed refresh logged")
+    assert not third.readies()
+    third.stop()
+
+
+def test_the_grace_timer_exists_only_while_a_generation_is_pending(
+        tmp_path: Path, shm_dir: Path) -> None:
+    """With an injected monotonic clock: no retire deadline while nothing is pending (an
+    idle agent has no timer); after a swap one deadline at the end of the grace, which
+    removes the old generation and then disappears; none while a refresh runs."""
+    from agent.writer import SET_GRACE_S, FileSpec
+
+    now = [100.0]
+    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
+                    notifier=_RecordingNotifier(), monotonic=lambda: now[0])
+    writer = daemon._writer(str(shm_dir))
+    directory = shm_dir / "web"
+    for generation in (b"1", b"2"):
+        writer.apply_set(str(directory), [FileSpec(str(directory / "k"), generation,
+                                                   os.geteuid(), os.getegid(), 0o400)])
+    assert daemon._retire_deadline() is None  # the daemon was told of no swap
+    daemon._retire_at.append(now[0] + SET_GRACE_S)
+    assert daemon._retire_deadline() == now[0] + SET_GRACE_S
+    daemon._sync_thread = threading.current_thread()  # a refresh runs: it owns the writer
+    assert daemon._retire_deadline() is None
+    daemon._sync_thread = None
+    now[0] += SET_GRACE_S - 0.1
+    daemon._retire_due()
+    assert len(reserved_dirs(shm_dir)) == 1
+    now[0] += 0.1
+    daemon._retire_due()
+    assert reserved_dirs(shm_dir) == [] and daemon._retire_deadline() is None

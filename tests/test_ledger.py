@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 
-from agent.ledger import Ledger, Written, writer_root_for
+from agent.ledger import Ledger, Written, WrittenSet, writer_root_for
+from agent.writer import FileSpec, Writer
 
 
 def test_records_inode_and_entry_of_a_written_file(shm_dir: Path) -> None:
@@ -59,3 +61,46 @@ def test_writer_root_for_an_old_directory() -> None:
     assert writer_root_for("/run/secrets/x/y", "/run/secrets") == "/run/secrets"
     assert writer_root_for("/run/old/y", "/run/secrets") == "/run/old"
     assert writer_root_for("/run/secrets-2/y", "/run/secrets") == "/run/secrets-2"
+
+
+def _set(directory: Path, names: List[str]) -> Dict[str, str]:
+    writer = Writer(str(directory.parent))
+    writer.apply_set(str(directory), [FileSpec(str(directory / name), name.encode(),
+                                               os.geteuid(), os.getegid(), 0o440)
+                                      for name in names])
+    return {str(directory / name): str(directory / names[0]) for name in names}
+
+
+def test_a_recorded_set_is_removed_whole(shm_dir: Path) -> None:
+    """A set the ledger recorded, still holding the agent's files, is removed by
+    the writer (retired after its grace) and forgotten with its members."""
+    directory = shm_dir / "web"
+    members = _set(directory, ["tls.key", "tls.crt"])
+    ledger = Ledger()
+    ledger.record_set(str(directory), members, "certificate:x", members)
+    assert ledger.sets() == (WrittenSet(str(directory), tuple(sorted(members)),
+                                        "certificate:x"),)
+    writer = Writer(str(shm_dir))
+    assert ledger.remove_set(writer, str(directory))
+    assert not directory.exists()
+    writer.retire(everything=True)
+    assert os.listdir(shm_dir) == []
+    assert ledger.sets() == () and ledger.records() == ()
+
+
+def test_a_set_whose_file_was_replaced_is_left_alone(shm_dir: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A set directory in which a member is no longer the agent's file (new inode) is
+    not removed: the set is forgotten, the directory stays."""
+    caplog.set_level("INFO")
+    directory = shm_dir / "web"
+    members = _set(directory, ["tls.key", "tls.crt"])
+    ledger = Ledger()
+    ledger.record_set(str(directory), members, "certificate:x", members)
+    replacement = directory / ".tmp"
+    replacement.write_text("operator's")
+    os.replace(replacement, directory / "tls.key")
+    assert not ledger.remove_set(Writer(str(shm_dir)), str(directory))
+    assert (directory / "tls.key").read_text() == "operator's"
+    assert ledger.sets() == ()
+    assert "no longer the file kv-agent wrote" in caplog.text

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from agent.ledger import Written
+from agent.expiry import EXPIRED
+from agent.ledger import Written, WrittenSet
 from agent.snapshot import (
     READY,
     EntryStatus,
@@ -157,3 +158,28 @@ def test_damaged_documents_read_as_values_or_nothing() -> None:
     assert odd is not None and odd.pid is None and odd.written == ()
     assert odd.entries == (EntryStatus("?", ()),) and odd.refresh_interval_s is None
     assert render_snapshot(odd, "x")[1] == EXIT_UNAVAILABLE
+
+
+def test_sets_and_expiry_round_trip_and_show() -> None:
+    """The ledger's sets and each entry's validity with its expiry flag read back equal;
+    `kv-agent status` shows an expired entry's date and what to do, and stays healthy
+    (an expired secret is written, as Key Vault serves it)."""
+    snapshot = StatusSnapshot(
+        pid=os.getpid(), phase=READY, saved_at="2026-11-24T14:02:11Z",
+        status="1 secret current; 1 expired: web-tls (expired 2026-11-01)",
+        manifest="/etc/kv-agent/manifest.yaml",
+        entries=(EntryStatus("web-tls", ("/run/secrets/web/tls.key", "/run/secrets/web/tls.crt"),
+                             version="c" * 32, not_before="2025-11-01T00:00:00Z",
+                             expires="2026-11-01T00:00:00Z", expiry=EXPIRED),),
+        sets=(WrittenSet("/run/secrets/web", ("/run/secrets/web/tls.crt",
+                                              "/run/secrets/web/tls.key"),
+                         "certificate:/run/secrets/web/tls.key"),))
+    document = json.loads(json.dumps(snapshot.as_json()))
+    assert document["secrets"][0]["expired"] is True
+    assert document["secrets"][0]["expiring"] is False
+    assert parse_snapshot(document) == snapshot
+    lines, code = render_status(document, "x")
+    assert code == EXIT_OK
+    assert any("expires 2026-11-01T00:00:00Z" in line for line in lines)
+    assert any("EXPIRED at 2026-11-01T00:00:00Z" in line and "rotate" in line
+               for line in lines)

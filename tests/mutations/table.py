@@ -39,6 +39,7 @@ CLI = "tests/test_cli_integration.py"
 RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
 LIFECYCLE = "tests/test_lifecycle.py"
+AGENT = "tests/test_agent.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -404,6 +405,55 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,",
         "stdout=None, stderr=None,",
         (f"{HOOKS}::test_hook_output_never_reaches_the_agents_output",),
+    ),
+    # -- issue 11: sets and expiry in the agent ------------------------------
+    Mutation(
+        "set-written-file-by-file",
+        "a set changes whole: the agent writes a set's files with one swap of its "
+        "directory, never file by file",
+        "agent/agent.py",
+        "            result = self.writer.apply_set(group.directory, specs)",
+        "            result = __import__('agent.writer').writer.SetResult(group.directory, "
+        "any([self.writer.apply(spec).changed for spec in specs]))",
+        (f"{AGENT}::test_a_set_is_written_by_one_swap_and_unchanged_sets_are_left",
+         f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks"),
+    ),
+    Mutation(
+        "failing-member-writes-the-set",
+        "a failing member keeps the whole set as it was (keep-last-good applies to the set)",
+        "agent/agent.py",
+        "        if failed:\n            kept = _set_kept(group, failed[0])",
+        "        if False:\n            kept = _set_kept(group, failed[0])",
+        (f"{AGENT}::test_a_failing_member_keeps_the_whole_set",),
+    ),
+    Mutation(
+        "expired-refused",
+        "an expired secret or certificate is still written (Azure serves it), with a warning",
+        "agent/agent.py",
+        "            validity = _validity(secrets, leaf)\n",
+        "            validity = _validity(secrets, leaf)\n"
+        "            if validity.expires is not None and validity.expires <= time.time():\n"
+        "                raise KvAgentError(f\"secret '{entry.name}' expired\")\n",
+        (f"{AGENT}::test_outcomes_carry_the_validity_window",
+         f"{DAEMON}::test_expired_and_expiring_secrets_are_written_and_shown"),
+    ),
+    Mutation(
+        "old-generation-kept-until-next-rotation",
+        "the daemon removes a set's old generation (an old key) when its grace ends, "
+        "not at the next rotation",
+        "agent/daemon.py",
+        "                self._retire_at.append(self._now() + SET_GRACE_S)",
+        "                pass",
+        (f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks",),
+    ),
+    Mutation(
+        "set-members-not-recorded",
+        "READY=1 only with the files: a set's files count once the agent wrote them, every "
+        "member recorded after each swap (unchanged members get new inodes too)",
+        "agent/daemon.py",
+        "            self._record_sets(agent.manifest, result)",
+        "            pass",
+        (f"{DAEMON}::test_a_set_counts_for_ready_only_while_it_is_the_agents",),
     ),
     # -- issue 9: promises the field testing found broken ---------------------
     Mutation(

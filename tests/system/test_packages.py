@@ -139,15 +139,13 @@ def test_emulator_deb_metadata(built_emulator_deb: Path) -> None:
 
 
 def test_deb_metadata(built_deb: Path) -> None:
-    """Depends on Debian's requests, yaml and sdnotify, suggests (never
-    installs) the emulator; the manifest is a conffile."""
+    """Depends on Debian's requests, yaml, sdnotify and cryptography (certificate
+    entries), suggests (never installs) the emulator; the manifest is a conffile."""
     depends = run(["dpkg-deb", "-f", str(built_deb), "Depends"]).stdout
     names = {item.strip().split()[0] for item in depends.split(",")}
-    assert {"python3-requests", "python3-yaml", "python3-sdnotify"} <= names
+    assert {"python3-requests", "python3-yaml", "python3-sdnotify",
+            "python3-cryptography"} <= names  # cryptography: certificates (issue 11)
     assert not any("inotify" in name for name in names)
-    # `kv-agent demo` comes with kv-agent-emulator, which brings cryptography:
-    # the agent needs neither (issue 10, item 4).
-    assert not any("cryptography" in name for name in names)
     assert not run(["dpkg-deb", "-f", str(built_deb), "Recommends"]).stdout.strip()
     assert run(["dpkg-deb", "-f", str(built_deb), "Suggests"]).stdout.strip() == \
         "kv-agent-emulator"
@@ -268,16 +266,17 @@ def test_emulator_rpm_requires(built_emulator_rpm: Path) -> None:
 
 
 def test_rpm_dependencies_and_scriptlets(built_rpm: Path) -> None:
-    """Requires the distribution's requests and PyYAML, bundles the rest,
+    """Requires the distribution's requests, PyYAML and cryptography (certificate
+    entries), bundles the rest,
     suggests (never installs) the emulator, and presets (never force-enables)
     the unit."""
     requires: Set[str] = {line.split()[0] for line in rpm_query(built_rpm, "-R").splitlines()}
-    assert {"python3", "python3-requests", "python3-pyyaml", "systemd"} <= requires
+    assert {"python3", "python3-requests", "python3-pyyaml", "python3-cryptography",
+            "systemd"} <= requires  # cryptography: certificates (issue 11)
     assert not any("inotify" in r or "sdnotify" in r for r in requires)
     provides = rpm_query(built_rpm, "--provides")
     assert "bundled(python3dist(inotify-simple))" in provides
     assert "bundled(python3dist(sdnotify))" in provides
-    assert not any("cryptography" in r for r in requires)
     assert not rpm_query(built_rpm, "--recommends").strip()
     assert rpm_query(built_rpm, "--suggests").split() == ["kv-agent-emulator"]
     scripts = rpm_query(built_rpm, "--scripts")
