@@ -18,7 +18,17 @@ import logging
 import os
 import stat
 import time
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import (
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from agent.errors import (
     IdentityUnavailableError,
@@ -32,9 +42,10 @@ from agent.errors import (
 )
 from agent.expiry import Validity, combine, describe, judge
 from agent.identity import token_source
-from agent.manifest import Accounts, Entry, Manifest, load_manifest
+from agent.manifest import Accounts, Entry, Manifest, Selection, load_manifest
 from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
+from agent.selection import expand, explicit_names
 from agent.sources import unique_sources
 from agent.transforms import transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
@@ -111,6 +122,10 @@ class SyncReport(NamedTuple):
     outcomes: Tuple[SecretOutcome, ...]
     elapsed_s: float
     swapped: Tuple[str, ...] = ()
+    # (directory, paths) of each ``select:`` entry whose listing succeeded:
+    # the files it covers now. A selection whose listing failed is absent
+    # (its files are kept); its outcome is its Selection.entry's.
+    selected: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
     @property
     def failures(self) -> Tuple[SecretOutcome, ...]:
@@ -178,6 +193,7 @@ class Agent:
             policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry)
         self.writer = writer or Writer(manifest.directory)
         self._sleep = sleep
+        self._warned: Set[str] = set()  # skipped-by-select lines already logged
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
@@ -202,7 +218,9 @@ class Agent:
         :meth:`Writer.apply_set` (one atomic swap of its directory).
         """
         started = time.monotonic()
-        entries = self.manifest.secrets
+        listed, selected = self._expand_selections()
+        entries = self.manifest.secrets + tuple(
+            entry for one in selected for entry in one[1])
         sources = unique_sources(source for entry in entries for source in entry.sources)
         fetched = dict(zip(sources, self.vault.fetch_many(
             [SecretRequest(*source) for source in sources])))
@@ -226,8 +244,44 @@ class Agent:
             outcomes.update((outcome.entry.key, outcome) for outcome in written)
             if was_swapped:
                 swapped.append(group.directory)
-        return SyncReport(tuple(outcomes[entry.key] for entry in entries),
-                          time.monotonic() - started, tuple(swapped))
+        return SyncReport(tuple(outcomes[entry.key] for entry in entries) + listed,
+                          time.monotonic() - started, tuple(swapped),
+                          tuple((selection.directory, tuple(e.key for e in chosen))
+                                for selection, chosen in selected))
+
+    def _expand_selections(self) -> Tuple[Tuple[SecretOutcome, ...],
+                                          List[Tuple[Selection, Tuple[Entry, ...]]]]:
+        """List each vault a ``select:`` entry names (once per vault) and
+        expand the selections (:mod:`agent.selection`): each selection's
+        outcome (listed, or the listing's error), and the entries of those
+        whose listing succeeded. A skipped secret is warned about once per
+        Agent. Raises IdentityUnavailableError as a fetch would."""
+        outcomes: List[SecretOutcome] = []
+        selected: List[Tuple[Selection, Tuple[Entry, ...]]] = []
+        explicit = explicit_names(self.manifest.secrets)
+        listings: Dict[str, object] = {}
+        for selection in self.manifest.selections:
+            if selection.vault not in listings:
+                try:
+                    listings[selection.vault] = self.vault.list_secrets(selection.vault)
+                except IdentityUnavailableError:
+                    raise
+                except KvAgentError as exc:
+                    listings[selection.vault] = exc
+            listing = listings[selection.vault]
+            if isinstance(listing, KvAgentError):
+                outcomes.append(SecretOutcome(selection.entry, error=listing))
+                continue
+            assert isinstance(listing, tuple)
+            expansion = expand(selection, listing, explicit)
+            for line in expansion.skipped:
+                if line not in self._warned:
+                    self._warned.add(line)
+                    log.warning("%s", line)
+            selected.append((selection, expansion.entries))
+            outcomes.append(SecretOutcome(
+                selection.entry, version=f"{len(expansion.entries)} matched"))
+        return tuple(outcomes), selected
 
     def _prepare(self, entry: Entry,
                  fetched: "Sequence[Secret | KvAgentError]") -> "_Prepared | SecretOutcome":

@@ -58,6 +58,13 @@ TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secr
 SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault",
                "on_change", "encoding", "certificate", "template", "set")
 OUTPUT_KEYS = ("path", "owner", "group", "mode")
+SELECT_KEYS = ("select", "directory", "owner", "group", "mode", "optional", "on_change",
+               "vault", "strip_prefix", "include_certificates")
+SELECT_FILTER_KEYS = ("prefix", "tags")
+SELECT_PREFIX_RE = re.compile(r"^[0-9A-Za-z-]{0,126}$")  # a name's start [protocol.md B7]
+MAX_SELECT_TAGS = 15  # Key Vault's own limit on a secret's tags
+MAX_TAG_CHARS = 256
+SELECTED_NAME_CHARS = 128  # room under a select directory for a name (127) and its slash
 TEMPLATE_KEYS = ("path", "format", "values")
 TEMPLATE_VALUE_KEYS = ("name", "version", "vault", "encoding")
 DEFAULT_WARN_BEFORE_EXPIRY_S = 14 * 86400.0
@@ -163,6 +170,56 @@ class Entry(NamedTuple):
         return self.outputs.paths
 
 
+class Selection(NamedTuple):
+    """A ``select:`` entry: every enabled secret of ``vault`` whose name
+    starts with ``prefix`` (case-insensitively, as Key Vault compares names
+    [protocol.md B7]) and that carries every tag of ``tags``, written to
+    ``directory``/<name> (minus the prefix with ``strip_prefix``) as
+    ``defaults`` says (owner, group, mode; its path is unused).
+
+    Which secrets these are is known only after listing the vault: the
+    agent expands a selection into plain :class:`Entry` values at each sync
+    (:mod:`agent.selection`). ``line`` is left out of equality, as for Entry.
+    """
+
+    prefix: str
+    tags: Tuple[Tuple[str, str], ...]
+    vault: str
+    directory: str
+    defaults: Output
+    strip_prefix: bool = False
+    include_certificates: bool = False
+    is_optional: bool = False
+    on_change: Tuple[str, ...] = ()
+    line: Optional[int] = None  # last: equality compares the fields before it
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Selection):
+            return NotImplemented
+        return self[:-1] == other[:-1]
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self[:-1])
+
+    @property
+    def label(self) -> str:
+        """How messages and status name the selection."""
+        tags = ",".join(f"{name}={value}" for name, value in self.tags)
+        return f"select prefix '{self.prefix}'" + (f" tags {tags}" if tags else "")
+
+    @property
+    def entry(self) -> Entry:
+        """The selection as one pseudo-entry, known by its directory: what
+        a sync reports about its listing (listed, or why not), so that
+        ``once``, STATUS= and status.json show it like any entry."""
+        return Entry(name=self.label, sources=(Source(self.vault, self.label),),
+                     outputs=OutputSet((self.defaults._replace(path=self.directory),)),
+                     transform="select", is_optional=self.is_optional, line=self.line)
+
+
 class Manifest(NamedTuple):
     """A validated manifest. ``source`` is the file it came from."""
 
@@ -176,6 +233,8 @@ class Manifest(NamedTuple):
     # Entries whose files change together, each in a directory of its own.
     sets: Tuple[EntrySet, ...] = ()
     warn_before_expiry_s: float = DEFAULT_WARN_BEFORE_EXPIRY_S
+    # ``select:`` entries, expanded after each listing (agent.selection).
+    selections: Tuple[Selection, ...] = ()
 
 
 class Accounts(NamedTuple):
@@ -833,11 +892,12 @@ def parse_manifest(
                        DEFAULT_WARN_BEFORE_EXPIRY_S,
                        "write a duration up to 366d such as 14d, 36h or 90m")
     identity = _parse_identity(problems, data.get("identity"), data.key_lines.get("identity"))
-    secrets = _parse_secrets(problems, data, vault, directory, accounts, check_filesystem)
+    secrets, selections = _parse_secrets(problems, data, vault, directory, accounts,
+                                         check_filesystem)
     sets = _collect_sets(problems, secrets, directory)
     problems.raise_if_any()
     return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter,
-                    sets, warn)
+                    sets, warn, selections)
 
 
 def _top_vault(problems: _Problems, data: _Map) -> Optional[str]:
@@ -967,23 +1027,166 @@ def _parse_identity(problems: _Problems, value: Any, line: Optional[int]) -> Ide
 def _parse_secrets(
     problems: _Problems, data: _Map, vault: Optional[str], directory: str,
     accounts: Accounts, check_filesystem: bool,
-) -> Tuple[Entry, ...]:
+) -> Tuple[Tuple[Entry, ...], Tuple[Selection, ...]]:
     entries = data.get("secrets")
     line = data.key_lines.get("secrets", data.line)
     if entries is None:
         problems.add("secrets", "missing", line, "add a list of secrets (see README)")
-        return ()
+        return (), ()
     if not isinstance(entries, list):
         problems.add("secrets", "must be a list of entries, each starting with '- name:'", line)
-        return ()
+        return (), ()
     parsed: List[Entry] = []
+    selections: List[Selection] = []
     for index, entry in enumerate(entries):
+        if isinstance(entry, _Map) and "select" in entry:
+            selection = _parse_selection(problems, entry, index, vault, directory, accounts,
+                                         check_filesystem)
+            if selection is not None:
+                selections.append(selection)
+            continue
         secret = _parse_entry(problems, entry, index, line, vault, directory, accounts,
                               check_filesystem)
         if secret is not None:
             parsed.append(secret)
     _check_path_conflicts(problems, parsed)
-    return tuple(parsed)
+    _check_selection_conflicts(problems, parsed, selections)
+    return tuple(parsed), tuple(selections)
+
+
+def _parse_selection(
+    problems: _Problems, entry: _Map, index: int, vault: Optional[str], directory: str,
+    accounts: Accounts, check_filesystem: bool,
+) -> Optional[Selection]:
+    """A ``select:`` entry, every problem reported (see :class:`Selection`)."""
+    prefix_key = f"secrets[{index}]"
+    before = len(problems.lines)
+    _unknown_keys(problems, entry, SELECT_KEYS, f"{prefix_key}.")
+
+    def fail(key: str, message: str, hint: str = "") -> None:
+        problems.add(f"{prefix_key}.{key}", message, entry.key_lines.get(key, entry.line), hint)
+
+    prefix, tags = _select_filter(fail, entry["select"])
+    entry_vault = vault
+    if "vault" in entry:
+        try:
+            entry_vault = _vault_url(entry["vault"])
+        except ValueError as exc:
+            fail("vault", str(exc))
+    elif not vault:
+        fail("vault", "missing", "add vault: at the top or in this entry")
+    folder = None
+    if "directory" not in entry:
+        fail("directory", "missing", "add directory: <folder for the selected secrets' files>")
+    else:
+        folder = Paths(directory, check_filesystem).resolve(fail, "directory", entry["directory"])
+        if folder is not None and len(folder.encode()) > PATH_MAX - SELECTED_NAME_CHARS:
+            fail("directory", "too long to hold a secret's name", "shorten it")
+    uid, owner = _account(fail, entry, "owner", accounts.user, "user")
+    gid, group = _account(fail, entry, "group", accounts.group, "group")
+    mode = DEFAULT_MODE
+    if "mode" in entry:
+        try:
+            mode = parse_mode(entry["mode"], entry.raw.get("mode"))
+        except ValueError as exc:
+            fail("mode", str(exc))
+    flags = {}
+    for key in ("optional", "strip_prefix", "include_certificates"):
+        flags[key] = entry.get(key, False)
+        if not isinstance(flags[key], bool):
+            fail(key, f"'{echo(flags[key])}' is not true or false", f"write {key}: true")
+    on_change: Tuple[str, ...] = ()
+    if "on_change" in entry:
+        try:
+            on_change = parse_command(entry["on_change"])
+        except ValueError as exc:
+            fail("on_change", str(exc), 'e.g. on_change: ["systemctl", "reload", "app.service"]')
+    if len(problems.lines) > before or prefix is None or folder is None or not entry_vault:
+        return None
+    return Selection(prefix, tags, entry_vault, folder, Output("", uid, gid, mode, owner, group),
+                     strip_prefix=flags["strip_prefix"] is True,
+                     include_certificates=flags["include_certificates"] is True,
+                     is_optional=flags["optional"] is True, on_change=on_change,
+                     line=entry.line)
+
+
+def _select_filter(
+    fail: Callable[..., None], value: Any,
+) -> Tuple[Optional[str], Tuple[Tuple[str, str], ...]]:
+    """``select: {prefix, tags}``: the prefix ('' when absent) and the tags
+    as sorted pairs; (None, ()) after a problem."""
+    hint = 'e.g. select: {prefix: "app1-", tags: {env: prod}}'
+    if not isinstance(value, _Map) or not value:
+        fail("select", "must be a mapping with prefix, tags or both", hint)
+        return None, ()
+    problems: List[str] = []
+
+    def inner(sub: str, message: str, fix: str = "") -> None:
+        problems.append(sub)
+        fail(f"select.{sub}", message, fix)
+
+    for unknown in value:
+        if unknown not in SELECT_FILTER_KEYS:
+            import difflib  # only on this error path
+
+            close = difflib.get_close_matches(str(unknown)[:64], SELECT_FILTER_KEYS, n=1)
+            inner(echo(unknown), "unknown key", f"did you mean '{close[0]}'?" if close
+                  else f"known keys: {', '.join(SELECT_FILTER_KEYS)}")
+    prefix = value.get("prefix", "")
+    if isinstance(prefix, (int, float)) and not isinstance(prefix, bool) \
+            and "prefix" in value.raw:
+        prefix = value.raw["prefix"]  # "2024-" is text, but "2024" a YAML number
+    if not isinstance(prefix, str) or not SELECT_PREFIX_RE.match(prefix):
+        inner("prefix", f"'{echo(prefix)}' is not the start of a Key Vault secret name",
+              "use up to 126 characters of 0-9, a-z, A-Z and '-'")
+    tags = value.get("tags", {})
+    pairs: List[Tuple[str, str]] = []
+    if not isinstance(tags, _Map) or ("tags" in value and not tags):
+        inner("tags", "must be a mapping of at least one tag name to its value",
+              "e.g. tags: {env: prod}")
+    else:
+        if len(tags) > MAX_SELECT_TAGS:
+            inner("tags", f"more than {MAX_SELECT_TAGS} tags (Key Vault's limit)",
+                  "match on fewer tags")
+        for name, text in tags.items():
+            text = tags.raw.get(name, text) if not isinstance(text, str) else text
+            if not isinstance(name, str) or not name or len(name) > MAX_TAG_CHARS:
+                inner(f"tags.{echo(name)}", "is not a tag name", "use 1-256 characters")
+            elif not isinstance(text, str) or len(text) > MAX_TAG_CHARS:
+                inner(f"tags.{echo(name)}", f"'{echo(text)}' is not a tag value",
+                      "write the value as text, at most 256 characters")
+            else:
+                pairs.append((name, text))
+    if problems:
+        return None, ()
+    return str(prefix), tuple(sorted(pairs))
+
+
+def _check_selection_conflicts(problems: _Problems, entries: List[Entry],
+                               selections: List[Selection]) -> None:
+    """A select directory belongs to its selection alone: no explicit
+    entry's file in it or below it (its files would collide, by name or by
+    case, with a selected secret's), none of its parents an entry's file,
+    and no other selection's directory in, above or at it."""
+    for index, selection in enumerate(selections):
+        folder = selection.directory
+        inside = folder.lower() + "/"
+        for entry in entries:
+            for path in entry.paths:
+                if path.lower().startswith(inside) or path.lower() == folder.lower():
+                    problems.add("directory", f"{path} of '{entry.name}' (line {entry.line}) "
+                                 f"is inside {folder}, which the {selection.label} fills",
+                                 selection.line, "give the selection a directory of its own")
+                elif folder.startswith(path + "/"):
+                    problems.add("directory", f"{folder} would be inside {path}, which "
+                                 f"'{entry.name}' writes as a file", selection.line,
+                                 "choose paths that do not nest")
+        for other in selections[:index]:
+            a, b = folder.lower() + "/", other.directory.lower() + "/"
+            if a.startswith(b) or b.startswith(a):
+                problems.add("directory", f"{folder} overlaps {other.directory} of the "
+                             f"{other.label} (line {other.line})", selection.line,
+                             "give each selection a directory of its own")
 
 
 def _collect_sets(
