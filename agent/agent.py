@@ -106,7 +106,9 @@ class SecretOutcome(NamedTuple):
         if self.error is None:
             return f"secret '{self.entry.name}': {paths} at version {self.version}"
         text = str(self.error)
-        if f"'{self.entry.name}'" not in text:
+        if self.entry.transform == "select":  # a listing: name is the selection's label
+            text = f"{self.entry.name}: {text}"
+        elif f"'{self.entry.name}'" not in text:
             text = f"secret '{self.entry.name}': {text}"
         return f"{text} [{paths} left as it was]"
 

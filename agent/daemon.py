@@ -105,6 +105,8 @@ class EntryState:
         self.paths = entry.paths
         self.vault = entry.source.vault
         self.is_optional = entry.is_optional
+        # A select entry's own state (its listing): on disk once listed.
+        self.is_listing = entry.transform == "select"
         self.version: Optional[str] = None
         self.updated: Optional[float] = None  # wall time a file last changed
         self.checked: Optional[float] = None  # wall time the vault last confirmed it
@@ -276,7 +278,7 @@ class Daemon:
         if old is not None and self._sync_thread is None:
             old.close()
         states: Dict[str, EntryState] = {}
-        for entry in manifest.secrets:
+        for entry in manifest.secrets + tuple(s.entry for s in manifest.selections):
             state = self._entries.get(entry.key)
             if state is None or not state.is_same_entry(entry):
                 state = EntryState(entry)
@@ -384,6 +386,8 @@ class Daemon:
                 log.info("refresh works again")
             self._global_error = None
             self._last_refresh = now_wall
+            if agent is self._agent:  # else a reload replaced its selections
+                self._follow_selections(result)
             for outcome in result.outcomes:
                 changed.extend(self._record(outcome, now_wall))
             self._record_sets(agent.manifest, result)
@@ -454,6 +458,8 @@ class Daemon:
                    if not state.is_optional for path in state.paths)
 
     def _is_on_disk(self, state: EntryState, path: str) -> bool:
+        if state.is_listing:  # a select entry: listed since it was installed
+            return state.checked is not None
         inode = regular_inode(path)
         return inode is not None and inode in (state.inodes.get(path), self._ledger.inode(path))
 
@@ -478,6 +484,12 @@ class Daemon:
             if group.directory not in set_directories:
                 self._remove_set(group.directory, new.directory)
         kept = {path for entry in new.secrets for path in entry.paths}
+        selected = {selection.directory for selection in new.selections}
+        for selection in old.selections:
+            if selection.directory not in selected:
+                for path in self._ledger.orphans(kept):
+                    if os.path.dirname(path) == selection.directory:
+                        self._ledger.remove(old.directory, path)
         for entry in old.secrets:
             for path in entry.paths:
                 if path in kept:
@@ -488,16 +500,43 @@ class Daemon:
                     self._ledger.remove(old.directory, path)
 
     def _remove_orphans(self, manifest: Manifest) -> None:
-        """Sets and files a previous run wrote for entries this manifest no longer has."""
+        """Sets and files a previous run wrote for entries this manifest no
+        longer has. Files in a select entry's directory wait for its first
+        successful listing (:meth:`_follow_selections`)."""
         set_directories = [group.directory for group in manifest.sets]
         for directory in self._ledger.set_orphans(set_directories):
             self._remove_set(directory, manifest.directory)
         kept = (path for entry in manifest.secrets for path in entry.paths)
+        selected = {selection.directory for selection in manifest.selections}
         for path in self._ledger.orphans(kept):
+            if os.path.dirname(path) in selected:
+                continue
             if os.path.dirname(path) in set_directories:
                 self._ledger.forget(path)  # its set's next swap drops it
             else:
                 self._ledger.remove(writer_root_for(path, manifest.directory), path)
+
+    def _follow_selections(self, report: SyncReport) -> None:
+        """After a refresh, for each select entry whose listing succeeded:
+        track the entries it now covers (for STATUS= and READY) and remove
+        the files it wrote for secrets that no longer match (disabled,
+        deleted, retagged), each only if still the very file the agent
+        wrote (:meth:`Ledger.remove`). A failed listing changes nothing:
+        an empty or failed list never removes a file."""
+        assert self._manifest is not None
+        matched = {outcome.entry.key: outcome.entry for outcome in report.outcomes}
+        for directory, paths in report.selected:
+            covered = set(paths)
+            for key in [key for key in self._entries if os.path.dirname(key) == directory
+                        and key not in covered]:
+                del self._entries[key]
+            for path in paths:
+                if path not in self._entries:
+                    self._entries[path] = EntryState(matched[path])
+            for path in self._ledger.orphans(covered):
+                if os.path.dirname(path) == directory:
+                    log.info("%s: its secret no longer matches the select entry", path)
+                    self._ledger.remove(self._manifest.directory, path)
 
     def _remove_set(self, directory: str, top: str) -> None:
         writer = self._writer(writer_root_for(directory, top))

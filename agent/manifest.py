@@ -1139,9 +1139,11 @@ def _select_filter(
     if not isinstance(prefix, str) or not SELECT_PREFIX_RE.match(prefix):
         inner("prefix", f"'{echo(prefix)}' is not the start of a Key Vault secret name",
               "use up to 126 characters of 0-9, a-z, A-Z and '-'")
-    tags = value.get("tags", {})
+    tags = value.get("tags")
     pairs: List[Tuple[str, str]] = []
-    if not isinstance(tags, _Map) or ("tags" in value and not tags):
+    if "tags" not in value:
+        pass
+    elif not isinstance(tags, _Map) or not tags:
         inner("tags", "must be a mapping of at least one tag name to its value",
               "e.g. tags: {env: prod}")
     else:
