@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
+from secrecy import fresh_value
 from test_daemon import (  # noqa: F401 - fixtures
     Running,
     StartAgent,
@@ -294,9 +295,11 @@ def select_entry(**keys: Any) -> Dict[str, Any]:
             "mode": "0440", **keys}
 
 
-def put(vault: Vault, name: str, *, env: str = "prod") -> str:
-    value = vault.put(name)
-    vault.emulator.set_secret(name, value, tags={"env": env})
+def put(store: Vault, name: str, *, env: str = "prod") -> str:
+    """A new version of ``name`` tagged env=``env``; its value (leak-checked)."""
+    value = fresh_value(name)
+    store.values.add(value)
+    store.emulator.set_secret(name, value, tags={"env": env})
     return value
 
 
