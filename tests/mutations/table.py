@@ -38,6 +38,7 @@ DAEMON = "tests/test_daemon.py"
 CLI = "tests/test_cli_integration.py"
 RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
+SELECT = "tests/test_select.py"
 LIFECYCLE = "tests/test_lifecycle.py"
 AGENT = "tests/test_agent.py"
 
@@ -504,5 +505,31 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            if st.st_uid not in (0, self._euid):\n                raise WriteError(f\"{path} is owned by uid",
         "            if False:\n                raise WriteError(f\"{path} is owned by uid",
         (f"{WRITER}::test_precreated_unsafe_root_is_refused",),
+    ),
+    # -- issue 12: bulk selection ----------------------------------------------
+    Mutation(
+        "select-failed-listing-taken-as-empty",
+        "a select entry's failed listing removes nothing (only a successful listing may)",
+        "agent/agent.py",
+        "            listing = listings[selection.vault]",
+        "            listing = () if isinstance(listings[selection.vault], KvAgentError) "
+        "else listings[selection.vault]",
+        (f"{SELECT}::test_run_keeps_every_selected_file_while_the_listing_fails_and_reports_it_once",),
+    ),
+    Mutation(
+        "select-takes-disabled-secrets",
+        "a select entry takes only enabled secrets",
+        "agent/selection.py",
+        "    if item.attributes.enabled is not True:",
+        "    if item.attributes.enabled is None:",
+        (f"{SELECT}::test_expansion_keeps_enabled_secrets_matching_prefix_and_every_tag",),
+    ),
+    Mutation(
+        "select-ready-without-listing",
+        "READY=1 only with the files: a required select entry counts once it listed",
+        "agent/daemon.py",
+        "            return state.checked is not None",
+        "            return True",
+        (f"{SELECT}::test_run_is_not_ready_without_a_listing_and_skips_an_explicit_entrys_secret",),
     ),
 )
