@@ -227,8 +227,10 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     count = len(manifest.secrets)
     sets = f" in {len(manifest.sets)} set{'s' if len(manifest.sets) != 1 else ''}" \
         if manifest.sets else ""
-    print(f"{path}: OK: {count} secret{'s' if count != 1 else ''} into {manifest.directory}"
-          f"{sets}")
+    chosen = len(manifest.selections)
+    selects = f" and {chosen} select entr{'ies' if chosen != 1 else 'y'}" if chosen else ""
+    print(f"{path}: OK: {count} secret{'s' if count != 1 else ''}{selects} into "
+          f"{manifest.directory}{sets}")
     return EXIT_OK
 
 

@@ -257,6 +257,8 @@ def test_once_writes_the_selection_and_check_refuses_an_explicit_file_inside_it(
             "  - select: {prefix: app1-, tags: {env: prod}}\n    directory: app1\n"
             "    mode: \"0440\"\n")
     write_file(manifest, body)
+    checked = run_cli(["check", "--manifest", str(manifest)], emulator)
+    assert checked.returncode == 0 and "0 secrets and 1 select entry into" in checked.stdout
     first = run_cli(["once", "--manifest", str(manifest)], emulator)
     assert first.returncode == 0, first.stderr
     assert os.listdir(shm_dir / "app1") == ["app1-db"]
@@ -317,6 +319,9 @@ def test_run_follows_the_selection_new_disabled_deleted_retagged_and_foreign(
     run = start_agent([select_entry()])
     run.wait_ready()
     assert files(run) == ["app1-a", "app1-b", "app1-c", "app1-d", "app1-e"]
+    status = run.status_cli()
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "select prefix 'app1-' tags env=prod" in status.stdout
     put(vault, "app1-new")
     run.wait(lambda: "app1-new" in files(run), "the new matching secret's file")
     replace_file(run.directory / "app1" / "app1-e", "operator's own file")
