@@ -389,3 +389,25 @@ def test_a_select_entry_dropped_by_a_reload_loses_its_files(
     run.process.send_signal(signal.SIGHUP)
     run.wait(lambda: not (run.directory / "app1").exists(), "the selection's files to go")
     run.stop()
+
+
+def test_a_restart_keeps_selected_files_until_a_listing_and_then_drops_the_stale_one(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path) -> None:  # noqa: F811
+    """After a restart the selection's files stay while listing fails (no READY); the first
+    successful listing removes the file of a secret disabled while the agent was down."""
+    put(vault, "app1-a")
+    put(vault, "app1-b")
+    state = shm_dir / "state"
+    first = start_agent([select_entry()], state_dir=state)
+    first.wait_ready()
+    first.stop()
+    vault.emulator.disable_secret("app1-b")
+    vault.emulator.inject_fault("vault", 403, count=1000)
+    second = start_agent(state_dir=state)
+    second.wait(lambda: second.process.lines("select prefix 'app1-'"), "the listing error")
+    time.sleep(1.5)
+    assert files(second) == ["app1-a", "app1-b"] and not second.readies()
+    vault.emulator.clear_faults()
+    second.wait_ready()
+    second.wait(lambda: files(second) == ["app1-a"], "the disabled secret's file to go")
+    second.stop()
