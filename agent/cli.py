@@ -229,6 +229,10 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if manifest.sets else ""
     print(f"{path}: OK: {count} secret{'s' if count != 1 else ''} into {manifest.directory}"
           f"{sets}")
+    from agent.identity import choose_source
+
+    # Offline, from the environment and files only: the endpoint is not asked.
+    print(f"{path}: identity: would use {choose_source(manifest.identity.source, environ).describe()}")
     return EXIT_OK
 
 
