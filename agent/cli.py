@@ -232,7 +232,8 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from agent.identity import choose_source
 
     # Offline, from the environment and files only: the endpoint is not asked.
-    print(f"{path}: identity: would use {choose_source(manifest.identity.source, environ).describe()}")
+    choice = choose_source(manifest.identity.source, environ)
+    print(f"{path}: identity: would use {choice.describe()}")
     return EXIT_OK
 
 
