@@ -28,6 +28,7 @@ which would give the wrong identity's access silently.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Callable, Mapping, NamedTuple, Optional
 
@@ -53,6 +54,7 @@ DEFAULT_TOKENS_DIR = "/var/opt/azcmagent/tokens"
 TOKENS_DIR_ENV = "KV_AGENT_ARC_TOKENS_DIR"  # tests only: a key-file directory of their own
 KEY_SUFFIX = ".key"
 MAX_KEY_BYTES = 4096
+PRINTABLE_KEY_RE = re.compile(r"[\x20-\x7e]+")
 # manifest selector -> the field the response must echo [protocol.md A7]
 ECHO_FIELDS = {"client_id": "client_id", "object_id": "object_id",
                "resource_id": "msi_res_id"}
@@ -105,10 +107,12 @@ def read_key_file(path: str, tokens_dir: str) -> KeyFile:
         os.close(fd)
     if len(data) > MAX_KEY_BYTES:
         raise KeyFileError(f"{shown} is larger than {MAX_KEY_BYTES} bytes")
-    try:
-        return KeyFile(data.decode("ascii").strip())
-    except UnicodeDecodeError:
-        raise KeyFileError(f"{shown} does not hold ASCII text") from None
+    text = data.decode("latin-1").strip()
+    # Printable ASCII only: anything else could not go into a header, and the
+    # HTTP library's refusal would quote the value (the key) in its message.
+    if not PRINTABLE_KEY_RE.fullmatch(text):
+        raise KeyFileError(f"{shown} does not hold a key (empty, or not printable ASCII)")
+    return KeyFile(text)
 
 
 def _check_file(info: os.stat_result, shown: str) -> None:

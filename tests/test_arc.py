@@ -103,6 +103,16 @@ def _relative(tokens: Path) -> str:
     return "a.key"
 
 
+def _empty(tokens: Path) -> str:
+    (tokens / "a.key").write_text("\n")
+    return str(tokens / "a.key")
+
+
+def _control_characters(tokens: Path) -> str:
+    (tokens / "a.key").write_text(KEY[:8] + "\r\nX-Injected: 1")
+    return str(tokens / "a.key")
+
+
 REFUSALS: Dict[str, Any] = {
     "wrong directory": (_wrong_dir, "is not directly in"),
     "a subdirectory": (_nested, "is not directly in"),
@@ -114,6 +124,8 @@ REFUSALS: Dict[str, Any] = {
     "a directory": (_directory, "not a regular file"),
     "a fifo": (_fifo, "not a regular file"),
     "missing": (_missing, "does not exist"),
+    "empty": (_empty, "does not hold a key"),
+    "control characters": (_control_characters, "does not hold a key"),
 }
 
 
