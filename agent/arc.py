@@ -86,8 +86,7 @@ def read_key_file(path: str, tokens_dir: str) -> KeyFile:
     readable. Checked before a byte is read, and again on the open file.
     """
     shown = escape(path)
-    if not os.path.isabs(path) or os.path.dirname(os.path.normpath(path)) != \
-            os.path.normpath(tokens_dir) or ".." in path.split("/"):
+    if not _is_directly_in(path, tokens_dir):
         raise KeyFileError(f"{shown} is not directly in {tokens_dir}")
     if not path.endswith(KEY_SUFFIX):
         raise KeyFileError(f"{shown} does not end in {KEY_SUFFIX}")
@@ -113,6 +112,14 @@ def read_key_file(path: str, tokens_dir: str) -> KeyFile:
     if not PRINTABLE_KEY_RE.fullmatch(text):
         raise KeyFileError(f"{shown} does not hold a key (empty, or not printable ASCII)")
     return KeyFile(text)
+
+
+def _is_directly_in(path: str, directory: str) -> bool:
+    """``path`` names an entry of ``directory`` itself: absolute, no ``..``
+    (a path through a subdirectory or out of it is refused, pure)."""
+    if not os.path.isabs(path) or ".." in path.split("/"):
+        return False
+    return os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)
 
 
 def _check_file(info: os.stat_result, shown: str) -> None:
