@@ -189,6 +189,7 @@ class Agent:
         self.manifest = manifest
         self.tokens = token_source(manifest.identity, environ, imds_policy,
                                    on_retry=on_retry, sleep=sleep)
+        log.info("identity source: %s", self.tokens.source.describe())
         self._vault_session = new_session(environ)
         self.vault = VaultClient(
             self._vault_session, lambda resource, force: self._token(resource, force),

@@ -231,6 +231,11 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     selects = f" and {chosen} select entr{'ies' if chosen != 1 else 'y'}" if chosen else ""
     print(f"{path}: OK: {count} secret{'s' if count != 1 else ''}{selects} into "
           f"{manifest.directory}{sets}")
+    from agent.identity import choose_source
+
+    # Offline, from the environment and files only: the endpoint is not asked.
+    choice = choose_source(manifest.identity.source, environ)
+    print(f"{path}: identity: would use {choice.describe()}")
     return EXIT_OK
 
 

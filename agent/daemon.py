@@ -675,7 +675,8 @@ class Daemon:
             directory=manifest.directory if manifest else None, error=self._global_error,
             last_refresh=iso_time(self._last_refresh),
             next_refresh=iso_time(self._next_refresh_wall()),
-            refresh_interval_s=manifest.refresh_interval_s if manifest else None)
+            refresh_interval_s=manifest.refresh_interval_s if manifest else None,
+            identity_source=self._agent.tokens.source.describe() if self._agent else None)
 
     def _save_status(self) -> None:
         try:

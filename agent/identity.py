@@ -9,20 +9,25 @@ made is a :class:`~agent.token_request.RequestFactory` (IMDS:
 :mod:`agent.imds`), run by :func:`agent.token_request.request_token`.
 
 :func:`token_source` is the one place that picks the endpoint and builds its
-session; Azure Arc and App Service [protocol.md A7, A8] will each be one more
-factory chosen there.
+session: IMDS, Azure Arc (:mod:`agent.arc`) or App Service
+(:mod:`agent.app_service`) [protocol.md A1, A7, A8], as
+:func:`choose_source` decides from the manifest, the environment and files
+only (no request, so ``check`` can say it offline).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import requests
 
 from agent import transport
+from agent.app_service import AppServiceRequestFactory, app_service_settings
+from agent.arc import DEFAULT_ARC_ENDPOINT, ArcRequestFactory, tokens_dir
 from agent.errors import IdentityUnavailableError
 from agent.identity_selector import Identity
 from agent.imds import ImdsRequestFactory, imds_endpoint
@@ -33,6 +38,41 @@ log = logging.getLogger(__name__)
 
 EXPIRY_MARGIN_S = 300.0  # treat a token as expired 5 min early (as MSAL does)
 EARLY_RENEW_MIN_LIFETIME_S = 7200.0  # renew tokens this long at half-life (MSAL)
+# Files the Azure Connected Machine agent installs: one present means an Arc
+# server even when the unit's environment lacks IDENTITY_ENDPOINT (systemd
+# units do not inherit /etc/environment, where the agent puts it).
+ARC_AGENT_PATHS = ("/opt/azcmagent/bin/himds", "/var/opt/azcmagent")
+
+
+class SourceChoice(NamedTuple):
+    """Which identity endpoint to ask (``imds``, ``arc`` or ``app-service``)
+    and why, for the start-up log, ``status`` and ``check``."""
+
+    source: str
+    reason: str
+
+    def describe(self) -> str:
+        """e.g. ``arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT are set)``."""
+        return f"{self.source} ({self.reason})"
+
+
+def choose_source(requested: str, environ: Mapping[str, str],
+                  exists: Callable[[str], bool] = os.path.lexists,
+                  arc_paths: Sequence[str] = ARC_AGENT_PATHS) -> SourceChoice:
+    """The endpoint for the manifest's ``identity.source`` (pure but for
+    ``exists``). ``auto`` picks, in order: App Service (IDENTITY_ENDPOINT and
+    IDENTITY_HEADER set), Arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT set, or
+    one of ``arc_paths`` present), else IMDS."""
+    if requested != "auto":
+        return SourceChoice(requested, "identity.source in the manifest")
+    if environ.get("IDENTITY_ENDPOINT") and environ.get("IDENTITY_HEADER"):
+        return SourceChoice("app-service", "IDENTITY_ENDPOINT and IDENTITY_HEADER are set")
+    if environ.get("IDENTITY_ENDPOINT") and environ.get("IMDS_ENDPOINT"):
+        return SourceChoice("arc", "IDENTITY_ENDPOINT and IMDS_ENDPOINT are set")
+    for path in arc_paths:
+        if exists(path):
+            return SourceChoice("arc", f"the Azure Arc agent's {path} exists")
+    return SourceChoice("imds", "no App Service or Azure Arc environment found")
 
 
 def with_refresh_on(token: AccessToken, now: float) -> AccessToken:
@@ -76,6 +116,7 @@ class TokenCache:
         self._on_retry = on_retry
         self._lock = threading.Lock()
         self._cache: Dict[str, AccessToken] = {}
+        self.source = SourceChoice("imds", "default")  # which endpoint; token_source sets it
 
     def get_token(self, resource: str, *, force_refresh: bool = False) -> AccessToken:
         """A token for ``resource``: cached unless within 5 min of expiry or
@@ -113,11 +154,33 @@ def token_source(
     *,
     on_retry: Optional[Callable[[str, int, float], None]] = None,
     sleep: Callable[[float], None] = time.sleep,
+    exists: Callable[[str], bool] = os.path.lexists,
 ) -> TokenCache:
-    """The token cache for ``identity`` on this machine: IMDS at
-    ``KV_AGENT_IMDS_ENDPOINT`` or the link-local default, over a session of
-    its own that never uses a proxy. Reads ``environ`` once, here."""
+    """The token cache for ``identity`` on this machine, over a session of
+    its own that never uses a proxy (every identity endpoint is local).
+    Its ``source`` says which endpoint and why (the caller logs it once).
+    Reads ``environ`` once, here. Raises IdentityUnavailableError when the
+    manifest names a source whose environment is missing."""
+    choice = choose_source(identity.source, environ, exists)
+    factory = build_factory(choice.source, identity, environ)
     session = transport.new_session(pool_size=1)
     session.trust_env = False  # IMDS must never go through a proxy [protocol.md A1]
-    factory = ImdsRequestFactory(imds_endpoint(environ), identity)
-    return TokenCache(session, factory, policy=policy, on_retry=on_retry, sleep=sleep)
+    cache = TokenCache(session, factory, policy=policy, on_retry=on_retry, sleep=sleep)
+    cache.source = choice
+    return cache
+
+
+def build_factory(source: str, identity: Identity, environ: Mapping[str, str]) -> RequestFactory:
+    """The request factory for ``source`` (``imds``, ``arc``, ``app-service``)."""
+    if source == "app-service":
+        endpoint, header = app_service_settings(environ)
+        if not endpoint or not header:
+            raise IdentityUnavailableError(
+                "identity.source is app-service but IDENTITY_ENDPOINT or IDENTITY_HEADER "
+                "is not set", "turn on the app's managed identity, or set identity.source "
+                "to auto")
+        return AppServiceRequestFactory(endpoint, header, identity)
+    if source == "arc":
+        endpoint = environ.get("IDENTITY_ENDPOINT") or DEFAULT_ARC_ENDPOINT
+        return ArcRequestFactory(endpoint, identity, tokens_dir(environ))
+    return ImdsRequestFactory(imds_endpoint(environ), identity)

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+# The manifest's ``identity.source``: which endpoint to ask [protocol.md A1, A7, A8].
+SOURCES = ("auto", "imds", "arc", "app-service")
 
 class Identity(NamedTuple):
     """Which managed identity to ask for.
 
     ``selector`` is the manifest's key (``client_id``, ``object_id`` or
     ``resource_id``) and ``value`` its value; both are None for the
-    system-assigned identity.
+    system-assigned identity. ``source`` is one of :data:`SOURCES`: the
+    endpoint to ask, ``auto`` to decide from the machine
+    (:func:`agent.identity.choose_source`).
     """
 
     selector: Optional[str] = None
     value: Optional[str] = None
+    source: str = "auto"
 
     def describe(self) -> str:
         """A short operator-facing name, e.g. ``user-assigned client_id=...``."""

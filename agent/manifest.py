@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Opt
 import yaml
 
 from agent.errors import ManifestError
-from agent.identity_selector import Identity
+from agent.identity_selector import SOURCES, Identity
 from agent.outputs import EntrySet, Output, OutputSet
 from agent.sources import Source
 from agent.transforms import (
@@ -76,6 +76,7 @@ CERTIFICATE_SET_PREFIX = "certificate:"
 DEFAULT_JITTER = 0.10  # +-10% of the interval, so a fleet does not refresh in step
 MAX_JITTER = 0.5
 IDENTITY_KEYS = ("client_id", "object_id", "resource_id")
+IDENTITY_SOURCE_KEY = "source"
 
 # Key Vault object names [protocol.md B7]; versions are 32 hex characters.
 SECRET_NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
@@ -1003,14 +1004,15 @@ def _parse_identity(problems: _Problems, value: Any, line: Optional[int]) -> Ide
         problems.add("identity", "must be a mapping with one of client_id, object_id, "
                      "resource_id", line, "or remove it for the system-assigned identity")
         return Identity()
-    _unknown_keys(problems, value, IDENTITY_KEYS, "identity.")
+    _unknown_keys(problems, value, IDENTITY_KEYS + (IDENTITY_SOURCE_KEY,), "identity.")
+    source = _identity_source(problems, value)
     given = [key for key in IDENTITY_KEYS if key in value]
     if len(given) > 1:
         problems.add("identity", f"{' and '.join(given)} given; IMDS takes one", value.line,
                      "keep one selector")
-        return Identity()
+        return Identity(source=source)
     if not given:
-        return Identity()
+        return Identity(source=source)
     key = given[0]
     text = value[key].strip() if isinstance(value[key], str) else echo(value[key])
     pattern = RESOURCE_ID_RE if key == "resource_id" else GUID_RE
@@ -1020,8 +1022,18 @@ def _parse_identity(problems: _Problems, value: Any, line: Optional[int]) -> Ide
                    if key == "resource_id" else "a GUID like 00000000-0000-0000-0000-000000000000")
         problems.add(f"identity.{key}", f"'{echo(text)}' is not valid", value.key_lines.get(key),
                      f"expected {example}")
-        return Identity()
-    return Identity(key, text)
+        return Identity(source=source)
+    return Identity(key, text, source)
+
+
+def _identity_source(problems: _Problems, value: "_Map") -> str:
+    """``identity.source``: auto (the default), imds, arc or app-service."""
+    raw = value.get(IDENTITY_SOURCE_KEY, "auto")
+    if raw in SOURCES:
+        return str(raw)
+    problems.add(f"identity.{IDENTITY_SOURCE_KEY}", f"'{echo(raw)}' is not a source",
+                 value.key_lines.get(IDENTITY_SOURCE_KEY), f"use one of {', '.join(SOURCES)}")
+    return "auto"
 
 
 def _parse_secrets(

@@ -93,6 +93,9 @@ class StatusSnapshot(NamedTuple):
     last_refresh: Optional[str] = None
     next_refresh: Optional[str] = None
     refresh_interval_s: Optional[float] = None
+    # which identity endpoint and why, e.g. "arc (IDENTITY_ENDPOINT and
+    # IMDS_ENDPOINT are set)": agent.identity.SourceChoice.describe()
+    identity_source: Optional[str] = None
     version: int = STATUS_VERSION
 
     def as_json(self) -> Dict[str, Any]:
@@ -102,6 +105,7 @@ class StatusSnapshot(NamedTuple):
             "manifest_error": self.manifest_error, "directory": self.directory,
             "error": self.error, "last_refresh": self.last_refresh,
             "next_refresh": self.next_refresh, "refresh_interval_s": self.refresh_interval_s,
+            "identity_source": self.identity_source,
             "secrets": [entry.as_json() for entry in self.entries],
             "written": {record.path: {"inode": record.inode, "entry": record.entry}
                         for record in self.written},
@@ -129,6 +133,7 @@ def parse_snapshot(document: Mapping[str, Any]) -> Optional[StatusSnapshot]:
         next_refresh=_str(document.get("next_refresh")),
         refresh_interval_s=float(interval) if isinstance(interval, (int, float))
         and not isinstance(interval, bool) else None,
+        identity_source=_str(document.get("identity_source")),
         version=int(document["version"]),
     )
 

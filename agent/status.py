@@ -53,6 +53,8 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
                  f"  last status: {snapshot.status}",
                  f"  manifest: {snapshot.manifest}",
                  f"  last refresh: {snapshot.last_refresh or 'never'}"]
+    if snapshot.identity_source:
+        lines.append(f"  identity: {snapshot.identity_source}")
     if snapshot.manifest_error:
         lines.append(f"  manifest edit rejected: {snapshot.manifest_error}")
     if snapshot.error:

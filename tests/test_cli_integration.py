@@ -1315,3 +1315,68 @@ def test_once_warns_about_expiry_and_waits_out_the_grace_only_after_a_swap(
     assert (kv.directory / "old" / "tls.key").exists()
     assert second.elapsed_s >= SET_GRACE_S  # (no sleep without a swap: test_agent.py)
     assert not [n for n in os.listdir(kv.directory) if n.startswith(".kv-agent-set-")]
+
+
+# ---------------------------------------------------------------------------
+# identity sources (Azure Arc, App Service)
+
+
+@pytest.mark.parametrize("header, extra, expected", [
+    ("", {}, "would use imds (no App Service or Azure Arc environment found)"),
+    ("", {"IDENTITY_ENDPOINT": "http://127.0.0.1:9/MSI/token",
+          "IDENTITY_HEADER": "hdr-" + "z" * 20},
+     "would use app-service (IDENTITY_ENDPOINT and IDENTITY_HEADER are set)"),
+    ("", {"IDENTITY_ENDPOINT": "http://127.0.0.1:9/t", "IMDS_ENDPOINT": "http://127.0.0.1:9"},
+     "would use arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT are set)"),
+    ("identity:\n  source: imds\n",
+     {"IDENTITY_ENDPOINT": "http://127.0.0.1:9/t", "IMDS_ENDPOINT": "http://127.0.0.1:9"},
+     "would use imds (identity.source in the manifest)"),
+], ids=["imds", "app-service", "arc", "explicit"])
+def test_check_says_which_identity_source_and_why(
+        kv: Harness, header: str, extra: Dict[str, str], expected: str) -> None:
+    """check names the identity source it would use and why, offline (no request), and
+    never prints the App Service header."""
+    manifest = kv.manifest(entry(fresh_name("src")), header=header)
+    result = kv.run("check", "--manifest", str(manifest), env=kv.env(**extra))
+    assert result.returncode == 0, result.stderr
+    assert f"identity: {expected}" in result.stdout
+    assert "z" * 20 not in result.output
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+
+
+def test_once_through_azure_arc(shm_dir: Path, tmp_path: Path) -> None:
+    """kv-agent once on an Arc server: challenged, answers with the key file, writes the
+    secret, logs the source once, and prints neither the key nor the token."""
+    tokens_dir = tmp_path / "tokens"
+    with Emulator({}, identity_source="arc", arc_tokens_dir=str(tokens_dir)) as arc:
+        harness = Harness(arc, shm_dir)
+        name, value = fresh_name("arc"), fresh_value("arc")
+        harness.put(name, value)
+        manifest = harness.manifest(entry(name))
+        env = harness.env(IDENTITY_ENDPOINT=arc.imds_endpoint, IMDS_ENDPOINT=arc.imds_base,
+                          KV_AGENT_ARC_TOKENS_DIR=str(tokens_dir))
+        del env["KV_AGENT_IMDS_ENDPOINT"]
+        result = harness.run("once", "--manifest", str(manifest), env=env)
+        TOKENS.update(tokens_from(arc))
+        assert result.returncode == 0, result.stderr
+        assert (harness.directory / name).read_bytes() == value.encode()
+        assert result.output.count("identity source: arc (IDENTITY_ENDPOINT") == 1
+        assert [record.status for record in arc.imds_log] == [401, 200]
+        keys = [path.read_text() for path in tokens_dir.iterdir()]
+        secrecy.assert_no_leak(result.output, keys, TOKENS)
+
+
+def test_once_through_app_service_refusal_is_one_line(shm_dir: Path) -> None:
+    """A stale IDENTITY_HEADER fails once with which source, what it answered and the fix."""
+    with Emulator({}) as emulator:
+        harness = Harness(emulator, shm_dir)
+        name = fresh_name("app")
+        harness.put(name, fresh_value("app"))
+        manifest = harness.manifest(entry(name))
+        env = harness.env(IDENTITY_ENDPOINT=emulator.app_service_endpoint,
+                          IDENTITY_HEADER="stale-" + "q" * 20)
+        result = harness.run("once", "--manifest", str(manifest), env=env)
+        assert result.returncode != 0
+        assert "App Service identity" in result.stderr and "HTTP 401" in result.stderr
+        assert "restart the app" in result.stderr and "q" * 20 not in result.output
+        assert emulator.imds_requests == 1

@@ -1048,10 +1048,13 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
     assert alpha["updated"] and alpha["error"] is None
     assert beta["path"] == str(run.directory / "sub" / "beta")
     assert beta["optional"] and beta["error"] and beta["version"] is None
+    # Which identity endpoint the agent uses, and why (issue 12).
+    assert document["identity_source"] == "imds (no App Service or Azure Arc environment found)"
 
     human = run.status_cli()
     assert human.returncode == 0, human.stdout + human.stderr
     assert f"kv-agent is running (pid {run.process.pid}" in human.stdout
+    assert "identity: imds (no App Service or Azure Arc environment found)" in human.stdout
     assert "ok   alpha" in human.stdout and "warn beta" in human.stdout
     as_json = run.status_cli("--json")
     assert as_json.returncode == 0

@@ -1806,3 +1806,56 @@ def test_structured_file_errors_are_one_clear_line(
 
     text = str(caught.value)
     assert text.startswith(str(path) + ": ") and message in text and "\n" not in text
+
+
+# -- Azure Arc (HIMDS) and App Service (protocol.md A7, A8) -------------------
+
+
+def test_arc_challenges_with_a_key_file_then_accepts_it(tmp_path: Path) -> None:
+    """HIMDS answers 401 with a Basic realm naming a fresh .key file in its tokens
+    directory; the request repeated with its contents gets an IMDS-shaped token."""
+    params = {"api-version": "2020-06-01", "resource": KV_RESOURCE}
+    with Emulator(SECRETS, identity_source="arc", arc_tokens_dir=str(tmp_path)) as arc:
+        first = requests.get(arc.imds_endpoint, params=params, headers=METADATA, timeout=5)
+        assert first.status_code == 401
+        scheme, _, path = first.headers["WWW-Authenticate"].partition(" realm=")
+        assert scheme == "Basic" and os.path.dirname(path) == str(tmp_path)
+        assert path.endswith(".key") and os.stat(path).st_mode & 0o777 == 0o600
+        key = Path(path).read_text()
+        wrong = requests.get(arc.imds_endpoint, params=params,
+                             headers={**METADATA, "Authorization": "Basic nope"}, timeout=5)
+        assert wrong.status_code == 401
+        good = requests.get(arc.imds_endpoint, params=params,
+                            headers={**METADATA, "Authorization": f"Basic {key}"}, timeout=5)
+        assert good.status_code == 200
+        body = good.json()
+        assert body["access_token"] and body["expires_in"] and body["client_id"]
+        old = requests.get(arc.imds_endpoint, params={**params, "api-version": "2018-02-01"},
+                           headers=METADATA, timeout=5)
+        assert old.status_code == 400 and "api-version" in old.json()["error_description"]
+
+
+def test_app_service_checks_its_header_and_api_version() -> None:
+    """App Service wants X-IDENTITY-HEADER and api-version 2019-08-01, refuses with
+    {statusCode, message}, and answers expires_on without expires_in."""
+    params = {"api-version": "2019-08-01", "resource": KV_RESOURCE}
+    with Emulator(SECRETS, identity_header="the-header") as emulator:
+        assert emulator.identity_header == "the-header"
+        url = emulator.app_service_endpoint
+
+        def get(query: Mapping[str, str], header: str | None) -> requests.Response:
+            headers = {} if header is None else {"X-IDENTITY-HEADER": header}
+            return requests.get(url, params=dict(query), headers=headers, timeout=5)
+
+        assert get(params, None).json() == {
+            "statusCode": 401, "message": "X-IDENTITY-HEADER is missing or invalid"}
+        assert get(params, "wrong").status_code == 401
+        bad = get({**params, "api-version": "2018-02-01"}, "the-header")
+        assert bad.status_code == 400 and bad.json()["statusCode"] == 400
+        unknown = get({**params, "client_id": "nobody"}, "the-header")
+        assert unknown.json() == {"statusCode": 400, "message": (
+            "No Managed Identity found for specified ClientId/ResourceId/PrincipalId.")}
+        good = get(params, "the-header")
+        assert good.status_code == 200
+        assert set(good.json()) == {"access_token", "expires_on", "resource", "token_type",
+                                    "client_id"}

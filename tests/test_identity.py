@@ -578,3 +578,62 @@ def test_endless_challenges_are_bounded() -> None:
     with pytest.raises(IdentityUnavailableError, match="kept challenging"):
         tokens.get_token(RESOURCE)
     assert len(session.sent) == 4
+
+
+# -- which source ----------------------------------------------------------
+
+ARC_FILE = "/opt/azcmagent/bin/himds"
+SOURCE_TABLE = [
+    # (manifest source, environment, Arc agent files present, expected source)
+    ("auto", {}, (), "imds"),
+    ("auto", {"IDENTITY_ENDPOINT": "e", "IDENTITY_HEADER": "h"}, (), "app-service"),
+    ("auto", {"IDENTITY_ENDPOINT": "e", "IDENTITY_HEADER": "h", "IMDS_ENDPOINT": "i"},
+     (ARC_FILE,), "app-service"),
+    ("auto", {"IDENTITY_ENDPOINT": "e", "IMDS_ENDPOINT": "i"}, (), "arc"),
+    ("auto", {}, (ARC_FILE,), "arc"),
+    ("auto", {}, ("/var/opt/azcmagent",), "arc"),
+    ("auto", {"IDENTITY_ENDPOINT": "e"}, (), "imds"),  # half an environment is neither
+    ("auto", {"IDENTITY_HEADER": "h"}, (), "imds"),
+    ("auto", {"IMDS_ENDPOINT": "i"}, (), "imds"),
+    ("imds", {"IDENTITY_ENDPOINT": "e", "IDENTITY_HEADER": "h"}, (ARC_FILE,), "imds"),
+    ("arc", {}, (), "arc"),
+    ("app-service", {}, (ARC_FILE,), "app-service"),
+]
+
+
+@pytest.mark.parametrize("requested, environ, present, expected", SOURCE_TABLE)
+def test_choose_source_table(requested: str, environ: Dict[str, str], present: Tuple[str, ...],
+                             expected: str) -> None:
+    """auto picks App Service, then Arc (environment or agent files), then IMDS; an
+    explicit source wins; the reason names what decided it."""
+    from agent.identity import choose_source
+
+    choice = choose_source(requested, environ, exists=lambda path: path in present)
+    assert choice.source == expected
+    if requested != "auto":
+        assert choice.reason == "identity.source in the manifest"
+    elif expected == "arc" and present and "IMDS_ENDPOINT" not in environ:
+        assert present[0] in choice.reason
+    assert choice.describe().startswith(expected + " (")
+
+
+@pytest.mark.parametrize("requested, environ, factory_name", [
+    ("auto", {}, "ImdsRequestFactory"),
+    ("auto", {"IDENTITY_ENDPOINT": "http://127.0.0.1:9/t", "IDENTITY_HEADER": "h"},
+     "AppServiceRequestFactory"),
+    ("auto", {"IDENTITY_ENDPOINT": "http://127.0.0.1:9/t", "IMDS_ENDPOINT": "x"},
+     "ArcRequestFactory"),
+    ("arc", {}, "ArcRequestFactory"),
+])
+def test_token_source_builds_the_chosen_factory(requested: str, environ: Dict[str, str],
+                                                factory_name: str) -> None:
+    """token_source exposes its choice as .source and asks that endpoint (Arc without
+    IDENTITY_ENDPOINT asks the agent's local default)."""
+    tokens = token_source(Identity(source=requested), environ, exists=lambda path: False)
+    try:
+        assert type(tokens._factory).__name__ == factory_name
+        assert tokens.source.source in factory_name.lower().replace("appservice", "app-service")
+        if requested == "arc":
+            assert tokens._factory.endpoint == "http://localhost:40342/metadata/identity/oauth2/token"
+    finally:
+        tokens.close()

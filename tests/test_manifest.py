@@ -97,6 +97,20 @@ def test_good_manifest_parses_to_frozen_values() -> None:
         db.primary.mode = 0o777  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("text, source, selector", [
+    ("", "auto", None),
+    ("identity:\n  source: arc\n", "arc", None),
+    ("identity:\n  source: app-service\n  client_id: 11111111-2222-3333-4444-555555555555\n",
+     "app-service", "client_id"),
+    ("identity:\n  source: imds\n", "imds", None),
+])
+def test_identity_source(text: str, source: str, selector: Optional[str]) -> None:
+    """identity.source names the endpoint (auto by default) beside an optional selector."""
+    manifest = parse_manifest(f"vault: https://kv.vault.azure.net\n{text}secrets: []\n",
+                              "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    assert (manifest.identity.source, manifest.identity.selector) == (source, selector)
+
+
 def test_defaults_are_safe() -> None:
     """Omitted owner, group, mode and path default to root, root, 0400 and the name."""
     manifest = parse_manifest("vault: https://kv.vault.azure.net\nsecrets:\n  - name: api\n",
@@ -145,6 +159,9 @@ def test_defaults_are_safe() -> None:
     pytest.param("vault: https://kv.vault.azure.net\nidentity:\n  clientid: x\n"
                  "secrets: []\n", 3, ["identity.clientid", "did you mean 'client_id'"],
                  id="identity-typo"),
+    pytest.param("vault: https://kv.vault.azure.net\nidentity:\n  source: azure-arc\n"
+                 "secrets: []\n", 3, ["identity.source", "auto, imds, arc, app-service"],
+                 id="identity-source-unknown"),
 ])
 def test_top_level_rules(text: str, line: Optional[int], fragments: List[str]) -> None:
     """Each top-level mistake is one line naming the file, line, key and fix."""

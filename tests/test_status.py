@@ -183,3 +183,18 @@ def test_sets_and_expiry_round_trip_and_show() -> None:
     assert any("expires 2026-11-01T00:00:00Z" in line for line in lines)
     assert any("EXPIRED at 2026-11-01T00:00:00Z" in line and "rotate" in line
                for line in lines)
+
+
+def test_identity_source_round_trips_and_shows() -> None:
+    """The identity source the agent chose is kept in status.json and shown by status;
+    an older document without it shows no identity line."""
+    snapshot = StatusSnapshot(
+        pid=os.getpid(), phase=READY, saved_at="2026-11-24T14:02:11Z", status="ok",
+        manifest="/etc/kv-agent/manifest.yaml",
+        identity_source="arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT are set)")
+    document = json.loads(json.dumps(snapshot.as_json()))
+    assert parse_snapshot(document) == snapshot
+    lines, _ = render_status(document, "x")
+    assert "  identity: arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT are set)" in lines
+    assert not any("identity:" in line for line in render_status(
+        {k: v for k, v in document.items() if k != "identity_source"}, "x")[0])

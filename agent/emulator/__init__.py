@@ -42,6 +42,8 @@ codes, because the emulator is an oracle for the agent, not a mirror of it):
 * :mod:`.store`: the vault's secrets, versions and soft-deleted secrets;
 * :mod:`.faults`: the injected-fault queue and the answers it gives;
 * :mod:`.imds`: the IMDS token endpoint's rules;
+* :mod:`.identity_sources`: Azure Arc's HIMDS (its key-file challenge) and App Service's
+  identity endpoint, served on the IMDS port (protocol.md A7, A8);
 * :mod:`.keyvault`: the Key Vault secrets data plane;
 * :mod:`.server`: the loopback HTTP(S) server;
 * :mod:`.facade`: :class:`Emulator`, which wires them together;

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 
 from agent.emulator.certificates import PKCS12, IssuingChain
 from agent.emulator.faults import Fault, FaultQueue, fault_response
+from agent.emulator.identity_sources import APP_SERVICE_TOKEN_PATH, AppServiceApi, ArcApi
 from agent.emulator.imds import ImdsApi, imds_headers
 from agent.emulator.keyvault import VaultApi, vault_headers
 from agent.emulator.secrets_file import (
@@ -103,6 +104,9 @@ class Emulator:
         identities: IdentityConfig | None = None,
         clock: Callable[[], float] = time.time,
         empty_pages: bool = False,
+        identity_source: str = "imds",
+        arc_tokens_dir: str | None = None,
+        identity_header: str | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
@@ -127,6 +131,15 @@ class Emulator:
         self._urls: tuple[str, str, str] | None = None  # imds_base, vault_url, ca_path
         self._vault_api: VaultApi | None = None
         self._imds_api = ImdsApi(self._issuer)
+        # The identity port serves IMDS, or Azure Arc's HIMDS in its place
+        # ("arc"); App Service's endpoint is on it too, at its own path.
+        if identity_source not in ("imds", "arc"):
+            raise ValueError(f"identity_source must be 'imds' or 'arc', not {identity_source!r}")
+        self._identity_source = identity_source
+        self._arc_tokens_dir = arc_tokens_dir
+        self._arc_api: ArcApi | None = None
+        self._app_service_api = AppServiceApi(
+            self._issuer, identity_header or os.urandom(16).hex())
         self._clock = clock
         self._chain: IssuingChain | None = None  # made on the first certificate
         self._chain_lock = threading.Lock()
@@ -586,7 +599,7 @@ class Emulator:
     def _answer(self, service: str, request: Request) -> Response:
         try:
             if service == IMDS:
-                return self._imds_api.handle(request)
+                return self._identity_api(request).handle(request)
             assert self._vault_api is not None
             return self._vault_api.handle(request)
         except Exception:  # an emulator bug must not look like a network failure
@@ -599,6 +612,34 @@ class Emulator:
                 "InternalServerError", "Emulator internal error"
             )
             return Response(500, body)
+
+    def _identity_api(self, request: Request) -> ImdsApi | ArcApi | AppServiceApi:
+        if request.path == APP_SERVICE_TOKEN_PATH:
+            return self._app_service_api
+        if self._identity_source == "arc":
+            return self.arc_api
+        return self._imds_api
+
+    # -- Azure Arc and App Service (protocol.md A7, A8)
+
+    @property
+    def arc_api(self) -> ArcApi:
+        """HIMDS's rules; its ``tokens_dir`` holds the key files, its
+        ``realm`` (None) overrides the path challenges name."""
+        if self._arc_api is None:
+            directory = self._arc_tokens_dir or os.path.join(self._files_dir(), "tokens")
+            self._arc_api = ArcApi(self._issuer, directory)
+        return self._arc_api
+
+    @property
+    def app_service_endpoint(self) -> str:
+        """App Service's token URL, the form IDENTITY_ENDPOINT takes."""
+        return self.imds_base + APP_SERVICE_TOKEN_PATH
+
+    @property
+    def identity_header(self) -> str:
+        """The X-IDENTITY-HEADER value App Service expects (IDENTITY_HEADER)."""
+        return self._app_service_api.header
 
     def _record(self, service: str, request: Request, status: int) -> None:
         record = RequestRecord(

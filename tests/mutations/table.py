@@ -41,6 +41,7 @@ STATE = "tests/test_state.py"
 SELECT = "tests/test_select.py"
 LIFECYCLE = "tests/test_lifecycle.py"
 AGENT = "tests/test_agent.py"
+ARC = "tests/test_arc.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -531,5 +532,24 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            return state.checked is not None",
         "            return True",
         (f"{SELECT}::test_run_is_not_ready_without_a_listing_and_skips_an_explicit_entrys_secret",),
+    ),
+    # -- Azure Arc's key file ------------------------------------------------
+    Mutation(
+        "arc-key-file-from-any-directory",
+        "the agent sends Azure Arc the contents of a key file only from HIMDS's tokens "
+        "directory, so a fake HIMDS cannot make it send another file",
+        "agent/arc.py",
+        "    return os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)",
+        "    return True",
+        (f"{ARC}::test_key_file_refusals",
+         f"{ARC}::test_emulator_challenge_to_a_bad_key_file_is_refused_and_nothing_sent"),
+    ),
+    Mutation(
+        "arc-key-file-symlink-followed",
+        "an Azure Arc key file that is a symlink is refused, not followed",
+        "agent/arc.py",
+        "        _check_file(os.lstat(path), shown)",
+        "        _check_file(os.stat(path), shown)",
+        (f"{ARC}::test_key_file_refusals",),
     ),
 )

@@ -81,6 +81,7 @@ def test_deb_file_list(built_deb: Path) -> None:
     expected = {
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
+        f"{APP}/kv-agent-himds",  # Azure Arc's himds drop-in, run by the install scripts
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
         # /usr/lib, not /lib: right on Debian 12 (/usr-merged) and 13 (issue 9, item 21).
         "/usr/lib/systemd/system/kv-agent.service",
@@ -213,6 +214,7 @@ def test_rpm_file_list(built_rpm: Path) -> None:
     expected = {
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
+        f"{APP}/kv-agent-himds",  # Azure Arc's himds drop-in, run by the install scripts
         f"{APP}/sdnotify/__init__.py",
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
         "/usr/lib/systemd/system/kv-agent.service",

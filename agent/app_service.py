@@ -1,0 +1,115 @@
+"""App Service / Functions / Container Apps identity as a token request
+factory [protocol.md A8].
+
+The platform sets ``IDENTITY_ENDPOINT`` (a local URL) and ``IDENTITY_HEADER``
+(a secret it rotates); a token is one GET with ``api-version=2019-08-01`` and
+the header ``X-IDENTITY-HEADER``. Selectors are spelt ``client_id``,
+``principal_id`` (the object id) and ``mi_res_id``. The answer has
+``expires_on`` (epoch seconds, or a date on older hosts) and no
+``expires_in``; a refusal is ``{"statusCode": ..., "message": ...}``, not
+IMDS's OAuth shape. The header's value is a credential: it never reaches a
+message (:class:`~agent.token_request.TokenRequest` hides header values).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+from agent import transport
+from agent.errors import IdentityUnavailableError
+from agent.identity_selector import Identity
+from agent.retry import parse_retry_after
+from agent.token_request import (
+    Answer,
+    RequestFactory,
+    Retry,
+    TokenRequest,
+    error_description,
+    parse_token_response,
+)
+from agent.untrusted import escape, load_json
+
+APP_SERVICE_API_VERSION = "2019-08-01"
+ENDPOINT_ENV = "IDENTITY_ENDPOINT"
+HEADER_ENV = "IDENTITY_HEADER"
+# manifest key -> App Service query parameter [protocol.md A8]
+SELECTOR_PARAMS = {"client_id": "client_id", "object_id": "principal_id",
+                   "resource_id": "mi_res_id"}
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+def build_params(resource: str, identity: Identity) -> Dict[str, str]:
+    """Query parameters for one token request (pure)."""
+    params = {"api-version": APP_SERVICE_API_VERSION, "resource": resource}
+    if identity.selector is not None and identity.value is not None:
+        params[SELECTOR_PARAMS[identity.selector]] = identity.value
+    return params
+
+
+def app_service_message(body: bytes) -> str:
+    """The platform's words for a refusal (``message``), escaped; IMDS's
+    shape as a fallback."""
+    try:
+        content = load_json(body)
+    except ValueError:
+        content = None
+    if isinstance(content, dict) and isinstance(content.get("message"), str):
+        return escape(" ".join(content["message"].split()))
+    return error_description(body)
+
+
+class AppServiceRequestFactory(RequestFactory):
+    """App Service token requests for one identity at ``endpoint``,
+    authenticated by ``header`` (IDENTITY_HEADER, read once when built)."""
+
+    name = "App Service identity"
+    unreachable_hint = (f"check {ENDPOINT_ENV}; the platform sets it when the app's "
+                        "managed identity is on")
+
+    def __init__(self, endpoint: str, header: str, identity: Identity) -> None:
+        self.endpoint = endpoint
+        self.identity = identity
+        self._header = header
+
+    def __repr__(self) -> str:
+        return f"AppServiceRequestFactory(endpoint={self.endpoint!r}, header=****)"
+
+    def request(self, resource: str) -> TokenRequest:
+        """A GET with ``X-IDENTITY-HEADER``; ``Metadata: true`` too, as MSAL
+        sends it (harmless here, needed by Azure Automation)."""
+        return TokenRequest(self.endpoint, build_params(resource, self.identity),
+                            headers={"X-IDENTITY-HEADER": self._header, "Metadata": "true"})
+
+    def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,
+               now: float) -> Answer:
+        """200: the token (``expires_on`` only); 408/429/5xx: retry; any other
+        status: IdentityUnavailableError with the platform's message and the fix."""
+        status, body = reply.status, reply.body
+        if status == 200:
+            try:
+                return parse_token_response(body, resource, now)
+            except ValueError as exc:
+                raise IdentityUnavailableError(
+                    f"{self.name} returned an unusable token response: {exc}",
+                    "retry later; if it persists, restart the app") from None
+        if status in RETRY_STATUSES:
+            return Retry(status, app_service_message(body),
+                         parse_retry_after(reply.headers.get("Retry-After")))
+        raise IdentityUnavailableError(
+            f"{self.name} at {self.endpoint} refused a token for {self.identity.describe()}: "
+            f"HTTP {status} {app_service_message(body)}", _hint(status, self.identity))
+
+
+def _hint(status: int, identity: Identity) -> str:
+    if status in (401, 403):
+        return (f"{HEADER_ENV} is missing or stale: restart the app so the platform "
+                "sets it again")
+    if identity.selector is None:
+        return "turn on the app's system-assigned identity (az webapp identity assign)"
+    return ("assign that user-assigned identity to the app (az webapp identity assign "
+            "--identities <resource id>) and check the id in the manifest")
+
+
+def app_service_settings(environ: Mapping[str, str]) -> "tuple[str, str]":
+    """(endpoint, header) from the platform's environment; empty when unset."""
+    return environ.get(ENDPOINT_ENV, ""), environ.get(HEADER_ENV, "")
