@@ -31,13 +31,15 @@ from agent.errors import (
     WriteError,
 )
 from agent.expiry import Validity, combine, describe, judge
+from agent.freshness import EntryWritten, Freshness, SourceSeen, WrittenOutcome, plan, remember
 from agent.identity import token_source
 from agent.manifest import Accounts, Entry, Manifest, load_manifest
 from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
-from agent.sources import unique_sources
+from agent.sources import Source
 from agent.transforms import transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
+from agent.vault_list import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
 
 log = logging.getLogger(__name__)
@@ -105,12 +107,14 @@ class SyncReport(NamedTuple):
 
     ``swapped`` names the set directories whose previous generation this sync
     swapped out: it now waits out the writer's grace (see
-    :meth:`Agent.retire_generations`).
+    :meth:`Agent.retire_generations`). ``freshness`` is what the next
+    refresh needs to skip unchanged secrets (:mod:`agent.freshness`).
     """
 
     outcomes: Tuple[SecretOutcome, ...]
     elapsed_s: float
     swapped: Tuple[str, ...] = ()
+    freshness: Freshness = Freshness()
 
     @property
     def failures(self) -> Tuple[SecretOutcome, ...]:
@@ -187,9 +191,10 @@ class Agent:
         for leftover in self.writer.prepare():
             log.info("removed leftover temporary file %s", leftover)
 
-    def sync(self, should_stop: Callable[[], bool] = lambda: False) -> SyncReport:
-        """Fetch every source, write the entries whose source arrived; never
-        raises for a single entry. Raises IdentityUnavailableError when no
+    def sync(self, should_stop: Callable[[], bool] = lambda: False,
+             freshness: Freshness = Freshness()) -> SyncReport:
+        """Fetch every source that may have changed, write the entries whose
+        source arrived; never raises for a single entry. Raises IdentityUnavailableError when no
         token can be had at all (then no file is touched). When
         ``should_stop`` turns true the remaining writes are abandoned (each
         write is atomic, so a file or a set is either replaced whole or left
@@ -200,12 +205,17 @@ class Agent:
         any fails, the whole set keeps its last good generation and every
         member reports the error; else the set is written by one
         :meth:`Writer.apply_set` (one atomic swap of its directory).
+
+        ``freshness``, the memory of the previous refresh (empty: the initial
+        sync, every source fetched), decides which entries need no request at
+        all: :func:`agent.freshness.plan` lists the vaults where that is
+        cheaper and skips what the list shows unchanged and still on disk.
         """
         started = time.monotonic()
         entries = self.manifest.secrets
-        sources = unique_sources(source for entry in entries for source in entry.sources)
-        fetched = dict(zip(sources, self.vault.fetch_many(
-            [SecretRequest(*source) for source in sources])))
+        decided = plan(entries, self.manifest.sets, freshness, self._list_vault)
+        fetched = dict(zip(decided.fetch, self.vault.fetch_many(
+            [SecretRequest(*source) for source in decided.fetch])))
         groups = {key: group for group in self.manifest.sets for key in group.keys}
         by_key = {entry.key: entry for entry in entries}
         outcomes: Dict[str, SecretOutcome] = {}
@@ -213,6 +223,11 @@ class Agent:
         for entry in entries:
             if entry.key in outcomes:
                 continue  # written with its set
+            if entry.key in decided.current:  # unchanged in the vault and on disk
+                known = decided.current[entry.key]
+                outcomes[entry.key] = SecretOutcome(entry, version=known.version,
+                                                    validity=known.validity)
+                continue
             if should_stop():
                 raise Interrupted()
             group = groups.get(entry.key)
@@ -226,8 +241,13 @@ class Agent:
             outcomes.update((outcome.entry.key, outcome) for outcome in written)
             if was_swapped:
                 swapped.append(group.directory)
-        return SyncReport(tuple(outcomes[entry.key] for entry in entries),
-                          time.monotonic() - started, tuple(swapped))
+        done = tuple(outcomes[entry.key] for entry in entries)
+        memory = remember(freshness, decided, self.manifest.sets,
+                          [_written(outcome, fetched) for outcome in done])
+        return SyncReport(done, time.monotonic() - started, tuple(swapped), memory)
+
+    def _list_vault(self, vault: str, max_pages: int) -> Tuple[SecretItem, ...]:
+        return self.vault.list_secrets(vault, ListLimits(max_pages=max_pages))
 
     def _prepare(self, entry: Entry,
                  fetched: "Sequence[Secret | KvAgentError]") -> "_Prepared | SecretOutcome":
@@ -345,6 +365,16 @@ class _Prepared(NamedTuple):
     def specs(self) -> List[FileSpec]:
         return [FileSpec(output.path, data, output.uid, output.gid, output.mode)
                 for output, data in zip(self.entry.outputs.outputs, self.contents)]
+
+
+def _written(outcome: SecretOutcome,
+             fetched: "Mapping[Source, Secret | KvAgentError]") -> WrittenOutcome:
+    """What the freshness memory keeps of one outcome: no value, only versions."""
+    seen = tuple((source, SourceSeen(one.version, one.attributes.updated))
+                 for source in outcome.entry.sources
+                 for one in [fetched.get(source)] if isinstance(one, Secret))
+    return WrittenOutcome(EntryWritten(outcome.entry, outcome.version, outcome.validity, ()),
+                          seen, outcome.error)
 
 
 def _validity(secrets: Sequence[Secret], leaf: Optional[Tuple[int, int]]) -> Validity:
