@@ -214,6 +214,7 @@ class Agent:
         started = time.monotonic()
         entries = self.manifest.secrets
         decided = plan(entries, self.manifest.sets, freshness, self._list_vault)
+        fetch_started = time.time()  # before any GET: the conservative fetch time
         fetched = dict(zip(decided.fetch, self.vault.fetch_many(
             [SecretRequest(*source) for source in decided.fetch])))
         groups = {key: group for group in self.manifest.sets for key in group.keys}
@@ -243,7 +244,7 @@ class Agent:
                 swapped.append(group.directory)
         done = tuple(outcomes[entry.key] for entry in entries)
         memory = remember(freshness, decided, self.manifest.sets,
-                          [_written(outcome, fetched) for outcome in done])
+                          [_written(outcome, fetched, fetch_started) for outcome in done])
         return SyncReport(done, time.monotonic() - started, tuple(swapped), memory)
 
     def _list_vault(self, vault: str, max_pages: int) -> Tuple[SecretItem, ...]:
@@ -367,10 +368,10 @@ class _Prepared(NamedTuple):
                 for output, data in zip(self.entry.outputs.outputs, self.contents)]
 
 
-def _written(outcome: SecretOutcome,
-             fetched: "Mapping[Source, Secret | KvAgentError]") -> WrittenOutcome:
+def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentError]",
+             fetched_at: float) -> WrittenOutcome:
     """What the freshness memory keeps of one outcome: no value, only versions."""
-    seen = tuple((source, SourceSeen(one.version, one.attributes.updated))
+    seen = tuple((source, SourceSeen(one.version, one.attributes.updated, fetched_at))
                  for source in outcome.entry.sources
                  for one in [fetched.get(source)] if isinstance(one, Secret))
     return WrittenOutcome(EntryWritten(outcome.entry, outcome.version, outcome.validity, ()),

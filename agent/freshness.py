@@ -22,6 +22,13 @@ The decision, per refresh:
    list holds it enabled, and its ``updated`` (and version, when the list
    gives one) is the one last written. Absent from the list (deleted) or
    disabled: fetched, so its error reads as it always did and its file stays.
+   ``updated`` has a resolution of one second, so it is trusted only for a
+   version fetched at least SETTLED_S after its ``updated``: a GET in the very
+   second of a write could have seen the write before a second one in that
+   same second, with the same ``updated``. SETTLED_S also covers the skew
+   between the VM's clock and the vault's. In practice the refresh that finds
+   a rotation runs minutes after it, so this costs nothing; a secret written
+   just before a refresh is fetched once more at the next.
 4. A vault is listed only when that is cheaper: ⌈size ÷ 25⌉ pages against one
    GET per remembered unpinned source, ``size`` from its last listing. A
    vault never listed is listed with a page budget one below the GETs it
@@ -57,6 +64,10 @@ from agent.vault_list import PAGE_SIZE, SecretItem
 
 log = logging.getLogger(__name__)
 
+# How long after its ``updated`` a fetched version is trusted to be the last
+# one of that second (see rule 3); generous against clock skew.
+SETTLED_S = 60.0
+
 
 class FileStamp(NamedTuple):
     """What a file looked like right after the agent wrote (or confirmed) it."""
@@ -71,10 +82,12 @@ class FileStamp(NamedTuple):
 
 
 class SourceSeen(NamedTuple):
-    """The version of a source last written and its ``attributes.updated``."""
+    """The version of a source last written, its ``attributes.updated``, and
+    the wall time (epoch seconds) just before the GET that brought it."""
 
     version: str
     updated: Optional[int]
+    fetched_at: float = 0.0
 
 
 class EntryWritten(NamedTuple):
@@ -167,7 +180,7 @@ def is_source_current(source: Source, seen: Optional[SourceSeen],
         return False
     updated = item.attributes.updated
     return updated is not None and updated == seen.updated and \
-        item.version in (None, seen.version)
+        updated + SETTLED_S < seen.fetched_at and item.version in (None, seen.version)
 
 
 def is_on_disk(written: EntryWritten, entry: Entry, stamp: Stamp) -> bool:
