@@ -40,6 +40,7 @@ RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
 LIFECYCLE = "tests/test_lifecycle.py"
 AGENT = "tests/test_agent.py"
+FRESHNESS = "tests/test_freshness.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -504,5 +505,25 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            if st.st_uid not in (0, self._euid):\n                raise WriteError(f\"{path} is owned by uid",
         "            if False:\n                raise WriteError(f\"{path} is owned by uid",
         (f"{WRITER}::test_precreated_unsafe_root_is_refused",),
+    ),
+    # -- issue 12: list-based refresh -------------------------------------------
+    Mutation(
+        "listing-misses-a-rotation",
+        "a refresh fetches every secret whose updated differs from what the agent wrote",
+        "agent/freshness.py",
+        "    return updated is not None and updated == seen.updated and \\\n",
+        "    return updated is not None and \\\n",
+        (f"{FRESHNESS}::test_a_changed_updated_fetches_that_secret_only",
+         f"{AGENT}::test_an_unchanged_refresh_only_lists_and_a_rotation_is_fetched[False]"),
+    ),
+    Mutation(
+        "listing-ignores-a-damaged-file",
+        "a secret whose file is missing or changed behind the agent's back is fetched "
+        "and rewritten, pinned versions too",
+        "agent/freshness.py",
+        "    return all(path in stamps and stamp(path) == stamps[path] for path in entry.paths)",
+        "    return True",
+        (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
+         f"{AGENT}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
     ),
 )
