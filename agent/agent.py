@@ -41,14 +41,16 @@ from agent.errors import (
     WriteError,
 )
 from agent.expiry import Validity, combine, describe, judge
+from agent.freshness import EntryWritten, Freshness, SourceSeen, WrittenOutcome, plan, remember
 from agent.identity import token_source
 from agent.manifest import Accounts, Entry, Manifest, Selection, load_manifest
 from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.selection import expand, explicit_names
-from agent.sources import unique_sources
+from agent.sources import Source
 from agent.transforms import transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
+from agent.vault_list import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,8 @@ class SyncReport(NamedTuple):
 
     ``swapped`` names the set directories whose previous generation this sync
     swapped out: it now waits out the writer's grace (see
-    :meth:`Agent.retire_generations`).
+    :meth:`Agent.retire_generations`). ``freshness`` is what the next
+    refresh needs to skip unchanged secrets (:mod:`agent.freshness`).
     """
 
     outcomes: Tuple[SecretOutcome, ...]
@@ -128,6 +131,7 @@ class SyncReport(NamedTuple):
     # the files it covers now. A selection whose listing failed is absent
     # (its files are kept); its outcome is its Selection.entry's.
     selected: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    freshness: Freshness = Freshness()
 
     @property
     def failures(self) -> Tuple[SecretOutcome, ...]:
@@ -206,9 +210,10 @@ class Agent:
         for leftover in self.writer.prepare():
             log.info("removed leftover temporary file %s", leftover)
 
-    def sync(self, should_stop: Callable[[], bool] = lambda: False) -> SyncReport:
-        """Fetch every source, write the entries whose source arrived; never
-        raises for a single entry. Raises IdentityUnavailableError when no
+    def sync(self, should_stop: Callable[[], bool] = lambda: False,
+             freshness: Freshness = Freshness()) -> SyncReport:
+        """Fetch every source that may have changed, write the entries whose
+        source arrived; never raises for a single entry. Raises IdentityUnavailableError when no
         token can be had at all (then no file is touched). When
         ``should_stop`` turns true the remaining writes are abandoned (each
         write is atomic, so a file or a set is either replaced whole or left
@@ -219,14 +224,28 @@ class Agent:
         any fails, the whole set keeps its last good generation and every
         member reports the error; else the set is written by one
         :meth:`Writer.apply_set` (one atomic swap of its directory).
+
+        ``freshness``, the memory of the previous refresh (empty: the initial
+        sync, every source fetched), decides which entries need no request at
+        all: :func:`agent.freshness.plan` lists the vaults where that is
+        cheaper and skips what the list shows unchanged and still on disk.
         """
         started = time.monotonic()
-        listed, selected = self._expand_selections()
+        listings: Dict[str, Tuple[SecretItem, ...]] = {}
+        listed, selected = self._expand_selections(listings)
         entries = self.manifest.secrets + tuple(
             entry for one in selected for entry in one[1])
-        sources = unique_sources(source for entry in entries for source in entry.sources)
-        fetched = dict(zip(sources, self.vault.fetch_many(
-            [SecretRequest(*source) for source in sources])))
+
+        def list_vault(vault: str, max_pages: int) -> Tuple[SecretItem, ...]:
+            # A vault a select: entry listed in full this sync is not listed twice.
+            if vault in listings:
+                return listings[vault]
+            return self._list_vault(vault, max_pages)
+
+        decided = plan(entries, self.manifest.sets, freshness, list_vault)
+        fetch_started = time.time()  # before any GET: the conservative fetch time
+        fetched = dict(zip(decided.fetch, self.vault.fetch_many(
+            [SecretRequest(*source) for source in decided.fetch])))
         groups = {key: group for group in self.manifest.sets for key in group.keys}
         by_key = {entry.key: entry for entry in entries}
         outcomes: Dict[str, SecretOutcome] = {}
@@ -234,6 +253,11 @@ class Agent:
         for entry in entries:
             if entry.key in outcomes:
                 continue  # written with its set
+            if entry.key in decided.current:  # unchanged in the vault and on disk
+                known = decided.current[entry.key]
+                outcomes[entry.key] = SecretOutcome(entry, version=known.version,
+                                                    validity=known.validity)
+                continue
             if should_stop():
                 raise Interrupted()
             group = groups.get(entry.key)
@@ -247,36 +271,41 @@ class Agent:
             outcomes.update((outcome.entry.key, outcome) for outcome in written)
             if was_swapped:
                 swapped.append(group.directory)
-        return SyncReport(tuple(outcomes[entry.key] for entry in entries) + listed,
-                          time.monotonic() - started, tuple(swapped),
+        done = tuple(outcomes[entry.key] for entry in entries)
+        memory = remember(freshness, decided, self.manifest.sets,
+                          [_written(outcome, fetched, fetch_started) for outcome in done])
+        return SyncReport(done + listed, time.monotonic() - started, tuple(swapped),
                           tuple((selection.directory, tuple(e.key for e in chosen))
-                                for selection, chosen in selected))
+                                for selection, chosen in selected), memory)
 
-    def _expand_selections(self) -> Tuple[Tuple[SecretOutcome, ...],
-                                          List[Tuple[Selection, Tuple[Entry, ...]]]]:
-        """List each vault a ``select:`` entry names (once per vault) and
-        expand the selections (:mod:`agent.selection`): each selection's
-        outcome (listed, or the listing's error), and the entries of those
-        whose listing succeeded. A skipped secret is warned about once per
-        Agent. Raises IdentityUnavailableError as a fetch would."""
+    def _list_vault(self, vault: str, max_pages: int) -> Tuple[SecretItem, ...]:
+        return self.vault.list_secrets(vault, ListLimits(max_pages=max_pages))
+
+    def _expand_selections(
+        self, listings: Dict[str, Tuple[SecretItem, ...]],
+    ) -> Tuple[Tuple[SecretOutcome, ...], List[Tuple[Selection, Tuple[Entry, ...]]]]:
+        """List each vault a ``select:`` entry names (once per vault, kept in
+        ``listings`` for the rest of the sync) and expand the selections
+        (:mod:`agent.selection`): each selection's outcome (listed, or the
+        listing's error), and the entries of those whose listing succeeded. A
+        skipped secret is warned about once per Agent. Raises
+        IdentityUnavailableError as a fetch would."""
         outcomes: List[SecretOutcome] = []
         selected: List[Tuple[Selection, Tuple[Entry, ...]]] = []
         explicit = explicit_names(self.manifest.secrets)
-        listings: Dict[str, object] = {}
+        failed: Dict[str, KvAgentError] = {}
         for selection in self.manifest.selections:
-            if selection.vault not in listings:
+            if selection.vault not in listings and selection.vault not in failed:
                 try:
                     listings[selection.vault] = self.vault.list_secrets(selection.vault)
                 except IdentityUnavailableError:
                     raise
                 except KvAgentError as exc:
-                    listings[selection.vault] = exc
-            listing = listings[selection.vault]
-            if isinstance(listing, KvAgentError):
-                outcomes.append(SecretOutcome(selection.entry, error=listing))
+                    failed[selection.vault] = exc
+            if selection.vault in failed:
+                outcomes.append(SecretOutcome(selection.entry, error=failed[selection.vault]))
                 continue
-            assert isinstance(listing, tuple)
-            expansion = expand(selection, listing, explicit)
+            expansion = expand(selection, listings[selection.vault], explicit)
             for line in expansion.skipped:
                 if line not in self._warned:
                     self._warned.add(line)
@@ -402,6 +431,16 @@ class _Prepared(NamedTuple):
     def specs(self) -> List[FileSpec]:
         return [FileSpec(output.path, data, output.uid, output.gid, output.mode)
                 for output, data in zip(self.entry.outputs.outputs, self.contents)]
+
+
+def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentError]",
+             fetched_at: float) -> WrittenOutcome:
+    """What the freshness memory keeps of one outcome: no value, only versions."""
+    seen = tuple((source, SourceSeen(one.version, one.attributes.updated, fetched_at))
+                 for source in outcome.entry.sources
+                 for one in [fetched.get(source)] if isinstance(one, Secret))
+    return WrittenOutcome(EntryWritten(outcome.entry, outcome.version, outcome.validity, ()),
+                          seen, outcome.error)
 
 
 def _validity(secrets: Sequence[Secret], leaf: Optional[Tuple[int, int]]) -> Validity:

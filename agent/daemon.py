@@ -60,6 +60,7 @@ from agent.expiry import (
     judge,
     short,
 )
+from agent.freshness import Freshness, forget_forbidden
 from agent.hooks import HookRunner, hook_triggers
 from agent.ledger import Ledger, regular_inode, writer_root_for
 from agent.lifecycle import Lifecycle
@@ -167,6 +168,9 @@ class Daemon:
         self._retire_at: List[float] = []  # monotonic deadlines of pending generations
         self._pending_removals: List[Tuple[Manifest, Manifest]] = []  # until no refresh runs
         self._expiry = ExpiryWarnings()
+        # What the last refresh wrote and listed (agent.freshness): kept across
+        # reloads, so a refresh fetches only what changed; empty at start.
+        self._freshness = Freshness()
         self._manifest: Optional[Manifest] = None
         self._manifest_bytes = b""
         self._agent: Optional[Agent] = None
@@ -286,6 +290,7 @@ class Daemon:
             states[entry.key] = state
         self._entries = states
         self._expiry.keep_only(states)
+        self._freshness = forget_forbidden(self._freshness)  # a reload retries the list
 
     def _handle_edit(self) -> None:
         """After a quiet debounce, reload if the manifest's bytes changed."""
@@ -342,11 +347,12 @@ class Daemon:
     def _spawn_sync(self) -> None:
         agent = self._agent
         assert agent is not None and self._sync_thread is None
+        freshness = self._freshness
 
         def work() -> None:
             result: SyncResult
             try:
-                result = agent.sync(should_stop=self._stop.is_set)
+                result = agent.sync(should_stop=self._stop.is_set, freshness=freshness)
             except Interrupted:
                 result = None
             except KvAgentError as exc:
@@ -388,6 +394,7 @@ class Daemon:
             self._last_refresh = now_wall
             if agent is self._agent:  # else a reload replaced its selections
                 self._follow_selections(result)
+            self._freshness = result.freshness
             for outcome in result.outcomes:
                 changed.extend(self._record(outcome, now_wall))
             self._record_sets(agent.manifest, result)

@@ -84,6 +84,10 @@ class VaultThrottledError(VaultError):
     """429 persisted beyond the retry budget."""
 
 
+class ListTooLongError(VaultError):
+    """A vault's list ran past its page or item bound (a list is never cut short)."""
+
+
 class VaultUnavailableError(VaultError):
     """The vault could not be reached or kept failing with 5xx."""
 

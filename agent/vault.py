@@ -52,6 +52,7 @@ from agent import transport
 from agent.errors import (
     ConfigError,
     KvAgentError,
+    ListTooLongError,
     SecretNotFoundError,
     VaultError,
     VaultForbiddenError,
@@ -467,8 +468,9 @@ class VaultClient:
             page = self._list_page(vault, url, params, audience, number, deadline, limits)
             items.extend(page.items)
             if len(items) > limits.max_items:
-                raise VaultError(f"listing vault {vault}: more than {limits.max_items} secrets",
-                                 "list a smaller vault, or raise the limit")
+                raise ListTooLongError(
+                    f"listing vault {vault}: more than {limits.max_items} secrets",
+                    "list a smaller vault, or raise the limit")
             if page.next_link is None:
                 return tuple(items)
             if page.next_link in followed:
@@ -476,8 +478,8 @@ class VaultClient:
                                  "earlier page (a paging loop)", "retry later")
             followed.add(page.next_link)
             url, params = page.next_link, {}  # the nextLink carries its own query
-        raise VaultError(f"listing vault {vault}: more than {limits.max_pages} pages",
-                         "list a smaller vault, or raise the limit")
+        raise ListTooLongError(f"listing vault {vault}: more than {limits.max_pages} pages",
+                               "list a smaller vault, or raise the limit")
 
     def _list_page(self, vault: str, url: str, params: Mapping[str, str], audience: str,
                    number: int, deadline: float, limits: ListLimits) -> Page:

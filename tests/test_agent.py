@@ -3,16 +3,19 @@ the pipeline entries -> sources -> fetch -> transforms -> outputs -> writer."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from agent.agent import Agent, Interrupted, expiry_warnings, short_cause
+from agent.agent import Agent, Interrupted, SyncReport, expiry_warnings, short_cause
 from agent.emulator import Emulator
 from agent.errors import SecretNotFoundError, SetKeptError
 from agent.expiry import Validity
+from agent.freshness import Freshness
 from agent.manifest import Accounts, Manifest, parse_manifest
 from agent.writer import SET_GRACE_S
 
@@ -229,3 +232,178 @@ def test_outcomes_carry_the_validity_window(emulator: Emulator, shm_dir: Path) -
     assert "expires at" in expiry_warnings(report.outcomes, 600, now=1_500)[0]
     warning, = expiry_warnings(report.outcomes, 86400, now=3_000)
     assert "'old-token' expired at 1970-01-01T00:33:20Z" in warning
+
+
+# ---------------------------------------------------------------------------
+# List-based refresh (issue 12): the freshness memory carried between syncs
+
+
+class AgedVault:
+    """An emulator whose secrets were written an hour ago (past SETTLED_S), so
+    the list's ``updated`` is trusted at once; later writes are at real time."""
+
+    def __init__(self, emulator: Emulator, offset: List[float]) -> None:
+        self.emulator, self._offset = emulator, offset
+
+    def settle(self) -> None:
+        self._offset[0] = 0.0
+
+
+@pytest.fixture
+def aged() -> Iterator[AgedVault]:
+    offset = [3600.0]
+    with Emulator({f"item-{n:02d}": f"value {n}" for n in range(30)},
+                  clock=lambda: time.time() - offset[0]) as started:
+        vault = AgedVault(started, offset)
+        vault.settle()
+        yield vault
+
+
+def list_requests(emulator: Emulator) -> int:
+    return sum(1 for record in emulator.vault_log if record.path == "/secrets")
+
+
+def get_requests(emulator: Emulator) -> List[str]:
+    return [record.path for record in emulator.vault_log if record.path.startswith("/secrets/")]
+
+
+ITEMS = "".join(f"  - {{name: item-{n:02d}}}\n" for n in range(30))
+
+
+def refreshes(agent: Agent, count: int, memory: Freshness = Freshness()
+              ) -> Tuple[List[SyncReport], Freshness]:
+    reports = []
+    for _ in range(count):
+        report = agent.sync(freshness=memory)
+        memory = report.freshness
+        reports.append(report)
+    return reports, memory
+
+
+@pytest.mark.parametrize("empty_pages", [False, True])
+def test_an_unchanged_refresh_only_lists_and_a_rotation_is_fetched(
+        aged: AgedVault, shm_dir: Path, empty_pages: bool) -> None:
+    """After the initial sync, an unchanged refresh makes only list requests (empty pages
+    followed), and a rotated secret is fetched alone and written."""
+    emulator = aged.emulator
+    emulator.empty_pages = empty_pages
+    agent = Agent(manifest(emulator, shm_dir, ITEMS), environ=environ(emulator))
+    try:
+        agent.prepare()
+        (initial,), memory = refreshes(agent, 1)
+        emulator.reset_stats()
+        (unchanged,), memory = refreshes(agent, 1, memory)
+        assert get_requests(emulator) == [] and emulator.imds_requests == 0
+        assert list_requests(emulator) == emulator.vault_requests >= 2 + 2 * empty_pages
+        assert unchanged.changed == 0 and not unchanged.failures
+        assert [o.version for o in unchanged.outcomes] == [o.version for o in initial.outcomes]
+        rotated = emulator.set_secret("item-07", "rotated value")
+        emulator.reset_stats()
+        (after,), memory = refreshes(agent, 1, memory)
+    finally:
+        agent.close()
+    assert get_requests(emulator) == ["/secrets/item-07/"] or \
+        get_requests(emulator) == ["/secrets/item-07"]
+    assert (shm_dir / "item-07").read_text() == "rotated value"
+    assert after.outcomes[7].version == rotated and after.changed == 1
+
+
+def test_a_forbidden_list_falls_back_to_gets_and_says_so_once(
+        aged: AgedVault, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """403 on the list (an access-policy vault without 'list'): every secret is fetched,
+    one warning names the fix, and later refreshes do not list again."""
+    emulator = aged.emulator
+    body = (b'{"error":{"code":"Forbidden","message":"The user, group or application does not '
+            b'have secrets list permission on key vault","innererror":{"code":"AccessDenied"}}}')
+    agent = Agent(manifest(emulator, shm_dir, ITEMS), environ=environ(emulator))
+    try:
+        agent.prepare()
+        _, memory = refreshes(agent, 1)
+        emulator.inject_fault("vault", 403, count=1, path_contains="/secrets", body=body)
+        emulator.reset_stats()
+        with caplog.at_level(logging.INFO):
+            reports, memory = refreshes(agent, 2, memory)
+    finally:
+        agent.close()
+    assert list_requests(emulator) == 1 and len(get_requests(emulator)) == 60
+    assert not any(report.failures for report in reports)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "list" in r.getMessage()]
+    assert len(warnings) == 1 and "'list' secret permission" in warnings[0]
+
+
+def test_a_pinned_version_costs_nothing_and_its_file_is_repaired(
+        aged: AgedVault, shm_dir: Path) -> None:
+    """A written pinned version makes no request at refresh; its deleted file is fetched
+    again and rewritten, and a file edited behind the agent's back is rewritten too."""
+    emulator = aged.emulator
+    pinned = emulator.set_secret("pinned", "pinned value")
+    emulator.set_secret("pinned", "a later version")
+    agent = Agent(manifest(emulator, shm_dir, f"  - {{name: pinned, version: {pinned}}}\n"
+                                              "  - {name: item-00}\n"),
+                  environ=environ(emulator))
+    try:
+        agent.prepare()
+        _, memory = refreshes(agent, 1)
+        emulator.reset_stats()
+        _, memory = refreshes(agent, 2, memory)
+        assert emulator.vault_requests == 2  # item-00 alone: one GET each (cheaper than a list)
+        assert get_requests(emulator) == ["/secrets/item-00/"] * 2 or \
+            get_requests(emulator) == ["/secrets/item-00"] * 2
+        (shm_dir / "pinned").unlink()
+        emulator.reset_stats()
+        (repaired,), memory = refreshes(agent, 1, memory)
+        assert [p for p in get_requests(emulator) if "pinned" in p] == [f"/secrets/pinned/{pinned}"]
+        assert (shm_dir / "pinned").read_text() == "pinned value"
+        os.chmod(shm_dir / "pinned", 0o644)
+        (shm_dir / "pinned").write_text("edited")
+        emulator.reset_stats()
+        (rewritten,), memory = refreshes(agent, 1, memory)
+    finally:
+        agent.close()
+    assert (shm_dir / "pinned").read_text() == "pinned value"
+    assert repaired.outcomes[0].changed and rewritten.outcomes[0].changed
+    assert os.stat(shm_dir / "pinned").st_mode & 0o777 == 0o400
+
+
+def test_disabled_and_deleted_secrets_report_as_before_and_keep_their_files(
+        aged: AgedVault, shm_dir: Path) -> None:
+    """A secret disabled in the list or gone from it is fetched: 403/404 reported, file kept."""
+    emulator = aged.emulator
+    agent = Agent(manifest(emulator, shm_dir, ITEMS), environ=environ(emulator))
+    try:
+        agent.prepare()
+        _, memory = refreshes(agent, 1)
+        emulator.disable_secret("item-03")
+        emulator.delete_secret("item-04")
+        emulator.reset_stats()
+        (report,), memory = refreshes(agent, 1, memory)
+    finally:
+        agent.close()
+    assert sorted(p.rstrip("/") for p in get_requests(emulator)) == ["/secrets/item-03",
+                                                                     "/secrets/item-04"]
+    assert short_cause(report.outcomes[3].error) == "403 disabled"  # type: ignore[arg-type]
+    assert isinstance(report.outcomes[4].error, SecretNotFoundError)
+    assert (shm_dir / "item-03").read_text() == "value 3"
+    assert (shm_dir / "item-04").read_text() == "value 4"
+
+
+def test_a_small_manifest_of_a_large_vault_keeps_per_secret_gets(
+        aged: AgedVault, shm_dir: Path) -> None:
+    """Two secrets of a 30-secret vault: the one list tried stops at its budget (one page,
+    below the two GETs it would save), and later refreshes GET the two without listing."""
+    emulator = aged.emulator
+    agent = Agent(manifest(emulator, shm_dir, "  - {name: item-00}\n  - {name: item-01}\n"),
+                  environ=environ(emulator))
+    try:
+        agent.prepare()
+        _, memory = refreshes(agent, 1)
+        emulator.reset_stats()
+        _, memory = refreshes(agent, 1, memory)
+        assert list_requests(emulator) == 1 and len(get_requests(emulator)) == 2
+        emulator.reset_stats()
+        reports, memory = refreshes(agent, 2, memory)
+    finally:
+        agent.close()
+    assert list_requests(emulator) == 0 and len(get_requests(emulator)) == 4
+    assert not any(report.failures for report in reports)

@@ -42,6 +42,7 @@ SELECT = "tests/test_select.py"
 LIFECYCLE = "tests/test_lifecycle.py"
 AGENT = "tests/test_agent.py"
 ARC = "tests/test_arc.py"
+FRESHNESS = "tests/test_freshness.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -512,9 +513,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "select-failed-listing-taken-as-empty",
         "a select entry's failed listing removes nothing (only a successful listing may)",
         "agent/agent.py",
-        "            listing = listings[selection.vault]",
-        "            listing = () if isinstance(listings[selection.vault], KvAgentError) "
-        "else listings[selection.vault]",
+        "                    failed[selection.vault] = exc",
+        "                    listings[selection.vault] = ()",
         (f"{SELECT}::test_run_keeps_every_selected_file_while_the_listing_fails_and_reports_it_once",),
     ),
     Mutation(
@@ -551,5 +551,25 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "        _check_file(os.lstat(path), shown)",
         "        _check_file(os.stat(path), shown)",
         (f"{ARC}::test_key_file_refusals",),
+    ),
+    # -- issue 12: list-based refresh -------------------------------------------
+    Mutation(
+        "listing-misses-a-rotation",
+        "a refresh fetches every secret whose updated differs from what the agent wrote",
+        "agent/freshness.py",
+        "    return updated is not None and updated == seen.updated and \\\n",
+        "    return updated is not None and \\\n",
+        (f"{FRESHNESS}::test_a_changed_updated_fetches_that_secret_only",
+         f"{AGENT}::test_an_unchanged_refresh_only_lists_and_a_rotation_is_fetched[False]"),
+    ),
+    Mutation(
+        "listing-ignores-a-damaged-file",
+        "a secret whose file is missing or changed behind the agent's back is fetched "
+        "and rewritten, pinned versions too",
+        "agent/freshness.py",
+        "    return all(path in stamps and stamp(path) == stamps[path] for path in entry.paths)",
+        "    return True",
+        (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
+         f"{AGENT}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
     ),
 )

@@ -1,0 +1,76 @@
+"""The running agent's list-based refresh (issue 12), through ``kv-agent run``.
+
+The harness of tests/test_daemon.py, with a vault whose secrets were written
+an hour ago: the list's ``updated`` is trusted only for versions fetched well
+after their write (agent.freshness.SETTLED_S), as on a real vault.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, List
+
+import pytest
+from test_daemon import StartAgent, Vault, entry, read, short_dir, start_agent  # noqa: F401
+
+from agent.emulator import Emulator
+
+FORBIDDEN_LIST = (b'{"error":{"code":"Forbidden","message":"The user, group or application '
+                  b'does not have secrets list permission on key vault","innererror":'
+                  b'{"code":"AccessDenied"}}}')
+NAMES = [f"app-{number}" for number in range(6)]
+
+
+@pytest.fixture
+def vault() -> Iterator[Vault]:
+    """A fresh emulator whose first secrets are an hour old (overrides test_daemon's)."""
+    offset = [3600.0]
+    emulator = Emulator(clock=lambda: time.time() - offset[0])
+    emulator.start()
+    try:
+        aged = Vault(emulator)
+        for name in NAMES:
+            aged.put(name)
+        offset[0] = 0.0
+        yield aged
+    finally:
+        emulator.stop()
+
+
+def paths(vault: Vault, since: int) -> List[str]:
+    return [record.path for record in vault.emulator.vault_log[since:]]
+
+
+def test_unchanged_refreshes_only_list_and_a_rotation_is_picked_up(
+        start_agent: StartAgent, vault: Vault) -> None:  # noqa: F811 (the fixture)
+    """Refreshes of unchanged secrets make list requests only; a rotated secret is
+    fetched and written at the next refresh, and the others are not touched."""
+    run = start_agent([entry(name) for name in NAMES])
+    run.wait_ready()
+    start = len(vault.emulator.vault_log)
+    run.wait(lambda: paths(vault, start).count("/secrets") >= 3, "three listing refreshes")
+    assert all(path == "/secrets" for path in paths(vault, start)), paths(vault, start)
+    new = vault.put("app-2")
+    run.wait_content("app-2", new)
+    fetched = [path for path in paths(vault, start) if path.startswith("/secrets/")]
+    assert {path.rstrip("/") for path in fetched} == {"/secrets/app-2"}
+    run.stop()
+
+
+def test_a_forbidden_list_falls_back_to_gets_logged_once(
+        start_agent: StartAgent, vault: Vault) -> None:  # noqa: F811 (the fixture)
+    """403 on the list: every secret is fetched one by one, a rotation still lands,
+    and the fallback is logged once, with the fix, however many refreshes follow."""
+    run = start_agent([entry(name) for name in NAMES])
+    run.wait_ready()
+    vault.emulator.inject_fault("vault", 403, count=1, path_contains="/secrets",
+                                body=FORBIDDEN_LIST)
+    start = len(vault.emulator.vault_log)
+    run.wait(lambda: vault.requests_for("app-0") >= 3, "three per-secret refreshes")
+    new = vault.put("app-4")
+    run.wait_content("app-4", new)
+    assert paths(vault, start).count("/secrets") == 1
+    lines = run.process.lines("'list' secret permission")
+    assert len(lines) == 1, run.process.stderr
+    assert read(run.directory / "app-0") is not None
+    run.stop()

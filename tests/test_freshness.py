@@ -1,0 +1,248 @@
+"""Unit tests of the list-based refresh decision (agent.freshness), with plain values."""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import pytest
+
+from agent.errors import ListTooLongError, VaultForbiddenError, VaultUnavailableError
+from agent.expiry import Validity
+from agent.freshness import (
+    SETTLED_S,
+    EntryWritten,
+    FileStamp,
+    Freshness,
+    SourceSeen,
+    VaultSeen,
+    WrittenOutcome,
+    forget_forbidden,
+    list_budget,
+    listing_pages,
+    plan,
+    remember,
+)
+from agent.manifest import Accounts, Entry, parse_manifest
+from agent.sources import SecretAttributes, Source
+from agent.vault_list import SecretItem
+
+VAULT = "https://contoso-kv.vault.azure.net"
+ACCOUNTS = Accounts(user=lambda name: {"root": 0}.get(name),
+                    group=lambda name: {"root": 0}.get(name))
+PIN = "0123456789abcdef0123456789abcdef"
+UPDATED = 1_700_000_000
+FETCHED = UPDATED + 3600.0
+
+
+def entries(text: str) -> Tuple[Entry, ...]:
+    manifest = parse_manifest(f"vault: {VAULT}\ndirectory: /run/secrets\nsecrets:\n{text}",
+                              "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    return manifest.secrets
+
+
+def stamp_of(path: str) -> FileStamp:
+    return FileStamp(hash(path) & 0xFFFF, 1, 10, 5, 0, 0, 0o400)
+
+
+def item(name: str, updated: int = UPDATED, enabled: bool = True) -> SecretItem:
+    return SecretItem(name, f"{VAULT}/secrets/{name}", None, None,
+                      SecretAttributes(enabled=enabled, updated=updated))
+
+
+class FakeVault:
+    """A list call that records its calls and answers items or raises."""
+
+    def __init__(self, items: Sequence[SecretItem] = (), error: Optional[Exception] = None
+                 ) -> None:
+        self.items, self.error = list(items), error
+        self.calls: List[Tuple[str, int]] = []
+
+    def __call__(self, vault: str, max_pages: int) -> Sequence[SecretItem]:
+        self.calls.append((vault, max_pages))
+        if self.error is not None:
+            raise self.error
+        return self.items
+
+
+def memory_after_write(written: Sequence[Entry], vault_size: Optional[int] = None
+                       ) -> Freshness:
+    """The memory of a refresh that wrote every entry at UPDATED, fetched at FETCHED."""
+    return Freshness(
+        sources={source: SourceSeen(source.version or "v1", UPDATED, FETCHED)
+                 for entry in written for source in entry.sources},
+        entries={entry.key: EntryWritten(entry, "v1", Validity(),
+                                         tuple((p, stamp_of(p)) for p in entry.paths))
+                 for entry in written},
+        vaults={} if vault_size is None else {VAULT: VaultSeen(vault_size)})
+
+
+MANY = "".join(f"  - name: s{number}\n" for number in range(10))
+
+
+@pytest.mark.parametrize("seen, remembered, budget", [
+    (None, 10, 9),                       # never listed: at most one page below the GETs
+    (VaultSeen(100), 10, 9),             # 4 pages < 10 GETs: list
+    (VaultSeen(5000), 10, None),         # 200 pages >= 10 GETs: per secret
+    (VaultSeen(1000), 1000, 999),        # 40 pages < 1000 GETs
+    (VaultSeen(250), 10, None),          # 10 pages = 10 GETs: no gain, per secret
+    (VaultSeen(10), 1, None),            # one GET is never beaten
+    (VaultSeen(10, is_forbidden=True), 10, None),
+])
+def test_list_budget_follows_the_cheaper_mode(seen: Optional[VaultSeen], remembered: int,
+                                              budget: Optional[int]) -> None:
+    """The vault is listed only when ⌈size ÷ 25⌉ is below the GETs it saves."""
+    assert list_budget(seen, remembered) == budget
+
+
+def test_listing_pages_is_the_ceiling_of_size_over_25() -> None:
+    """A list costs ⌈secrets ÷ 25⌉ requests, at least one."""
+    assert [listing_pages(n) for n in (0, 1, 25, 26, 1000, 5000)] == [1, 1, 1, 2, 40, 200]
+
+
+def test_initial_sync_fetches_everything_without_listing() -> None:
+    """With no memory every source is fetched and no vault is listed."""
+    listed = entries(MANY)
+    vault = FakeVault([item(f"s{n}") for n in range(10)])
+    decided = plan(listed, (), Freshness(), vault, stamp=stamp_of)
+    assert vault.calls == [] and not decided.current
+    assert decided.fetch == tuple(entry.source for entry in listed)
+
+
+def test_unchanged_secrets_need_no_get() -> None:
+    """After a write, a list showing the same updated and the files as written fetch nothing."""
+    listed = entries(MANY)
+    vault = FakeVault([item(f"s{n}") for n in range(10)] + [item("other")])
+    decided = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
+    assert vault.calls == [(VAULT, 9)]
+    assert decided.fetch == () and set(decided.current) == {e.key for e in listed}
+    assert decided.vaults[VAULT] == VaultSeen(11)
+
+
+def test_a_changed_updated_fetches_that_secret_only() -> None:
+    """A secret whose updated moved (a rotation) is fetched; the rest are not."""
+    listed = entries(MANY)
+    vault = FakeVault([item(f"s{n}", UPDATED + (n == 3)) for n in range(10)])
+    decided = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
+    assert decided.fetch == (Source(VAULT, "s3"),)
+
+
+def test_a_missing_or_changed_file_is_fetched_again() -> None:
+    """A file gone, or with another inode, owner, mode, size or ctime, is fetched and rewritten."""
+    listed = entries(MANY)
+    vault = FakeVault([item(f"s{n}") for n in range(10)])
+
+    def stamp(path: str) -> Optional[FileStamp]:
+        if path.endswith("s1"):
+            return None
+        if path.endswith("s2"):
+            return stamp_of(path)._replace(ctime_ns=6)  # edited behind the agent's back
+        return stamp_of(path)
+
+    decided = plan(listed, (), memory_after_write(listed), vault, stamp=stamp)
+    assert decided.fetch == (Source(VAULT, "s1"), Source(VAULT, "s2"))
+
+
+def test_deleted_and_disabled_secrets_are_fetched_to_report_as_before() -> None:
+    """A secret gone from the list or disabled in it is fetched (its error, its kept file)."""
+    listed = entries(MANY)
+    vault = FakeVault([item(f"s{n}", enabled=n != 4) for n in range(10) if n != 5])
+    decided = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
+    assert decided.fetch == (Source(VAULT, "s4"), Source(VAULT, "s5"))
+
+
+def test_a_version_fetched_in_the_second_of_its_write_is_confirmed_once_more() -> None:
+    """updated has one-second resolution: a fetch within SETTLED_S of it is not trusted."""
+    listed = entries(MANY)
+    memory = memory_after_write(listed)
+    recent = Source(VAULT, "s0")
+    memory = memory._replace(sources={**memory.sources,
+                                      recent: SourceSeen("v1", UPDATED, UPDATED + SETTLED_S)})
+    vault = FakeVault([item(f"s{n}") for n in range(10)])
+    assert plan(listed, (), memory, vault, stamp=stamp_of).fetch == (recent,)
+
+
+def test_pinned_versions_cost_no_request_once_written() -> None:
+    """A pinned version, once written, is neither listed nor fetched; only its file is checked."""
+    listed = entries(f"  - {{name: a, version: {PIN}}}\n  - {{name: b, version: {PIN}}}\n")
+    vault = FakeVault()
+    memory = memory_after_write(listed)
+    decided = plan(listed, (), memory, vault, stamp=stamp_of)
+    assert vault.calls == [] and decided.fetch == ()
+    gone = plan(listed, (), memory, vault,
+                stamp=lambda p: None if p.endswith("/a") else stamp_of(p))
+    assert gone.fetch == (Source(VAULT, "a", PIN),) and vault.calls == []
+
+
+def test_a_large_vault_keeps_per_secret_gets() -> None:
+    """10 secrets of a 5,000-secret vault are fetched one by one, with no list request."""
+    listed = entries(MANY)
+    vault = FakeVault()
+    decided = plan(listed, (), memory_after_write(listed, vault_size=5000), vault,
+                   stamp=stamp_of)
+    assert vault.calls == [] and len(decided.fetch) == 10
+
+
+def test_a_list_past_its_budget_switches_to_gets_for_good() -> None:
+    """A vault never listed that turns out larger than the GETs saved is fetched per secret."""
+    listed = entries(MANY)
+    vault = FakeVault(error=ListTooLongError("listing vault: more than 9 pages"))
+    decided = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
+    assert len(decided.fetch) == 10
+    assert list_budget(decided.vaults[VAULT], 10) is None
+
+
+def test_a_forbidden_list_falls_back_and_is_logged_once(caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """403 on the list: per-secret GETs, one warning with the fix, no list at the next refresh."""
+    listed = entries(MANY)
+    vault = FakeVault(error=VaultForbiddenError(f"listing vault {VAULT}: permission denied"))
+    with caplog.at_level(logging.INFO, logger="agent.freshness"):
+        first = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
+        again = memory_after_write(listed)._replace(vaults=first.vaults)
+        second = plan(listed, (), again, vault, stamp=stamp_of)
+    assert len(first.fetch) == len(second.fetch) == 10 and len(vault.calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'list' secret permission" in warnings[0]
+    assert list_budget(forget_forbidden(again).vaults[VAULT], 10) == 9
+
+
+def test_another_list_failure_falls_back_for_this_refresh_only() -> None:
+    """A list that keeps failing (5xx) fetches every secret this time and lists again next time."""
+    listed = entries(MANY)
+    vault = FakeVault(error=VaultUnavailableError("listing vault: HTTP 503"))
+    decided = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
+    assert len(decided.fetch) == 10 and list_budget(decided.vaults[VAULT], 10) == 9
+
+
+def test_a_set_is_fetched_whole_when_one_member_changed() -> None:
+    """Every member of a set is fetched when one changed: a set is written whole."""
+    listed = entries("  - {name: k, path: db/k, set: db}\n  - {name: c, path: db/c, set: db}\n"
+                     "  - {name: x}\n")
+    manifest = parse_manifest(f"vault: {VAULT}\ndirectory: /run/secrets\nsecrets:\n"
+                              "  - {name: k, path: db/k, set: db}\n"
+                              "  - {name: c, path: db/c, set: db}\n  - {name: x}\n",
+                              "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    memory = memory_after_write(listed)._replace(
+        sets={group.directory: group for group in manifest.sets})
+    vault = FakeVault([item("k", UPDATED + 1), item("c"), item("x")])
+    decided = plan(listed, manifest.sets, memory, vault, stamp=stamp_of)
+    assert decided.fetch == (Source(VAULT, "k"), Source(VAULT, "c"))
+
+
+def test_remember_keeps_successes_only_and_no_value() -> None:
+    """A failed entry is forgotten (fetched again next time); a written one gets its stamps."""
+    listed = entries("  - {name: a}\n  - {name: b}\n")
+    decided = plan(listed, (), Freshness(), FakeVault(), stamp=stamp_of)
+    outcomes = [
+        WrittenOutcome(EntryWritten(listed[0], "v2", Validity(), ()),
+                       ((listed[0].source, SourceSeen("v2", UPDATED, FETCHED)),)),
+        WrittenOutcome(EntryWritten(listed[1], None, Validity(), ()),
+                       error=VaultUnavailableError("x")),
+    ]
+    memory = remember(Freshness(), decided, (), outcomes, stamp=stamp_of)
+    assert set(memory.entries) == {listed[0].key}
+    assert memory.entries[listed[0].key].stamps == (
+        (listed[0].paths[0], stamp_of(listed[0].paths[0])),)
+    assert dict(memory.sources) == {listed[0].source: SourceSeen("v2", UPDATED, FETCHED)}
+    assert "value" not in repr(memory)
