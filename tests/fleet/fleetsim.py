@@ -294,12 +294,12 @@ class Fleet:
             # A wave a round trip ahead is charged now, so the vault sees
             # arrivals in order (50 ms early: no 10-s window notices).
             at = t if self.vault.is_down(t) else min(t, self.now)
-            served, status, retry_after = self.vault.offer(at, len(batch))
+            served, _, retry_after = self.vault.offer(at, len(batch))
             for item in batch[:served]:
                 self._served(job, item, t)
             for item in batch[served:]:
                 self._retry(_Retry(job, item, t, self._policy(item), self.rng.random), t,
-                            status, retry_after)
+                            retry_after)
             if job.listing and served and not job.pending:
                 self._listed(job)
             if not served:
@@ -328,9 +328,8 @@ class Fleet:
         if self.tracked == (item, version) and self.current_at[job.agent] is None:
             self.current_at[job.agent] = t + self.latency_s
 
-    def _retry(self, retry: _Retry, t: float, status: int,
-               retry_after: Optional[str]) -> None:
-        """A request got ``status`` at ``t``: the agent's Backoff decides
+    def _retry(self, retry: _Retry, t: float, retry_after: Optional[str]) -> None:
+        """A request got a 429 or a 503 at ``t``: the agent's Backoff decides
         whether and when to send it again. While the vault is down for the
         whole loop, the attempts are played here without the heap (the
         answer does not depend on load, so the result is the same)."""
@@ -338,7 +337,7 @@ class Fleet:
         job.active += 1
         while True:
             retry.now = t + self.latency_s
-            if not retry.backoff.wait("throttled", _retry_after(retry_after)):
+            if not retry.backoff.wait("vault busy", _retry_after(retry_after)):
                 self._gave_up(retry)
                 return
             t = retry.now
@@ -346,14 +345,14 @@ class Fleet:
                 self.push(t, ATTEMPT, retry)
                 return
             self.vault.failed[self.vault._bin(t)] += 1
-            status, retry_after = UNAVAILABLE, None
+            retry_after = None  # a 503 carries none
 
     def _attempt(self, retry: _Retry, t: float) -> None:
         job = retry.job
-        served, status, retry_after = self.vault.offer(t, 1)
+        served, _, retry_after = self.vault.offer(t, 1)
         job.active -= 1
         if not served:
-            self._retry(retry, t, status, retry_after)
+            self._retry(retry, t, retry_after)
             return
         self._served(job, retry.item, t)
         if retry.item == LIST_PAGE and not job.pending:

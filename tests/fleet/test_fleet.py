@@ -5,9 +5,9 @@ The full run and its plots: tests/fleet/run.py."""
 
 from __future__ import annotations
 
+import fleetsim
 import pytest
 
-import fleetsim
 from agent import lifecycle, retry
 
 AGENTS = 500
