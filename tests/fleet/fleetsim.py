@@ -180,8 +180,9 @@ class Fleet:
 
     def __init__(self, vault: Vault, *, list_mode: bool, seed: int = 1,
                  interval_s: float = DEFAULT_REFRESH_S, jitter: float = DEFAULT_JITTER,
-                 latency_s: float = LATENCY_S) -> None:
+                 latency_s: float = LATENCY_S, policy: RetryPolicy = REFRESH_RETRY) -> None:
         self.vault = vault
+        self.policy = policy  # the daemon's; another only to try a proposal
         self.list_mode = list_mode
         self.rng = random.Random(seed)
         self.interval_s = interval_s
@@ -310,9 +311,9 @@ class Fleet:
 
     def _policy(self, item: int) -> RetryPolicy:
         if item == LIST_PAGE:  # a page retries within the listing's deadline too
-            return REFRESH_RETRY._replace(
-                deadline_s=min(REFRESH_RETRY.deadline_s, ListLimits().deadline_s))
-        return REFRESH_RETRY
+            return self.policy._replace(
+                deadline_s=min(self.policy.deadline_s, ListLimits().deadline_s))
+        return self.policy
 
     def _listed(self, job: _Job) -> None:
         """The listing is complete: GET what changed or has no file."""
@@ -450,10 +451,11 @@ def steady(agents: int = 10_000, secrets: int = 20, hours: float = 24.0, *,
 
 def scale_out(agents: int = 10_000, booting: int = 2_000, secrets: int = 20,
               horizon_s: float = 3600.0, *, list_mode: bool, seed: int = 1,
-              sliding: bool = True, limit: int = LIMIT, spread_s: float = 60.0) -> Result:
+              sliding: bool = True, limit: int = LIMIT, spread_s: float = 60.0,
+              policy: RetryPolicy = REFRESH_RETRY) -> Result:
     """``booting`` VMs boot in the same minute beside the rest, running."""
     vault = Vault(secrets, horizon_s, sliding=sliding, limit=limit)
-    fleet = Fleet(vault, list_mode=list_mode, seed=seed)
+    fleet = Fleet(vault, list_mode=list_mode, seed=seed, policy=policy)
     running = agents - booting
     fleet.add_running(running)
     new = fleet.add_booting(booting, 0.0, spread_s)

@@ -37,6 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--plots", default="fleet-plots", help="directory for the PNGs")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", choices=("steady", "scale-out", "outage"),
+                        help="run one scenario (figures only; no targets table)")
     args = parser.parse_args(argv)
     sliding = not args.fixed_window
     common = dict(seed=args.seed, sliding=sliding)
@@ -49,6 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                    **common)),
         ("outage", lambda m: fleetsim.outage(args.agents, list_mode=m, **common)),
     ):
+        if args.only is not None and name != args.only:
+            continue
         one = time.monotonic()
         pair = (run(False), run(True))
         print(f"# {name}: simulated in {time.monotonic() - one:.1f} s", file=sys.stderr)
@@ -62,15 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, pair in pairs:
         for result in pair:
             print(_row(name, result))
-    print("\n| target | measured | met |\n|---|---|---|")
-    steady, scale, down = (pair for _, pair in pairs)
-    verdicts: List[Verdict] = fleetsim.judge_steady(*steady)
-    for result in scale:
-        verdicts += fleetsim.judge_scale_out(result)
-    for result in down:
-        verdicts += fleetsim.judge_outage(result)
-    for verdict in verdicts:
-        print(f"| {verdict.target} | {verdict.measured} | {'yes' if verdict.is_met else 'NO'} |")
+    if args.only is None:
+        print("\n| target | measured | met |\n|---|---|---|")
+        for verdict in _verdicts(*(pair for _, pair in pairs)):
+            print(f"| {verdict.target} | {verdict.measured} "
+                  f"| {'yes' if verdict.is_met else 'NO'} |")
     if not args.no_plots:
         os.makedirs(args.plots, exist_ok=True)
         for name, pair in pairs:
@@ -78,6 +78,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             plot(name, pair, path)
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _verdicts(steady: "tuple[Result, Result]", scale: "tuple[Result, Result]",
+              down: "tuple[Result, Result]") -> List[Verdict]:
+    verdicts = fleetsim.judge_steady(*steady)
+    for result in scale:
+        verdicts += fleetsim.judge_scale_out(result)
+    for result in down:
+        verdicts += fleetsim.judge_outage(result)
+    return verdicts
 
 
 def _row(name: str, result: Result) -> str:
@@ -112,7 +122,8 @@ def plot(name: str, pair: "tuple[Result, Result]", path: str) -> None:
         axis.set_title(f"{name}: {'list-based' if result.list_mode else 'per-secret'} refresh",
                        fontsize=9)
         axis.set_ylabel("requests / 10 s", fontsize=8)
-        axis.set_yscale("symlog", linthresh=1000)
+        axis.set_yscale("symlog", linthresh=10)
+        axis.set_ylim(bottom=0)
         axis.legend(fontsize=7, loc="upper right")
         axis.tick_params(labelsize=7)
     axes[-1].set_xlabel(f"time ({unit})", fontsize=8)
