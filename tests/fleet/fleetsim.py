@@ -183,6 +183,9 @@ class Fleet:
                  latency_s: float = LATENCY_S, policy: RetryPolicy = REFRESH_RETRY) -> None:
         self.vault = vault
         self.policy = policy  # the daemon's; another only to try a proposal
+        # A start that failed lists too, fetching only the missing files
+        # (a proposal; issue 12 fetches the initial sync as today).
+        self.list_before_ready = False
         self.list_mode = list_mode
         self.rng = random.Random(seed)
         self.interval_s = interval_s
@@ -268,7 +271,8 @@ class Fleet:
     def _start_refresh(self, agent: int, t: float) -> None:
         self.life[agent], started = lifecycle.start_sync(self.life[agent], t)
         assert started  # refreshes never overlap in the simulation: nothing asks twice
-        listing = self.list_mode and self.life[agent].is_ready
+        listing = self.list_mode and (self.life[agent].is_ready or (
+            self.list_before_ready and any(self.held[agent])))
         everything = list(range(len(self.vault.versions)))
         job = _Job(agent, [LIST_PAGE] * self.vault.pages if listing else everything,
                    listing)
