@@ -1,0 +1,560 @@
+"""A fleet of kv-agents against one Key Vault, in simulated time.
+
+A discrete-event simulation (one heap of timed events) of N agents, each
+with S secrets, against a model of one vault that enforces its request limit
+with 429 + Retry-After. What each agent decides is the agent's **real** code,
+imported, never re-implemented:
+
+* when to refresh, and how to back off after a failed refresh:
+  :func:`agent.lifecycle.start_sync`, :func:`~agent.lifecycle.sync_finished`
+  (which calls :func:`~agent.lifecycle.refresh_delay` with the manifest's
+  default jitter, :data:`agent.manifest.DEFAULT_JITTER`) and
+  :func:`~agent.lifecycle.is_refresh_due`, on a real
+  :class:`~agent.lifecycle.Lifecycle` per agent;
+* how one request is retried: a real :class:`agent.retry.Backoff` per request
+  with the daemon's policy (:data:`agent.retry.REFRESH_RETRY`), driven by a
+  simulated clock and a ``sleep`` that advances that clock, the reply's
+  ``Retry-After`` read by :func:`agent.retry.parse_retry_after`, the retried
+  statuses :data:`agent.vault.RETRY_STATUSES`;
+* how many requests run at once: :data:`agent.vault.MAX_CONCURRENCY` per agent;
+  pages of :data:`agent.vault_list.PAGE_SIZE`, a listing bounded by
+  :class:`agent.vault_list.ListLimits`.
+
+Modelled, not imported (the loop around those decisions):
+
+* a refresh is :meth:`agent.vault.VaultClient.fetch_many`'s shape: up to
+  MAX_CONCURRENCY requests in flight, each retried until it succeeds or its
+  Backoff gives up; a secret that gives up fails the refresh (its file is
+  kept), which the lifecycle then spaces out;
+* the agent is READY once every secret's file exists (from any refresh);
+* one token per agent: IMDS costs nothing here (not modelled beyond that);
+  the vault is in the public cloud, so no challenge request is sent;
+* list-based refresh, from issue 12's definition (another helper builds it in
+  the agent in parallel): once an agent has synced, a refresh lists the vault
+  (ceil(vault size / 25) requests, one after another) and GETs only the
+  secrets whose version changed or whose file is missing; a listing that
+  fails (after its retries) fails the refresh. The first sync is per-secret
+  GETs, as today.
+
+The vault: ``limit`` counted transactions per ``window_s`` (4,000 per 10 s,
+protocol.md B8). Key Vault documents the limit only as "per 10 seconds" per
+vault and region, not the kind of window; the default here is a **sliding**
+window (no 10-s span ever serves more than the limit), the stricter reading;
+``sliding=False`` gives aligned fixed windows. A request over the limit gets
+429 with ``Retry-After`` = whole seconds until the window has room again.
+429s do not count towards the limit [DOC-KV-THROTTLE]. During an outage every
+request gets 503 (no Retry-After) and counts nowhere. Every reply takes
+``latency_s``. An unthrottled refresh is charged to the vault at its start
+(its second wave of requests is 50 ms later in the agent: no 10-s window
+notices).
+
+Nothing here touches the network, a file or the real clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
+
+from agent import lifecycle
+from agent.lifecycle import Lifecycle
+from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
+from agent.retry import REFRESH_RETRY, Backoff, RetryPolicy, parse_retry_after
+from agent.snapshot import READY
+from agent.vault import MAX_CONCURRENCY, RETRY_STATUSES
+from agent.vault_list import PAGE_SIZE, ListLimits
+
+LIMIT = 4000  # counted transactions per window [protocol.md B8]
+WINDOW_S = 10.0
+LATENCY_S = 0.05  # one request's round trip
+THROTTLED = 429
+UNAVAILABLE = 503
+assert THROTTLED in RETRY_STATUSES and UNAVAILABLE in RETRY_STATUSES
+
+
+class Vault:
+    """One vault: its secrets' versions, its limit, an optional outage, and
+    per-second counts of what it served, throttled and failed."""
+
+    def __init__(self, secrets: int, horizon_s: float, *, limit: int = LIMIT,
+                 window_s: float = WINDOW_S, sliding: bool = True,
+                 outage: Optional[Tuple[float, float]] = None) -> None:
+        self.versions = [1] * secrets
+        self.limit = limit
+        self.window_s = window_s
+        self.sliding = sliding
+        self.outage = outage
+        self._batches: Deque[Tuple[float, int]] = deque()  # sliding: (time, count)
+        self._count = 0  # counted transactions in the current window
+        self._bucket = -1  # fixed: the current window's index
+        bins = int(horizon_s) + 1
+        self.served = [0] * bins
+        self.throttled = [0] * bins
+        self.failed = [0] * bins
+
+    @property
+    def pages(self) -> int:
+        """Requests one listing costs."""
+        return max(1, math.ceil(len(self.versions) / PAGE_SIZE))
+
+    def is_down(self, t: float) -> bool:
+        return self.outage is not None and self.outage[0] <= t < self.outage[1]
+
+    def _bin(self, t: float) -> int:
+        return min(int(t), len(self.served) - 1)
+
+    def offer(self, t: float, count: int) -> Tuple[int, int, Optional[str]]:
+        """``count`` requests arrive at ``t``: (how many are served, the
+        status of the others, their Retry-After header value)."""
+        if self.is_down(t):
+            self.failed[self._bin(t)] += count
+            return 0, UNAVAILABLE, None
+        room, retry_after = self._room(t)
+        served = min(count, room)
+        if served:
+            self._count += served
+            if self.sliding:
+                self._batches.append((t, served))
+            self.served[self._bin(t)] += served
+        if served == count:
+            return served, 200, None
+        self.throttled[self._bin(t)] += count - served
+        return served, THROTTLED, str(max(1, math.ceil(retry_after)))
+
+    def _room(self, t: float) -> Tuple[int, float]:
+        """Transactions the window still takes at ``t``, and the seconds
+        until it takes more once full."""
+        if self.sliding:
+            batches = self._batches
+            while batches and batches[0][0] <= t - self.window_s:
+                self._count -= batches.popleft()[1]
+            wait = batches[0][0] + self.window_s - t if batches else 0.0
+        else:
+            bucket = int(t // self.window_s)
+            if bucket != self._bucket:
+                self._bucket, self._count = bucket, 0
+            wait = (bucket + 1) * self.window_s - t
+        return self.limit - self._count, wait
+
+
+class _Job:
+    """One refresh of one agent."""
+
+    __slots__ = ("agent", "pending", "active", "failed", "list_failed", "listing")
+
+    def __init__(self, agent: int, pending: List[int], listing: bool) -> None:
+        self.agent = agent
+        self.pending: Deque[int] = deque(pending)
+        self.active = 0  # requests waiting to be retried
+        self.failed = 0  # secrets whose request gave up
+        self.list_failed = False
+        self.listing = listing
+
+
+class _Retry:
+    """One request being retried: its own Backoff on its own clock."""
+
+    __slots__ = ("job", "item", "now", "backoff")
+
+    def __init__(self, job: _Job, item: int, t: float, policy: RetryPolicy,
+                 rng: Callable[[], float]) -> None:
+        self.job = job
+        self.item = item  # a secret's index, or -1 for a list page
+        self.now = t
+
+        def sleep(seconds: float) -> None:
+            self.now += seconds
+
+        self.backoff = Backoff(policy, clock=lambda: self.now, sleep=sleep, rng=rng)
+
+
+REFRESH, ATTEMPT, LAUNCH, BOOT, ROTATE = range(5)
+LIST_PAGE = -1
+
+
+class Fleet:
+    """The agents and the event heap. Build, add agents and events, :meth:`run`."""
+
+    def __init__(self, vault: Vault, *, list_mode: bool, seed: int = 1,
+                 interval_s: float = DEFAULT_REFRESH_S, jitter: float = DEFAULT_JITTER,
+                 latency_s: float = LATENCY_S, policy: RetryPolicy = REFRESH_RETRY) -> None:
+        self.vault = vault
+        self.policy = policy  # the daemon's; another only to try a proposal
+        # A start that failed lists too, fetching only the missing files
+        # (a proposal; issue 12 fetches the initial sync as today).
+        self.list_before_ready = False
+        self.list_mode = list_mode
+        self.rng = random.Random(seed)
+        self.interval_s = interval_s
+        self.jitter = jitter
+        self.latency_s = latency_s
+        self.now = 0.0
+        self.life: List[Lifecycle] = []
+        self.held: List[List[int]] = []  # versions on disk (0: no file)
+        self.ready_at: List[Optional[float]] = []
+        self.current_at: List[Optional[float]] = []  # holds the tracked rotation
+        self.tracked: Optional[Tuple[int, int]] = None  # (secret, version)
+        self._heap: List[Tuple[float, int, int, object]] = []
+        self._seq = 0
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def add_running(self, count: int) -> None:
+        """Agents that are already ready, their next refreshes spread over
+        one interval (a fleet that has run for a while)."""
+        for _ in range(count):
+            agent = self._new_agent(list(self.vault.versions))
+            self.life[agent] = Lifecycle(phase=READY, is_ready=True)
+            self.ready_at[agent] = 0.0
+            self._schedule_refresh(agent, self.rng.random() * self.interval_s)
+
+    def add_booting(self, count: int, start_s: float, spread_s: float) -> List[int]:
+        """Agents that boot (no files, not ready) uniformly in [start, start + spread)."""
+        agents = []
+        for _ in range(count):
+            agent = self._new_agent([0] * len(self.vault.versions))
+            self.push(start_s + self.rng.random() * spread_s, BOOT, agent)
+            agents.append(agent)
+        return agents
+
+    def rotate_at(self, t: float, secret: int = 0) -> None:
+        """A new version of ``secret`` at ``t``; :attr:`current_at` records
+        when each agent first holds it."""
+        self.push(t, ROTATE, secret)
+
+    def _new_agent(self, held: List[int]) -> int:
+        self.life.append(Lifecycle())
+        self.held.append(held)
+        self.ready_at.append(None)
+        self.current_at.append(None)
+        return len(self.life) - 1
+
+    # -- the event loop ----------------------------------------------------------------
+
+    def push(self, t: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, payload))
+
+    def run(self, until_s: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] < until_s:
+            t, _, kind, payload = heapq.heappop(heap)
+            self.now = t
+            if kind == REFRESH:
+                assert isinstance(payload, int)
+                if lifecycle.is_refresh_due(self.life[payload], t):
+                    self._start_refresh(payload, t)
+            elif kind == ATTEMPT:
+                assert isinstance(payload, _Retry)
+                self._attempt(payload, t)
+            elif kind == LAUNCH:
+                assert isinstance(payload, _Job)
+                self._launch(payload, t)
+            elif kind == BOOT:
+                assert isinstance(payload, int)
+                self._start_refresh(payload, t)  # daemon.run refreshes at once
+            else:
+                assert isinstance(payload, int)
+                self.vault.versions[payload] += 1
+                self.tracked = (payload, self.vault.versions[payload])
+                self.current_at = [None] * len(self.life)
+
+    def _schedule_refresh(self, agent: int, t: float) -> None:
+        self.life[agent] = self.life[agent]._replace(next_refresh=t)
+        self.push(t, REFRESH, agent)
+
+    # -- one refresh -------------------------------------------------------------------
+
+    def _start_refresh(self, agent: int, t: float) -> None:
+        self.life[agent], started = lifecycle.start_sync(self.life[agent], t)
+        assert started  # refreshes never overlap in the simulation: nothing asks twice
+        listing = self.list_mode and (self.life[agent].is_ready or (
+            self.list_before_ready and any(self.held[agent])))
+        everything = list(range(len(self.vault.versions)))
+        job = _Job(agent, [LIST_PAGE] * self.vault.pages if listing else everything,
+                   listing)
+        self._launch(job, t)
+
+    def _launch(self, job: _Job, t: float) -> None:
+        """Send what the job has pending at ``t`` while threads are free: list
+        pages one at a time, GETs up to MAX_CONCURRENCY at once. A batch the
+        vault serves whole frees its threads one round trip later."""
+        while job.pending:
+            if t > self.now + 2 * self.latency_s and not self.vault.is_down(t):
+                self.push(t, LAUNCH, job)  # in the future: keep the vault's order
+                return
+            if job.listing:
+                if job.active:
+                    return
+                job.pending.popleft()
+                batch = [LIST_PAGE]
+            else:
+                free = MAX_CONCURRENCY - job.active
+                if free <= 0:
+                    return
+                batch = [job.pending.popleft() for _ in range(min(free, len(job.pending)))]
+            # A wave a round trip ahead is charged now, so the vault sees
+            # arrivals in order (50 ms early: no 10-s window notices).
+            at = t if self.vault.is_down(t) else min(t, self.now)
+            served, _, retry_after = self.vault.offer(at, len(batch))
+            for item in batch[:served]:
+                self._served(job, item, t)
+            for item in batch[served:]:
+                self._retry(_Retry(job, item, t, self._policy(item), self.rng.random), t,
+                            retry_after)
+            if job.listing and served and not job.pending:
+                self._listed(job)
+            if not served:
+                return
+            t += self.latency_s
+        if not job.active:
+            self._finish(job, t)
+
+    def _policy(self, item: int) -> RetryPolicy:
+        if item == LIST_PAGE:  # a page retries within the listing's deadline too
+            return self.policy._replace(
+                deadline_s=min(self.policy.deadline_s, ListLimits().deadline_s))
+        return self.policy
+
+    def _listed(self, job: _Job) -> None:
+        """The listing is complete: GET what changed or has no file."""
+        held, versions = self.held[job.agent], self.vault.versions
+        job.listing = False
+        job.pending.extend(i for i, version in enumerate(versions) if held[i] != version)
+
+    def _served(self, job: _Job, item: int, t: float) -> None:
+        if item == LIST_PAGE:
+            return
+        version = self.vault.versions[item]
+        self.held[job.agent][item] = version
+        if self.tracked == (item, version) and self.current_at[job.agent] is None:
+            self.current_at[job.agent] = t + self.latency_s
+
+    def _retry(self, retry: _Retry, t: float, retry_after: Optional[str]) -> None:
+        """A request got a 429 or a 503 at ``t``: the agent's Backoff decides
+        whether and when to send it again. While the vault is down for the
+        whole loop, the attempts are played here without the heap (the
+        answer does not depend on load, so the result is the same)."""
+        job = retry.job
+        job.active += 1
+        while True:
+            retry.now = t + self.latency_s
+            if not retry.backoff.wait("vault busy", _retry_after(retry_after)):
+                self._gave_up(retry)
+                return
+            t = retry.now
+            if not self.vault.is_down(t):
+                self.push(t, ATTEMPT, retry)
+                return
+            self.vault.failed[self.vault._bin(t)] += 1
+            retry_after = None  # a 503 carries none
+
+    def _attempt(self, retry: _Retry, t: float) -> None:
+        job = retry.job
+        served, _, retry_after = self.vault.offer(t, 1)
+        job.active -= 1
+        if not served:
+            self._retry(retry, t, retry_after)
+            return
+        self._served(job, retry.item, t)
+        if retry.item == LIST_PAGE and not job.pending:
+            self._listed(job)
+        self._launch(job, t + self.latency_s)
+
+    def _gave_up(self, retry: _Retry) -> None:
+        job = retry.job
+        job.active -= 1
+        if retry.item == LIST_PAGE:
+            job.list_failed = True
+            job.pending.clear()
+        else:
+            job.failed += 1
+        self._launch(job, retry.now)
+
+    def _finish(self, job: _Job, t: float) -> None:
+        """The refresh is over at ``t``: the lifecycle decides what next."""
+        agent = job.agent
+        held = self.held[agent]
+        finished = lifecycle.sync_finished(
+            self.life[agent], is_failing=bool(job.failed or job.list_failed), is_current=True,
+            has_every_required_file=lambda: all(held), now=t, interval_s=self.interval_s,
+            jitter=self.jitter, rng=self.rng.random())
+        self.life[agent] = finished.state
+        if finished.became_ready:
+            self.ready_at[agent] = t
+        assert not finished.start_sync
+        assert finished.state.next_refresh is not None
+        self.push(finished.state.next_refresh, REFRESH, agent)
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+class Result(NamedTuple):
+    """One scenario's run, with one mode of refresh."""
+
+    name: str
+    list_mode: bool
+    agents: int
+    horizon_s: float
+    limit: int
+    served: List[int]  # per second
+    throttled: List[int]
+    failed: List[int]
+    recovery_s: Optional[float]  # time for the last agent to be ready/current
+    ideal_s: Optional[float] = None  # scale-out: total requests / the spare rate
+    after_s: Optional[float] = None  # outage: when the vault came back
+
+    @property
+    def offered(self) -> List[int]:
+        return [a + b + c for a, b, c in zip(self.served, self.throttled, self.failed)]
+
+    @property
+    def total(self) -> int:
+        return sum(self.served) + sum(self.throttled) + sum(self.failed)
+
+    def peak(self, per_second: List[int], start: int = 0, end: Optional[int] = None) -> int:
+        """The largest count in any 10-s span (sliding by 1 s)."""
+        values = per_second[start:end]
+        width = int(WINDOW_S)
+        running = sum(values[:width])
+        best = running
+        for i in range(width, len(values)):
+            running += values[i] - values[i - width]
+            best = max(best, running)
+        return best
+
+    def windows(self, per_second: List[int], start: int) -> List[int]:
+        """Counts in consecutive 10-s windows from ``start``."""
+        width = int(WINDOW_S)
+        return [sum(per_second[i:i + width]) for i in range(start, len(per_second) - width + 1,
+                                                                width)]
+
+    @property
+    def per_agent_hour(self) -> float:
+        return self.total / (self.agents * self.horizon_s / 3600.0)
+
+
+def steady(agents: int = 10_000, secrets: int = 20, hours: float = 24.0, *,
+           list_mode: bool, seed: int = 1, sliding: bool = True,
+           limit: int = LIMIT) -> Result:
+    """A steady day: every agent running; secret 0 rotates at half time."""
+    horizon = hours * 3600.0
+    vault = Vault(secrets, horizon, sliding=sliding, limit=limit)
+    fleet = Fleet(vault, list_mode=list_mode, seed=seed)
+    fleet.add_running(agents)
+    rotated = horizon / 2
+    fleet.rotate_at(rotated)
+    fleet.run(horizon)
+    return Result("steady day", list_mode, agents, horizon, limit, vault.served, vault.throttled,
+                  vault.failed, _last(fleet.current_at, rotated))
+
+
+def scale_out(agents: int = 10_000, booting: int = 2_000, secrets: int = 20,
+              horizon_s: float = 3600.0, *, list_mode: bool, seed: int = 1,
+              sliding: bool = True, limit: int = LIMIT, spread_s: float = 60.0,
+              policy: RetryPolicy = REFRESH_RETRY) -> Result:
+    """``booting`` VMs boot in the same minute beside the rest, running."""
+    vault = Vault(secrets, horizon_s, sliding=sliding, limit=limit)
+    fleet = Fleet(vault, list_mode=list_mode, seed=seed, policy=policy)
+    running = agents - booting
+    fleet.add_running(running)
+    new = fleet.add_booting(booting, 0.0, spread_s)
+    fleet.run(horizon_s)
+    ready = [fleet.ready_at[agent] for agent in new]
+    background = running * (vault.pages if list_mode else secrets) / fleet.interval_s
+    # A work-conserving vault serves the boot's requests at its spare rate,
+    # and no agent is ready before it boots.
+    ideal = max(spread_s, booting * secrets / (limit / WINDOW_S - background))
+    return Result("scale-out", list_mode, agents, horizon_s, limit, vault.served, vault.throttled,
+                  vault.failed, _last(ready, 0.0), ideal_s=ideal)
+
+
+def outage(agents: int = 10_000, secrets: int = 20, down_s: float = 600.0,
+           start_s: float = 600.0, *, list_mode: bool, seed: int = 1,
+           sliding: bool = True, limit: int = LIMIT) -> Result:
+    """The vault answers 503 for ``down_s``; secret 0 rotates as it returns."""
+    back = start_s + down_s
+    horizon = back + 2 * DEFAULT_REFRESH_S + 600.0
+    vault = Vault(secrets, horizon, sliding=sliding, outage=(start_s, back), limit=limit)
+    fleet = Fleet(vault, list_mode=list_mode, seed=seed)
+    fleet.add_running(agents)
+    fleet.rotate_at(back)
+    fleet.run(horizon)
+    return Result("outage", list_mode, agents, horizon, limit, vault.served, vault.throttled,
+                  vault.failed, _last(fleet.current_at, back), after_s=back)
+
+
+_RETRY_AFTER: Dict[Optional[str], Optional[float]] = {}
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """The agent's parse_retry_after, remembered per header value (the
+    vault sends few distinct values, the fleet millions of replies)."""
+    if value not in _RETRY_AFTER:
+        _RETRY_AFTER[value] = parse_retry_after(value)
+    return _RETRY_AFTER[value]
+
+
+def _last(times: List[Optional[float]], since: float) -> Optional[float]:
+    """Seconds from ``since`` to the last of ``times``; None if any never came."""
+    if any(t is None for t in times):
+        return None
+    return max((t for t in times if t is not None), default=since) - since
+
+
+# -- the issue's targets -----------------------------------------------------------
+
+
+class Verdict(NamedTuple):
+    target: str
+    measured: str
+    is_met: bool
+
+
+def judge_steady(per_secret: Result, listed: Result) -> List[Verdict]:
+    """Peak at most half the limit; list-based refresh at most 1/20 of per-secret."""
+    verdicts = [Verdict(f"{_mode(r)}: peak <= 50 % of the limit", f"{r.peak(r.served)}",
+                        r.peak(r.offered) <= r.limit // 2) for r in (per_secret, listed)]
+    ratio = listed.per_agent_hour / per_secret.per_agent_hour
+    verdicts.append(Verdict("list-based <= 1/20 of per-secret", f"1/{1 / ratio:.1f}",
+                            ratio <= 1 / 20))
+    return verdicts
+
+
+def judge_scale_out(result: Result) -> List[Verdict]:
+    """Every agent ready within 1.5x the ideal; throttled retries <= 20 %."""
+    assert result.ideal_s is not None
+    ready = result.recovery_s
+    end = int(ready) + 1 if ready is not None else None
+    share = sum(result.throttled[:end]) / max(1, sum(result.offered[:end]))
+    return [
+        Verdict(f"{_mode(result)}: all ready <= 1.5 x ideal ({1.5 * result.ideal_s:.0f} s)",
+                "never" if ready is None else f"{ready:.0f} s",
+                ready is not None and ready <= 1.5 * result.ideal_s),
+        Verdict(f"{_mode(result)}: 429s <= 20 % of requests", f"{100 * share:.0f} %",
+                share <= 0.2),
+    ]
+
+
+def judge_outage(result: Result) -> List[Verdict]:
+    """After the vault returns: no 10-s window over the limit after the first;
+    every agent current within 2 refresh intervals."""
+    assert result.after_s is not None
+    over = sum(1 for count in result.windows(result.offered, int(result.after_s))[1:]
+               if count > result.limit)
+    current = result.recovery_s
+    return [
+        Verdict(f"{_mode(result)}: no window > limit after the first",
+                f"{over} windows over", over == 0),
+        Verdict(f"{_mode(result)}: all current <= 2 intervals ({2 * DEFAULT_REFRESH_S:.0f} s)",
+                "never" if current is None else f"{current:.0f} s",
+                current is not None and current <= 2 * DEFAULT_REFRESH_S),
+    ]
+
+
+def _mode(result: Result) -> str:
+    return "list" if result.list_mode else "per-secret"

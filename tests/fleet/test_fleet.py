@@ -1,0 +1,75 @@
+"""The fleet simulation, reduced (500 agents, a vault of 200 per 10 s: the
+full run's ratio of agents to limit), so CI proves it runs against the
+agent's real lifecycle and Backoff and that the figures keep their shape.
+The full run and its plots: tests/fleet/run.py."""
+
+from __future__ import annotations
+
+import fleetsim
+import pytest
+
+from agent import lifecycle, retry
+
+AGENTS = 500
+LIMIT = 200  # 4,000 x 500 / 10,000
+
+
+def test_a_steady_fleet_stays_under_half_the_limit_and_listing_costs_a_twentieth() -> None:
+    """A steady fleet's peak stays under half the limit with list-based refresh, none
+    of its requests is throttled, every agent picks up a rotation within one jittered interval,
+    and a listing refresh costs about 1/20 of per-secret GETs (20 secrets, one page)."""
+    per_secret = fleetsim.steady(AGENTS, hours=2, list_mode=False, limit=LIMIT)
+    listed = fleetsim.steady(AGENTS, hours=2, list_mode=True, limit=LIMIT)
+    assert listed.peak(listed.offered) <= LIMIT // 2
+    assert sum(listed.throttled) == 0
+    for result in (per_secret, listed):
+        assert result.recovery_s is not None
+        assert result.recovery_s <= 1.1 * fleetsim.DEFAULT_REFRESH_S + 1
+    assert per_secret.per_agent_hour >= 80  # 20 GETs x 4 an hour, and their 429s
+    # 4 listings an hour, plus one GET per agent for the rotation in 2 hours.
+    assert listed.per_agent_hour == pytest.approx(4.5, rel=0.02)
+
+
+def test_after_an_outage_list_based_refresh_keeps_under_the_limit_and_recovers() -> None:
+    """After a 10-minute outage, a list-based fleet sends no 10-s window over the limit
+    after the first, and every agent is current within two refresh intervals."""
+    result = fleetsim.outage(AGENTS, list_mode=True, limit=LIMIT)
+    assert sum(result.failed) > 0  # the outage happened
+    assert all(verdict.is_met for verdict in fleetsim.judge_outage(result)), \
+        fleetsim.judge_outage(result)
+
+
+def test_a_per_secret_outage_recovers_within_two_intervals() -> None:
+    """Per-secret refresh also gets every agent current within two intervals after an outage."""
+    result = fleetsim.outage(AGENTS, list_mode=False, limit=LIMIT)
+    assert result.recovery_s is not None and result.recovery_s <= 2 * fleetsim.DEFAULT_REFRESH_S
+
+
+def test_a_scale_out_is_throttled_and_every_booted_agent_gets_ready() -> None:
+    """VMs booting together are throttled (429 + Retry-After), never served past the
+    limit in any 10-s span, and every one of them ends up ready."""
+    result = fleetsim.scale_out(AGENTS, AGENTS // 5, list_mode=True, limit=LIMIT,
+                                horizon_s=1800)
+    assert sum(result.throttled) > 0
+    assert result.peak(result.served) <= LIMIT * 1.02  # 50-ms waves charged early
+    assert result.recovery_s is not None
+
+
+def test_the_simulation_runs_the_agents_own_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changing the agent's refresh_delay or Backoff changes the simulated fleet: the
+    simulation calls the agent's code rather than a copy of it."""
+    baseline = fleetsim.steady(50, hours=1, list_mode=True, limit=LIMIT)
+    monkeypatch.setattr(lifecycle, "refresh_delay", lambda *args: 60.0)
+    faster = fleetsim.steady(50, hours=1, list_mode=True, limit=LIMIT)
+    assert faster.total > 10 * baseline.total
+    monkeypatch.undo()
+    calls = []
+    original = retry.Backoff.wait
+
+    def counting(self: retry.Backoff, reason: str, retry_after: object = None) -> bool:
+        calls.append(reason)
+        return original(self, reason, retry_after)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(retry.Backoff, "wait", counting)
+    fleetsim.outage(50, list_mode=True, limit=LIMIT, down_s=120)
+    assert calls
