@@ -29,7 +29,18 @@ import posixpath
 import pwd
 import re
 import stat
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import yaml
 
@@ -527,19 +538,24 @@ class _Problems:
             )
 
 
+def suggest(key: Any, known: Sequence[str], what: str = "keys") -> str:
+    """The fix for an unknown key: the closest known one, else the list."""
+    import difflib  # only on this error path: keeps start-up lean
+
+    close = difflib.get_close_matches(str(key)[:64], known, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"known {what}: {', '.join(known)}"
+
+
 def _unknown_keys(
     problems: _Problems, data: _Map, known: Tuple[str, ...], prefix: str
 ) -> None:
     for key in data:
         if key in known:
             continue
-        import difflib  # only on this error path: keeps start-up lean
-
         # Suggestions only for lines that will be shown: difflib costs ~50 us
         # a key, and a 1 MiB manifest can hold 50,000 unknown ones.
-        close = (difflib.get_close_matches(key[:64], known, n=1, cutoff=0.6)
-                 if len(problems.lines) < MAX_PROBLEMS else [])
-        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        hint = (suggest(key, known) if len(problems.lines) < MAX_PROBLEMS
+                else f"known keys: {', '.join(known)}")
         problems.add(f"{prefix}{echo(key)}", "unknown key", data.key_lines.get(key), hint)
     for key, line in data.duplicates:
         problems.add(f"{prefix}{echo(key)}", "key given twice", line, "keep one")
@@ -1139,11 +1155,7 @@ def _select_filter(
 
     for unknown in value:
         if unknown not in SELECT_FILTER_KEYS:
-            import difflib  # only on this error path
-
-            close = difflib.get_close_matches(str(unknown)[:64], SELECT_FILTER_KEYS, n=1)
-            inner(echo(unknown), "unknown key", f"did you mean '{close[0]}'?" if close
-                  else f"known keys: {', '.join(SELECT_FILTER_KEYS)}")
+            inner(echo(unknown), "unknown key", suggest(unknown, SELECT_FILTER_KEYS))
     prefix = value.get("prefix", "")
     if isinstance(prefix, (int, float)) and not isinstance(prefix, bool) \
             and "prefix" in value.raw:
@@ -1453,12 +1465,7 @@ def _certificate_outputs(
     kinds, outputs = [], []
     for kind, target in value.items():
         if kind not in CERTIFICATE_KINDS:
-            import difflib  # only on this error path
-
-            close = difflib.get_close_matches(str(kind)[:64], CERTIFICATE_KINDS, n=1)
-            inner(echo(kind), "unknown output kind",
-                  f"did you mean '{close[0]}'?" if close
-                  else f"known kinds: {', '.join(CERTIFICATE_KINDS)}")
+            inner(echo(kind), "unknown output kind", suggest(kind, CERTIFICATE_KINDS, "kinds"))
             continue
         output = _output(inner, kind, target, paths, defaults, accounts)
         if output is not None:
@@ -1484,11 +1491,7 @@ def _template(
 
     for unknown in value:
         if unknown not in TEMPLATE_KEYS:
-            import difflib  # only on this error path
-
-            close = difflib.get_close_matches(str(unknown)[:64], TEMPLATE_KEYS, n=1)
-            inner(echo(unknown), "unknown key", f"did you mean '{close[0]}'?" if close
-                  else f"known keys: {', '.join(TEMPLATE_KEYS)}")
+            inner(echo(unknown), "unknown key", suggest(unknown, TEMPLATE_KEYS))
     form = value.get("format", "env")
     if form not in TEMPLATE_FORMATS:
         inner("format", f"'{echo(form)}' is not a template format",
@@ -1540,7 +1543,7 @@ def _template_source(
         item = {"name": item}
     for unknown in item:
         if unknown not in TEMPLATE_VALUE_KEYS:
-            inner(echo(unknown), "unknown key", f"known keys: {', '.join(TEMPLATE_VALUE_KEYS)}")
+            inner(echo(unknown), "unknown key", suggest(unknown, TEMPLATE_VALUE_KEYS))
     name = _secret_name(inner, item, "name")
     version = _version(inner, item, "version")
     encoding = _encoding(inner, item, "encoding")
