@@ -218,3 +218,15 @@ def test_every_mutation_the_promises_table_names_exists() -> None:
              for name in group.split(",")]
     assert len(named) >= 8
     assert set(named) <= known, f"unknown mutations: {sorted(set(named) - known)}"
+
+
+def test_the_layout_names_every_module() -> None:
+    """README's Layout section names every module of the agent and of the emulator
+    package, so the module map a newcomer reads is never behind the code."""
+    text = README.read_text()
+    layout = text[text.index("## Layout"):]
+    modules = [path for path in sorted((REPO / "agent").rglob("*.py"))
+               if not path.name.startswith("__")]
+    missing = [str(path.relative_to(REPO)) for path in modules
+               if f"`{path.name}`" not in layout]
+    assert not missing, f"README.md's Layout does not name: {', '.join(missing)}"
