@@ -538,6 +538,21 @@ class _Problems:
             )
 
 
+class _Scope:
+    """Reports problems under one key of an entry (``template.format``...)
+    through the entry's ``fail``, and counts them, so the parser of that part
+    knows whether it came out clean."""
+
+    def __init__(self, fail: Callable[..., None], key: str) -> None:
+        self._fail = fail
+        self._key = key
+        self.count = 0
+
+    def __call__(self, sub: str, message: str, hint: str = "") -> None:
+        self.count += 1
+        self._fail(f"{self._key}.{sub}" if sub else self._key, message, hint)
+
+
 def suggest(key: Any, known: Sequence[str], what: str = "keys") -> str:
     """The fix for an unknown key: the closest known one, else the list."""
     import difflib  # only on this error path: keeps start-up lean
@@ -1147,11 +1162,7 @@ def _select_filter(
     if not isinstance(value, _Map) or not value:
         fail("select", "must be a mapping with prefix, tags or both", hint)
         return None, ()
-    problems: List[str] = []
-
-    def inner(sub: str, message: str, fix: str = "") -> None:
-        problems.append(sub)
-        fail(f"select.{sub}", message, fix)
+    inner = _Scope(fail, "select")
 
     for unknown in value:
         if unknown not in SELECT_FILTER_KEYS:
@@ -1183,7 +1194,7 @@ def _select_filter(
                       "write the value as text, at most 256 characters")
             else:
                 pairs.append((name, text))
-    if problems:
+    if inner.count:
         return None, ()
     return str(prefix), tuple(sorted(pairs))
 
@@ -1422,11 +1433,7 @@ def _output(
     if not isinstance(value, _Map):
         path = paths.resolve(fail, key, value)
         return defaults._replace(path=path) if path is not None else None
-    problems_before = []
-
-    def inner(sub: str, message: str, hint: str = "") -> None:
-        problems_before.append(sub)
-        fail(f"{key}.{sub}", message, hint)
+    inner = _Scope(fail, key)
 
     for unknown in value:
         if unknown not in OUTPUT_KEYS:
@@ -1445,7 +1452,7 @@ def _output(
             mode = parse_mode(value["mode"], value.raw.get("mode"))
         except ValueError as exc:
             inner("mode", str(exc))
-    if path is None or problems_before:
+    if path is None or inner.count:
         return None
     return Output(path, uid, gid, mode, owner, group)
 
@@ -1458,9 +1465,7 @@ def _certificate_outputs(
         fail("certificate", "must be a mapping of at least one of "
              f"{', '.join(CERTIFICATE_KINDS)} to a path", "e.g. certificate: {key: tls.key}")
         return (), ()
-
-    def inner(sub: str, message: str, hint: str = "") -> None:
-        fail(f"certificate.{sub}", message, hint)
+    inner = _Scope(fail, "certificate")
 
     kinds, outputs = [], []
     for kind, target in value.items():
@@ -1483,11 +1488,7 @@ def _template(
         fail("template", "must be a mapping with path, format and values",
              "e.g. template: {path: app.env, format: env, values: {DB_PASSWORD: db-password}}")
         return None
-    before: List[str] = []
-
-    def inner(sub: str, message: str, hint: str = "") -> None:
-        before.append(sub)
-        fail(f"template.{sub}", message, hint)
+    inner = _Scope(fail, "template")
 
     for unknown in value:
         if unknown not in TEMPLATE_KEYS:
@@ -1519,7 +1520,7 @@ def _template(
             keys.append(str(key))
             sources.append(source[0])
             encodings.append(source[1])
-    if before or output is None:
+    if inner.count or output is None:
         return None
     return (TransformParams(tuple(encodings), format=str(form), keys=tuple(keys)),
             tuple(sources), (output,))
@@ -1529,11 +1530,7 @@ def _template_source(
     fail: Callable[..., None], where: str, item: Any, vault: Optional[str],
 ) -> Optional[Tuple[Source, Optional[str]]]:
     """A template value: a secret name, or {name, version, vault, encoding}."""
-    problems: List[str] = []
-
-    def inner(sub: str, message: str, hint: str = "") -> None:
-        problems.append(sub)
-        fail(f"{where}.{sub}" if sub else where, message, hint)
+    inner = _Scope(fail, where)
 
     if not isinstance(item, _Map):
         if not isinstance(item, str) or not SECRET_NAME_RE.match(item):
@@ -1553,7 +1550,7 @@ def _template_source(
             item_vault = _vault_url(item["vault"])
         except ValueError as exc:
             inner("vault", str(exc))
-    if problems or name is None:
+    if inner.count or name is None:
         return None
     if not item_vault:
         inner("vault", "missing", "add vault: at the top or in this value")
