@@ -40,10 +40,7 @@ RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 def build_params(resource: str, identity: Identity) -> Dict[str, str]:
     """Query parameters for one token request (pure)."""
-    params = {"api-version": APP_SERVICE_API_VERSION, "resource": resource}
-    if identity.selector is not None and identity.value is not None:
-        params[SELECTOR_PARAMS[identity.selector]] = identity.value
-    return params
+    return identity.token_params(APP_SERVICE_API_VERSION, resource, SELECTOR_PARAMS)
 
 
 def app_service_message(body: bytes) -> str:

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 from agent import transport
 from agent.errors import IdentityUnavailableError
 from agent.identity_selector import Identity
-from agent.imds import RETRY_STATUSES, build_params
+from agent.imds import RETRY_STATUSES, SELECTOR_PARAMS
 from agent.retry import parse_retry_after
 from agent.token_request import (
     AccessToken,
@@ -161,8 +161,7 @@ class ArcRequestFactory(RequestFactory):
 
     def request(self, resource: str) -> TokenRequest:
         """IMDS's request with Arc's api-version; no credential yet."""
-        params = build_params(resource, self.identity)
-        params["api-version"] = ARC_API_VERSION
+        params = self.identity.token_params(ARC_API_VERSION, resource, SELECTOR_PARAMS)
         return TokenRequest(self.endpoint, params, headers={"Metadata": "true"})
 
     def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,

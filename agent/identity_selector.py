@@ -9,7 +9,7 @@ parameter (IMDS: :data:`agent.imds.SELECTOR_PARAMS`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, Mapping, NamedTuple, Optional
 
 # The manifest's ``identity.source``: which endpoint to ask [protocol.md A1, A7, A8].
 SOURCES = ("auto", "imds", "arc", "app-service")
@@ -27,6 +27,16 @@ class Identity(NamedTuple):
     selector: Optional[str] = None
     value: Optional[str] = None
     source: str = "auto"
+
+    def token_params(self, api_version: str, resource: str,
+                     names: Mapping[str, str]) -> Dict[str, str]:
+        """Query parameters of a token request: the endpoint's api-version, the
+        resource and, for a user-assigned identity, the selector under the
+        endpoint's own name for it (``names``: manifest key -> parameter)."""
+        params = {"api-version": api_version, "resource": resource}
+        if self.selector is not None and self.value is not None:
+            params[names[self.selector]] = self.value
+        return params
 
     def describe(self) -> str:
         """A short operator-facing name, e.g. ``user-assigned client_id=...``."""

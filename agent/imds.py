@@ -47,10 +47,7 @@ def imds_endpoint(environ: Mapping[str, str]) -> str:
 
 def build_params(resource: str, identity: Identity) -> Dict[str, str]:
     """Query parameters for one token request (pure)."""
-    params = {"api-version": IMDS_API_VERSION, "resource": resource}
-    if identity.selector is not None and identity.value is not None:
-        params[SELECTOR_PARAMS[identity.selector]] = identity.value
-    return params
+    return identity.token_params(IMDS_API_VERSION, resource, SELECTOR_PARAMS)
 
 
 def _assign_hint(identity: Identity) -> str:

@@ -1125,14 +1125,7 @@ def _parse_selection(
         folder = Paths(directory, check_filesystem).resolve(fail, "directory", entry["directory"])
         if folder is not None and len(folder.encode()) > PATH_MAX - SELECTED_NAME_CHARS:
             fail("directory", "too long to hold a secret's name", "shorten it")
-    uid, owner = _account(fail, entry, "owner", accounts.user, "user")
-    gid, group = _account(fail, entry, "group", accounts.group, "group")
-    mode = DEFAULT_MODE
-    if "mode" in entry:
-        try:
-            mode = parse_mode(entry["mode"], entry.raw.get("mode"))
-        except ValueError as exc:
-            fail("mode", str(exc))
+    owned = _ownership(fail, entry, accounts)
     flags = {}
     for key in ("optional", "strip_prefix", "include_certificates"):
         flags[key] = entry.get(key, False)
@@ -1146,7 +1139,7 @@ def _parse_selection(
             fail("on_change", str(exc), 'e.g. on_change: ["systemctl", "reload", "app.service"]')
     if len(problems.lines) > before or prefix is None or folder is None or not entry_vault:
         return None
-    return Selection(prefix, tags, entry_vault, folder, Output("", uid, gid, mode, owner, group),
+    return Selection(prefix, tags, entry_vault, folder, owned,
                      strip_prefix=flags["strip_prefix"] is True,
                      include_certificates=flags["include_certificates"] is True,
                      is_optional=flags["optional"] is True, on_change=on_change,
@@ -1295,15 +1288,7 @@ def _parse_entry(
         except ValueError as exc:
             fail("vault", str(exc))
 
-    uid, owner = _account(fail, entry, "owner", accounts.user, "user")
-    gid, group = _account(fail, entry, "group", accounts.group, "group")
-    mode = DEFAULT_MODE
-    if "mode" in entry:
-        try:
-            mode = parse_mode(entry["mode"], entry.raw.get("mode"))
-        except ValueError as exc:
-            fail("mode", str(exc))
-    defaults = Output("", uid, gid, mode, owner, group)
+    defaults = _ownership(fail, entry, accounts)
 
     version = _version(fail, entry, "version")
     encoding = _encoding(fail, entry, "encoding")
@@ -1437,24 +1422,15 @@ def _output(
 
     for unknown in value:
         if unknown not in OUTPUT_KEYS:
-            inner(echo(unknown), "unknown key", f"known keys: {', '.join(OUTPUT_KEYS)}")
+            inner(echo(unknown), "unknown key", suggest(unknown, OUTPUT_KEYS))
     if "path" not in value:
         inner("path", "missing", "add path: <file name>")
         return None
     path = paths.resolve(inner, "path", value["path"])
-    uid, owner = _account(inner, value, "owner", accounts.user, "user") \
-        if "owner" in value else (defaults.uid, defaults.owner)
-    gid, group = _account(inner, value, "group", accounts.group, "group") \
-        if "group" in value else (defaults.gid, defaults.group)
-    mode = defaults.mode
-    if "mode" in value:
-        try:
-            mode = parse_mode(value["mode"], value.raw.get("mode"))
-        except ValueError as exc:
-            inner("mode", str(exc))
+    owned = _ownership(inner, value, accounts, defaults)
     if path is None or inner.count:
         return None
-    return Output(path, uid, gid, mode, owner, group)
+    return owned._replace(path=path)
 
 
 def _certificate_outputs(
@@ -1569,6 +1545,26 @@ def _account(
     except ValueError as exc:
         fail(key, str(exc), "")
         return 0, "root"
+
+
+ROOT_OWNED = Output("", 0, 0, DEFAULT_MODE)  # owner and group root, mode 0400
+
+
+def _ownership(fail: Callable[..., None], value: _Map, accounts: Accounts,
+               defaults: Output = ROOT_OWNED) -> Output:
+    """``owner``, ``group`` and ``mode`` of an entry or of one output's mapping
+    (path left as in ``defaults``); a key that is absent keeps its default."""
+    uid, owner = (_account(fail, value, "owner", accounts.user, "user") if "owner" in value
+                  else (defaults.uid, defaults.owner))
+    gid, group = (_account(fail, value, "group", accounts.group, "group") if "group" in value
+                  else (defaults.gid, defaults.group))
+    mode = defaults.mode
+    if "mode" in value:
+        try:
+            mode = parse_mode(value["mode"], value.raw.get("mode"))
+        except ValueError as exc:
+            fail("mode", str(exc))
+    return defaults._replace(uid=uid, gid=gid, mode=mode, owner=owner, group=group)
 
 
 def _check_path_conflicts(problems: _Problems, entries: List[Entry]) -> None:
