@@ -31,6 +31,7 @@ from agent.untrusted import escape
 
 if TYPE_CHECKING:
     from agent.agent import SecretOutcome
+    from agent.emulator import Emulator
 
 MANIFEST_ENV = "KV_AGENT_MANIFEST"
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
@@ -151,7 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--empty-pages", action="store_true",
                           help="open every list with empty pages that carry a nextLink, as "
                                "Azure may")
-    emulator.set_defaults(handler=_cmd_emulator)
+    emulator.add_argument("--arc-port", metavar="PORT", type=int,
+                          help="also serve Azure Arc's HIMDS on this port (40342 on an Arc "
+                               "server; 0: any)")
+    emulator.add_argument("--arc-tokens-dir", metavar="DIR",
+                          help="where HIMDS writes its key files (default: a temporary "
+                               "directory)")
+    emulator.add_argument("--app-service-port", metavar="PORT", type=int,
+                          help="also serve App Service's identity endpoint on this port "
+                               "(0: any)")
+    emulator.add_argument("--identity-header", metavar="VALUE",
+                          help="the X-IDENTITY-HEADER App Service expects (default: random)")
+    emulator.set_defaults(handler=_cmd_emulator, usage_error=emulator.error)
 
     demo = commands.add_parser(
         "demo", help="run the agent against a local emulator and show what it wrote")
@@ -323,6 +335,9 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import signal
     import threading
 
+    for option, needs in (("arc_tokens_dir", "arc_port"), ("identity_header", "app_service_port")):
+        if getattr(args, option) is not None and getattr(args, needs) is None:
+            args.usage_error(f"--{option.replace('_', '-')} needs --{needs.replace('_', '-')}")
     _require_emulator("emulator")
     from agent.emulator import Emulator, load_emulator_file
 
@@ -336,7 +351,9 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         secrets, host=args.host, imds_port=args.imds_port, vault_port=args.vault_port,
         vault_hostname=args.vault_hostname, tls_cert=args.tls_cert, tls_key=args.tls_key,
         ca_cert=args.ca_cert, cert_dir=args.cert_dir, latency_s=args.latency_ms / 1000.0,
-        identities=loaded.identities, empty_pages=args.empty_pages)
+        identities=loaded.identities, empty_pages=args.empty_pages, arc_port=args.arc_port,
+        arc_tokens_dir=args.arc_tokens_dir, app_service_port=args.app_service_port,
+        identity_header=args.identity_header)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -344,11 +361,15 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         emulator.start()
     except OSError as exc:
         raise KvAgentError(f"cannot start the emulator on {args.host}: {exc.strerror or exc}",
-                           "choose other --imds-port/--vault-port values, or free them") from None
+                           "choose other --imds-port/--vault-port/--arc-port/"
+                           "--app-service-port values, or free them") from None
     try:
         for line in _emulator_banner(emulator.imds_endpoint, emulator.vault_url,
                                      emulator.ca_path, len(secrets)):
             print(line, flush=True)
+        for line in _identity_banner(emulator, args):
+            print(line, flush=True)
+        print("Stop with Ctrl-C.", flush=True)
         stop.wait()
     finally:
         emulator.stop()
@@ -364,8 +385,27 @@ def _emulator_banner(imds: str, vault: str, ca_path: str, count: int) -> List[st
         "Point the agent at it (manifest 'vault:' set to the vault above):",
         f"  KV_AGENT_IMDS_ENDPOINT={imds} REQUESTS_CA_BUNDLE={ca_path} \\",
         "    kv-agent once --manifest manifest.yaml",
-        "Stop with Ctrl-C.",
     ]
+
+
+def _identity_banner(emulator: "Emulator", args: argparse.Namespace) -> List[str]:
+    """The environment Azure Arc or App Service would give the agent, for the
+    endpoints asked for (identity.source auto then picks them; protocol.md A7, A8).
+    The header is the emulator's own throw-away value, printed to be exported."""
+    ca = f"REQUESTS_CA_BUNDLE={emulator.ca_path}"
+    lines = []
+    if args.arc_port is not None:
+        tokens, endpoint = emulator.arc_api.tokens_dir, emulator.arc_endpoint
+        lines += [f"Azure Arc (HIMDS): {endpoint}, key files in {tokens}",
+                  f"  IDENTITY_ENDPOINT={endpoint} IMDS_ENDPOINT={emulator.arc_base} \\",
+                  f"  KV_AGENT_ARC_TOKENS_DIR={tokens} {ca} \\",
+                  "    kv-agent once --manifest manifest.yaml"]
+    if args.app_service_port is not None:
+        lines += [f"App Service: {emulator.app_service_endpoint}",
+                  f"  IDENTITY_ENDPOINT={emulator.app_service_endpoint} "
+                  f"IDENTITY_HEADER={emulator.identity_header} \\",
+                  f"  {ca} kv-agent once --manifest manifest.yaml"]
+    return lines
 
 
 def _cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -808,6 +808,97 @@ def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness
         assert process.wait(timeout=15) == 0
 
 
+def exported(lines: List[str], heading: str) -> Dict[str, str]:
+    """The NAME=value pairs the banner's block under ``heading`` tells a user to
+    export, up to its ``kv-agent once`` line."""
+    start = next(index for index, line in enumerate(lines) if line.startswith(heading))
+    pairs: Dict[str, str] = {}
+    for line in lines[start + 1:]:
+        pairs.update(word.split("=", 1) for word in line.split() if re.match(r"[A-Z_]+=", word))
+        if "kv-agent once" in line:
+            return pairs
+    raise AssertionError(f"no 'kv-agent once' line under {heading!r}: {lines}")
+
+
+def test_emulator_command_serves_azure_arc(kv: Harness, tmp_path: Path) -> None:
+    """kv-agent emulator --arc-port --arc-tokens-dir serves HIMDS on its own port and
+    prints the environment an Arc server sets; kv-agent once, given exactly that
+    environment and identity source auto, picks Arc, answers the key-file challenge
+    and writes the secret, printing neither the key nor the token."""
+    name, value = fresh_name("arccli"), fresh_value("arccli")
+    SECRET_VALUES.add(value)
+    secrets_file = write_private(kv.root / "secrets.yaml", f"{name}: {json.dumps(value)}\n")
+    tokens_dir = tmp_path / "tokens"
+    lines: List[str] = []
+    with emulator_command(secrets_file, "--arc-port", "0", "--arc-tokens-dir", str(tokens_dir),
+                          env=base_environ(), on_line=lines.append) as (process, banner):
+        arc = exported(lines, "Azure Arc (HIMDS):")
+        assert set(arc) == {"IDENTITY_ENDPOINT", "IMDS_ENDPOINT", "KV_AGENT_ARC_TOKENS_DIR",
+                            "REQUESTS_CA_BUNDLE"}, lines
+        assert arc["IDENTITY_ENDPOINT"] == arc["IMDS_ENDPOINT"] + "/metadata/identity/oauth2/token"
+        assert arc["IMDS_ENDPOINT"] != banner["imds"].rsplit("/metadata", 1)[0]  # its own port
+        assert arc["KV_AGENT_ARC_TOKENS_DIR"] == str(tokens_dir)
+        manifest = write_private(kv.root / "manifest.yaml",
+                                 f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
+                                 f"secrets:\n{entry(name)}")
+        env = kv.env(**arc)
+        del env["KV_AGENT_IMDS_ENDPOINT"]
+
+        result = kv.run("once", "--manifest", str(manifest), env=env)
+
+        assert result.returncode == 0, result.stderr
+        assert (kv.directory / name).read_bytes() == value.encode()
+        assert result.output.count("identity source: arc (IDENTITY_ENDPOINT") == 1
+        keys = [path.read_text() for path in tokens_dir.iterdir()]
+        assert len(keys) == 1 and all(path.name.endswith(".key") for path in tokens_dir.iterdir())
+        assert_no_leak(result.output)
+        secrecy.assert_no_leak(result.output, keys, TOKENS)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+
+def test_emulator_command_serves_app_service(kv: Harness) -> None:
+    """kv-agent emulator --app-service-port --identity-header serves App Service's
+    endpoint on its own port and prints IDENTITY_ENDPOINT and IDENTITY_HEADER;
+    kv-agent once with identity source app-service and that environment writes the
+    secret; the header never appears in the agent's output."""
+    name, value = fresh_name("appcli"), fresh_value("appcli")
+    SECRET_VALUES.add(value)
+    secrets_file = write_private(kv.root / "secrets.yaml", f"{name}: {json.dumps(value)}\n")
+    header = "hdr-" + secrets.token_hex(12)
+    lines: List[str] = []
+    with emulator_command(secrets_file, "--app-service-port", "0", "--identity-header", header,
+                          env=base_environ(), on_line=lines.append) as (process, banner):
+        app = exported(lines, "App Service:")
+        assert set(app) == {"IDENTITY_ENDPOINT", "IDENTITY_HEADER", "REQUESTS_CA_BUNDLE"}, lines
+        assert app["IDENTITY_HEADER"] == header and app["IDENTITY_ENDPOINT"].endswith("/MSI/token")
+        manifest = write_private(kv.root / "manifest.yaml",
+                                 f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
+                                 f"identity:\n  source: app-service\nsecrets:\n{entry(name)}")
+        env = kv.env(**app)
+        del env["KV_AGENT_IMDS_ENDPOINT"]
+
+        result = kv.run("once", "--manifest", str(manifest), env=env)
+
+        assert result.returncode == 0, result.stderr
+        assert (kv.directory / name).read_bytes() == value.encode()
+        assert result.output.count("identity source: app-service (identity.source") == 1
+        assert header not in result.output
+        assert_no_leak(result.output)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+
+@pytest.mark.parametrize("argv", [["--arc-tokens-dir", "/tmp/x"], ["--identity-header", "h"]],
+                         ids=["arc-tokens-dir", "identity-header"])
+def test_emulator_command_option_needs_its_port(kv: Harness, argv: List[str]) -> None:
+    """--arc-tokens-dir without --arc-port, or --identity-header without
+    --app-service-port, is a usage error (2) naming both options."""
+    result = kv.run("emulator", "--secrets", "/dev/null", *argv)
+    assert result.returncode == 2
+    assert f"{argv[0]} needs --" in result.stderr and "Traceback" not in result.output
+
+
 def test_demo_exits_zero_and_prints_no_secret_value(kv: Harness) -> None:
     """kv-agent demo in a new tmpfs directory exits 0 and prints no secret value."""
     SECRET_VALUES.update(DEMO_SECRETS.values())

@@ -1820,7 +1820,7 @@ def test_arc_challenges_with_a_key_file_then_accepts_it(tmp_path: Path) -> None:
         assert first.status_code == 401
         scheme, _, path = first.headers["WWW-Authenticate"].partition(" realm=")
         assert scheme == "Basic" and os.path.dirname(path) == str(tmp_path)
-        assert path.endswith(".key") and os.stat(path).st_mode & 0o777 == 0o600
+        assert path.endswith(".key") and os.stat(path).st_mode & 0o737 == 0o600  # at most 0640
         key = Path(path).read_text()
         wrong = requests.get(arc.imds_endpoint, params=params,
                              headers={**METADATA, "Authorization": "Basic nope"}, timeout=5)
@@ -1859,3 +1859,31 @@ def test_app_service_checks_its_header_and_api_version() -> None:
         assert good.status_code == 200
         assert set(good.json()) == {"access_token", "expires_on", "resource", "token_type",
                                     "client_id"}
+
+
+def test_arc_and_app_service_on_ports_of_their_own(tmp_path: Path) -> None:
+    """arc_port and app_service_port serve HIMDS and App Service beside IMDS, each
+    on its own port and sharing IMDS's identities; IMDS stays IMDS."""
+    params = {"api-version": "2020-06-01", "resource": KV_RESOURCE}
+    with Emulator(SECRETS, arc_port=0, app_service_port=0, arc_tokens_dir=str(tmp_path),
+                  identity_header="h") as emulator:
+        bases = {emulator.imds_base, emulator.arc_base,
+                 emulator.app_service_endpoint.rsplit("/MSI", 1)[0]}
+        assert len(bases) == 3
+        challenge = requests.get(emulator.arc_endpoint, params=params, headers=METADATA,
+                                 timeout=5)
+        assert challenge.status_code == 401
+        key = Path(challenge.headers["WWW-Authenticate"].partition("realm=")[2]).read_text()
+        token = requests.get(emulator.arc_endpoint, params=params, timeout=5,
+                             headers={**METADATA, "Authorization": f"Basic {key}"})
+        assert token.status_code == 200
+        imds = requests.get(emulator.imds_endpoint, headers=METADATA, timeout=5,
+                            params={**params, "api-version": "2018-02-01"})
+        assert imds.status_code == 200
+        app = requests.get(emulator.app_service_endpoint, headers={"X-IDENTITY-HEADER": "h"},
+                           params={"api-version": "2019-08-01", "resource": KV_RESOURCE},
+                           timeout=5)
+        assert app.status_code == 200 and "expires_in" not in app.json()
+        elsewhere = requests.get(emulator.app_service_endpoint.replace("/MSI/token", "/x"),
+                                 timeout=5)
+        assert elsewhere.status_code == 404 and elsewhere.json()["statusCode"] == 404

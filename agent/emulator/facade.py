@@ -50,6 +50,10 @@ from agent.emulator.wire import (
     keyvault_error_body,
 )
 
+# The identity endpoints that may have a port of their own (protocol.md A7, A8).
+ARC = "arc"
+APP_SERVICE = "app-service"
+
 if TYPE_CHECKING:  # never imported at run time
     from typing_extensions import Self  # typing.Self is 3.11+
 
@@ -85,6 +89,9 @@ class Emulator:
     ``latency_s`` (seconds added to every request of both services) and
     ``token_lifetime_s`` may be changed at any time. ``clock`` (epoch seconds)
     dates tokens and secrets, so tests can age them without sleeping.
+    ``arc_port`` and ``app_service_port`` (0: any) give Azure Arc's HIMDS and
+    App Service's endpoint ports of their own beside IMDS, sharing its
+    identities (:attr:`arc_endpoint`, :attr:`app_service_endpoint`).
     """
 
     def __init__(
@@ -107,6 +114,8 @@ class Emulator:
         identity_source: str = "imds",
         arc_tokens_dir: str | None = None,
         identity_header: str | None = None,
+        arc_port: int | None = None,
+        app_service_port: int | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
@@ -136,6 +145,11 @@ class Emulator:
         if identity_source not in ("imds", "arc"):
             raise ValueError(f"identity_source must be 'imds' or 'arc', not {identity_source!r}")
         self._identity_source = identity_source
+        # Ports of their own for HIMDS and App Service (None: none), as on a
+        # real Arc server (40342) or App Service: the CLI's --arc-port and
+        # --app-service-port. Their requests count as IMDS's (imds_log).
+        self._own_ports = {ARC: arc_port, APP_SERVICE: app_service_port}
+        self._own_bases: dict[str, str] = {}
         self._arc_tokens_dir = arc_tokens_dir
         self._arc_api: ArcApi | None = None
         self._app_service_api = AppServiceApi(
@@ -191,9 +205,16 @@ class Emulator:
             self._reissue_certificate,
         )
         self._urls = (f"http://{self.host}:{imds.server_port}", vault_url, ca_path)
+        named = [(imds, "imds"), (vault, "vault")]
+        for source, port in self._own_ports.items():
+            if port is not None:
+                server = LoopbackServer((self.host, port), self._dispatcher(IMDS, source))
+                self._servers.append(server)
+                self._own_bases[source] = f"http://{self.host}:{server.server_port}"
+                named.append((server, source))
         if self._chain is not None:
             self._write_certificate_root()
-        for server, name in ((imds, "imds"), (vault, "vault")):
+        for server, name in named:
             thread = threading.Thread(
                 target=server.serve_forever,
                 kwargs={"poll_interval": 0.05},
@@ -236,6 +257,7 @@ class Emulator:
         self._servers = []
         self._threads = []
         self._urls = None
+        self._own_bases = {}
         self._vault_api = None
         self._root_path = None
         if self._temp_dir is not None:
@@ -567,13 +589,14 @@ class Emulator:
 
     # -- request processing
 
-    def _dispatcher(self, service: str) -> Dispatch:
+    def _dispatcher(self, service: str, source: str | None = None) -> Dispatch:
+        """``source`` (ARC, APP_SERVICE) pins an identity port to that endpoint."""
         def dispatch(request: Request) -> Answer:
-            return self._process(service, request)
+            return self._process(service, request, source)
 
         return dispatch
 
-    def _process(self, service: str, request: Request) -> Answer:
+    def _process(self, service: str, request: Request, source: str | None = None) -> Answer:
         """Latency, then a queued fault or the service's answer; records the outcome."""
         latency = self.latency_s
         if latency > 0:
@@ -588,7 +611,7 @@ class Emulator:
         if fault is not None and fault.status is not None:
             response = fault_response(service, fault, self._issuer.tenant_id)
         else:
-            response = self._answer(service, request)
+            response = self._answer(service, request, source)
         is_imds = service == IMDS
         headers = (
             imds_headers(response) if is_imds else vault_headers(request, response)
@@ -596,10 +619,10 @@ class Emulator:
         self._record(service, request, response.status)
         return response.status, headers, response.body
 
-    def _answer(self, service: str, request: Request) -> Response:
+    def _answer(self, service: str, request: Request, source: str | None) -> Response:
         try:
             if service == IMDS:
-                return self._identity_api(request).handle(request)
+                return self._identity_api(request, source).handle(request)
             assert self._vault_api is not None
             return self._vault_api.handle(request)
         except Exception:  # an emulator bug must not look like a network failure
@@ -613,8 +636,11 @@ class Emulator:
             )
             return Response(500, body)
 
-    def _identity_api(self, request: Request) -> ImdsApi | ArcApi | AppServiceApi:
-        if request.path == APP_SERVICE_TOKEN_PATH:
+    def _identity_api(self, request: Request,
+                      source: str | None) -> ImdsApi | ArcApi | AppServiceApi:
+        if source == ARC:
+            return self.arc_api
+        if source == APP_SERVICE or request.path == APP_SERVICE_TOKEN_PATH:
             return self._app_service_api
         if self._identity_source == "arc":
             return self.arc_api
@@ -632,9 +658,28 @@ class Emulator:
         return self._arc_api
 
     @property
+    def arc_base(self) -> str:
+        """``http://host:port`` of HIMDS, the form IMDS_ENDPOINT takes on an Arc
+        server: its own port (``arc_port``), else IMDS's when it plays HIMDS."""
+        self._started_urls()
+        if ARC in self._own_bases:
+            return self._own_bases[ARC]
+        if self._identity_source == "arc":
+            return self.imds_base
+        raise RuntimeError("the emulator serves no Azure Arc endpoint (give arc_port)")
+
+    @property
+    def arc_endpoint(self) -> str:
+        """HIMDS's token URL, the form IDENTITY_ENDPOINT takes on an Arc server."""
+        return self.arc_base + IMDS_TOKEN_PATH
+
+    @property
     def app_service_endpoint(self) -> str:
-        """App Service's token URL, the form IDENTITY_ENDPOINT takes."""
-        return self.imds_base + APP_SERVICE_TOKEN_PATH
+        """App Service's token URL, the form IDENTITY_ENDPOINT takes: on its own
+        port (``app_service_port``), else on IMDS's."""
+        self._started_urls()
+        base = self._own_bases.get(APP_SERVICE, self.imds_base)
+        return base + APP_SERVICE_TOKEN_PATH
 
     @property
     def identity_header(self) -> str:

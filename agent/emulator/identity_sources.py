@@ -38,6 +38,7 @@ APP_SERVICE_API_VERSION = "2019-08-01"
 # App Service's spelling -> the issuer's (IMDS's) selector (protocol.md A8)
 APP_SERVICE_SELECTORS = {"client_id": "client_id", "principal_id": "object_id",
                          "mi_res_id": "msi_res_id"}
+KEY_FILE_MODE = 0o640  # HIMDS's user and the himds group (before the umask)
 APP_SERVICE_NOT_FOUND = "No Managed Identity found for specified ClientId/ResourceId/PrincipalId."
 
 
@@ -90,7 +91,10 @@ class ArcApi:
         path = os.path.join(self.tokens_dir, f"{uuid.uuid4()}.key")
         key = secrets.token_hex(32)
         os.makedirs(self.tokens_dir, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Owner and group may read it: on an Arc server the owner is HIMDS's
+        # user and the group himds, whose members (kv-agent's unit, through
+        # the packages' drop-in) are the clients allowed to answer (A7).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
         with os.fdopen(fd, "w") as handle:
             handle.write(key)
         with self._lock:
@@ -113,6 +117,9 @@ class AppServiceApi:
         self.header = header
 
     def handle(self, request: Request) -> Response:
+        if request.path != APP_SERVICE_TOKEN_PATH:
+            # [unverified] status and wording (only reachable on its own port).
+            return _app_error(404, "The requested resource was not found")
         if request.method != "GET":
             return _app_error(405, "Only GET is supported")
         if request.headers.get("x-identity-header") != self.header:
