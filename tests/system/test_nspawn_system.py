@@ -213,6 +213,22 @@ def systemd_version(machine: Container) -> int:
     return int(machine.run(["systemctl", "--version"]).stdout.split()[1])
 
 
+# What the unit may do: the Azure Arc drop-in may change SupplementaryGroups= alone.
+PRIVILEGE_PROPERTIES = (
+    "User", "Group", "DynamicUser", "SupplementaryGroups", "PrivateUsers",
+    "CapabilityBoundingSet", "AmbientCapabilities", "NoNewPrivileges", "SecureBits",
+    "ProtectSystem", "ProtectHome", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths",
+    "PrivateDevices", "DeviceAllow", "PrivateNetwork", "RestrictAddressFamilies",
+    "SystemCallFilter")
+FIRST_INSTALL_PRIVILEGES: Dict[str, str] = {}  # by suite, with no himds group
+
+
+def privileges(machine: Container) -> str:
+    """The installed unit's PRIVILEGE_PROPERTIES, as `systemctl show` prints them."""
+    return machine.run(["systemctl", "show", "-p", ",".join(PRIVILEGE_PROPERTIES),
+                        "kv-agent"]).stdout
+
+
 def journal(machine: Container, unit: str) -> str:
     return machine.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
 
@@ -250,6 +266,9 @@ def test_package_installs_disabled(machine: Container, built_deb: Path, suite: s
     fragment = show.split("FragmentPath=", 1)[1].split("\n", 1)[0]
     assert machine.run(["readlink", "-f", fragment]).stdout.strip() == UNIT_PATH, show
     assert "Type=notify\n" in show and "DropInPaths=\n" in show, show
+    # No himds group yet, so no Azure Arc drop-in: no supplementary group at all.
+    FIRST_INSTALL_PRIVILEGES[suite] = privileges(machine)
+    assert "SupplementaryGroups=\n" in FIRST_INSTALL_PRIVILEGES[suite]
     assert machine.run(["systemctl", "is-enabled", "kv-agent"], check=False
                        ).stdout.strip() == "disabled"
     assert machine.run(["systemctl", "is-active", "kv-agent"], check=False
@@ -772,3 +791,118 @@ def test_upgrade_from_the_lib_layout_keeps_the_unit(
                        ).stdout.strip() == "LoadState=loaded"
     result = machine.run(["apt-get", "purge", "-y", "kv-agent"], timeout=120)
     assert "warning" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
+
+
+# -- an Azure Arc server (issue 12) ---------------------------------------------------
+# The Arc agent is there before kv-agent: its himds user and group and its
+# tokens directory. Inside the container only, `kv-agent emulator` (from the
+# packages) plays HIMDS on localhost:40342 as the himds user, writing its key
+# files himds:himds 0640 into /var/opt/azcmagent/tokens, and a vault at
+# https://kvarc.vault.azure.net on 127.0.0.1. The manifest names no identity
+# source: the unit, which does not inherit /etc/environment, must find Arc by
+# its files and get the key file through the himds group the package's
+# install-time drop-in gives it.
+
+ARC_VAULT_HOST = "kvarc.vault.azure.net"
+ARC_TOKENS = "/var/opt/azcmagent/tokens"
+ARC_DROP_IN = "/etc/systemd/system/kv-agent.service.d/azure-arc-himds.conf"
+HIMDS_UNIT = "kv-test-himds.service"
+ARC_SECRETS = {"arc-db-password": "arc-Secret-0001-through-himds"}
+# What the Arc agent puts in /etc/environment (protocol.md A7).
+ARC_ENVIRONMENT = ("IMDS_ENDPOINT=http://localhost:40342\n"
+                   "IDENTITY_ENDPOINT=http://localhost:40342/metadata/identity/oauth2/token\n")
+ARC_MANIFEST = f"""\
+vault: https://{ARC_VAULT_HOST}
+directory: /run/secrets
+refresh: 1h
+secrets:
+  - name: arc-db-password
+    owner: nobody
+    mode: "0400"
+"""
+HIMDS_SERVICE = f"""\
+[Unit]
+Description=kv-agent test: Azure Arc's HIMDS and a vault (kv-agent emulator; container only)
+
+[Service]
+Type=exec
+User=himds
+Group=himds
+UMask=0027
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+RuntimeDirectory=kv-test-himds
+ExecStart=/usr/bin/kv-agent emulator --secrets /etc/kv-test-himds/secrets.yaml \
+  --host 127.0.0.1 --vault-port 443 --vault-hostname {ARC_VAULT_HOST} \
+  --cert-dir /run/kv-test-himds/certs --arc-port 40342 --arc-tokens-dir {ARC_TOKENS}
+"""
+# CAP_CHOWN, CAP_DAC_READ_SEARCH, CAP_FOWNER: the unit's bounding set, and no more.
+UNIT_CAPABILITIES = f"{(1 << 0) | (1 << 2) | (1 << 3):016x}"
+
+
+def test_arc_server_install_adds_the_himds_group(
+        machine: Container, suite: str, built_debs: Dict[str, Path]) -> None:
+    """On a machine where the Arc agent's himds group exists before kv-agent is
+    installed, the package's install step writes the SupplementaryGroups=himds
+    drop-in, and the unit differs from a plain install in that group alone."""
+    started = time.monotonic()
+    # (Debian 13's image has no groupadd: systemd-sysusers makes the user and its group.)
+    machine.write("/etc/sysusers.d/azcmagent-test.conf", 'u himds - "Azure Arc HIMDS (test)"\n')
+    machine.run(["systemd-sysusers"])
+    machine.run(["install", "-d", "-o", "himds", "-g", "himds", "-m", "0750", ARC_TOKENS])
+    machine.sh(f"printf '{ARC_ENVIRONMENT}' >> /etc/environment")
+    machine.run(["apt-get", "install", "-y", "--no-install-recommends",
+                 *(f"/root/{deb.name}" for deb in built_debs.values())], timeout=120)
+    assert machine.run(["grep", "-qx", "SupplementaryGroups=himds", ARC_DROP_IN],
+                       check=False).returncode == 0, machine.sh(f"cat {ARC_DROP_IN} || true")
+    now = privileges(machine)
+    changed = set(now.splitlines()) ^ set(FIRST_INSTALL_PRIVILEGES[suite].splitlines())
+    assert changed == {"SupplementaryGroups=", "SupplementaryGroups=himds"}, changed
+    TIMINGS[f"{suite}: Azure Arc: install with the himds group"] = time.monotonic() - started
+
+
+def test_arc_identity_through_himds(machine: Container, suite: str, needs_run: None) -> None:
+    """`systemctl enable --now kv-agent` on the Arc server gets its file through
+    HIMDS's key-file challenge: status says source arc, the file is right, the
+    unit runs with only its three capabilities and the himds group, and neither
+    the key nor the value reaches the journal."""
+    started = time.monotonic()
+    machine.write("/etc/kv-test-himds/secrets.yaml", secrets_yaml(ARC_SECRETS), mode=0o640)
+    machine.run(["chgrp", "-R", "himds", "/etc/kv-test-himds"])
+    machine.run(["chmod", "0750", "/etc/kv-test-himds"])
+    machine.write("/etc/hosts", f"127.0.0.1 localhost {ARC_VAULT_HOST}\n"
+                                f"{IMDS_ADDRESS} {VAULT_HOST}\n")
+    machine.write(f"/etc/systemd/system/{HIMDS_UNIT}", HIMDS_SERVICE)
+    machine.run(["systemctl", "daemon-reload"])
+    machine.run(["systemctl", "start", HIMDS_UNIT])
+    machine.wait_for(f"journalctl -o cat -u {HIMDS_UNIT} | grep -q '^Stop with Ctrl-C'",
+                     what="the HIMDS emulator")
+    machine.sh("cp /run/kv-test-himds/certs/ca.pem /usr/local/share/ca-certificates/"
+               "kv-agent-arc.crt && update-ca-certificates >/dev/null")
+    machine.write("/etc/kv-agent/manifest.yaml", ARC_MANIFEST, mode=0o600)
+    check = machine.run(["kv-agent", "check"]).stdout
+    assert "would use arc (the Azure Arc agent's /var/opt/azcmagent exists)" in check, check
+    machine.run(["systemctl", "enable", "--now", "kv-agent"], timeout=120)
+    assert machine.read("/run/secrets/arc-db-password") == ARC_SECRETS["arc-db-password"]
+    assert machine.run(["stat", "-c", "%a %U", "/run/secrets/arc-db-password"]
+                       ).stdout.split() == ["400", "nobody"]
+    status = json.loads(machine.run(["kv-agent", "status", "--json"]).stdout)
+    assert status["identity_source"].startswith("arc ("), status["identity_source"]
+    assert "identity: arc (" in machine.run(["kv-agent", "status"]).stdout
+    pid = machine.run(["systemctl", "show", "-p", "MainPID", "--value", "kv-agent"]).stdout
+    fields = dict(line.split(":", 1) for line in machine.read(f"/proc/{pid.strip()}/status")
+                  .splitlines() if ":" in line)
+    himds_gid = machine.run(["getent", "group", "himds"]).stdout.split(":")[2]
+    assert fields["Uid"].split() == ["0"] * 4 and fields["Groups"].split() == [himds_gid]
+    assert fields["CapEff"].strip() == UNIT_CAPABILITIES == fields["CapBnd"].strip()
+    assert fields["CapAmb"].strip() == "0" * 16 and fields["NoNewPrivs"].strip() == "1"
+    keys = machine.run(["find", ARC_TOKENS, "-name", "*.key", "-printf", "%u:%g %m %p\n"]
+                       ).stdout.splitlines()
+    assert keys and all(line.startswith("himds:himds 640 ") for line in keys), keys
+    agent_log = journal(machine, "kv-agent")
+    assert "identity source: arc" in agent_log, agent_log
+    for line in keys:
+        assert machine.read(line.split()[-1]) not in agent_log
+    assert ARC_SECRETS["arc-db-password"] not in agent_log
+    write_report(suite, "Azure Arc", f"identity: {status['identity_source']}; groups of the "
+                 f"unit: {fields['Groups'].strip()} (himds); CapEff {UNIT_CAPABILITIES}")
+    TIMINGS[f"{suite}: Azure Arc: HIMDS, enable --now"] = time.monotonic() - started
