@@ -906,3 +906,42 @@ def test_arc_identity_through_himds(machine: Container, suite: str, needs_run: N
     write_report(suite, "Azure Arc", f"identity: {status['identity_source']}; groups of the "
                  f"unit: {fields['Groups'].strip()} (himds); CapEff {UNIT_CAPABILITIES}")
     TIMINGS[f"{suite}: Azure Arc: HIMDS, enable --now"] = time.monotonic() - started
+
+
+def invocation_log(machine: Container) -> str:
+    """The journal of kv-agent's current (or last) invocation only."""
+    invocation = machine.run(["systemctl", "show", "-p", "InvocationID", "--value",
+                              "kv-agent"]).stdout.strip()
+    return machine.run(["journalctl", "--no-pager", "-o", "cat",
+                        f"_SYSTEMD_INVOCATION_ID={invocation}"]).stdout
+
+
+def test_arc_key_file_is_read_through_the_himds_group(
+        machine: Container, suite: str, needs_run: None) -> None:
+    """The himds group, not a capability, is what reads the key file: with
+    CAP_DAC_READ_SEARCH dropped (as a site drop-in may) the agent still gets
+    its token; with the group dropped too it stops with the group's fix."""
+    started = time.monotonic()
+    no_dac = "/etc/systemd/system/kv-agent.service.d/test-no-dac-read-search.conf"
+    no_group = "/etc/systemd/system/kv-agent.service.d/test-no-himds.conf"
+    machine.write(no_dac, "[Service]\nCapabilityBoundingSet=\n"
+                          "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER\n")
+    machine.run(["systemctl", "daemon-reload"])
+    try:
+        machine.run(["systemctl", "restart", "kv-agent"], timeout=60)
+        assert "identity source: arc" in invocation_log(machine)
+        assert machine.run(["kv-agent", "status"], check=False).returncode == 0
+        machine.write(no_group, "[Service]\nSupplementaryGroups=\n")
+        machine.run(["systemctl", "daemon-reload"])
+        machine.run(["systemctl", "restart", "--no-block", "kv-agent"])
+        machine.wait_for("systemctl show -p InvocationID --value kv-agent | xargs -I@ "
+                         "journalctl -o cat _SYSTEMD_INVOCATION_ID=@ | grep -q 'himds group'",
+                         what="the refusal naming the himds group")
+        refused = [line for line in invocation_log(machine).splitlines() if "himds" in line]
+        assert refused and "is not readable by this user" in refused[0], refused
+    finally:
+        machine.run(["systemctl", "stop", "kv-agent"], timeout=60)
+        machine.run(["rm", "-f", no_dac, no_group])
+        machine.run(["systemctl", "daemon-reload"])
+    write_report(suite, "Azure Arc without the himds group", refused[0])
+    TIMINGS[f"{suite}: Azure Arc: the group alone reads the key"] = time.monotonic() - started
