@@ -250,7 +250,8 @@ def run_cli(args: List[str], emulator: Emulator) -> subprocess.CompletedProcess[
 
 def test_once_writes_the_selection_and_check_refuses_an_explicit_file_inside_it(
         emulator: Emulator, shm_dir: Path, tmp_path: Path) -> None:
-    """kv-agent once writes every matching secret (a new one at the next run); check refuses a collision at load."""
+    """kv-agent once writes every matching secret (a new one at the next run) and
+    removes none that stops matching; check refuses a collision at load."""
     emulator.set_secret("app1-db", "db value", tags={"env": "prod"})
     manifest = tmp_path / "m.yaml"
     body = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
@@ -268,6 +269,12 @@ def test_once_writes_the_selection_and_check_refuses_an_explicit_file_inside_it(
     assert second.returncode == 0, second.stderr
     assert sorted(os.listdir(shm_dir / "app1")) == ["app1-db", "app1-new"]
     assert "db value" not in first.stderr + second.stderr
+    # once removes nothing (README: only the running agent has the record of
+    # its files): a secret that stops matching keeps its file.
+    emulator.set_secret("app1-new", "new value", tags={"env": "dev"})
+    third = run_cli(["once", "--manifest", str(manifest)], emulator)
+    assert third.returncode == 0, third.stderr
+    assert sorted(os.listdir(shm_dir / "app1")) == ["app1-db", "app1-new"]
     write_file(manifest, body + "  - name: app1-db\n    path: app1/db\n")
     refused = run_cli(["check", "--manifest", str(manifest)], emulator)
     assert refused.returncode == 78
