@@ -14,6 +14,11 @@ system trust store. The container has a private network namespace, checked
 before every command (kvsystem.Container.run); nothing on the host ever
 binds or reaches that address.
 
+After the purge, the same machine becomes an Azure Arc server (issue 12):
+the himds group before the install, HIMDS played by `kv-agent emulator
+--arc-port 40342` on loopback, and the unit getting its file through the
+key-file challenge with the himds group as its only added privilege.
+
 Steps that start the service need `kv-agent run` (issue 4) and skip, saying
 so, while `kv-agent run --help` fails in this tree.
 """
