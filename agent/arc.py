@@ -59,9 +59,10 @@ PRINTABLE_KEY_RE = re.compile(r"[\x20-\x7e]+")
 ECHO_FIELDS = {"client_id": "client_id", "object_id": "object_id",
                "resource_id": "msi_res_id"}
 
-GROUP_HINT = ("run kv-agent as root or in the himds group (the package adds "
-              "SupplementaryGroups=himds where that group exists; reinstall it after the "
-              "Arc agent, or add the user with usermod -aG himds <user>)")
+GROUP_HINT = ("give kv-agent the himds group: run `kv-agent-himds install` and restart "
+              "kv-agent (it adds SupplementaryGroups=himds to the unit; needed when the Arc "
+              "agent was installed after kv-agent), or usermod -aG himds <user> when "
+              "kv-agent runs as another user")
 
 
 class KeyFileError(ValueError):
