@@ -320,10 +320,10 @@ class _Network:
         subject = f"vault {_label(vault)}"
         if reach.audience is None:
             return [Check(subject, "secrets", WARN,
-                          "secrets not checked: the vault gave no usable answer (above)")], {}
+                          "not checked: the vault gave no usable answer (above)")], {}
         if identity.tokens is None:
             return [Check(subject, "secrets", WARN,
-                          "secrets not checked: no token (identity, above)")], {}
+                          "not checked: no token (identity, above)")], {}
         audience = check_audience(identity.tokens, vault, reach.audience, self.environ)
         if audience.state != OK:
             return [audience], {}
@@ -353,7 +353,7 @@ def check_identity(tokens: TokenCache, audience: str) -> _Identity:
     client_id = claims.get("appid") or claims.get("azp")
     checks = [Check("identity", "source", OK, f"{source} answers")]
     if not object_id:
-        checks.append(Check("identity", "identity", WARN,
+        checks.append(Check("identity", "principal", WARN,
                             "the token's claims could not be read (not a JWT): "
                             "which identity is unknown"))
         return _Identity(tokens, None, tuple(checks))
@@ -361,7 +361,7 @@ def check_identity(tokens: TokenCache, audience: str) -> _Identity:
     detail = (f"client id {client_id or '?'}, object id {object_id}"
               + (f", {resource_id}" if resource_id else "")
               + (f", tenant {claims['tid']}" if claims.get("tid") else ""))
-    checks.append(Check("identity", "identity", OK, detail))
+    checks.append(Check("identity", "principal", OK, detail))
     return _Identity(tokens, object_id if _GUID.match(object_id) else None, tuple(checks))
 
 

@@ -338,7 +338,7 @@ def test_identity_missing(doctor: Doctor) -> None:
     [failure] = failures(done.stdout)
     assert "✗ identity, source: imds" in failure and "Identity not found" in failure
     assert "fix: assign that user-assigned identity to this VM (az vm identity assign" in failure
-    assert "secrets not checked: no token" in done.stdout
+    assert "secrets: not checked: no token" in done.stdout
 
 
 def _with_identity(doctor: Doctor, name: str) -> Path:
