@@ -110,6 +110,7 @@ UNIT = "kv-agent.service"
 # twice, and every request is bounded by the transport (at least
 # agent.retry.MIN_REQUEST_S, 5 s), so a black hole costs about 5 s.
 DOCTOR_RETRY = RetryPolicy(deadline_s=2.0)
+MAX_PARALLEL_VAULTS = 16  # a manifest names a few; beyond this they queue
 DNS_TIMEOUT_S = 3.0
 SYSTEMCTL_TIMEOUT_S = 3.0
 MAX_TOKEN_CHARS = 16 * 1024  # a managed-identity JWT is ~1.5 KB
@@ -290,7 +291,7 @@ class _Network:
         assert self.tokens is not None
         first = (urlsplit(self.vaults[0]).hostname or "") if self.vaults else ""
         audience = audience_for_host(first) or PUBLIC_AUDIENCE
-        workers = len(self.vaults) + 1
+        workers = min(len(self.vaults), MAX_PARALLEL_VAULTS) + 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="doctor") as pool:
             identity_job = pool.submit(check_identity, self.tokens, audience)
             reach_jobs = [pool.submit(self._reach, client, vault) for vault in self.vaults]

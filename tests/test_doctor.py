@@ -39,7 +39,7 @@ from agent.doctor import (
     token_claims,
     vault_name,
 )
-from agent.emulator import Emulator, generate_certificates
+from agent.emulator import Emulator, IdentityConfig, generate_certificates
 from agent.expiry import Validity
 from agent.snapshot import READY, EntryStatus, StatusSnapshot
 from agent.sources import SecretAttributes, Source
@@ -328,12 +328,15 @@ def test_json_lists_every_check(doctor: Doctor) -> None:
 
 
 @pytest.mark.integration
-def test_identity_missing(doctor: Doctor) -> None:
-    """IMDS answering 400 Identity not found fails the identity with the
-    assign command, and the vaults' secrets are not asked."""
+def test_identity_missing_user_assigned(doctor: Doctor) -> None:
+    """IMDS answering 400 Identity not found for the manifest's client_id
+    fails the identity with the assign command, and no secret is asked."""
     name = _name("noid")
     doctor.put(name)
-    done = doctor.run(_with_identity(doctor, name))
+    path = doctor.manifest(f"  - name: {name}\n")
+    path.write_text("identity:\n  client_id: 11111111-2222-4333-8444-555555555555\n"
+                    + path.read_text())
+    done = doctor.run(path)
     assert done.returncode == 1
     [failure] = failures(done.stdout)
     assert "✗ identity, source: imds" in failure and "Identity not found" in failure
@@ -341,11 +344,18 @@ def test_identity_missing(doctor: Doctor) -> None:
     assert "secrets: not checked: no token" in done.stdout
 
 
-def _with_identity(doctor: Doctor, name: str) -> Path:
-    path = doctor.manifest(f"  - name: {name}\n")
-    path.write_text("identity:\n  client_id: 11111111-2222-4333-8444-555555555555\n"
-                    + path.read_text())
-    return path
+@pytest.mark.integration
+def test_identity_missing_on_the_vm(shm_dir: Path) -> None:
+    """A VM without any managed identity (IMDS: 400 Identity not found)
+    fails the identity with the command that enables it."""
+    with Emulator({"db": fresh_value("db")}, identities=IdentityConfig(system_assigned=False)
+                  ) as bare:
+        bare_doctor = Doctor(bare, shm_dir)
+        done = bare_doctor.run(bare_doctor.manifest("  - name: db\n"))
+    assert done.returncode == 1
+    [failure] = failures(done.stdout)
+    assert "Identity not found" in failure
+    assert "fix: enable the VM's system-assigned identity (az vm identity assign" in failure
 
 
 @pytest.mark.integration
@@ -507,3 +517,36 @@ def test_invalid_manifest_reuses_checks_messages(doctor: Doctor) -> None:
     assert any("secrets[0].mod: unknown key" in line and "did you mean 'mode'?" in line
                for line in lines), done.stdout
     assert any("'a_b' is not a Key Vault secret name" in line for line in lines)
+
+
+@pytest.mark.integration
+def test_select_entry_lists_its_vault(doctor: Doctor) -> None:
+    """A select: entry's vault is listed, and doctor says how many match."""
+    prefix = _name("sel")
+    for suffix in ("a", "b"):
+        doctor.put(f"{prefix}-{suffix}")
+    done = doctor.run(doctor.manifest(f"  - select: {{prefix: \"{prefix}-\"}}\n"
+                                      "    directory: selected\n"))
+    assert done.returncode == 0, done.stdout
+    assert f"✓ select prefix '{prefix}-', listable: 2 of the vault's" in done.stdout
+
+
+def test_a_vault_name_that_does_not_resolve_fails_dns_and_sends_nothing() -> None:
+    """A name the resolver does not know fails 'dns' with the fix, and no
+    request is made."""
+    import requests
+
+    from agent.doctor import check_vault
+    from agent.vault import VaultClient
+
+    def unknown(host: str) -> List[str]:
+        raise OSError("Name or service not known")
+
+    session = requests.Session()
+    reach = check_vault(VaultClient(session, lambda resource, force: "unused"),
+                        "https://contoso-kv.vault.azure.net", {}, unknown)
+    assert reach.audience is None
+    [dns] = reach.checks
+    assert (dns.name, dns.state) == ("dns", FAIL)
+    assert "contoso-kv.vault.azure.net does not resolve" in dns.detail
+    assert dns.fix is not None and "privatelink.vaultcore.azure.net" in dns.fix
