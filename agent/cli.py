@@ -336,8 +336,10 @@ def _cmd_doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(json.dumps(as_json(report), indent=2))
     else:
         marks = MARKS if _can_encode("".join(MARKS.values()), sys.stdout) else ASCII_MARKS
+        encoding = sys.stdout.encoding or "ascii"
         for line in render(report, marks):
-            print(line)
+            # A name or a path the terminal cannot show must not end the list.
+            print(line.encode(encoding, "backslashreplace").decode(encoding))
     return EXIT_FAILURE if report.is_failed else EXIT_OK
 
 

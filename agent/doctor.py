@@ -82,7 +82,7 @@ from agent.snapshot import STOPPED, parse_snapshot
 from agent.sources import Source
 from agent.state import StateStore, state_dir
 from agent.status import is_running
-from agent.transforms import TransformError, transform_with_validity
+from agent.transforms import transform_with_validity
 from agent.untrusted import escape, load_json
 from agent.vault import (
     KNOWN_AUDIENCES,
@@ -307,8 +307,9 @@ class _Network:
             checks += vault_checks
             probed.update(vault_probed)
         for entry in self.manifest.secrets:
-            checks += check_entry(entry, probed, self.host.now(),
-                                  self.manifest.warn_before_expiry_s)
+            entry_checks = check_entry(entry, probed, self.host.now(),
+                                       self.manifest.warn_before_expiry_s)
+            checks += soften(entry_checks) if entry.is_optional else entry_checks
         return checks
 
     def _reach(self, client: VaultClient, vault: str) -> _Reach:
@@ -331,12 +332,15 @@ class _Network:
         checks = [audience]
         probes = _SecretProbes(client, vault, identity.object_id, self.host.now(),
                                self.manifest.warn_before_expiry_s)
+        required = {s for e in self.manifest.secrets if not e.is_optional for s in e.sources}
         for source in dict.fromkeys(s for e in self.manifest.secrets for s in e.sources
                                     if s.vault == vault):
-            checks += probes.check(source)
+            found = probes.check(source)
+            checks += found if source in required else soften(found)
         for selection in self.manifest.selections:
             if selection.vault == vault:
-                checks += probes.check_listing(selection.label, partial(matches, selection))
+                found = probes.check_listing(selection.label, partial(matches, selection))
+                checks += soften(found) if selection.is_optional else found
         return checks, probes.answers
 
 
@@ -450,7 +454,9 @@ def ca_in_use(environ: Mapping[str, str]) -> str:
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         if environ.get(name):
             return f"{environ[name]} ({name})"
-    return "the system's CA store"
+    # requests' default: certifi's bundle (Debian's and Fedora's packages point
+    # it at the system's store).
+    return f"the default CA bundle {requests.utils.DEFAULT_CA_BUNDLE_PATH}"
 
 
 def _tls_failure(subject: str, exc: Exception, ca: str, environ: Mapping[str, str]) -> Check:
@@ -463,7 +469,7 @@ def _tls_failure(subject: str, exc: Exception, ca: str, environ: Mapping[str, st
         why = "the TLS handshake failed"
     if environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE"):
         fix = ("point REQUESTS_CA_BUNDLE at the PEM of the CA that signed the vault's "
-               "certificate (unset it to use the system's CA store)")
+               "certificate (or unset it for the default bundle)")
     else:
         fix = ("for a private CA (a TLS-inspecting proxy), set REQUESTS_CA_BUNDLE to its PEM "
                "in the unit's environment; else check the vault URL")
@@ -659,6 +665,13 @@ def check_validity(subject: str, source: Source, validity: Validity, now: float,
     return Check(subject, "validity", OK, until)
 
 
+def soften(checks: Sequence[Check]) -> List[Check]:
+    """The checks of an optional secret: a failure there fails nothing (as
+    in the agent), so it is a warning, still with its fix."""
+    return [check._replace(state=WARN, detail=f"{check.detail} (optional)")
+            if check.state == FAIL else check for check in checks]
+
+
 def check_entry(entry: Entry, probed: Mapping[Source, Probed], now: float,
                 warn_before_s: float) -> List[Check]:
     """For a certificate or template entry whose secrets all arrived: its
@@ -674,7 +687,7 @@ def check_entry(entry: Entry, probed: Mapping[Source, Probed], now: float,
     try:
         _, leaf = transform_with_validity(entry.transform, fetched, len(entry.outputs.outputs),
                                           entry.params)
-    except TransformError as exc:
+    except KvAgentError as exc:
         name = "key exportable" if "non-exportable" in exc.message else "transform"
         return [Check(subject, name, FAIL, exc.message, exc.hint)]
     if entry.transform != "certificate" or leaf is None:
@@ -689,7 +702,11 @@ def _key_check(subject: str, entry: Entry, secret: Secret) -> Check:
     ``exportable``); the transform already failed when a key is asked."""
     from agent.certificates import read_bundle  # cryptography: only for certificates
 
-    if read_bundle(entry.name, secret.value, secret.content_type).key is not None:
+    try:
+        key = read_bundle(entry.name, secret.value, secret.content_type).key
+    except KvAgentError as exc:  # the transform read it a moment ago; defensive
+        return Check(subject, "key exportable", FAIL, exc.message, exc.hint)
+    if key is not None:
         return Check(subject, "key exportable", OK, "the value holds the private key")
     return Check(subject, "key exportable", WARN,
                  "the key is not exportable: only cert, chain and fullchain can be written")

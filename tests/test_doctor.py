@@ -550,3 +550,26 @@ def test_a_vault_name_that_does_not_resolve_fails_dns_and_sends_nothing() -> Non
     assert (dns.name, dns.state) == ("dns", FAIL)
     assert "contoso-kv.vault.azure.net does not resolve" in dns.detail
     assert dns.fix is not None and "privatelink.vaultcore.azure.net" in dns.fix
+
+
+def test_an_optional_secrets_failure_is_a_warning() -> None:
+    """soften turns failures into warnings (fix kept) and leaves the rest."""
+    from agent.doctor import soften
+
+    checks = [Check("secret s", "readable", FAIL, "denied", "grant it"),
+              Check("secret s", "enabled", OK, "enabled")]
+    assert soften(checks) == [Check("secret s", "readable", WARN, "denied (optional)",
+                                    "grant it"), checks[1]]
+
+
+@pytest.mark.integration
+def test_a_terminal_without_unicode_gets_ascii_marks(doctor: Doctor) -> None:
+    """Where stdout cannot encode the marks, 'ok', '!' and 'FAIL' replace them."""
+    name = _name("ascii")
+    doctor.put(name)
+    done = doctor.run(doctor.manifest(f"  - name: {name}\n  - name: {name}-missing\n"),
+                      env=doctor.env(PYTHONIOENCODING="ascii"))
+    assert done.returncode == 1
+    assert f"ok secret {name}, readable" in done.stdout
+    assert f"FAIL secret {name}-missing, exists" in done.stdout
+    assert "✓" not in done.stdout
