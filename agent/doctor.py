@@ -356,7 +356,7 @@ def check_identity(tokens: TokenCache, audience: str) -> _Identity:
     claims = token_claims(token.token)
     object_id = claims.get("oid")
     client_id = claims.get("appid") or claims.get("azp")
-    checks = [Check("identity", "source", OK, f"{source} answers")]
+    checks = [Check("identity", "source", OK, f"{source} answers at {tokens.endpoint}")]
     if not object_id:
         checks.append(Check("identity", "principal", WARN,
                             "the token's claims could not be read (not a JWT): "

@@ -573,3 +573,17 @@ def test_a_terminal_without_unicode_gets_ascii_marks(doctor: Doctor) -> None:
     assert f"ok secret {name}, readable" in done.stdout
     assert f"FAIL secret {name}-missing, exists" in done.stdout
     assert "✓" not in done.stdout
+
+
+@pytest.mark.integration
+def test_app_service_identity_source(doctor: Doctor) -> None:
+    """Under App Service's variables doctor asks App Service's endpoint, as the agent does."""
+    name = _name("appsvc")
+    doctor.put(name)
+    done = doctor.run(doctor.manifest(f"  - name: {name}\n"), env=doctor.env(
+        IDENTITY_ENDPOINT=doctor.emulator.app_service_endpoint,
+        IDENTITY_HEADER=doctor.emulator.identity_header))
+    assert done.returncode == 0, done.stdout
+    assert ("✓ identity, source: app-service (IDENTITY_ENDPOINT and IDENTITY_HEADER are set) "
+            f"answers at {doctor.emulator.app_service_endpoint}") in done.stdout
+    assert doctor.emulator.identity_header not in done.stdout
