@@ -71,6 +71,7 @@ from agent.errors import (
     ManifestError,
     PermissionDeniedError,
     VaultError,
+    VaultUnavailableError,
     WriteError,
 )
 from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, Validity, combine, judge, moment
@@ -327,7 +328,7 @@ class _Network:
             return [Check(subject, "secrets", WARN,
                           "not checked: no token (identity, above)")], {}
         audience = check_audience(identity.tokens, vault, reach.audience, self.environ)
-        if audience.state != OK:
+        if audience.state == FAIL:  # every GET would be refused 401: not asked
             return [audience], {}
         checks = [audience]
         probes = _SecretProbes(client, vault, identity.object_id, self.host.now(),
@@ -443,7 +444,7 @@ def _check_dns(subject: str, host: str, proxies: Mapping[str, str],
     try:
         addresses = resolve(host)
     except OSError as exc:
-        return Check(subject, "dns", FAIL, f"{host} does not resolve ({exc})",
+        return Check(subject, "dns", FAIL, f"{host} does not resolve ({escape(exc, 100)})",
                      "check the vault name in the manifest; for a private endpoint, the "
                      "privatelink.vaultcore.azure.net DNS zone linked to this network")
     return Check(subject, "dns", OK, f"{host} resolves to {', '.join(addresses[:3])}")
@@ -543,7 +544,8 @@ class _SecretProbes:
         try:
             probed = self.client.probe_secret(SecretRequest(*source))
         except KvAgentError as exc:
-            self._gone = f"the vault stopped answering ({exc.message})"
+            if isinstance(exc, (VaultUnavailableError, IdentityUnavailableError)):
+                self._gone = f"the vault stopped answering ({exc.message})"
             return [Check(subject, "readable", FAIL, exc.message, exc.hint)]
         self.answers[source] = probed
         return judge_answer(source, probed, self.object_id, self.now, self.warn_before_s,
@@ -602,7 +604,7 @@ def judge_answer(source: Source, probed: Probed, object_id: Optional[str], now: 
         checks.append(check_validity(subject, source, Validity(attributes.nbf, attributes.exp),
                                      now, warn_before_s))
         return checks
-    code, inner, message = parse_error(probed.body)
+    code, inner, _ = parse_error(probed.body)
     error = probed.error
     assert error is not None
     if probed.status == 404:
@@ -919,7 +921,3 @@ def as_json(report: Report) -> List[Dict[str, Optional[str]]]:
     """The checks for ``--json``: subject, check, state, detail, fix."""
     return [check.as_json() for check in report.checks]
 
-
-def by_subject(checks: Sequence[Check], subject: str) -> List[Check]:
-    """The checks of one subject (for callers and tests)."""
-    return [check for check in checks if check.subject == subject]
