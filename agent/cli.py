@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status document")
     status.set_defaults(handler=_cmd_status)
 
+    doctor = commands.add_parser(
+        "doctor", help="check the whole chain (manifest, directory, identity, vaults, secrets, "
+                       "the running agent) and say how to fix what fails")
+    with_manifest(doctor)
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.set_defaults(handler=_cmd_doctor)
+
     emulator = commands.add_parser(
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
     emulator.add_argument("--secrets", metavar="FILE", required=True,
@@ -329,6 +336,32 @@ def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     elif code != EXIT_OK:
         _error(lines[0])
     return code
+
+
+def _cmd_doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import json
+
+    from agent.doctor import ASCII_MARKS, MARKS, as_json, diagnose, render
+
+    report = diagnose(_manifest_path(args, environ), environ)
+    if args.json:
+        print(json.dumps(as_json(report), indent=2))
+    else:
+        marks = MARKS if _can_encode("".join(MARKS.values()), sys.stdout) else ASCII_MARKS
+        encoding = sys.stdout.encoding or "ascii"
+        for line in render(report, marks):
+            # A name or a path the terminal cannot show must not end the list.
+            print(line.encode(encoding, "backslashreplace").decode(encoding))
+    return EXIT_FAILURE if report.is_failed else EXIT_OK
+
+
+def _can_encode(text: str, stream: TextIO) -> bool:
+    """Whether ``stream`` can print ``text`` (a C locale without UTF-8 cannot)."""
+    try:
+        text.encode(stream.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

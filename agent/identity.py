@@ -146,6 +146,11 @@ class TokenCache:
         """Release the endpoint's HTTP connections."""
         self._session.close()
 
+    @property
+    def endpoint(self) -> str:
+        """The token URL asked (for ``kv-agent doctor``'s messages)."""
+        return self._factory.endpoint
+
 
 def token_source(
     identity: Identity,

@@ -600,6 +600,32 @@ class VaultClient:
                 f"(HTTP {reply.status})", "check that the manifest's vault URL is a Key Vault")
         return audience_from_challenge(host, challenge)
 
+    # -- probes for `kv-agent doctor` (agent/doctor.py)
+
+    def knock(self, vault: str) -> transport.Reply:
+        """One unauthenticated GET of ``vault``'s secret list, sent once, never
+        retried, with no token: its answer (normally a 401 with the challenge)
+        shows that DNS, TCP and TLS (verified as every request verifies it)
+        work. Raises VaultError when the URL is refused (nothing is sent),
+        else requests.RequestException as :func:`agent.transport.bounded_get`
+        does, so the caller can tell a TLS failure from a timeout."""
+        _check_vault_url(vault)
+        return self._get(vault, vault + LIST_PATH, None, self._backoff())
+
+    def probe_secret(self, request: SecretRequest) -> "Probed":
+        """GET one secret exactly as :meth:`fetch_secret` does (audience,
+        token, retries, one fresh token after a 401), but return a refusal
+        instead of raising it. Raises VaultError (or IdentityUnavailableError)
+        only when no answer came at all."""
+        url = secret_url(request.vault, request.name, request.version)
+        audience = self._audience(request.vault, url)
+        reply = self._exchange(request.vault, url, None, audience, self._backoff(),
+                               f"secret '{request.name}': ")
+        if reply.status == 200:
+            return Probed(200, secret=parse_secret_bundle(request.name, reply.body))
+        return Probed(reply.status, body=reply.body,
+                      error=error_for_status(request.name, reply.status, reply.body))
+
 
 def _check_vault_url(vault: str) -> None:
     """Refuse a vault URL that is not strict and normalised (one built
@@ -630,3 +656,16 @@ def _list_error(vault: str, status: int, body: bytes) -> VaultError:
     return _refusal(f"listing vault {vault}:", status, body, permission="list",
                     fallback="check that the manifest's vault URL is a Key Vault")
 
+
+# -- probes for `kv-agent doctor` (agent/doctor.py) ------------------------------
+
+
+class Probed(NamedTuple):
+    """A secret GET's final answer, not raised: the Secret of a 200, or for
+    any other status its VaultError and the error body (KeyVaultError JSON,
+    never a value), whose inner code and message say which fix applies."""
+
+    status: int
+    secret: Optional[Secret] = None
+    error: Optional[VaultError] = None
+    body: bytes = b""

@@ -12,7 +12,7 @@ import pytest
 from agent.cli import build_parser, main
 
 # Each subcommand with the least it needs to parse.
-COMMANDS: List[Tuple[str, ...]] = [("once",), ("check",), ("run",), ("status",),
+COMMANDS: List[Tuple[str, ...]] = [("once",), ("check",), ("run",), ("status",), ("doctor",),
                                    ("emulator", "--secrets", "s.yaml"), ("demo",)]
 OPTIONS = {"--debug": "debug", "-q": "quiet", "--quiet": "quiet"}
 

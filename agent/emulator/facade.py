@@ -316,6 +316,19 @@ class Emulator:
             self._vault_api.empty_pages = enabled
 
     @property
+    def token_audience(self) -> str | None:
+        """A fault: IMDS mints every token for this audience (its ``aud``),
+        whatever ``resource`` the request names; the response still echoes
+        the requested resource, so only the token's claims tell. The vault
+        then answers 401 AKV10022 (protocol.md B1). None (the default): the
+        requested resource, as IMDS does."""
+        return self._imds_api.audience
+
+    @token_audience.setter
+    def token_audience(self, audience: str | None) -> None:
+        self._imds_api.audience = audience
+
+    @property
     def tenant_id(self) -> str:
         """Tenant in token claims and in the vault's 401 challenge."""
         return self._issuer.tenant_id

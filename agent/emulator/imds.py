@@ -27,6 +27,9 @@ class ImdsApi:
 
     def __init__(self, issuer: TokenIssuer) -> None:
         self._issuer = issuer
+        # A fault: tokens for this audience whatever ``resource`` asks for, as
+        # an endpoint that is not IMDS (a stub, a proxy) may hand out.
+        self.audience: str | None = None
 
     def handle(self, request: Request) -> Response:
         # msal-node (under @azure/identity 4.x) canonicalises an overridden IMDS
@@ -80,7 +83,7 @@ class ImdsApi:
         except LookupError as exc:
             return invalid_request(str(exc.args[0]))
         now = int(self._issuer.clock())
-        token = self._issuer.issue(identity, resource, now)
+        token = self._issuer.issue(identity, self.audience or resource, now)
         # All numbers are strings on the wire; key order as recorded (protocol.md A2).
         body = {
             "access_token": token.access_token,
