@@ -8,23 +8,53 @@ that the container has its own network namespace). The certificates go to
 --cert-dir; the test puts ca.pem into the container's trust store.
 
 SIGHUP re-reads the secrets file and adds a new version of every secret
-whose value changed: that is how the test rotates a secret. Uses the
-emulator module the .deb installed under /usr/lib/kv-agent.
+whose value changed: that is how the test rotates a secret. It re-reads the
+--forbidden file too (``NAME: INNER_CODE`` lines, e.g. ``db-password:
+ForbiddenByRbac``; missing or empty: nothing forbidden), so a GET of a listed
+secret answers 403 with that code, as when the identity loses its role, and
+a name taken off the list is readable again. Uses the emulator module the
+.deb installed under /usr/lib/kv-agent.
 """
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 sys.path.insert(0, "/usr/lib/kv-agent")
 
+import yaml  # noqa: E402
+
 from agent.emulator import Emulator, load_secrets_file  # noqa: E402
+
+
+def load_forbidden(path: "str | None") -> "dict[str, str]":
+    """The --forbidden file's name -> inner code ({} when there is none)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        content = yaml.safe_load(handle) or {}
+    return {str(name): str(code) for name, code in content.items()}
+
+
+def apply_forbidden(emulator: Emulator, before: "dict[str, str]",
+                    after: "dict[str, str]") -> None:
+    """Forbid what ``after`` adds or changes, allow what it drops; one line each."""
+    for name in before:
+        if name not in after:
+            emulator.allow_secret(name)
+            print(f"allowed {name}", flush=True)
+    for name, code in after.items():
+        if before.get(name) != code:
+            emulator.forbid_secret(name, code)
+            print(f"forbidden {name} ({code})", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--secrets", required=True)
+    parser.add_argument("--forbidden", default=None)
     parser.add_argument("--host", required=True)
     parser.add_argument("--vault-hostname", required=True)
     parser.add_argument("--cert-dir", required=True)
@@ -35,6 +65,8 @@ def main() -> int:
     emulator = Emulator(current, host=args.host, imds_port=80, vault_port=443,
                         vault_hostname=args.vault_hostname, cert_dir=args.cert_dir,
                         latency_s=args.latency_ms / 1000.0)
+    forbidden = load_forbidden(args.forbidden)
+    apply_forbidden(emulator, {}, forbidden)
     stop = threading.Event()
     reload = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -54,6 +86,9 @@ def main() -> int:
                     emulator.set_secret(name, value)
                     print(f"rotated {name}", flush=True)  # never the value
             current = latest
+            latest_forbidden = load_forbidden(args.forbidden)
+            apply_forbidden(emulator, forbidden, latest_forbidden)
+            forbidden = latest_forbidden
     finally:
         emulator.stop()
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import kvsystem
 import pytest
+import secrecy
 from kvsystem import IMDS_ADDRESS, TIMINGS, Container
 
 from agent.emulator.demo import DEMO_SECRETS
@@ -76,7 +78,7 @@ Description=kv-agent test: IMDS and Key Vault emulator (container only)
 [Service]
 Type=exec
 ExecStart=/usr/bin/python3 -I /root/emu/emulator.py --secrets /root/emu/secrets.yaml \
-  --host {IMDS_ADDRESS} --vault-hostname {VAULT_HOST} --cert-dir /root/emu/certs \
+  --forbidden /root/emu/forbidden.yaml --host {IMDS_ADDRESS} --vault-hostname {VAULT_HOST} --cert-dir /root/emu/certs \
   --latency-ms 150
 ExecReload=/bin/sh -c 'kill -HUP "$$1"' reload $MAINPID
 """
@@ -442,6 +444,126 @@ def test_status_shows_the_agents_status_line(machine: Container, suite: str,
     assert "2 secrets current" in match.group(1), status
     result = machine.run(["kv-agent", "status"])
     assert "db-password" in result.stdout and "example-token" in result.stdout
+
+
+# -- kv-agent doctor on the running agent (issue 13) ---------------------------------
+# As an operator runs it: the installed command, as root, no option, beside the
+# enabled unit. Healthy first; then the emulator forbids one secret (403
+# ForbiddenByRbac, as when the identity loses its role) and doctor must fail
+# on exactly that secret, with the role to grant; then the emulator is restored.
+
+FORBIDDEN_FILE = "/root/emu/forbidden.yaml"
+FORBIDDEN_SECRET = "db-password"
+ROLE_FIX = 'az role assignment create --role "Key Vault Secrets User" --assignee '
+VAULT_ID = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/kv-emulator"
+            "/providers/microsoft.keyvault/vaults/kvtest")
+GUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def imds_token(machine: Container) -> str:
+    """The vault token IMDS hands out (it caches one per resource: the one
+    the agent and doctor got); only to assert that it is never printed."""
+    return str(json.loads(machine.run(["python3", "-I", "-c", (
+        "import urllib.request as u; print(u.urlopen(u.Request("
+        f"'http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01"
+        "&resource=https://vault.azure.net', headers={'Metadata': 'true'})).read().decode())")
+    ]).stdout)["access_token"])
+
+
+def doctor(machine: Container, suite: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """`kv-agent doctor` as installed, as root; its time goes to TIMINGS."""
+    started = time.monotonic()
+    result = machine.run(["kv-agent", "doctor", *options], check=False, timeout=60)
+    key = f"{suite}: kv-agent doctor"
+    TIMINGS[key] = TIMINGS.get(key, 0.0) + time.monotonic() - started
+    return result
+
+
+def assert_doctor_leaks_nothing(machine: Container, *outputs: str) -> None:
+    """No secret value, no part of the token, nothing token-shaped, no traceback."""
+    token = imds_token(machine)
+    for output in outputs:
+        secrecy.assert_no_leak(output, SECRETS.values(), [token])
+
+
+def test_doctor_passes_on_the_running_agent(machine: Container, suite: str,
+                                            needs_run: None) -> None:
+    """`kv-agent doctor`, beside the enabled unit, passes every check and says
+    which identity source answers and for whom, that the vault's certificate
+    verifies against the system bundle, that each secret is readable, and
+    that the unit is active with its last refresh; exit 0."""
+    result = doctor(machine, suite)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    lines = result.stdout.splitlines()
+    pid = machine.run(["systemctl", "show", "-p", "MainPID", "--value", "kv-agent"]
+                      ).stdout.strip()
+    for line in (
+            "✓ manifest, valid: /etc/kv-agent/manifest.yaml: 2 secrets",
+            "✓ output directory /run/secrets, tmpfs: on tmpfs or ramfs, safe from other users",
+            "✓ identity, source: imds (no App Service or Azure Arc environment found) "
+            f"answers at http://{IMDS_ADDRESS}/metadata/identity/oauth2/token",
+            f"✓ vault {VAULT_HOST}, dns: {VAULT_HOST} resolves to {IMDS_ADDRESS}",
+            f"✓ vault {VAULT_HOST}, tls: certificate verified against the default CA "
+            "bundle /etc/ssl/certs/ca-certificates.crt",
+            f"✓ vault {VAULT_HOST}, audience: the token's audience is "
+            "https://vault.azure.net, as the vault needs",
+            "✓ agent, unit: kv-agent.service is active"):
+        assert line in lines, f"no line {line!r} in:\n{output}"
+    for pattern in (
+            rf"✓ identity, principal: client id {GUID}, object id {GUID}, .*",
+            rf"✓ vault {re.escape(VAULT_HOST)}, challenge: 401 challenge asks for "
+            r"https://vault\.azure\.net .*",
+            *(rf"✓ secret {name}, readable: readable, version [0-9a-f]{{32}}"
+              for name in SECRETS),
+            rf"✓ agent, status: running \(pid {pid}, ready\), last refresh "
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, next .*"):
+        assert any(re.fullmatch(pattern, line) for line in lines), \
+            f"no line matching {pattern!r} in:\n{output}"
+    assert re.fullmatch(r"\d+ checks: 0 failed, 0 warnings \([\d.]+ s\)", lines[-1]), output
+    assert_doctor_leaks_nothing(machine, output)
+    write_report(suite, "kv-agent doctor (healthy)", result.stdout)
+
+
+def test_doctor_names_a_forbidden_secret_and_the_role_to_grant(
+        machine: Container, suite: str, needs_run: None) -> None:
+    """With one secret forbidden (403 ForbiddenByRbac), doctor exits 1 with a
+    ✗ line for that secret alone and, under it, the `az role assignment
+    create` line granting the identity's object id the role on the vault;
+    `--json` names the same failing check. The emulator is restored after."""
+    machine.write(FORBIDDEN_FILE, f"{FORBIDDEN_SECRET}: ForbiddenByRbac\n", mode=0o600)
+    machine.run(["systemctl", "reload", EMULATOR_UNIT])
+    try:
+        machine.wait_for(f"journalctl -o cat -u {EMULATOR_UNIT} | grep -qx "
+                         f"'forbidden {FORBIDDEN_SECRET} (ForbiddenByRbac)'",
+                         what="the emulator to forbid the secret")
+        result = doctor(machine, suite)
+        as_json = doctor(machine, suite, "--json")
+    finally:
+        machine.write(FORBIDDEN_FILE, "", mode=0o600)
+        machine.run(["systemctl", "reload", EMULATOR_UNIT])
+        machine.wait_for(f"journalctl -o cat -u {EMULATOR_UNIT} | grep -qx "
+                         f"'allowed {FORBIDDEN_SECRET}'", what="the emulator to allow it again")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = result.stdout.splitlines()
+    failed = [line for line in lines if line.startswith("✗ ")]
+    assert failed == [f"✗ secret {FORBIDDEN_SECRET}, readable: permission denied "
+                      "(403 ForbiddenByRbac)"], output
+    assert as_json.returncode == 1, as_json.stdout + as_json.stderr
+    checks = json.loads(as_json.stdout)
+    principal = next(c["detail"] for c in checks if c["check"] == "principal")
+    object_id = re.search(rf"object id ({GUID})", principal)
+    assert object_id, principal
+    fix = lines[lines.index(failed[0]) + 1]
+    assert fix == f"    fix: {ROLE_FIX}{object_id.group(1)} --scope '{VAULT_ID}'", output
+    assert "✓ secret example-token, readable: readable" in result.stdout, output
+    assert re.fullmatch(r"\d+ checks: 1 failed, 0 warnings \([\d.]+ s\)", lines[-1]), output
+    assert [(c["subject"], c["check"], c["state"]) for c in checks if c["state"] != "ok"] == \
+        [(f"secret {FORBIDDEN_SECRET}", "readable", "fail")], as_json.stdout
+    assert [c["fix"] for c in checks if c["state"] == "fail"] == [fix.split("fix: ", 1)[1]]
+    assert_doctor_leaks_nothing(machine, output, as_json.stdout + as_json.stderr)
+    write_report(suite, "kv-agent doctor (a secret forbidden)", result.stdout)
 
 
 def test_reload_picks_up_a_rotation_and_the_hook_reloads_the_consumer(
