@@ -494,7 +494,7 @@ def test_doctor_passes_on_the_running_agent(machine: Container, suite: str,
     that the unit is active with its last refresh; exit 0."""
     result = doctor(machine, suite)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    assert result.returncode == 0 and not result.stderr, output
     lines = result.stdout.splitlines()
     pid = machine.run(["systemctl", "show", "-p", "MainPID", "--value", "kv-agent"]
                       ).stdout.strip()
@@ -545,12 +545,12 @@ def test_doctor_names_a_forbidden_secret_and_the_role_to_grant(
         machine.wait_for(f"journalctl -o cat -u {EMULATOR_UNIT} | grep -qx "
                          f"'allowed {FORBIDDEN_SECRET}'", what="the emulator to allow it again")
     output = result.stdout + result.stderr
-    assert result.returncode == 1, output
+    assert result.returncode == 1 and not result.stderr, output
     lines = result.stdout.splitlines()
     failed = [line for line in lines if line.startswith("✗ ")]
     assert failed == [f"✗ secret {FORBIDDEN_SECRET}, readable: permission denied "
                       "(403 ForbiddenByRbac)"], output
-    assert as_json.returncode == 1, as_json.stdout + as_json.stderr
+    assert as_json.returncode == 1 and not as_json.stderr, as_json.stdout + as_json.stderr
     checks = json.loads(as_json.stdout)
     principal = next(c["detail"] for c in checks if c["check"] == "principal")
     object_id = re.search(rf"object id ({GUID})", principal)
