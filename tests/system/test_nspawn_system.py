@@ -14,6 +14,10 @@ system trust store. The container has a private network namespace, checked
 before every command (kvsystem.Container.run); nothing on the host ever
 binds or reaches that address.
 
+Beside the running unit, `kv-agent doctor` (issue 13) runs as an operator
+runs it, healthy and then with one secret forbidden in the emulator (the
+--forbidden file, re-read on the emulator's reload, as the secrets file is).
+
 After the purge, the same machine becomes an Azure Arc server (issue 12):
 the himds group before the install, HIMDS played by `kv-agent emulator
 --arc-port 40342` on loopback, and the unit getting its file through the
