@@ -43,6 +43,7 @@ LIFECYCLE = "tests/test_lifecycle.py"
 AGENT = "tests/test_agent.py"
 ARC = "tests/test_arc.py"
 FRESHNESS = "tests/test_freshness.py"
+DOCTOR = "tests/test_doctor.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -158,6 +159,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "fetched.value, output.owner, output.group, output.mode)",
         (f"{CLI}::test_once_writes_every_secret_byte_for_byte_with_owner_group_and_mode"
          "[default]",),
+    ),
+    Mutation(
+        "doctor-prints-the-token",
+        "doctor never prints a token: the principal line is built from the token's "
+        "claims, never from the token",
+        "agent/doctor.py",
+        '    checks.append(Check("identity", "principal", OK, detail))',
+        '    checks.append(Check("identity", "principal", OK, detail + token.token))',
+        (f"{DOCTOR}::test_healthy_setup_passes_every_check",),
     ),
     Mutation(
         "token-repr-shows-token",
