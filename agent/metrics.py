@@ -158,7 +158,7 @@ def escape_label_value(value: str) -> str:
     """A label value as the exposition format quotes it: ``\\`` as ``\\\\``,
     ``"`` as ``\\"`` and a line feed as ``\\n``. Anything else may stand as it
     is in UTF-8 (a carriage return included); a character that is not valid
-    UTF-8 (a lone surrogate) becomes U+FFFD."""
+    UTF-8 (a lone surrogate) becomes "?"."""
     text = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return text.encode("utf-8", "replace").decode("utf-8")
 
@@ -170,6 +170,7 @@ def _escape_help(text: str) -> str:
 def _number(value: float) -> str:
     """Integers without a fraction (counts, whole seconds), else repr; NaN
     and infinities as the format spells them."""
+    value = float(value)  # an int (a count, Key Vault's epoch seconds) is welcome too
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
