@@ -724,12 +724,12 @@ class Daemon:
         self._last_sync_end = self._wall()
         if self._sync_started is not None:
             self._last_sync_s = max(0.0, now - self._sync_started)
-        is_success = isinstance(result, SyncReport) and not result.failures \
-            and not result.optional_failures
-        kind = "success" if is_success else "failure"
-        self._refreshes[kind] = self._refreshes.get(kind, 0) + 1
         if isinstance(result, SyncReport):
             self._files_written += sum(len(o.changed_paths) for o in result.outcomes)
+            kind = "partial" if result.failures or result.optional_failures else "success"
+        else:
+            kind = "failure"  # as a whole: no token, no vault
+        self._refreshes[kind] = self._refreshes.get(kind, 0) + 1
 
     def _note_version_time(self, outcome: SecretOutcome) -> None:
         """Keep the written version's ``updated`` time (for its age), as the

@@ -64,7 +64,7 @@ class MetricsSnapshot(NamedTuple):
     entries: Tuple[EntryMetrics, ...] = ()
     last_refresh_s: Optional[float] = None  # when the last refresh ended (any result)
     refresh_duration_s: Optional[float] = None  # how long that refresh took
-    refreshes: Mapping[str, int] = {}  # result ("success", "failure") -> count
+    refreshes: Mapping[str, int] = {}  # result ("success", "partial", "failure") -> count
     files_written: int = 0
     requests: Mapping[RequestKey, int] = {}
 
@@ -106,7 +106,10 @@ def _families(s: MetricsSnapshot) -> List[_Family]:
         _Family("last_refresh_duration_seconds", "gauge",
                 "How long the last refresh took, successful or not.",
                 _single(s.refresh_duration_s)),
-        _Family("refreshes_total", "counter", "Refreshes since start, by result.",
+        _Family("refreshes_total", "counter",
+                "Refreshes since start, by result: success (every entry current), partial "
+                "(some entries failed: see kv_agent_secret_consecutive_failures), failure "
+                "(the refresh failed as a whole, e.g. no token).",
                 tuple(((("result", result),), float(count))
                       for result, count in sorted(s.refreshes.items()))),
         _Family("files_written_total", "counter",
@@ -168,9 +171,12 @@ def _escape_help(text: str) -> str:
 
 
 def _number(value: float) -> str:
-    """Integers without a fraction (counts, whole seconds), else repr; NaN
-    and infinities as the format spells them."""
+    """Milliseconds at most (times and durations need no more), integers
+    without a fraction (counts, whole seconds); NaN and infinities as the
+    format spells them."""
     value = float(value)  # an int (a count, Key Vault's epoch seconds) is welcome too
+    if math.isfinite(value):
+        value = round(value, 3)
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
