@@ -68,7 +68,7 @@ from agent.ledger import Ledger, regular_inode, writer_root_for
 from agent.lifecycle import Lifecycle
 from agent.loop import EventLoop, Mailbox, Watchdog
 from agent.manifest import Entry, Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
-from agent.metrics import EntryMetrics, MetricsSnapshot, render, write_metrics
+from agent.metrics import EntryMetrics, MetricsSnapshot, remove_metrics, render, write_metrics
 from agent.notify import Notifier, watchdog_interval_s
 from agent.signals import SignalFlags
 from agent.snapshot import EntryStatus, StatusSnapshot, iso_time, read_sets, read_written
@@ -350,6 +350,8 @@ class Daemon:
         if old is not None:
             self._pending_removals.append((old, manifest))
             self._remove_pending()
+            if old.metrics_path not in (None, manifest.metrics_path):
+                self._remove_metrics(old.metrics_path)
         self._life = lifecycle.reload_accepted(self._life)
         self._start_sync()
 
@@ -740,6 +742,18 @@ class Daemon:
         seen = self._freshness.sources.get(outcome.entry.sources[0])
         if seen is not None and seen.version == outcome.version:
             state.version_updated = seen.updated
+
+    def _remove_metrics(self, path: Optional[str]) -> None:
+        """A reload turned metrics off or moved them: the old file goes, so
+        no stale series (``kv_agent_up 1`` forever) stays behind."""
+        if path is None:
+            return
+        try:
+            if remove_metrics(path):
+                log.info("metrics: removed %s (no longer in the manifest)", path)
+        except KvAgentError as exc:
+            log.warning("%s", exc)
+        self._metrics_error = None
 
     def metrics(self, *, is_up: bool = True) -> MetricsSnapshot:
         """The metrics as they stand (agent.metrics renders them)."""

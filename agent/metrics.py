@@ -228,6 +228,31 @@ def write_metrics(path: str, text: str) -> None:
         os.close(dir_fd)
 
 
+def remove_metrics(path: str) -> bool:
+    """Remove the metrics file at ``path`` if it is a regular file (a symlink
+    or anything else there is not the agent's and stays); whether it did.
+    Raises WriteError when it cannot."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+    except OSError:
+        return False  # no directory, no file
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise WriteError(f"metrics: cannot remove {path}: {exc.strerror}",
+                         "remove it by hand") from None
+    finally:
+        os.close(dir_fd)
+
+
 def _make_directories(directory: str) -> None:
     missing: List[str] = []
     current = directory

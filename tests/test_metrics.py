@@ -16,6 +16,8 @@ from test_daemon import (  # noqa: F401 - fixtures
     StartAgent,
     Vault,
     entry,
+    manifest_text,
+    replace_file,
     short_dir,
     start_agent,
     vault,
@@ -237,6 +239,22 @@ def test_a_leftover_temporary_file_is_replaced(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["kv-agent.prom"]
 
 
+def test_remove_takes_only_a_regular_file(tmp_path: Path) -> None:
+    """Removing the metrics file removes a regular file, and leaves a symlink, a
+    directory or nothing at all alone."""
+    path = tmp_path / "kv-agent.prom"
+    write_metrics(str(path), render(snapshot()))
+    assert metrics.remove_metrics(str(path)) is True
+    assert not path.exists()
+    assert metrics.remove_metrics(str(path)) is False
+    assert metrics.remove_metrics(str(tmp_path / "none" / "kv-agent.prom")) is False
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    path.symlink_to(victim)
+    assert metrics.remove_metrics(str(path)) is False
+    assert path.is_symlink() and victim.exists()
+
+
 # ---------------------------------------------------------------------------
 # The running agent
 
@@ -317,4 +335,23 @@ def test_unwritable_metrics_path_is_logged_once_and_never_fatal(
     assert len(run.process.lines("metrics:")) == 1, run.process.stderr
     assert "symlink" in run.process.lines("metrics:")[0]
     assert not (shm_dir / "elsewhere").exists()
+    run.stop()
+
+
+@pytest.mark.integration
+def test_reload_without_metrics_removes_the_file(start_agent: StartAgent,  # noqa: F811
+                                                 vault: Vault, shm_dir: Path) -> None:  # noqa: F811
+    """A manifest edit that drops `metrics:` removes the old file (no stale `up 1` stays
+    for node_exporter); putting it back writes it again at the next refresh."""
+    vault.put("steady")
+    path = shm_dir / "metrics" / "kv-agent.prom"
+    run = start_agent([entry("steady")], metrics=str(path))
+    run.wait_ready()
+    run.wait(lambda: _metrics_of(path), "the metrics file")
+    replace_file(run.manifest, manifest_text(vault.url, run.directory, [entry("steady")]))
+    run.wait(lambda: not path.exists(), "the metrics file removed")
+    run.wait(lambda: run.process.lines("metrics: removed"), "the removal logged")
+    replace_file(run.manifest, manifest_text(vault.url, run.directory, [entry("steady")],
+                                             metrics=str(path)))
+    run.wait(lambda: _metrics_of(path), "the metrics file again")
     run.stop()
