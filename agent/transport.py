@@ -271,33 +271,41 @@ def bounded_get(
     """
     started = time.monotonic()
     code = CODE_ERROR
-    try:
-        with _Deadline(total_s) as deadline:
+    with _Deadline(total_s) as deadline:
+        try:
+            response = session.get(url, params=dict(params), headers=dict(headers),
+                                   timeout=timeout, allow_redirects=False, stream=True,
+                                   proxies=dict(proxies or {}))
+            code = str(response.status_code)
             try:
-                response = session.get(url, params=dict(params), headers=dict(headers),
-                                       timeout=timeout, allow_redirects=False, stream=True,
-                                       proxies=dict(proxies or {}))
-                code = str(response.status_code)
-                try:
-                    body = _read_body(response, max_bytes, started + total_s)
-                    return Reply(response.status_code, response.headers, body)
-                finally:
-                    response.close()
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                if deadline.is_expired or time.monotonic() >= started + total_s:
-                    raise DeadlineExceededError(
-                        f"no complete answer within {total_s:g} s") from None
-                if isinstance(exc, requests.RequestException):
-                    raise
-                if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-                    raise requests.exceptions.ReadTimeout(str(exc)) from None
-                raise requests.ConnectionError(str(exc)) from None
-    except requests.Timeout:
-        if code == CODE_ERROR:  # no status line: a black hole, not a refusal
-            code = CODE_TIMEOUT
-        raise
-    finally:
-        REQUESTS.add(getattr(session, "target", OTHER_TARGET), _host(url), code)
+                body = _read_body(response, max_bytes, started + total_s)
+                return Reply(response.status_code, response.headers, body)
+            finally:
+                response.close()
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            is_late = deadline.is_expired or time.monotonic() >= started + total_s
+            code = _failure_code(code, exc, is_late)
+            if is_late:
+                raise DeadlineExceededError(
+                    f"no complete answer within {total_s:g} s") from None
+            if isinstance(exc, requests.RequestException):
+                raise
+            if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+                raise requests.exceptions.ReadTimeout(str(exc)) from None
+            raise requests.ConnectionError(str(exc)) from None
+        finally:
+            REQUESTS.add(getattr(session, "target", OTHER_TARGET), _host(url), code)
+
+
+def _failure_code(code: str, exc: BaseException, is_late: bool) -> str:
+    """A failed request's code for :data:`REQUESTS`: the status when one came
+    (the body failed), else ``timeout`` (a black hole) or ``error`` (refused,
+    reset, TLS)."""
+    if code != CODE_ERROR:
+        return code
+    timed_out = is_late or isinstance(exc, (requests.Timeout,
+                                            urllib3.exceptions.TimeoutError))
+    return CODE_TIMEOUT if timed_out else CODE_ERROR
 
 
 def _read_body(response: requests.Response, max_bytes: int, deadline: float) -> bytes:
