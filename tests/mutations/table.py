@@ -586,8 +586,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "metrics-symlink-at-target-replaced",
         "a symlink at the metrics path is refused",
         "agent/metrics.py",
-        "    if not stat.S_ISREG(st.st_mode):",
-        "    if False:",
+        "    if not stat.S_ISREG(st.st_mode):\n        kind =",
+        "    if False:\n        kind =",
         (f"{METRICS}::test_symlink_at_the_target_is_refused_and_not_followed",),
     ),
     Mutation(
