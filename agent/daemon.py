@@ -27,8 +27,10 @@ Lifecycle (the only place that orders cycles of the pipeline; one
 The daemon in parts: :mod:`agent.loop` waits (signals, wake pipe, inotify
 debounce, watchdog timing); :mod:`agent.lifecycle` decides (pure functions of
 state, event and clock); :mod:`agent.ledger` knows which files the agent
-wrote; :mod:`agent.snapshot` is the status it publishes. This module wires
-them: it performs what the lifecycle decides and keeps each entry's state.
+wrote; :mod:`agent.snapshot` is the status it publishes, and
+:mod:`agent.metrics` the Prometheus file (``metrics:``), rewritten after every
+refresh, successful or not. This module wires them: it performs what the
+lifecycle decides and keeps each entry's state.
 
 Threads: the main thread runs the event loop and owns all state. A refresh
 runs in one worker thread (itself fanning out fetches); the worker never
@@ -47,7 +49,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
-from agent import lifecycle, retry
+from agent import lifecycle, retry, transport
 from agent.agent import Agent, Interrupted, SecretOutcome, SyncReport, short_cause
 from agent.errors import KvAgentError, ManifestError
 from agent.expiry import (
@@ -66,6 +68,7 @@ from agent.ledger import Ledger, regular_inode, writer_root_for
 from agent.lifecycle import Lifecycle
 from agent.loop import EventLoop, Mailbox, Watchdog
 from agent.manifest import Entry, Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
+from agent.metrics import EntryMetrics, MetricsSnapshot, remove_metrics, render, write_metrics
 from agent.notify import Notifier, watchdog_interval_s
 from agent.signals import SignalFlags
 from agent.snapshot import EntryStatus, StatusSnapshot, iso_time, read_sets, read_written
@@ -119,6 +122,8 @@ class EntryState:
         self.inodes: Dict[str, Optional[int]] = {}
         # Validity window of what was last written (agent.expiry).
         self.validity = Validity()
+        self.version_updated: Optional[int] = None  # its `updated` in Key Vault (epoch s)
+        self.failures = 0  # refreshes in a row that did not confirm it (metrics)
 
     def is_same_entry(self, entry: Entry) -> bool:
         return (self.name, self.paths, self.vault) == (entry.name, entry.paths,
@@ -130,6 +135,10 @@ class EntryState:
                            self.cause, iso_time(self.error_since),
                            iso_time(self.validity.not_before), iso_time(self.validity.expires),
                            expiry)
+
+    def as_metrics(self, key: str) -> EntryMetrics:
+        return EntryMetrics(key, self.name, self.vault, self.checked, self.version_updated,
+                            self.failures, self.validity.expires)
 
 
 class Daemon:
@@ -181,6 +190,14 @@ class Daemon:
         self._manifest_error: Optional[str] = None
         self._waiting: Optional[str] = None  # what the running refresh retries
         self.cycles = 0
+        # For the metrics file: the refresh in flight, the last one's end and
+        # length, results and files written since start, the last write error.
+        self._sync_started: Optional[float] = None
+        self._last_sync_end: Optional[float] = None
+        self._last_sync_s: Optional[float] = None
+        self._refreshes: Dict[str, int] = {}
+        self._files_written = 0
+        self._metrics_error: Optional[str] = None
 
     # -- entry point -------------------------------------------------------------------
 
@@ -333,6 +350,8 @@ class Daemon:
         if old is not None:
             self._pending_removals.append((old, manifest))
             self._remove_pending()
+            if old.metrics_path not in (None, manifest.metrics_path):
+                self._remove_metrics(old.metrics_path)
         self._life = lifecycle.reload_accepted(self._life)
         self._start_sync()
 
@@ -363,6 +382,7 @@ class Daemon:
             self._mailbox.post(SyncDone(agent, result))
 
         self._sync_thread = threading.Thread(target=work, name="refresh", daemon=True)
+        self._sync_started = self._now()
         self._sync_thread.start()
 
     def _sync_done(self, done: SyncDone) -> None:
@@ -381,11 +401,14 @@ class Daemon:
     def _finish_sync(self, agent: Agent, result: Union[SyncReport, KvAgentError]) -> None:
         self.cycles += 1
         now_wall = self._wall()
+        self._count_refresh(result)
         changed: List[Tuple[Tuple[str, ...], str]] = []
         if isinstance(result, KvAgentError):
             if str(result) != self._global_error:
                 log.error("refresh failed, every file kept as it was: %s", result)
             self._global_error = str(result)
+            for state in self._entries.values():
+                state.failures += 1  # no entry was confirmed
             is_failing = True
         else:
             if self._global_error is not None:
@@ -397,6 +420,7 @@ class Daemon:
             self._freshness = result.freshness
             for outcome in result.outcomes:
                 changed.extend(self._record(outcome, now_wall))
+                self._note_version_time(outcome)
             self._record_sets(agent.manifest, result)
             if result.swapped:
                 self._retire_at.append(self._now() + SET_GRACE_S)
@@ -420,6 +444,7 @@ class Daemon:
         else:
             self._notifier.status(self._status_line())
         self._save_status()
+        self._write_metrics()
 
     def _record(self, outcome: SecretOutcome, now_wall: float) -> List[Tuple[Tuple[str, ...], str]]:
         """Update one entry's state; returns (hook, path) for each file that changed."""
@@ -434,11 +459,13 @@ class Daemon:
                 log.log(level, "%s", outcome.describe())
                 state.error_since = now_wall
             state.error, state.cause = message, short_cause(outcome.error)
+            state.failures += 1
             return []
         if state.error is not None:
             log.info("secret '%s' recovered: %s is current again", entry.name,
                      ", ".join(entry.paths))
         state.error = state.cause = state.error_since = None
+        state.failures = 0
         state.checked = now_wall
         if outcome.changed or state.updated is None:
             state.updated = now_wall
@@ -691,6 +718,72 @@ class Daemon:
         except OSError as exc:
             log.warning("cannot write %s: %s", self._store.path, exc.strerror)
 
+    # -- metrics -----------------------------------------------------------------------
+
+    def _count_refresh(self, result: Union[SyncReport, KvAgentError]) -> None:
+        """Record a finished refresh's result, length and written files."""
+        now = self._now()
+        self._last_sync_end = self._wall()
+        if self._sync_started is not None:
+            self._last_sync_s = max(0.0, now - self._sync_started)
+        if isinstance(result, SyncReport):
+            self._files_written += sum(len(o.changed_paths) for o in result.outcomes)
+            kind = "partial" if result.failures or result.optional_failures else "success"
+        else:
+            kind = "failure"  # as a whole: no token, no vault
+        self._refreshes[kind] = self._refreshes.get(kind, 0) + 1
+
+    def _note_version_time(self, outcome: SecretOutcome) -> None:
+        """Keep the written version's ``updated`` time (for its age), as the
+        refresh's memory (agent.freshness) has it for the entry's first source."""
+        state = self._entries.get(outcome.entry.key)
+        if state is None or outcome.error is not None or not outcome.entry.sources:
+            return
+        seen = self._freshness.sources.get(outcome.entry.sources[0])
+        if seen is not None and seen.version == outcome.version:
+            state.version_updated = seen.updated
+
+    def _remove_metrics(self, path: Optional[str]) -> None:
+        """A reload turned metrics off or moved them: the old file goes, so
+        no stale series (``kv_agent_up 1`` forever) stays behind."""
+        if path is None:
+            return
+        try:
+            if remove_metrics(path):
+                log.info("metrics: removed %s (no longer in the manifest)", path)
+        except KvAgentError as exc:
+            log.warning("%s", exc)
+        self._metrics_error = None
+
+    def metrics(self, *, is_up: bool = True) -> MetricsSnapshot:
+        """The metrics as they stand (agent.metrics renders them)."""
+        return MetricsSnapshot(
+            now_s=self._wall(), is_up=is_up,
+            entries=tuple(state.as_metrics(key) for key, state in sorted(self._entries.items())),
+            last_refresh_s=self._last_sync_end, refresh_duration_s=self._last_sync_s,
+            refreshes=dict(self._refreshes), files_written=self._files_written,
+            requests=transport.REQUESTS.snapshot())
+
+    def _write_metrics(self, *, is_up: bool = True) -> None:
+        """Rewrite the metrics file when the manifest asks for one; a failure
+        is logged once (until it changes or the write works again), never fatal."""
+        path = self._manifest.metrics_path if self._manifest else None
+        if path is None:
+            return
+        try:
+            write_metrics(path, render(self.metrics(is_up=is_up)))
+        except KvAgentError as exc:
+            if str(exc) != self._metrics_error:
+                log.warning("%s", exc)
+            self._metrics_error = str(exc)
+            return
+        except Exception:  # a bug: the metrics must never take the agent down
+            log.exception("metrics: writing %s failed unexpectedly", path)
+            return
+        if self._metrics_error is not None:
+            log.info("metrics: %s written again", path)
+        self._metrics_error = None
+
     # -- stop --------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
@@ -711,6 +804,7 @@ class Daemon:
             for writer in self._writers.values():
                 writer.retire(everything=True)
         self._save_status()
+        self._write_metrics(is_up=False)
         if self._agent is not None and is_idle:
             self._agent.close()
         self._mailbox.close()

@@ -168,7 +168,7 @@ def token_source(
     manifest names a source whose environment is missing."""
     choice = choose_source(identity.source, environ, exists)
     factory = build_factory(choice.source, identity, environ)
-    session = transport.new_session(pool_size=1)
+    session = transport.new_session(pool_size=1, target=choice.source)
     session.trust_env = False  # IMDS must never go through a proxy [protocol.md A1]
     cache = TokenCache(session, factory, policy=policy, on_retry=on_retry, sleep=sleep)
     cache.source = choice

@@ -59,13 +59,16 @@ from agent.vault_url import normalize_vault_url
 from agent.writer import RESERVED_PREFIX, system_directory_problem
 
 DEFAULT_DIRECTORY = "/run/secrets"
+# `metrics: true`: node_exporter's --collector.textfile.directory=/run/kv-agent/metrics
+DEFAULT_METRICS_PATH = "/run/kv-agent/metrics/kv-agent.prom"
+METRICS_SUFFIX = ".prom"  # the textfile collector reads only these
 DEFAULT_REFRESH_S = 15 * 60.0
 DEFAULT_MODE = 0o400
 MIN_REFRESH_S = 1.0
 MAX_REFRESH_S = 31 * 24 * 3600.0  # a month; longer waits overflow nothing but help no one
 
 TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secrets",
-            "warn_before_expiry")
+            "warn_before_expiry", "metrics")
 SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault",
                "on_change", "encoding", "certificate", "template", "set")
 OUTPUT_KEYS = ("path", "owner", "group", "mode")
@@ -247,6 +250,8 @@ class Manifest(NamedTuple):
     warn_before_expiry_s: float = DEFAULT_WARN_BEFORE_EXPIRY_S
     # ``select:`` entries, expanded after each listing (agent.selection).
     selections: Tuple[Selection, ...] = ()
+    # Where the running agent writes Prometheus metrics (agent.metrics); None: off.
+    metrics_path: Optional[str] = None
 
 
 class Accounts(NamedTuple):
@@ -927,9 +932,10 @@ def parse_manifest(
     secrets, selections = _parse_secrets(problems, data, vault, directory, accounts,
                                          check_filesystem)
     sets = _collect_sets(problems, secrets, directory)
+    metrics = _top_metrics(problems, data, directory)
     problems.raise_if_any()
     return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter,
-                    sets, warn, selections)
+                    sets, warn, selections, metrics)
 
 
 def _top_vault(problems: _Problems, data: _Map) -> Optional[str]:
@@ -983,6 +989,43 @@ def _top_directory(problems: _Problems, data: _Map) -> str:
     if shared:
         problems.add("directory", shared, line)
     return normal
+
+
+def _top_metrics(problems: _Problems, data: _Map, directory: str) -> Optional[str]:
+    """``metrics``: absent or false (off), true (DEFAULT_METRICS_PATH) or an
+    absolute path of a ``.prom`` file, outside the secrets directory (which
+    holds only the manifest's files)."""
+    value = data.get("metrics", False)
+    if value is False or value is None:
+        return None
+    if value is True:
+        return DEFAULT_METRICS_PATH
+    line = data.key_lines.get("metrics")
+    hint = f"write metrics: true (for {DEFAULT_METRICS_PATH}) or an absolute path"
+    if not isinstance(value, str) or not value.startswith("/"):
+        problems.add("metrics", f"'{echo(value)}' is neither true, false nor an absolute path",
+                     line, hint)
+        return None
+    if ".." in value.split("/") or "\0" in value or value.endswith("/"):
+        problems.add("metrics", f"'{echo(value)}' must be a file's path without '..'", line,
+                     hint)
+        return None
+    path = normalise_path(value)
+    try:
+        check_path_length(path)
+    except ValueError as exc:
+        problems.add("metrics", str(exc), line)
+        return None
+    if not path.endswith(METRICS_SUFFIX) or path.endswith("/" + METRICS_SUFFIX):
+        problems.add("metrics", f"'{echo(value)}' must end in {METRICS_SUFFIX}: "
+                     "node_exporter's textfile collector reads only those", line,
+                     f"e.g. metrics: {DEFAULT_METRICS_PATH}")
+        return None
+    if path.startswith(directory.rstrip("/") + "/"):
+        problems.add("metrics", f"'{echo(value)}' is inside directory {directory}, which "
+                     "holds only the secrets' files", line, f"e.g. metrics: {DEFAULT_METRICS_PATH}")
+        return None
+    return path
 
 
 def _top_number(problems: _Problems, data: _Map, key: str, parse: Callable[[Any], float],

@@ -15,8 +15,10 @@ atomically after every change, serves two readers:
 
 It holds no secret value and no token, but it names every secret and its
 path, which consumers must not learn: /run/secrets is 0751 precisely so that
-they cannot list it. So the directory is 0700 and the file 0600, root's (the
-agent's user's) alone, and :meth:`StateStore.prepare` tightens what an older
+they cannot list it. So the file is 0600, root's (the agent's user's) alone,
+and the directory 0711: no one else may list it, but node_exporter's user may
+pass through to ``metrics/`` (the default of ``metrics: true``, 0755, see
+:mod:`agent.metrics`). :meth:`StateStore.prepare` tightens what an older
 version left world-readable (issue 9). A non-root ``kv-agent status`` gets
 PermissionDeniedError, not "not running".
 The output directory holds only the manifest's files; nothing here goes there.
@@ -35,7 +37,7 @@ from agent.errors import KvAgentError, PermissionDeniedError
 DEFAULT_STATE_DIR = "/run/kv-agent"
 STATE_DIR_ENV = "KV_AGENT_STATE_DIR"
 STATUS_FILE = "status.json"
-STATE_DIR_MODE = 0o700
+STATE_DIR_MODE = 0o711  # traverse only: metrics/ is reached, status.json (0600) is not
 STATUS_FILE_MODE = 0o600
 
 
@@ -71,7 +73,7 @@ class StateStore:
                     "not the agent's user", "remove it (kv-agent recreates it) or "
                     "pass --state-dir with a directory of your own")
             if stat.S_IMODE(st.st_mode) != STATE_DIR_MODE:
-                os.fchmod(fd, STATE_DIR_MODE)  # makedirs applies the umask; older 0755
+                os.fchmod(fd, STATE_DIR_MODE)  # makedirs applies the umask; older 0755/0700
             _make_private(STATUS_FILE, fd)
         except OSError as exc:
             raise KvAgentError(f"cannot make state directory {self.directory} private: "

@@ -19,8 +19,12 @@ import os
 from typing import List, Optional, Tuple
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from agent.expiry import EXPIRED, NOT_YET_VALID
+from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
 from agent.snapshot import STARTING, STOPPED, EntryStatus, StatusSnapshot
+
+# Entry lines are columns: "mark name -> paths", expiry, version and update.
+MAX_HEAD_WIDTH = 60  # a longer head pushes its own line's columns, not everyone's
+EXPIRY_WIDTH = len("expires 2026-11-01T00:00:00Z not yet valid")
 
 
 def is_running(pid: Optional[int]) -> bool:
@@ -59,14 +63,12 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
         lines.append(f"  manifest edit rejected: {snapshot.manifest_error}")
     if snapshot.error:
         lines.append(f"  refresh error: {snapshot.error}")
-    for entry in snapshot.entries:
-        mark = _mark(entry)
-        if not running:
-            mark = f"was {mark:4}"
+    heads = [_entry_head(entry, running) for entry in snapshot.entries]
+    width = min(max((len(head) for head in heads), default=0), MAX_HEAD_WIDTH)
+    for entry, head in zip(snapshot.entries, heads):
         version = (entry.version or "-")[:12]
-        expires = f", expires {entry.expires}" if entry.expires else ""
-        lines.append(f"  {mark:4} {entry.name} -> {', '.join(entry.paths) or '?'} "
-                     f"(version {version}, updated {entry.updated or '-'}{expires})")
+        lines.append(f"  {head:<{width}}  {_expiry_column(entry):<{EXPIRY_WIDTH}}  "
+                     f"version {version}, updated {entry.updated or '-'}")
         if entry.error:
             lines.append(f"       since {entry.error_since}: {entry.error}")
         if entry.expiry is not None:
@@ -77,6 +79,24 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
     is_starting = snapshot.phase == STARTING
     return lines, (EXIT_FAILURE if required_failing or snapshot.error or is_starting
                    else EXIT_OK)
+
+
+def _entry_head(entry: EntryStatus, running: bool) -> str:
+    """``ok   name -> paths``: the mark ("was ok" when no agent runs) and the files."""
+    mark = _mark(entry)
+    if not running:
+        mark = f"was {mark:4}"
+    return f"{mark:4} {entry.name} -> {', '.join(entry.paths) or '?'}"
+
+
+def _expiry_column(entry: EntryStatus) -> str:
+    """The expiry column: the date when the secret has one, marked EXPIRED,
+    expiring (within warn_before_expiry) or not yet valid; else "no expiry"."""
+    mark = {EXPIRED: " EXPIRED", EXPIRING: " expiring",
+            NOT_YET_VALID: " not yet valid"}.get(entry.expiry or "", "")
+    if entry.expires:
+        return f"expires {entry.expires}{mark}"
+    return mark.strip() or "no expiry"
 
 
 def _expiry_line(entry: EntryStatus) -> str:

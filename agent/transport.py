@@ -26,6 +26,11 @@ Bodies are read raw and decoded here (gzip/deflate) with ``max_length``, so a
 compression bomb never inflates beyond ``max_bytes`` in memory; an oversized
 body is :class:`ResponseTooLargeError`, a corrupt encoding
 :class:`BadResponseError`: both mean "a bad answer", not "unreachable".
+
+Every request is counted here, and only here, in :data:`REQUESTS`: by target
+(the session's, given to :func:`new_session`: ``vault`` or the identity
+source), host and status code, or ``error``/``timeout`` when no status came
+(the ``kv_agent_requests_total`` metric, :mod:`agent.metrics`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import threading
 import time
 import zlib
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -46,6 +52,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from agent.untrusted import escape
 
 CHUNK_BYTES = 4096
+
+# Request counts: the code of a request that got no status line.
+CODE_ERROR = "error"
+CODE_TIMEOUT = "timeout"
+OTHER_TARGET = "other"  # a session not made by new_session (tests)
+# Distinct (target, host, code) keys kept; past this, host reads "other".
+# Hosts come from the manifest, so only a runaway bug could exceed it.
+MAX_COUNTED_KEYS = 1000
 
 _current = threading.local()
 
@@ -68,6 +82,55 @@ class Reply(NamedTuple):
     status: int
     headers: "CaseInsensitiveDict[str]"
     body: bytes
+
+
+RequestKey = Tuple[str, str, str]  # (target, host, code)
+
+
+class RequestCounts:
+    """How many requests this process sent, by (target, host, code).
+
+    Thread-safe (fetches run in a pool) and cheap: a lock and a dict update
+    per request. The one piece of process-wide state in the agent, on
+    purpose: it is a tally of what this process did, read by the metrics
+    writer, and a tally per session would be lost at every reload (a
+    Prometheus counter must only grow while the process lives).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Dict[RequestKey, int] = {}
+
+    def add(self, target: str, host: str, code: str) -> None:
+        key = (target, host, code)
+        with self._lock:
+            if key not in self._counts and len(self._counts) >= MAX_COUNTED_KEYS:
+                key = (target, OTHER_TARGET, code)
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def snapshot(self) -> Dict[RequestKey, int]:
+        """A copy of the counts as they stand."""
+        with self._lock:
+            return dict(self._counts)
+
+
+REQUESTS = RequestCounts()
+
+
+class _CountedSession(requests.Session):
+    """A session that knows what it talks to, for :data:`REQUESTS`."""
+
+    target = OTHER_TARGET
+
+
+def _host(url: str) -> str:
+    """``host[:port]`` of ``url``, never its userinfo; "?" when unparsable."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "?", parts.port
+    except ValueError:
+        return "?"
+    return f"{host}:{port}" if port is not None else host
 
 
 class _Deadline:
@@ -170,11 +233,13 @@ class _DeadlineAdapter(HTTPAdapter):
         return manager
 
 
-def new_session(pool_size: int) -> requests.Session:
+def new_session(pool_size: int, target: str = OTHER_TARGET) -> requests.Session:
     """A keep-alive session whose requests :func:`bounded_get` can bound in
     total time; urllib3's own retries are off (ours honour Retry-After and
-    budgets) and ``trust_env`` is off (callers read the environment once)."""
-    session = requests.Session()
+    budgets) and ``trust_env`` is off (callers read the environment once).
+    Its requests count under ``target`` (``vault``, ``imds``...) in :data:`REQUESTS`."""
+    session = _CountedSession()
+    session.target = target
     session.trust_env = False
     adapter = _DeadlineAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("https://", adapter)
@@ -200,20 +265,27 @@ def bounded_get(
     headers and body together), :class:`ResponseTooLargeError` past
     ``max_bytes`` of decoded body, :class:`BadResponseError` for a body that
     cannot be decoded, and requests' own errors otherwise.
+
+    Counted in :data:`REQUESTS` under its status code once the status line
+    came (even if the body then failed), else ``timeout`` or ``error``.
     """
     started = time.monotonic()
+    code = CODE_ERROR
     with _Deadline(total_s) as deadline:
         try:
             response = session.get(url, params=dict(params), headers=dict(headers),
                                    timeout=timeout, allow_redirects=False, stream=True,
                                    proxies=dict(proxies or {}))
+            code = str(response.status_code)
             try:
                 body = _read_body(response, max_bytes, started + total_s)
                 return Reply(response.status_code, response.headers, body)
             finally:
                 response.close()
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            if deadline.is_expired or time.monotonic() >= started + total_s:
+            is_late = deadline.is_expired or time.monotonic() >= started + total_s
+            code = _failure_code(code, exc, is_late)
+            if is_late:
                 raise DeadlineExceededError(
                     f"no complete answer within {total_s:g} s") from None
             if isinstance(exc, requests.RequestException):
@@ -221,6 +293,19 @@ def bounded_get(
             if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
                 raise requests.exceptions.ReadTimeout(str(exc)) from None
             raise requests.ConnectionError(str(exc)) from None
+        finally:
+            REQUESTS.add(getattr(session, "target", OTHER_TARGET), _host(url), code)
+
+
+def _failure_code(code: str, exc: BaseException, is_late: bool) -> str:
+    """A failed request's code for :data:`REQUESTS`: the status when one came
+    (the body failed), else ``timeout`` (a black hole) or ``error`` (refused,
+    reset, TLS)."""
+    if code != CODE_ERROR:
+        return code
+    timed_out = is_late or isinstance(exc, (requests.Timeout,
+                                            urllib3.exceptions.TimeoutError))
+    return CODE_TIMEOUT if timed_out else CODE_ERROR
 
 
 def _read_body(response: requests.Response, max_bytes: int, deadline: float) -> bytes:

@@ -363,7 +363,7 @@ def new_session(environ: Mapping[str, str], pool_size: int = MAX_CONCURRENCY
     request and, finding the vault's host there, replace our bearer header
     with Basic credentials; it also saves a fifth of each request's CPU.
     """
-    session = transport.new_session(pool_size)
+    session = transport.new_session(pool_size, target="vault")
     session.verify = ca_bundle(environ)
     return session
 

@@ -1037,8 +1037,9 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
                                     "status.json with a refresh")
     assert document["pid"] == run.process.pid
     assert document["state"] == "ready"
-    # It names every secret and path: root's alone (issue 9).
-    assert stat.S_IMODE(os.lstat(run.state_dir).st_mode) == 0o700
+    # It names every secret and path: root's alone (issue 9); the directory may only be
+    # passed through (to metrics/), not listed.
+    assert stat.S_IMODE(os.lstat(run.state_dir).st_mode) == 0o711
     assert stat.S_IMODE(os.lstat(run.state_dir / "status.json").st_mode) == 0o600
     assert document["next_refresh"] and document["refresh_interval_s"] == 1.0
     by_name = {s["name"]: s for s in document["secrets"]}

@@ -929,3 +929,41 @@ def test_json_and_raw_template_keys_need_not_be_variable_names() -> None:
                                   f"{form}, values: {{a-b.c: a, 1x: b}}}}\n", "m.yaml",
                                   accounts=ACCOUNTS, check_filesystem=False)
         assert manifest.secrets[0].params.keys == ("a-b.c", "1x")
+
+
+METRICS_BASE = "vault: https://kv.vault.azure.net\nsecrets: []\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("", None, id="absent"),
+    pytest.param("metrics: false\n", None, id="false"),
+    pytest.param("metrics: true\n", "/run/kv-agent/metrics/kv-agent.prom", id="true"),
+    pytest.param("metrics: /var/lib/node_exporter//kv.prom\n", "/var/lib/node_exporter/kv.prom",
+                 id="path"),
+])
+def test_metrics_key(text: str, expected: Optional[str]) -> None:
+    """`metrics:` is off unless given: true is the default path, a path is normalised."""
+    manifest = parse_manifest(METRICS_BASE + text, "m.yaml", accounts=ACCOUNTS,
+                              check_filesystem=False)
+    assert manifest.metrics_path == expected
+
+
+@pytest.mark.parametrize("text, fragments", [
+    pytest.param("metrics: kv.prom\n", ["absolute path", "metrics: true"], id="relative"),
+    pytest.param("metrics: 1\n", ["neither true, false nor an absolute path"], id="number"),
+    pytest.param("metrics: {path: /x.prom}\n", ["neither true"], id="mapping"),
+    pytest.param("metrics: /run/m/kv.txt\n", ["must end in .prom", "textfile collector"],
+                 id="not-prom"),
+    pytest.param("metrics: /run/m/\n", ["without '..'"], id="directory"),
+    pytest.param("metrics: /run/a/../kv.prom\n", ["without '..'"], id="dotdot"),
+    pytest.param("metrics: /run/secrets/kv.prom\n", ["inside directory /run/secrets"],
+                 id="in-secrets-directory"),
+    pytest.param(f"metrics: /run/{'x' * 300}.prom\n", ["longer than 255 bytes"], id="too-long"),
+    pytest.param("metric: true\n", ["metric: unknown key", "did you mean 'metrics'"], id="typo"),
+])
+def test_metrics_key_problems(text: str, fragments: List[str]) -> None:
+    """Each wrong `metrics:` is one line with its line number and the fix."""
+    problem = one_problem(METRICS_BASE + text)
+    assert problem.startswith("m.yaml:3: "), problem
+    for fragment in fragments:
+        assert fragment in problem, (fragment, problem)

@@ -38,22 +38,23 @@ def state(shm_dir: Path) -> Path:
 
 
 def test_new_state_is_private(state: Path) -> None:
-    """prepare() creates the directory 0700 and save() writes status.json 0600."""
+    """prepare() creates the directory 0711 (no one else may list it, node_exporter may
+    pass through to metrics/) and save() writes status.json 0600."""
     store = StateStore(str(state))
     store.prepare()
     store.save({"pid": 1})
-    assert mode_of(state) == 0o700
+    assert mode_of(state) == 0o711
     assert mode_of(state / "status.json") == 0o600
 
 
 def test_existing_world_readable_state_is_tightened(state: Path) -> None:
-    """A directory and status.json left world-readable by an older version become 0700/0600."""
+    """A directory and status.json left world-readable by an older version become 0711/0600."""
     state.mkdir()
     os.chmod(state, 0o755)
     (state / "status.json").write_text('{"pid": 1}')
     os.chmod(state / "status.json", 0o644)
     StateStore(str(state)).prepare()
-    assert mode_of(state) == 0o700
+    assert mode_of(state) == 0o711
     assert mode_of(state / "status.json") == 0o600
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from agent.expiry import EXPIRED
+from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
 from agent.ledger import Written, WrittenSet
 from agent.snapshot import (
     READY,
@@ -198,3 +198,32 @@ def test_identity_source_round_trips_and_shows() -> None:
     assert "  identity: arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT are set)" in lines
     assert not any("identity:" in line for line in render_status(
         {k: v for k, v in document.items() if k != "identity_source"}, "x")[0])
+
+
+def test_expiry_column_shows_each_entrys_date_and_mark() -> None:
+    """Every entry line has an expiry column, aligned: the date marked EXPIRED, expiring or
+    not yet valid, the bare date when fine, "no expiry" when the secret has none; the
+    identity source is shown above the entries."""
+    snapshot = StatusSnapshot(
+        pid=os.getpid(), phase=READY, saved_at="2026-11-24T14:02:11Z", status="ok",
+        manifest="/etc/kv-agent/manifest.yaml", identity_source="imds (default)",
+        entries=(
+            EntryStatus("web-tls", ("/run/secrets/web/tls.key",), version="c" * 32,
+                        expires="2026-11-01T00:00:00Z", expiry=EXPIRED),
+            EntryStatus("db", ("/run/secrets/db",), version="a" * 32,
+                        expires="2026-12-01T00:00:00Z", expiry=EXPIRING),
+            EntryStatus("later", ("/run/secrets/later",), not_before="2027-01-01T00:00:00Z",
+                        expiry=NOT_YET_VALID),
+            EntryStatus("api", ("/run/secrets/api",), expires="2028-01-01T00:00:00Z"),
+            EntryStatus("plain", ("/run/secrets/plain",))))
+    lines, code = render_snapshot(snapshot, "x")
+    assert code == EXIT_OK
+    assert "  identity: imds (default)" in lines
+    rows = {line.split()[1]: line for line in lines if line.startswith("  ok ")}
+    assert "expires 2026-11-01T00:00:00Z EXPIRED " in rows["web-tls"]
+    assert "expires 2026-12-01T00:00:00Z expiring " in rows["db"]
+    assert " not yet valid " in rows["later"]
+    assert "expires 2028-01-01T00:00:00Z " in rows["api"]
+    assert " no expiry " in rows["plain"]
+    columns = {row.index("version") for row in rows.values()}
+    assert len(columns) == 1, rows  # aligned

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import re
+import socket
+import threading
 from pathlib import Path
+from typing import Dict, Tuple
+
+import requests
+from hostile import HostileServer, answer, response
+
+from agent import transport
+from agent.identity import token_source
+from agent.identity_selector import Identity
+from agent.transport import RequestCounts
+from agent.vault import new_session
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 # Sending a request or reading a response body by any other road than
@@ -27,3 +39,69 @@ def test_only_transport_sends_requests_and_reads_bodies() -> None:
     assert offenders == []
     uses = {path.name for path in AGENT.glob("*.py") if "bounded_get(" in path.read_text()}
     assert {"token_request.py", "vault.py"} <= uses
+
+
+def _get(session: "requests.Session", url: str, total_s: float = 5.0) -> None:
+    try:
+        transport.bounded_get(session, url, params={}, headers={}, timeout=(1.0, 1.0),
+                              total_s=total_s, max_bytes=16)
+    except requests.RequestException:
+        pass
+
+
+def _delta(before: Dict[Tuple[str, str, str], int]) -> Dict[Tuple[str, str, str], int]:
+    after = transport.REQUESTS.snapshot()
+    return {key: count - before.get(key, 0) for key, count in after.items()
+            if count != before.get(key, 0)}
+
+
+def test_every_request_is_counted_by_target_host_and_code() -> None:
+    """bounded_get counts each request once under its session's target, the host and the
+    status code (kept when the body then fails), `error` when refused and `timeout` when
+    no answer came in time (the kv_agent_requests_total metric)."""
+    with HostileServer(answer(response(200, b"ok")), answer(response(503)),
+                       answer(response(200, b"x" * 100)), tls=False) as server, \
+            HostileServer(lambda server, conn, index: server.stopping.wait(5),
+                          tls=False) as silent:
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        refused_port = refused.getsockname()[1]
+        session = transport.new_session(1, target="vault")
+        before = transport.REQUESTS.snapshot()
+        host = f"127.0.0.1:{server.port}"
+        for _ in range(3):  # 200, 503, then 200 with a body over max_bytes
+            _get(session, f"http://{host}/secrets/x")
+        _get(session, f"http://user:pw@127.0.0.1:{refused_port}/")
+        _get(transport.new_session(1, target="imds"), f"http://127.0.0.1:{silent.port}/",
+             total_s=0.5)
+        _get(requests.Session(), f"http://{host}/")
+        refused.close()
+    assert _delta(before) == {
+        ("vault", host, "200"): 2, ("vault", host, "503"): 1,
+        ("vault", f"127.0.0.1:{refused_port}", "error"): 1,
+        ("imds", f"127.0.0.1:{silent.port}", "timeout"): 1,
+        ("other", host, "200"): 1}
+
+
+def test_counting_is_thread_safe() -> None:
+    """Counts from many threads at once add up exactly."""
+    counts = RequestCounts()
+
+    def add() -> None:
+        for _ in range(2000):
+            counts.add("vault", "kv", "200")
+
+    threads = [threading.Thread(target=add) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counts.snapshot() == {("vault", "kv", "200"): 16000}
+
+
+def test_identity_and_vault_sessions_count_under_their_target() -> None:
+    """The vault's session counts as `vault`, the identity session as its source (`imds`)."""
+    assert new_session({}).target == "vault"
+    cache = token_source(Identity(), {"KV_AGENT_IMDS_ENDPOINT": "http://127.0.0.1:9/x"},
+                         exists=lambda path: False)
+    assert cache._session.target == "imds"

@@ -44,6 +44,7 @@ AGENT = "tests/test_agent.py"
 ARC = "tests/test_arc.py"
 FRESHNESS = "tests/test_freshness.py"
 DOCTOR = "tests/test_doctor.py"
+METRICS = "tests/test_metrics.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -581,5 +582,30 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    return True",
         (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
          f"{AGENT}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
+    ),
+    # -- issue 13: metrics ---------------------------------------------------------
+    Mutation(
+        "metrics-written-in-place",
+        "the metrics file is replaced by a rename, never left partial",
+        "agent/metrics.py",
+        '    temp = f".{name}.{os.getpid()}{TEMP_SUFFIX}"',
+        "    temp = name",
+        (f"{METRICS}::test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp[_write_all]",),
+    ),
+    Mutation(
+        "metrics-symlink-at-target-replaced",
+        "a symlink at the metrics path is refused",
+        "agent/metrics.py",
+        "    if not stat.S_ISREG(st.st_mode):\n        kind =",
+        "    if False:\n        kind =",
+        (f"{METRICS}::test_symlink_at_the_target_is_refused_and_not_followed",),
+    ),
+    Mutation(
+        "metrics-failures-not-counted",
+        "a failing entry's consecutive failures show in the metrics",
+        "agent/daemon.py",
+        "            state.failures += 1\n            return []",
+        "            return []",
+        (f"{METRICS}::test_running_agent_writes_metrics_after_each_refresh",),
     ),
 )

@@ -93,6 +93,7 @@ def test_deb_file_list(built_deb: Path) -> None:
         "/usr/share/doc/kv-agent/copyright",
         "/usr/share/doc/kv-agent/examples/consumer-drop-in.conf",
         "/usr/share/doc/kv-agent/examples/kv-agent-consumer-example.service",
+        "/usr/share/doc/kv-agent/examples/metrics-path.conf",
         "/usr/share/lintian/overrides/kv-agent",
         "/usr/share/python3/runtime.d/kv-agent.rtupdate",
     }
@@ -224,6 +225,7 @@ def test_rpm_file_list(built_rpm: Path) -> None:
         f"{doc}/README.md",
         f"{doc}/examples/consumer-drop-in.conf",
         f"{doc}/examples/kv-agent-consumer-example.service",
+        f"{doc}/examples/metrics-path.conf",
         f"{licenses}/inotify_simple/LICENSE",
         f"{licenses}/sdnotify/LICENSE.txt",
     }
