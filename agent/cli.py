@@ -255,7 +255,24 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     # Offline, from the environment and files only: the endpoint is not asked.
     choice = choose_source(manifest.identity.source, environ)
     print(f"{path}: identity: would use {choice.describe()}")
+    if manifest.metrics_path:
+        print(f"{path}: metrics: {_metrics_note(manifest.metrics_path)}")
     return EXIT_OK
+
+
+def _metrics_note(metrics_path: str) -> str:
+    """Where the running agent will write metrics, and, outside the unit's own
+    writable directories, the drop-in that lets it (a path the sandbox forbids
+    would fail at every refresh, logged once, and the operator would wonder why)."""
+    from agent.manifest import DEFAULT_METRICS_PATH
+
+    note = f"written to {metrics_path} after every refresh"
+    allowed = os.path.dirname(os.path.dirname(DEFAULT_METRICS_PATH)) + "/"
+    if not metrics_path.startswith(allowed):
+        note += ("; the packaged unit may not write there: add ReadWritePaths= for its "
+                 "directory in a drop-in (see /usr/share/doc/kv-agent/examples/"
+                 "metrics-path.conf)")
+    return note
 
 
 def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -1435,6 +1435,24 @@ def test_check_says_which_identity_source_and_why(
     assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
 
 
+@pytest.mark.parametrize("setting, expected, drop_in", [
+    ("true", "written to /run/kv-agent/metrics/kv-agent.prom after every refresh", False),
+    ("/var/lib/prometheus/node-exporter/kv-agent.prom",
+     "written to /var/lib/prometheus/node-exporter/kv-agent.prom after every refresh", True),
+], ids=["default", "elsewhere"])
+def test_check_says_where_metrics_go_and_when_the_unit_needs_a_drop_in(
+        kv: Harness, setting: str, expected: str, drop_in: bool) -> None:
+    """check names the metrics file, and a path outside /run/kv-agent names the drop-in
+    the sandboxed unit needs to write there."""
+    manifest = kv.manifest(entry(fresh_name("met")), header=f"metrics: {setting}\n")
+    result = kv.run("check", "--manifest", str(manifest))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if ": metrics: " in line)
+    assert expected in line
+    assert ("examples/metrics-path.conf" in line) is drop_in
+    assert (kv.emulator.imds_requests, kv.emulator.vault_requests) == (0, 0)
+
+
 def test_once_through_azure_arc(shm_dir: Path, tmp_path: Path) -> None:
     """kv-agent once on an Arc server: challenged, answers with the key file, writes the
     secret, logs the source once, and prints neither the key nor the token."""
