@@ -309,6 +309,17 @@ class Daemon:
         self._expiry.keep_only(states)
         self._freshness = forget_forbidden(self._freshness)  # a reload retries the list
 
+    def _tighten_state_dir(self) -> None:
+        """Make the state directory STATE_DIR_MODE (0711) again. systemd sets a
+        RuntimeDirectory= back to the unit's RuntimeDirectoryMode= (0751, which
+        /run/secrets needs) for every process it starts, ExecReload='s too, just
+        before that process sends the SIGHUP; left so, 0711 (the README's
+        promise) would hold only until the first reload. Never fatal."""
+        try:
+            self._store.prepare()
+        except KvAgentError as exc:
+            log.warning("%s", exc)
+
     def _handle_edit(self) -> None:
         """After a quiet debounce, reload if the manifest's bytes changed."""
         # Bounded and non-blocking (a FIFO put in its place must not stall
@@ -323,6 +334,7 @@ class Daemon:
     def _reload(self, reason: str) -> None:
         """RELOADING=1, re-read the manifest, refresh now, then READY=1."""
         log.info("reloading (%s)", reason)
+        self._tighten_state_dir()
         self._notifier.reloading()
         self._life = lifecycle.reload_started(self._life)
         try:

@@ -26,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -37,6 +38,8 @@ from agent.errors import WriteError
 FILE_MODE = 0o644  # node_exporter's user must read it
 DIR_MODE = 0o755
 TEMP_SUFFIX = ".tmp"  # not .prom: the collector reads only *.prom
+# The package's drop-in that opens a directory outside /run/kv-agent to the unit.
+DROP_IN_EXAMPLE = "/usr/share/doc/kv-agent/examples/metrics-path.conf"
 
 PREFIX = "kv_agent_"
 ENTRY_LABELS = ("entry", "secret", "vault")
@@ -219,8 +222,8 @@ def write_metrics(path: str, text: str) -> None:
                          | os.O_CLOEXEC)  # (2)
     except OSError as exc:
         raise WriteError(f"metrics: cannot use the directory {directory}: {exc.strerror}",
-                         "make it a directory the agent may write (the unit's "
-                         "ReadWritePaths=), or set metrics: true") from None
+                         _fix(exc, "make it a directory the agent may write (the unit's "
+                                   "ReadWritePaths=), or set metrics: true")) from None
     try:
         _refuse_unless_regular(dir_fd, name, path)
         _replace(dir_fd, name, text.encode("utf-8"), path)
@@ -251,6 +254,17 @@ def remove_metrics(path: str) -> bool:
                          "remove it by hand") from None
     finally:
         os.close(dir_fd)
+
+
+def _fix(exc: OSError, otherwise: str) -> str:
+    """The fix for ``exc``. Under the packaged unit, a read-only file system
+    is its sandbox (ProtectSystem=strict), and only the drop-in opens it:
+    "make it writable" would send the operator to chmod, which cannot help."""
+    if exc.errno == errno.EROFS:
+        return (f"the unit may write only to /run/secrets and /run/kv-agent: install "
+                f"{DROP_IN_EXAMPLE} (ReadWritePaths= for this directory) as a drop-in and "
+                "restart kv-agent, or set metrics: true")
+    return otherwise
 
 
 def _make_directories(directory: str) -> None:
@@ -290,7 +304,7 @@ def _replace(dir_fd: int, name: str, data: bytes, path: str) -> None:
         fd = _create(dir_fd, temp)  # (3)
     except OSError as exc:
         raise WriteError(f"metrics: cannot create a file beside {path}: {exc.strerror}",
-                         "make its directory writable for the agent") from None
+                         _fix(exc, "make its directory writable for the agent")) from None
     try:
         try:
             os.fchmod(fd, FILE_MODE)

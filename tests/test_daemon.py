@@ -1074,6 +1074,23 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
     assert never.returncode == 69
 
 
+def test_reload_makes_the_state_directory_0711_again(start_agent: StartAgent,
+                                                     vault: Vault) -> None:
+    """systemd sets /run/kv-agent back to the unit's RuntimeDirectoryMode= (0751) for
+    ExecReload='s process, just before its SIGHUP arrives (seen in booted Debian 12
+    and 13); the reload makes the directory 0711 again, so it never stays listable."""
+    vault.put("alpha")
+    run = start_agent([entry("alpha")])
+    run.wait_ready()
+    assert stat.S_IMODE(os.lstat(run.state_dir).st_mode) == 0o711
+    os.chmod(run.state_dir, 0o751)  # what systemd's ExecReload= does
+    run.process.send_signal(signal.SIGHUP)
+    run.wait(lambda: run.process.lines("reloading (SIGHUP)"), "the reload")
+    run.wait(lambda: stat.S_IMODE(os.lstat(run.state_dir).st_mode) == 0o711,
+             "the state directory to be 0711 again", timeout_s=3)
+    run.stop()
+
+
 def test_no_secret_or_token_in_debug_logs(start_agent: StartAgent, vault: Vault) -> None:
     """With --debug, through rotation, failure, recovery and reload, stderr holds
     no secret value and no token."""

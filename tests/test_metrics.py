@@ -3,6 +3,7 @@ running agent writing it after every refresh, read back by Prometheus' own parse
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -228,6 +229,29 @@ def test_symlinked_directory_and_non_file_target_are_refused(tmp_path: Path) -> 
     (tmp_path / "dir.prom").mkdir()
     with pytest.raises(WriteError, match="not a regular file"):
         write_metrics(str(tmp_path / "dir.prom"), "x 1\n")
+
+
+@pytest.mark.parametrize("where", ["directory", "file"])
+def test_read_only_file_system_names_the_drop_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A read-only file system is the packaged unit's sandbox (ProtectSystem=strict, as
+    in booted Debian 12 and 13): the fix names the example drop-in and the restart,
+    whether the directory could not be made or the file not created in it."""
+    def read_only(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    if where == "directory":
+        path = tmp_path / "node-exporter" / "kv-agent.prom"
+        monkeypatch.setattr(metrics.os, "mkdir", read_only)
+    else:
+        path = tmp_path / "kv-agent.prom"
+        monkeypatch.setattr(metrics, "_create", read_only)
+    with pytest.raises(WriteError) as caught:
+        write_metrics(str(path), render(snapshot()))
+    message = str(caught.value)
+    assert "Read-only file system" in message and str(path.parent) in message, message
+    assert "/usr/share/doc/kv-agent/examples/metrics-path.conf" in message, message
+    assert "ReadWritePaths=" in message and "restart kv-agent" in message, message
 
 
 def test_a_leftover_temporary_file_is_replaced(tmp_path: Path) -> None:

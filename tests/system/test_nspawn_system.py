@@ -35,12 +35,13 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import kvsystem
 import pytest
 import secrecy
 from kvsystem import IMDS_ADDRESS, TIMINGS, Container
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.emulator.demo import DEMO_SECRETS
 
@@ -242,6 +243,20 @@ def privileges(machine: Container) -> str:
 
 def journal(machine: Container, unit: str) -> str:
     return machine.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
+
+
+def invocation_id(machine: Container) -> str:
+    """kv-agent's current (or last) invocation, as systemd names it."""
+    return machine.run(["systemctl", "show", "-p", "InvocationID", "--value",
+                        "kv-agent"]).stdout.strip()
+
+
+def invocation_log(machine: Container, invocation: str = "") -> str:
+    """The journal of one invocation of kv-agent only: ``invocation``, or
+    the current (or last) one."""
+    return machine.run(["journalctl", "--no-pager", "-o", "cat",
+                        f"_SYSTEMD_INVOCATION_ID={invocation or invocation_id(machine)}"]
+                       ).stdout
 
 
 def report_path(suite: str) -> Path:
@@ -663,6 +678,162 @@ def test_bad_manifest_on_reload_keeps_the_old_configuration(
                      what="the rejected-manifest note to clear")
 
 
+# -- Prometheus metrics from the sandboxed unit (issue 13) ---------------------------
+# What unit tests cannot show: that the hardened unit (ProtectSystem=strict,
+# UMask=0077, RuntimeDirectoryMode=0751) writes the file where node_exporter,
+# running as its own user, reads it. First the operator's path: `metrics: true`
+# and a reload. Then a path outside /run/kv-agent, which the sandbox refuses
+# until the package's example drop-in is installed exactly as README says
+# (the commands are read from README and run). The manifest is restored last.
+
+METRICS_FILE = "/run/kv-agent/metrics/kv-agent.prom"
+# Debian's prometheus-node-exporter ships this directory root:root 0755.
+NODE_EXPORTER_DIR = "/var/lib/prometheus/node-exporter"
+NODE_EXPORTER_FILE = f"{NODE_EXPORTER_DIR}/kv-agent.prom"
+METRICS_EXAMPLE = "metrics-path.conf"
+METRICS_DROP_IN = f"/etc/systemd/system/kv-agent.service.d/{METRICS_EXAMPLE}"
+# Every value the emulator has served so far (the metrics step comes after these).
+SERVED_VALUES = [*SECRETS.values(), *ROTATED.values(), *RELOAD_WAITED.values(),
+                 "pg-Secret-0003-after-bad-manifest"]
+Sample = Tuple[str, Dict[str, str], float]
+
+
+def as_nobody(machine: Container, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` as the unprivileged user nobody, as node_exporter reads its textfiles."""
+    return machine.run(["runuser", "-u", "nobody", "--", *argv], check=False)
+
+
+def metric_samples(text: str) -> List[Sample]:
+    """Every sample in ``text``, as Prometheus' own parser reads it (a
+    malformed file raises)."""
+    return [(sample.name, dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric(samples: List[Sample], name: str, **labels: str) -> List[float]:
+    """The values of the samples named ``name`` whose labels include ``labels``."""
+    return [value for sample, have, value in samples
+            if sample == name and all(have.get(k) == v for k, v in labels.items())]
+
+
+def read_as_node_exporter(machine: Container, path: str) -> List[Sample]:
+    """The metrics file at ``path``: a regular file, 0644, root's, read by
+    nobody (who sees only *.prom files beside it), parsed, free of secrets."""
+    assert machine.run(["stat", "-c", "%F %a %U:%G", path]).stdout.split("\n")[0] == \
+        "regular file 644 root:root"
+    read = as_nobody(machine, "cat", path)
+    assert read.returncode == 0, read.stderr
+    listed = as_nobody(machine, "ls", "-A", path.rsplit("/", 1)[0])
+    assert listed.stdout.split() == ["kv-agent.prom"], listed.stdout + listed.stderr
+    secrecy.assert_no_leak(read.stdout, SERVED_VALUES, [imds_token(machine)])
+    samples = metric_samples(read.stdout)
+    assert metric(samples, "kv_agent_up") == [1.0], read.stdout
+    return samples
+
+
+def test_metrics_true_and_a_reload_write_the_file_node_exporter_reads(
+        machine: Container, suite: str, needs_run: None) -> None:
+    """`metrics: true` and `systemctl reload kv-agent`: the sandboxed unit
+    writes /run/kv-agent/metrics/kv-agent.prom after the refresh (0644, in
+    metrics/ 0755, in /run/kv-agent 0711). nobody reads it but can neither
+    list /run/kv-agent nor read status.json; the file parses, says up, each
+    entry's last success (this refresh) and 200s from IMDS and the vault."""
+    started = time.monotonic()
+    machine.write("/etc/kv-agent/manifest.yaml", MANIFEST + "metrics: true\n", mode=0o600)
+    check = machine.run(["kv-agent", "check"]).stdout
+    assert f"metrics: written to {METRICS_FILE} after every refresh\n" in check, check
+    reloaded = time.time()
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for(f"test -f {METRICS_FILE}", what="the metrics file")
+    modes = machine.run(["stat", "-c", "%n %a %U:%G", "/run/kv-agent",
+                         "/run/kv-agent/metrics"]).stdout.splitlines()
+    assert modes == ["/run/kv-agent 711 root:root", "/run/kv-agent/metrics 755 root:root"]
+    samples = read_as_node_exporter(machine, METRICS_FILE)
+    for name in SECRETS:
+        labels = {"entry": f"/run/secrets/{name}", "secret": name, "vault": VAULT_HOST}
+        [success] = metric(samples, "kv_agent_secret_last_success_timestamp_seconds", **labels)
+        assert reloaded - 1 <= success <= time.time() + 1, (name, success, reloaded)
+        assert metric(samples, "kv_agent_secret_consecutive_failures", **labels) == [0.0]
+    for target, host in (("imds", IMDS_ADDRESS), ("vault", VAULT_HOST)):
+        counted = metric(samples, "kv_agent_requests_total", target=target, host=host, code="200")
+        assert counted and counted[0] >= 1, (target, samples)
+    for denied in (["ls", "/run/kv-agent"], ["cat", "/run/kv-agent/status.json"]):
+        result = as_nobody(machine, *denied)
+        assert result.returncode != 0 and "Permission denied" in result.stderr, \
+            (denied, result.stdout, result.stderr)
+    write_report(suite, "metrics: true (read as nobody)", as_nobody(
+        machine, "grep", "-v", "^#", METRICS_FILE).stdout)
+    TIMINGS[f"{suite}: metrics: true"] = time.monotonic() - started
+
+
+def readme_drop_in_commands() -> str:
+    """README's commands that install the metrics drop-in (its Metrics
+    section's sh block naming the example), without sudo and comments."""
+    readme = (kvsystem.REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [block for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+              if METRICS_EXAMPLE in block]
+    assert len(blocks) == 1, "README's Metrics section: one sh block installing the drop-in"
+    lines = [line.split(" #", 1)[0].strip() for line in blocks[0].splitlines()]
+    return "".join(f"{line.removeprefix('sudo ')}\n" for line in lines if line)
+
+
+def test_metrics_elsewhere_need_the_example_drop_in_as_readme_installs_it(
+        machine: Container, suite: str, needs_run: None) -> None:
+    """`metrics:` in node_exporter's directory: `kv-agent check` names the
+    drop-in; without it the sandbox refuses the write, which is logged once
+    (the refresh and the stop both failed to write) and never fatal. README's
+    commands install the package's example drop-in, and the file appears."""
+    started = time.monotonic()
+    machine.run(["install", "-d", "-m", "0755", NODE_EXPORTER_DIR])
+    machine.write("/etc/kv-agent/manifest.yaml",
+                  MANIFEST + f"metrics: {NODE_EXPORTER_FILE}\n", mode=0o600)
+    check = machine.run(["kv-agent", "check"]).stdout
+    assert "ReadWritePaths=" in check and \
+        f"/usr/share/doc/kv-agent/examples/{METRICS_EXAMPLE}" in check, check
+    main_pid = machine.run(["systemctl", "show", "-p", "MainPID", "kv-agent"]).stdout
+    refused = invocation_id(machine)
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for(f"journalctl -o cat _SYSTEMD_INVOCATION_ID={refused} "
+                     f"| grep -qF 'metrics: removed {METRICS_FILE}'",
+                     what="the old metrics file's removal")
+    machine.wait_for(f"journalctl -o cat _SYSTEMD_INVOCATION_ID={refused} "
+                     f"| grep -qF '{NODE_EXPORTER_DIR}'", what="the refused metrics write")
+    assert machine.run(["test", "-e", METRICS_FILE], check=False).returncode != 0
+    assert machine.run(["systemctl", "show", "-p", "MainPID", "kv-agent"]).stdout == main_pid
+    assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
+    assert machine.run(["kv-agent", "status"], check=False).returncode == 0
+    machine.sh(readme_drop_in_commands(), timeout=60)
+    assert machine.run(["systemctl", "show", "-p", "ReadWritePaths", "kv-agent"]
+                       ).stdout.strip() == f"ReadWritePaths={NODE_EXPORTER_DIR}"
+    machine.wait_for(f"test -f {NODE_EXPORTER_FILE}", what="the metrics file in "
+                     "node_exporter's directory")
+    read_as_node_exporter(machine, NODE_EXPORTER_FILE)
+    warned = [line for line in invocation_log(machine, refused).splitlines()
+              if NODE_EXPORTER_DIR in line]
+    assert len(warned) == 1 and METRICS_EXAMPLE in warned[0], warned
+    assert NODE_EXPORTER_DIR not in invocation_log(machine)
+    write_report(suite, "metrics: elsewhere, before the drop-in", warned[0])
+    TIMINGS[f"{suite}: metrics: elsewhere, with the drop-in"] = time.monotonic() - started
+
+
+def test_metrics_off_again_removes_the_file_and_the_drop_in_goes(
+        machine: Container, needs_run: None) -> None:
+    """The original manifest again (no metrics:) and a reload remove the
+    file from node_exporter's directory; the drop-in goes, and the unit
+    restarts as the package installed it, for the steps after this one."""
+    machine.write("/etc/kv-agent/manifest.yaml", MANIFEST, mode=0o600)
+    machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
+    machine.wait_for(f"! test -e {NODE_EXPORTER_FILE}", what="the metrics file's removal")
+    machine.run(["rm", METRICS_DROP_IN])
+    machine.run(["systemctl", "daemon-reload"])
+    machine.run(["systemctl", "restart", "kv-agent"], timeout=60)
+    assert machine.run(["systemctl", "show", "-p", "ReadWritePaths", "kv-agent"]
+                       ).stdout.strip() == "ReadWritePaths="
+    assert machine.run(["find", NODE_EXPORTER_DIR, "/run/kv-agent/metrics", "-mindepth", "1"]
+                       ).stdout == ""
+
+
 # -- certificates for nginx, an env file for systemd (issue 11) ------------------
 
 
@@ -1037,14 +1208,6 @@ def test_arc_identity_through_himds(machine: Container, suite: str, needs_run: N
     write_report(suite, "Azure Arc", f"identity: {status['identity_source']}; groups of the "
                  f"unit: {fields['Groups'].strip()} (himds); CapEff {UNIT_CAPABILITIES}")
     TIMINGS[f"{suite}: Azure Arc: HIMDS, enable --now"] = time.monotonic() - started
-
-
-def invocation_log(machine: Container) -> str:
-    """The journal of kv-agent's current (or last) invocation only."""
-    invocation = machine.run(["systemctl", "show", "-p", "InvocationID", "--value",
-                              "kv-agent"]).stdout.strip()
-    return machine.run(["journalctl", "--no-pager", "-o", "cat",
-                        f"_SYSTEMD_INVOCATION_ID={invocation}"]).stdout
 
 
 def test_arc_key_file_is_read_through_the_himds_group(
