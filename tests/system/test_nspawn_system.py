@@ -1035,12 +1035,14 @@ def test_purge_leaves_nothing_behind(machine: Container) -> None:
     """`apt-get purge kv-agent` removes the unit, the generator, the manifest
     and /etc/kv-agent (and kv-agent-emulator, which depends on it) without a
     single warning (a .deb with /lib/systemd/system made dpkg on Debian 13 warn
-    that the directory was not empty)."""
+    that the directory was not empty). The metrics steps left no file and no
+    drop-in for it to miss."""
     result = machine.run(["apt-get", "purge", "-y", "kv-agent"], timeout=120)
     output = result.stdout + result.stderr
     assert "warning" not in output.lower(), output
     gone = machine.run(["sh", "-c", f"ls -d {UNIT_PATH} /usr/lib/systemd/system-generators/"
                         "kv-agent-generator /etc/kv-agent /usr/lib/kv-agent /usr/bin/kv-agent "
+                        f"{METRICS_DROP_IN} {METRICS_FILE} {NODE_EXPORTER_FILE} "
                         "2>/dev/null || true"]).stdout
     assert gone == "", gone
     assert machine.run(["systemctl", "show", "-p", "LoadState", "kv-agent"]
