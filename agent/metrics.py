@@ -261,9 +261,9 @@ def _fix(exc: OSError, otherwise: str) -> str:
     is its sandbox (ProtectSystem=strict), and only the drop-in opens it:
     "make it writable" would send the operator to chmod, which cannot help."""
     if exc.errno == errno.EROFS:
-        return (f"the unit may write only to /run/secrets and /run/kv-agent: install "
-                f"{DROP_IN_EXAMPLE} (ReadWritePaths= for this directory) as a drop-in and "
-                "restart kv-agent, or set metrics: true")
+        return (f"the unit may write only to /run/secrets and /run/kv-agent: create the "
+                f"directory if it is missing, install {DROP_IN_EXAMPLE} (ReadWritePaths= for "
+                "it) as a drop-in and restart kv-agent, or set metrics: true")
     return otherwise
 
 

@@ -778,14 +778,21 @@ def readme_drop_in_commands() -> str:
     return "".join(f"{line.removeprefix('sudo ')}\n" for line in lines if line)
 
 
+def metrics_warnings(machine: Container, invocation: str) -> List[str]:
+    """The lines of one invocation of kv-agent naming node_exporter's directory."""
+    return [line for line in invocation_log(machine, invocation).splitlines()
+            if NODE_EXPORTER_DIR in line]
+
+
 def test_metrics_elsewhere_need_the_example_drop_in_as_readme_installs_it(
         machine: Container, suite: str, needs_run: None) -> None:
     """`metrics:` in node_exporter's directory: `kv-agent check` names the
     drop-in; without it the sandbox refuses the write, which is logged once
-    (the refresh and the stop both failed to write) and never fatal. README's
-    commands install the package's example drop-in, and the file appears."""
+    (the refresh and the stop both failed to write), with the drop-in, and is
+    never fatal. README's commands install the package's example drop-in; its
+    `-` lets the unit start before the directory exists (logged once again),
+    and once the directory is there a restart brings the file."""
     started = time.monotonic()
-    machine.run(["install", "-d", "-m", "0755", NODE_EXPORTER_DIR])
     machine.write("/etc/kv-agent/manifest.yaml",
                   MANIFEST + f"metrics: {NODE_EXPORTER_FILE}\n", mode=0o600)
     check = machine.run(["kv-agent", "check"]).stdout
@@ -803,16 +810,24 @@ def test_metrics_elsewhere_need_the_example_drop_in_as_readme_installs_it(
     assert machine.run(["systemctl", "show", "-p", "MainPID", "kv-agent"]).stdout == main_pid
     assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
     assert machine.run(["kv-agent", "status"], check=False).returncode == 0
-    machine.sh(readme_drop_in_commands(), timeout=60)
+    machine.sh(readme_drop_in_commands(), timeout=60)  # ends with a restart
     assert machine.run(["systemctl", "show", "-p", "ReadWritePaths", "kv-agent"]
-                       ).stdout.strip() == f"ReadWritePaths={NODE_EXPORTER_DIR}"
+                       ).stdout.strip() == f"ReadWritePaths=-{NODE_EXPORTER_DIR}"
+    assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
+    missing = invocation_id(machine)
+    machine.wait_for(f"journalctl -o cat _SYSTEMD_INVOCATION_ID={missing} "
+                     f"| grep -qF '{NODE_EXPORTER_DIR}'", what="the missing directory's line")
+    # As Debian's prometheus-node-exporter ships it: root:root 0755.
+    machine.run(["install", "-d", "-m", "0755", NODE_EXPORTER_DIR])
+    machine.run(["systemctl", "restart", "kv-agent"], timeout=60)
     machine.wait_for(f"test -f {NODE_EXPORTER_FILE}", what="the metrics file in "
                      "node_exporter's directory")
     read_as_node_exporter(machine, NODE_EXPORTER_FILE)
-    warned = [line for line in invocation_log(machine, refused).splitlines()
-              if NODE_EXPORTER_DIR in line]
-    assert len(warned) == 1 and METRICS_EXAMPLE in warned[0], warned
-    assert NODE_EXPORTER_DIR not in invocation_log(machine)
+    warned = metrics_warnings(machine, refused)
+    assert len(warned) == 1 and "Read-only file system" in warned[0] and \
+        f"/usr/share/doc/kv-agent/examples/{METRICS_EXAMPLE}" in warned[0], warned
+    assert len(metrics_warnings(machine, missing)) == 1, metrics_warnings(machine, missing)
+    assert metrics_warnings(machine, invocation_id(machine)) == []
     write_report(suite, "metrics: elsewhere, before the drop-in", warned[0])
     TIMINGS[f"{suite}: metrics: elsewhere, with the drop-in"] = time.monotonic() - started
 
