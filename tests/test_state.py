@@ -18,6 +18,11 @@ from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
+# What `kv-agent status` imports lazily, loaded here: the child that drops to
+# nobody keeps this interpreter's modules but may not read the interpreter's own
+# library (e.g. a Python under /root), so a lazy import there would fail.
+import agent.snapshot  # noqa: F401
+import agent.status  # noqa: F401
 from agent.cli import main
 from agent.errors import EXIT_NOPERM, EXIT_OK, EXIT_UNAVAILABLE, KvAgentError
 from agent.state import StateStore
