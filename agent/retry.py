@@ -5,6 +5,10 @@ Both IMDS and Key Vault ask clients to back off exponentially and to respect
 :class:`Backoff` object is one retry loop's state. Every loop is bounded in
 total time, so a caller (``kv-agent once``, or the daemon's refresh) always
 gets an answer.
+
+A :class:`Pause` is the other half: one server's Retry-After, shared by every
+request one agent sends to that server, so a throttled vault hears one probe
+from this agent, not one retry per thread.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -47,6 +52,9 @@ ONCE_RETRY_S = 75.0
 #   refreshes themselves (agent/lifecycle.py), so a refresh gives up sooner.
 REFRESH_RETRY_S = 30.0
 REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S)
+
+# While a Pause's probe is out, the other requests look again this often.
+PROBE_POLL_S = 0.25
 
 # Every attempt, the final one included, may take at least this long even
 # when the budget is (nearly) spent: a request needs a few seconds to succeed.
@@ -148,3 +156,67 @@ class Backoff:
         self._sleep(delay)
         self.attempts += 1
         return True
+
+
+class Pause:
+    """One server's Retry-After, shared by all of one agent's requests to it.
+
+    Without it, each of an agent's concurrent requests (16 for the vault) runs
+    its own retry loop against a server that has said "not before T", and a
+    throttled vault hears 16 requests from every agent each time the pause
+    ends. With it (issue 12, fleet scale-out):
+
+    1. A reply with Retry-After (429, 503) pauses every request: none is sent
+       before ``now + retry_after`` (:meth:`throttled`; the later time wins).
+    2. When the pause is over, the first request to ask is the *probe*
+       (:meth:`admit` returns 0 to it alone); the others wait for its answer,
+       looking again every PROBE_POLL_S, so a still-throttled server hears one
+       request from this agent, not all of them.
+    3. A reply without Retry-After, or a failure to connect, to a request sent
+       after the pause (the probe, or any later retry) ends it
+       (:meth:`answered`): the others go. A reply to a request sent before the
+       pause says nothing about now and changes nothing.
+    4. A probe that never reports (its thread died) stops blocking the others
+       after ``probe_timeout_s``: the next caller probes instead.
+
+    Unthrottled, :meth:`admit` and :meth:`answered` read one attribute and
+    take no lock. Times are the caller's monotonic clock; thread-safe.
+    """
+
+    def __init__(self, probe_timeout_s: float) -> None:
+        self._lock = threading.Lock()
+        self._probe_timeout_s = probe_timeout_s
+        self.is_paused = False  # read without the lock: the fast path
+        self._until = 0.0  # no request before this time
+        self._probe_until: Optional[float] = None  # a probe is out until then
+
+    def admit(self, now: float) -> float:
+        """Seconds to wait before sending a request (ask again after them);
+        0.0: send it now."""
+        if not self.is_paused:
+            return 0.0
+        with self._lock:
+            if not self.is_paused:
+                return 0.0
+            if now < self._until:
+                return self._until - now
+            if self._probe_until is not None and now < self._probe_until:
+                return min(PROBE_POLL_S, self._probe_until - now)
+            self._probe_until = now + self._probe_timeout_s  # this caller probes
+            return 0.0
+
+    def throttled(self, now: float, retry_after: float) -> None:
+        """A reply said Retry-After: pause every request until ``now + retry_after``."""
+        with self._lock:
+            self._until = max(self._until, now + max(0.0, retry_after))
+            self._probe_until = None
+            self.is_paused = True
+
+    def answered(self, sent_at: float) -> None:
+        """A request sent at ``sent_at`` got an answer without Retry-After (or
+        none at all): if it was sent after the pause, the pause is over."""
+        if not self.is_paused:
+            return
+        with self._lock:
+            if self.is_paused and sent_at >= self._until:
+                self.is_paused, self._probe_until = False, None

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import email.utils
+import threading
+from typing import List
 
 import pytest
 from fakes import FakeClock
 
-from agent.retry import MIN_REQUEST_S, Backoff, RetryPolicy, parse_retry_after
+from agent.retry import (
+    MIN_REQUEST_S,
+    PROBE_POLL_S,
+    Backoff,
+    Pause,
+    RetryPolicy,
+    parse_retry_after,
+)
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -130,3 +139,76 @@ def test_jitter_is_equal_jitter_as_documented() -> None:
     for draw, expected in ((0.0, 1.0), (0.5, 1.5), (0.999999, 2.0)):
         step = Backoff(policy, rng=lambda value=draw: value).step()
         assert step == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Pause: one Retry-After shared by all of an agent's requests to one vault
+
+
+def test_an_unthrottled_pause_admits_everything_at_once() -> None:
+    """Without a Retry-After nothing waits, and answers change nothing."""
+    pause = Pause(probe_timeout_s=30)
+    pause.answered(sent_at=0.0)
+    assert [pause.admit(now) for now in (0.0, 0.0, 1.0)] == [0.0, 0.0, 0.0]
+    assert not pause.is_paused
+
+
+def test_a_retry_after_holds_every_request_then_lets_one_probe_through() -> None:
+    """After Retry-After every request waits for its end; then one probe goes alone,
+    the others look again every PROBE_POLL_S until the probe's answer ends the pause."""
+    pause = Pause(probe_timeout_s=30)
+    pause.throttled(now=10.0, retry_after=5.0)
+    assert pause.admit(11.0) == 4.0 and pause.admit(14.5) == 0.5
+    assert pause.admit(15.0) == 0.0  # the probe
+    assert pause.admit(15.0) == pause.admit(15.1) == PROBE_POLL_S
+    pause.answered(sent_at=15.0)
+    assert pause.admit(15.2) == 0.0 and pause.admit(15.2) == 0.0
+
+
+def test_a_throttled_probe_pauses_again_and_the_later_time_wins() -> None:
+    """A probe answered with Retry-After starts a new pause and a new probe after it;
+    a shorter Retry-After never shortens a pause already set."""
+    pause = Pause(probe_timeout_s=30)
+    pause.throttled(now=0.0, retry_after=5.0)
+    pause.throttled(now=1.0, retry_after=1.0)
+    assert pause.admit(2.0) == 3.0
+    assert pause.admit(5.0) == 0.0  # the probe ...
+    pause.throttled(now=5.1, retry_after=3.0)  # ... is throttled again
+    assert pause.admit(6.0) == pytest.approx(2.1)
+    assert pause.admit(8.1) == 0.0 and pause.admit(8.1) == PROBE_POLL_S
+
+
+def test_an_answer_to_a_request_sent_before_the_pause_does_not_end_it() -> None:
+    """A reply that was already on its way says nothing about now: the pause holds."""
+    pause = Pause(probe_timeout_s=30)
+    pause.throttled(now=10.0, retry_after=5.0)
+    pause.answered(sent_at=9.9)
+    assert pause.admit(12.0) == 3.0
+
+
+def test_a_probe_that_never_answers_stops_blocking_after_its_timeout() -> None:
+    """A probe whose thread never reported lets the next caller probe after probe_timeout_s."""
+    pause = Pause(probe_timeout_s=30)
+    pause.throttled(now=0.0, retry_after=1.0)
+    assert pause.admit(1.0) == 0.0
+    assert pause.admit(30.9) == pytest.approx(0.1)
+    assert pause.admit(31.0) == 0.0
+
+
+def test_exactly_one_of_many_threads_probes() -> None:
+    """Sixteen threads asking at once after a pause: one is admitted, fifteen wait."""
+    pause = Pause(probe_timeout_s=30)
+    pause.throttled(now=0.0, retry_after=1.0)
+    barrier = threading.Barrier(16)
+    admitted: List[float] = []
+
+    def ask() -> None:
+        barrier.wait()
+        admitted.append(pause.admit(2.0))
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(admitted) == [0.0] + [PROBE_POLL_S] * 15

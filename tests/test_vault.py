@@ -227,6 +227,46 @@ def test_429_without_retry_after_backs_off_then_gives_up() -> None:
     assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 10 + 1e-9
 
 
+def test_a_retry_after_pauses_the_other_requests_to_that_vault() -> None:
+    """While one request waits out a 429's Retry-After, another request to the same
+    vault is not sent before that time either (one pause per vault, not per thread),
+    and the first one sent after it (the probe) ends the pause for all."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled", **{"Retry-After": "20"}), bundle(name="b"),
+                          bundle())
+    sent_at: List[float] = []
+    original = session.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        sent_at.append(clock.now)
+        return original(*args, **kwargs)
+
+    session.get = get
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
+                        sleep=clock.sleep, on_retry=lambda *_: other.append(
+                            vault.fetch_secret(SecretRequest(VAULT, "b"))))
+    other: List[Secret] = []
+    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert other[0].name == "b"
+    start = sent_at[0]
+    assert [at - start for at in sent_at] == [0.0, 20.0, 40.0]  # b waited for db's pause
+    assert clock.sleeps == [20.0, 20.0]
+
+
+def test_a_request_whose_budget_ends_within_the_pause_is_not_sent() -> None:
+    """A Retry-After longer than another request's budget ends that request as throttled
+    (429) without sending it: the vault said not before."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled", **{"Retry-After": "50"}), bundle())
+    vault = client(session, clock=clock, deadline=30)
+    with pytest.raises(VaultThrottledError):
+        vault.fetch_secret(SecretRequest(VAULT, "db"))
+    with pytest.raises(VaultThrottledError):
+        vault.fetch_secret(SecretRequest(VAULT, "other"))
+    assert [sent.url for sent in session.sent] == [f"{VAULT}/secrets/db"]
+    assert clock.sleeps == []
+
+
 @pytest.mark.parametrize("failure", [error(500, "InternalError"), error(503, "Unavailable"),
                                      refused(), requests.Timeout("t")])
 def test_transient_failures_are_retried(failure: Any) -> None:
