@@ -211,7 +211,7 @@ class Agent:
             log.info("removed leftover temporary file %s", leftover)
 
     def sync(self, should_stop: Callable[[], bool] = lambda: False,
-             freshness: Freshness = Freshness()) -> SyncReport:
+             freshness: Freshness = Freshness(), fresh_for_s: float = 0.0) -> SyncReport:
         """Fetch every source that may have changed, write the entries whose
         source arrived; never raises for a single entry. Raises IdentityUnavailableError when no
         token can be had at all (then no file is touched). When
@@ -229,6 +229,10 @@ class Agent:
         sync, every source fetched), decides which entries need no request at
         all: :func:`agent.freshness.plan` lists the vaults where that is
         cheaper and skips what the list shows unchanged and still on disk.
+        ``fresh_for_s`` (the daemon's refresh interval while it is not yet
+        ready, else 0): a source fetched less than that ago and still on disk
+        needs no request at all, so a failed start retries only what is
+        missing (:mod:`agent.freshness`, rule 5).
         """
         started = time.monotonic()
         listings: Dict[str, Tuple[SecretItem, ...]] = {}
@@ -242,7 +246,9 @@ class Agent:
                 return listings[vault]
             return self._list_vault(vault, max_pages)
 
-        decided = plan(entries, self.manifest.sets, freshness, list_vault)
+        fresh_since = time.time() - fresh_for_s if fresh_for_s > 0 else None
+        decided = plan(entries, self.manifest.sets, freshness, list_vault,
+                       fresh_since=fresh_since)
         fetch_started = time.time()  # before any GET: the conservative fetch time
         fetched = dict(zip(decided.fetch, self.vault.fetch_many(
             [SecretRequest(*source) for source in decided.fetch])))

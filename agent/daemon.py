@@ -348,11 +348,14 @@ class Daemon:
         agent = self._agent
         assert agent is not None and self._sync_thread is None
         freshness = self._freshness
+        # While starting, what an earlier attempt wrote is not fetched again.
+        fresh_for_s = 0.0 if self._life.is_ready else agent.manifest.refresh_interval_s
 
         def work() -> None:
             result: SyncResult
             try:
-                result = agent.sync(should_stop=self._stop.is_set, freshness=freshness)
+                result = agent.sync(should_stop=self._stop.is_set, freshness=freshness,
+                                    fresh_for_s=fresh_for_s)
             except Interrupted:
                 result = None
             except KvAgentError as exc:
