@@ -178,17 +178,26 @@ class Pause:
        pause says nothing about now and changes nothing.
     4. A probe that never reports (its thread died) stops blocking the others
        after ``probe_timeout_s``: the next caller probes instead.
+    5. With a ``policy``, a pause lasts at least the policy's backoff step
+       for the number of throttles in a row (equal jitter, see
+       :class:`RetryPolicy`): agents that a saturated vault keeps answering
+       with the same short Retry-After spread out instead of coming back
+       together, as a single request's retries already do.
 
     Unthrottled, :meth:`admit` and :meth:`answered` read one attribute and
     take no lock. Times are the caller's monotonic clock; thread-safe.
     """
 
-    def __init__(self, probe_timeout_s: float) -> None:
+    def __init__(self, probe_timeout_s: float, policy: Optional[RetryPolicy] = None,
+                 rng: Callable[[], float] = random.random) -> None:
         self._lock = threading.Lock()
         self._probe_timeout_s = probe_timeout_s
+        self._policy = policy
+        self._rng = rng
         self.is_paused = False  # read without the lock: the fast path
         self._until = 0.0  # no request before this time
         self._probe_until: Optional[float] = None  # a probe is out until then
+        self._streak = 0  # throttles since the last answer without Retry-After
 
     def admit(self, now: float) -> float:
         """Seconds to wait before sending a request (ask again after them);
@@ -205,10 +214,20 @@ class Pause:
             self._probe_until = now + self._probe_timeout_s  # this caller probes
             return 0.0
 
+    def remaining(self, now: float) -> float:
+        """Seconds until the pause ends (0 when not paused or past it)."""
+        return max(0.0, self._until - now) if self.is_paused else 0.0
+
     def throttled(self, now: float, retry_after: float) -> None:
         """A reply said Retry-After: pause every request until ``now + retry_after``."""
         with self._lock:
-            self._until = max(self._until, now + max(0.0, retry_after))
+            self._streak += 1
+            pause = max(0.0, retry_after)
+            if self._policy is not None:
+                step = Backoff(self._policy, rng=self._rng)
+                step.attempts = self._streak
+                pause = max(pause, step.step())
+            self._until = max(self._until, now + pause)
             self._probe_until = None
             self.is_paused = True
 
@@ -219,4 +238,4 @@ class Pause:
             return
         with self._lock:
             if self.is_paused and sent_at >= self._until:
-                self.is_paused, self._probe_until = False, None
+                self.is_paused, self._probe_until, self._streak = False, None, 0

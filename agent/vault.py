@@ -553,7 +553,9 @@ class VaultClient:
                 pause.answered(sent_at)
             else:  # every thread of this agent waits, not only this one
                 self._paused_by[vault] = reply
-                pause.throttled(self._clock(), min(retry_after, self._policy.max_retry_after_s))
+                now = self._clock()
+                pause.throttled(now, min(retry_after, self._policy.max_retry_after_s))
+                retry_after = max(retry_after, pause.remaining(now))  # this thread too
             if reply.status == 401 and audience is not None and not fresh_token_taken:
                 # A revoked or rotated token: ask IMDS for a new one, once.
                 self._tokens(audience, True)
@@ -569,7 +571,7 @@ class VaultClient:
         pause = self._pauses.get(vault)
         if pause is None:
             with self._pause_lock:
-                pause = self._pauses.setdefault(vault, Pause(REQUEST_TOTAL_S))
+                pause = self._pauses.setdefault(vault, Pause(REQUEST_TOTAL_S, self._policy))
         return pause
 
     def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:

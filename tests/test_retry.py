@@ -212,3 +212,19 @@ def test_exactly_one_of_many_threads_probes() -> None:
     for thread in threads:
         thread.join()
     assert sorted(admitted) == [0.0] + [PROBE_POLL_S] * 15
+
+
+def test_throttles_in_a_row_lengthen_the_pause_by_the_backoff_step() -> None:
+    """With a policy, each throttle in a row pauses at least the next jittered backoff
+    step, whatever short Retry-After the server sends; an answer resets the streak."""
+    policy = RetryPolicy(base_delay_s=1, max_delay_s=8)
+    pause = Pause(probe_timeout_s=30, policy=policy, rng=lambda: 1.0)
+    until = 0.0
+    for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
+        pause.throttled(now=until, retry_after=0.0)
+        assert pause.admit(until) == expected
+        until += expected
+        assert pause.admit(until) == 0.0  # the probe, throttled again
+    pause.answered(sent_at=until)
+    pause.throttled(now=until, retry_after=0.0)
+    assert pause.admit(until) == 1.0
