@@ -189,6 +189,7 @@ class Agent:
         on_retry: Optional[Callable[[str, int, float], None]] = None,
         sleep: Callable[[float], None] = time.sleep,
         writer: Optional[Writer] = None,
+        is_slow_start: bool = False,
     ) -> None:
         self.manifest = manifest
         self.tokens = token_source(manifest.identity, environ, imds_policy,
@@ -197,7 +198,8 @@ class Agent:
         self._vault_session = new_session(environ)
         self.vault = VaultClient(
             self._vault_session, lambda resource, force: self._token(resource, force),
-            policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry)
+            policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry,
+            is_slow_start=is_slow_start)
         self.writer = writer or Writer(manifest.directory)
         self._sleep = sleep
         self._warned: Set[str] = set()  # skipped-by-select lines already logged

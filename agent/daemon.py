@@ -271,7 +271,8 @@ class Daemon:
         agent = Agent(manifest, environ=self._environ, on_retry=self._on_retry,
                       sleep=self._interruptible_sleep,
                       imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
-                      writer=self._writer(manifest.directory))
+                      writer=self._writer(manifest.directory),
+                      is_slow_start=True)  # a booting fleet must not burst (VaultClient)
         if is_new_directory:
             # Only for a directory not yet in use: cleaning it again would take
             # an old generation from readers during its grace, or a new one

@@ -166,37 +166,45 @@ class Pause:
     throttled vault hears 16 requests from every agent each time the pause
     ends. With it (issue 12, fleet scale-out):
 
-    1. A reply with Retry-After (429, 503) pauses every request: none is sent
-       before ``now + retry_after`` (:meth:`throttled`; the later time wins).
+    1. A reply with Retry-After (429, 503), or a 429 without it (Key Vault's
+       own may have none [protocol.md B8]), pauses every request: none is
+       sent before ``now + retry_after`` (:meth:`throttled`; the later time
+       wins).
     2. When the pause is over, the first request to ask is the *probe*
        (:meth:`admit` returns 0 to it alone); the others wait for its answer,
        looking again every PROBE_POLL_S, so a still-throttled server hears one
        request from this agent, not all of them.
-    3. A reply without Retry-After, or a failure to connect, to a request sent
-       after the pause (the probe, or any later retry) ends it
-       (:meth:`answered`): the others go. A reply to a request sent before the
-       pause says nothing about now and changes nothing.
-    4. A probe that never reports (its thread died) stops blocking the others
-       after ``probe_timeout_s``: the next caller probes instead.
+    3. Each answer without Retry-After (or failure to connect) to a request
+       sent after the pause doubles how many may be out at once: 1, 2, 4 ...
+       up to ``max_in_flight``, where the pause is over (:meth:`answered`).
+       A server with little room hears a few requests, not a burst of all of
+       them. A reply to a request sent before the pause says nothing about
+       now and changes nothing.
+    4. Requests that never report (their thread died) stop blocking the
+       others after ``probe_timeout_s``.
     5. With a ``policy``, a pause lasts at least the policy's backoff step
-       for the number of throttles in a row (equal jitter, see
-       :class:`RetryPolicy`): agents that a saturated vault keeps answering
-       with the same short Retry-After spread out instead of coming back
-       together, as a single request's retries already do.
+       for the number of throttles since the pause last ended (equal jitter,
+       see :class:`RetryPolicy`; up to ``max_retry_after_s``): agents that a
+       saturated vault keeps answering with the same short Retry-After (or
+       none) spread out instead of coming back together.
 
     Unthrottled, :meth:`admit` and :meth:`answered` read one attribute and
     take no lock. Times are the caller's monotonic clock; thread-safe.
     """
 
     def __init__(self, probe_timeout_s: float, policy: Optional[RetryPolicy] = None,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, max_in_flight: int = 16,
+                 is_slow_start: bool = False) -> None:
         self._lock = threading.Lock()
         self._probe_timeout_s = probe_timeout_s
         self._policy = policy
         self._rng = rng
-        self.is_paused = False  # read without the lock: the fast path
-        self._until = 0.0  # no request before this time
-        self._probe_until: Optional[float] = None  # a probe is out until then
+        self._max_in_flight = max_in_flight
+        self.is_paused = is_slow_start  # read without the lock: the fast path
+        self._until = float("-inf")  # no request before this time
+        self._allowed = 1  # requests that may be out at once after the pause
+        self._out = 0  # of those, admitted and not answered
+        self._out_until = 0.0  # when the ones out stop counting (never answered)
         self._streak = 0  # throttles since the last answer without Retry-After
 
     def admit(self, now: float) -> float:
@@ -209,9 +217,12 @@ class Pause:
                 return 0.0
             if now < self._until:
                 return self._until - now
-            if self._probe_until is not None and now < self._probe_until:
-                return min(PROBE_POLL_S, self._probe_until - now)
-            self._probe_until = now + self._probe_timeout_s  # this caller probes
+            if self._out >= self._allowed:
+                if now < self._out_until:
+                    return min(PROBE_POLL_S, self._out_until - now)
+                self._out = 0  # never answered: stop waiting for them
+            self._out += 1
+            self._out_until = now + self._probe_timeout_s
             return 0.0
 
     def remaining(self, now: float) -> float:
@@ -219,23 +230,30 @@ class Pause:
         return max(0.0, self._until - now) if self.is_paused else 0.0
 
     def throttled(self, now: float, retry_after: float) -> None:
-        """A reply said Retry-After: pause every request until ``now + retry_after``."""
+        """A reply said Retry-After: pause every request until ``now +
+        retry_after`` (at least the backoff step, rule 5), then probe again."""
         with self._lock:
             self._streak += 1
             pause = max(0.0, retry_after)
             if self._policy is not None:
-                step = Backoff(self._policy, rng=self._rng)
+                # Up to the longest Retry-After honoured: 2,000 agents waiting
+                # on one vault must come back seconds apart, not together.
+                step = Backoff(self._policy._replace(max_delay_s=self._policy.max_retry_after_s),
+                               rng=self._rng)
                 step.attempts = self._streak
                 pause = max(pause, step.step())
             self._until = max(self._until, now + pause)
-            self._probe_until = None
+            self._allowed, self._out = 1, 0
             self.is_paused = True
 
     def answered(self, sent_at: float) -> None:
         """A request sent at ``sent_at`` got an answer without Retry-After (or
-        none at all): if it was sent after the pause, the pause is over."""
+        none at all): if it was sent after the pause, twice as many may go."""
         if not self.is_paused:
             return
         with self._lock:
             if self.is_paused and sent_at >= self._until:
-                self.is_paused, self._probe_until, self._streak = False, None, 0
+                self._out = max(0, self._out - 1)
+                self._allowed *= 2
+                if self._allowed >= self._max_in_flight:
+                    self.is_paused, self._streak = False, 0

@@ -374,7 +374,10 @@ class VaultClient:
 
     Thread-safe: audience discovery is done once per vault under a lock;
     ``fetch_many`` shares one session across a bounded pool; a Retry-After
-    from a vault pauses every thread's requests to it (:class:`Pause`). ``on_retry``
+    from a vault pauses every thread's requests to it (:class:`Pause`).
+    ``is_slow_start`` (the daemon): the first request to each vault goes
+    alone, then 2, 4 ... at once, so a fleet booting into a saturated vault
+    does not send it 16 requests per VM before hearing its first 429. ``on_retry``
     hears (reason, attempt, delay) before each retry sleep, the reason worded
     ``waiting for vault <name>: <cause>`` for STATUS=.
     """
@@ -391,8 +394,10 @@ class VaultClient:
         sleep: Callable[[float], None] = time.sleep,
         environ: Mapping[str, str] = {},
         on_retry: Optional[Callable[[str, int, float], None]] = None,
+        is_slow_start: bool = False,
     ) -> None:
         self._session = session
+        self._is_slow_start = is_slow_start
         self._environ = environ
         self._tokens = tokens
         self._policy = policy
@@ -549,13 +554,13 @@ class VaultClient:
                 raise _request_failed(vault, exc, prefix) from None
             retry_after = (parse_retry_after(reply.headers.get("Retry-After"))
                            if reply.status in RETRY_STATUSES else None)
-            if retry_after is None:
+            if retry_after is None and reply.status != 429:
                 pause.answered(sent_at)
             else:  # every thread of this agent waits, not only this one
                 self._paused_by[vault] = reply
                 now = self._clock()
-                pause.throttled(now, min(retry_after, self._policy.max_retry_after_s))
-                retry_after = max(retry_after, pause.remaining(now))  # this thread too
+                pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))
+                retry_after = max(retry_after or 0.0, pause.remaining(now))  # this thread too
             if reply.status == 401 and audience is not None and not fresh_token_taken:
                 # A revoked or rotated token: ask IMDS for a new one, once.
                 self._tokens(audience, True)
@@ -571,7 +576,9 @@ class VaultClient:
         pause = self._pauses.get(vault)
         if pause is None:
             with self._pause_lock:
-                pause = self._pauses.setdefault(vault, Pause(REQUEST_TOTAL_S, self._policy))
+                pause = self._pauses.setdefault(vault, Pause(
+                    REQUEST_TOTAL_S, self._policy, max_in_flight=self._concurrency,
+                    is_slow_start=self._is_slow_start))
         return pause
 
     def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:

@@ -253,6 +253,55 @@ def test_a_retry_after_pauses_the_other_requests_to_that_vault() -> None:
     assert clock.sleeps == [20.0, 20.0]
 
 
+def test_a_429_without_retry_after_pauses_the_other_requests_too() -> None:
+    """Key Vault's 429 may carry no Retry-After: it still pauses this agent's other
+    requests to the vault for the backoff step, not only the one that got it."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled"), bundle(name="b"), bundle())
+    sent_at: List[float] = []
+    original = session.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        sent_at.append(clock.now)
+        return original(*args, **kwargs)
+
+    session.get = get
+    other: List[Secret] = []
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
+                        sleep=clock.sleep, on_retry=lambda *_: other.append(
+                            vault.fetch_secret(SecretRequest(VAULT, "b"))))
+    vault.fetch_secret(SecretRequest(VAULT, "db"))
+    assert other and sent_at[1] - sent_at[0] >= 0.25  # b waited out db's pause
+
+
+@pytest.mark.parametrize("is_slow_start", [False, True])
+def test_a_slow_start_client_sends_its_first_request_alone(is_slow_start: bool) -> None:
+    """With is_slow_start (the daemon) the first request to a vault is alone in flight,
+    and the rest follow once it is answered; without, the first wave goes at once."""
+    lock = threading.Lock()
+    in_flight = [0]
+    seen: List[int] = []
+
+    class Session(FakeSession):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                in_flight[0] += 1
+                seen.append(in_flight[0])
+            time.sleep(0.05)
+            try:
+                return super().get(*args, **kwargs)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+    session = Session(*[bundle(name=f"s{n}") for n in range(8)])
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30),
+                        is_slow_start=is_slow_start)
+    outcomes = vault.fetch_many([SecretRequest(VAULT, f"s{n}") for n in range(8)])
+    assert all(isinstance(outcome, Secret) for outcome in outcomes)
+    assert (seen[0] == 1 and max(seen[:2]) == 1) is is_slow_start
+
+
 def test_a_request_whose_budget_ends_within_the_pause_is_not_sent() -> None:
     """A Retry-After longer than another request's budget ends that request as throttled
     (429) without sending it: the vault said not before."""

@@ -243,7 +243,8 @@ class Fleet:
         self.life.append(Lifecycle())
         self.held.append(held)
         self.fetched.append([NEVER if not version else -self.interval_s for version in held])
-        self.pauses.append(Pause(REQUEST_TOTAL_S, self.policy, self.rng.random))
+        self.pauses.append(Pause(REQUEST_TOTAL_S, self.policy, self.rng.random,
+                                 max_in_flight=MAX_CONCURRENCY, is_slow_start=True))
         self.ready_at.append(None)
         self.current_at.append(None)
         return len(self.life) - 1
@@ -353,10 +354,11 @@ class Fleet:
             while len(batch) < free and job.pending:
                 wait = pause.admit(t)
                 if wait > 0:
-                    for _ in range(min(free - len(batch), len(job.pending))):
-                        retry = _Retry(job, job.pending.popleft(), t,
-                                       self._policy(job.listing), self.rng.random)
-                        job.active += 1
+                    held = [_Retry(job, job.pending.popleft(), t, self._policy(job.listing),
+                                   self.rng.random)
+                            for _ in range(min(free - len(batch), len(job.pending)))]
+                    job.active += len(held)
+                    for retry in held:
                         self._park(retry, t, wait)
                     break
                 batch.append(job.pending.popleft())
