@@ -55,6 +55,9 @@ REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S)
 
 # While a Pause's probe is out, the other requests look again this often.
 PROBE_POLL_S = 0.25
+# A Pause's first backoff step: Key Vault counts per 10 s [protocol.md B8], so
+# a probe sooner than a second after a throttle meets the same full window.
+PAUSE_BASE_S = 1.0
 
 # Every attempt, the final one included, may take at least this long even
 # when the budget is (nearly) spent: a request needs a few seconds to succeed.
@@ -175,18 +178,20 @@ class Pause:
        looking again every PROBE_POLL_S, so a still-throttled server hears one
        request from this agent, not all of them.
     3. Each answer without Retry-After (or failure to connect) to a request
-       sent after the pause doubles how many may be out at once: 1, 2, 4 ...
-       up to ``max_in_flight``, where the pause is over (:meth:`answered`).
+       sent after the pause lets one more be out at once, so their number
+       doubles every round trip: 1, 2, 4 ... up to ``max_in_flight``, where
+       the pause is over (:meth:`answered`; TCP's slow start).
        A server with little room hears a few requests, not a burst of all of
        them. A reply to a request sent before the pause says nothing about
        now and changes nothing.
     4. Requests that never report (their thread died) stop blocking the
        others after ``probe_timeout_s``.
-    5. With a ``policy``, a pause lasts at least the policy's backoff step
-       for the number of throttles since the pause last ended (equal jitter,
-       see :class:`RetryPolicy`; up to ``max_retry_after_s``): agents that a
-       saturated vault keeps answering with the same short Retry-After (or
-       none) spread out instead of coming back together.
+    5. With a ``policy``, a pause lasts at least a backoff step for the
+       number of throttles since the pause last ended: PAUSE_BASE_S, doubling,
+       up to the policy's ``deadline_s`` (a longer pause would only end every
+       waiting request unsent), with equal jitter (see :class:`RetryPolicy`).
+       Agents that a saturated vault keeps answering with the same short
+       Retry-After (or none) spread out instead of coming back together.
 
     Unthrottled, :meth:`admit` and :meth:`answered` read one attribute and
     take no lock. Times are the caller's monotonic clock; thread-safe.
@@ -236,10 +241,10 @@ class Pause:
             self._streak += 1
             pause = max(0.0, retry_after)
             if self._policy is not None:
-                # Up to the longest Retry-After honoured: 2,000 agents waiting
-                # on one vault must come back seconds apart, not together.
-                step = Backoff(self._policy._replace(max_delay_s=self._policy.max_retry_after_s),
-                               rng=self._rng)
+                # From PAUSE_BASE_S up to the whole budget of a request: 2,000
+                # agents waiting on one vault must come back seconds apart.
+                step = Backoff(self._policy._replace(
+                    base_delay_s=PAUSE_BASE_S, max_delay_s=self._policy.deadline_s), rng=self._rng)
                 step.attempts = self._streak
                 pause = max(pause, step.step())
             self._until = max(self._until, now + pause)
@@ -248,12 +253,12 @@ class Pause:
 
     def answered(self, sent_at: float) -> None:
         """A request sent at ``sent_at`` got an answer without Retry-After (or
-        none at all): if it was sent after the pause, twice as many may go."""
+        none at all): if it was sent after the pause, one more may be out."""
         if not self.is_paused:
             return
         with self._lock:
             if self.is_paused and sent_at >= self._until:
                 self._out = max(0, self._out - 1)
-                self._allowed *= 2
+                self._allowed += 1
                 if self._allowed >= self._max_in_flight:
                     self.is_paused, self._streak = False, 0

@@ -11,6 +11,7 @@ from fakes import FakeClock
 
 from agent.retry import (
     MIN_REQUEST_S,
+    PAUSE_BASE_S,
     PROBE_POLL_S,
     Backoff,
     Pause,
@@ -216,9 +217,10 @@ def test_exactly_one_of_many_threads_probes() -> None:
 
 def test_throttles_in_a_row_lengthen_the_pause_by_the_backoff_step() -> None:
     """With a policy, each throttle in a row pauses at least the next jittered backoff
-    step (up to max_retry_after_s), whatever short Retry-After the server sends; the
-    end of the pause resets the streak."""
-    policy = RetryPolicy(base_delay_s=1, max_delay_s=2, max_retry_after_s=8)
+    step from PAUSE_BASE_S up to the policy's deadline, whatever short Retry-After the
+    server sends; the end of the pause resets the streak."""
+    assert PAUSE_BASE_S == 1.0
+    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=2, deadline_s=8)
     pause = Pause(probe_timeout_s=30, policy=policy, rng=lambda: 1.0, max_in_flight=2)
     until = 0.0
     for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
@@ -231,24 +233,25 @@ def test_throttles_in_a_row_lengthen_the_pause_by_the_backoff_step() -> None:
     assert pause.admit(until) == 1.0
 
 
-def test_after_a_pause_the_requests_out_at_once_double_with_each_answer() -> None:
-    """After the probe's answer two may go, then four ...; at max_in_flight the pause is
-    over and nothing is counted any more."""
-    pause = Pause(probe_timeout_s=30, max_in_flight=8)
+def test_after_a_pause_the_requests_out_at_once_double_every_round_trip() -> None:
+    """Each answer after the pause lets one more request out (1, 2, 4 ... per round
+    trip); at max_in_flight the pause is over and nothing is counted any more."""
+    pause = Pause(probe_timeout_s=30, max_in_flight=4)
     pause.throttled(now=0.0, retry_after=1.0)
     assert [pause.admit(1.0) for _ in range(2)] == [0.0, PROBE_POLL_S]
-    pause.answered(sent_at=1.0)
+    pause.answered(sent_at=1.0)  # the probe's answer: two may be out
     assert [pause.admit(1.1) for _ in range(3)] == [0.0, 0.0, PROBE_POLL_S]
+    pause.answered(sent_at=1.1)  # one answered, one still out: two more may go
+    assert [pause.admit(1.2) for _ in range(3)] == [0.0, 0.0, PROBE_POLL_S]
     pause.answered(sent_at=1.1)
-    assert [pause.admit(1.2) for _ in range(4)] == [0.0, 0.0, 0.0, PROBE_POLL_S]
-    pause.answered(sent_at=1.2)
     assert not pause.is_paused and pause.admit(1.3) == 0.0
 
 
 def test_a_slow_start_pause_sends_one_request_first() -> None:
     """is_slow_start: the first request goes alone, then two, four ... as after a pause."""
-    pause = Pause(probe_timeout_s=30, max_in_flight=4, is_slow_start=True)
+    pause = Pause(probe_timeout_s=30, max_in_flight=3, is_slow_start=True)
     assert [pause.admit(0.0) for _ in range(2)] == [0.0, PROBE_POLL_S]
     pause.answered(sent_at=0.0)
+    assert pause.is_paused
     pause.answered(sent_at=0.0)
     assert not pause.is_paused

@@ -381,8 +381,8 @@ class Fleet:
         at = t if self.vault.is_down(t) else min(t, self.now)
         served, status, retry_after = self.vault.offer(at, len(batch))
         pause = self.pauses[job.agent]
-        if served or status != THROTTLED:
-            pause.answered(t)
+        for _ in range(served if status == THROTTLED else len(batch)):
+            pause.answered(t)  # one answer per request, as each thread reports its own
         seconds = _retry_after(retry_after)
         if status == THROTTLED and seconds is not None:
             pause.throttled(t, min(seconds, self.policy.max_retry_after_s))
