@@ -16,6 +16,15 @@ imported, never re-implemented:
   simulated clock and a ``sleep`` that advances that clock, the reply's
   ``Retry-After`` read by :func:`agent.retry.parse_retry_after`, the retried
   statuses :data:`agent.vault.RETRY_STATUSES`;
+* when a request may be sent at all: one real :class:`agent.retry.Pause` per
+  agent (the vault client's, with the daemon's slow start): every request is
+  first admitted by it, every answer reported to it, so after a 429 the agent
+  waits, probes with one request, and ramps up 1, 2, 4 ... as the daemon does;
+* what a refresh fetches: :func:`agent.freshness.list_budget` decides whether
+  the vault is listed (list-based mode: the vault's size is known; per-secret
+  mode: the agent's fallback for a vault whose list is forbidden), and while
+  starting, :func:`agent.freshness.is_fetched_since` (rule 5) keeps an earlier
+  attempt's files from being fetched again;
 * how many requests run at once: :data:`agent.vault.MAX_CONCURRENCY` per agent;
   pages of :data:`agent.vault_list.PAGE_SIZE`, a listing bounded by
   :class:`agent.vault_list.ListLimits`.
@@ -23,18 +32,23 @@ imported, never re-implemented:
 Modelled, not imported (the loop around those decisions):
 
 * a refresh is :meth:`agent.vault.VaultClient.fetch_many`'s shape: up to
-  MAX_CONCURRENCY requests in flight, each retried until it succeeds or its
-  Backoff gives up; a secret that gives up fails the refresh (its file is
+  MAX_CONCURRENCY requests started, each admitted by the Pause, retried until
+  it succeeds or its Backoff gives up (or, held back by the Pause past its
+  budget, ends unsent); a secret that gives up fails the refresh (its file is
   kept), which the lifecycle then spaces out;
 * the agent is READY once every secret's file exists (from any refresh);
 * one token per agent: IMDS costs nothing here (not modelled beyond that);
   the vault is in the public cloud, so no challenge request is sent;
-* list-based refresh, from issue 12's definition (another helper builds it in
-  the agent in parallel): once an agent has synced, a refresh lists the vault
-  (ceil(vault size / 25) requests, one after another) and GETs only the
-  secrets whose version changed or whose file is missing; a listing that
-  fails (after its retries) fails the refresh. The first sync is per-secret
-  GETs, as today.
+* a listing's result: the secrets whose version differs from the one on disk
+  (what :func:`agent.freshness.is_source_current` decides from ``updated``);
+  a listing that fails (after its retries) fails the refresh;
+* a Pause's state changes at the moment a request is sent (the agent's, one
+  round trip later: 50 ms), and the threads it holds back look again together
+  (one event per refresh, not one per thread).
+
+Speed: a refresh the vault serves whole (the unthrottled, usual case) is done
+in one step (:meth:`Fleet._served_at_once`), with the same charges and times
+as the request-by-request path, which throttled refreshes take.
 
 The vault: ``limit`` counted transactions per ``window_s`` (4,000 per 10 s,
 protocol.md B8). Key Vault documents the limit only as "per 10 seconds" per
