@@ -55,9 +55,10 @@ REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S)
 
 # While a Pause's probe is out, the other requests look again this often.
 PROBE_POLL_S = 0.25
-# A Pause's first backoff step: Key Vault counts per 10 s [protocol.md B8], so
-# a probe sooner than a second after a throttle meets the same full window.
-PAUSE_BASE_S = 1.0
+# A Pause's step once a probe was throttled too: Key Vault counts per 10 s
+# [protocol.md B8], and a vault still full after a first pause is full for
+# its window; a probe sooner meets the same full window (issue 12, fleet).
+PAUSE_BASE_S = 10.0
 
 # Every attempt, the final one included, may take at least this long even
 # when the budget is (nearly) spent: a request needs a few seconds to succeed.
@@ -187,11 +188,13 @@ class Pause:
     4. Requests that never report (their thread died) stop blocking the
        others after ``probe_timeout_s``.
     5. With a ``policy``, a pause lasts at least a backoff step for the
-       number of throttles since the pause last ended: PAUSE_BASE_S, doubling,
+       number of throttles since the pause last ended: the policy's first
+       step after one, then PAUSE_BASE_S (the vault's 10-s window), doubling,
        up to the policy's ``deadline_s`` (a longer pause would only end every
        waiting request unsent), with equal jitter (see :class:`RetryPolicy`).
-       Agents that a saturated vault keeps answering with the same short
-       Retry-After (or none) spread out instead of coming back together.
+       A single 429 costs its Retry-After; agents that a saturated vault
+       keeps answering with the same short Retry-After (or none) spread out
+       over its windows instead of coming back together.
 
     Unthrottled, :meth:`admit` and :meth:`answered` read one attribute and
     take no lock. Times are the caller's monotonic clock; thread-safe.
@@ -241,15 +244,23 @@ class Pause:
             self._streak += 1
             pause = max(0.0, retry_after)
             if self._policy is not None:
-                # From PAUSE_BASE_S up to the whole budget of a request: 2,000
-                # agents waiting on one vault must come back seconds apart.
-                step = Backoff(self._policy._replace(
-                    base_delay_s=PAUSE_BASE_S, max_delay_s=self._policy.deadline_s), rng=self._rng)
-                step.attempts = self._streak
-                pause = max(pause, step.step())
+                pause = max(pause, self._step())
             self._until = max(self._until, now + pause)
             self._allowed, self._out = 1, 0
             self.is_paused = True
+
+    def _step(self) -> float:
+        """The backoff step for this many throttles in a row (rule 5): the
+        policy's first step, then from PAUSE_BASE_S doubling up to the whole
+        budget of a request; equal jitter."""
+        assert self._policy is not None
+        first = self._streak == 1
+        policy = self._policy._replace(
+            base_delay_s=self._policy.base_delay_s if first else PAUSE_BASE_S,
+            max_delay_s=self._policy.max_delay_s if first else self._policy.deadline_s)
+        step = Backoff(policy, rng=self._rng)
+        step.attempts = 1 if first else self._streak - 1
+        return step.step()
 
     def answered(self, sent_at: float) -> None:
         """A request sent at ``sent_at`` got an answer without Retry-After (or

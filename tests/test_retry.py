@@ -216,21 +216,22 @@ def test_exactly_one_of_many_threads_probes() -> None:
 
 
 def test_throttles_in_a_row_lengthen_the_pause_by_the_backoff_step() -> None:
-    """With a policy, each throttle in a row pauses at least the next jittered backoff
-    step from PAUSE_BASE_S up to the policy's deadline, whatever short Retry-After the
-    server sends; the end of the pause resets the streak."""
-    assert PAUSE_BASE_S == 1.0
-    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=2, deadline_s=8)
+    """With a policy, one throttle pauses for the policy's first step at least; each
+    further throttle in a row from PAUSE_BASE_S (a 10-s window) doubling up to the
+    deadline, whatever short Retry-After the server sends; the end of the pause resets
+    the streak."""
+    assert PAUSE_BASE_S == 10.0
+    policy = RetryPolicy(base_delay_s=0.5, deadline_s=40)
     pause = Pause(probe_timeout_s=30, policy=policy, rng=lambda: 1.0, max_in_flight=2)
     until = 0.0
-    for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
+    for expected in (0.5, 10.0, 20.0, 40.0, 40.0):
         pause.throttled(now=until, retry_after=0.0)
         assert pause.admit(until) == expected
         until += expected
         assert pause.admit(until) == 0.0  # the probe, throttled again
     pause.answered(sent_at=until)
-    pause.throttled(now=until, retry_after=0.0)
-    assert pause.admit(until) == 1.0
+    pause.throttled(now=until, retry_after=3.0)
+    assert pause.admit(until) == 3.0  # one throttle: its Retry-After
 
 
 def test_after_a_pause_the_requests_out_at_once_double_every_round_trip() -> None:
