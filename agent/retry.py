@@ -170,10 +170,10 @@ class Pause:
     throttled vault hears 16 requests from every agent each time the pause
     ends. With it (issue 12, fleet scale-out):
 
-    1. A reply with Retry-After (429, 503), or a 429 without it (Key Vault's
-       own may have none [protocol.md B8]), pauses every request: none is
-       sent before ``now + retry_after`` (:meth:`throttled`; the later time
-       wins).
+    1. A reply that says the server cannot take requests now (the vault's
+       429 or 503, with or without Retry-After: Key Vault's own 429 may have
+       none [protocol.md B8]) pauses every request: none is sent before
+       ``now + retry_after`` (:meth:`throttled`; the later time wins).
     2. When the pause is over, the first request to ask is the *probe*
        (:meth:`admit` returns 0 to it alone); the others wait for its answer,
        looking again every PROBE_POLL_S, so a still-throttled server hears one

@@ -82,6 +82,9 @@ MAX_BODY_BYTES = 256 * 1024
 TIMEOUT_S: Tuple[float, float] = (5.0, 20.0)  # connect, each read
 REQUEST_TOTAL_S = 30.0  # one request, start to last byte (see agent.transport)
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+# Answers that pause every request of the agent to that vault (agent.retry.Pause),
+# with or without Retry-After: throttled, or unavailable as a whole.
+PAUSE_STATUSES = frozenset({429, 503})
 
 # Vault DNS suffix -> token resource, per cloud [protocol.md B1].
 KNOWN_AUDIENCES: Dict[str, str] = {
@@ -554,7 +557,7 @@ class VaultClient:
                 raise _request_failed(vault, exc, prefix) from None
             retry_after = (parse_retry_after(reply.headers.get("Retry-After"))
                            if reply.status in RETRY_STATUSES else None)
-            if retry_after is None and reply.status != 429:
+            if retry_after is None and reply.status not in PAUSE_STATUSES:
                 pause.answered(sent_at)
             else:  # every thread of this agent waits, not only this one
                 self._paused_by[vault] = reply

@@ -79,7 +79,7 @@ from agent.lifecycle import Lifecycle
 from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
 from agent.retry import REFRESH_RETRY, Backoff, Pause, RetryPolicy, parse_retry_after
 from agent.snapshot import READY
-from agent.vault import MAX_CONCURRENCY, REQUEST_TOTAL_S, RETRY_STATUSES
+from agent.vault import MAX_CONCURRENCY, PAUSE_STATUSES, REQUEST_TOTAL_S, RETRY_STATUSES
 from agent.vault_list import PAGE_SIZE, ListLimits
 
 LIMIT = 4000  # counted transactions per window [protocol.md B8]
@@ -405,12 +405,12 @@ class Fleet:
         at = t if self.vault.is_down(t) else min(t, self.now)
         served, status, retry_after = self.vault.offer(at, len(batch))
         pause = self.pauses[job.agent]
-        for _ in range(served if status == THROTTLED else len(batch)):
+        for _ in range(served if status in PAUSE_STATUSES else len(batch)):
             pause.answered(t)  # one answer per request, as each thread reports its own
         seconds = _retry_after(retry_after)
-        if status == THROTTLED and seconds is not None:
-            pause.throttled(t, min(seconds, self.policy.max_retry_after_s))
-            seconds = max(seconds, pause.remaining(t))
+        if served < len(batch) and status in PAUSE_STATUSES:
+            pause.throttled(t, min(seconds or 0.0, self.policy.max_retry_after_s))
+            seconds = max(seconds or 0.0, pause.remaining(t))
         for item in batch[:served]:
             self._served(job, item, t)
         for item in batch[served:]:
@@ -451,6 +451,7 @@ class Fleet:
         whether and when to send it again. While the vault is down for the
         whole loop, the attempts are played here without the heap (the
         answer does not depend on load, so the result is the same)."""
+        pause = self.pauses[retry.job.agent]
         while True:
             retry.now = t + self.latency_s
             if not retry.backoff.wait("vault busy", retry_after):
@@ -460,8 +461,13 @@ class Fleet:
             if not self.vault.is_down(t):
                 self.push(t, ATTEMPT, retry)
                 return
-            self.vault.failed[self.vault._bin(t)] += 1
-            retry_after = None  # a 503 carries none
+            wait = pause.admit(t)
+            if wait > 0:
+                self._park(retry, t, wait)
+                return
+            self.vault.failed[self.vault._bin(t)] += 1  # a 503, without Retry-After
+            pause.throttled(t, 0.0)
+            retry_after = pause.remaining(t)
 
     def _attempt(self, retry: _Retry, t: float) -> None:
         """A started request's turn at ``t``: sent if the agent's Pause admits it."""

@@ -55,7 +55,7 @@ def test_a_scale_out_is_throttled_and_every_booted_agent_gets_ready() -> None:
     assert result.peak(result.served) <= LIMIT * 1.02  # 50-ms waves charged early
     ready, share = fleetsim.judge_scale_out(result)
     assert ready.is_met, ready
-    assert float(share.measured.rstrip(" %")) <= 35, share
+    assert float(share.measured.rstrip(" %")) <= 25, share  # 17 % at full scale
 
 
 def test_the_simulation_runs_the_agents_own_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
