@@ -127,11 +127,12 @@ def plot(name: str, pair: "tuple[Result, Result]", path: str) -> None:
         hours = result.horizon_s > 4 * 3600
         scale, unit = (3600.0, "h") if hours else (60.0, "min")
         xs = [i * 10 / scale for i in range(len(result.windows(result.served, 0)))]
-        for series, label in ((result.served, "served"), (result.throttled, "429"),
-                              (result.failed, "503 (outage)")):
+        for series, label, color in ((result.served, "served", "C0"),
+                                     (result.throttled, "429", "C1"),
+                                     (result.failed, "503 (outage)", "C2")):
             counts = result.windows(series, 0)
             if any(counts):
-                axis.plot(xs, counts, label=label, linewidth=0.8)
+                axis.plot(xs, counts, label=label, linewidth=0.8, color=color)
         axis.axhline(LIMIT, color="black", linestyle="--", linewidth=0.8, label="limit")
         axis.set_title(f"{name}: {'list-based' if result.list_mode else 'per-secret'} refresh",
                        fontsize=9)

@@ -572,4 +572,23 @@ MUTATIONS: Tuple[Mutation, ...] = (
         (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
          f"{AGENT}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
     ),
+    # -- issue 12: fleet scale ----------------------------------------------------
+    Mutation(
+        "retry-after-pauses-one-thread-only",
+        "a 429 or 503 pauses all of the agent's requests to that vault, not just the one "
+        "that got it",
+        "agent/vault.py",
+        "                pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))",
+        "                pass",
+        (f"{VAULT}::test_a_retry_after_pauses_the_other_requests_to_that_vault",),
+    ),
+    Mutation(
+        "failed-start-refetches-everything",
+        "a start that failed for some secrets retries only those",
+        "agent/freshness.py",
+        "    return since is not None and seen is not None and seen.fetched_at >= since",
+        "    return False",
+        (f"{FRESHNESS}::test_while_starting_only_what_is_missing_is_fetched_without_listing",
+         f"{AGENT}::test_a_failed_start_fetches_only_what_is_missing"),
+    ),
 )
