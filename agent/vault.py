@@ -544,8 +544,9 @@ class VaultClient:
         fresh_token_taken = False
         pause = self._pause(vault)
         while True:
-            if not self._wait_for(pause, backoff):
-                return self._paused_by[vault]  # paused past this request's budget
+            paused_by = None if self._wait_for(pause, backoff) else self._paused_by.get(vault)
+            if paused_by is not None:
+                return paused_by  # paused past this request's budget: the vault's answer
             token = self._tokens(audience, False) if audience is not None else None
             sent_at = self._clock()
             try:
@@ -555,6 +556,9 @@ class VaultClient:
                 if _is_retryable(exc) and backoff.wait(self._reason(vault, exc)):
                     continue
                 raise _request_failed(vault, exc, prefix) from None
+            except BaseException:
+                pause.answered(sent_at)  # nothing came back: never hold the others
+                raise
             retry_after = (parse_retry_after(reply.headers.get("Retry-After"))
                            if reply.status in RETRY_STATUSES else None)
             if retry_after is None and reply.status not in PAUSE_STATUSES:
@@ -587,7 +591,8 @@ class VaultClient:
     def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:
         """Sleep while the vault's pause holds this request back (another
         thread's probe is out, or Retry-After has not passed); False when that
-        would outlast the request's budget: it ends as throttled, unsent."""
+        would outlast the request's budget: it ends as throttled, unsent (or,
+        held back only by the slow start, is sent at once)."""
         while True:
             delay = pause.admit(self._clock())
             if delay <= 0:

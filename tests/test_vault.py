@@ -306,6 +306,22 @@ def test_a_slow_start_client_sends_its_first_request_alone(is_slow_start: bool) 
     assert (seen[0] == 1 and max(seen[:2]) == 1) is is_slow_start
 
 
+def test_a_slow_start_wait_past_the_budget_sends_rather_than_fails() -> None:
+    """Held back by the slow start alone (no vault said wait) past its tiny budget, a
+    request is sent anyway, never failed without an answer of the vault's."""
+
+    class Slow(FakeSession):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.3)
+            return super().get(*args, **kwargs)
+
+    session = Slow(bundle(name="a"), bundle(name="b"))
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=0.1),
+                        is_slow_start=True)
+    outcomes = vault.fetch_many([SecretRequest(VAULT, "a"), SecretRequest(VAULT, "b")])
+    assert all(isinstance(outcome, Secret) for outcome in outcomes), outcomes
+
+
 def test_a_request_whose_budget_ends_within_the_pause_is_not_sent() -> None:
     """A Retry-After longer than another request's budget ends that request as throttled
     (429) without sending it: the vault said not before."""
