@@ -121,8 +121,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "vault-ignores-retry-after",
         "a throttled vault (429) is retried honouring Retry-After",
         "agent/vault.py",
-        '                retry_after = parse_retry_after(reply.headers.get("Retry-After"))',
-        "                retry_after = None",
+        '            retry_after = (parse_retry_after(reply.headers.get("Retry-After"))',
+        "            retry_after = (None",
         (f"{VAULT}::test_429_honours_retry_after",),
     ),
     Mutation(
