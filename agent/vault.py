@@ -559,15 +559,7 @@ class VaultClient:
             except BaseException:
                 pause.answered(sent_at)  # nothing came back: never hold the others
                 raise
-            retry_after = (parse_retry_after(reply.headers.get("Retry-After"))
-                           if reply.status in RETRY_STATUSES else None)
-            if retry_after is None and reply.status not in PAUSE_STATUSES:
-                pause.answered(sent_at)
-            else:  # every thread of this agent waits, not only this one
-                self._paused_by[vault] = reply
-                now = self._clock()
-                pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))
-                retry_after = max(retry_after or 0.0, pause.remaining(now))  # this thread too
+            retry_after = self._heard(vault, pause, reply, sent_at)
             if reply.status == 401 and audience is not None and not fresh_token_taken:
                 # A revoked or rotated token: ask IMDS for a new one, once.
                 self._tokens(audience, True)
@@ -577,6 +569,22 @@ class VaultClient:
                 if backoff.wait(self._reason(vault, reply.status), retry_after):
                     continue
             return reply
+
+    def _heard(self, vault: str, pause: Pause, reply: transport.Reply,
+               sent_at: float) -> Optional[float]:
+        """Tell the vault's pause about ``reply`` to a request sent at
+        ``sent_at``: a 429 or 503 (or any Retry-After) pauses every thread of
+        this agent, not only this one. Returns the seconds this request waits
+        before it is sent again (at least the pause), None when nothing said."""
+        retry_after = (parse_retry_after(reply.headers.get("Retry-After"))
+                       if reply.status in RETRY_STATUSES else None)
+        if retry_after is None and reply.status not in PAUSE_STATUSES:
+            pause.answered(sent_at)
+            return None
+        self._paused_by[vault] = reply
+        now = self._clock()
+        pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))
+        return max(retry_after or 0.0, pause.remaining(now))
 
     def _pause(self, vault: str) -> Pause:
         """The vault's shared Retry-After pause (made on first use)."""

@@ -121,8 +121,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "vault-ignores-retry-after",
         "a throttled vault (429) is retried honouring Retry-After",
         "agent/vault.py",
-        '            retry_after = (parse_retry_after(reply.headers.get("Retry-After"))',
-        "            retry_after = (None",
+        '        retry_after = (parse_retry_after(reply.headers.get("Retry-After"))',
+        "        retry_after = (None",
         (f"{VAULT}::test_429_honours_retry_after",),
     ),
     Mutation(
@@ -578,8 +578,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "a 429 or 503 pauses all of the agent's requests to that vault, not just the one "
         "that got it",
         "agent/vault.py",
-        "                pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))",
-        "                pass",
+        "        pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))",
+        "        pass",
         (f"{VAULT}::test_a_retry_after_pauses_the_other_requests_to_that_vault",),
     ),
     Mutation(
