@@ -189,6 +189,7 @@ class Agent:
         on_retry: Optional[Callable[[str, int, float], None]] = None,
         sleep: Callable[[float], None] = time.sleep,
         writer: Optional[Writer] = None,
+        is_slow_start: bool = False,
     ) -> None:
         self.manifest = manifest
         self.tokens = token_source(manifest.identity, environ, imds_policy,
@@ -197,7 +198,8 @@ class Agent:
         self._vault_session = new_session(environ)
         self.vault = VaultClient(
             self._vault_session, lambda resource, force: self._token(resource, force),
-            policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry)
+            policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry,
+            is_slow_start=is_slow_start)
         self.writer = writer or Writer(manifest.directory)
         self._sleep = sleep
         self._warned: Set[str] = set()  # skipped-by-select lines already logged
@@ -211,7 +213,7 @@ class Agent:
             log.info("removed leftover temporary file %s", leftover)
 
     def sync(self, should_stop: Callable[[], bool] = lambda: False,
-             freshness: Freshness = Freshness()) -> SyncReport:
+             freshness: Freshness = Freshness(), fresh_for_s: float = 0.0) -> SyncReport:
         """Fetch every source that may have changed, write the entries whose
         source arrived; never raises for a single entry. Raises IdentityUnavailableError when no
         token can be had at all (then no file is touched). When
@@ -229,6 +231,10 @@ class Agent:
         sync, every source fetched), decides which entries need no request at
         all: :func:`agent.freshness.plan` lists the vaults where that is
         cheaper and skips what the list shows unchanged and still on disk.
+        ``fresh_for_s`` (the daemon's refresh interval while it is not yet
+        ready, else 0): a source fetched less than that ago and still on disk
+        needs no request at all, so a failed start retries only what is
+        missing (:mod:`agent.freshness`, rule 5).
         """
         started = time.monotonic()
         listings: Dict[str, Tuple[SecretItem, ...]] = {}
@@ -242,7 +248,9 @@ class Agent:
                 return listings[vault]
             return self._list_vault(vault, max_pages)
 
-        decided = plan(entries, self.manifest.sets, freshness, list_vault)
+        fresh_since = time.time() - fresh_for_s if fresh_for_s > 0 else None
+        decided = plan(entries, self.manifest.sets, freshness, list_vault,
+                       fresh_since=fresh_since)
         fetch_started = time.time()  # before any GET: the conservative fetch time
         fetched = dict(zip(decided.fetch, self.vault.fetch_many(
             [SecretRequest(*source) for source in decided.fetch])))

@@ -288,7 +288,8 @@ class Daemon:
         agent = Agent(manifest, environ=self._environ, on_retry=self._on_retry,
                       sleep=self._interruptible_sleep,
                       imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
-                      writer=self._writer(manifest.directory))
+                      writer=self._writer(manifest.directory),
+                      is_slow_start=True)  # a booting fleet must not burst (VaultClient)
         if is_new_directory:
             # Only for a directory not yet in use: cleaning it again would take
             # an old generation from readers during its grace, or a new one
@@ -379,11 +380,14 @@ class Daemon:
         agent = self._agent
         assert agent is not None and self._sync_thread is None
         freshness = self._freshness
+        # While starting, what an earlier attempt wrote is not fetched again.
+        fresh_for_s = 0.0 if self._life.is_ready else agent.manifest.refresh_interval_s
 
         def work() -> None:
             result: SyncResult
             try:
-                result = agent.sync(should_stop=self._stop.is_set, freshness=freshness)
+                result = agent.sync(should_stop=self._stop.is_set, freshness=freshness,
+                                    fresh_for_s=fresh_for_s)
             except Interrupted:
                 result = None
             except KvAgentError as exc:

@@ -36,6 +36,14 @@ The decision, per refresh:
    per-secret GETs from then on). The initial sync (nothing remembered) and
    a vault whose list is forbidden (403: an access-policy vault without the
    ``list`` permission) use per-secret GETs.
+5. While the agent is starting (not yet ready), a source that a previous
+   attempt of this start fetched less than one refresh interval ago is
+   current without any request (``fresh_since``): a failed start retries
+   only what is still missing, neither listing nor GETting again what it
+   just wrote, so 2,000 VMs booting into a throttled vault do not refetch
+   their first files at every attempt (issue 12, fleet). Such a file is no
+   older than a refresh interval, as after any refresh; the first refresh
+   after READY checks it as usual.
 
 Local check, decided: a :class:`FileStamp` is the file's inode, device, size,
 owner, mode and **ctime**. Any content or metadata change by another process
@@ -166,13 +174,22 @@ def list_budget(seen: Optional[VaultSeen], remembered: int) -> Optional[int]:
     return remembered - 1
 
 
+def is_fetched_since(seen: Optional[SourceSeen], since: Optional[float]) -> bool:
+    """Whether ``seen`` was fetched at or after ``since`` (wall seconds; None:
+    never), which makes it current while starting (rule 5)."""
+    return since is not None and seen is not None and seen.fetched_at >= since
+
+
 def is_source_current(source: Source, seen: Optional[SourceSeen],
-                      listing: Optional[Mapping[str, SecretItem]]) -> bool:
-    """Whether ``source`` needs no GET (rules 2 and 3 of the module docstring)."""
+                      listing: Optional[Mapping[str, SecretItem]],
+                      fresh_since: Optional[float] = None) -> bool:
+    """Whether ``source`` needs no GET (rules 2, 3 and 5 of the module docstring)."""
     if seen is None:
         return False
     if source.version is not None:
         return True  # a pinned version never changes
+    if is_fetched_since(seen, fresh_since):
+        return True
     if listing is None:
         return False
     item = listing.get(source.name.lower())  # names are case-insensitive [B7]
@@ -193,14 +210,17 @@ def is_on_disk(written: EntryWritten, entry: Entry, stamp: Stamp) -> bool:
 
 
 def plan(entries: Sequence[Entry], groups: Iterable[EntrySet], memory: Freshness,
-         list_vault: ListVault, stamp: Stamp = file_stamp) -> Plan:
+         list_vault: ListVault, stamp: Stamp = file_stamp,
+         fresh_since: Optional[float] = None) -> Plan:
     """Decide one refresh: list the vaults worth listing, then which entries
-    are current and which sources to GET. Never raises for a vault's list:
-    one that fails is fetched per secret (a forbidden one for good, said
-    once); an IMDS failure (IdentityUnavailableError) propagates."""
+    are current and which sources to GET. ``fresh_since`` (wall seconds;
+    only while starting): sources fetched since then need no request and
+    count for no listing (rule 5). Never raises for a vault's list: one that
+    fails is fetched per secret (a forbidden one for good, said once); an
+    IMDS failure (IdentityUnavailableError) propagates."""
     vaults = dict(memory.vaults)
     listings: Dict[str, Mapping[str, SecretItem]] = {}
-    for vault, count in _remembered_by_vault(entries, memory).items():
+    for vault, count in _remembered_by_vault(entries, memory, fresh_since).items():
         budget = list_budget(vaults.get(vault), count)
         if budget is not None:
             listed = _list(vault, budget, vaults.get(vault, VaultSeen()), list_vault)
@@ -211,7 +231,8 @@ def plan(entries: Sequence[Entry], groups: Iterable[EntrySet], memory: Freshness
     for entry in entries:
         written = memory.entries.get(entry.key)
         if written is not None and is_on_disk(written, entry, stamp) and all(
-                is_source_current(source, memory.sources.get(source), listings.get(source.vault))
+                is_source_current(source, memory.sources.get(source), listings.get(source.vault),
+                                  fresh_since)
                 for source in entry.sources):
             current[entry.key] = written
     for group in groups:
@@ -224,10 +245,13 @@ def plan(entries: Sequence[Entry], groups: Iterable[EntrySet], memory: Freshness
     return Plan(current, fetch, vaults)
 
 
-def _remembered_by_vault(entries: Sequence[Entry], memory: Freshness) -> Dict[str, int]:
-    """Per vault, the distinct unpinned sources a previous refresh wrote."""
+def _remembered_by_vault(entries: Sequence[Entry], memory: Freshness,
+                         fresh_since: Optional[float] = None) -> Dict[str, int]:
+    """Per vault, the distinct unpinned sources a previous refresh wrote (and
+    that are not current by rule 5 already)."""
     sources = {source for entry in entries for source in entry.sources
-               if source.version is None and source in memory.sources}
+               if source.version is None and source in memory.sources
+               and not is_fetched_since(memory.sources[source], fresh_since)}
     counts: Dict[str, int] = {}
     for source in sources:
         counts[source.vault] = counts.get(source.vault, 0) + 1

@@ -18,7 +18,12 @@ The rules:
 * Refreshes never overlap: one asked for during a refresh runs right after
   it. The next refresh is the interval with jitter; after a failure, sooner,
   backing off: 1, 2, 4 ... s (up to 30 s) while starting, 5, 10, 20 ... s
-  (up to the interval) once ready.
+  (up to the interval) once ready. After the first good refresh that ends
+  failures of a ready agent, the next is anywhere in the second half of the
+  interval (uniform): a fleet that failed together (a vault outage) recovers
+  within minutes, and 10 % jitter alone would keep it bunched for hours
+  (issue 12, fleet); not sooner, so the fleet does not come back while the
+  vault still serves the recovery.
 * ``on_change`` hooks run only for changes after READY, and only for a
   refresh of the current manifest.
 """
@@ -112,13 +117,16 @@ def sync_finished(
 def refresh_delay(state: Lifecycle, is_failing: bool, interval_s: float, jitter: float,
                   rng: float) -> float:
     """Seconds to the next refresh: the interval with jitter, sooner (backing
-    off) after failures; never below MIN_DELAY_S."""
+    off) after failures, anywhere in the interval's second half after the
+    first good one (spread again); never below MIN_DELAY_S."""
     streak = state.failing_streak
     if not state.is_ready and is_failing:
         first, largest = START_RETRY_S
         delay = min(largest, first * 2.0 ** streak, interval_s)
     elif is_failing:
         delay = min(interval_s, FAILURE_RETRY_S * 2.0 ** streak)
+    elif streak and state.is_ready:
+        return max(interval_s * (1 - rng / 2), MIN_DELAY_S)
     else:
         delay = interval_s
     delay *= 1 + jitter * (2 * rng - 1)

@@ -18,9 +18,10 @@ will really connect to must be that host, so parser differences
 Every request is bounded in total time and size (:mod:`agent.transport`),
 every body is untrusted (parse failures are one secret's VaultError, text is
 escaped before it can reach a log), transient failures are retried with
-backoff (429 honouring Retry-After), and one 401 triggers one fresh token;
-one send loop (:meth:`VaultClient._exchange`) does all of that for every
-request. Concurrency is a bounded thread pool over one keep-alive session.
+backoff (429 honouring Retry-After, one :class:`agent.retry.Pause` per vault
+shared by every thread), and one 401 triggers one fresh token; one send loop
+(:meth:`VaultClient._exchange`) does all of that for every request.
+Concurrency is a bounded thread pool over one keep-alive session.
 The list's pages and items are parsed in :mod:`agent.vault_list`.
 """
 
@@ -59,7 +60,7 @@ from agent.errors import (
     VaultThrottledError,
     VaultUnavailableError,
 )
-from agent.retry import Backoff, RetryPolicy, parse_retry_after
+from agent.retry import Backoff, Pause, RetryPolicy, parse_retry_after
 from agent.sources import SecretAttributes, parse_attributes
 from agent.untrusted import escape, load_json
 from agent.vault_list import (
@@ -81,6 +82,9 @@ MAX_BODY_BYTES = 256 * 1024
 TIMEOUT_S: Tuple[float, float] = (5.0, 20.0)  # connect, each read
 REQUEST_TOTAL_S = 30.0  # one request, start to last byte (see agent.transport)
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+# Answers that pause every request of the agent to that vault (agent.retry.Pause),
+# with or without Retry-After: throttled, or unavailable as a whole.
+PAUSE_STATUSES = frozenset({429, 503})
 
 # Vault DNS suffix -> token resource, per cloud [protocol.md B1].
 KNOWN_AUDIENCES: Dict[str, str] = {
@@ -372,7 +376,11 @@ class VaultClient:
     """Fetches secrets from Key Vault with tokens from ``tokens``.
 
     Thread-safe: audience discovery is done once per vault under a lock;
-    ``fetch_many`` shares one session across a bounded pool. ``on_retry``
+    ``fetch_many`` shares one session across a bounded pool; a Retry-After
+    from a vault pauses every thread's requests to it (:class:`Pause`).
+    ``is_slow_start`` (the daemon): the first request to each vault goes
+    alone, then 2, 4 ... at once, so a fleet booting into a saturated vault
+    does not send it 16 requests per VM before hearing its first 429. ``on_retry``
     hears (reason, attempt, delay) before each retry sleep, the reason worded
     ``waiting for vault <name>: <cause>`` for STATUS=.
     """
@@ -389,8 +397,10 @@ class VaultClient:
         sleep: Callable[[float], None] = time.sleep,
         environ: Mapping[str, str] = {},
         on_retry: Optional[Callable[[str, int, float], None]] = None,
+        is_slow_start: bool = False,
     ) -> None:
         self._session = session
+        self._is_slow_start = is_slow_start
         self._environ = environ
         self._tokens = tokens
         self._policy = policy
@@ -401,6 +411,10 @@ class VaultClient:
         self._on_retry = on_retry
         self._audiences: Dict[str, str] = {}
         self._audience_lock = threading.Lock()
+        # Per vault: its Retry-After pause, and the throttled reply that set it.
+        self._pauses: Dict[str, Pause] = {}
+        self._paused_by: Dict[str, transport.Reply] = {}
+        self._pause_lock = threading.Lock()  # not the audience's: its challenge sends
 
     def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
         """Fetch every request concurrently (bounded); one outcome per request,
@@ -528,24 +542,72 @@ class VaultClient:
         raises its VaultError, ``prefix`` naming what was asked.
         """
         fresh_token_taken = False
+        pause = self._pause(vault)
         while True:
+            paused_by = None if self._wait_for(pause, backoff) else self._paused_by.get(vault)
+            if paused_by is not None:
+                return paused_by  # paused past this request's budget: the vault's answer
             token = self._tokens(audience, False) if audience is not None else None
+            sent_at = self._clock()
             try:
                 reply = self._get(vault, url, token, backoff, params)
             except requests.RequestException as exc:
+                pause.answered(sent_at)
                 if _is_retryable(exc) and backoff.wait(self._reason(vault, exc)):
                     continue
                 raise _request_failed(vault, exc, prefix) from None
+            except BaseException:
+                pause.answered(sent_at)  # nothing came back: never hold the others
+                raise
+            retry_after = self._heard(vault, pause, reply, sent_at)
             if reply.status == 401 and audience is not None and not fresh_token_taken:
                 # A revoked or rotated token: ask IMDS for a new one, once.
                 self._tokens(audience, True)
                 fresh_token_taken = True
                 continue
             if reply.status in RETRY_STATUSES:
-                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
                 if backoff.wait(self._reason(vault, reply.status), retry_after):
                     continue
             return reply
+
+    def _heard(self, vault: str, pause: Pause, reply: transport.Reply,
+               sent_at: float) -> Optional[float]:
+        """Tell the vault's pause about ``reply`` to a request sent at
+        ``sent_at``: a 429 or 503 (or any Retry-After) pauses every thread of
+        this agent, not only this one. Returns the seconds this request waits
+        before it is sent again (at least the pause), None when nothing said."""
+        retry_after = (parse_retry_after(reply.headers.get("Retry-After"))
+                       if reply.status in RETRY_STATUSES else None)
+        if retry_after is None and reply.status not in PAUSE_STATUSES:
+            pause.answered(sent_at)
+            return None
+        self._paused_by[vault] = reply
+        now = self._clock()
+        pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))
+        return max(retry_after or 0.0, pause.remaining(now))
+
+    def _pause(self, vault: str) -> Pause:
+        """The vault's shared Retry-After pause (made on first use)."""
+        pause = self._pauses.get(vault)
+        if pause is None:
+            with self._pause_lock:
+                pause = self._pauses.setdefault(vault, Pause(
+                    REQUEST_TOTAL_S, self._policy, max_in_flight=self._concurrency,
+                    is_slow_start=self._is_slow_start))
+        return pause
+
+    def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:
+        """Sleep while the vault's pause holds this request back (another
+        thread's probe is out, or Retry-After has not passed); False when that
+        would outlast the request's budget: it ends as throttled, unsent (or,
+        held back only by the slow start, is sent at once)."""
+        while True:
+            delay = pause.admit(self._clock())
+            if delay <= 0:
+                return True
+            if delay > backoff.time_left():
+                return False
+            self._sleep(delay)
 
     def _get(self, vault: str, url: str, token: Optional[str], backoff: Backoff,
              params: Optional[Mapping[str, str]] = None) -> transport.Reply:

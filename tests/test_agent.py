@@ -308,6 +308,27 @@ def test_an_unchanged_refresh_only_lists_and_a_rotation_is_fetched(
     assert after.outcomes[7].version == rotated and after.changed == 1
 
 
+def test_a_failed_start_fetches_only_what_is_missing(aged: AgedVault, shm_dir: Path) -> None:
+    """A first sync that failed for some secrets is followed (while starting: fresh_for_s)
+    by GETs of those alone: no list, and no second GET of what it wrote."""
+    emulator = aged.emulator
+    for number in range(5, 10):
+        emulator.inject_fault("vault", 404, count=1, path_contains=f"/secrets/item-{number:02d}")
+    agent = Agent(manifest(emulator, shm_dir, ITEMS), environ=environ(emulator))
+    try:
+        agent.prepare()
+        first = agent.sync()
+        emulator.reset_stats()
+        second = agent.sync(freshness=first.freshness, fresh_for_s=900)
+    finally:
+        agent.close()
+    assert len(first.failures) == 5 and not second.failures
+    assert list_requests(emulator) == 0
+    assert sorted(path.rstrip("/") for path in get_requests(emulator)) == [
+        f"/secrets/item-{number:02d}" for number in range(5, 10)]
+    assert (shm_dir / "item-07").read_text() == "value 7"
+
+
 def test_a_forbidden_list_falls_back_to_gets_and_says_so_once(
         aged: AgedVault, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """403 on the list (an access-policy vault without 'list'): every secret is fetched,

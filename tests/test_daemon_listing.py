@@ -74,3 +74,17 @@ def test_a_forbidden_list_falls_back_to_gets_logged_once(
     assert len(lines) == 1, run.process.stderr
     assert read(run.directory / "app-0") is not None
     run.stop()
+
+
+def test_a_failed_start_retries_only_the_missing_secret(
+        start_agent: StartAgent, vault: Vault) -> None:  # noqa: F811 (the fixture)
+    """While not ready, each retry of the start GETs only the secret still missing: the
+    files already written are neither listed nor fetched again (issue 12, fleet)."""
+    run = start_agent([entry(name) for name in NAMES] + [entry("late")], refresh="1h")
+    run.wait(lambda: vault.requests_for("late") >= 3, "three attempts at the missing secret")
+    # app-0's first request is the unauthenticated one that meets the challenge.
+    assert [vault.requests_for(name) for name in NAMES] == [2, 1, 1, 1, 1, 1], paths(vault, 0)
+    assert "/secrets" not in paths(vault, 0)
+    vault.put("late")
+    run.wait_ready()
+    run.stop()

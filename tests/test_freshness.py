@@ -119,6 +119,25 @@ def test_unchanged_secrets_need_no_get() -> None:
     assert decided.vaults[VAULT] == VaultSeen(11)
 
 
+def test_while_starting_only_what_is_missing_is_fetched_without_listing() -> None:
+    """Rule 5: a failed start's next attempt GETs only the sources it has not written,
+    with no list, when what it wrote was fetched since ``fresh_since``; older ones count
+    as usual (listed, and fetched when the file is gone)."""
+    listed = entries(MANY)
+    memory = memory_after_write(listed[:7])  # s7, s8, s9 failed
+    vault = FakeVault([item(f"s{n}") for n in range(10)])
+
+    def stamp(path: str) -> Optional[FileStamp]:
+        return None if path.endswith("s2") else stamp_of(path)
+
+    decided = plan(listed, (), memory, vault, stamp=stamp, fresh_since=FETCHED - 1)
+    assert vault.calls == []
+    assert decided.fetch == tuple(Source(VAULT, f"s{n}") for n in (2, 7, 8, 9))
+    later = plan(listed, (), memory, vault, stamp=stamp, fresh_since=FETCHED + 1)
+    assert vault.calls == [(VAULT, 6)]
+    assert later.fetch == decided.fetch
+
+
 def test_a_changed_updated_fetches_that_secret_only() -> None:
     """A secret whose updated moved (a rotation) is fetched; the rest are not."""
     listed = entries(MANY)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from agent import lifecycle
-from agent.lifecycle import FAILURE_RETRY_S, START_RETRY_S, STUCK_AFTER_S, Lifecycle
+from agent.lifecycle import FAILURE_RETRY_S, MIN_DELAY_S, START_RETRY_S, STUCK_AFTER_S, Lifecycle
 from agent.snapshot import READY, RELOADING, STARTING, STOPPED
 
 INTERVAL_S = 900.0
@@ -86,8 +86,23 @@ def test_failures_once_ready_back_off_up_to_the_interval_and_reset() -> None:
         delays.append(state.next_refresh - now)
     assert delays[:3] == [FAILURE_RETRY_S, 2 * FAILURE_RETRY_S, 4 * FAILURE_RETRY_S]
     assert max(delays) == INTERVAL_S
+    state = finish(started(state, now), now, rng=0.5).state
+    assert state.failing_streak == 0 and state.next_refresh == now + INTERVAL_S * 3 / 4
     state = finish(started(state, now), now).state
-    assert state.failing_streak == 0 and state.next_refresh == now + INTERVAL_S
+    assert state.next_refresh == now + INTERVAL_S
+
+
+@pytest.mark.parametrize("rng, factor", [(0.0, 1.0), (0.5, 0.75), (0.999999, 0.5)])
+def test_the_first_good_refresh_after_failures_spreads_the_next(rng: float,
+                                                                factor: float) -> None:
+    """After failures (a vault outage every agent saw at once), the first good refresh
+    places the next one uniformly in the interval's second half, not at interval +-
+    jitter, so the fleet that recovered together does not stay bunched."""
+    ready = finish(started(Lifecycle(), 0.0), 0.0).state
+    failed = finish(started(ready, 10.0), 10.0, is_failing=True).state
+    state = finish(started(failed, 20.0), 20.0, rng=rng, jitter=0.10).state
+    assert state.next_refresh == pytest.approx(20.0 + INTERVAL_S * factor, rel=1e-5)
+    assert lifecycle.refresh_delay(failed, False, 0.1, 0.1, 0.999) == MIN_DELAY_S
 
 
 @pytest.mark.parametrize("rng,factor", [(0.0, 0.9), (0.5, 1.0), (0.999999, 1.1)])

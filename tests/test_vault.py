@@ -219,12 +219,121 @@ def test_429_honours_retry_after() -> None:
 
 
 def test_429_without_retry_after_backs_off_then_gives_up() -> None:
-    """Persistent throttling ends in VaultThrottledError within the budget."""
+    """Persistent throttling ends in VaultThrottledError within the budget (30 s: the
+    pause after a second 429 in a row is a 10-s window, agent.retry.PAUSE_BASE_S)."""
     clock = FakeClock()
     session = FakeSession(*[error(429, "Throttled") for _ in range(50)])
     with pytest.raises(VaultThrottledError):
-        client(session, clock=clock, deadline=10).fetch_secret(SecretRequest(VAULT, "db"))
-    assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 10 + 1e-9
+        client(session, clock=clock, deadline=30).fetch_secret(SecretRequest(VAULT, "db"))
+    assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 30 + 1e-9
+
+
+def test_a_retry_after_pauses_the_other_requests_to_that_vault() -> None:
+    """While one request waits out a 429's Retry-After, another request to the same
+    vault is not sent before that time either (one pause per vault, not per thread),
+    and the first one sent after it (the probe) ends the pause for all."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled", **{"Retry-After": "20"}), bundle(name="b"),
+                          bundle())
+    sent_at: List[float] = []
+    original = session.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        sent_at.append(clock.now)
+        return original(*args, **kwargs)
+
+    session.get = get
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
+                        sleep=clock.sleep, on_retry=lambda *_: other.append(
+                            vault.fetch_secret(SecretRequest(VAULT, "b"))))
+    other: List[Secret] = []
+    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert other[0].name == "b"
+    start = sent_at[0]
+    assert [at - start for at in sent_at] == [0.0, 20.0, 40.0]  # b waited for db's pause
+    assert clock.sleeps == [20.0, 20.0]
+
+
+@pytest.mark.parametrize("status, code", [(429, "Throttled"), (503, "ServiceUnavailable")])
+def test_a_429_or_503_without_retry_after_pauses_the_other_requests_too(
+        status: int, code: str) -> None:
+    """Key Vault's 429 may carry no Retry-After, an unavailable vault's 503 neither:
+    either still pauses this agent's other requests to the vault for the backoff step,
+    not only the one that got it."""
+    clock = FakeClock()
+    session = FakeSession(error(status, code), bundle(name="b"), bundle())
+    sent_at: List[float] = []
+    original = session.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        sent_at.append(clock.now)
+        return original(*args, **kwargs)
+
+    session.get = get
+    other: List[Secret] = []
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
+                        sleep=clock.sleep, on_retry=lambda *_: other.append(
+                            vault.fetch_secret(SecretRequest(VAULT, "b"))))
+    vault.fetch_secret(SecretRequest(VAULT, "db"))
+    assert other and sent_at[1] - sent_at[0] >= 0.25  # b waited out db's pause
+
+
+@pytest.mark.parametrize("is_slow_start", [False, True])
+def test_a_slow_start_client_sends_its_first_request_alone(is_slow_start: bool) -> None:
+    """With is_slow_start (the daemon) the first request to a vault is alone in flight,
+    and the rest follow once it is answered; without, the first wave goes at once."""
+    lock = threading.Lock()
+    in_flight = [0]
+    seen: List[int] = []
+
+    class Session(FakeSession):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                in_flight[0] += 1
+                seen.append(in_flight[0])
+            time.sleep(0.05)
+            try:
+                return super().get(*args, **kwargs)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+    session = Session(*[bundle(name=f"s{n}") for n in range(8)])
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30),
+                        is_slow_start=is_slow_start)
+    outcomes = vault.fetch_many([SecretRequest(VAULT, f"s{n}") for n in range(8)])
+    assert all(isinstance(outcome, Secret) for outcome in outcomes)
+    assert (seen[0] == 1 and max(seen[:2]) == 1) is is_slow_start
+
+
+def test_a_slow_start_wait_past_the_budget_sends_rather_than_fails() -> None:
+    """Held back by the slow start alone (no vault said wait) past its tiny budget, a
+    request is sent anyway, never failed without an answer of the vault's."""
+
+    class Slow(FakeSession):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.3)
+            return super().get(*args, **kwargs)
+
+    session = Slow(bundle(name="a"), bundle(name="b"))
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=0.1),
+                        is_slow_start=True)
+    outcomes = vault.fetch_many([SecretRequest(VAULT, "a"), SecretRequest(VAULT, "b")])
+    assert all(isinstance(outcome, Secret) for outcome in outcomes), outcomes
+
+
+def test_a_request_whose_budget_ends_within_the_pause_is_not_sent() -> None:
+    """A Retry-After longer than another request's budget ends that request as throttled
+    (429) without sending it: the vault said not before."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled", **{"Retry-After": "50"}), bundle())
+    vault = client(session, clock=clock, deadline=30)
+    with pytest.raises(VaultThrottledError):
+        vault.fetch_secret(SecretRequest(VAULT, "db"))
+    with pytest.raises(VaultThrottledError):
+        vault.fetch_secret(SecretRequest(VAULT, "other"))
+    assert [sent.url for sent in session.sent] == [f"{VAULT}/secrets/db"]
+    assert clock.sleeps == []
 
 
 @pytest.mark.parametrize("failure", [error(500, "InternalError"), error(503, "Unavailable"),

@@ -8,17 +8,20 @@ scenarios, each with per-secret and list-based refresh: a steady day,
 vault outage. Prints one table of figures and the issue's targets, met or
 not, and writes one PNG per scenario (transactions per 10 s over time).
 
-Run: ``.venv/bin/python tests/fleet/run.py [--agents 10000] [--plots DIR] [--fixed-window]``
+Run: ``.venv/bin/python tests/fleet/run.py [--agents 10000] [--plots DIR] [--fixed-window]
+[--jobs 2]``
 (needs matplotlib, in the test extras, for the plots).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,26 +40,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--plots", default="fleet-plots", help="directory for the PNGs")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs simulated side by side (processes)")
     parser.add_argument("--only", choices=("steady", "scale-out", "outage"),
                         help="run one scenario (figures only; no targets table)")
     args = parser.parse_args(argv)
     sliding = not args.fixed_window
-    common = dict(seed=args.seed, sliding=sliding)
+    common: Dict[str, Any] = dict(seed=args.seed, sliding=sliding)
     started = time.monotonic()
+    scenarios = [
+        ("steady", functools.partial(fleetsim.steady, args.agents, hours=args.hours, **common)),
+        ("scale-out", functools.partial(fleetsim.scale_out, args.agents, args.booting,
+                                        **common)),
+        ("outage", functools.partial(fleetsim.outage, args.agents, **common)),
+    ]
+    runs = [functools.partial(run, list_mode=mode) for name, run in scenarios
+            if args.only in (None, name) for mode in (False, True)]
+    # Each run is seeded on its own: running them side by side changes no figure.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(_timed, runs))
     pairs = []
-    for name, run in (
-        ("steady", lambda m: fleetsim.steady(args.agents, hours=args.hours, list_mode=m,
-                                             **common)),
-        ("scale-out", lambda m: fleetsim.scale_out(args.agents, args.booting, list_mode=m,
-                                                   **common)),
-        ("outage", lambda m: fleetsim.outage(args.agents, list_mode=m, **common)),
-    ):
-        if args.only is not None and name != args.only:
-            continue
-        one = time.monotonic()
-        pair = (run(False), run(True))
-        print(f"# {name}: simulated in {time.monotonic() - one:.1f} s", file=sys.stderr)
-        pairs.append((name, pair))
+    names = [name for name, _ in scenarios if args.only in (None, name)]
+    for index, name in enumerate(names):
+        (per_secret, seconds), (listed, more) = results[2 * index], results[2 * index + 1]
+        print(f"# {name}: simulated in {seconds:.1f} + {more:.1f} s", file=sys.stderr)
+        pairs.append((name, (per_secret, listed)))
     print(f"{args.agents} agents x 20 secrets, one vault of {LIMIT} per 10 s "
           f"({'sliding' if sliding else 'fixed'} window); simulated in "
           f"{time.monotonic() - started:.0f} s\n")
@@ -78,6 +86,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             plot(name, pair, path)
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _timed(run: Callable[[], Result]) -> Tuple[Result, float]:
+    """One run and its wall time, in a worker process."""
+    started = time.monotonic()
+    return run(), time.monotonic() - started
 
 
 def _verdicts(steady: "tuple[Result, Result]", scale: "tuple[Result, Result]",
@@ -113,11 +127,12 @@ def plot(name: str, pair: "tuple[Result, Result]", path: str) -> None:
         hours = result.horizon_s > 4 * 3600
         scale, unit = (3600.0, "h") if hours else (60.0, "min")
         xs = [i * 10 / scale for i in range(len(result.windows(result.served, 0)))]
-        for series, label in ((result.served, "served"), (result.throttled, "429"),
-                              (result.failed, "503 (outage)")):
+        for series, label, color in ((result.served, "served", "C0"),
+                                     (result.throttled, "429", "C1"),
+                                     (result.failed, "503 (outage)", "C2")):
             counts = result.windows(series, 0)
             if any(counts):
-                axis.plot(xs, counts, label=label, linewidth=0.8)
+                axis.plot(xs, counts, label=label, linewidth=0.8, color=color)
         axis.axhline(LIMIT, color="black", linestyle="--", linewidth=0.8, label="limit")
         axis.set_title(f"{name}: {'list-based' if result.list_mode else 'per-secret'} refresh",
                        fontsize=9)

@@ -123,8 +123,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "vault-ignores-retry-after",
         "a throttled vault (429) is retried honouring Retry-After",
         "agent/vault.py",
-        '                retry_after = parse_retry_after(reply.headers.get("Retry-After"))',
-        "                retry_after = None",
+        '        retry_after = (parse_retry_after(reply.headers.get("Retry-After"))',
+        "        retry_after = (None",
         (f"{VAULT}::test_429_honours_retry_after",),
     ),
     Mutation(
@@ -607,5 +607,24 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            state.failures += 1\n            return []",
         "            return []",
         (f"{METRICS}::test_running_agent_writes_metrics_after_each_refresh",),
+    ),
+    # -- issue 12: fleet scale ----------------------------------------------------
+    Mutation(
+        "retry-after-pauses-one-thread-only",
+        "a 429 or 503 pauses all of the agent's requests to that vault, not just the one "
+        "that got it",
+        "agent/vault.py",
+        "        pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))",
+        "        pass",
+        (f"{VAULT}::test_a_retry_after_pauses_the_other_requests_to_that_vault",),
+    ),
+    Mutation(
+        "failed-start-refetches-everything",
+        "a start that failed for some secrets retries only those",
+        "agent/freshness.py",
+        "    return since is not None and seen is not None and seen.fetched_at >= since",
+        "    return False",
+        (f"{FRESHNESS}::test_while_starting_only_what_is_missing_is_fetched_without_listing",
+         f"{AGENT}::test_a_failed_start_fetches_only_what_is_missing"),
     ),
 )
