@@ -204,6 +204,10 @@ class Pause:
                  rng: Callable[[], float] = random.random, max_in_flight: int = 16,
                  is_slow_start: bool = False) -> None:
         self._lock = threading.Lock()
+        # Signalled when an answer frees a slot or a throttle moves the pause:
+        # waiting threads wake then, not at their next PROBE_POLL_S look (a
+        # slow start of 1, 2, 4 ... would otherwise cost a poll per step).
+        self._changed = threading.Condition(self._lock)
         self._probe_timeout_s = probe_timeout_s
         self._policy = policy
         self._rng = rng
@@ -237,6 +241,13 @@ class Pause:
         """Seconds until the pause ends (0 when not paused or past it)."""
         return max(0.0, self._until - now) if self.is_paused else 0.0
 
+    def wait(self, delay: float) -> None:
+        """Block for up to ``delay`` seconds of real time, or until an answer
+        frees a slot or a throttle moves the pause: then ask :meth:`admit`
+        again. (Code on a simulated clock sleeps ``delay`` instead.)"""
+        with self._changed:
+            self._changed.wait(delay)
+
     def throttled(self, now: float, retry_after: float) -> None:
         """A reply said Retry-After: pause every request until ``now +
         retry_after`` (at least the backoff step, rule 5), then probe again."""
@@ -248,6 +259,7 @@ class Pause:
             self._until = max(self._until, now + pause)
             self._allowed, self._out = 1, 0
             self.is_paused = True
+            self._changed.notify_all()
 
     def _step(self) -> float:
         """The backoff step for this many throttles in a row (rule 5): the
@@ -273,3 +285,4 @@ class Pause:
                 self._allowed += 1
                 if self._allowed >= self._max_in_flight:
                     self.is_paused, self._streak = False, 0
+                self._changed.notify_all()

@@ -607,7 +607,11 @@ class VaultClient:
                 return True
             if delay > backoff.time_left():
                 return False
-            self._sleep(delay)
+            if pause.remaining(self._clock()) > 0:
+                self._sleep(delay)  # the vault said wait: a sleep a stop cuts short
+            else:
+                pause.wait(delay)  # another request is out: its answer wakes this one
+                self._sleep(0)  # (and a stop is still noticed)
 
     def _get(self, vault: str, url: str, token: Optional[str], backoff: Backoff,
              params: Optional[Mapping[str, str]] = None) -> transport.Reply:
