@@ -407,6 +407,10 @@ class Fleet:
         pause = self.pauses[job.agent]
         for _ in range(served if status in PAUSE_STATUSES else len(batch)):
             pause.answered(t)  # one answer per request, as each thread reports its own
+        if served and job.parked and pause.remaining(t) <= 0:
+            # The answers wake the requests the slow start held back (Pause.wait
+            # in VaultClient._wait_for), not their next PROBE_POLL_S look.
+            self._wake_at(job, t + self.latency_s)
         seconds = _retry_after(retry_after)
         if served < len(batch) and status in PAUSE_STATUSES:
             pause.throttled(t, min(seconds or 0.0, self.policy.max_retry_after_s))
@@ -489,9 +493,11 @@ class Fleet:
         if wait > retry.backoff.time_left():
             self._gave_up(retry)
             return
-        job = retry.job
-        job.parked.append(retry)
-        at = t + wait
+        retry.job.parked.append(retry)
+        self._wake_at(retry.job, t + wait)
+
+    def _wake_at(self, job: _Job, at: float) -> None:
+        """The job's parked requests ask the Pause again at ``at`` (or sooner)."""
         if job.wake_at is None or at < job.wake_at:
             job.wake_at = at
             self.push(at, WAKE, job)
