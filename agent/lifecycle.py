@@ -17,13 +17,18 @@ The rules:
   READY=1 again only when the agent was ready before.
 * Refreshes never overlap: one asked for during a refresh runs right after
   it. The next refresh is the interval with jitter; after a failure, sooner,
-  backing off: 1, 2, 4 ... s (up to 30 s) while starting, 5, 10, 20 ... s
-  (up to the interval) once ready. After the first good refresh that ends
-  failures of a ready agent, the next is anywhere in the second half of the
-  interval (uniform): a fleet that failed together (a vault outage) recovers
-  within minutes, and 10 % jitter alone would keep it bunched for hours
-  (issue 12, fleet); not sooner, so the fleet does not come back while the
-  vault still serves the recovery.
+  backing off: 1, 2, 4 ... s (up to 30 s) while starting; once ready, the
+  first retry anywhere in FIRST_FAILURE_RETRY_S (5 to 60 s, uniform), then 10,
+  20, 40 ... s (up to the interval). A ready agent holds every file and loses
+  nothing by waiting a little; a fleet whose refreshes failed together (the
+  end of a vault outage) must not retry in the same few seconds: with 5 s
+  (+-10 %) for everyone, the agents that failed in the outage's last minute
+  came back within one 10-s window of each other, over the vault's limit
+  (issue 12, fleet: per-secret refresh, 20 GETs an agent). After the first
+  good refresh, the interval again: the fleet comes back spread over the
+  minutes the vault takes to serve it, and keeps that spread (placing the
+  next refresh in the interval's second half instead squeezed a recovery of
+  several minutes into half an interval, over the limit again).
 * ``on_change`` hooks run only for changes after READY, and only for a
   refresh of the current manifest.
 """
@@ -36,6 +41,7 @@ from agent.snapshot import READY, RELOADING, STARTING, STOPPED
 
 START_RETRY_S = (1.0, 30.0)  # first and largest delay while waiting to be ready
 FAILURE_RETRY_S = 5.0  # a failing refresh retries after 5, 10, 20 ... s, up to the interval
+FIRST_FAILURE_RETRY_S = (5.0, 60.0)  # once ready, the first retry: uniform in this span
 MIN_DELAY_S = 0.5  # jitter never brings two refreshes closer than this
 STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
 
@@ -117,16 +123,17 @@ def sync_finished(
 def refresh_delay(state: Lifecycle, is_failing: bool, interval_s: float, jitter: float,
                   rng: float) -> float:
     """Seconds to the next refresh: the interval with jitter, sooner (backing
-    off) after failures, anywhere in the interval's second half after the
-    first good one (spread again); never below MIN_DELAY_S."""
+    off) after failures, a ready agent's first retry spread over a minute
+    (see the module's rules); never below MIN_DELAY_S."""
     streak = state.failing_streak
     if not state.is_ready and is_failing:
         first, largest = START_RETRY_S
         delay = min(largest, first * 2.0 ** streak, interval_s)
+    elif is_failing and not streak:
+        shortest, longest = FIRST_FAILURE_RETRY_S
+        return max(min(interval_s, shortest + rng * (longest - shortest)), MIN_DELAY_S)
     elif is_failing:
         delay = min(interval_s, FAILURE_RETRY_S * 2.0 ** streak)
-    elif streak and state.is_ready:
-        return max(interval_s * (1 - rng / 2), MIN_DELAY_S)
     else:
         delay = interval_s
     delay *= 1 + jitter * (2 * rng - 1)

@@ -380,7 +380,16 @@ class VaultClient:
     from a vault pauses every thread's requests to it (:class:`Pause`).
     ``is_slow_start`` (the daemon): the first request to each vault goes
     alone, then 2, 4 ... at once, so a fleet booting into a saturated vault
-    does not send it 16 requests per VM before hearing its first 429. ``on_retry``
+    does not send it 16 requests per VM before hearing its first 429.
+    ``gives_way`` (set by the daemon once it is ready): a request that the
+    vault's pause holds back (a 429 or 503 said wait) ends at once, unsent, as
+    that answer, instead of waiting the pause out: its file is kept, the
+    refresh fails and the lifecycle retries it later (agent.lifecycle). An
+    agent holding every file loses nothing by waiting, and a fleet of them
+    that found the vault unavailable then waits outside the refresh, spread
+    by the lifecycle, instead of every agent inside it sending its secrets
+    the moment the vault answers again (issue 12, fleet: per-secret refresh
+    after an outage, 53 windows over the limit before). ``on_retry``
     hears (reason, attempt, delay) before each retry sleep, the reason worded
     ``waiting for vault <name>: <cause>`` for STATUS=.
     """
@@ -415,6 +424,7 @@ class VaultClient:
         self._pauses: Dict[str, Pause] = {}
         self._paused_by: Dict[str, transport.Reply] = {}
         self._pause_lock = threading.Lock()  # not the audience's: its challenge sends
+        self.gives_way = False  # see the class docstring
 
     def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
         """Fetch every request concurrently (bounded); one outcome per request,
@@ -599,8 +609,9 @@ class VaultClient:
     def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:
         """Sleep while the vault's pause holds this request back (another
         thread's probe is out, or Retry-After has not passed); False when that
-        would outlast the request's budget: it ends as throttled, unsent (or,
-        held back only by the slow start, is sent at once)."""
+        would outlast the request's budget, or when the vault said wait and this
+        client gives way: it ends as throttled, unsent (or, held back only by
+        the slow start, is sent at once)."""
         while True:
             delay = pause.admit(self._clock())
             if delay <= 0:
@@ -608,6 +619,8 @@ class VaultClient:
             if delay > backoff.time_left():
                 return False
             if pause.remaining(self._clock()) > 0:
+                if self.gives_way:
+                    return False
                 self._sleep(delay)  # the vault said wait: a sleep a stop cuts short
             else:
                 pause.wait(delay)  # another request is out: its answer wakes this one

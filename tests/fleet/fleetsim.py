@@ -34,8 +34,9 @@ Modelled, not imported (the loop around those decisions):
 * a refresh is :meth:`agent.vault.VaultClient.fetch_many`'s shape: up to
   MAX_CONCURRENCY requests started, each admitted by the Pause, retried until
   it succeeds or its Backoff gives up (or, held back by the Pause past its
-  budget, ends unsent); a secret that gives up fails the refresh (its file is
-  kept), which the lifecycle then spaces out;
+  budget, ends unsent; at once when the agent is ready and the vault said
+  wait, as the daemon's ``VaultClient.gives_way``); a secret that gives up
+  fails the refresh (its file is kept), which the lifecycle then spaces out;
 * the agent is READY once every secret's file exists (from any refresh);
 * one token per agent: IMDS costs nothing here (not modelled beyond that);
   the vault is in the public cloud, so no challenge request is sent;
@@ -488,9 +489,13 @@ class Fleet:
     def _park(self, retry: _Retry, t: float, wait: float) -> None:
         """The Pause holds ``retry`` for ``wait`` s: it waits (one wake for all
         of the job's parked requests), or, past its budget, ends throttled
-        without being sent (VaultClient._wait_for)."""
+        without being sent (VaultClient._wait_for); so does it at once when
+        the agent is ready and the vault said wait (the daemon sets
+        VaultClient.gives_way once ready)."""
         retry.now = t
-        if wait > retry.backoff.time_left():
+        agent = retry.job.agent
+        if wait > retry.backoff.time_left() or (
+                self.life[agent].is_ready and self.pauses[agent].remaining(t) > 0):
             self._gave_up(retry)
             return
         retry.job.parked.append(retry)
