@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from agent import lifecycle
-from agent.lifecycle import FAILURE_RETRY_S, MIN_DELAY_S, START_RETRY_S, STUCK_AFTER_S, Lifecycle
+from agent.lifecycle import (FAILURE_RETRY_S, FIRST_FAILURE_RETRY_S, MIN_DELAY_S, START_RETRY_S,
+                             STUCK_AFTER_S, Lifecycle)
 from agent.snapshot import READY, RELOADING, STARTING, STOPPED
 
 INTERVAL_S = 900.0
@@ -75,29 +76,44 @@ def test_start_up_failures_back_off_from_one_to_thirty_seconds() -> None:
 
 
 def test_failures_once_ready_back_off_up_to_the_interval_and_reset() -> None:
-    """Once ready, failures retry after 5, 10, 20 ... s up to the interval; a good
-    refresh goes back to the interval."""
+    """Once ready, failures retry after 5 to 60 s (the first), then 10, 20 ... s up to
+    the interval; a good refresh goes back to the interval."""
     state = finish(started(Lifecycle(), 0.0), 0.0).state
     delays = []
     now = 0.0
     for _ in range(10):
-        state = finish(started(state, now), now, is_failing=True).state
+        state = finish(started(state, now), now, is_failing=True, rng=0.0).state
         assert state.next_refresh is not None
         delays.append(state.next_refresh - now)
-    assert delays[:3] == [FAILURE_RETRY_S, 2 * FAILURE_RETRY_S, 4 * FAILURE_RETRY_S]
+    assert delays[:3] == [FIRST_FAILURE_RETRY_S[0], 2 * FAILURE_RETRY_S, 4 * FAILURE_RETRY_S]
     assert max(delays) == INTERVAL_S
     state = finish(started(state, now), now, rng=0.5).state
-    assert state.failing_streak == 0 and state.next_refresh == now + INTERVAL_S * 3 / 4
+    assert state.failing_streak == 0 and state.next_refresh == now + INTERVAL_S
     state = finish(started(state, now), now).state
     assert state.next_refresh == now + INTERVAL_S
 
 
-@pytest.mark.parametrize("rng, factor", [(0.0, 1.0), (0.5, 0.75), (0.999999, 0.5)])
-def test_the_first_good_refresh_after_failures_spreads_the_next(rng: float,
-                                                                factor: float) -> None:
-    """After failures (a vault outage every agent saw at once), the first good refresh
-    places the next one uniformly in the interval's second half, not at interval +-
-    jitter, so the fleet that recovered together does not stay bunched."""
+@pytest.mark.parametrize("rng, delay", [(0.0, 5.0), (0.5, 32.5), (0.999999, 60.0)])
+def test_a_ready_agents_first_failure_retries_anywhere_in_a_minute(rng: float,
+                                                                   delay: float) -> None:
+    """A ready agent's first failed refresh retries uniformly within 5 to 60 s, not at
+    5 s +- 10 %: a fleet whose refreshes all failed at the end of a vault outage must
+    not come back in the same 10-s window (issue 12, fleet: per-secret refresh was over
+    the vault's limit after an outage). Never later than the interval."""
+    ready = finish(started(Lifecycle(), 0.0), 0.0).state
+    state = finish(started(ready, 10.0), 10.0, is_failing=True, rng=rng, jitter=0.10).state
+    assert state.next_refresh == pytest.approx(10.0 + delay, rel=1e-5)
+    assert lifecycle.refresh_delay(ready, True, 20.0, 0.1, 0.999) == 20.0
+
+
+@pytest.mark.parametrize("rng, factor", [(0.0, 0.9), (0.5, 1.0), (0.999999, 1.1)])
+def test_the_first_good_refresh_after_failures_keeps_the_interval(rng: float,
+                                                                  factor: float) -> None:
+    """After failures, the first good refresh places the next one at the interval +-
+    jitter, like any other: a fleet that came back spread over the minutes its vault
+    took to serve it keeps that spread. (Placing it in the interval's second half
+    squeezed a per-secret fleet's recovery into half an interval, over the vault's
+    limit again: issue 12, fleet.)"""
     ready = finish(started(Lifecycle(), 0.0), 0.0).state
     failed = finish(started(ready, 10.0), 10.0, is_failing=True).state
     state = finish(started(failed, 20.0), 20.0, rng=rng, jitter=0.10).state

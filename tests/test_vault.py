@@ -686,3 +686,32 @@ def test_valid_bundle_over_the_size_cap_is_refused() -> None:
     session = FakeSession(*[bundle(value) for _ in range(50)])
     with pytest.raises(VaultError):
         client(session, deadline=1).fetch_secret(SecretRequest(VAULT, "db"))
+
+
+@pytest.mark.parametrize("gives_way", [False, True])
+def test_a_client_that_gives_way_ends_held_back_requests_unsent(gives_way: bool) -> None:
+    """With gives_way (the daemon, once ready: every file is on disk), a request that a
+    503's pause holds back ends at once as that 503, unsent, its file kept, so a fleet
+    that found its vault unavailable waits in the lifecycle's spread-out retries rather
+    than inside each refresh (issue 12, fleet outage); without, it waits the pause out
+    and is sent. The request that got the 503 still probes and succeeds."""
+    clock = FakeClock()
+    session = FakeSession(error(503, "ServiceUnavailable"), bundle(name="b"), bundle())
+    other: List[Any] = []
+
+    def fetch_other(*_: Any) -> None:
+        try:
+            other.append(vault.fetch_secret(SecretRequest(VAULT, "b")))
+        except VaultError as exc:
+            other.append(exc)
+
+    vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
+                        sleep=clock.sleep, on_retry=fetch_other)
+    vault.gives_way = gives_way
+    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    if gives_way:
+        assert isinstance(other[0], VaultError) and "503" in str(other[0])
+        assert [sent.url for sent in session.sent] == [f"{VAULT}/secrets/db"] * 2
+    else:
+        assert isinstance(other[0], Secret) and other[0].name == "b"
+        assert len(session.sent) == 3

@@ -39,10 +39,38 @@ def test_after_an_outage_list_based_refresh_keeps_under_the_limit_and_recovers()
         fleetsim.judge_outage(result)
 
 
-def test_a_per_secret_outage_recovers_within_two_intervals() -> None:
-    """Per-secret refresh also gets every agent current within two intervals after an outage."""
+def test_a_per_secret_outage_recovers_within_two_intervals_mostly_under_the_limit() -> None:
+    """Per-secret refresh also gets every agent current within two intervals after an
+    outage, and ready agents give way to the unavailable vault (VaultClient.gives_way)
+    and spread their retries (agent.lifecycle), so few 10-s windows after its return are
+    over the limit: 0 at full scale (tests/fleet/run.py); here, 500 agents against 200
+    per 10 s, a window holds 10 agents' GETs and chance alone puts some over (14 with
+    this seed; 80 before the change)."""
     result = fleetsim.outage(AGENTS, list_mode=False, limit=LIMIT)
     assert result.recovery_s is not None and result.recovery_s <= 2 * fleetsim.DEFAULT_REFRESH_S
+    over, _ = fleetsim.judge_outage(result)
+    assert int(over.measured.split()[0]) <= 30, over
+
+
+@pytest.mark.parametrize("down_s", [5.0, 20.0, 60.0])
+@pytest.mark.parametrize("list_mode", [False, True])
+def test_a_lone_agent_recovers_promptly_after_a_short_blip(down_s: float,
+                                                           list_mode: bool) -> None:
+    """One ready agent whose refresh meets a vault unavailable for seconds holds every
+    file meanwhile and has the secret that rotated as the vault returned within about
+    a minute (its first retry is within FIRST_FAILURE_RETRY_S: 5 to 60 s)."""
+    start, horizon = 100.0, 2000.0
+    for seed in range(1, 9):
+        vault = fleetsim.Vault(20, horizon, outage=(start, start + down_s))
+        fleet = fleetsim.Fleet(vault, list_mode=list_mode, seed=seed)
+        fleet.add_running(1)
+        fleet._schedule_refresh(0, start + 1.0)  # its refresh meets the blip
+        fleet.rotate_at(start + down_s, secret=19)  # the last one it would fetch
+        fleet.run(horizon)
+        assert sum(vault.failed) > 0 and all(fleet.held[0])
+        current_at = fleet.current_at[0]
+        assert current_at is not None
+        assert current_at - (start + down_s) <= lifecycle.FIRST_FAILURE_RETRY_S[1] + 10
 
 
 def test_a_scale_out_is_throttled_and_every_booted_agent_gets_ready() -> None:
