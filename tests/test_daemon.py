@@ -1552,3 +1552,37 @@ def test_the_grace_timer_exists_only_while_a_generation_is_pending(
     now[0] += 0.1
     daemon._retire_due()
     assert reserved_dirs(shm_dir) == [] and daemon._retire_deadline() is None
+
+
+def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_dir: Path) -> None:
+    """Once ready (every file on disk), the daemon's refreshes give way to a vault that
+    said wait (VaultClient.gives_way: held-back requests end unsent, their files kept,
+    and the lifecycle retries later, issue 12 fleet outage); while starting they wait
+    the pause out, since a missing file is worth the wait."""
+    from agent.agent import Interrupted
+    from agent.lifecycle import Lifecycle
+    from agent.manifest import Accounts, parse_manifest
+
+    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
+                    notifier=_RecordingNotifier())
+    accounts = Accounts(user=lambda name: 0, group=lambda name: 0)
+    manifest = parse_manifest(
+        f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nsecrets:\n  - name: db\n",
+        "m.yaml", accounts=accounts, check_filesystem=False)
+    daemon._install(manifest, b"")
+    agent = daemon._agent
+    assert agent is not None
+    seen: List[bool] = []
+
+    def sync(**_: object) -> None:
+        seen.append(agent.vault.gives_way)
+        raise Interrupted("stub: nothing is sent")
+
+    agent.sync = sync  # type: ignore[method-assign]
+    for is_ready in (False, True):
+        daemon._life = Lifecycle(is_ready=is_ready)
+        daemon._spawn_sync()
+        assert daemon._sync_thread is not None
+        daemon._sync_thread.join()
+        daemon._sync_thread = None
+    assert seen == [False, True]
