@@ -8,8 +8,14 @@ from __future__ import annotations
 import pytest
 
 from agent import lifecycle
-from agent.lifecycle import (FAILURE_RETRY_S, FIRST_FAILURE_RETRY_S, MIN_DELAY_S, START_RETRY_S,
-                             STUCK_AFTER_S, Lifecycle)
+from agent.lifecycle import (
+    FAILURE_RETRY_S,
+    FIRST_FAILURE_RETRY_S,
+    MIN_DELAY_S,
+    START_RETRY_S,
+    STUCK_AFTER_S,
+    Lifecycle,
+)
 from agent.snapshot import READY, RELOADING, STARTING, STOPPED
 
 INTERVAL_S = 900.0
