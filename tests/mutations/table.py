@@ -619,6 +619,23 @@ MUTATIONS: Tuple[Mutation, ...] = (
         (f"{VAULT}::test_a_retry_after_pauses_the_other_requests_to_that_vault",),
     ),
     Mutation(
+        "ready-agent-waits-inside-the-refresh",
+        "once ready, requests a busy vault's pause holds back end unsent (files kept), "
+        "so a fleet does not send everything the moment an outage ends",
+        "agent/vault.py",
+        "                if self.gives_way:",
+        "                if False:",
+        (f"{VAULT}::test_a_client_that_gives_way_ends_held_back_requests_unsent",),
+    ),
+    Mutation(
+        "ready-first-retry-in-step",
+        "a ready agent's first retry after a failed refresh is spread over 5 to 60 s",
+        "agent/lifecycle.py",
+        "    elif is_failing and not streak:",
+        "    elif False:",
+        (f"{LIFECYCLE}::test_a_ready_agents_first_failure_retries_anywhere_in_a_minute",),
+    ),
+    Mutation(
         "failed-start-refetches-everything",
         "a start that failed for some secrets retries only those",
         "agent/freshness.py",
