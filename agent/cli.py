@@ -265,14 +265,17 @@ def _metrics_note(metrics_path: str) -> str:
     writable directories, the drop-in that lets it (a path the sandbox forbids
     would fail at every refresh, logged once, and the operator would wonder why)."""
     from agent.manifest import DEFAULT_METRICS_PATH
+    from agent.metrics import DROP_IN_EXAMPLE, drop_in_allowing
 
     note = f"written to {metrics_path} after every refresh"
     allowed = os.path.dirname(os.path.dirname(DEFAULT_METRICS_PATH)) + "/"
-    if not metrics_path.startswith(allowed):
-        note += ("; the packaged unit may not write there: add ReadWritePaths= for its "
-                 "directory in a drop-in (see /usr/share/doc/kv-agent/examples/"
-                 "metrics-path.conf)")
-    return note
+    if metrics_path.startswith(allowed):
+        return note
+    drop_in = drop_in_allowing(metrics_path)
+    if drop_in is not None:
+        return note + f"; the unit may write there: ReadWritePaths= in {drop_in}"
+    return note + ("; the packaged unit may not write there: add ReadWritePaths= for its "
+                   f"directory in a drop-in (see {DROP_IN_EXAMPLE})")
 
 
 def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -41,6 +41,14 @@ TEMP_SUFFIX = ".tmp"  # not .prom: the collector reads only *.prom
 # The package's drop-in that opens a directory outside /run/kv-agent to the unit.
 DROP_IN_EXAMPLE = "/usr/share/doc/kv-agent/examples/metrics-path.conf"
 
+# Where systemd reads kv-agent.service's drop-ins [systemd.unit(5)].
+UNIT_DROP_IN_DIRS = ("/etc/systemd/system/kv-agent.service.d",
+                     "/run/systemd/system/kv-agent.service.d",
+                     "/usr/local/lib/systemd/system/kv-agent.service.d",
+                     "/usr/lib/systemd/system/kv-agent.service.d",
+                     "/lib/systemd/system/kv-agent.service.d")
+MAX_DROP_IN_BYTES = 64 * 1024
+
 PREFIX = "kv_agent_"
 ENTRY_LABELS = ("entry", "secret", "vault")
 
@@ -347,3 +355,46 @@ def _unlink_quietly(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass  # gone already, or the next write's _create removes it
+
+
+def drop_in_allowing(path: str, directories: Tuple[str, ...] = UNIT_DROP_IN_DIRS
+                     ) -> Optional[str]:
+    """The drop-in whose ``ReadWritePaths=`` opens ``path``'s directory to the
+    sandboxed unit, or None. `kv-agent check` then names it instead of telling
+    an operator who already installed one to install it. Only reads: files
+    that cannot be read are skipped, each read is bounded. (An empty
+    ``ReadWritePaths=``, which resets the list, is not modelled: it would
+    only make this answer too kind, never refuse a working setup.)"""
+    target = os.path.dirname(path)
+    for directory in directories:
+        try:
+            names = sorted(name for name in os.listdir(directory) if name.endswith(".conf"))
+        except OSError:
+            continue
+        for name in names:
+            drop_in = os.path.join(directory, name)
+            if any(_covers(allowed, target) for allowed in _read_write_paths(drop_in)):
+                return drop_in
+    return None
+
+
+def _read_write_paths(drop_in: str) -> List[str]:
+    """Every path a drop-in's ``ReadWritePaths=`` lines name, without the
+    ``-`` (ignore if missing) and ``+`` prefixes."""
+    try:
+        with open(drop_in, "rb") as handle:
+            text = handle.read(MAX_DROP_IN_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return []
+    paths: List[str] = []
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "ReadWritePaths":
+            paths.extend(item.lstrip("-+") for item in value.split())
+    return paths
+
+
+def _covers(allowed: str, directory: str) -> bool:
+    """Whether ``allowed`` (a ReadWritePaths= entry) is ``directory`` or above it."""
+    allowed = allowed.rstrip("/")
+    return bool(allowed) and (directory == allowed or directory.startswith(allowed + "/"))

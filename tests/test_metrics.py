@@ -379,3 +379,26 @@ def test_reload_without_metrics_removes_the_file(start_agent: StartAgent,  # noq
                                              metrics=str(path)))
     run.wait(lambda: _metrics_of(path), "the metrics file again")
     run.stop()
+
+
+def test_a_drop_in_that_opens_the_directory_is_found(tmp_path: Path) -> None:
+    """check names the drop-in that already lets the unit write the metrics path
+    (with systemd's "-" prefix, or opening a parent directory), and none for a
+    path no drop-in opens, nor from a file that is not a .conf."""
+    etc, usr = tmp_path / "etc", tmp_path / "usr"
+    etc.mkdir()
+    usr.mkdir()
+    (etc / "metrics-path.conf").write_text(
+        "[Service]\n# ReadWritePaths=/srv/commented\nReadWritePaths=-/var/lib/prometheus/node-exporter\n")
+    (usr / "other.conf").write_text("[Service]\nReadWritePaths=/srv /opt/metrics/\n")
+    (usr / "ignored.conf.disabled").write_text("[Service]\nReadWritePaths=/data\n")
+    dirs = (str(tmp_path / "missing"), str(etc), str(usr))
+    found = metrics.drop_in_allowing
+    assert found("/var/lib/prometheus/node-exporter/kv-agent.prom", dirs) == \
+        str(etc / "metrics-path.conf")
+    assert found("/srv/node/kv-agent.prom", dirs) == str(usr / "other.conf")
+    assert found("/opt/metrics/kv-agent.prom", dirs) == str(usr / "other.conf")
+    assert found("/srv/commented/kv-agent.prom", dirs) == str(usr / "other.conf")  # via /srv
+    assert found("/var/lib/prometheus/kv-agent.prom", dirs) is None  # above the opened one
+    assert found("/data/kv-agent.prom", dirs) is None
+    assert found("/optional/kv-agent.prom", dirs) is None  # /opt is not a prefix of it

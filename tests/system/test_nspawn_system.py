@@ -787,7 +787,7 @@ def metrics_warnings(machine: Container, invocation: str) -> List[str]:
 def test_metrics_elsewhere_need_the_example_drop_in_as_readme_installs_it(
         machine: Container, suite: str, needs_run: None) -> None:
     """`metrics:` in node_exporter's directory: `kv-agent check` names the
-    drop-in; without it the sandbox refuses the write, which is logged once
+    drop-in to install, then the one installed; without it the sandbox refuses the write, which is logged once
     (the refresh and the stop both failed to write), with the drop-in, and is
     never fatal. README's commands install the package's example drop-in; its
     `-` lets the unit start before the directory exists (logged once again),
@@ -811,6 +811,8 @@ def test_metrics_elsewhere_need_the_example_drop_in_as_readme_installs_it(
     assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
     assert machine.run(["kv-agent", "status"], check=False).returncode == 0
     machine.sh(readme_drop_in_commands(), timeout=60)  # ends with a restart
+    check = machine.run(["kv-agent", "check"]).stdout  # names the drop-in now found
+    assert f"the unit may write there: ReadWritePaths= in {METRICS_DROP_IN}" in check, check
     assert machine.run(["systemctl", "show", "-p", "ReadWritePaths", "kv-agent"]
                        ).stdout.strip() == f"ReadWritePaths=-{NODE_EXPORTER_DIR}"
     assert machine.run(["systemctl", "is-active", "kv-agent"]).stdout.strip() == "active"
