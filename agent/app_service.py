@@ -25,7 +25,6 @@ from agent.token_request import (
     Retry,
     TokenRequest,
     error_description,
-    parse_token_response,
 )
 from agent.untrusted import escape, load_json
 
@@ -60,6 +59,7 @@ class AppServiceRequestFactory(RequestFactory):
     authenticated by ``header`` (IDENTITY_HEADER, read once when built)."""
 
     name = "App Service identity"
+    unusable_hint = "retry later; if it persists, restart the app"
     unreachable_hint = (f"check {ENDPOINT_ENV}; the platform sets it when the app's "
                         "managed identity is on")
 
@@ -83,12 +83,7 @@ class AppServiceRequestFactory(RequestFactory):
         status: IdentityUnavailableError with the platform's message and the fix."""
         status, body = reply.status, reply.body
         if status == 200:
-            try:
-                return parse_token_response(body, resource, now)
-            except ValueError as exc:
-                raise IdentityUnavailableError(
-                    f"{self.name} returned an unusable token response: {exc}",
-                    "retry later; if it persists, restart the app") from None
+            return self.token(body, resource, now)
         if status in RETRY_STATUSES:
             return Retry(status, app_service_message(body),
                          parse_retry_after(reply.headers.get("Retry-After")))

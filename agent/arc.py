@@ -44,7 +44,6 @@ from agent.token_request import (
     Retry,
     TokenRequest,
     error_description,
-    parse_token_response,
 )
 from agent.untrusted import escape, load_json
 
@@ -150,6 +149,7 @@ class ArcRequestFactory(RequestFactory):
     read from ``tokens_dir`` only (``read_key`` is injectable for tests)."""
 
     name = "Azure Arc (HIMDS)"
+    unusable_hint = "retry later; if it persists, restart the Arc agent"
     unreachable_hint = ("check that the Azure Connected Machine agent is running "
                         "(azcmagent show) or set identity.source in the manifest")
 
@@ -207,12 +207,7 @@ class ArcRequestFactory(RequestFactory):
         return TokenRequest(sent.url, sent.params, headers)
 
     def _token(self, body: bytes, resource: str, now: float) -> AccessToken:
-        try:
-            token = parse_token_response(body, resource, now)
-        except ValueError as exc:
-            raise IdentityUnavailableError(
-                f"{self.name} returned an unusable token response: {exc}",
-                "retry later; if it persists, restart the Arc agent") from None
+        token = self.token(body, resource, now)
         self._check_echo(body)
         return token
 

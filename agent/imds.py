@@ -27,7 +27,6 @@ from agent.token_request import (
     Retry,
     TokenRequest,
     error_description,
-    parse_token_response,
 )
 
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254/metadata/identity/oauth2/token"
@@ -62,6 +61,7 @@ class ImdsRequestFactory(RequestFactory):
     """IMDS token requests for one identity at ``endpoint``."""
 
     name = "IMDS"
+    unusable_hint = "retry later; if it persists, check the IMDS endpoint"
     unreachable_hint = ("check that this is an Azure VM with a managed identity, "
                         f"or set {IMDS_ENDPOINT_ENV}")
 
@@ -82,13 +82,7 @@ class ImdsRequestFactory(RequestFactory):
         error naming the status."""
         status, body = reply.status, reply.body
         if status == 200:
-            try:
-                return parse_token_response(body, resource, now)
-            except ValueError as exc:
-                raise IdentityUnavailableError(
-                    f"IMDS returned an unusable token response: {exc}",
-                    "retry later; if it persists, check the IMDS endpoint",
-                ) from None
+            return self.token(body, resource, now)
         if status in RETRY_STATUSES:
             retry_after = parse_retry_after(reply.headers.get("Retry-After"))
             return Retry(status, error_description(body), retry_after)

@@ -965,6 +965,19 @@ def _vault_url(value: Any) -> str:
     return parse_vault_url(value)
 
 
+def _entry_vault(fail: Callable[..., None], entry: _Map,
+                 default: Optional[str]) -> Optional[str]:
+    """An entry's own ``vault:`` (reported through ``fail`` when invalid), else
+    the top-level one; one rule for secrets, select entries and template values."""
+    if "vault" not in entry:
+        return default
+    try:
+        return _vault_url(entry["vault"])
+    except ValueError as exc:
+        fail("vault", str(exc))
+        return default
+
+
 def _top_directory(problems: _Problems, data: _Map) -> str:
     value = data.get("directory", DEFAULT_DIRECTORY)
     line = data.key_lines.get("directory")
@@ -1153,13 +1166,8 @@ def _parse_selection(
         problems.add(f"{prefix_key}.{key}", message, entry.key_lines.get(key, entry.line), hint)
 
     prefix, tags = _select_filter(fail, entry["select"])
-    entry_vault = vault
-    if "vault" in entry:
-        try:
-            entry_vault = _vault_url(entry["vault"])
-        except ValueError as exc:
-            fail("vault", str(exc))
-    elif not vault:
+    entry_vault = _entry_vault(fail, entry, vault)
+    if "vault" not in entry and not vault:
         fail("vault", "missing", "add vault: at the top or in this entry")
     folder = None
     if "directory" not in entry:
@@ -1324,12 +1332,7 @@ def _parse_entry(
         problems.add(f"{prefix}.{key}", message, entry.key_lines.get(key, entry.line), hint)
 
     name = _secret_name(fail, entry, "name")
-    entry_vault = vault
-    if "vault" in entry:
-        try:
-            entry_vault = _vault_url(entry["vault"])
-        except ValueError as exc:
-            fail("vault", str(exc))
+    entry_vault = _entry_vault(fail, entry, vault)
 
     defaults = _ownership(fail, entry, accounts)
 
@@ -1563,12 +1566,7 @@ def _template_source(
     name = _secret_name(inner, item, "name")
     version = _version(inner, item, "version")
     encoding = _encoding(inner, item, "encoding")
-    item_vault = vault
-    if "vault" in item:
-        try:
-            item_vault = _vault_url(item["vault"])
-        except ValueError as exc:
-            inner("vault", str(exc))
+    item_vault = _entry_vault(inner, item, vault)
     if inner.count or name is None:
         return None
     if not item_vault:

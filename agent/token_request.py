@@ -116,6 +116,7 @@ class RequestFactory:
     name = "the identity endpoint"  # for "waiting for <name>: ..." (STATUS=)
     endpoint = ""  # the token URL, for messages
     unreachable_hint = "check the identity endpoint"  # when it gives no answer at all
+    unusable_hint = "retry later; if it persists, check the identity endpoint"
     limits = RequestLimits()
 
     def request(self, resource: str) -> TokenRequest:
@@ -127,6 +128,16 @@ class RequestFactory:
         """What ``reply`` (to ``sent``) means; raises IdentityUnavailableError
         for a final refusal, worded with the fix. ``now`` is epoch seconds."""
         raise NotImplementedError
+
+    def token(self, body: bytes, resource: str, now: float) -> AccessToken:
+        """A 200's token; a body that holds none is a refusal naming this
+        endpoint and its fix (never quoting the body: it may hold a token)."""
+        try:
+            return parse_token_response(body, resource, now)
+        except ValueError as exc:
+            raise IdentityUnavailableError(
+                f"{self.name} returned an unusable token response: {exc}",
+                self.unusable_hint) from None
 
 
 def request_token(session: requests.Session, factory: RequestFactory, resource: str,

@@ -637,3 +637,24 @@ def test_token_source_builds_the_chosen_factory(requested: str, environ: Dict[st
             assert tokens._factory.endpoint == "http://localhost:40342/metadata/identity/oauth2/token"
     finally:
         tokens.close()
+
+
+@pytest.mark.parametrize("source", ["imds", "arc", "app-service"])
+def test_a_200_without_a_usable_token_is_a_refusal_naming_the_source(source: str) -> None:
+    """Every source reads a 200 through RequestFactory.token: no token in it is a
+    refusal naming the source and its own fix, never quoting the body."""
+    from agent.app_service import AppServiceRequestFactory
+    from agent.arc import ArcRequestFactory
+
+    factory = {
+        "imds": lambda: ImdsRequestFactory(ENDPOINT, Identity()),
+        "arc": lambda: ArcRequestFactory(ENDPOINT, Identity(), "/t"),
+        "app-service": lambda: AppServiceRequestFactory(ENDPOINT, "hdr-" + "x" * 20, Identity()),
+    }[source]()
+    body = json.dumps({"token_type": "Bearer", "access_tokn": "eyJsecret"}).encode()
+    reply = transport.Reply(200, CaseInsensitiveDict(), body)
+    with pytest.raises(IdentityUnavailableError) as caught:
+        factory.answer(factory.request(RESOURCE), reply, RESOURCE, NOW)
+    assert caught.value.message.startswith(f"{factory.name} returned an unusable token response")
+    assert caught.value.hint == factory.unusable_hint and "retry later" in caught.value.hint
+    assert "eyJsecret" not in caught.value.message + caught.value.hint
