@@ -276,13 +276,21 @@ class _Network:
         try:
             client = VaultClient(new_session(self.environ), self._token, policy=DOCTOR_RETRY,
                                  environ=self.environ)
-        except ConfigError as exc:
-            self.tokens.close()
-            return [Check("vaults", "tls", FAIL, exc.message, exc.hint)]
+        except ConfigError as exc:  # no vault can be reached; the identity still can
+            try:
+                identity = check_identity(self.tokens, self._first_audience())
+            finally:
+                self.tokens.close()
+            return [*identity.checks, Check("vaults", "tls", FAIL, exc.message, exc.hint)]
         try:
             return self._run(client)
         finally:
             self.tokens.close()
+
+    def _first_audience(self) -> str:
+        """The audience the identity check asks a token for: the first vault's."""
+        first = (urlsplit(self.vaults[0]).hostname or "") if self.vaults else ""
+        return audience_for_host(first) or PUBLIC_AUDIENCE
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         assert self.tokens is not None
@@ -290,8 +298,7 @@ class _Network:
 
     def _run(self, client: VaultClient) -> List[Check]:
         assert self.tokens is not None
-        first = (urlsplit(self.vaults[0]).hostname or "") if self.vaults else ""
-        audience = audience_for_host(first) or PUBLIC_AUDIENCE
+        audience = self._first_audience()
         workers = min(len(self.vaults), MAX_PARALLEL_VAULTS) + 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="doctor") as pool:
             identity_job = pool.submit(check_identity, self.tokens, audience)

@@ -469,6 +469,22 @@ def test_bad_ca(doctor: Doctor, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_a_missing_ca_bundle_fails_tls_and_the_identity_is_still_checked(
+        doctor: Doctor, tmp_path: Path) -> None:
+    """REQUESTS_CA_BUNDLE naming no file: no vault can be reached, and says so with
+    the fix, but the identity (over IMDS's plain HTTP) is still checked."""
+    name = _name("noca")
+    doctor.put(name)
+    missing = tmp_path / "gone" / "ca.pem"
+    done = doctor.run(doctor.manifest(f"  - name: {name}\n"),
+                      env=doctor.env(REQUESTS_CA_BUNDLE=str(missing)))
+    assert done.returncode == 1
+    [failure] = failures(done.stdout)
+    assert f"REQUESTS_CA_BUNDLE={missing} does not exist" in failure
+    assert "✓ identity, source: imds" in done.stdout and f"object id {OBJECT_ID}" in done.stdout
+
+
+@pytest.mark.integration
 def test_vault_down(doctor: Doctor) -> None:
     """A vault address where nothing listens fails the connection at once."""
     with socket.socket() as probe:
