@@ -18,7 +18,11 @@ if it is a regular file directly in the tokens directory, ends in ``.key``,
 is at most 4,096 bytes and is not a symlink (checked with ``lstat``, opened
 with ``O_NOFOLLOW`` and checked again with ``fstat``, so a swap between the
 checks is caught) — azure-identity's and MSAL's checks, plus the symlink
-ones. The file's contents never reach a message, a log line or a ``repr``.
+ones. A path with a NUL byte is refused before any system call (Python
+raises ValueError for it), and the opened file must have exactly one link:
+a hard link in the tokens directory to a file elsewhere passes every path
+check (it is a regular file, not a symlink) but is that other file. The
+file's contents never reach a message, a log line or a ``repr``.
 
 A user-assigned identity's selector must be echoed in the token response: a
 legacy Arc agent ignores it and answers with the system-assigned identity,
@@ -80,12 +84,15 @@ class KeyFile(NamedTuple):
 def read_key_file(path: str, tokens_dir: str) -> KeyFile:
     """Read the challenge file at ``path`` if it is one HIMDS could have written.
 
-    Refused (KeyFileError, message naming the path and the rule): a path not
-    directly in ``tokens_dir``, not ending in ``.key``, missing, a symlink,
-    not a regular file (a directory, a FIFO), over MAX_KEY_BYTES, or not
-    readable. Checked before a byte is read, and again on the open file.
+    Refused (KeyFileError, message naming the path and the rule): a path
+    with a NUL byte, not directly in ``tokens_dir``, not ending in ``.key``,
+    missing, a symlink, not a regular file (a directory, a FIFO), over
+    MAX_KEY_BYTES, not readable, or (on the open file) with a link count
+    other than 1. Checked before a byte is read, and again on the open file.
     """
     shown = escape(path)
+    if "\0" in path:  # os.lstat would raise ValueError, not OSError
+        raise KeyFileError(f"{shown} contains a NUL byte")
     if not _is_directly_in(path, tokens_dir):
         raise KeyFileError(f"{shown} is not directly in {tokens_dir}")
     if not path.endswith(KEY_SUFFIX):
@@ -100,7 +107,7 @@ def read_key_file(path: str, tokens_dir: str) -> KeyFile:
     except OSError as exc:  # ELOOP: a symlink swapped in after lstat
         raise KeyFileError(f"{shown} could not be opened ({exc.strerror})") from None
     try:
-        _check_file(os.fstat(fd), shown)
+        _check_open_file(os.fstat(fd), shown)
         data = os.read(fd, MAX_KEY_BYTES + 1)
     finally:
         os.close(fd)
@@ -129,6 +136,16 @@ def _check_file(info: os.stat_result, shown: str) -> None:
         raise KeyFileError(f"{shown} is not a regular file")
     if info.st_size > MAX_KEY_BYTES:
         raise KeyFileError(f"{shown} is larger than {MAX_KEY_BYTES} bytes")
+
+
+def _check_open_file(info: os.stat_result, shown: str) -> None:
+    """The lstat checks again, on the file actually opened, plus its link
+    count: HIMDS writes a fresh file, so a second name means a hard link to a
+    file it did not write (/etc/shadow through a link in a writable dir)."""
+    _check_file(info, shown)
+    if info.st_nlink != 1:
+        raise KeyFileError(f"{shown} has {info.st_nlink} links (a hard link to another "
+                           "file); HIMDS writes a file with one")
 
 
 def realm_path(header: Optional[str]) -> Optional[str]:

@@ -113,6 +113,17 @@ def _control_characters(tokens: Path) -> str:
     return str(tokens / "a.key")
 
 
+def _nul_byte(tokens: Path) -> str:
+    (tokens / "a.key").write_text(KEY)
+    return str(tokens / "a\0.key")
+
+
+def _hard_link(tokens: Path) -> str:
+    (tokens.parent / "target.key").write_text(KEY)
+    os.link(tokens.parent / "target.key", tokens / "a.key")
+    return str(tokens / "a.key")
+
+
 REFUSALS: Dict[str, Any] = {
     "wrong directory": (_wrong_dir, "is not directly in"),
     "a subdirectory": (_nested, "is not directly in"),
@@ -126,6 +137,8 @@ REFUSALS: Dict[str, Any] = {
     "missing": (_missing, "does not exist"),
     "empty": (_empty, "does not hold a key"),
     "control characters": (_control_characters, "does not hold a key"),
+    "nul byte": (_nul_byte, r"a\\x00\.key contains a NUL byte"),
+    "hard link": (_hard_link, "has 2 links"),
 }
 
 
@@ -315,7 +328,7 @@ def test_arc_shares_the_cache_retry_and_retry_after(arc: Emulator, tokens_dir: P
 
 
 @pytest.mark.parametrize("case", ["wrong directory", "symlink", "too large", "not .key",
-                                  "a directory", "missing"])
+                                  "a directory", "missing", "nul byte", "hard link"])
 def test_emulator_challenge_to_a_bad_key_file_is_refused_and_nothing_sent(
         case: str, arc: Emulator, tokens_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """When HIMDS names a key file the agent must not read, it stops with a clear
