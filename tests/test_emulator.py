@@ -1861,6 +1861,31 @@ def test_app_service_checks_its_header_and_api_version() -> None:
                                     "client_id"}
 
 
+@pytest.mark.parametrize("name", ["object_id", "principal_id"])
+def test_app_service_selects_a_user_assigned_identity_by_object_id(name: str) -> None:
+    """object_id (the SDKs' spelling) and principal_id both select that identity; an
+    unknown one is refused with App Service's 400, never answered for another identity."""
+    params = {"api-version": "2019-08-01", "resource": KV_RESOURCE}
+    identities = IdentityConfig(system_assigned=True, user_assigned=(UAMI_A, UAMI_B))
+    with Emulator(SECRETS, identities=identities, identity_header="h") as emulator:
+
+        def get(value: str) -> requests.Response:
+            return requests.get(emulator.app_service_endpoint, params={**params, name: value},
+                                headers={"X-IDENTITY-HEADER": "h"}, timeout=5)
+
+        found = get(UAMI_B.object_id.upper())
+        assert found.status_code == 200 and found.json()["client_id"] == UAMI_B.client_id
+        assert claims(found.json()["access_token"])["oid"] == UAMI_B.object_id
+        unknown = get("dddddddd-0000-4000-8000-0000000000d0")
+        assert unknown.json() == {"statusCode": 400, "message": (
+            "No Managed Identity found for specified ClientId/ResourceId/PrincipalId.")}
+        both = requests.get(emulator.app_service_endpoint, timeout=5,
+                            params={**params, "object_id": UAMI_A.object_id,
+                                    "principal_id": UAMI_A.object_id},
+                            headers={"X-IDENTITY-HEADER": "h"})
+        assert both.status_code == 400 and "Only one of" in both.json()["message"]
+
+
 def test_arc_and_app_service_on_ports_of_their_own(tmp_path: Path) -> None:
     """arc_port and app_service_port serve HIMDS and App Service beside IMDS, each
     on its own port and sharing IMDS's identities; IMDS stays IMDS."""

@@ -18,6 +18,7 @@ loopback is refused and fails the test through conftest's network-guard log.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import pytest
 from sdk_environment import AWAY_FROM_THE_EMULATOR
 
-from agent.emulator import Emulator
+from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 JS_FILES = ("package.json", "package-lock.json", "drive.mjs", "loopback-only.mjs")
@@ -109,7 +110,7 @@ def run_js(
     steps: list[dict[str, Any]],
     *,
     verify_challenge_resource: bool = False,
-    client_id: str | None = None,
+    credential: Mapping[str, str] | None = None,
     extra_env: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``steps`` in one node process against ``emulator``; one result per step."""
@@ -126,8 +127,8 @@ def run_js(
         "verifyChallengeResource": verify_challenge_resource,
         "steps": steps,
     }
-    if client_id is not None:
-        plan["credential"] = {"clientId": client_id}
+    if credential is not None:
+        plan["credential"] = dict(credential)  # ManagedIdentityCredential's options
     result = subprocess.run(
         ["node", "--import", "./loopback-only.mjs", "drive.mjs"],
         cwd=js_dir,
@@ -195,6 +196,38 @@ def test_js_sdk_gets_a_secret_through_imds_and_the_challenge(
         ("/metadata/identity/oauth2/token/", 200)
     ]
     assert [r.status for r in emu.vault_log] == [401, 200]
+
+
+def test_js_sdk_app_service_user_assigned_by_object_id(js_dir: Path) -> None:
+    """On App Service, objectId gets that identity's token; an unknown one is refused (400),
+    never answered with the system-assigned identity's token."""
+    chosen = UserAssignedIdentity(
+        client_id="cccccccc-0000-4000-8000-00000000000c",
+        object_id="cccccccc-0000-4000-8000-0000000000c0",
+        msi_res_id="/subscriptions/s/resourcegroups/rg/providers/"
+        "Microsoft.ManagedIdentity/userAssignedIdentities/id-c",
+    )
+    identities = IdentityConfig(system_assigned=True, user_assigned=(chosen,))
+    with Emulator(SECRETS, identities=identities) as emulator:
+        app_service = {"IDENTITY_ENDPOINT": emulator.app_service_endpoint,
+                       "IDENTITY_HEADER": emulator.identity_header}
+        (found,) = run_js(js_dir, emulator, [{"op": "get", "name": "db-password"}],
+                          credential={"objectId": chosen.object_id}, extra_env=app_service)
+        assert ok(found)["value"] == "hunter2"
+        (app,) = emulator.imds_log
+        assert app.path == "/MSI/token" and app.query["object_id"] == chosen.object_id
+        bearer = emulator.vault_log[-1].headers["authorization"].split(" ", 1)[1]
+        payload = bearer.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["oid"] == chosen.object_id
+
+        emulator.reset_stats()
+        (refused,) = run_js(js_dir, emulator, [{"op": "get", "name": "db-password"}],
+                            credential={"objectId": "dddddddd-0000-4000-8000-0000000000d0"},
+                            extra_env=app_service)
+        assert "No Managed Identity found" in error_with_message(refused)["message"]
+        assert [record.status for record in emulator.imds_log][-1] == 400
+        assert not any("authorization" in record.headers for record in emulator.vault_log)
 
 
 def test_js_sdk_gets_pinned_versions(js_dir: Path, emu: Emulator) -> None:

@@ -240,6 +240,44 @@ def test_sdk_unknown_identity_is_unavailable(emu: Emulator) -> None:
     assert [record.status for record in emu.imds_log] == [400]
 
 
+def aim_sdk_at_app_service(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ManagedIdentityCredential take the App Service path to the emulator."""
+    monkeypatch.setenv("IDENTITY_ENDPOINT", emulator.app_service_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", emulator.identity_header)
+
+
+def test_sdk_app_service_user_assigned_by_object_id(
+    emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On App Service, identity_config object_id gets that identity's token, not the
+    system-assigned one."""
+    aim_sdk_at_app_service(emu, monkeypatch)
+    with secret_client(emu, identity_config={"object_id": USER_ASSIGNED.object_id}) as client:
+        assert client.get_secret("db-password").value == "hunter2"
+
+    (app,) = emu.imds_log
+    assert app.path == "/MSI/token" and app.query["object_id"] == USER_ASSIGNED.object_id
+    claims = jwt_claims(emu.vault_log[-1].headers["authorization"])
+    assert claims["oid"] == USER_ASSIGNED.object_id
+
+
+def test_sdk_app_service_unknown_object_id_is_refused(
+    emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On App Service, an unknown object_id is refused (400), never answered with another
+    identity's token."""
+    aim_sdk_at_app_service(emu, monkeypatch)
+    unknown = "dddddddd-0000-4000-8000-0000000000d0"
+    with (
+        secret_client(emu, identity_config={"object_id": unknown}) as client,
+        pytest.raises(ClientAuthenticationError, match="No Managed Identity found"),
+    ):
+        client.get_secret("db-password")
+
+    assert [record.status for record in emu.imds_log] == [400]
+    assert not any("authorization" in record.headers for record in emu.vault_log)
+
+
 def test_sdk_retries_vault_429_after_retry_after(fresh: Emulator) -> None:
     """The SDK waits the vault's Retry-After on a 429 and then succeeds."""
     # Faults apply before authentication, so the challenge request is the one throttled.

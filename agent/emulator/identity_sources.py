@@ -35,9 +35,12 @@ from agent.emulator.wire import (
 ARC_API_VERSIONS = frozenset({"2019-11-01", "2020-06-01"})  # DOC-ARC's samples (A7)
 APP_SERVICE_TOKEN_PATH = "/MSI/token"
 APP_SERVICE_API_VERSION = "2019-08-01"
-# App Service's spelling -> the issuer's (IMDS's) selector (protocol.md A8)
+# App Service's spelling -> the issuer's (IMDS's) selector (protocol.md A8).
+# ``object_id`` is the documented alias of ``principal_id``, and the one both
+# official SDKs send (MSAL's and msal-node's App Service sources): without it
+# a user-assigned request silently got the system-assigned identity's token.
 APP_SERVICE_SELECTORS = {"client_id": "client_id", "principal_id": "object_id",
-                         "mi_res_id": "msi_res_id"}
+                         "object_id": "object_id", "mi_res_id": "msi_res_id"}
 KEY_FILE_MODE = 0o640  # HIMDS's user and the himds group (before the umask)
 APP_SERVICE_NOT_FOUND = "No Managed Identity found for specified ClientId/ResourceId/PrincipalId."
 
@@ -131,10 +134,12 @@ class AppServiceApi:
         resource = query.get("resource")
         if not resource:
             return _app_error(400, "Required query variable 'resource' is missing")
-        selectors = {APP_SERVICE_SELECTORS[name]: query[name]
-                     for name in APP_SERVICE_SELECTORS if name in query}
-        if len(selectors) > 1:
-            return _app_error(400, "Only one of client_id, principal_id, mi_res_id may be given")
+        given = [name for name in APP_SERVICE_SELECTORS if name in query]
+        if len(given) > 1:
+            # [unverified] wording; the selectors are mutually exclusive (A8).
+            return _app_error(400, "Only one of client_id, principal_id (object_id), "
+                                   "mi_res_id may be given")
+        selectors = {APP_SERVICE_SELECTORS[name]: query[name] for name in given}
         try:
             identity = self._issuer.resolve(selectors)
         except LookupError:

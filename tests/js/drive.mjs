@@ -2,7 +2,7 @@
 // against kv-agent's emulator, for tests/test_emulator_js.py.
 //
 // Input (stdin, JSON): {"vaultUrl": ..., "verifyChallengeResource": bool,
-//   "credential": {"clientId": ...} (optional), "steps": [{"op": ..., ...}, ...]}
+//   "credential": ManagedIdentityCredential options, e.g. {"objectId": ...} (optional), "steps": [{"op": ..., ...}, ...]}
 // Output (stdout, JSON): one result per step, in order: {"ok": <value>} or
 //   {"error": {"name", "statusCode", "code", "innerCode", "message"}}. A step's failure does not
 //   stop the next step. Dates are epoch seconds. Only the emulator's made-up test
