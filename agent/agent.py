@@ -30,6 +30,7 @@ from typing import (
     Tuple,
 )
 
+from agent.app_service import exposure_warning
 from agent.errors import (
     IdentityUnavailableError,
     KvAgentError,
@@ -195,6 +196,9 @@ class Agent:
         self.tokens = token_source(manifest.identity, environ, imds_policy,
                                    on_retry=on_retry, sleep=sleep)
         log.info("identity source: %s", self.tokens.source.describe())
+        exposure = exposure_warning(self.tokens.source.source, self.tokens.endpoint)
+        if exposure is not None:  # once per start (and reload), never per request
+            log.warning("%s; %s", exposure.message, exposure.fix)
         self._vault_session = new_session(environ)
         self.vault = VaultClient(
             self._vault_session, lambda resource, force: self._token(resource, force),

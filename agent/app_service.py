@@ -9,11 +9,19 @@ the header ``X-IDENTITY-HEADER``. Selectors are spelt ``client_id``,
 ``expires_in``; a refusal is ``{"statusCode": ..., "message": ...}``, not
 IMDS's OAuth shape. The header's value is a credential: it never reaches a
 message (:class:`~agent.token_request.TokenRequest` hides header values).
+
+The platform's endpoint is local, but nothing checks that ``IDENTITY_ENDPOINT``
+is: pointed at another host over plain HTTP, the header crosses the network
+unencrypted (azure-identity sends it without a word). The agent warns at start
+and ``doctor`` says it (:func:`exposure_warning`); it does not refuse, since the
+platform, not the agent, owns the variable.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import ipaddress
+from typing import Dict, Mapping, NamedTuple, Optional
+from urllib.parse import urlsplit
 
 from agent import transport
 from agent.errors import IdentityUnavailableError
@@ -35,6 +43,14 @@ HEADER_ENV = "IDENTITY_HEADER"
 SELECTOR_PARAMS = {"client_id": "client_id", "object_id": "principal_id",
                    "resource_id": "mi_res_id"}
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+SOURCE = "app-service"  # identity.source's name for it
+
+
+class Exposure(NamedTuple):
+    """Why the identity header would cross the network in clear, and the fix."""
+
+    message: str
+    fix: str
 
 
 def build_params(resource: str, identity: Identity) -> Dict[str, str]:
@@ -100,6 +116,42 @@ def _hint(status: int, identity: Identity) -> str:
         return "turn on the app's system-assigned identity (az webapp identity assign)"
     return ("assign that user-assigned identity to the app (az webapp identity assign "
             "--identities <resource id>) and check the id in the manifest")
+
+
+def exposure_warning(source: str, endpoint: str) -> Optional[Exposure]:
+    """The warning for an App Service ``endpoint`` reached over plain HTTP on
+    a host that is not this machine (not ``localhost`` nor a loopback
+    address); None for any other source, for HTTPS, or for loopback (pure:
+    it looks at the URL, never resolves or connects). An endpoint that cannot
+    be parsed is judged by its text: not provably loopback, so warned."""
+    if source != SOURCE:
+        return None
+    try:
+        parts = urlsplit(endpoint)
+        scheme, host = parts.scheme.lower(), parts.hostname or ""
+    except ValueError:  # "http://[::1" and the like: judged by its text
+        scheme, host = endpoint.partition(":")[0].lower(), ""
+    if scheme != "http" or _is_loopback(host):
+        return None
+    return Exposure(
+        f"{ENDPOINT_ENV} {escape(endpoint)} is plain HTTP to {escape(host or '?')}, not "
+        f"this machine: the identity header ({HEADER_ENV}, a credential) crosses the "
+        "network unencrypted",
+        f"check that {ENDPOINT_ENV} is the platform's own endpoint (App Service sets a "
+        "local one); if it is, this warning can be ignored")
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` (and ``*.localhost``) or a loopback address literal; a
+    name is never resolved (agent.vault.is_loopback_host's rule; the layers
+    keep identity modules from importing the vault's)."""
+    host = host.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def app_service_settings(environ: Mapping[str, str]) -> "tuple[str, str]":

@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 import requests
 
 from agent import transport
+from agent.app_service import exposure_warning
 from agent.errors import (
     ConfigError,
     IdentityUnavailableError,
@@ -273,6 +274,7 @@ class _Network:
         except IdentityUnavailableError as exc:
             return [Check("identity", "source", FAIL, f"{choice.describe()}: {exc.message}",
                           exc.hint)]
+        exposed = check_endpoint(self.tokens)
         try:
             client = VaultClient(new_session(self.environ), self._token, policy=DOCTOR_RETRY,
                                  environ=self.environ)
@@ -281,9 +283,10 @@ class _Network:
                 identity = check_identity(self.tokens, self._first_audience())
             finally:
                 self.tokens.close()
-            return [*identity.checks, Check("vaults", "tls", FAIL, exc.message, exc.hint)]
+            return [*exposed, *identity.checks,
+                    Check("vaults", "tls", FAIL, exc.message, exc.hint)]
         try:
-            return self._run(client)
+            return exposed + self._run(client)
         finally:
             self.tokens.close()
 
@@ -350,6 +353,16 @@ class _Network:
                 found = probes.check_listing(selection.label, partial(matches, selection))
                 checks += soften(found) if selection.is_optional else found
         return checks, probes.answers
+
+
+def check_endpoint(tokens: TokenCache) -> List[Check]:
+    """A warning when the identity endpoint would get its credential in clear
+    over the network (App Service over plain HTTP to another host; the
+    agent logs the same at start), else nothing. Sends nothing."""
+    exposure = exposure_warning(tokens.source.source, tokens.endpoint)
+    if exposure is None:
+        return []
+    return [Check("identity", "endpoint", WARN, exposure.message, exposure.fix)]
 
 
 def check_identity(tokens: TokenCache, audience: str) -> _Identity:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -12,12 +13,14 @@ from requests.structures import CaseInsensitiveDict
 from secrecy import assert_no_leak
 
 from agent import transport
-from agent.app_service import APP_SERVICE_API_VERSION, AppServiceRequestFactory
+from agent.agent import Agent
+from agent.app_service import APP_SERVICE_API_VERSION, AppServiceRequestFactory, exposure_warning
 from agent.emulator import Emulator
 from agent.emulator.secrets_file import IdentityConfig, UserAssignedIdentity
 from agent.errors import IdentityUnavailableError
 from agent.identity import token_source
 from agent.identity_selector import Identity
+from agent.manifest import Accounts, parse_manifest
 from agent.retry import RetryPolicy
 from agent.token_request import AccessToken, Retry, TokenRequest
 
@@ -26,6 +29,8 @@ RESOURCE = "https://vault.azure.net"
 NOW = 1_700_000_000.0
 HEADER = "identity-header-" + "h" * 24
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+# Never connected to: the tests below only build requests and factories with it.
+FOREIGN_ENDPOINT = "http://10.1.2.3:8081/msi/token"
 
 
 def reply(status: int, content: Any, **headers: str) -> transport.Reply:
@@ -176,3 +181,51 @@ def test_app_service_source_without_its_environment_is_a_clear_error() -> None:
     """identity.source: app-service on a machine without IDENTITY_HEADER says so at start."""
     with pytest.raises(IdentityUnavailableError, match="IDENTITY_HEADER"):
         token_source(Identity(source="app-service"), {"IDENTITY_ENDPOINT": ENDPOINT})
+
+
+# -- an endpoint that would send the header in clear over the network -----------------
+
+
+@pytest.mark.parametrize("source, endpoint, warned", [
+    ("app-service", FOREIGN_ENDPOINT, True),
+    ("app-service", "HTTP://app.internal:8081/msi/token", True),
+    ("app-service", "http://[::1", True),  # unparseable: not provably loopback
+    ("app-service", "http://127.0.0.1:41741/MSI/token", False),
+    ("app-service", "http://localhost:4141/MSI/token", False),
+    ("app-service", "http://[::1]:4141/MSI/token", False),
+    ("app-service", "https://10.1.2.3:8081/msi/token", False),
+    ("imds", "http://169.254.169.254/metadata/identity/oauth2/token", False),
+    ("arc", "http://10.1.2.3:40342/metadata/identity/oauth2/token", False),
+])
+def test_exposure_warning_only_for_plain_http_beyond_loopback(
+        source: str, endpoint: str, warned: bool) -> None:
+    """Only App Service over plain HTTP to a host that is not loopback is warned about,
+    naming the endpoint, the header and the fix."""
+    exposure = exposure_warning(source, endpoint)
+    assert (exposure is not None) == warned
+    if exposure is not None:
+        assert "plain HTTP" in exposure.message and "IDENTITY_HEADER" in exposure.message
+        assert "\n" not in exposure.message and "IDENTITY_ENDPOINT" in exposure.fix
+
+
+@pytest.mark.parametrize("endpoint, warnings", [
+    (FOREIGN_ENDPOINT, 1), ("http://127.0.0.1:9/MSI/token", 0)])
+def test_agent_warns_once_at_start_about_a_cleartext_endpoint(
+        endpoint: str, warnings: int, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Building the agent under App Service's variables with a plain-HTTP endpoint on
+    another host logs one warning (without the header), and sends nothing."""
+    accounts = Accounts(user=lambda name: {"root": 0}.get(name), group=lambda name: None)
+    manifest = parse_manifest(
+        f"vault: https://contoso.vault.azure.net\ndirectory: {shm_dir}\nsecrets:\n"
+        "  - name: db\n", "m.yaml", accounts=accounts, check_filesystem=False)
+    caplog.set_level(logging.INFO)
+    agent = Agent(manifest, environ={"IDENTITY_ENDPOINT": endpoint, "IDENTITY_HEADER": HEADER})
+    try:
+        assert agent.tokens.source.source == "app-service"
+    finally:
+        agent.close()
+    warned = [record.getMessage() for record in caplog.records
+              if record.levelno == logging.WARNING]
+    assert len(warned) == warnings
+    assert all("10.1.2.3" in line and "plain HTTP" in line for line in warned)
+    assert HEADER not in caplog.text

@@ -603,3 +603,53 @@ def test_app_service_identity_source(doctor: Doctor) -> None:
     assert ("✓ identity, source: app-service (IDENTITY_ENDPOINT and IDENTITY_HEADER are set) "
             f"answers at {doctor.emulator.app_service_endpoint}") in done.stdout
     assert doctor.emulator.identity_header not in done.stdout
+
+
+FOREIGN_IDENTITY_ENDPOINT = "http://10.1.2.3:8081/msi/token"  # never connected to
+
+
+@pytest.mark.parametrize("endpoint, warned", [
+    (FOREIGN_IDENTITY_ENDPOINT, True), ("http://127.0.0.1:9/MSI/token", False)])
+def test_a_cleartext_app_service_endpoint_is_a_warning(endpoint: str, warned: bool) -> None:
+    """App Service over plain HTTP to another host is a warning naming the endpoint and the
+    fix (nothing sent to find out); a loopback endpoint adds no check."""
+    from agent.doctor import check_endpoint
+    from agent.identity import token_source
+    from agent.identity_selector import Identity
+
+    tokens = token_source(Identity(), {"IDENTITY_ENDPOINT": endpoint, "IDENTITY_HEADER": "h"})
+    try:
+        checks = check_endpoint(tokens)
+    finally:
+        tokens.close()
+    if not warned:
+        assert checks == []
+        return
+    [check] = checks
+    assert (check.subject, check.name, check.state) == ("identity", "endpoint", WARN)
+    assert FOREIGN_IDENTITY_ENDPOINT in check.detail and "plain HTTP" in check.detail
+    assert check.fix and "IDENTITY_ENDPOINT" in check.fix
+
+
+def test_doctor_reports_a_cleartext_app_service_endpoint(
+        emulator: Emulator, shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diagnose lists the endpoint warning with the identity checks and does not fail for
+    it (the identity check itself is stubbed: it would connect to that address)."""
+    import agent.doctor as doctor_module
+
+    def not_asked(tokens: object, audience: str) -> object:
+        return doctor_module._Identity(None, None, (
+            Check("identity", "source", WARN, "not asked in this test"),))
+
+    monkeypatch.setattr(doctor_module, "check_identity", not_asked)
+    path = Doctor(emulator, shm_dir).manifest("  - name: db\n")
+    environ = {"IDENTITY_ENDPOINT": FOREIGN_IDENTITY_ENDPOINT, "IDENTITY_HEADER": "h",
+               "REQUESTS_CA_BUNDLE": emulator.ca_path,
+               "KV_AGENT_STATE_DIR": str(shm_dir / "state")}
+    report = doctor_module.diagnose(str(path), environ, Host(
+        is_systemd=lambda: False, unit_state=lambda unit: None,
+        resolve=lambda host: ["127.0.0.1"]))
+    identity = [check for check in report.checks if check.subject == "identity"]
+    assert [(check.name, check.state) for check in identity] == [
+        ("endpoint", WARN), ("source", WARN)]
+    assert FOREIGN_IDENTITY_ENDPOINT in identity[0].detail and not report.is_failed
