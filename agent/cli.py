@@ -445,6 +445,8 @@ def _identity_banner(emulator: "Emulator", args: argparse.Namespace) -> List[str
     """The environment Azure Arc or App Service would give the agent, for the
     endpoints asked for (identity.source auto then picks them; protocol.md A7, A8).
     The header is the emulator's own throw-away value, printed to be exported."""
+    from agent.arc import DEFAULT_TOKENS_DIR
+
     ca = f"REQUESTS_CA_BUNDLE={emulator.ca_path}"
     lines = []
     if args.arc_port is not None:
@@ -453,6 +455,12 @@ def _identity_banner(emulator: "Emulator", args: argparse.Namespace) -> List[str
                   f"  IDENTITY_ENDPOINT={endpoint} IMDS_ENDPOINT={emulator.arc_base} \\",
                   f"  KV_AGENT_ARC_TOKENS_DIR={tokens} {ca} \\",
                   "    kv-agent once --manifest manifest.yaml"]
+        if os.path.normpath(tokens) != DEFAULT_TOKENS_DIR:
+            # The SDKs (azure-identity, MSAL, msal-node) accept a key file only
+            # there and have no setting like KV_AGENT_ARC_TOKENS_DIR.
+            lines += [f"  The official Azure SDKs read key files only in {DEFAULT_TOKENS_DIR}: "
+                      f"for them, run the emulator with --arc-tokens-dir {DEFAULT_TOKENS_DIR} "
+                      "(as root)"]
     if args.app_service_port is not None:
         lines += [f"App Service: {emulator.app_service_endpoint}",
                   f"  IDENTITY_ENDPOINT={emulator.app_service_endpoint} "

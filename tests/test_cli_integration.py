@@ -838,6 +838,9 @@ def test_emulator_command_serves_azure_arc(kv: Harness, tmp_path: Path) -> None:
         assert arc["IDENTITY_ENDPOINT"] == arc["IMDS_ENDPOINT"] + "/metadata/identity/oauth2/token"
         assert arc["IMDS_ENDPOINT"] != banner["imds"].rsplit("/metadata", 1)[0]  # its own port
         assert arc["KV_AGENT_ARC_TOKENS_DIR"] == str(tokens_dir)
+        # The SDKs read key files only in the real directory (issue 17 item 19).
+        assert any("SDKs" in line and "--arc-tokens-dir /var/opt/azcmagent/tokens" in line
+                   for line in lines), lines
         manifest = write_private(kv.root / "manifest.yaml",
                                  f"vault: {banner['vault']}\ndirectory: {kv.directory}\n"
                                  f"secrets:\n{entry(name)}")
