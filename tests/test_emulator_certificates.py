@@ -410,3 +410,59 @@ def test_rest_create_certificate_reissues_with_a_new_key(emulator: Emulator) -> 
     assert _public_numbers(old_key) != _public_numbers(new_key)
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "CertificateNotFound"
+
+
+def _get_as(emulator: Emulator, name: str, out: str, api_version: str = "2025-07-01"
+            ) -> requests.Response:
+    return vault_get(emulator, f"/secrets/{name}", token(emulator),
+                     params={"api-version": api_version, "outContentType": out})
+
+
+def test_out_content_type_pem_converts_a_pkcs12_certificate(emulator: Emulator) -> None:
+    """outContentType=application/x-pem-file serves a PKCS#12 certificate as PEM: the PKCS#8
+    key, then the leaf, then the chain, the same certificate as the stored PKCS#12."""
+    stored = decoded(emulator, "web-pfx")
+    response = _get_as(emulator, "web-pfx", PEM)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["contentType"] == PEM and body["managed"] is True
+    material = Decoded(PEM, body["value"])
+    assert material.blocks == ["-----BEGIN PRIVATE KEY-----"] + [
+        "-----BEGIN CERTIFICATE-----"] * len(stored.certificates)
+    assert material.certificates == stored.certificates  # leaf first, then the chain
+    assert _public_numbers(material.key) == material.leaf().public_key().public_numbers()
+    assert body["id"] == bundle(emulator, "web-pfx")["id"]
+
+
+def test_out_content_type_edges(emulator: Emulator) -> None:
+    """A non-exportable PKCS#12 converts to certificates only; PEM asked of PEM and PKCS#12
+    of PKCS#12 are served as stored; a plain secret is untouched; PEM to PKCS#12 and an
+    unknown type are 400; an api-version before 2025-06-01 ignores the parameter."""
+    locked = _get_as(emulator, "locked-pfx", PEM).json()
+    assert locked["contentType"] == PEM and Decoded(PEM, locked["value"]).key is None
+    assert "-----BEGIN CERTIFICATE-----" in locked["value"]
+    assert _get_as(emulator, "web-pem", PEM).json() == bundle(emulator, "web-pem")
+    assert _get_as(emulator, "web-pfx", PKCS12).json() == bundle(emulator, "web-pfx")
+    assert _get_as(emulator, "licence", PEM).json() == bundle(emulator, "licence")
+    for name, out in (("web-pem", PKCS12), ("web-pfx", "text/plain")):
+        refused = _get_as(emulator, name, out)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "BadParameter"
+    old = _get_as(emulator, "web-pfx", PEM, api_version="7.6").json()
+    assert old["contentType"] == PKCS12
+
+
+def test_official_sdk_gets_a_pkcs12_certificate_as_pem(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """azure-keyvault-secrets' get_secret(out_content_type=PEM) gets the key and chain as PEM."""
+    from tests.test_emulator_sdk import aim_sdk_at, secret_client
+
+    aim_sdk_at(emulator, monkeypatch)
+    with secret_client(emulator) as client:
+        converted = client.get_secret("web-pfx", out_content_type=PEM)
+
+    assert converted.properties.content_type == PEM and converted.value is not None
+    material = Decoded(PEM, converted.value)
+    assert material.blocks[0] == "-----BEGIN PRIVATE KEY-----"
+    assert _public_numbers(material.key) == material.leaf().public_key().public_numbers()

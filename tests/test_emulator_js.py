@@ -399,3 +399,18 @@ def test_js_sdk_check_refuses_the_default_loopback_vault_url(js_dir: Path, emu: 
     assert failure["statusCode"] is None
     assert "does not match the requested domain" in failure["message"]
     assert emu.imds_requests == 0
+
+
+def test_js_sdk_gets_a_pkcs12_certificate_as_pem(js_dir: Path) -> None:
+    """getSecret(outContentType: application/x-pem-file) gets a PKCS#12 certificate's key and
+    chain as PEM, the key first."""
+    with Emulator({"web": {"certificate": {}}}) as emulator:
+        stored, converted = run_js(js_dir, emulator, [
+            {"op": "get", "name": "web"},
+            {"op": "get", "name": "web", "outContentType": "application/x-pem-file"}])
+
+    assert ok(stored)["contentType"] == "application/x-pkcs12"
+    pem = ok(converted)
+    assert pem["contentType"] == "application/x-pem-file"
+    blocks = [line for line in pem["value"].splitlines() if line.startswith("-----BEGIN")]
+    assert blocks == ["-----BEGIN PRIVATE KEY-----"] + ["-----BEGIN CERTIFICATE-----"] * 2

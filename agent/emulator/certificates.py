@@ -259,20 +259,10 @@ def _pem_value(
     seed: int,
 ) -> str:
     """PEM text: a PKCS#8 key (when exportable) and the certificates, in ``order``."""
-    from cryptography.hazmat.primitives.serialization import (
-        Encoding,
-        NoEncryption,
-        PrivateFormat,
-    )
+    from cryptography.hazmat.primitives.serialization import Encoding
 
     certificates = [cert.public_bytes(Encoding.PEM).decode("ascii") for cert in [leaf, *issuers]]
-    key_block = (
-        []
-        if key is None
-        else [
-            key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode("ascii")
-        ]
-    )
+    key_block = [] if key is None else [_pkcs8_pem(key)]
     if order == "key-first":
         blocks = key_block + certificates
     elif order == "chain-first":
@@ -280,4 +270,41 @@ def _pem_value(
     else:
         blocks = key_block + certificates
         random.Random(seed).shuffle(blocks)
+    return "".join(blocks)
+
+
+def _pkcs8_pem(key: Any) -> str:
+    """The private key as an unencrypted PKCS#8 PEM block (Key Vault's PEM form, B9)."""
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    return str(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode())
+
+
+def pkcs12_to_pem(value: str) -> str:
+    """A PKCS#12 secret value as ``outContentType=application/x-pem-file`` serves it.
+
+    ``value`` is standard base64 of a PKCS#12 with an empty password (B9). The
+    PEM text holds the PKCS#8 key first (none for a non-exportable
+    certificate), then the leaf, then the other certificates in the PKCS#12's
+    order: the layout of Key Vault's own PEM certificates (protocol.md B3, B9;
+    the block order of the converted value is [unverified]). Raises ValueError
+    when ``value`` is not such a PKCS#12.
+    """
+    _crypto()
+    from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+
+    try:
+        key, leaf, others = pkcs12.load_key_and_certificates(
+            base64.b64decode(value, validate=True), b""
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError("the value is not a PKCS#12 with an empty password") from exc
+    certificates = ([leaf] if leaf is not None else []) + list(others)
+    blocks = [] if key is None else [_pkcs8_pem(key)]
+    blocks += [certificate.public_bytes(Encoding.PEM).decode("ascii")
+               for certificate in certificates]
     return "".join(blocks)

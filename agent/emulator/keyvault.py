@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
+from agent.emulator.certificates import PEM, PKCS12, pkcs12_to_pem
 from agent.emulator.secrets_file import VersionSpec
 from agent.emulator.store import DeletedConflictError, DeletedSecret, SecretStore, Version
 from agent.emulator.tokens import TokenIssuer, TokenRejectedError
@@ -50,6 +51,7 @@ from agent.emulator.wire import (
     b64url,
     b64url_decode,
     challenge_header,
+    has_out_content_type,
     is_keyvault_api_version,
     json_bytes,
     keyvault_error_body,
@@ -190,6 +192,9 @@ class VaultApi:
         stored_name, stored = self._find(name, version)
         if not stored.spec.enabled:
             raise _VaultError(403, "Forbidden", KV_DISABLED, "SecretDisabled")
+        wanted = call.query.get("outContentType")
+        if wanted is not None and has_out_content_type(call.api_version):
+            stored = _converted(stored, wanted)
         return _ok(self._bundle(stored_name, stored, with_value=True))
 
     def _find(self, name: str, version: str | None) -> tuple[str, Version]:
@@ -434,6 +439,32 @@ class _Call:
     api_version: str
     claims: Mapping[str, Any]
     request: Request
+
+
+def _converted(stored: Version, wanted: str) -> Version:
+    """``stored`` as ``outContentType=wanted`` asks (protocol.md B3, B9).
+
+    A certificate's PKCS#12 is converted to PEM (key, leaf, chain); a value
+    already in the wanted form is served as stored. "Currently, only PFX to
+    PEM conversion is supported. If an unsupported format is specified, the
+    request is rejected" (the SDKs' generated docs): another type, or PEM to
+    PKCS#12, is a 400 [unverified body]. A secret that is no certificate is
+    served as stored [unverified].
+    """
+    if wanted not in (PEM, PKCS12):
+        raise _bad_body(f"The outContentType '{wanted}' is not supported; use {PEM}.")
+    spec = stored.spec
+    if not spec.managed or spec.content_type == wanted:
+        return stored
+    if spec.content_type != PKCS12:
+        raise _bad_body(f"Conversion from {spec.content_type} to {wanted} is not supported.")
+    try:
+        value = pkcs12_to_pem(spec.value)
+    except ValueError as exc:
+        raise _bad_body(f"The certificate cannot be converted to {wanted}.") from exc
+    return dataclasses.replace(
+        stored, spec=dataclasses.replace(spec, value=value, content_type=PEM)
+    )
 
 
 def _ok(value: object) -> Response:

@@ -49,6 +49,9 @@ KEYVAULT_LATEST_API_VERSION = "2026-04-01"
 KEYVAULT_PREVIEW_API_VERSION_RE = re.compile(
     r"^(7\.[0-6]|\d{4}-\d{2}-\d{2})-preview(\.\d+)?$"
 )
+# outContentType on GET secret: "params_added_on 2025-06-01-preview" (the Python
+# SDK's generated client; protocol.md B3); older versions ignore it [unverified].
+KEYVAULT_OUT_CONTENT_TYPE_SINCE = "2025-06-01"
 KEYVAULT_REGION = "westus"
 KEYVAULT_SERVICE_VERSION = "1.9.576.1"
 KEYVAULT_RECOVERY_LEVEL = "Recoverable+Purgeable"
@@ -242,6 +245,14 @@ def challenge_header(tenant_id: str) -> tuple[str, str]:
             f'Bearer authorization="https://login.windows.net/{tenant_id}", '
             f'resource="{KEYVAULT_RESOURCE}"'
         ),
+    )
+
+
+def has_out_content_type(version: str) -> bool:
+    """Whether api-version ``version`` (already accepted) knows ``outContentType``:
+    a dated version (or preview) from KEYVAULT_OUT_CONTENT_TYPE_SINCE on."""
+    return bool(re.match(r"\d{4}-\d{2}-\d{2}", version)) and (
+        version[:10] >= KEYVAULT_OUT_CONTENT_TYPE_SINCE
     )
 
 

@@ -62,8 +62,12 @@ function attributes(step) {
 }
 
 const OPERATIONS = {
-  get: async (client, step) =>
-    secret(await client.getSecret(step.name, step.version ? { version: step.version } : {})),
+  get: async (client, step) => {
+    const options = {};
+    if (step.version) options.version = step.version;
+    if (step.outContentType) options.outContentType = step.outContentType;
+    return secret(await client.getSecret(step.name, options));
+  },
   list: async (client, step) =>
     pages(client.listPropertiesOfSecrets(), step.maxPageSize),
   versions: async (client, step) =>
