@@ -388,7 +388,8 @@ def test_emulator_command_serves_a_declared_certificate(tmp_path: Path) -> None:
 
 def test_rest_create_certificate_reissues_with_a_new_key(emulator: Emulator) -> None:
     """POST /certificates/<name>/create re-issues a declared certificate as a new version with
-    a new key (how a separate process, e.g. a system test, rotates); unknown names get 404."""
+    a new key (how a separate process, e.g. a system test, rotates), answering 202 inProgress
+    with a Location; GET .../pending then says completed; unknown names get 404."""
     before = bundle(emulator, "web-shuffled")
     with requests.Session() as client:
         client.trust_env = False
@@ -397,19 +398,54 @@ def test_rest_create_certificate_reissues_with_a_new_key(emulator: Emulator) -> 
         created = client.post(
             f"{emulator.vault_url}/certificates/web-shuffled/create",
             params={"api-version": API_VERSION}, headers=headers, json={}, timeout=5)
+        pending = client.get(created.headers["Location"], headers=headers, timeout=5)
         missing = client.post(
             f"{emulator.vault_url}/certificates/never-declared/create",
             params={"api-version": API_VERSION}, headers=headers, timeout=5)
     after = bundle(emulator, "web-shuffled")
 
     assert created.status_code == 202, created.text
-    assert created.json()["status"] == "completed"
-    assert created.json()["target"] == after["id"].replace("/secrets/", "/certificates/")
+    assert created.json()["status"] == "inProgress" and "target" not in created.json()
+    assert pending.status_code == 200, pending.text
+    assert pending.json()["status"] == "completed"
+    assert pending.json()["request_id"] == created.json()["request_id"]
+    assert pending.json()["target"] == f"{emulator.vault_url}/certificates/web-shuffled"
     assert after["id"] != before["id"]
     old_key, new_key = Decoded(PEM, before["value"]).key, Decoded(PEM, after["value"]).key
     assert _public_numbers(old_key) != _public_numbers(new_key)
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "CertificateNotFound"
+
+
+def test_certificate_views_cover_certificates_only(emulator: Emulator) -> None:
+    """Only issued certificates are certificates: a plain secret is 404 as a certificate,
+    absent from the list, and creating a certificate over it is a 409; a certificate never
+    created through the API has no pending operation."""
+    with requests.Session() as client:
+        client.trust_env = False
+        client.verify = emulator.ca_path
+        headers = {"Authorization": f"Bearer {token(emulator)}"}
+        params = {"api-version": API_VERSION}
+
+        def get(path: str) -> requests.Response:
+            return client.get(f"{emulator.vault_url}{path}", params=params, headers=headers,
+                              timeout=5)
+
+        listed = get("/certificates").json()
+        plain = get("/certificates/licence")
+        pending = get("/certificates/web-pfx/pending")
+        policy = get("/certificates/web-pem/policy").json()
+        over_plain = client.post(f"{emulator.vault_url}/certificates/licence/create",
+                                 params=params, headers=headers, timeout=5,
+                                 json={"policy": {"issuer": {"name": "Self"}}})
+
+    names = {item["id"].rsplit("/", 1)[1] for item in listed["value"]}
+    assert "web-pfx" in names and "licence" not in names and "stale" not in names
+    assert plain.status_code == 404 and plain.json()["error"]["code"] == "CertificateNotFound"
+    assert pending.status_code == 404
+    assert policy["secret_props"] == {"contentType": PEM}
+    assert policy["key_props"]["kty"] == "EC" and policy["x509_props"]["subject"] == "CN=web-pem"
+    assert over_plain.status_code == 409
 
 
 def _get_as(emulator: Emulator, name: str, out: str, api_version: str = "2025-07-01"

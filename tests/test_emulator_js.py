@@ -1,7 +1,8 @@
 """Fidelity: the official Azure JavaScript SDK against the emulator.
 
-``@azure/identity`` (``ManagedIdentityCredential``, msal-node underneath) and
-``@azure/keyvault-secrets`` (``SecretClient``), pinned by ``tests/js/package.json``
+``@azure/identity`` (``ManagedIdentityCredential``, msal-node underneath),
+``@azure/keyvault-secrets`` (``SecretClient``) and ``@azure/keyvault-certificates``
+(``CertificateClient``), pinned by ``tests/js/package.json``
 and ``package-lock.json``, are installed by this module itself with ``npm ci`` into
 a cache directory (``KV_AGENT_JS_CACHE``, else ``~/.cache/kv-agent-tests/js``), one
 sub-directory per lock-file digest, so a warm run reinstalls nothing. The tests skip,
@@ -68,7 +69,8 @@ def _install(npm: str) -> Path:
     lock = (JS_DIR / "package-lock.json").read_bytes()
     digest = hashlib.sha256((JS_DIR / "package.json").read_bytes() + lock).hexdigest()
     target = _cache_root() / digest[:16]
-    if not (target / "node_modules" / "@azure" / "keyvault-secrets").is_dir():
+    if not all((target / "node_modules" / "@azure" / package).is_dir()
+               for package in ("keyvault-secrets", "keyvault-certificates")):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=target.parent))
         try:
@@ -414,3 +416,43 @@ def test_js_sdk_gets_a_pkcs12_certificate_as_pem(js_dir: Path) -> None:
     assert pem["contentType"] == "application/x-pem-file"
     blocks = [line for line in pem["value"].splitlines() if line.startswith("-----BEGIN")]
     assert blocks == ["-----BEGIN PRIVATE KEY-----"] + ["-----BEGIN CERTIFICATE-----"] * 2
+
+
+def test_js_sdk_creates_a_certificate_and_reads_it_back(js_dir: Path) -> None:
+    """beginCreateCertificate polls GET .../pending until completed and returns the
+    certificate; getCertificate, its version, its policy, its operation and both lists
+    agree, and a declared certificate created again under a new policy takes it."""
+    with Emulator({"declared": {"certificate": {}}, "plain": "not a certificate"}) as emulator:
+        answers = run_js(js_dir, emulator, [
+            {"op": "createCertificate", "name": "made-by-js", "policy": "default"},
+            {"op": "getCertificate", "name": "made-by-js"},
+            {"op": "getCertificatePolicy", "name": "made-by-js"},
+            {"op": "getCertificateOperation", "name": "made-by-js"},
+            {"op": "listCertificates"},
+            {"op": "listCertificateVersions", "name": "made-by-js"},
+            {"op": "get", "name": "made-by-js"},
+            {"op": "createCertificate", "name": "declared", "policy": {
+                "issuerName": "Self", "subject": "CN=declared", "keyType": "EC",
+                "contentType": "application/x-pem-file"}},
+        ])
+        created, fetched, policy, operation, listed, versions, secret, recreated = [
+            ok(answer) for answer in answers]
+        pending = [record for record in emulator.vault_log if record.path.endswith("/pending")]
+        (version,) = run_js(js_dir, emulator, [
+            {"op": "getCertificateVersion", "name": "made-by-js",
+             "version": fetched["version"]}])
+
+    assert created["id"] == fetched["id"] == ok(version)["id"]
+    assert created["cer"] == fetched["cer"] and fetched["cer"]
+    assert fetched["secretId"] == secret["id"]
+    assert fetched["keyId"] == secret["id"].replace("/secrets/", "/keys/")
+    assert fetched["policy"]["issuerName"] == "Self"
+    assert (policy["keyType"], policy["keySize"], policy["contentType"]) == (
+        "RSA", 2048, "application/x-pkcs12")
+    assert operation == {"status": "completed",
+                         "target": fetched["id"].rsplit("/", 1)[0]}
+    assert sorted(name for page in listed for name in page) == ["declared", "made-by-js"]
+    assert [item["version"] for item in versions] == [fetched["version"]]
+    assert pending and all(record.status == 200 for record in pending)
+    assert recreated["policy"]["keyType"] == "EC"
+    assert recreated["policy"]["contentType"] == "application/x-pem-file"

@@ -31,6 +31,8 @@ from azure.core.exceptions import (
 )
 from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from sdk_environment import AWAY_FROM_THE_EMULATOR
 
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
@@ -473,3 +475,91 @@ def test_sdk_check_refuses_the_default_loopback_vault_url(emu: Emulator) -> None
             client.get_secret("db-password")
 
     assert emu.imds_requests == 0
+
+
+# ---------------------------------------------------------------------------
+# azure-keyvault-certificates: create (its poller), reads and the policy (issue 17 item 18)
+
+
+@contextmanager
+def certificate_client(emulator: Emulator) -> Iterator[Any]:
+    """A CertificateClient for the emulator's vault using a fresh ManagedIdentityCredential."""
+    from azure.keyvault.certificates import CertificateClient
+
+    with ManagedIdentityCredential() as credential:
+        client = CertificateClient(vault_url=emulator.vault_url, credential=credential,
+                                   verify_challenge_resource=False,
+                                   connection_verify=emulator.ca_path)
+        with client:
+            yield client
+
+
+def leaf_and_key(value: str) -> tuple[Any, Any]:
+    """The leaf certificate and private key of a PKCS#12 secret value (empty password)."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    key, leaf, _ = pkcs12.load_key_and_certificates(base64.b64decode(value), b"")
+    return leaf, key
+
+
+def test_sdk_creates_a_certificate_and_reads_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """begin_create_certificate(...).result() returns the certificate (not None), and
+    get_certificate, its version, its policy, its operation and both lists agree with the
+    secret that holds its key."""
+    from azure.keyvault.certificates import CertificatePolicy
+
+    with Emulator({"declared": {"certificate": {}}, "plain": "not a certificate"}) as emulator:
+        aim_sdk_at(emulator, monkeypatch)
+        with certificate_client(emulator) as client, secret_client(emulator) as secrets:
+            started = time.monotonic()
+            created = client.begin_create_certificate(
+                "made-by-sdk", CertificatePolicy.get_default()).result()
+            elapsed = time.monotonic() - started
+            fetched = client.get_certificate("made-by-sdk")
+            version = client.get_certificate_version("made-by-sdk", fetched.properties.version)
+            policy = client.get_certificate_policy("made-by-sdk")
+            operation = client.get_certificate_operation("made-by-sdk")
+            listed = sorted(item.name for item in client.list_properties_of_certificates())
+            versions = list(client.list_properties_of_certificate_versions("made-by-sdk"))
+            secret = secrets.get_secret("made-by-sdk")
+
+    assert created is not None and created.name == "made-by-sdk" and elapsed < 5
+    assert created.id == fetched.id == version.id and fetched.cer == created.cer
+    assert fetched.secret_id == secret.id and fetched.key_id == secret.properties.key_id
+    leaf, key = leaf_and_key(secret.value or "")
+    assert fetched.cer == leaf.public_bytes(Encoding.DER)
+    assert key.public_key().public_numbers() == leaf.public_key().public_numbers()
+    assert fetched.properties.x509_thumbprint == leaf.fingerprint(hashes.SHA1())
+    assert fetched.properties.expires_on is not None and fetched.properties.enabled is True
+    assert fetched.policy is not None and fetched.policy.issuer_name == "Self"
+    assert (policy.key_type, policy.key_size, policy.exportable) == ("RSA", 2048, True)
+    assert policy.content_type == "application/x-pkcs12" and policy.validity_in_months == 12
+    assert operation.status == "completed" and operation.target == fetched.id.rsplit("/", 1)[0]
+    assert listed == ["declared", "made-by-sdk"]
+    assert [item.version for item in versions] == [fetched.properties.version]
+
+
+def test_sdk_create_with_a_policy_replaces_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating an existing certificate with another policy issues a new version under it
+    (an EC key in PEM here); a policy the emulator cannot issue is a 400 naming the field."""
+    from azure.keyvault.certificates import CertificateContentType, CertificatePolicy, KeyType
+
+    with Emulator({"web": {"certificate": {}}}) as emulator:
+        aim_sdk_at(emulator, monkeypatch)
+        with certificate_client(emulator) as client, secret_client(emulator) as secrets:
+            first = client.get_certificate("web")
+            ec = CertificatePolicy(issuer_name="Self", subject="CN=web", key_type=KeyType.ec,
+                                   content_type=CertificateContentType.pem,
+                                   san_dns_names=["web.example.test"])
+            second = client.begin_create_certificate("web", ec).result()
+            pem = secrets.get_secret("web")
+            with pytest.raises(HttpResponseError, match="key_size") as caught:
+                client.begin_create_certificate("web", CertificatePolicy(
+                    issuer_name="Self", subject="CN=web", key_size=4096))
+
+    assert second.properties.version != first.properties.version
+    assert second.policy is not None and second.policy.key_type == "EC"
+    assert second.policy.san_dns_names == ["web.example.test"]
+    assert pem.properties.content_type == "application/x-pem-file"
+    assert pem.value is not None and pem.value.startswith("-----BEGIN PRIVATE KEY-----")
+    assert caught.value.status_code == 400

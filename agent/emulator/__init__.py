@@ -38,13 +38,15 @@ codes, because the emulator is an oracle for the agent, not a mirror of it):
 * :mod:`.tls`: the throw-away CA and server certificate;
 * :mod:`.certificates`: certificate-backed secrets (B9): a stable root and
   intermediate CA, leaves with new keys, PKCS#12 and PEM values;
+* :mod:`.certificate_wire`: the certificates data plane's bodies (policy,
+  certificate, pending operation) the SDKs' ``CertificateClient`` reads;
 * :mod:`.tokens`: which identity a request means, minting and checking tokens;
 * :mod:`.store`: the vault's secrets, versions and soft-deleted secrets;
 * :mod:`.faults`: the injected-fault queue and the answers it gives;
 * :mod:`.imds`: the IMDS token endpoint's rules;
 * :mod:`.identity_sources`: Azure Arc's HIMDS (its key-file challenge) and App Service's
   identity endpoint, served on the IMDS port (protocol.md A7, A8);
-* :mod:`.keyvault`: the Key Vault secrets data plane;
+* :mod:`.keyvault`: the Key Vault secrets (and certificates) data plane;
 * :mod:`.server`: the loopback HTTP(S) server;
 * :mod:`.facade`: :class:`Emulator`, which wires them together;
 * :mod:`.demo`: ``kv-agent demo``, the agent run against the emulator.

@@ -57,12 +57,14 @@ class CertificateSpec:
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """One issued version: the secret value and the leaf's validity (epoch seconds)."""
+    """One issued version: the secret value, the leaf's validity (epoch seconds)
+    and the leaf itself (DER: the certificate's ``cer``)."""
 
     value: str
     not_before: int
     expires_on: int
     serial: int
+    cer: bytes = b""
 
 
 def _crypto() -> Any:
@@ -236,7 +238,10 @@ class IssuingChain:
             value = _pkcs12_value(common_name, exported, leaf, issuers)
         else:
             value = _pem_value(exported, leaf, issuers, spec.pem_order, spec.seed)
-        return IssuedCertificate(value, int(start.timestamp()), int(end.timestamp()), serial)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return IssuedCertificate(value, int(start.timestamp()), int(end.timestamp()), serial,
+                                 leaf.public_bytes(Encoding.DER))
 
 
 def _pkcs12_value(

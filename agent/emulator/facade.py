@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from agent.emulator.certificates import PKCS12, IssuingChain
+from agent.emulator.certificate_wire import CreateRequest
+from agent.emulator.certificates import PKCS12, CertificateSpec, IssuingChain
 from agent.emulator.faults import Fault, FaultQueue, fault_response
 from agent.emulator.identity_sources import APP_SERVICE_TOKEN_PATH, AppServiceApi, ArcApi
 from agent.emulator.imds import ImdsApi, imds_headers
@@ -202,7 +203,8 @@ class Emulator:
             f"https://{vault_host}:{vault_port}",
             vault_host.split(".")[0] if self._vault_hostname else "kv-emulator",
             self._empty_pages,
-            self._reissue_certificate,
+            create_certificate=self._create_certificate,
+            certificate_policy=self.certificate_policy,
         )
         self._urls = (f"http://{self.host}:{imds.server_port}", vault_url, ca_path)
         named = [(imds, "imds"), (vault, "vault")]
@@ -438,12 +440,36 @@ class Emulator:
             certificate = parse_certificate(fields, f"rotate_certificate {name!r}")
         return self._add_version(name, dataclasses.replace(policy, certificate=certificate))
 
-    def _reissue_certificate(self, name: str) -> str | None:
-        """REST re-issue (``POST /certificates/<name>/create``): None for an unknown name."""
-        try:
-            return self.rotate_certificate(name)
-        except KeyError:
-            return None
+    def _create_certificate(self, name: str, request: CreateRequest) -> str | None:
+        """REST create (``POST /certificates/<name>/create``): issue ``name`` again
+        (new key, new version) under the request's policy, which replaces the
+        current one, or under the current one; None when there is neither.
+        Raises ValueError for a policy the emulator cannot issue."""
+        current = self._policies.get(name.lower())
+        if request.fields is None:
+            if current is None or current.certificate is None:
+                return None
+            certificate = current.certificate
+        else:
+            old = current.certificate if current and current.certificate else None
+            # The emulator's own knobs (PEM order, root, start) survive a new policy.
+            kept = {} if old is None else {"pem_order": old.pem_order,
+                                           "include_root": old.include_root,
+                                           "valid_from_days": old.valid_from_days}
+            certificate = parse_certificate({**kept, **request.fields},
+                                            f"certificate {name!r} policy")
+        base = current or VersionSpec("", managed=True)
+        spec = dataclasses.replace(
+            base, certificate=certificate,
+            enabled=base.enabled if request.enabled is None else request.enabled,
+            tags=base.tags if request.tags is None else dict(request.tags))
+        return self._add_version(name, spec)
+
+    def certificate_policy(self, name: str) -> CertificateSpec | None:
+        """The policy ``name`` is issued under (None: not a certificate of the emulator's)."""
+        with self._issue_lock:
+            current = self._policies.get(name.lower())
+        return None if current is None else current.certificate
 
     @property
     def certificate_root_pem(self) -> bytes:
@@ -490,9 +516,11 @@ class Emulator:
                 dataclasses.replace(
                     spec,
                     value=issued.value,
+                    content_type=certificate.content_type,
                     not_before=issued.not_before,
                     expires_on=issued.expires_on,
                     certificate=None,
+                    cer=issued.cer,
                 ),
             )
             self._policies[name.lower()] = spec

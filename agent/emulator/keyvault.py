@@ -4,6 +4,11 @@ Get, list (with paging and optional opening empty pages, B4), and the writes
 the official SDKs make (SetSecret, UpdateSecret, DeleteSecret with soft delete,
 deleted-secret get/list/recover/purge), shaped like the recorded exchanges.
 Write bodies are bounded and validated as the service does (B7).
+
+Certificates (B9): an issued certificate's secret is also served as a
+certificate (get, versions, list, policy) and can be created again through
+``POST /certificates/<name>/create``, answered the way the SDKs' pollers
+expect: 202 ``inProgress``, then ``GET .../pending`` says ``completed``.
 """
 
 from __future__ import annotations
@@ -11,13 +16,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
-from agent.emulator.certificates import PEM, PKCS12, pkcs12_to_pem
+from agent.emulator.certificate_wire import (
+    CERTIFICATE_NOT_FOUND,
+    CREATE_RETRY_AFTER_S,
+    PENDING_NOT_FOUND,
+    CreateRequest,
+    certificate_bundle,
+    certificate_item,
+    operation_body,
+    policy_body,
+    policy_fields,
+)
+from agent.emulator.certificates import PEM, PKCS12, CertificateSpec, pkcs12_to_pem
 from agent.emulator.secrets_file import VersionSpec
 from agent.emulator.store import DeletedConflictError, DeletedSecret, SecretStore, Version
 from agent.emulator.tokens import TokenIssuer, TokenRejectedError
@@ -90,12 +107,20 @@ class VaultApi:
         link_base: str,
         vault_name: str,
         empty_pages: bool,
-        reissue: Callable[[str], str | None] = lambda name: None,
+        *,
+        create_certificate: Callable[[str, CreateRequest], str | None] = (
+            lambda name, request: None),
+        certificate_policy: Callable[[str], CertificateSpec | None] = lambda name: None,
     ) -> None:
         self.empty_pages = empty_pages
-        # Re-issues a declared certificate (new key) and returns the new version;
-        # None when no certificate has that name.
-        self._reissue = reissue
+        # Issues a certificate (new key) and returns the new version; None when
+        # no certificate has that name and the request names no policy.
+        self._create_certificate_version = create_certificate
+        self._certificate_policy = certificate_policy
+        # The last create of each certificate (lower-case name -> request id),
+        # for GET .../pending; the emulator has finished it by the time it answers.
+        self._operations: dict[str, str] = {}
+        self._operations_lock = threading.Lock()
         self._store = store
         self._issuer = issuer
         self._vault_url = vault_url
@@ -143,8 +168,9 @@ class VaultApi:
             shape = "versions"
         elif collection == "deletedsecrets" and len(parts) == 3 and parts[2] == "recover":
             shape = "recover"
-        elif collection == "certificates" and len(parts) == 3 and parts[2] == "create":
-            shape = "create"
+        elif collection == "certificates" and len(parts) == 3 and parts[2] in (
+                "create", "pending", "policy", "versions"):
+            shape = parts[2]
         else:
             shape = f"{len(parts)}"
         methods: Mapping[str, Callable[[_Call], Response]] = {
@@ -161,6 +187,12 @@ class VaultApi:
             ("deletedsecrets", "2"): {"GET": self._get_deleted, "DELETE": self._purge},
             ("deletedsecrets", "recover"): {"POST": self._recover},
             ("certificates", "create"): {"POST": self._create_certificate},
+            ("certificates", "pending"): {"GET": self._get_certificate_operation},
+            ("certificates", "policy"): {"GET": self._get_certificate_policy},
+            ("certificates", "versions"): {"GET": self._list_certificate_versions},
+            ("certificates", "1"): {"GET": self._list_certificates},
+            ("certificates", "2"): {"GET": self._get_certificate},
+            ("certificates", "3"): {"GET": self._get_certificate},
         }.get((collection, shape), {})
         if not methods:
             # The real body for an unknown path is not recorded [unverified].
@@ -303,38 +335,115 @@ class VaultApi:
             self._deleted(name)  # raises the 404
         return Response(204, b"")
 
-    def _create_certificate(self, call: _Call) -> Response:
-        """POST /certificates/<name>/create: re-issue a declared certificate (new key).
+    # -- certificates (B9): the SDKs' CertificateClient reads and create
 
-        Key Vault answers 202 with a pending CertificateOperation and issues in the
-        background; the emulator issues at once, so the new secret version exists
-        when the answer arrives and the operation says ``completed`` [unverified
-        shape]. A ``policy`` in the body is accepted and not applied: the
-        certificate keeps the policy it was declared with. Only certificates the
-        emulator issued can be re-issued (404 otherwise).
+    def _create_certificate(self, call: _Call) -> Response:
+        """POST /certificates/<name>/create: issue a new version (new key).
+
+        With a ``policy`` the certificate is issued under it (a new name becomes
+        a certificate; an existing one takes the new policy); without one an
+        existing certificate is issued again under its own. Key Vault answers
+        202 with an ``inProgress`` operation and issues in the background; the
+        emulator issues before it answers, but says ``inProgress`` all the
+        same, so the SDKs' pollers ask ``GET .../pending`` (now ``completed``)
+        and then get the certificate, as they do against Azure (a ``completed``
+        202 made azure-keyvault-certificates' ``result()`` return None).
         """
-        if call.request.body is not None and call.request.body.strip():
-            _json_body(call.request.body, allowed=_CREATE_CERTIFICATE_KEYS)
         name = call.parts[1]
-        version = self._reissue(name)
+        request = _create_request(call.request.body)
+        if request.fields is not None and self._certificate_policy(name) is None and (
+                self._store.get(name, None) is not None):
+            raise _VaultError(409, "Conflict", f"A secret named {name} exists and is "
+                              "not a certificate.")  # [unverified]
+        try:
+            version = self._create_certificate_version(name, request)
+        except DeletedConflictError:
+            raise _VaultError(409, "Conflict", KV_DELETED_CONFLICT.format(name=name),
+                              "ObjectIsDeletedButRecoverable") from None
+        except ValueError as exc:
+            raise _bad_body(str(exc)) from None
         if version is None:
-            message = (
-                f"A certificate with (name/id) {name} was not found in this key vault. "
-                "If you recently deleted this certificate you may be able to recover it "
-                "using the correct recovery command. For help resolving this issue, "
-                "please see https://go.microsoft.com/fwlink/?linkid=2125182"
-            )  # the SecretNotFound wording, for certificates [unverified]
-            raise _VaultError(404, "CertificateNotFound", message)
-        certificate_id = f"{self._vault_url}/certificates/{name}"
-        operation = {
-            "id": f"{certificate_id}/pending",
-            "issuer": {"name": "Self"},
-            "cancellation_requested": False,
-            "status": "completed",
-            "target": f"{certificate_id}/{version}",
-            "request_id": uuid.uuid4().hex,
-        }
-        return Response(202, json.dumps(operation, separators=(",", ":")).encode())
+            raise _VaultError(404, "CertificateNotFound", CERTIFICATE_NOT_FOUND.format(name=name))
+        request_id = uuid.uuid4().hex
+        with self._operations_lock:
+            self._operations[name.lower()] = request_id
+        stored_name = self._certificate(name, None)[0]
+        pending = (f"{self._vault_url}/certificates/{quote(stored_name)}/pending?api-version="
+                   f"{quote(call.api_version, safe='.-')}&request_id={request_id}")
+        body = operation_body(self._vault_url, stored_name, request_id, is_done=False)
+        return Response(202, json_bytes(body), (("Location", pending),
+                                                ("Retry-After", CREATE_RETRY_AFTER_S)))
+
+    def _get_certificate_operation(self, call: _Call) -> Response:
+        """GET /certificates/<name>/pending: the last create, ``completed``; a
+        ``request_id`` that is not that create's filters it out (404, B9 doc)."""
+        name = call.parts[1]
+        with self._operations_lock:
+            request_id = self._operations.get(name.lower())
+        wanted = call.query.get("request_id")
+        if request_id is None or (wanted is not None and wanted != request_id):
+            raise _VaultError(404, "PendingCertificateNotFound",
+                              PENDING_NOT_FOUND.format(name=name))
+        stored_name = self._certificate(name, None)[0]
+        return _ok(operation_body(self._vault_url, stored_name, request_id, is_done=True))
+
+    def _get_certificate(self, call: _Call) -> Response:
+        """GET /certificates/<name>[/<version>]: a CertificateBundle with the
+        policy. A disabled certificate is still read (its attributes say so)."""
+        name = call.parts[1]
+        version = call.parts[2] if len(call.parts) == 3 else None
+        stored_name, stored = self._certificate(name, version)
+        assert stored.spec.cer is not None
+        with self._operations_lock:
+            has_pending = name.lower() in self._operations
+        return _ok(certificate_bundle(
+            self._vault_url, stored_name, stored.version, stored.spec.cer,
+            _attributes(stored), stored.spec.tags, self._policy_body(stored_name),
+            has_pending))
+
+    def _get_certificate_policy(self, call: _Call) -> Response:
+        name = self._certificate(call.parts[1], None)[0]
+        policy = self._policy_body(name)
+        if policy is None:  # issued outside the emulator's own policies
+            raise _VaultError(404, "CertificateNotFound", CERTIFICATE_NOT_FOUND.format(name=name))
+        return _ok(policy)
+
+    def _list_certificates(self, call: _Call) -> Response:
+        entries = [
+            (name.upper(), certificate_item(self._vault_url, name, None, version.spec.cer,
+                                            _attributes(version), version.spec.tags))
+            for name, version in self._store.latest_of_all() if version.spec.cer is not None
+        ]
+        return self._page(call, "/certificates", entries)
+
+    def _list_certificate_versions(self, call: _Call) -> Response:
+        name = call.parts[1]
+        entries = [
+            (f"{version.seq:012d}",
+             certificate_item(self._vault_url, stored, version.version, version.spec.cer,
+                              _attributes(version), version.spec.tags))
+            for stored, version in self._store.versions(name) if version.spec.cer is not None
+        ]
+        return self._page(call, f"/certificates/{quote(name)}/versions", entries)
+
+    def _certificate(self, name: str, version: str | None) -> tuple[str, Version]:
+        """A version that holds a certificate, or 404 CertificateNotFound."""
+        found = None
+        if version is None or SECRET_VERSION_RE.match(version):
+            found = self._store.get(name, version)
+        if found is None or found[1].spec.cer is None:
+            label = name if version is None else f"{name}/{version}"
+            raise _VaultError(404, "CertificateNotFound", CERTIFICATE_NOT_FOUND.format(name=label))
+        return found
+
+    def _policy_body(self, name: str) -> dict[str, object] | None:
+        """The policy ``name`` is issued under, dated by its first and last issue."""
+        spec = self._certificate_policy(name)
+        issued = [version for _, version in self._store.versions(name) if version.spec.cer]
+        if spec is None or not issued:
+            return None
+        return policy_body(name, spec, f"{self._vault_url}/certificates/{name}/policy",
+                           issued[0].created, issued[-1].created)
 
     # -- paging and bodies
 
@@ -392,18 +501,7 @@ class VaultApi:
         bundle["id"] = f"{secret_id}/{version.version}" if versioned_id else secret_id
         if spec.managed:
             bundle["managed"] = True
-        attributes: dict[str, object] = {"enabled": spec.enabled}
-        if spec.not_before is not None:
-            attributes["nbf"] = spec.not_before
-        if spec.expires_on is not None:
-            attributes["exp"] = spec.expires_on
-        attributes.update(
-            created=version.created,
-            updated=version.updated,
-            recoveryLevel=KEYVAULT_RECOVERY_LEVEL,
-            recoverableDays=KEYVAULT_RECOVERABLE_DAYS,
-        )
-        bundle["attributes"] = attributes
+        bundle["attributes"] = _attributes(version)
         if spec.managed and not is_item:
             # A certificate's key, secret and certificate share name and version (B9).
             bundle["kid"] = spec.kid or f"{self._vault_url}/keys/{name}/{version.version}"
@@ -439,6 +537,39 @@ class _Call:
     api_version: str
     claims: Mapping[str, Any]
     request: Request
+
+
+def _attributes(version: Version) -> dict[str, object]:
+    """A version's attributes in the wire's key order (B3); a certificate's too."""
+    spec = version.spec
+    attributes: dict[str, object] = {"enabled": spec.enabled}
+    if spec.not_before is not None:
+        attributes["nbf"] = spec.not_before
+    if spec.expires_on is not None:
+        attributes["exp"] = spec.expires_on
+    attributes.update(
+        created=version.created,
+        updated=version.updated,
+        recoveryLevel=KEYVAULT_RECOVERY_LEVEL,
+        recoverableDays=KEYVAULT_RECOVERABLE_DAYS,
+    )
+    return attributes
+
+
+def _create_request(body: bytes | None) -> CreateRequest:
+    """A create's body (it may be empty: issue again under the current policy)."""
+    if body is not None and not body.strip():
+        return CreateRequest()
+    data = _json_body(body, allowed=_CREATE_CERTIFICATE_KEYS)
+    try:
+        fields = policy_fields(data["policy"]) if "policy" in data else None
+    except ValueError as exc:
+        raise _bad_body(str(exc)) from None
+    changes = _apply_body(VersionSpec(""), {key: data[key] for key in ("attributes", "tags")
+                                             if key in data})
+    enabled = data.get("attributes", {}).get("enabled") if isinstance(
+        data.get("attributes"), dict) else None
+    return CreateRequest(fields, enabled, changes.tags)
 
 
 def _converted(stored: Version, wanted: str) -> Version:
@@ -486,7 +617,7 @@ def _bad_body(message: str) -> _VaultError:
     return _VaultError(400, "BadParameter", message)
 
 
-# CreateCertificate's body (REST 7.x); the emulator accepts it and keeps the declared policy.
+# CreateCertificate's body (REST 7.x); preserveCertOrder is accepted and has no effect.
 _CREATE_CERTIFICATE_KEYS = frozenset({"policy", "attributes", "tags", "preserveCertOrder"})
 
 

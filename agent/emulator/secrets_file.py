@@ -120,6 +120,8 @@ class VersionSpec:
     kid: str | None = None
     # Declared certificates: the emulator issues the value (and nbf/exp) when it stores it.
     certificate: CertificateSpec | None = None
+    # An issued certificate's leaf (DER), for the certificates views (GET /certificates).
+    cer: bytes | None = None
 
 
 

@@ -1,5 +1,5 @@
-// Drives the official Azure JavaScript SDK (@azure/identity, @azure/keyvault-secrets)
-// against kv-agent's emulator, for tests/test_emulator_js.py.
+// Drives the official Azure JavaScript SDK (@azure/identity, @azure/keyvault-secrets,
+// @azure/keyvault-certificates) against kv-agent's emulator, for tests/test_emulator_js.py.
 //
 // Input (stdin, JSON): {"vaultUrl": ..., "verifyChallengeResource": bool,
 //   "credential": ManagedIdentityCredential options, e.g. {"objectId": ...} (optional), "steps": [{"op": ..., ...}, ...]}
@@ -12,6 +12,7 @@
 // (msal-node's IMDS host override) and NODE_EXTRA_CA_CERTS (the emulator's CA).
 
 import { ManagedIdentityCredential } from "@azure/identity";
+import { CertificateClient, DefaultCertificatePolicy } from "@azure/keyvault-certificates";
 import { SecretClient } from "@azure/keyvault-secrets";
 
 const POLL = { updateIntervalInMs: 50 };
@@ -92,6 +93,75 @@ const OPERATIONS = {
   },
 };
 
+function base64(bytes, alphabet = "base64") {
+  return bytes ? Buffer.from(bytes).toString(alphabet) : null;
+}
+
+function policy(value) {
+  return value
+    ? {
+        issuerName: value.issuerName ?? null,
+        subject: value.subject ?? null,
+        keyType: value.keyType ?? null,
+        keySize: value.keySize ?? null,
+        exportable: value.exportable ?? null,
+        contentType: value.contentType ?? null,
+        validityInMonths: value.validityInMonths ?? null,
+        dnsNames: value.subjectAlternativeNames?.dnsNames ?? null,
+      }
+    : null;
+}
+
+function certificateProperties(item) {
+  return {
+    name: item.name,
+    id: item.id ?? null,
+    version: item.version ?? null,
+    enabled: item.enabled ?? null,
+    expiresOn: seconds(item.expiresOn),
+    x5t: base64(item.x509Thumbprint, "base64url"),
+  };
+}
+
+function certificate(value) {
+  return {
+    ...certificateProperties(value.properties),
+    keyId: value.keyId ?? null,
+    secretId: value.secretId ?? null,
+    cer: base64(value.cer),
+    policy: policy(value.policy),
+  };
+}
+
+// step.policy: "default" (DefaultCertificatePolicy) or a CertificatePolicy object.
+const CERTIFICATE_OPERATIONS = {
+  createCertificate: async (client, step) => {
+    const wanted = step.policy === "default" ? DefaultCertificatePolicy : step.policy;
+    const poller = await client.beginCreateCertificate(step.name, wanted, POLL);
+    return certificate(await poller.pollUntilDone());
+  },
+  getCertificate: async (client, step) => certificate(await client.getCertificate(step.name)),
+  getCertificateVersion: async (client, step) =>
+    certificate(await client.getCertificateVersion(step.name, step.version)),
+  getCertificatePolicy: async (client, step) =>
+    policy(await client.getCertificatePolicy(step.name)),
+  getCertificateOperation: async (client, step) => {
+    const poller = await client.getCertificateOperation(step.name, POLL);
+    const operation = poller.getOperationState().certificateOperation ?? {};
+    return { status: operation.status ?? null, target: operation.target ?? null };
+  },
+  listCertificates: async (client, step) =>
+    (await pages(client.listPropertiesOfCertificates(), step.maxPageSize)).map(
+      (page) => page.map((item) => item.name)),
+  listCertificateVersions: async (client, step) => {
+    const result = [];
+    for await (const item of client.listPropertiesOfCertificateVersions(step.name)) {
+      result.push(certificateProperties(item));
+    }
+    return result;
+  },
+};
+
 function describe(error) {
   const details = error.details?.error ?? {};
   return {
@@ -109,16 +179,20 @@ async function main() {
   for await (const chunk of process.stdin) chunks.push(chunk);
   const plan = JSON.parse(Buffer.concat(chunks).toString("utf8"));
   const credential = new ManagedIdentityCredential(plan.credential ?? {});
-  const client = new SecretClient(plan.vaultUrl, credential, {
+  const options = {
     disableChallengeResourceVerification: !plan.verifyChallengeResource,
     retryOptions: { maxRetries: 0 },
-  });
+  };
+  const client = new SecretClient(plan.vaultUrl, credential, options);
+  const certificates = new CertificateClient(plan.vaultUrl, credential, options);
   const results = [];
   for (const step of plan.steps) {
-    const operation = OPERATIONS[step.op];
+    const [operation, target] = OPERATIONS[step.op]
+      ? [OPERATIONS[step.op], client]
+      : [CERTIFICATE_OPERATIONS[step.op], certificates];
     if (operation === undefined) throw new Error(`unknown op ${step.op}`);
     try {
-      results.push({ ok: await operation(client, step) });
+      results.push({ ok: await operation(target, step) });
     } catch (error) {
       results.push({ error: describe(error) });
     }
