@@ -766,11 +766,14 @@ class Writer:
 
     def _open_parents(self, path: str, create: bool = True) -> int:
         """An fd for the target's directory, walked from the root component by
-        component with O_NOFOLLOW; missing ones are created (mode DIR_MODE)."""
+        component with O_NOFOLLOW; missing ones are created (mode DIR_MODE).
+        Each directory opened, the root included, must pass the root's rule
+        (:meth:`_check_opened`)."""
         fd = self._open_root()
         relative = posixpath.relpath(posixpath.dirname(path), self.root)
         directory = self.root
         try:
+            self._check_opened(fd, path, directory)
             for part in [] if relative == "." else relative.split("/"):
                 directory = posixpath.join(directory, part)
                 is_created = False

@@ -692,9 +692,10 @@ def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
         _expect_unprivileged_chown_refused(writer, root)
         return
     # As root, drop to nobody in a forked child, which keeps this process's
-    # interpreter and imports (the venv may not be readable by nobody).
+    # interpreter and imports (the venv may not be readable by nobody). The
+    # root is nobody's then, as it would be for an agent run as nobody.
     os.chmod(root.parent, 0o755)
-    os.chmod(root, 0o777)
+    os.chown(root, 65534, 65534)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
@@ -702,7 +703,7 @@ def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            _expect_unprivileged_chown_refused(writer, root)
+            _expect_unprivileged_chown_refused(Writer(str(root)), root)
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -940,8 +941,8 @@ def test_a_foreign_directory_below_the_root_is_refused_and_nothing_written_in_it
 
 def test_a_directory_made_foreign_after_a_write_stops_the_next_one(writer: Writer,
                                                                     root: Path) -> None:
-    """Each write judges every directory it opens again: one handed to another user
-    (0777) after a first write is refused at the next, and its file is left as it is."""
+    """Each write judges every directory it opens again, the root too: one handed to
+    another user (0777) after a first write is refused at the next, its file left as it is."""
     require_root()
     writer.apply(spec_for(root, "sub/db", b"first"))
     os.chown(root / "sub", OTHER_UID, OTHER_GID)
@@ -951,6 +952,11 @@ def test_a_directory_made_foreign_after_a_write_stops_the_next_one(writer: Write
     with pytest.raises(WriteError, match=f"{root / 'sub'} is owned by uid {OTHER_UID}"):
         writer.remove(str(root / "sub" / "db"))
     assert (root / "sub" / "db").read_bytes() == b"first"
+    writer.apply(spec_for(root, "top", b"first"))
+    os.chmod(root, 0o777)  # the root itself, after prepare()
+    with pytest.raises(WriteError, match=f"{root}/top: not written: {root} is writable"):
+        writer.apply(spec_for(root, "top", b"second"))
+    assert (root / "top").read_bytes() == b"first"
 
 
 def _agent_command(args: List[str], environ: Dict[str, str]) -> subprocess.CompletedProcess[str]:

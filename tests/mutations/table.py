@@ -513,11 +513,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
     ),
     Mutation(
         "output-directory-of-another-user",
-        "an output directory another user owns or can write is refused",
+        "an output directory, or a directory below it that a file lands in, that another "
+        "user owns or can write is refused",
         "agent/writer.py",
-        "            if st.st_uid not in (0, self._euid):\n                raise WriteError(f\"{path} is owned by uid",
-        "            if False:\n                raise WriteError(f\"{path} is owned by uid",
-        (f"{WRITER}::test_precreated_unsafe_root_is_refused",),
+        "    if st.st_uid not in (0, euid):\n        return (f\"{path} is owned by uid",
+        "    if False:\n        return (f\"{path} is owned by uid",
+        (f"{WRITER}::test_precreated_unsafe_root_is_refused",
+         f"{WRITER}::test_a_foreign_directory_below_the_root_is_refused_and_nothing_written_in_it",
+         f"{WRITER}::test_check_refuses_and_once_skips_a_foreign_directory_below_the_root"),
     ),
     # -- issue 12: bulk selection ----------------------------------------------
     Mutation(
