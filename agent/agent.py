@@ -44,7 +44,14 @@ from agent.errors import (
 from agent.expiry import Validity, combine, describe, judge
 from agent.freshness import EntryWritten, Freshness, SourceSeen, WrittenOutcome, plan, remember
 from agent.identity import token_source
-from agent.manifest import Accounts, Entry, Manifest, Selection, load_manifest
+from agent.manifest import (
+    Accounts,
+    Entry,
+    Manifest,
+    Selection,
+    landing_directories,
+    load_manifest,
+)
 from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.selection import expand, explicit_names
@@ -164,10 +171,15 @@ def expiry_warnings(outcomes: Sequence[SecretOutcome], warn_before_s: float,
 def check(path: str, accounts: Optional[Accounts] = None) -> Manifest:
     """Validate the manifest and its output directory; no network call.
 
-    Raises ManifestError (or WriteError when the directory is not tmpfs).
+    Raises ManifestError, or WriteError when the directory is not tmpfs or
+    another user could replace what is in it or in a directory below it that
+    a file lands in (the writes refuse those files one by one).
     """
     manifest = load_manifest(path, accounts=accounts)
-    Writer(manifest.directory).check()
+    writer = Writer(manifest.directory)
+    writer.check()
+    for directory in landing_directories(manifest):
+        writer.check_directory(directory)
     return manifest
 
 

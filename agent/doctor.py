@@ -77,7 +77,7 @@ from agent.errors import (
 )
 from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, Validity, combine, judge, moment
 from agent.identity import TokenCache, choose_source, token_source
-from agent.manifest import Entry, Manifest, load_manifest
+from agent.manifest import Entry, Manifest, landing_directories, load_manifest
 from agent.retry import RetryPolicy
 from agent.selection import matches
 from agent.snapshot import STOPPED, parse_snapshot
@@ -177,7 +177,7 @@ def diagnose(path: str, environ: Mapping[str, str], host: Host = Host()) -> Repo
     checks: List[Check] = []
     manifest = _check_manifest(path, checks)
     if manifest is not None:
-        checks += check_directory(manifest.directory)
+        checks += check_directory(manifest.directory, landing_directories(manifest))
         checks += _Network(manifest, environ, host).run()
     checks += check_agent(environ, host)
     return Report(tuple(checks), time.monotonic() - started)
@@ -208,12 +208,16 @@ def _check_manifest(path: str, checks: List[Check]) -> Optional[Manifest]:
     return manifest
 
 
-def check_directory(directory: str) -> List[Check]:
-    """Whether the output directory is on tmpfs (the writer's own check)
-    and writable by this process."""
+def check_directory(directory: str, landing: Sequence[str] = ()) -> List[Check]:
+    """Whether the output directory is on tmpfs, safe from other users with
+    each directory below it that files land in (``landing``; the writer's
+    own checks), and writable by this process."""
     subject = f"output directory {directory}"
     try:
-        Writer(directory).check()
+        writer = Writer(directory)
+        writer.check()
+        for below in landing:
+            writer.check_directory(below)
     except WriteError as exc:
         detail, _, fix = exc.message.partition("; ")
         return [Check(subject, "tmpfs", FAIL, detail, exc.hint or fix or None)]

@@ -254,6 +254,20 @@ class Manifest(NamedTuple):
     metrics_path: Optional[str] = None
 
 
+def landing_directories(manifest: Manifest) -> Tuple[str, ...]:
+    """Every directory a file of ``manifest`` is written into, as the writer
+    opens them: an explicit file's directory, a select entry's directory,
+    and for a set the parent of its directory (the set's own directory is
+    swapped whole, never written into). Sorted, each once. Pure: ``check``
+    and ``doctor`` judge each with :meth:`agent.writer.Writer.check_directory`."""
+    in_sets = {key for group in manifest.sets for key in group.keys}
+    found = {posixpath.dirname(group.directory) for group in manifest.sets}
+    found.update(posixpath.dirname(path) for entry in manifest.secrets
+                 if entry.key not in in_sets for path in entry.paths)
+    found.update(selection.directory for selection in manifest.selections)
+    return tuple(sorted(found))
+
+
 class Accounts(NamedTuple):
     """Resolves user and group names; replaceable in tests.
 

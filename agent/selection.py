@@ -11,8 +11,11 @@ Skipped, each said why: a certificate's secret (``managed``) unless
 ``include_certificates``; a secret an explicit entry of the manifest already
 names on the same vault (the explicit entry owns it: a selection never
 writes what the operator placed by hand); a name that is the prefix itself
-under ``strip_prefix`` (no file name would be left). Names compare
-case-insensitively, as Key Vault compares them [protocol.md B7].
+under ``strip_prefix`` (no file name would be left); a name the listing
+repeats, in the same or another case (one secret to Key Vault: with
+``strip_prefix`` both would write one file, counted twice), after its first
+appearance. Names compare case-insensitively, as Key Vault compares them
+[protocol.md B7].
 
 Pure values and functions; nothing here does I/O.
 """
@@ -20,12 +23,14 @@ Pure values and functions; nothing here does I/O.
 from __future__ import annotations
 
 import posixpath
-from typing import AbstractSet, Iterable, List, NamedTuple, Optional, Tuple
+from typing import AbstractSet, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from agent.manifest import Entry, Selection
 from agent.outputs import OutputSet
 from agent.sources import Source
 from agent.vault_list import SecretItem
+
+MAX_REPEATS_SHOWN = 3  # spellings of a repeated name one skip line shows
 
 
 class Expansion(NamedTuple):
@@ -58,8 +63,13 @@ def expand(selection: Selection, items: Iterable[SecretItem],
     """
     entries: List[Entry] = []
     skipped: List[str] = []
+    names: Dict[str, List[str]] = {}  # lower-case name -> each spelling listed, in order
     for item in items:
         if not matches(selection, item):
+            continue
+        spellings = names.setdefault(item.name.lower(), [])
+        spellings.append(item.name)
+        if len(spellings) > 1:
             continue
         why = _skip_reason(selection, item, explicit)
         if why is not None:
@@ -71,7 +81,21 @@ def expand(selection: Selection, items: Iterable[SecretItem],
         entries.append(Entry(name=item.name, sources=(Source(selection.vault, item.name),),
                              outputs=OutputSet((output,)), is_optional=selection.is_optional,
                              on_change=selection.on_change, line=selection.line))
+    skipped.extend(_repeated(selection, spellings)
+                   for spellings in names.values() if len(spellings) > 1)
     return Expansion(tuple(entries), tuple(skipped))
+
+
+def _repeated(selection: Selection, spellings: List[str]) -> str:
+    """The one skip line of a name the listing gave more than once (a few
+    repeats shown: a hostile listing may repeat a name thousands of times)."""
+    repeats = spellings[1:]
+    again = ", ".join(f"'{name}'" for name in repeats[:MAX_REPEATS_SHOWN])
+    if len(repeats) > MAX_REPEATS_SHOWN:
+        again += f" and {len(repeats) - MAX_REPEATS_SHOWN} more"
+    return (f"{selection.label}: skipped secret {again}: the listing already named "
+            f"'{spellings[0]}', the same secret (Key Vault names are case-insensitive); "
+            "taken once")
 
 
 def file_name(selection: Selection, name: str) -> Optional[str]:

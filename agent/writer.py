@@ -23,7 +23,10 @@ Invariants:
   the paths they trust: whoever can write a directory on the way can replace
   what is below it. A world-writable sticky parent owned by root (/dev/shm,
   /tmp) is fine, since only its owner may then remove the root; the root
-  itself may not be one.
+  itself may not be one. Every directory from the root down to a file
+  passes the root's own rule (:func:`replaceable_problem`), judged on the
+  very directory opened on the way to each write: a file is never written
+  into one another user could empty or refill.
 * A set (:meth:`Writer.apply_set`) is a directory holding only its files;
   it changes by one renameat2(RENAME_EXCHANGE) with a directory built beside
   it under :data:`SET_PREFIX`, so a reader that opened the set's directory
@@ -212,6 +215,26 @@ def system_directory_problem(path: str) -> Optional[str]:
     return None
 
 
+def replaceable_problem(path: str, st: os.stat_result, euid: int) -> Optional[str]:
+    """Why another user could delete or replace the files in the directory
+    ``path`` (its ``st``), or None: the rule for the root and for every
+    directory below it on the way to a file. Owned by root or ``euid`` (the
+    agent's own user), not writable by group or others; no sticky exception,
+    since a sticky directory still lets anyone add a file beside the secrets.
+    The message ends with the fix after "; ". Pure."""
+    fix_owner = "root:root" if euid == 0 else str(euid)
+    fix = (f"chown {fix_owner} {path} && chmod 0755 {path}, "
+           "or remove it so kv-agent creates it")
+    if st.st_uid not in (0, euid):
+        return (f"{path} is owned by uid {st.st_uid}, who could delete or replace the "
+                f"secrets; {fix}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{path} is writable by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}), who could delete or replace the "
+                f"secrets; {fix}")
+    return None
+
+
 def _directories_above(path: str) -> Iterator[str]:
     """``/``, then each ancestor of ``path``, down to ``path`` itself."""
     current = "/"
@@ -326,15 +349,9 @@ class Writer:
         directory above the root, what is inside it)."""
         fix_owner = "root:root" if self._euid == 0 else str(self._euid)
         if is_root:
-            fix = (f"chown {fix_owner} {path} && chmod 0755 {path}, "
-                   "or remove it so kv-agent creates it")
-            if st.st_uid not in (0, self._euid):
-                raise WriteError(f"{path} is owned by uid {st.st_uid}, who could delete or "
-                                 f"replace the secrets; {fix}")
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise WriteError(f"{path} is writable by group or others (mode "
-                                 f"{stat.S_IMODE(st.st_mode):04o}), who could delete or "
-                                 f"replace the secrets; {fix}")
+            problem = replaceable_problem(path, st, self._euid)
+            if problem:
+                raise WriteError(problem)
             return
         if stat.S_ISLNK(st.st_mode):
             if st.st_uid not in (0, self._euid):  # its owner may retarget it in a sticky dir
@@ -350,6 +367,34 @@ class Writer:
             raise WriteError(f"{self.root}: {path} is writable by group or others (mode "
                              f"{stat.S_IMODE(st.st_mode):04o}), who could replace "
                              f"{self.root}; chmod go-w {path}, or {tmpfs_hint()}")
+
+    def check_directory(self, directory: str) -> None:
+        """Without creating anything: raise WriteError if a directory from the
+        root (excluded: see :meth:`check`) down to ``directory`` (included)
+        exists and another user could replace what is in it
+        (:func:`replaceable_problem`), or is a symlink or not a directory.
+        What does not exist yet passes: the writer creates it, with its own
+        owner and DIR_MODE. ``kv-agent check`` asks this of every directory
+        a file lands in; the writes themselves judge each directory again as
+        they open it (:meth:`_open_parents`)."""
+        relative = posixpath.relpath(directory, self.root)
+        if relative.startswith("..") or posixpath.isabs(relative):
+            raise WriteError(f"{directory} is not under {self.root}")
+        current = self.root
+        for part in [] if relative == "." else relative.split("/"):
+            current = posixpath.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise WriteError(f"cannot use {current}: {exc.strerror}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise WriteError(f"{current} is a symlink or not a directory; "
+                                 "replace it with a directory, or remove it")
+            problem = replaceable_problem(current, st, self._euid)
+            if problem:
+                raise WriteError(problem)
 
     def clean_leftovers(self) -> List[str]:
         """Remove temporary files a crash left behind (never following links).
@@ -721,11 +766,16 @@ class Writer:
 
     def _open_parents(self, path: str, create: bool = True) -> int:
         """An fd for the target's directory, walked from the root component by
-        component with O_NOFOLLOW; missing ones are created (mode DIR_MODE)."""
+        component with O_NOFOLLOW; missing ones are created (mode DIR_MODE).
+        Each directory opened, the root included, must pass the root's rule
+        (:meth:`_check_opened`)."""
         fd = self._open_root()
         relative = posixpath.relpath(posixpath.dirname(path), self.root)
+        directory = self.root
         try:
+            self._check_opened(fd, path, directory)
             for part in [] if relative == "." else relative.split("/"):
+                directory = posixpath.join(directory, part)
                 is_created = False
                 if create:
                     try:
@@ -761,10 +811,21 @@ class Writer:
                         raise WriteError(
                             f"{path}: cannot set the mode of parent '{part}': "
                             f"{exc.strerror}") from None
+                self._check_opened(fd, path, directory)
             return fd
         except BaseException:
             os.close(fd)
             raise
+
+    def _check_opened(self, fd: int, path: str, directory: str) -> None:
+        """``directory``, just opened (``fd``) on the way to ``path``, must
+        pass the root's rule (:func:`replaceable_problem`). Judged on the fd,
+        so a directory swapped in by name after ``check`` is judged too.
+        Raises WriteError naming ``path``, the directory and the fix: that
+        file is not written; the others are."""
+        problem = replaceable_problem(directory, os.fstat(fd), self._euid)
+        if problem:
+            raise WriteError(f"{path}: not written: {problem}")
 
     @staticmethod
     def _matches(dir_fd: int, name: str, spec: FileSpec) -> bool:

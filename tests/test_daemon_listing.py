@@ -7,6 +7,8 @@ after their write (agent.freshness.SETTLED_S), as on a real vault.
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 from typing import Iterator, List
 
@@ -87,4 +89,50 @@ def test_a_failed_start_retries_only_the_missing_secret(
     assert "/secrets" not in paths(vault, 0)
     vault.put("late")
     run.wait_ready()
+    run.stop()
+
+
+def test_a_same_size_in_place_edit_is_fetched_and_repaired(
+        start_agent: StartAgent, vault: Vault) -> None:  # noqa: F811 (the fixture)
+    """A write(2) in place that keeps the file's size (and inode, owner, mode) is seen by its
+    ctime at the next refresh: that secret alone is fetched and its file rewritten."""
+    run = start_agent([entry(name) for name in NAMES])
+    run.wait_ready()
+    start = len(vault.emulator.vault_log)
+    run.wait(lambda: paths(vault, start).count("/secrets") >= 1, "a listing refresh")
+    path = run.directory / "app-1"
+    value = read(path)
+    assert value is not None
+    fd = os.open(path, os.O_WRONLY)  # root may, whatever the mode
+    try:
+        os.pwrite(fd, b"X" * len(value.encode()), 0)
+    finally:
+        os.close(fd)
+    run.wait_content("app-1", value)
+    fetched = {p.rstrip("/") for p in paths(vault, start) if p.startswith("/secrets/")}
+    assert fetched == {"/secrets/app-1"}, paths(vault, start)
+    run.stop()
+
+
+def test_an_edit_through_a_shared_mapping_is_fetched_and_repaired(
+        start_agent: StartAgent, vault: Vault) -> None:  # noqa: F811 (the fixture)
+    """A group-writable file edited through a shared writable mapping, which keeps inode,
+    size and ctime, is verified by content: fetched and rewritten at the next refresh."""
+    run = start_agent([entry(name) for name in NAMES[:-1]] + [entry(NAMES[-1], mode="0660")])
+    run.wait_ready()
+    path = run.directory / NAMES[-1]
+    value = read(path)
+    assert value is not None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        # A read faults the page in; a store after it moves no ctime on tmpfs.
+        first = mapped[0:1]
+        mapped[0:1] = b"#" if first != b"#" else b"%"
+        run.wait_content(NAMES[-1], value, timeout_s=10.0)  # ten refreshes at most
+    finally:
+        mapped.close()
     run.stop()

@@ -32,6 +32,7 @@ from agent.doctor import (
     Host,
     Report,
     check_agent,
+    check_directory,
     check_validity,
     judge_answer,
     refusal_fix,
@@ -192,6 +193,21 @@ def test_unit_state(tmp_path: Path, systemd: bool, word: Optional[str], state: s
     assert (unit.name, unit.state) == ("unit", state)
     if state == FAIL:
         assert unit.fix is not None and "journalctl -u kv-agent" in unit.fix
+
+
+def test_a_foreign_directory_a_file_lands_in_fails_the_output_directory(shm_dir: Path) -> None:
+    """Another user's 0777 directory below the output directory, where a file lands,
+    fails the directory's check with the fix; a missing one passes."""
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root (CI runs the suite as root)")
+    foreign = shm_dir / "sub"
+    foreign.mkdir()
+    os.chown(foreign, 1234, 1234)
+    os.chmod(foreign, 0o777)
+    [failed] = check_directory(str(shm_dir), [str(foreign)])
+    assert failed.state == FAIL and f"{foreign} is owned by uid 1234" in failed.detail
+    assert failed.fix is not None and f"chown root:root {foreign}" in failed.fix
+    assert [c.state for c in check_directory(str(shm_dir), [str(shm_dir / "new")])] == [OK, OK]
 
 
 def test_status_document_shows_last_refresh_and_failing_entries(tmp_path: Path) -> None:

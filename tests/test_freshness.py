@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import time
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
@@ -10,6 +14,7 @@ import pytest
 from agent.errors import ListTooLongError, VaultForbiddenError, VaultUnavailableError
 from agent.expiry import Validity
 from agent.freshness import (
+    MAX_VERIFIED_BYTES,
     SETTLED_S,
     EntryWritten,
     FileStamp,
@@ -17,7 +22,10 @@ from agent.freshness import (
     SourceSeen,
     VaultSeen,
     WrittenOutcome,
+    file_stamp,
     forget_forbidden,
+    is_on_disk,
+    is_writable_by_others,
     list_budget,
     listing_pages,
     plan,
@@ -265,3 +273,97 @@ def test_remember_keeps_successes_only_and_no_value() -> None:
         (listed[0].paths[0], stamp_of(listed[0].paths[0])),)
     assert dict(memory.sources) == {listed[0].source: SourceSeen("v2", UPDATED, FETCHED)}
     assert "value" not in repr(memory)
+
+
+# ---------------------------------------------------------------------------
+# The local check on real files (tmpfs)
+
+
+CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # linux/time.h
+
+
+def wait_for_a_new_ctime(stamp: FileStamp) -> None:
+    """Until a change now gets another ctime than ``stamp``'s: the kernel
+    takes ctime from its coarse clock, which may not have ticked yet."""
+    deadline = time.monotonic() + 2.0
+    while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= stamp.ctime_ns:
+        assert time.monotonic() < deadline, "the coarse clock did not move"
+        time.sleep(0.002)
+
+
+def written_file(directory: Path, mode: int, content: bytes = b"the-value-0123") -> str:
+    path = directory / "s"
+    path.write_bytes(content)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_a_same_size_in_place_write_is_seen_by_its_ctime_alone(shm_dir: Path) -> None:
+    """A write(2) in place of the same size keeps inode, size, owner and mode: only
+    the stamp's ctime tells the file changed, and the entry is no longer on disk."""
+    path = written_file(shm_dir, 0o440)  # only root and the agent may write: no digest
+    before = file_stamp(path, euid=os.geteuid())
+    assert before is not None and before.digest is None
+    [entry] = parse_manifest(f"vault: {VAULT}\ndirectory: {shm_dir}\nsecrets:\n  - name: s\n",
+                             "m.yaml", accounts=ACCOUNTS, check_filesystem=False).secrets
+    written = EntryWritten(entry, "v1", Validity(), ((path, before),))
+    assert is_on_disk(written, entry, file_stamp)
+    wait_for_a_new_ctime(before)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"THE", 0)
+    finally:
+        os.close(fd)
+    after = file_stamp(path, euid=os.geteuid())
+    assert after is not None and after != before
+    assert after == before._replace(ctime_ns=after.ctime_ns)
+    assert not is_on_disk(written, entry, file_stamp)
+
+
+def test_an_edit_through_a_writable_mapping_is_seen_by_content(shm_dir: Path) -> None:
+    """A file others may write is verified by content: a store through a shared mapping
+    to a page already faulted in (tmpfs moves no ctime for it) changes its stamp."""
+    path = written_file(shm_dir, 0o660)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        assert mapped[0:1] == b"t"  # a read faults the page in: later stores move no ctime
+        before = file_stamp(path, euid=os.geteuid())
+        assert before is not None and before.digest is not None
+        assert file_stamp(path, euid=os.geteuid()) == before  # the same bytes: the same stamp
+        wait_for_a_new_ctime(before)
+        mapped[0:3] = b"THE"
+        after = file_stamp(path, euid=os.geteuid())
+    finally:
+        mapped.close()
+    assert after is not None and after != before
+    assert "****" in repr(after) and repr(after.digest) not in repr(after)
+
+
+@pytest.mark.parametrize("uid, mode, euid, expected", [
+    (0, 0o400, 0, False),      # the default: read-only
+    (0, 0o440, 0, False),
+    (0, 0o644, 0, False),      # only root writes it
+    (1001, 0o400, 0, False),   # a service's read-only file: chmod would move ctime
+    (1001, 0o440, 0, False),
+    (1001, 0o600, 0, True),    # the service's user may write it in place
+    (0, 0o660, 0, True),       # the group may
+    (0, 0o642, 0, True),       # others may
+    (1000, 0o600, 1000, False),  # the agent's own user (kv-agent not run as root)
+    (0, 0o600, 1000, False),   # root's, under an agent of another user
+])
+def test_writable_by_others_is_any_write_bit_for_someone_but_root_and_the_agent(
+        uid: int, mode: int, euid: int, expected: bool) -> None:
+    """Verified by content: a file whose group, others or (another user as) owner may write it."""
+    assert is_writable_by_others(uid, mode, euid) is expected
+
+
+def test_a_file_others_may_write_and_too_large_to_verify_has_no_stamp(shm_dir: Path) -> None:
+    """Over MAX_VERIFIED_BYTES a file others may write gets no stamp (fetched every refresh)."""
+    path = written_file(shm_dir, 0o660, b"x" * (MAX_VERIFIED_BYTES + 1))
+    assert file_stamp(path, euid=os.geteuid()) is None
+    os.chmod(path, 0o640)
+    assert file_stamp(path, euid=os.geteuid()) is not None

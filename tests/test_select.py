@@ -4,13 +4,14 @@ listing, and end to end through ``Agent.sync``, ``kv-agent once`` and
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 from secrecy import fresh_value
@@ -167,6 +168,17 @@ def test_expansion_skips_secrets_an_explicit_entry_names_whatever_the_case() -> 
     assert any("'app1-db'" in line and "explicit entry" in line for line in expansion.skipped)
 
 
+def test_expansion_takes_a_name_listed_twice_in_any_case_once_with_one_skip_line() -> None:
+    """A name the listing repeats, in the same or another case, is one secret: one entry, one skip line."""
+    listing = (item("app1-db", tags={"env": "prod"}), item("APP1-DB", tags={"env": "prod"}),
+               item("app1-db", tags={"env": "prod"}))
+    expansion = expand(selection(strip_prefix=True), listing, frozenset())
+    assert [(e.name, e.paths) for e in expansion.entries] == [
+        ("app1-db", ("/dev/shm/kv/app1/db",))]
+    [line] = expansion.skipped
+    assert "'APP1-DB'" in line and "'app1-db'" in line and "case-insensitive" in line
+
+
 def test_expanded_entries_carry_the_selections_owner_mode_hook_and_optional() -> None:
     """Each selected file takes the select entry's owner, mode, on_change and optional."""
     chosen = selection(defaults=Output("", 1001, 0, 0o440, "app1"), is_optional=True,
@@ -216,6 +228,37 @@ def test_sync_writes_every_matching_secret_and_reports_the_listing(
     [(folder, paths)] = report.selected
     assert folder == str(shm_dir / "app1")
     assert sorted(paths) == [str(shm_dir / "app1" / "api"), str(shm_dir / "app1" / "db")]
+
+
+def test_sync_writes_a_case_colliding_name_once_and_warns_once(
+        emulator: Emulator, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A listing naming one secret twice in different cases (strip_prefix: one file)
+    fetches, writes and counts that file once, and warns once over two syncs."""
+    emulator.set_secret("app1-db", "db value")
+    text = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
+            "  - select: {prefix: app1-}\n    directory: app1\n    strip_prefix: true\n")
+    manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    agent = Agent(manifest, environ=agent_environ(emulator))
+    listed = agent.vault.list_secrets
+
+    def list_twice(url: str, *args: Any) -> Tuple[SecretItem, ...]:
+        items = listed(url, *args)
+        return items + tuple(one._replace(name="APP1-" + one.name[5:]) for one in items)
+
+    agent.vault.list_secrets = list_twice  # type: ignore[method-assign,assignment]
+    try:
+        agent.prepare()
+        with caplog.at_level(logging.WARNING):
+            first = agent.sync()
+            second = agent.sync()
+    finally:
+        agent.close()
+    assert os.listdir(shm_dir / "app1") == ["db"]
+    assert [o.version for o in first.outcomes if o.entry.transform == "select"] == ["1 matched"]
+    assert (len(first.outcomes), first.changed, second.changed) == (2, 1, 0)
+    assert not [fetched for fetched in emulator.vault_log if "APP1-db" in fetched.path]
+    warnings = [r.getMessage() for r in caplog.records if "APP1-db" in r.getMessage()]
+    assert len(warnings) == 1 and "case-insensitive" in warnings[0]
 
 
 def test_sync_reports_a_listing_failure_and_writes_nothing_of_the_selection(

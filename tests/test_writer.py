@@ -692,9 +692,10 @@ def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
         _expect_unprivileged_chown_refused(writer, root)
         return
     # As root, drop to nobody in a forked child, which keeps this process's
-    # interpreter and imports (the venv may not be readable by nobody).
+    # interpreter and imports (the venv may not be readable by nobody). The
+    # root is nobody's then, as it would be for an agent run as nobody.
     os.chmod(root.parent, 0o755)
-    os.chmod(root, 0o777)
+    os.chown(root, 65534, 65534)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
@@ -702,7 +703,7 @@ def test_unprivileged_chown_fails_cleanly(writer: Writer, root: Path) -> None:
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            _expect_unprivileged_chown_refused(writer, root)
+            _expect_unprivileged_chown_refused(Writer(str(root)), root)
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -904,6 +905,101 @@ def test_check_command_reports_an_unsafe_directory_with_exit_73(shm_dir: Path,
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in _fix_hint_for(directory):
         assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("owner, mode", [
+    pytest.param((OTHER_UID, OTHER_GID), 0o777, id="another-users-0777"),
+    pytest.param((OTHER_UID, 0), 0o755, id="owned-by-another-user"),
+    pytest.param((0, OTHER_GID), 0o775, id="group-writable"),
+    pytest.param((0, 0), 0o1777, id="sticky-world-writable"),
+])
+def test_a_foreign_directory_below_the_root_is_refused_and_nothing_written_in_it(
+        writer: Writer, root: Path, owner: Tuple[int, int], mode: int) -> None:
+    """A directory below the root that another user could change fails the writes into it
+    and below it (naming it, with the fix) and check_directory; other files are written."""
+    require_root()
+    foreign = root / "sub"
+    foreign.mkdir()
+    os.chown(foreign, *owner)
+    os.chmod(foreign, mode)
+    for relative in ("sub/db", "sub/deeper/db"):
+        with pytest.raises(WriteError) as caught:
+            writer.apply(spec_for(root, relative, SECRET))
+        assert caught.value.exit_code == EXIT_CANTCREAT
+        assert str(caught.value).startswith(f"{root}/{relative}: not written: {foreign} ")
+        for fragment in _fix_hint_for(foreign):
+            assert fragment in str(caught.value), str(caught.value)
+        assert SECRET.decode() not in str(caught.value)
+    assert os.listdir(foreign) == []
+    for directory in (foreign, foreign / "deeper"):
+        with pytest.raises(WriteError, match=f"^{foreign} "):
+            writer.check_directory(str(directory))
+    assert writer.apply(spec_for(root, "other/db", SECRET)).changed
+    writer.check_directory(str(root / "other"))
+    writer.check_directory(str(root / "missing" / "deeper"))  # created later, by the writer
+
+
+def test_a_directory_made_foreign_after_a_write_stops_the_next_one(writer: Writer,
+                                                                    root: Path) -> None:
+    """Each write judges every directory it opens again, the root too: one handed to
+    another user (0777) after a first write is refused at the next, its file left as it is."""
+    require_root()
+    writer.apply(spec_for(root, "sub/db", b"first"))
+    os.chown(root / "sub", OTHER_UID, OTHER_GID)
+    os.chmod(root / "sub", 0o777)
+    with pytest.raises(WriteError, match=f"{root / 'sub'} is owned by uid {OTHER_UID}"):
+        writer.apply(spec_for(root, "sub/db", b"second"))
+    with pytest.raises(WriteError, match=f"{root / 'sub'} is owned by uid {OTHER_UID}"):
+        writer.remove(str(root / "sub" / "db"))
+    assert (root / "sub" / "db").read_bytes() == b"first"
+    writer.apply(spec_for(root, "top", b"first"))
+    os.chmod(root, 0o777)  # the root itself, after prepare()
+    with pytest.raises(WriteError, match=f"{root}/top: not written: {root} is writable"):
+        writer.apply(spec_for(root, "top", b"second"))
+    assert (root / "top").read_bytes() == b"first"
+
+
+def _agent_command(args: List[str], environ: Dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    env.update(environ)
+    return subprocess.run([sys.executable, "-m", "agent", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def test_check_refuses_and_once_skips_a_foreign_directory_below_the_root(
+        shm_dir: Path, tmp_path: Path) -> None:
+    """`check` refuses another user's 0777 directory below the root in one line with the fix;
+    `once` writes every other file, not that one, and exits 1 naming it."""
+    from agent.emulator import Emulator
+
+    require_root()
+    directory = shm_dir / "secrets"
+    foreign = directory / "sub"
+    foreign.mkdir(parents=True)
+    os.chown(foreign, OTHER_UID, OTHER_GID)
+    os.chmod(foreign, 0o777)
+    with Emulator({}) as emulator:
+        emulator.set_secret("db", "db value")
+        emulator.set_secret("api", "api value")
+        manifest = tmp_path / "manifest.yaml"
+        manifest.write_text(f"vault: {emulator.vault_url}\ndirectory: {directory}\nsecrets:\n"
+                            "  - name: db\n    path: sub/db\n  - name: api\n")
+        os.chmod(manifest, 0o600)
+        environ = {"KV_AGENT_IMDS_ENDPOINT": emulator.imds_endpoint,
+                   "REQUESTS_CA_BUNDLE": emulator.ca_path, "NO_PROXY": "127.0.0.1"}
+        checked = _agent_command(["check", "--manifest", str(manifest)], environ)
+        assert checked.returncode == EXIT_CANTCREAT, checked.stderr
+        [line] = checked.stderr.splitlines()
+        assert f"{foreign} is owned by uid {OTHER_UID}" in line
+        for fragment in _fix_hint_for(foreign):
+            assert fragment in line, line
+        once = _agent_command(["once", "--manifest", str(manifest)], environ)
+    assert once.returncode == 1, once.stderr
+    assert (directory / "api").read_text() == "api value"
+    assert os.listdir(foreign) == []
+    assert f"{foreign}/db: not written: {foreign} is owned by uid {OTHER_UID}" in once.stderr
+    assert "Traceback" not in once.stderr and "db value" not in once.stderr
 
 
 @pytest.mark.parametrize("memory, hint", [

@@ -513,11 +513,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
     ),
     Mutation(
         "output-directory-of-another-user",
-        "an output directory another user owns or can write is refused",
+        "an output directory, or a directory below it that a file lands in, that another "
+        "user owns or can write is refused",
         "agent/writer.py",
-        "            if st.st_uid not in (0, self._euid):\n                raise WriteError(f\"{path} is owned by uid",
-        "            if False:\n                raise WriteError(f\"{path} is owned by uid",
-        (f"{WRITER}::test_precreated_unsafe_root_is_refused",),
+        "    if st.st_uid not in (0, euid):\n        return (f\"{path} is owned by uid",
+        "    if False:\n        return (f\"{path} is owned by uid",
+        (f"{WRITER}::test_precreated_unsafe_root_is_refused",
+         f"{WRITER}::test_a_foreign_directory_below_the_root_is_refused_and_nothing_written_in_it",
+         f"{WRITER}::test_check_refuses_and_once_skips_a_foreign_directory_below_the_root"),
     ),
     # -- issue 12: bulk selection ----------------------------------------------
     Mutation(
@@ -582,6 +585,24 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    return True",
         (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
          f"{AGENT}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
+    ),
+    Mutation(
+        "file-stamp-without-ctime",
+        "a file edited in place behind the agent's back (same size, inode, owner and "
+        "mode: only its ctime moves) is fetched and rewritten",
+        "agent/freshness.py",
+        "st.st_size, st.st_ctime_ns, st.st_uid, st.st_gid,",
+        "st.st_size, 0, st.st_uid, st.st_gid,",
+        (f"{FRESHNESS}::test_a_same_size_in_place_write_is_seen_by_its_ctime_alone",),
+    ),
+    Mutation(
+        "mapped-edit-not-verified-by-content",
+        "a file others may write is verified by content at every refresh, so an edit "
+        "through a shared mapping (no ctime change) is fetched and rewritten",
+        "agent/freshness.py",
+        "    digest = _content_digest(path, st)\n",
+        "    digest = b''\n",
+        (f"{FRESHNESS}::test_an_edit_through_a_writable_mapping_is_seen_by_content",),
     ),
     # -- issue 13: metrics ---------------------------------------------------------
     Mutation(
