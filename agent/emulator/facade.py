@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from agent.emulator.certificates import PKCS12, IssuingChain
-from agent.emulator.faults import Fault, FaultQueue, fault_response
+from agent.emulator.faults import Fault, FaultQueue, endless_page, fault_response
 from agent.emulator.identity_sources import APP_SERVICE_TOKEN_PATH, AppServiceApi, ArcApi
 from agent.emulator.imds import ImdsApi, imds_headers
 from agent.emulator.keyvault import VaultApi, vault_headers
@@ -540,13 +540,19 @@ class Emulator:
         delay_s: float = 0.0,
         path_contains: str | None = None,
         body: bytes | None = None,
+        for_s: float | None = None,
+        endless_pages: bool = False,
     ) -> None:
         """Queue a fault for the next ``count`` requests to ``service`` ("imds" or "vault").
 
         A matching request first waits ``delay_s``; then ``drop=True`` closes the
         connection without a response, a ``status`` answers with that status and
         the service's realistic error body (or ``body``), plus ``Retry-After``
-        when given; with neither it is answered normally (a slow response).
+        when given; ``endless_pages=True`` answers every list request (``GET
+        /secrets``, the vault only) with an empty page whose nextLink is always
+        a new one, so the list never ends; with none of these it is answered
+        normally (a slow response). ``for_s``: the fault hits every matching
+        request for that many seconds from now instead of ``count`` of them.
         ``path_contains`` restricts the fault to request paths containing it.
         Faults are used first-in first-out and apply before authentication.
         """
@@ -556,11 +562,15 @@ class Emulator:
             raise ValueError("count must be at least 1")
         if status is not None and status < 400 and body is None:
             raise ValueError("a non-error status needs an explicit body")
-        if status is None and not drop and delay_s <= 0:
-            raise ValueError("a fault needs a status, drop=True or a delay_s")
+        if endless_pages and (service != VAULT or status is not None or drop):
+            raise ValueError("endless_pages is a vault fault of its own (no status, no drop)")
+        if status is None and not drop and delay_s <= 0 and not endless_pages:
+            raise ValueError("a fault needs a status, drop=True, endless_pages or a delay_s")
+        until = None if for_s is None else time.monotonic() + for_s
         self._faults.add(
             Fault(
-                service, status, count, retry_after, drop, delay_s, path_contains, body
+                service, status, count, retry_after, drop, delay_s, path_contains, body,
+                until, endless_pages,
             )
         )
 
@@ -621,7 +631,10 @@ class Emulator:
         if fault is not None and fault.drop:
             self._record(service, request, 0)
             return None
-        if fault is not None and fault.status is not None:
+        if fault is not None and fault.endless_pages:
+            assert self._vault_api is not None
+            response = endless_page(self._vault_api.link_base)
+        elif fault is not None and fault.status is not None:
             response = fault_response(service, fault, self._issuer.tenant_id)
         else:
             response = self._answer(service, request, source)
