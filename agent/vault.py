@@ -554,7 +554,8 @@ class VaultClient:
         fresh_token_taken = False
         pause = self._pause(vault)
         while True:
-            paused_by = None if self._wait_for(pause, backoff) else self._paused_by.get(vault)
+            paused_by = (None if self._wait_for(vault, pause, backoff)
+                         else self._paused_by.get(vault))
             if paused_by is not None:
                 return paused_by  # paused past this request's budget: the vault's answer
             token = self._tokens(audience, False) if audience is not None else None
@@ -579,6 +580,11 @@ class VaultClient:
                 if backoff.wait(self._reason(vault, reply.status), retry_after):
                     continue
             return reply
+
+    def _paused_reason(self, vault: str) -> str:
+        """``waiting for vault contoso-kv: HTTP 503`` for the answer that paused it."""
+        paused_by = self._paused_by.get(vault)
+        return self._reason(vault, paused_by.status if paused_by is not None else 429)
 
     def _heard(self, vault: str, pause: Pause, reply: transport.Reply,
                sent_at: float) -> Optional[float]:
@@ -606,21 +612,24 @@ class VaultClient:
                     is_slow_start=self._is_slow_start))
         return pause
 
-    def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:
+    def _wait_for(self, vault: str, pause: Pause, backoff: Backoff) -> bool:
         """Sleep while the vault's pause holds this request back (another
-        thread's probe is out, or Retry-After has not passed); False when that
-        would outlast the request's budget, or when the vault said wait and this
-        client gives way: it ends as throttled, unsent (or, held back only by
-        the slow start, is sent at once)."""
+        thread's probe is out, or Retry-After has not passed). False when the
+        vault said wait and this client gives way, or when the wait would
+        outlast the request's budget and its policy does not keep the final
+        attempt (the running agent): it ends as throttled, unsent (or, held
+        back only by the slow start, is sent at once). With the final attempt
+        kept (``kv-agent once``) a pause past the budget is slept up to the
+        deadline and the request is sent then, as the final attempt."""
         while True:
             delay = pause.admit(self._clock())
             if delay <= 0:
                 return True
-            if delay > backoff.time_left():
+            if self.gives_way and pause.remaining(self._clock()) > 0:
                 return False
+            if delay > backoff.time_left():
+                return backoff.wait_to_deadline(self._paused_reason(vault))
             if pause.remaining(self._clock()) > 0:
-                if self.gives_way:
-                    return False
                 self._sleep(delay)  # the vault said wait: a sleep a stop cuts short
             else:
                 pause.wait(delay)  # another request is out: its answer wakes this one
