@@ -549,8 +549,8 @@ class Emulator:
         connection without a response, a ``status`` answers with that status and
         the service's realistic error body (or ``body``), plus ``Retry-After``
         when given; ``endless_pages=True`` answers every list request (``GET
-        /secrets``, the vault only) with an empty page whose nextLink is always
-        a new one, so the list never ends; with none of these it is answered
+        /secrets`` with a token, the vault only) with an empty page whose
+        nextLink is always a new one, so the list never ends; with none of these it is answered
         normally (a slow response). ``for_s``: the fault hits every matching
         request for that many seconds from now instead of ``count`` of them.
         ``path_contains`` restricts the fault to request paths containing it.
@@ -625,7 +625,7 @@ class Emulator:
         if latency > 0:
             # Slept in this connection's thread: concurrent requests overlap.
             time.sleep(latency)
-        fault = self._faults.take(service, request.path)
+        fault = self._faults.take(service, request.path, "authorization" in request.headers)
         if fault is not None and fault.delay_s > 0:
             time.sleep(fault.delay_s)
         if fault is not None and fault.drop:

@@ -29,8 +29,9 @@ class Fault:
 
     ``until`` (time.monotonic): when set, the fault hits every matching request
     until then, whatever ``remaining`` says, and is dropped after it.
-    ``endless_pages``: list requests get an empty page whose nextLink is always
-    a fresh one, so the list never ends (a cursor that never advances).
+    ``endless_pages``: authenticated list requests get an empty page whose
+    nextLink is always a fresh one, so the list never ends (a cursor that
+    never advances); the unauthenticated one still meets the challenge.
     """
 
     service: str
@@ -44,11 +45,12 @@ class Fault:
     until: float | None = None
     endless_pages: bool = False
 
-    def matches(self, service: str, path: str) -> bool:
-        """Whether this fault applies to a request for ``path`` on ``service``."""
+    def matches(self, service: str, path: str, has_token: bool = True) -> bool:
+        """Whether this fault applies to a request for ``path`` on ``service``
+        (``has_token``: it carries an Authorization header)."""
         if self.service != service:
             return False
-        if self.endless_pages and path != LIST_PATH:
+        if self.endless_pages and (path != LIST_PATH or not has_token):
             return False
         return self.path_contains is None or self.path_contains in path
 
@@ -99,12 +101,12 @@ class FaultQueue:
         with self._lock:
             self._faults.clear()
 
-    def take(self, service: str, path: str) -> Fault | None:
+    def take(self, service: str, path: str, has_token: bool = True) -> Fault | None:
         now = time.monotonic()
         with self._lock:
             self._faults = [f for f in self._faults if f.until is None or now < f.until]
             for fault in self._faults:
-                if not fault.matches(service, path):
+                if not fault.matches(service, path, has_token):
                     continue
                 if fault.until is not None:
                     return fault  # a timed fault: every request until it ends
