@@ -31,6 +31,7 @@ from typing import (
 )
 
 from agent.errors import (
+    EndlessListError,
     IdentityUnavailableError,
     KvAgentError,
     SecretNotFoundError,
@@ -41,7 +42,16 @@ from agent.errors import (
     WriteError,
 )
 from agent.expiry import Validity, combine, describe, judge
-from agent.freshness import EntryWritten, Freshness, SourceSeen, WrittenOutcome, plan, remember
+from agent.freshness import (
+    EntryWritten,
+    Freshness,
+    SourceSeen,
+    VaultSeen,
+    WrittenOutcome,
+    plan,
+    remember,
+    with_sizes,
+)
 from agent.identity import token_source
 from agent.manifest import Accounts, Entry, Manifest, Selection, load_manifest
 from agent.outputs import EntrySet
@@ -65,6 +75,7 @@ _SHORT_CAUSES = (
     (VaultForbiddenError, "403 forbidden"),
     (VaultThrottledError, "429 throttled"),
     (VaultUnavailableError, "vault unreachable"),
+    (EndlessListError, "list never ends"),
     (IdentityUnavailableError, "IMDS unavailable"),
     (WriteError, "write failed"),
 )
@@ -238,7 +249,7 @@ class Agent:
         """
         started = time.monotonic()
         listings: Dict[str, Tuple[SecretItem, ...]] = {}
-        listed, selected = self._expand_selections(listings)
+        listed, selected = self._expand_selections(listings, freshness.vaults)
         entries = self.manifest.secrets + tuple(
             entry for one in selected for entry in one[1])
 
@@ -249,8 +260,9 @@ class Agent:
             return self._list_vault(vault, max_pages)
 
         fresh_since = time.time() - fresh_for_s if fresh_for_s > 0 else None
-        decided = plan(entries, self.manifest.sets, freshness, list_vault,
-                       fresh_since=fresh_since)
+        decided = with_sizes(plan(entries, self.manifest.sets, freshness, list_vault,
+                                  fresh_since=fresh_since),
+                             {vault: len(items) for vault, items in listings.items()})
         fetch_started = time.time()  # before any GET: the conservative fetch time
         fetched = dict(zip(decided.fetch, self.vault.fetch_many(
             [SecretRequest(*source) for source in decided.fetch])))
@@ -290,10 +302,11 @@ class Agent:
         return self.vault.list_secrets(vault, ListLimits(max_pages=max_pages))
 
     def _expand_selections(
-        self, listings: Dict[str, Tuple[SecretItem, ...]],
+        self, listings: Dict[str, Tuple[SecretItem, ...]], vaults: Mapping[str, VaultSeen],
     ) -> Tuple[Tuple[SecretOutcome, ...], List[Tuple[Selection, Tuple[Entry, ...]]]]:
         """List each vault a ``select:`` entry names (once per vault, kept in
-        ``listings`` for the rest of the sync) and expand the selections
+        ``listings`` for the rest of the sync; its pages bounded by the size
+        ``vaults`` remembers of it) and expand the selections
         (:mod:`agent.selection`): each selection's outcome (listed, or the
         listing's error), and the entries of those whose listing succeeded. A
         skipped secret is warned about once per Agent. Raises
@@ -305,7 +318,9 @@ class Agent:
         for selection in self.manifest.selections:
             if selection.vault not in listings and selection.vault not in failed:
                 try:
-                    listings[selection.vault] = self.vault.list_secrets(selection.vault)
+                    listings[selection.vault] = self.vault.list_secrets(
+                        selection.vault,
+                        ListLimits(known_size=vaults.get(selection.vault, VaultSeen()).size))
                 except IdentityUnavailableError:
                     raise
                 except KvAgentError as exc:

@@ -58,7 +58,6 @@ Everything here is a pure function of values, but for :func:`file_stamp` (one
 from __future__ import annotations
 
 import logging
-import math
 import os
 import stat
 from typing import Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -68,7 +67,7 @@ from agent.expiry import Validity
 from agent.manifest import Entry
 from agent.outputs import EntrySet
 from agent.sources import Source
-from agent.vault_list import PAGE_SIZE, SecretItem
+from agent.vault_list import PAGE_SIZE, SecretItem, pages_for
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ def file_stamp(path: str) -> Optional[FileStamp]:
 
 def listing_pages(size: int) -> int:
     """Requests a list of ``size`` secrets costs: ⌈size ÷ 25⌉, at least one."""
-    return max(1, math.ceil(size / PAGE_SIZE))
+    return pages_for(size)
 
 
 def list_budget(seen: Optional[VaultSeen], remembered: int) -> Optional[int]:
@@ -243,6 +242,18 @@ def plan(entries: Sequence[Entry], groups: Iterable[EntrySet], memory: Freshness
     fetch = tuple(dict.fromkeys(source for entry in entries if entry.key not in current
                                 for source in entry.sources))
     return Plan(current, fetch, vaults)
+
+
+def with_sizes(decided: Plan, sizes: Mapping[str, int]) -> Plan:
+    """``decided`` with each vault in ``sizes`` (listed whole this refresh, by
+    a ``select:`` entry) known to hold that many secrets: its next listing's
+    pages are bounded by it (:func:`agent.vault_list.page_bound`)."""
+    if not sizes:
+        return decided
+    vaults = dict(decided.vaults)
+    for vault, size in sizes.items():
+        vaults[vault] = vaults.get(vault, VaultSeen())._replace(size=size)
+    return decided._replace(vaults=vaults)
 
 
 def _remembered_by_vault(entries: Sequence[Entry], memory: Freshness,

@@ -52,6 +52,7 @@ import requests
 from agent import transport
 from agent.errors import (
     ConfigError,
+    EndlessListError,
     KvAgentError,
     ListTooLongError,
     SecretNotFoundError,
@@ -70,6 +71,7 @@ from agent.vault_list import (
     Page,
     SecretItem,
     check_next_link,
+    page_bound,
     parse_page,
 )
 from agent.vault_url import check_target, normalize_vault_url
@@ -85,6 +87,11 @@ RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 # Answers that pause every request of the agent to that vault (agent.retry.Pause),
 # with or without Retry-After: throttled, or unavailable as a whole.
 PAUSE_STATUSES = frozenset({429, 503})
+# After a list that did not advance (EndlessListError), that vault is not listed
+# again for this long: its listings fail at once with the same error. A list
+# that never ends costs at most MAX_EMPTY_PAGES requests per 30 s, whatever the
+# refresh interval (a starting agent with `refresh: 1s` retries every second).
+ENDLESS_LIST_HOLD_S = 30.0
 
 # Vault DNS suffix -> token resource, per cloud [protocol.md B1].
 KNOWN_AUDIENCES: Dict[str, str] = {
@@ -424,6 +431,8 @@ class VaultClient:
         self._pauses: Dict[str, Pause] = {}
         self._paused_by: Dict[str, transport.Reply] = {}
         self._pause_lock = threading.Lock()  # not the audience's: its challenge sends
+        # Per vault: until when (clock) a list that did not advance is not tried again.
+        self._endless: Dict[str, Tuple[float, EndlessListError]] = {}
         self.gives_way = False  # see the class docstring
 
     def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
@@ -478,9 +487,23 @@ class VaultClient:
         nextLink is followed only to the vault itself
         (:func:`agent.vault_list.check_next_link`), each at most once. The
         listing is bounded by ``limits`` (pages, items, total seconds); going
-        past one is an error, never a silently shorter list. Raises a
-        VaultError subclass naming the vault.
+        past one is an error, never a silently shorter list. A list that does
+        not advance (``max_empty_pages`` empty pages in a row, or more pages
+        than :func:`agent.vault_list.page_bound` allows) is EndlessListError,
+        and the same error, without a request, for ENDLESS_LIST_HOLD_S after
+        it. Raises a VaultError subclass naming the vault.
         """
+        held = self._endless.get(vault)
+        if held is not None and self._clock() < held[0]:
+            raise held[1]  # it did not end a moment ago: no request (ENDLESS_LIST_HOLD_S)
+        try:
+            return self._list_pages(vault, limits)
+        except EndlessListError as exc:
+            self._endless[vault] = (self._clock() + ENDLESS_LIST_HOLD_S, exc)
+            raise
+
+    def _list_pages(self, vault: str, limits: ListLimits) -> Tuple[SecretItem, ...]:
+        """The listing itself (see :meth:`list_secrets`)."""
         url = vault + LIST_PATH
         params: Mapping[str, str] = {"api-version": self._api_version,
                                      "maxresults": str(PAGE_SIZE)}
@@ -488,6 +511,7 @@ class VaultClient:
         deadline = self._clock() + limits.deadline_s
         items: List[SecretItem] = []
         followed: Set[str] = set()
+        empty = 0  # empty pages in a row
         for number in range(1, limits.max_pages + 1):
             page = self._list_page(vault, url, params, audience, number, deadline, limits)
             items.extend(page.items)
@@ -497,6 +521,8 @@ class VaultClient:
                     "list a smaller vault, or raise the limit")
             if page.next_link is None:
                 return tuple(items)
+            empty = 0 if page.items else empty + 1
+            _check_advancing(vault, number, empty, len(items), limits)
             if page.next_link in followed:
                 raise VaultError(f"listing vault {vault}: page {number}'s nextLink repeats an "
                                  "earlier page (a paging loop)", "retry later")
@@ -737,6 +763,23 @@ def _challenge_failed(vault: str, status: int, body: bytes) -> VaultError:
     detail = f" ({inner or code})" if inner or code else ""
     return VaultUnavailableError(f"vault {vault} kept failing (HTTP {status}{detail})",
                                  "retry later")
+
+
+def _check_advancing(vault: str, number: int, empty: int, items: int,
+                     limits: ListLimits) -> None:
+    """Raise EndlessListError when the listing, at page ``number`` with
+    ``empty`` empty pages in a row and ``items`` secrets so far, still has a
+    nextLink but has stopped advancing (issue 17, item 8)."""
+    if empty >= limits.max_empty_pages:
+        raise EndlessListError(
+            f"listing vault {vault}: {empty} empty pages in a row, each with a new nextLink "
+            "(a list that does not advance); nothing more was sent", "retry later")
+    bound = page_bound(limits.known_size, items)
+    if bound is not None and number >= bound:
+        raise EndlessListError(
+            f"listing vault {vault}: {number} pages brought {items} secrets (the vault held "
+            f"{limits.known_size} at its last listing), and the list still does not end; "
+            "nothing more was sent", "retry later")
 
 
 def _list_error(vault: str, status: int, body: bytes) -> VaultError:
