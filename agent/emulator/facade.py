@@ -88,7 +88,8 @@ class Emulator:
     methods are thread-safe and may be called while requests are in flight.
     ``latency_s`` (seconds added to every request of both services) and
     ``token_lifetime_s`` may be changed at any time. ``clock`` (epoch seconds)
-    dates tokens and secrets, so tests can age them without sleeping.
+    dates tokens, secrets and every answer's ``Date`` header, so tests can age
+    them without sleeping, or set the vault's clock apart from the host's.
     ``arc_port`` and ``app_service_port`` (0: any) give Azure Arc's HIMDS and
     App Service's endpoint ports of their own beside IMDS, sharing its
     identities (:attr:`arc_endpoint`, :attr:`app_service_endpoint`).
@@ -184,10 +185,12 @@ class Emulator:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert, key)
-        imds = LoopbackServer((self.host, self._imds_port), self._dispatcher(IMDS))
+        imds = LoopbackServer(
+            (self.host, self._imds_port), self._dispatcher(IMDS), clock=self._clock
+        )
         self._servers.append(imds)
         vault = LoopbackServer(
-            (self.host, self._vault_port), self._dispatcher(VAULT), context
+            (self.host, self._vault_port), self._dispatcher(VAULT), context, self._clock
         )
         self._servers.append(vault)
         vault_host = self._vault_hostname or self.host
