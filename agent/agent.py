@@ -459,7 +459,8 @@ class _Prepared(NamedTuple):
 def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentError]",
              fetched_at: float) -> WrittenOutcome:
     """What the freshness memory keeps of one outcome: no value, only versions."""
-    seen = tuple((source, SourceSeen(one.version, one.attributes.updated, fetched_at))
+    seen = tuple((source, SourceSeen(one.version, one.attributes.updated, fetched_at,
+                                     one.answered_at))
                  for source in outcome.entry.sources
                  for one in [fetched.get(source)] if isinstance(one, Secret))
     return WrittenOutcome(EntryWritten(outcome.entry, outcome.version, outcome.validity, ()),

@@ -27,6 +27,7 @@ The list's pages and items are parsed in :mod:`agent.vault_list`.
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import os
 import threading
@@ -93,6 +94,10 @@ PAUSE_STATUSES = frozenset({429, 503})
 # refresh interval (a starting agent with `refresh: 1s` retries every second).
 ENDLESS_LIST_HOLD_S = 30.0
 
+# A Date header is 29 characters (RFC 9110 IMF-fixdate); longer is not a date.
+MAX_DATE_CHARS = 64
+MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
+
 # Vault DNS suffix -> token resource, per cloud [protocol.md B1].
 KNOWN_AUDIENCES: Dict[str, str] = {
     "vault.azure.net": "https://vault.azure.net",
@@ -107,13 +112,17 @@ TokenProvider = Callable[[str, bool], str]
 
 class Secret(NamedTuple):
     """One fetched secret version. ``value`` is the UTF-8 bytes of the string
-    Key Vault returned, exactly; it never appears in ``repr``."""
+    Key Vault returned, exactly; it never appears in ``repr``. ``answered_at``
+    is the vault's own clock when it answered (its ``Date`` header, epoch
+    seconds; None when it sent no usable one): :mod:`agent.freshness` judges
+    against it whether the version is settled, whatever the VM's clock says."""
 
     name: str
     version: str
     value: bytes
     content_type: Optional[str] = None
     attributes: SecretAttributes = SecretAttributes()
+    answered_at: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"Secret(name={self.name!r}, version={self.version!r}, value=****)"
@@ -195,11 +204,12 @@ def secret_url(vault: str, name: str, version: Optional[str]) -> str:
     return f"{url}/{quote(version, safe='')}" if version else url
 
 
-def parse_secret_bundle(name: str, body: bytes) -> Secret:
-    """A Secret from a 200 SecretBundle; raises VaultError (never quoting the
-    body, which holds the value) when the shape is wrong, the JSON is not
-    JSON or nested too deeply, or the value cannot be UTF-8 (a lone
-    surrogate). The version and content type are escaped: they reach logs."""
+def parse_secret_bundle(name: str, body: bytes, answered_at: Optional[float] = None) -> Secret:
+    """A Secret from a 200 SecretBundle (``answered_at``: see Secret); raises
+    VaultError (never quoting the body, which holds the value) when the shape
+    is wrong, the JSON is not JSON or nested too deeply, or the value cannot
+    be UTF-8 (a lone surrogate). The version and content type are escaped:
+    they reach logs."""
     content = _json_object(body)
     value = content.get("value")
     if not isinstance(value, str):
@@ -216,7 +226,24 @@ def parse_secret_bundle(name: str, body: bytes) -> Secret:
     content_type = content.get("contentType")
     return Secret(name, escape(version, 64), data,
                   escape(content_type, 100) if isinstance(content_type, str) else None,
-                  parse_attributes(content))
+                  parse_attributes(content), answered_at)
+
+
+def parse_http_date(value: Optional[str]) -> Optional[float]:
+    """Epoch seconds of an HTTP ``Date`` header (``Sun, 06 Nov 1994 08:49:37
+    GMT``; the obsolete forms too), or None when it is absent, longer than a
+    date can be, unparsable, or outside 1970 to 9999. Never raises: it comes
+    from the network."""
+    if not value or len(value) > MAX_DATE_CHARS:
+        return None
+    try:
+        parts = email.utils.parsedate_tz(value)
+        seconds = email.utils.mktime_tz(parts) if parts is not None else None
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+    if seconds is None or not 0 <= seconds <= MAX_EPOCH_S:
+        return None
+    return float(seconds)
 
 
 def _json_object(body: bytes) -> Dict[str, Any]:
@@ -475,7 +502,8 @@ class VaultClient:
         reply = self._exchange(request.vault, url, None, audience, self._backoff(),
                                f"secret '{request.name}': ")
         if reply.status == 200:
-            return parse_secret_bundle(request.name, reply.body)
+            return parse_secret_bundle(request.name, reply.body,
+                                       parse_http_date(reply.headers.get("Date")))
         raise error_for_status(request.name, reply.status, reply.body)
 
     def list_secrets(self, vault: str, limits: ListLimits = ListLimits()

@@ -35,6 +35,7 @@ from agent.vault import (
     ca_bundle,
     new_session,
     parse_challenge,
+    parse_http_date,
     proxies_for,
     secret_url,
     vault_label,
@@ -200,6 +201,28 @@ def test_per_secret_errors_name_secret_and_fix(reply: Any, kind: type,
     for fragment in fragments:
         assert fragment in str(caught.value)
     assert len(session.sent) == 1
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 784111777.0),
+    ("Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0),
+    ("Sun, 06 Nov 1994 10:49:37 +0200", 784111777.0),
+    (None, None), ("", None), ("soon", None), ("Sun, 06 Nov", None),
+    ("Fri, 31 Dec 99999 23:59:59 GMT", None), ("Thu, 01 Jan 1900 00:00:00 GMT", None),
+    ("Sun, 06 Nov 1994 08:49:37 GMT" + " " * 100, None),
+])
+def test_a_date_header_parses_defensively(value: Optional[str],
+                                          expected: Optional[float]) -> None:
+    """The vault's Date header gives epoch seconds; absent, junk, overlong or out-of-range
+    dates give None, never an exception."""
+    assert parse_http_date(value) == expected
+
+
+def test_a_fetched_secret_carries_the_vaults_date() -> None:
+    """fetch_secret keeps the Date of the vault's answer (its clock) on the Secret."""
+    status, headers, body = bundle()
+    session = FakeSession((status, {**headers, "Date": "Sun, 06 Nov 1994 08:49:37 GMT"}, body))
+    assert client(session).fetch_secret(SecretRequest(VAULT, "db")).answered_at == 784111777.0
 
 
 def test_redirect_is_not_followed() -> None:
