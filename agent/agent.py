@@ -30,6 +30,7 @@ from typing import (
     Tuple,
 )
 
+from agent import transport
 from agent.errors import (
     EndlessListError,
     IdentityUnavailableError,
@@ -436,6 +437,14 @@ class Agent:
         if report is not None and report.swapped:
             self._sleep(SET_GRACE_S)
         self.writer.retire(everything=True)
+
+    def abort(self) -> int:
+        """Stop now (from another thread than the sync's): every vault and
+        identity request in flight ends at once, its socket shut down, and
+        no new one is sent (:func:`agent.transport.abort`). The sync then
+        ends with its files as they were (each write is atomic). Returns how
+        many requests were in flight."""
+        return transport.abort(self._vault_session) + self.tokens.abort()
 
     def close(self) -> None:
         """Release HTTP connections."""

@@ -331,6 +331,9 @@ def _request_failed(vault: str, exc: Exception, prefix: str) -> VaultError:
         return VaultError(f"{prefix}vault {vault} sent an unusable response: "
                           f"{transport.describe_failure(exc)}",
                           "check that the manifest's vault URL is a Key Vault")
+    if isinstance(exc, transport.AbortedError):
+        return VaultUnavailableError(f"{prefix}request to vault {vault} {exc}",
+                                     "none: its file is kept as it was")
     if isinstance(exc, transport.DeadlineExceededError):
         return VaultUnavailableError(
             f"{prefix}vault {vault} too slow: {transport.describe_failure(exc)}",
@@ -344,7 +347,7 @@ def _is_retryable(exc: Exception) -> bool:
     """Connection failures and timeouts are worth another try; a TLS failure
     or a bad body will be the same next time."""
     return not isinstance(exc, (requests.exceptions.SSLError, transport.ResponseTooLargeError,
-                                transport.BadResponseError))
+                                transport.BadResponseError, transport.AbortedError))
 
 
 def vault_label(vault: str) -> str:
