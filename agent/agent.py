@@ -30,8 +30,10 @@ from typing import (
     Tuple,
 )
 
+from agent import transport
 from agent.app_service import exposure_warning
 from agent.errors import (
+    EndlessListError,
     IdentityUnavailableError,
     KvAgentError,
     SecretNotFoundError,
@@ -42,7 +44,16 @@ from agent.errors import (
     WriteError,
 )
 from agent.expiry import Validity, combine, describe, judge
-from agent.freshness import EntryWritten, Freshness, SourceSeen, WrittenOutcome, plan, remember
+from agent.freshness import (
+    EntryWritten,
+    Freshness,
+    SourceSeen,
+    VaultSeen,
+    WrittenOutcome,
+    plan,
+    remember,
+    with_sizes,
+)
 from agent.identity import token_source
 from agent.manifest import (
     Accounts,
@@ -73,6 +84,7 @@ _SHORT_CAUSES = (
     (VaultForbiddenError, "403 forbidden"),
     (VaultThrottledError, "429 throttled"),
     (VaultUnavailableError, "vault unreachable"),
+    (EndlessListError, "list never ends"),
     (IdentityUnavailableError, "IMDS unavailable"),
     (WriteError, "write failed"),
 )
@@ -254,7 +266,7 @@ class Agent:
         """
         started = time.monotonic()
         listings: Dict[str, Tuple[SecretItem, ...]] = {}
-        listed, selected = self._expand_selections(listings)
+        listed, selected = self._expand_selections(listings, freshness.vaults)
         entries = self.manifest.secrets + tuple(
             entry for one in selected for entry in one[1])
 
@@ -265,8 +277,9 @@ class Agent:
             return self._list_vault(vault, max_pages)
 
         fresh_since = time.time() - fresh_for_s if fresh_for_s > 0 else None
-        decided = plan(entries, self.manifest.sets, freshness, list_vault,
-                       fresh_since=fresh_since)
+        decided = with_sizes(plan(entries, self.manifest.sets, freshness, list_vault,
+                                  fresh_since=fresh_since),
+                             {vault: len(items) for vault, items in listings.items()})
         fetch_started = time.time()  # before any GET: the conservative fetch time
         fetched = dict(zip(decided.fetch, self.vault.fetch_many(
             [SecretRequest(*source) for source in decided.fetch])))
@@ -306,10 +319,11 @@ class Agent:
         return self.vault.list_secrets(vault, ListLimits(max_pages=max_pages))
 
     def _expand_selections(
-        self, listings: Dict[str, Tuple[SecretItem, ...]],
+        self, listings: Dict[str, Tuple[SecretItem, ...]], vaults: Mapping[str, VaultSeen],
     ) -> Tuple[Tuple[SecretOutcome, ...], List[Tuple[Selection, Tuple[Entry, ...]]]]:
         """List each vault a ``select:`` entry names (once per vault, kept in
-        ``listings`` for the rest of the sync) and expand the selections
+        ``listings`` for the rest of the sync; its pages bounded by the size
+        ``vaults`` remembers of it) and expand the selections
         (:mod:`agent.selection`): each selection's outcome (listed, or the
         listing's error), and the entries of those whose listing succeeded. A
         skipped secret is warned about once per Agent. Raises
@@ -321,7 +335,9 @@ class Agent:
         for selection in self.manifest.selections:
             if selection.vault not in listings and selection.vault not in failed:
                 try:
-                    listings[selection.vault] = self.vault.list_secrets(selection.vault)
+                    listings[selection.vault] = self.vault.list_secrets(
+                        selection.vault,
+                        ListLimits(known_size=vaults.get(selection.vault, VaultSeen()).size))
                 except IdentityUnavailableError:
                     raise
                 except KvAgentError as exc:
@@ -438,6 +454,14 @@ class Agent:
             self._sleep(SET_GRACE_S)
         self.writer.retire(everything=True)
 
+    def abort(self) -> int:
+        """Stop now (from another thread than the sync's): every vault and
+        identity request in flight ends at once, its socket shut down, and
+        no new one is sent (:func:`agent.transport.abort`). The sync then
+        ends with its files as they were (each write is atomic). Returns how
+        many requests were in flight."""
+        return transport.abort(self._vault_session) + self.tokens.abort()
+
     def close(self) -> None:
         """Release HTTP connections."""
         self.tokens.close()
@@ -460,7 +484,8 @@ class _Prepared(NamedTuple):
 def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentError]",
              fetched_at: float) -> WrittenOutcome:
     """What the freshness memory keeps of one outcome: no value, only versions."""
-    seen = tuple((source, SourceSeen(one.version, one.attributes.updated, fetched_at))
+    seen = tuple((source, SourceSeen(one.version, one.attributes.updated, fetched_at,
+                                     one.answered_at))
                  for source in outcome.entry.sources
                  for one in [fetched.get(source)] if isinstance(one, Secret))
     return WrittenOutcome(EntryWritten(outcome.entry, outcome.version, outcome.validity, ()),

@@ -333,9 +333,23 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
         daemon = Daemon(_manifest_path(args, environ), environ=environ,
                         state_dir=state_dir(environ, args.state_dir), signals=signals)
-        return daemon.run()
+        code = daemon.run()
+        if daemon.is_refresh_abandoned:
+            _exit_now(code)
+        return code
     finally:
         signals.restore()
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once, not joining the threads a stopped refresh left behind
+    (one stuck in DNS or in connect(), where no socket can be shut down: the
+    interpreter would wait for it). Everything is saved by then; the files
+    are whole (each write is atomic). Logs and output are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

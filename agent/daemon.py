@@ -78,8 +78,9 @@ from agent.writer import SET_GRACE_S, Writer
 log = logging.getLogger(__name__)
 
 # Wait this long for an in-flight refresh on SIGTERM. Only its writes are worth
-# waiting for (tmpfs: milliseconds); a fetch stuck on the network is abandoned,
-# and each write is atomic anyway. Short, so SIGTERM exits within ~2 s.
+# waiting for (tmpfs: milliseconds); its requests are abandoned at once
+# (Agent.abort: their sockets shut down), and each write is atomic anyway.
+# Short, so SIGTERM exits within ~2 s (issue 17, item 25).
 STOP_GRACE_S = 1.5
 
 SyncResult = Union[SyncReport, KvAgentError, None]  # None: interrupted
@@ -185,6 +186,10 @@ class Daemon:
         self._agent: Optional[Agent] = None
         self._entries: Dict[str, EntryState] = {}  # by Entry.key
         self._sync_thread: Optional[threading.Thread] = None
+        self._sync_agent: Optional[Agent] = None  # the running refresh's (a reload may swap)
+        # True when stop left the refresh thread behind (stuck where no socket
+        # can be shut): `kv-agent run` then exits without joining it.
+        self.is_refresh_abandoned = False
         self._last_refresh: Optional[float] = None
         self._global_error: Optional[str] = None
         self._manifest_error: Optional[str] = None
@@ -401,13 +406,14 @@ class Daemon:
             self._mailbox.post(SyncDone(agent, result))
 
         self._sync_thread = threading.Thread(target=work, name="refresh", daemon=True)
+        self._sync_agent = agent
         self._sync_started = self._now()
         self._sync_thread.start()
 
     def _sync_done(self, done: SyncDone) -> None:
         assert self._sync_thread is not None
         self._sync_thread.join()
-        self._sync_thread = None
+        self._sync_thread = self._sync_agent = None
         self._waiting = None
         self._remove_pending()  # a reload's removals waited for this refresh
         if done.agent is not self._agent:
@@ -812,10 +818,15 @@ class Daemon:
         self._stop.set()
         thread = self._sync_thread
         if thread is not None:
+            # Abandon its requests: a vault that neither answers nor fails must
+            # not hold SIGTERM for the request's own timeout (issue 17, item 25).
+            abandoned = self._sync_agent.abort() if self._sync_agent is not None else 0
             thread.join(STOP_GRACE_S)
-            if thread.is_alive():
-                log.warning("stopping with a refresh still waiting on the network; "
-                            "no file is half-written (writes are atomic)")
+            self.is_refresh_abandoned = thread.is_alive()
+            if abandoned or self.is_refresh_abandoned:
+                log.warning("stopping with a refresh still waiting on the network: %d "
+                            "request%s abandoned; no file is half-written (writes are "
+                            "atomic)", abandoned, "" if abandoned == 1 else "s")
         self._record_late_writes()
         is_idle = thread is None or not thread.is_alive()
         if is_idle:

@@ -94,6 +94,13 @@ class VaultUnavailableError(VaultError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class EndlessListError(VaultError):
+    """A vault's list kept sending pages that did not advance it: empty pages in
+    a row, or far more pages than its secrets fill. Worth trying again later."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class WriteError(KvAgentError):
     """A file could not be written safely; its previous content is intact."""
 

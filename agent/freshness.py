@@ -25,10 +25,16 @@ The decision, per refresh:
    ``updated`` has a resolution of one second, so it is trusted only for a
    version fetched at least SETTLED_S after its ``updated``: a GET in the very
    second of a write could have seen the write before a second one in that
-   same second, with the same ``updated``. SETTLED_S also covers the skew
-   between the VM's clock and the vault's. In practice the refresh that finds
-   a rotation runs minutes after it, so this costs nothing; a secret written
-   just before a refresh is fetched once more at the next.
+   same second, with the same ``updated``. "After" is read on the vault's own
+   clock, the ``Date`` of the GET's answer, never on the VM's: a VM clock
+   minutes ahead would otherwise take a version fetched in the second of its
+   write for settled, and miss a rotation in that same second for good
+   (issue 17, item 12). The Date is the answer's, so it is no earlier than
+   the read; SETTLED_S (60 s) is longer than a request may take (30 s) and
+   than the skew between the vault's own machines. Only a vault that sends
+   no usable Date is judged on the VM's clock. In practice the refresh that
+   finds a rotation runs minutes after it, so this costs nothing; a secret
+   written just before a refresh is fetched once more at the next.
 4. A vault is listed only when that is cheaper: ⌈size ÷ 25⌉ pages against one
    GET per remembered unpinned source, ``size`` from its last listing. A
    vault never listed is listed with a page budget one below the GETs it
@@ -80,7 +86,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import os
 import secrets
 import stat
@@ -91,12 +96,12 @@ from agent.expiry import Validity
 from agent.manifest import Entry
 from agent.outputs import EntrySet
 from agent.sources import Source
-from agent.vault_list import PAGE_SIZE, SecretItem
+from agent.vault_list import PAGE_SIZE, SecretItem, pages_for
 
 log = logging.getLogger(__name__)
 
-# How long after its ``updated`` a fetched version is trusted to be the last
-# one of that second (see rule 3); generous against clock skew.
+# How long after its ``updated`` (on the vault's clock) a fetched version is
+# trusted to be the last one of that second (see rule 3).
 SETTLED_S = 60.0
 # The largest file verified by content (see "Local check"); a larger one
 # that others may write has no stamp, so its entry is fetched every refresh.
@@ -129,12 +134,21 @@ class FileStamp(NamedTuple):
 
 
 class SourceSeen(NamedTuple):
-    """The version of a source last written, its ``attributes.updated``, and
-    the wall time (epoch seconds) just before the GET that brought it."""
+    """The version of a source last written, its ``attributes.updated``, the
+    VM's wall time (epoch seconds) just before the GET that brought it, and
+    the vault's own time when it answered that GET (its ``Date``; None when
+    it sent no usable one)."""
 
     version: str
     updated: Optional[int]
     fetched_at: float = 0.0
+    answered_at: Optional[float] = None
+
+    def is_settled(self, updated: int) -> bool:
+        """Whether a version ``updated`` (vault epoch seconds) was fetched at
+        least SETTLED_S after that, on the vault's clock when known (rule 3)."""
+        fetched = self.answered_at if self.answered_at is not None else self.fetched_at
+        return updated + SETTLED_S < fetched
 
 
 class EntryWritten(NamedTuple):
@@ -254,7 +268,7 @@ def _digest_key() -> bytes:
 
 def listing_pages(size: int) -> int:
     """Requests a list of ``size`` secrets costs: ⌈size ÷ 25⌉, at least one."""
-    return max(1, math.ceil(size / PAGE_SIZE))
+    return pages_for(size)
 
 
 def list_budget(seen: Optional[VaultSeen], remembered: int) -> Optional[int]:
@@ -295,7 +309,7 @@ def is_source_current(source: Source, seen: Optional[SourceSeen],
         return False
     updated = item.attributes.updated
     return updated is not None and updated == seen.updated and \
-        updated + SETTLED_S < seen.fetched_at and item.version in (None, seen.version)
+        seen.is_settled(updated) and item.version in (None, seen.version)
 
 
 def is_on_disk(written: EntryWritten, entry: Entry, stamp: Stamp) -> bool:
@@ -342,6 +356,18 @@ def plan(entries: Sequence[Entry], groups: Iterable[EntrySet], memory: Freshness
     fetch = tuple(dict.fromkeys(source for entry in entries if entry.key not in current
                                 for source in entry.sources))
     return Plan(current, fetch, vaults)
+
+
+def with_sizes(decided: Plan, sizes: Mapping[str, int]) -> Plan:
+    """``decided`` with each vault in ``sizes`` (listed whole this refresh, by
+    a ``select:`` entry) known to hold that many secrets: its next listing's
+    pages are bounded by it (:func:`agent.vault_list.page_bound`)."""
+    if not sizes:
+        return decided
+    vaults = dict(decided.vaults)
+    for vault, size in sizes.items():
+        vaults[vault] = vaults.get(vault, VaultSeen())._replace(size=size)
+    return decided._replace(vaults=vaults)
 
 
 def _remembered_by_vault(entries: Sequence[Entry], memory: Freshness,

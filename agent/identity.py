@@ -146,6 +146,11 @@ class TokenCache:
         """Release the endpoint's HTTP connections."""
         self._session.close()
 
+    def abort(self) -> int:
+        """Abandon the token request in flight, if any, and refuse new ones (a
+        stop): see :func:`agent.transport.abort`. Returns how many were out."""
+        return transport.abort(self._session)
+
     @property
     def endpoint(self) -> str:
         """The token URL asked (for ``kv-agent doctor``'s messages)."""

@@ -34,14 +34,23 @@ class RetryPolicy(NamedTuple):
     When the next delay would pass the deadline, the loop sleeps only up to
     the deadline and makes one final attempt. A Retry-After counts as at
     least the normal step (``Retry-After: 0`` must not turn a 429 storm into a
-    hot loop, issue 9 item 5) and at most ``max_retry_after_s``; one longer
-    than the remaining budget ends the loop (the server said not before).
+    hot loop, issue 9 item 5) and at most ``max_retry_after_s``.
+
+    ``is_final_attempt_kept``: what a Retry-After (or a vault's pause, see
+    :class:`Pause`) longer than the time left does. True (``kv-agent once``,
+    the README's Limits): it is slept only up to the deadline and the final
+    attempt is made, so ``--retry-for 15`` retries for 15 s, as promised
+    (issue 17 item 9: it used to give up after 6 s). False (a refresh of the
+    running agent, REFRESH_RETRY): the loop ends at once, unsent; the
+    lifecycle retries the whole refresh later, spread out, so a fleet that a
+    vault paused never sends its final attempts together at its deadlines.
     """
 
     deadline_s: float = 75.0  # ONCE_RETRY_S; IMDS 410 means "back within 70 s" [protocol.md A3]
     base_delay_s: float = 0.5
     max_delay_s: float = 10.0
     max_retry_after_s: float = 60.0
+    is_final_attempt_kept: bool = True
 
 
 # Every retry budget of the agent, in this one place:
@@ -51,7 +60,7 @@ ONCE_RETRY_S = 75.0
 # - one refresh of `kv-agent run`; the lifecycle's backoff then spaces the
 #   refreshes themselves (agent/lifecycle.py), so a refresh gives up sooner.
 REFRESH_RETRY_S = 30.0
-REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S)
+REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S, is_final_attempt_kept=False)
 
 # While a Pause's probe is out, the other requests look again this often.
 PROBE_POLL_S = 0.25
@@ -97,8 +106,10 @@ class Backoff:
     """State of one bounded retry loop.
 
     Call :meth:`wait` after a retryable failure: it sleeps and returns True, or
-    returns False (without sleeping) when the budget is spent. Give each
-    request :meth:`request_budget` seconds in total.
+    returns False (without sleeping) when the budget is spent. Call
+    :meth:`wait_to_deadline` when something else (a server's pause) holds the
+    next attempt past the deadline. Give each request :meth:`request_budget`
+    seconds in total.
     """
 
     def __init__(
@@ -152,13 +163,32 @@ class Backoff:
         delay = self.next_delay(retry_after)
         left = self.time_left()
         if delay > left:
-            if left <= 0 or (retry_after is not None and retry_after > left):
+            if left <= 0 or (retry_after is not None and retry_after > left
+                             and not self._policy.is_final_attempt_kept):
                 return False
             delay, self._is_final = left, True  # sleep to the deadline, try once more
         if self._on_retry is not None:
             self._on_retry(reason, self.attempts, delay)
         self._sleep(delay)
         self.attempts += 1
+        return True
+
+    def wait_to_deadline(self, reason: str) -> bool:
+        """The next attempt is held back past the deadline (a server's pause
+        outlasts the budget). With ``is_final_attempt_kept``: sleep what is
+        left of the budget and return True, the caller then makes the final
+        attempt (at once when the deadline has already come). Without: False,
+        and the loop ends unsent."""
+        if not self._policy.is_final_attempt_kept:
+            return False
+        if self._is_final:
+            return True  # slept to the deadline already: this is the final attempt
+        self._is_final = True
+        left = self.time_left()
+        if left > 0:
+            if self._on_retry is not None:
+                self._on_retry(reason, self.attempts, left)
+            self._sleep(left)
         return True
 
 

@@ -22,6 +22,13 @@ urllib3; only closing the socket from outside bounds those. ``shutdown`` (not
 ``close``) is safe from another thread: it never frees the descriptor under
 the reader's feet. Connect itself is bounded by the connect timeout.
 
+The same shutdown ends a request early on purpose: :func:`abort` (a stop of
+the agent) shuts down the sockets of every request in flight on a session,
+whatever it is blocked in, and every later request on it fails at once with
+:class:`AbortedError`, so ``SIGTERM`` never waits for a vault that neither
+answers nor fails (issue 17, item 25). Only a thread still in DNS resolution
+or in ``connect()`` (bounded by the connect timeout) cannot be reached so.
+
 Bodies are read raw and decoded here (gzip/deflate) with ``max_length``, so a
 compression bomb never inflates beyond ``max_bytes`` in memory; an oversized
 body is :class:`ResponseTooLargeError`, a corrupt encoding
@@ -35,11 +42,23 @@ source), host and status code, or ``error``/``timeout`` when no status came
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import (
+    Any,
+    ContextManager,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+)
 from urllib.parse import urlsplit
 
 import requests
@@ -74,6 +93,10 @@ class BadResponseError(requests.RequestException):
 
 class DeadlineExceededError(requests.Timeout):
     """No complete answer within the request's total deadline."""
+
+
+class AbortedError(requests.RequestException):
+    """The request was abandoned: its session was aborted (the agent is stopping)."""
 
 
 class Reply(NamedTuple):
@@ -118,9 +141,40 @@ REQUESTS = RequestCounts()
 
 
 class _CountedSession(requests.Session):
-    """A session that knows what it talks to, for :data:`REQUESTS`."""
+    """A session that knows what it talks to, for :data:`REQUESTS`, and the
+    deadlines of its requests in flight, for :func:`abort`."""
 
     target = OTHER_TARGET
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flight_lock = threading.Lock()
+        self._in_flight: Set["_Deadline"] = set()
+        self.is_aborted = False
+
+    @contextlib.contextmanager
+    def flight(self, deadline: "_Deadline") -> Iterator[None]:
+        """Count ``deadline``'s request in flight while the block runs; raise
+        AbortedError (nothing sent) once the session is aborted."""
+        with self._flight_lock:
+            if self.is_aborted:
+                raise AbortedError("the agent is stopping; nothing was sent")
+            self._in_flight.add(deadline)
+        try:
+            yield
+        finally:
+            with self._flight_lock:
+                self._in_flight.discard(deadline)
+
+    def abort(self) -> int:
+        """End every request in flight now and refuse new ones; returns how
+        many were in flight."""
+        with self._flight_lock:
+            self.is_aborted = True
+            in_flight = list(self._in_flight)
+        for deadline in in_flight:
+            deadline.abort()
+        return len(in_flight)
 
 
 def _host(url: str) -> str:
@@ -134,10 +188,12 @@ def _host(url: str) -> str:
 
 
 class _Deadline:
-    """The sockets of one request, shut down when its time is up."""
+    """The sockets of one request, shut down when its time is up (or when
+    its session is aborted)."""
 
     def __init__(self, seconds: float) -> None:
         self.is_expired = False
+        self.is_aborted = False
         self._lock = threading.Lock()
         self._sockets: List[socket.socket] = []
         self._timer = threading.Timer(max(0.0, seconds), self._expire)
@@ -158,6 +214,11 @@ class _Deadline:
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
             _shutdown(sock)
+
+    def abort(self) -> None:
+        """End the request now: its sockets are shut down, as at the deadline."""
+        self.is_aborted = True
+        self._expire()
 
     def __enter__(self) -> "_Deadline":
         _current.deadline = self
@@ -268,10 +329,12 @@ def bounded_get(
 
     Counted in :data:`REQUESTS` under its status code once the status line
     came (even if the body then failed), else ``timeout`` or ``error``.
+    On a session of :func:`new_session` that :func:`abort` ended, raises
+    :class:`AbortedError` (before sending, or at once while in flight).
     """
     started = time.monotonic()
     code = CODE_ERROR
-    with _Deadline(total_s) as deadline:
+    with _Deadline(total_s) as deadline, _in_flight(session, deadline):
         try:
             response = session.get(url, params=dict(params), headers=dict(headers),
                                    timeout=timeout, allow_redirects=False, stream=True,
@@ -283,6 +346,8 @@ def bounded_get(
             finally:
                 response.close()
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline.is_aborted:
+                raise AbortedError("abandoned: the agent is stopping") from None
             is_late = deadline.is_expired or time.monotonic() >= started + total_s
             code = _failure_code(code, exc, is_late)
             if is_late:
@@ -295,6 +360,23 @@ def bounded_get(
             raise requests.ConnectionError(str(exc)) from None
         finally:
             REQUESTS.add(getattr(session, "target", OTHER_TARGET), _host(url), code)
+
+
+def _in_flight(session: requests.Session, deadline: _Deadline) -> ContextManager[None]:
+    """The request's place among its session's requests in flight (only
+    sessions of :func:`new_session` keep one: others cannot be aborted)."""
+    if isinstance(session, _CountedSession):
+        return session.flight(deadline)
+    return contextlib.nullcontext()
+
+
+def abort(session: requests.Session) -> int:
+    """Abandon every request in flight on ``session`` (made by
+    :func:`new_session`): their sockets are shut down, so whatever read or
+    handshake they are blocked in returns at once and they raise
+    AbortedError; every later request on it raises AbortedError unsent.
+    Returns how many were in flight. Thread-safe; for a stop, not undone."""
+    return session.abort() if isinstance(session, _CountedSession) else 0
 
 
 def _failure_code(code: str, exc: BaseException, is_late: bool) -> str:
@@ -353,7 +435,8 @@ def _decoder(encoding: str) -> Any:
 def describe_failure(exc: BaseException) -> str:
     """A short cause for an operator: 'connection refused', 'timed out'...
     (fixed words or our own messages, never the server's text)."""
-    if isinstance(exc, (DeadlineExceededError, ResponseTooLargeError, BadResponseError)):
+    if isinstance(exc, (DeadlineExceededError, ResponseTooLargeError, BadResponseError,
+                        AbortedError)):
         return str(exc)
     if isinstance(exc, requests.Timeout):
         return "timed out"

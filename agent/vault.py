@@ -27,6 +27,7 @@ The list's pages and items are parsed in :mod:`agent.vault_list`.
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import os
 import threading
@@ -52,6 +53,7 @@ import requests
 from agent import transport
 from agent.errors import (
     ConfigError,
+    EndlessListError,
     KvAgentError,
     ListTooLongError,
     SecretNotFoundError,
@@ -70,6 +72,7 @@ from agent.vault_list import (
     Page,
     SecretItem,
     check_next_link,
+    page_bound,
     parse_page,
 )
 from agent.vault_url import check_target, normalize_vault_url
@@ -85,6 +88,15 @@ RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 # Answers that pause every request of the agent to that vault (agent.retry.Pause),
 # with or without Retry-After: throttled, or unavailable as a whole.
 PAUSE_STATUSES = frozenset({429, 503})
+# After a list that did not advance (EndlessListError), that vault is not listed
+# again for this long: its listings fail at once with the same error. A list
+# that never ends costs at most MAX_EMPTY_PAGES requests per 30 s, whatever the
+# refresh interval (a starting agent with `refresh: 1s` retries every second).
+ENDLESS_LIST_HOLD_S = 30.0
+
+# A Date header is 29 characters (RFC 9110 IMF-fixdate); longer is not a date.
+MAX_DATE_CHARS = 64
+MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
 
 # Vault DNS suffix -> token resource, per cloud [protocol.md B1].
 KNOWN_AUDIENCES: Dict[str, str] = {
@@ -100,13 +112,17 @@ TokenProvider = Callable[[str, bool], str]
 
 class Secret(NamedTuple):
     """One fetched secret version. ``value`` is the UTF-8 bytes of the string
-    Key Vault returned, exactly; it never appears in ``repr``."""
+    Key Vault returned, exactly; it never appears in ``repr``. ``answered_at``
+    is the vault's own clock when it answered (its ``Date`` header, epoch
+    seconds; None when it sent no usable one): :mod:`agent.freshness` judges
+    against it whether the version is settled, whatever the VM's clock says."""
 
     name: str
     version: str
     value: bytes
     content_type: Optional[str] = None
     attributes: SecretAttributes = SecretAttributes()
+    answered_at: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"Secret(name={self.name!r}, version={self.version!r}, value=****)"
@@ -188,11 +204,12 @@ def secret_url(vault: str, name: str, version: Optional[str]) -> str:
     return f"{url}/{quote(version, safe='')}" if version else url
 
 
-def parse_secret_bundle(name: str, body: bytes) -> Secret:
-    """A Secret from a 200 SecretBundle; raises VaultError (never quoting the
-    body, which holds the value) when the shape is wrong, the JSON is not
-    JSON or nested too deeply, or the value cannot be UTF-8 (a lone
-    surrogate). The version and content type are escaped: they reach logs."""
+def parse_secret_bundle(name: str, body: bytes, answered_at: Optional[float] = None) -> Secret:
+    """A Secret from a 200 SecretBundle (``answered_at``: see Secret); raises
+    VaultError (never quoting the body, which holds the value) when the shape
+    is wrong, the JSON is not JSON or nested too deeply, or the value cannot
+    be UTF-8 (a lone surrogate). The version and content type are escaped:
+    they reach logs."""
     content = _json_object(body)
     value = content.get("value")
     if not isinstance(value, str):
@@ -209,7 +226,24 @@ def parse_secret_bundle(name: str, body: bytes) -> Secret:
     content_type = content.get("contentType")
     return Secret(name, escape(version, 64), data,
                   escape(content_type, 100) if isinstance(content_type, str) else None,
-                  parse_attributes(content))
+                  parse_attributes(content), answered_at)
+
+
+def parse_http_date(value: Optional[str]) -> Optional[float]:
+    """Epoch seconds of an HTTP ``Date`` header (``Sun, 06 Nov 1994 08:49:37
+    GMT``; the obsolete forms too), or None when it is absent, longer than a
+    date can be, unparsable, or outside 1970 to 9999. Never raises: it comes
+    from the network."""
+    if not value or len(value) > MAX_DATE_CHARS:
+        return None
+    try:
+        parts = email.utils.parsedate_tz(value)
+        seconds = email.utils.mktime_tz(parts) if parts is not None else None
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+    if seconds is None or not 0 <= seconds <= MAX_EPOCH_S:
+        return None
+    return float(seconds)
 
 
 def _json_object(body: bytes) -> Dict[str, Any]:
@@ -297,6 +331,9 @@ def _request_failed(vault: str, exc: Exception, prefix: str) -> VaultError:
         return VaultError(f"{prefix}vault {vault} sent an unusable response: "
                           f"{transport.describe_failure(exc)}",
                           "check that the manifest's vault URL is a Key Vault")
+    if isinstance(exc, transport.AbortedError):
+        return VaultUnavailableError(f"{prefix}request to vault {vault} {exc}",
+                                     "none: its file is kept as it was")
     if isinstance(exc, transport.DeadlineExceededError):
         return VaultUnavailableError(
             f"{prefix}vault {vault} too slow: {transport.describe_failure(exc)}",
@@ -310,7 +347,7 @@ def _is_retryable(exc: Exception) -> bool:
     """Connection failures and timeouts are worth another try; a TLS failure
     or a bad body will be the same next time."""
     return not isinstance(exc, (requests.exceptions.SSLError, transport.ResponseTooLargeError,
-                                transport.BadResponseError))
+                                transport.BadResponseError, transport.AbortedError))
 
 
 def vault_label(vault: str) -> str:
@@ -424,6 +461,8 @@ class VaultClient:
         self._pauses: Dict[str, Pause] = {}
         self._paused_by: Dict[str, transport.Reply] = {}
         self._pause_lock = threading.Lock()  # not the audience's: its challenge sends
+        # Per vault: until when (clock) a list that did not advance is not tried again.
+        self._endless: Dict[str, Tuple[float, EndlessListError]] = {}
         self.gives_way = False  # see the class docstring
 
     def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
@@ -466,7 +505,8 @@ class VaultClient:
         reply = self._exchange(request.vault, url, None, audience, self._backoff(),
                                f"secret '{request.name}': ")
         if reply.status == 200:
-            return parse_secret_bundle(request.name, reply.body)
+            return parse_secret_bundle(request.name, reply.body,
+                                       parse_http_date(reply.headers.get("Date")))
         raise error_for_status(request.name, reply.status, reply.body)
 
     def list_secrets(self, vault: str, limits: ListLimits = ListLimits()
@@ -478,9 +518,23 @@ class VaultClient:
         nextLink is followed only to the vault itself
         (:func:`agent.vault_list.check_next_link`), each at most once. The
         listing is bounded by ``limits`` (pages, items, total seconds); going
-        past one is an error, never a silently shorter list. Raises a
-        VaultError subclass naming the vault.
+        past one is an error, never a silently shorter list. A list that does
+        not advance (``max_empty_pages`` empty pages in a row, or more pages
+        than :func:`agent.vault_list.page_bound` allows) is EndlessListError,
+        and the same error, without a request, for ENDLESS_LIST_HOLD_S after
+        it. Raises a VaultError subclass naming the vault.
         """
+        held = self._endless.get(vault)
+        if held is not None and self._clock() < held[0]:
+            raise held[1]  # it did not end a moment ago: no request (ENDLESS_LIST_HOLD_S)
+        try:
+            return self._list_pages(vault, limits)
+        except EndlessListError as exc:
+            self._endless[vault] = (self._clock() + ENDLESS_LIST_HOLD_S, exc)
+            raise
+
+    def _list_pages(self, vault: str, limits: ListLimits) -> Tuple[SecretItem, ...]:
+        """The listing itself (see :meth:`list_secrets`)."""
         url = vault + LIST_PATH
         params: Mapping[str, str] = {"api-version": self._api_version,
                                      "maxresults": str(PAGE_SIZE)}
@@ -488,6 +542,7 @@ class VaultClient:
         deadline = self._clock() + limits.deadline_s
         items: List[SecretItem] = []
         followed: Set[str] = set()
+        empty = 0  # empty pages in a row
         for number in range(1, limits.max_pages + 1):
             page = self._list_page(vault, url, params, audience, number, deadline, limits)
             items.extend(page.items)
@@ -497,6 +552,8 @@ class VaultClient:
                     "list a smaller vault, or raise the limit")
             if page.next_link is None:
                 return tuple(items)
+            empty = 0 if page.items else empty + 1
+            _check_advancing(vault, number, empty, len(items), limits)
             if page.next_link in followed:
                 raise VaultError(f"listing vault {vault}: page {number}'s nextLink repeats an "
                                  "earlier page (a paging loop)", "retry later")
@@ -554,7 +611,8 @@ class VaultClient:
         fresh_token_taken = False
         pause = self._pause(vault)
         while True:
-            paused_by = None if self._wait_for(pause, backoff) else self._paused_by.get(vault)
+            paused_by = (None if self._wait_for(vault, pause, backoff)
+                         else self._paused_by.get(vault))
             if paused_by is not None:
                 return paused_by  # paused past this request's budget: the vault's answer
             token = self._tokens(audience, False) if audience is not None else None
@@ -579,6 +637,11 @@ class VaultClient:
                 if backoff.wait(self._reason(vault, reply.status), retry_after):
                     continue
             return reply
+
+    def _paused_reason(self, vault: str) -> str:
+        """``waiting for vault contoso-kv: HTTP 503`` for the answer that paused it."""
+        paused_by = self._paused_by.get(vault)
+        return self._reason(vault, paused_by.status if paused_by is not None else 429)
 
     def _heard(self, vault: str, pause: Pause, reply: transport.Reply,
                sent_at: float) -> Optional[float]:
@@ -606,21 +669,24 @@ class VaultClient:
                     is_slow_start=self._is_slow_start))
         return pause
 
-    def _wait_for(self, pause: Pause, backoff: Backoff) -> bool:
+    def _wait_for(self, vault: str, pause: Pause, backoff: Backoff) -> bool:
         """Sleep while the vault's pause holds this request back (another
-        thread's probe is out, or Retry-After has not passed); False when that
-        would outlast the request's budget, or when the vault said wait and this
-        client gives way: it ends as throttled, unsent (or, held back only by
-        the slow start, is sent at once)."""
+        thread's probe is out, or Retry-After has not passed). False when the
+        vault said wait and this client gives way, or when the wait would
+        outlast the request's budget and its policy does not keep the final
+        attempt (the running agent): it ends as throttled, unsent (or, held
+        back only by the slow start, is sent at once). With the final attempt
+        kept (``kv-agent once``) a pause past the budget is slept up to the
+        deadline and the request is sent then, as the final attempt."""
         while True:
             delay = pause.admit(self._clock())
             if delay <= 0:
                 return True
-            if delay > backoff.time_left():
+            if self.gives_way and pause.remaining(self._clock()) > 0:
                 return False
+            if delay > backoff.time_left():
+                return backoff.wait_to_deadline(self._paused_reason(vault))
             if pause.remaining(self._clock()) > 0:
-                if self.gives_way:
-                    return False
                 self._sleep(delay)  # the vault said wait: a sleep a stop cuts short
             else:
                 pause.wait(delay)  # another request is out: its answer wakes this one
@@ -728,6 +794,23 @@ def _challenge_failed(vault: str, status: int, body: bytes) -> VaultError:
     detail = f" ({inner or code})" if inner or code else ""
     return VaultUnavailableError(f"vault {vault} kept failing (HTTP {status}{detail})",
                                  "retry later")
+
+
+def _check_advancing(vault: str, number: int, empty: int, items: int,
+                     limits: ListLimits) -> None:
+    """Raise EndlessListError when the listing, at page ``number`` with
+    ``empty`` empty pages in a row and ``items`` secrets so far, still has a
+    nextLink but has stopped advancing (issue 17, item 8)."""
+    if empty >= limits.max_empty_pages:
+        raise EndlessListError(
+            f"listing vault {vault}: {empty} empty pages in a row, each with a new nextLink "
+            "(a list that does not advance); nothing more was sent", "retry later")
+    bound = page_bound(limits.known_size, items)
+    if bound is not None and number >= bound:
+        raise EndlessListError(
+            f"listing vault {vault}: {number} pages brought {items} secrets (the vault held "
+            f"{limits.known_size} at its last listing), and the list still does not end; "
+            "nothing more was sent", "retry later")
 
 
 def _list_error(vault: str, status: int, body: bytes) -> VaultError:

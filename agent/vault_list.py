@@ -13,6 +13,11 @@ them:
   and carries its own query: it is sent as is, with no parameters added;
 * an item has no value, and its ``id`` is the unversioned secret URL.
 
+A list whose pages never end (each empty, with a fresh nextLink) must not
+cost a thousand requests per attempt (issue 17, item 8): a listing stops
+after MAX_EMPTY_PAGES empty pages in a row, and, when the vault's size at
+its last listing is known, after :func:`page_bound` pages.
+
 Everything here is untrusted: a page is at most a bounded body, text is
 escaped, odd attribute types read as "absent". An item without a usable
 name, or a page of the wrong shape, is a ValueError for the whole listing:
@@ -22,6 +27,7 @@ deleted".
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
@@ -33,17 +39,48 @@ from agent.vault_url import check_target
 LIST_PATH = "/secrets"
 PAGE_SIZE = 25  # maxresults: 1-25, the service's maximum [protocol.md B4]
 MAX_NEXT_LINK_CHARS = 4096  # a real one is ~400 characters
+# Empty pages in a row (each with a nextLink) after which a listing stops. A
+# real vault sends two before its first item, where the cursor walks deleted
+# entries [protocol.md B4]; ten leave room for a vault with many deleted
+# secrets, and cost at most ten requests on a list that never ends.
+MAX_EMPTY_PAGES = 10
+# Pages a listing may take beyond twice those its secrets fill (see page_bound).
+PAGE_SLACK = 10
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}\Z")  # [protocol.md B7]
 _VERSION = re.compile(r"[0-9a-zA-Z]{1,64}\Z")
 
 
 class ListLimits(NamedTuple):
-    """Bounds of one listing (policy as data): pages and items fetched, and
-    seconds from the first request to the last page."""
+    """Bounds of one listing (policy as data): pages and items fetched,
+    seconds from the first request to the last page, empty pages in a row,
+    and ``known_size``: the vault's number of secrets at its last listing
+    (None: never listed), which bounds the pages (:func:`page_bound`)."""
 
     max_pages: int = 1000
     max_items: int = 10_000
     deadline_s: float = 120.0
+    max_empty_pages: int = MAX_EMPTY_PAGES
+    known_size: Optional[int] = None
+
+
+def pages_for(size: int) -> int:
+    """Pages a list of ``size`` secrets fills: ⌈size ÷ 25⌉, at least one."""
+    return max(1, math.ceil(size / PAGE_SIZE))
+
+
+def page_bound(known_size: Optional[int], items: int) -> Optional[int]:
+    """Pages a listing may take, given the vault's size at its last listing
+    and the ``items`` this listing has brought so far (None: no bound, the
+    size is unknown).
+
+    Twice the pages that the larger of the two fills (pages of fewer than 25,
+    empty pages between full ones), plus PAGE_SLACK. A vault that grew since
+    is no problem: every full page raises the bound by two. Only pages that
+    bring (almost) nothing run into it.
+    """
+    if known_size is None:
+        return None
+    return 2 * pages_for(max(known_size, items)) + PAGE_SLACK
 
 
 class SecretItem(NamedTuple):

@@ -34,7 +34,7 @@ FAST_RETRY_MAIN = (
     "import sys\n"
     "import agent.lifecycle as lifecycle\n"
     "import agent.retry as retry\n"
-    "retry.REFRESH_RETRY = retry.RetryPolicy(deadline_s=1.0, base_delay_s=0.1,"
+    "retry.REFRESH_RETRY = retry.REFRESH_RETRY._replace(deadline_s=1.0, base_delay_s=0.1,"
     " max_delay_s=0.3)\n"
     "lifecycle.START_RETRY_S = (0.3, 0.6)\n"
     "from agent.cli import main\n"

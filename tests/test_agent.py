@@ -77,6 +77,31 @@ def test_unchanged_files_report_no_change(emulator: Emulator, shm_dir: Path) -> 
     assert second.outcomes[0].version == first.outcomes[0].version
 
 
+def test_a_rotation_in_the_second_of_the_fetch_is_picked_up_with_the_vm_clock_ahead(
+        shm_dir: Path) -> None:
+    """Issue 17 item 12: with the VM's clock 90 s ahead of the vault's, a version fetched
+    in the very second of its write is not taken for settled: a second write in that same
+    second (the same `updated`) is fetched at the next list-based refresh."""
+    vault_now = float(int(time.time()) - 90)  # the vault's clock, 90 s behind, and frozen
+    with Emulator({}, clock=lambda: vault_now) as skewed:
+        skewed.set_secret("skew-a", "first a")
+        skewed.set_secret("skew-b", "first b")
+        agent = Agent(manifest(skewed, shm_dir, "  - {name: skew-a}\n  - {name: skew-b}\n"),
+                      environ=environ(skewed))
+        try:
+            agent.prepare()
+            first = agent.sync()
+            skewed.set_secret("skew-a", "second a")  # the same second: the same `updated`
+            skewed.reset_stats()
+            second = agent.sync(freshness=first.freshness)
+        finally:
+            agent.close()
+        listed = [record.path for record in skewed.vault_log if record.path == "/secrets"]
+    assert listed, "the second refresh was meant to be list-based"
+    assert (shm_dir / "skew-a").read_text() == "second a"
+    assert not second.failures
+
+
 def test_a_failing_entry_keeps_its_file_and_never_stops_the_others(
         emulator: Emulator, shm_dir: Path) -> None:
     """A missing secret fails only its entry; its old file stays, the others are written."""

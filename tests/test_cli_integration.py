@@ -523,6 +523,42 @@ def test_once_honours_vault_retry_after(kv: Harness, target: str) -> None:
     assert (kv.directory / first).exists() and (kv.directory / second).exists()
 
 
+def test_once_sleeps_a_retry_after_past_its_budget_to_the_deadline_then_tries_once_more(
+        kv: Harness) -> None:
+    """Issue 17 item 9: a 503 whose Retry-After (10 s) outlasts `--retry-for 5` is slept up
+    to the budget and the final attempt is made; the vault, back after 3 s, answers it and
+    the file is written (it exited 69 at once)."""
+    name = fresh_name("ra-past-budget")
+    value = fresh_value("ra-past-budget")
+    kv.put(name, value)
+    manifest = kv.manifest(entry(name))
+    kv.emulator.inject_fault("vault", 503, retry_after="10", for_s=3.0, path_contains=name)
+
+    result = kv.run("once", "--retry-for", "5", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.output
+    assert 4.5 <= result.elapsed_s < 15, result.elapsed_s
+    statuses = [record.status for record in kv.emulator.vault_log if name in record.path]
+    assert statuses.count(503) == 1 and statuses[-1] == 200, statuses  # (a 401: the challenge)
+    assert (kv.directory / name).read_text() == value
+
+
+def test_once_outlasts_a_vault_unavailable_for_most_of_its_budget(kv: Harness) -> None:
+    """Issue 17 item 9, as found: 503 with Retry-After: 2 for 9 s and `once --retry-for 15`
+    writes the file (it exited 69 after 6.4 s), within the budget plus one final attempt."""
+    name = fresh_name("ra-9s")
+    value = fresh_value("ra-9s")
+    kv.put(name, value)
+    manifest = kv.manifest(entry(name))
+    kv.emulator.inject_fault("vault", 503, retry_after="2", for_s=9.0)
+
+    result = kv.run("once", "--retry-for", "15", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.output
+    assert 9.0 <= result.elapsed_s < 15 + 5 + 5, result.elapsed_s
+    assert (kv.directory / name).read_text() == value
+
+
 def test_once_unknown_user_assigned_identity_fails_clearly_and_touches_nothing(
     kv: Harness,
 ) -> None:

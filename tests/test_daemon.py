@@ -264,7 +264,8 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
     def start(entries: Sequence[Mapping[str, Any]] = (), *, text: Optional[str] = None,
               notify: bool = True, args: Sequence[str] = (), env: Mapping[str, str] = {},
               manifest: Optional[Path] = None, state_dir: Optional[Path] = None,
-              fast_retry: bool = False, **manifest_keys: Any) -> Running:
+              fast_retry: bool = False, main: Optional[str] = None,
+              **manifest_keys: Any) -> Running:
         directory = shm_dir / "out"
         path = manifest or etc / "manifest.yaml"
         if not path.exists():
@@ -285,7 +286,7 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
         full_env.update(env)
         process = AgentProcess([*args, "run", "--manifest", str(path),
                                 "--state-dir", str(state_dir)], full_env,
-                               main=FAST_RETRY_MAIN if fast_retry else None)
+                               main=FAST_RETRY_MAIN if fast_retry else main)
         running = Running(process, sock, path, directory, state_dir, vault, full_env)
         started.append(running)
         return running
@@ -1021,6 +1022,73 @@ def test_sigterm_during_a_slow_refresh_exits_promptly(start_agent: StartAgent,
     assert run.notes.with_key("STOPPING", "1")
     assert read(run.directory / "slow") == value
     assert [p.name for p in run.directory.iterdir()] == ["slow"]
+
+
+# Runs the kv-agent command line with secret 'b's fetch stuck for a minute once the
+# file named by KV_TEST_STUCK exists: a request stuck where no socket can be shut
+# down (DNS resolution, connect()), in a fetch thread the interpreter would join.
+STUCK_FETCH_MAIN = (
+    "import os, sys, time\n"
+    "import agent.vault as vault\n"
+    "fetch = vault.VaultClient.fetch_secret\n"
+    "def stuck(self, request):\n"
+    "    if request.name == 'b' and os.path.exists(os.environ['KV_TEST_STUCK']):\n"
+    "        time.sleep(60)\n"
+    "    return fetch(self, request)\n"
+    "vault.VaultClient.fetch_secret = stuck\n"
+    "from agent.cli import main\n"
+    "sys.exit(main())\n"
+)
+STOP_WITHIN_S = 2.0  # the README's "within seconds", as issue 17 item 25 measures it
+
+
+def wait_in_flight(run: Running, vault: Vault, since: Dict[str, int]) -> None:
+    """Wait until a refresh after READY fetched 'a' and 'c' again: 'b', sent with
+    them by the fetch pool, is then in flight."""
+    run.wait(lambda: all(vault.requests_for(name) > since[name] for name in ("a", "c")),
+             "the refresh's fetches of a and c")
+    time.sleep(0.3)
+
+
+def test_sigterm_abandons_a_request_that_neither_answers_nor_fails(
+        start_agent: StartAgent, vault: Vault) -> None:
+    """SIGTERM while a fetch thread waits on a vault request that hangs (no answer, no
+    error) exits 0 within 2 s, not after the request's 20-s timeout: the request is
+    abandoned, every file keeps its last good bytes and no temporary file is left
+    (issue 17 item 25)."""
+    values = {name: vault.put(name) for name in ("a", "b", "c")}
+    run = start_agent([entry(name) for name in values])
+    run.wait_ready()
+    vault.emulator.inject_fault("vault", delay_s=60.0, count=100, path_contains="/secrets/b")
+    since = {name: vault.requests_for(name) for name in values}
+    wait_in_flight(run, vault, since)
+    code, elapsed = run.process.stop(signal.SIGTERM)
+    assert code == 0, run.describe()
+    assert elapsed < STOP_WITHIN_S, f"took {elapsed:.2f} s to stop\n{run.describe()}"
+    assert run.process.lines("waiting on the network: 1 request abandoned")
+    assert {name: read(run.directory / name) for name in values} == values
+    assert sorted(p.name for p in run.directory.iterdir()) == ["a", "b", "c"]
+
+
+def test_sigterm_does_not_wait_for_a_fetch_stuck_where_no_socket_can_be_shut(
+        start_agent: StartAgent, vault: Vault, tmp_path: Path) -> None:
+    """A fetch thread stuck outside any socket (as in DNS or connect()) does not hold the
+    exit either: the agent exits 0 within 2 s without joining it, its files whole."""
+    values = {name: vault.put(name) for name in ("a", "b", "c")}
+    marker = tmp_path / "stuck"
+    run = start_agent([entry(name) for name in values], main=STUCK_FETCH_MAIN,
+                      env={"KV_TEST_STUCK": str(marker)})
+    run.wait_ready()
+    since = {name: vault.requests_for(name) for name in values}
+    marker.touch()
+    wait_in_flight(run, vault, since)
+    code, elapsed = run.process.stop(signal.SIGTERM)
+    assert code == 0, run.describe()
+    assert elapsed < STOP_WITHIN_S, f"took {elapsed:.2f} s to stop\n{run.describe()}"
+    assert run.process.lines("stopping with a refresh still waiting on the network")
+    assert run.process.lines("stopped; files left in place")
+    assert {name: read(run.directory / name) for name in values} == values
+    assert sorted(p.name for p in run.directory.iterdir()) == ["a", "b", "c"]
 
 
 # ---------------------------------------------------------------------------

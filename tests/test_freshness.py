@@ -189,6 +189,26 @@ def test_a_version_fetched_in_the_second_of_its_write_is_confirmed_once_more() -
     assert plan(listed, (), memory, vault, stamp=stamp_of).fetch == (recent,)
 
 
+@pytest.mark.parametrize("fetched_at, answered_at, is_current", [
+    (UPDATED + 90.0, UPDATED + 0.0, False),  # the VM 90 s ahead: not settled on the vault's
+    (UPDATED + 90.0, None, True),  # no usable Date: the VM's clock, as before
+    (UPDATED - 600.0, UPDATED + 3600.0, True),  # the VM 10 min behind: settled all the same
+])
+def test_settled_is_judged_on_the_vaults_clock(fetched_at: float,
+                                               answered_at: Optional[float],
+                                               is_current: bool) -> None:
+    """Whether a version fetched near its write is settled is read on the vault's clock
+    (the Date of the GET's answer), whatever the VM's clock says (issue 17 item 12)."""
+    listed = entries(MANY)
+    memory = memory_after_write(listed)
+    near = Source(VAULT, "s0")
+    memory = memory._replace(sources={**memory.sources,
+                                      near: SourceSeen("v1", UPDATED, fetched_at, answered_at)})
+    vault = FakeVault([item(f"s{n}") for n in range(10)])
+    fetch = plan(listed, (), memory, vault, stamp=stamp_of).fetch
+    assert fetch == (() if is_current else (near,))
+
+
 def test_pinned_versions_cost_no_request_once_written() -> None:
     """A pinned version, once written, is neither listed nor fetched; only its file is checked."""
     listed = entries(f"  - {{name: a, version: {PIN}}}\n  - {{name: b, version: {PIN}}}\n")

@@ -14,6 +14,7 @@ from agent.retry import (
     MIN_REQUEST_S,
     PAUSE_BASE_S,
     PROBE_POLL_S,
+    REFRESH_RETRY,
     Backoff,
     Pause,
     RetryPolicy,
@@ -68,12 +69,36 @@ def test_retry_after_wins_and_is_capped() -> None:
     assert clock.sleeps == [3, 60]
 
 
-def test_retry_after_beyond_budget_ends_the_loop() -> None:
-    """A Retry-After longer than the remaining budget ends without sleeping."""
+def test_retry_after_beyond_budget_ends_a_refresh_loop() -> None:
+    """Without the final attempt kept (the running agent's refresh), a Retry-After
+    longer than the remaining budget ends the loop without sleeping."""
     clock = FakeClock()
-    backoff = Backoff(RetryPolicy(deadline_s=5), clock=clock, sleep=clock.sleep)
+    backoff = Backoff(REFRESH_RETRY._replace(deadline_s=5), clock=clock, sleep=clock.sleep)
     assert backoff.wait("x", retry_after=10) is False
     assert clock.sleeps == []
+
+
+def test_retry_after_beyond_budget_sleeps_to_the_deadline_then_one_final_attempt() -> None:
+    """By default (kv-agent once) a Retry-After longer than what is left is slept
+    up to the deadline and one final attempt is allowed, as the README's Limits say."""
+    clock = FakeClock()
+    backoff = Backoff(RetryPolicy(deadline_s=5), clock=clock, sleep=clock.sleep)
+    assert backoff.wait("x", retry_after=10) is True
+    assert clock.sleeps == [5.0]
+    assert backoff.wait("x", retry_after=10) is False
+
+
+@pytest.mark.parametrize("is_kept, expected", [(True, [True, True]), (False, [False, False])])
+def test_a_wait_held_past_the_deadline_keeps_the_final_attempt_only_when_asked(
+        is_kept: bool, expected: List[bool]) -> None:
+    """Held back past its deadline by a pause, a loop that keeps its final attempt
+    sleeps what is left and may send once more; a refresh loop ends unsent at once."""
+    clock = FakeClock()
+    backoff = Backoff(RetryPolicy(deadline_s=4, is_final_attempt_kept=is_kept), clock=clock,
+                      sleep=clock.sleep)
+    assert [backoff.wait_to_deadline("paused"), backoff.wait_to_deadline("paused")] == expected
+    assert clock.sleeps == ([4.0] if is_kept else [])
+    assert backoff.wait("x") is False if is_kept else True
 
 
 def test_on_retry_reports_reason_and_attempt() -> None:

@@ -4,6 +4,7 @@ listing, and end to end through ``Agent.sync``, ``kv-agent once`` and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -423,6 +424,29 @@ def test_run_is_not_ready_without_a_listing_and_skips_an_explicit_entrys_secret(
     assert at_ready == [["app1-a"]] and files(run) == ["app1-a"]
     assert read(run.directory / "db") == value
     assert len(run.process.lines("skipped secret 'app1-db'")) == 1
+    run.stop()
+
+
+def test_a_required_select_on_a_list_that_never_ends_costs_few_list_requests(
+        start_agent: StartAgent, vault: Vault) -> None:  # noqa: F811
+    """A starting agent whose required select entry meets a list that never ends (empty
+    pages, each with a new nextLink) stops each listing after a few pages, says why, and
+    stays under 300 list requests a minute even retrying every second (issue 17 item 8:
+    ~13,000)."""
+    put(vault, "app1-a")
+    vault.emulator.inject_fault("vault", endless_pages=True, count=1_000_000)
+    started = time.monotonic()
+    run = start_agent([select_entry()])
+    run.wait(lambda: (run.state_dir / "status.json").exists() and
+             "select prefix" in run.status_json()["status"], "the failing listing in STATUS")
+    time.sleep(max(0.0, started + 8.0 - time.monotonic()))
+    lists = sum(1 for record in vault.emulator.vault_log if record.path == "/secrets")
+    elapsed = time.monotonic() - started
+    assert lists <= 300 * elapsed / 60, f"{lists} list requests in {elapsed:.1f} s"
+    assert not run.readies()
+    assert "empty pages in a row" in json.dumps(run.status_json())
+    assert len(run.process.lines("empty pages in a row")) == 1  # said once
+    assert files(run) == []
     run.stop()
 
 

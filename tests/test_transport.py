@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Dict, Tuple
 
+import pytest
 import requests
 from hostile import HostileServer, answer, response
 
@@ -105,3 +107,42 @@ def test_identity_and_vault_sessions_count_under_their_target() -> None:
     cache = token_source(Identity(), {"KV_AGENT_IMDS_ENDPOINT": "http://127.0.0.1:9/x"},
                          exists=lambda path: False)
     assert cache._session.target == "imds"
+
+
+def _silent(server: HostileServer, conn: socket.socket, index: int) -> None:
+    """Read the request, then neither answer nor close (a vault that hangs)."""
+    server.stopping.wait(server.give_up_s)
+
+
+def test_abort_ends_a_request_that_neither_answers_nor_fails_and_refuses_new_ones() -> None:
+    """transport.abort shuts down the socket of a request blocked on a silent server, which
+    raises AbortedError at once (not after its 20-s read timeout), and every later request
+    on the session fails unsent (issue 17 item 25)."""
+    with HostileServer(_silent, tls=False, give_up_s=30) as server:
+        session = transport.new_session(2, target="vault")
+        outcome: Dict[str, BaseException] = {}
+
+        def get() -> None:
+            try:
+                transport.bounded_get(session, f"http://127.0.0.1:{server.port}/secrets/a",
+                                      params={}, headers={}, timeout=(5.0, 20.0), total_s=30.0,
+                                      max_bytes=1024)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=get)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not server.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.seen, "the request never arrived"
+        aborted_at = time.monotonic()
+        assert transport.abort(session) == 1
+        thread.join(5)
+        assert not thread.is_alive() and time.monotonic() - aborted_at < 1.0
+        assert isinstance(outcome.get("error"), transport.AbortedError), outcome
+        with pytest.raises(transport.AbortedError):
+            transport.bounded_get(session, f"http://127.0.0.1:{server.port}/secrets/b",
+                                  params={}, headers={}, timeout=(5.0, 20.0), total_s=30.0,
+                                  max_bytes=1024)
+        assert len(server.seen) == 1

@@ -24,7 +24,7 @@ from agent.errors import (
     VaultThrottledError,
     VaultUnavailableError,
 )
-from agent.retry import MIN_REQUEST_S, Backoff, RetryPolicy
+from agent.retry import MIN_REQUEST_S, REFRESH_RETRY, Backoff, RetryPolicy
 from agent.vault import (
     KNOWN_AUDIENCES,
     Secret,
@@ -35,6 +35,7 @@ from agent.vault import (
     ca_bundle,
     new_session,
     parse_challenge,
+    parse_http_date,
     proxies_for,
     secret_url,
     vault_label,
@@ -202,6 +203,28 @@ def test_per_secret_errors_name_secret_and_fix(reply: Any, kind: type,
     assert len(session.sent) == 1
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 784111777.0),
+    ("Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0),
+    ("Sun, 06 Nov 1994 10:49:37 +0200", 784111777.0),
+    (None, None), ("", None), ("soon", None), ("Sun, 06 Nov", None),
+    ("Fri, 31 Dec 99999 23:59:59 GMT", None), ("Thu, 01 Jan 1900 00:00:00 GMT", None),
+    ("Sun, 06 Nov 1994 08:49:37 GMT" + " " * 100, None),
+])
+def test_a_date_header_parses_defensively(value: Optional[str],
+                                          expected: Optional[float]) -> None:
+    """The vault's Date header gives epoch seconds; absent, junk, overlong or out-of-range
+    dates give None, never an exception."""
+    assert parse_http_date(value) == expected
+
+
+def test_a_fetched_secret_carries_the_vaults_date() -> None:
+    """fetch_secret keeps the Date of the vault's answer (its clock) on the Secret."""
+    status, headers, body = bundle()
+    session = FakeSession((status, {**headers, "Date": "Sun, 06 Nov 1994 08:49:37 GMT"}, body))
+    assert client(session).fetch_secret(SecretRequest(VAULT, "db")).answered_at == 784111777.0
+
+
 def test_redirect_is_not_followed() -> None:
     """A 3xx is an error; the token never travels to the Location."""
     session = FakeSession((302, {"Location": "https://evil.example/steal"}, b""))
@@ -322,18 +345,47 @@ def test_a_slow_start_wait_past_the_budget_sends_rather_than_fails() -> None:
     assert all(isinstance(outcome, Secret) for outcome in outcomes), outcomes
 
 
-def test_a_request_whose_budget_ends_within_the_pause_is_not_sent() -> None:
-    """A Retry-After longer than another request's budget ends that request as throttled
-    (429) without sending it: the vault said not before."""
+def test_a_refresh_request_whose_budget_ends_within_the_pause_is_not_sent() -> None:
+    """In the running agent (REFRESH_RETRY), a Retry-After longer than another request's
+    budget ends that request as throttled (429) without sending it: the vault said not
+    before, and the lifecycle retries the refresh later."""
     clock = FakeClock()
     session = FakeSession(error(429, "Throttled", **{"Retry-After": "50"}), bundle())
-    vault = client(session, clock=clock, deadline=30)
+    vault = VaultClient(session, Tokens(), policy=REFRESH_RETRY, clock=clock,
+                        sleep=clock.sleep)
     with pytest.raises(VaultThrottledError):
         vault.fetch_secret(SecretRequest(VAULT, "db"))
     with pytest.raises(VaultThrottledError):
         vault.fetch_secret(SecretRequest(VAULT, "other"))
     assert [sent.url for sent in session.sent] == [f"{VAULT}/secrets/db"]
     assert clock.sleeps == []
+
+
+def test_once_sleeps_a_pause_past_its_budget_to_the_deadline_then_sends_once() -> None:
+    """With the final attempt kept (kv-agent once), a Retry-After longer than the time
+    left is slept up to the deadline and the request is sent then, once (issue 17,
+    item 9): the vault that is back by then answers it."""
+    clock = FakeClock()
+    session = FakeSession(error(503, "ServiceUnavailable", **{"Retry-After": "50"}),
+                          bundle())
+    vault = client(session, clock=clock, deadline=15)
+    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert clock.sleeps == [15.0]
+    assert len(session.sent) == 2
+
+
+def test_a_second_request_held_by_a_pause_past_its_budget_is_sent_at_its_deadline() -> None:
+    """Held back before its first send by another request's pause that outlasts its
+    budget, a once request sleeps to its own deadline and is sent then, not failed."""
+    clock = FakeClock()
+    session = FakeSession(error(429, "Throttled", **{"Retry-After": "50"}), bundle(),
+                          bundle(name="other"))
+    vault = client(session, clock=clock, deadline=30)
+    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    paused_at = clock.now
+    vault._pause(VAULT).throttled(paused_at, 50.0)
+    assert vault.fetch_secret(SecretRequest(VAULT, "other")).name == "other"
+    assert clock.now - paused_at == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("failure", [error(500, "InternalError"), error(503, "Unavailable"),

@@ -14,13 +14,20 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 from fakes import FakeClock, FakeResponse, FakeSession, json_reply
 
-from agent.errors import VaultError, VaultForbiddenError, VaultUnavailableError
+from agent.errors import EndlessListError, VaultError, VaultForbiddenError, VaultUnavailableError
 from agent.identity import token_source
 from agent.identity_selector import Identity
 from agent.retry import RetryPolicy
 from agent.sources import SecretAttributes, parse_attributes
-from agent.vault import MAX_BODY_BYTES, VaultClient, new_session
-from agent.vault_list import ListLimits, check_next_link, parse_item, parse_page
+from agent.vault import ENDLESS_LIST_HOLD_S, MAX_BODY_BYTES, VaultClient, new_session
+from agent.vault_list import (
+    MAX_EMPTY_PAGES,
+    ListLimits,
+    check_next_link,
+    page_bound,
+    parse_item,
+    parse_page,
+)
 
 VAULT = "https://contoso.vault.azure.net"
 RECORDINGS = Path(__file__).parent / "recordings"
@@ -176,6 +183,88 @@ def test_pages_and_items_are_bounded() -> None:
     crowded = FakeSession(page([item(f"s{n}") for n in range(30)], link("x")))
     with pytest.raises(VaultError, match="more than 20 secrets"):
         client(crowded).list_secrets(VAULT, ListLimits(max_items=20))
+
+
+def test_a_list_of_endless_empty_pages_stops_after_a_few_in_a_row() -> None:
+    """Empty pages that each carry a new nextLink end the listing after MAX_EMPTY_PAGES
+    in a row with EndlessListError (issue 17 item 8: it cost 1,000 requests)."""
+    endless = FakeSession(*[page([], link(f"e{n}")) for n in range(1000)])
+    with pytest.raises(EndlessListError, match="empty pages in a row") as caught:
+        client(endless).list_secrets(VAULT)
+    assert len(endless.sent) == MAX_EMPTY_PAGES == 10
+    assert caught.value.exit_code == 69 and "nothing more was sent" in str(caught.value)
+
+
+def test_a_list_that_did_not_end_is_not_tried_again_for_a_while() -> None:
+    """After EndlessListError the vault's list fails at once with the same error, with no
+    request, for ENDLESS_LIST_HOLD_S; then it is listed again."""
+    clock = FakeClock()
+    session = FakeSession(*[page([], link(f"e{n}")) for n in range(MAX_EMPTY_PAGES)],
+                          page([item("a")], None))
+    vault = client(session, clock=clock)
+    with pytest.raises(EndlessListError) as first:
+        vault.list_secrets(VAULT)
+    clock.now += ENDLESS_LIST_HOLD_S - 1
+    with pytest.raises(EndlessListError) as second:
+        vault.list_secrets(VAULT)
+    assert second.value is first.value and len(session.sent) == MAX_EMPTY_PAGES
+    clock.now += 1
+    assert [i.name for i in vault.list_secrets(VAULT)] == ["a"]
+
+
+def test_empty_pages_between_items_are_not_counted_as_a_run() -> None:
+    """A few empty pages before, between and after items (as the real service sends
+    them) are followed to the end: only a run of MAX_EMPTY_PAGES stops the list."""
+    replies = []
+    for n in range(30):
+        replies += [page([], link(f"gap{n}-{g}")) for g in range(MAX_EMPTY_PAGES - 1)]
+        replies.append(page([item(f"s{n}")], link(f"item{n}")))
+    replies.append(page([], None))
+    session = FakeSession(*replies)
+    items = client(session).list_secrets(VAULT)
+    assert [i.name for i in items] == [f"s{n}" for n in range(30)]
+
+
+def test_pages_past_what_the_known_size_explains_stop_the_listing() -> None:
+    """With the vault's size at its last listing known (30 secrets), a list of one-item
+    pages that never ends stops at page_bound pages, not at 1,000."""
+    trickle = FakeSession(*[page([item(f"s{n}")], link(f"t{n}")) for n in range(1000)])
+    with pytest.raises(EndlessListError, match="the vault held 30 at its last listing"):
+        client(trickle).list_secrets(VAULT, ListLimits(known_size=30))
+    assert len(trickle.sent) == page_bound(30, len(trickle.sent)) == 14
+
+
+def test_a_vault_that_grew_past_its_known_size_is_listed_whole() -> None:
+    """Full pages always advance the bound: a vault of 25 secrets grown to 500 is listed
+    to its end, whatever its last known size."""
+    names = [f"s{n:03d}" for n in range(500)]
+    pages = [page([item(name) for name in names[start:start + 25]],
+                  link(f"p{start}") if start + 25 < len(names) else None)
+             for start in range(0, len(names), 25)]
+    items = client(FakeSession(*pages)).list_secrets(VAULT, ListLimits(known_size=25))
+    assert [i.name for i in items] == names
+
+
+def test_the_emulators_endless_list_costs_at_most_max_empty_pages_requests() -> None:
+    """Against the emulator's endless-pages fault, a listing ends with EndlessListError
+    after MAX_EMPTY_PAGES list requests."""
+    from agent.emulator import Emulator
+
+    with Emulator({"a": "v"}) as emulator:
+        emulator.inject_fault("vault", endless_pages=True, count=10_000)
+        tokens = token_source(Identity(), {"KV_AGENT_IMDS_ENDPOINT": emulator.imds_endpoint},
+                              RetryPolicy(deadline_s=5))
+        vault = VaultClient(new_session({"REQUESTS_CA_BUNDLE": emulator.ca_path}),
+                            lambda resource, force: tokens.get_token(
+                                resource, force_refresh=force).token)
+        try:
+            with pytest.raises(EndlessListError):
+                vault.list_secrets(emulator.vault_url)
+        finally:
+            tokens.close()
+        authenticated = [r for r in emulator.vault_log
+                         if r.path == "/secrets" and r.status == 200]
+    assert len(authenticated) == MAX_EMPTY_PAGES
 
 
 def test_listing_has_a_total_deadline() -> None:

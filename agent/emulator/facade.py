@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 from agent.emulator.certificate_wire import CreateRequest
 from agent.emulator.certificates import PKCS12, CertificateSpec, IssuingChain
-from agent.emulator.faults import Fault, FaultQueue, fault_response
+from agent.emulator.faults import Fault, FaultQueue, endless_page, fault_response
 from agent.emulator.identity_sources import APP_SERVICE_TOKEN_PATH, AppServiceApi, ArcApi
 from agent.emulator.imds import ImdsApi, imds_headers
 from agent.emulator.keyvault import VaultApi, vault_headers
@@ -89,7 +89,8 @@ class Emulator:
     methods are thread-safe and may be called while requests are in flight.
     ``latency_s`` (seconds added to every request of both services) and
     ``token_lifetime_s`` may be changed at any time. ``clock`` (epoch seconds)
-    dates tokens and secrets, so tests can age them without sleeping.
+    dates tokens, secrets and every answer's ``Date`` header, so tests can age
+    them without sleeping, or set the vault's clock apart from the host's.
     ``arc_port`` and ``app_service_port`` (0: any) give Azure Arc's HIMDS and
     App Service's endpoint ports of their own beside IMDS, sharing its
     identities (:attr:`arc_endpoint`, :attr:`app_service_endpoint`).
@@ -185,10 +186,12 @@ class Emulator:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert, key)
-        imds = LoopbackServer((self.host, self._imds_port), self._dispatcher(IMDS))
+        imds = LoopbackServer(
+            (self.host, self._imds_port), self._dispatcher(IMDS), clock=self._clock
+        )
         self._servers.append(imds)
         vault = LoopbackServer(
-            (self.host, self._vault_port), self._dispatcher(VAULT), context
+            (self.host, self._vault_port), self._dispatcher(VAULT), context, self._clock
         )
         self._servers.append(vault)
         vault_host = self._vault_hostname or self.host
@@ -568,13 +571,19 @@ class Emulator:
         delay_s: float = 0.0,
         path_contains: str | None = None,
         body: bytes | None = None,
+        for_s: float | None = None,
+        endless_pages: bool = False,
     ) -> None:
         """Queue a fault for the next ``count`` requests to ``service`` ("imds" or "vault").
 
         A matching request first waits ``delay_s``; then ``drop=True`` closes the
         connection without a response, a ``status`` answers with that status and
         the service's realistic error body (or ``body``), plus ``Retry-After``
-        when given; with neither it is answered normally (a slow response).
+        when given; ``endless_pages=True`` answers every list request (``GET
+        /secrets`` with a token, the vault only) with an empty page whose
+        nextLink is always a new one, so the list never ends; with none of these it is answered
+        normally (a slow response). ``for_s``: the fault hits every matching
+        request for that many seconds from now instead of ``count`` of them.
         ``path_contains`` restricts the fault to request paths containing it.
         Faults are used first-in first-out and apply before authentication.
         """
@@ -584,11 +593,15 @@ class Emulator:
             raise ValueError("count must be at least 1")
         if status is not None and status < 400 and body is None:
             raise ValueError("a non-error status needs an explicit body")
-        if status is None and not drop and delay_s <= 0:
-            raise ValueError("a fault needs a status, drop=True or a delay_s")
+        if endless_pages and (service != VAULT or status is not None or drop):
+            raise ValueError("endless_pages is a vault fault of its own (no status, no drop)")
+        if status is None and not drop and delay_s <= 0 and not endless_pages:
+            raise ValueError("a fault needs a status, drop=True, endless_pages or a delay_s")
+        until = None if for_s is None else time.monotonic() + for_s
         self._faults.add(
             Fault(
-                service, status, count, retry_after, drop, delay_s, path_contains, body
+                service, status, count, retry_after, drop, delay_s, path_contains, body,
+                until, endless_pages,
             )
         )
 
@@ -643,13 +656,16 @@ class Emulator:
         if latency > 0:
             # Slept in this connection's thread: concurrent requests overlap.
             time.sleep(latency)
-        fault = self._faults.take(service, request.path)
+        fault = self._faults.take(service, request.path, "authorization" in request.headers)
         if fault is not None and fault.delay_s > 0:
             time.sleep(fault.delay_s)
         if fault is not None and fault.drop:
             self._record(service, request, 0)
             return None
-        if fault is not None and fault.status is not None:
+        if fault is not None and fault.endless_pages:
+            assert self._vault_api is not None
+            response = endless_page(self._vault_api.link_base)
+        elif fault is not None and fault.status is not None:
             response = fault_response(service, fault, self._issuer.tenant_id)
         else:
             response = self._answer(service, request, source)

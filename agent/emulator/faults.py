@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 
 from agent.emulator.wire import (
@@ -16,10 +19,20 @@ from agent.emulator.wire import (
     status_phrase,
 )
 
+# The secret list's path: the only one an ``endless_pages`` fault answers.
+LIST_PATH = "/secrets"
+
 
 @dataclass
 class Fault:
-    """A queued fault; ``remaining`` counts the matching requests it still hits."""
+    """A queued fault; ``remaining`` counts the matching requests it still hits.
+
+    ``until`` (time.monotonic): when set, the fault hits every matching request
+    until then, whatever ``remaining`` says, and is dropped after it.
+    ``endless_pages``: authenticated list requests get an empty page whose
+    nextLink is always a fresh one, so the list never ends (a cursor that
+    never advances); the unauthenticated one still meets the challenge.
+    """
 
     service: str
     status: int | None
@@ -29,6 +42,23 @@ class Fault:
     delay_s: float
     path_contains: str | None
     body: bytes | None
+    until: float | None = None
+    endless_pages: bool = False
+
+    def matches(self, service: str, path: str, has_token: bool = True) -> bool:
+        """Whether this fault applies to a request for ``path`` on ``service``
+        (``has_token``: it carries an Authorization header)."""
+        if self.service != service:
+            return False
+        if self.endless_pages and (path != LIST_PATH or not has_token):
+            return False
+        return self.path_contains is None or self.path_contains in path
+
+
+def endless_page(link_base: str) -> Response:
+    """An empty page of the secret list with a fresh nextLink (``endless_pages``)."""
+    link = f"{link_base}{LIST_PATH}?api-version=7.6&$skiptoken={uuid.uuid4().hex}&maxresults=25"
+    return Response(200, json.dumps({"value": [], "nextLink": link}).encode())
 
 
 def fault_response(service: str, fault: Fault, tenant_id: str) -> Response:
@@ -71,13 +101,15 @@ class FaultQueue:
         with self._lock:
             self._faults.clear()
 
-    def take(self, service: str, path: str) -> Fault | None:
+    def take(self, service: str, path: str, has_token: bool = True) -> Fault | None:
+        now = time.monotonic()
         with self._lock:
+            self._faults = [f for f in self._faults if f.until is None or now < f.until]
             for fault in self._faults:
-                if fault.service != service:
+                if not fault.matches(service, path, has_token):
                     continue
-                if fault.path_contains is not None and fault.path_contains not in path:
-                    continue
+                if fault.until is not None:
+                    return fault  # a timed fault: every request until it ends
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)

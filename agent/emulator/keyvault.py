@@ -124,7 +124,7 @@ class VaultApi:
         self._store = store
         self._issuer = issuer
         self._vault_url = vault_url
-        self._link_base = link_base  # nextLink always carries the port, even :443 (B4)
+        self.link_base = link_base  # nextLink always carries the port, even :443 (B4)
         self._vault_name = vault_name
 
     def handle(self, request: Request) -> Response:
@@ -474,7 +474,7 @@ class VaultApi:
         next_link = None
         if link_state is not None:
             next_link = (
-                f"{self._link_base}{path}?api-version={quote(call.api_version, safe='.-')}"
+                f"{self.link_base}{path}?api-version={quote(call.api_version, safe='.-')}"
                 f"&$skiptoken={_encode_skiptoken(*link_state)}"
             )
             if max_results is not None:

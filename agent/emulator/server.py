@@ -20,6 +20,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -66,7 +67,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         status, headers, body = answer
         self.send_response_only(status)
-        self.send_header("Date", self.date_time_string())
+        self.send_header("Date", self.date_time_string(self.server.clock()))
         for name, value in headers:
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
@@ -122,9 +123,11 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
         address: tuple[str, int],
         dispatch: Dispatch,
         ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dispatch = dispatch
         self.ssl_context = ssl_context
+        self.clock = clock  # the Date header's: the emulator's clock, not the host's
         self._connections: dict[threading.Thread, socket.socket] = {}
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
