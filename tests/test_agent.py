@@ -17,7 +17,7 @@ from agent.errors import SecretNotFoundError, SetKeptError
 from agent.expiry import Validity
 from agent.freshness import Freshness
 from agent.manifest import Accounts, Manifest, parse_manifest
-from agent.writer import SET_GRACE_S
+from agent.writer import SET_GRACE_S, foreign_in_set
 
 ACCOUNTS = Accounts(user=lambda name: {"root": 0}.get(name),
                     group=lambda name: {"root": 0}.get(name))
@@ -177,11 +177,14 @@ def test_a_failing_member_keeps_the_whole_set(emulator: Emulator, shm_dir: Path)
     assert short_cause(password.error) == "set kept: 404 not found"
 
 
-def test_a_set_converges_when_a_member_leaves(emulator: Emulator, shm_dir: Path) -> None:
-    """A member removed from a set's entries disappears from its directory at the next
-    write, with the rest of the old generation."""
+def test_a_member_that_leaves_a_set_is_kept_without_a_ledger(emulator: Emulator,
+                                                            shm_dir: Path) -> None:
+    """Without the running agent's ledger (a one-shot sync, as `once` runs it), a file
+    that left a set cannot be told from an operator's: it stays in the set's directory,
+    reported as foreign, and the unchanged set is not swapped for it."""
     emulator.set_secret("db-password", "pw 1")
     emulator.set_secret("db-user", "user 1")
+    inodes = []
     for entries in (SET_ENTRIES, "  - {name: db-password, path: db/password, set: db}\n"):
         agent = Agent(manifest(emulator, shm_dir, entries), environ=environ(emulator))
         try:
@@ -189,7 +192,11 @@ def test_a_set_converges_when_a_member_leaves(emulator: Emulator, shm_dir: Path)
             agent.sync()
         finally:
             agent.close()
-    assert sorted(os.listdir(shm_dir / "db")) == ["password"]
+        inodes.append(os.lstat(shm_dir / "db").st_ino)
+    assert sorted(os.listdir(shm_dir / "db")) == ["password", "user"]
+    assert inodes[0] == inodes[1]
+    assert foreign_in_set(str(shm_dir / "db"), [str(shm_dir / "db" / "password")]) == [
+        str(shm_dir / "db" / "user")]
 
 
 def test_once_retires_old_generations_only_after_the_grace_when_a_set_swapped(
