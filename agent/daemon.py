@@ -76,7 +76,8 @@ from agent.notify import Notifier, watchdog_interval_s
 from agent.signals import SignalFlags
 from agent.snapshot import EntryStatus, StatusSnapshot, iso_time, read_sets, read_written
 from agent.state import StateStore
-from agent.writer import Writer
+from agent.untrusted import escape
+from agent.writer import Writer, foreign_in_set
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Daemon:
         self._global_error: Optional[str] = None
         self._manifest_error: Optional[str] = None
         self._waiting: Optional[str] = None  # what the running refresh retries
+        self._foreign: List[str] = []  # files in sets' directories that are not ours
         self.cycles = 0
         # For the metrics file: the refresh in flight, the last one's end and
         # length, results and files written since start, the last write error.
@@ -445,6 +447,7 @@ class Daemon:
             self._record_sets(agent.manifest, result)
             is_failing = bool(result.failures or result.optional_failures)
         assert self._manifest is not None
+        self._foreign = _foreign_files(self._manifest)
         finished = lifecycle.sync_finished(
             self._life, is_failing=is_failing, is_current=agent is self._agent,
             has_every_required_file=self._has_every_required_file, now=self._now(),
@@ -529,9 +532,8 @@ class Daemon:
             self._remove_dropped(old, new)
 
     def _remove_dropped(self, old: Manifest, new: Manifest) -> None:
-        """Sets and files of ``old`` that ``new`` no longer has. A file that
-        left a set still in ``new`` is not removed on its own: the set's next
-        swap drops it with the rest of the old generation."""
+        """Sets and files of ``old`` that ``new`` no longer has. Files that
+        left a set still in ``new`` leave its directory by one swap."""
         set_directories = {group.directory for group in new.sets}
         for group in old.sets:
             if group.directory not in set_directories:
@@ -543,14 +545,16 @@ class Daemon:
                 for path in self._ledger.orphans(kept):
                     if os.path.dirname(path) == selection.directory:
                         self._ledger.remove(old.directory, path)
+        left: List[str] = []
         for entry in old.secrets:
             for path in entry.paths:
                 if path in kept:
                     continue
                 if os.path.dirname(path) in set_directories:
-                    self._ledger.forget(path)
+                    left.append(path)
                 else:
                     self._ledger.remove(old.directory, path)
+        self._remove_members(left, new.directory)
 
     def _remove_orphans(self, manifest: Manifest) -> None:
         """Sets and files a previous run wrote for entries this manifest no
@@ -561,13 +565,25 @@ class Daemon:
             self._remove_set(directory, manifest.directory)
         kept = (path for entry in manifest.secrets for path in entry.paths)
         selected = {selection.directory for selection in manifest.selections}
+        left: List[str] = []
         for path in self._ledger.orphans(kept):
             if os.path.dirname(path) in selected:
                 continue
             if os.path.dirname(path) in set_directories:
-                self._ledger.forget(path)  # its set's next swap drops it
+                left.append(path)
             else:
                 self._ledger.remove(writer_root_for(path, manifest.directory), path)
+        self._remove_members(left, manifest.directory)
+
+    def _remove_members(self, paths: List[str], top: str) -> None:
+        """Files that left a set still in the manifest: out of each set's
+        directory by one swap, if still the agent's (:meth:`Ledger.remove_members`)."""
+        by_set: Dict[str, List[str]] = {}
+        for path in paths:
+            by_set.setdefault(os.path.dirname(path), []).append(path)
+        for directory, members in sorted(by_set.items()):
+            self._ledger.remove_members(self._writer(writer_root_for(directory, top)),
+                                        directory, members)
 
     def _follow_selections(self, report: SyncReport) -> None:
         """After a refresh, for each select entry whose listing succeeded:
@@ -687,6 +703,10 @@ class Daemon:
         else:
             parts.append(f"{total} secret{'s' if total != 1 else ''} current")
         parts.extend(self._expiry_parts())
+        if self._foreign:
+            more = f" and {len(self._foreign) - 1} more" if len(self._foreign) > 1 else ""
+            parts.append(f"kept {escape(self._foreign[0])}{more} in a set's directory: "
+                         "not kv-agent's, move it elsewhere")
         if self._last_refresh is not None:
             parts.append(f"last refresh {_clock(self._last_refresh)}")
         next_wall = self._next_refresh_wall()
@@ -838,6 +858,15 @@ class Daemon:
                     for path in outcome.changed_paths:
                         self._ledger.record(path, outcome.entry.key)
                 self._record_sets(message.agent.manifest, message.result)
+
+
+def _foreign_files(manifest: Manifest) -> List[str]:
+    """Files in the manifest's sets' directories that are not the agent's:
+    kept, never deleted, and named in STATUS= so someone moves them."""
+    paths = {entry.key: entry.paths for entry in manifest.secrets}
+    return [path for group in manifest.sets
+            for path in foreign_in_set(group.directory,
+                                       [p for key in group.keys for p in paths.get(key, ())])]
 
 
 def _clock(epoch_s: float) -> str:

@@ -199,6 +199,34 @@ def test_a_member_that_leaves_a_set_is_kept_without_a_ledger(emulator: Emulator,
         str(shm_dir / "db" / "user")]
 
 
+def test_a_one_shot_sync_keeps_an_operators_file_in_a_set(emulator: Emulator,
+                                                         shm_dir: Path) -> None:
+    """A file an operator added to a set's directory survives one-shot syncs as `once`
+    runs them: the unchanged set is not swapped for it, and after a rotation (and the
+    old generation's removal) it is still there, the same inode."""
+    emulator.set_secret("db-password", "pw 1")
+    emulator.set_secret("db-user", "user 1")
+    notes = shm_dir / "db" / "notes"
+    inodes = []
+    for value in ("pw 1", "pw 1", "pw 2"):
+        emulator.set_secret("db-password", value)
+        agent = Agent(manifest(emulator, shm_dir, SET_ENTRIES), environ=environ(emulator),
+                      sleep=lambda seconds: None)
+        try:
+            agent.prepare()
+            agent.retire_generations(agent.sync())
+        finally:
+            agent.close()
+        if not notes.exists():
+            notes.write_text("operator's")
+            notes_inode = os.lstat(notes).st_ino
+        inodes.append(os.lstat(shm_dir / "db").st_ino)
+    assert inodes[0] == inodes[1] != inodes[2]
+    assert notes.read_text() == "operator's" and os.lstat(notes).st_ino == notes_inode
+    assert sorted(os.listdir(shm_dir)) == ["db"]
+    assert (shm_dir / "db" / "password").read_text() == "pw 2"
+
+
 def test_once_retires_old_generations_only_after_the_grace_when_a_set_swapped(
         emulator: Emulator, shm_dir: Path) -> None:
     """retire_generations waits out the grace only when a sync swapped a set, and

@@ -1414,6 +1414,44 @@ def test_a_set_that_leaves_the_manifest_is_removed(start_agent: StartAgent, vaul
     assert not reserved_dirs(out)
 
 
+def test_a_foreign_file_in_a_set_is_kept_and_named_and_a_member_that_left_goes(
+        start_agent: StartAgent, vault: Vault) -> None:
+    """A file someone adds to a set's directory is named in STATUS= (escaped: its name
+    cannot add a field), never makes the unchanged set swap, and survives a rotation and
+    the removal of the old generation as the same inode; a member a reload drops leaves
+    the directory by one swap, the other member keeping its inode and the foreign file
+    staying."""
+    vault.put("db-password")
+    vault.put("db-user")
+    members = [entry("db-password", path="db/password", set="db"),
+               entry("db-user", path="db/user", set="db")]
+    run = start_agent(members, refresh="1s")
+    run.wait_ready()
+    directory = run.directory / "db"
+    notes = directory / "notes\nREADY=1"
+    notes.write_text("operator's")
+    inode, set_inode = os.lstat(notes).st_ino, os.lstat(directory).st_ino
+    named = f"kept {directory}/notes\\x0aREADY=1 in a set's directory"
+    run.wait(lambda: named in run.notes.last_status(), "STATUS= to name the foreign file")
+    assert len(run.readies()) == 1
+    refreshes = len(run.notes.statuses())
+    run.wait(lambda: len(run.notes.statuses()) >= refreshes + 2, "two more refreshes")
+    assert os.lstat(directory).st_ino == set_inode, "the unchanged set was swapped"
+    password = vault.put("db-password")
+    run.wait_content("db/password", password)
+    run.wait(lambda: not reserved_dirs(run.directory), "the old generation to go")
+    assert os.lstat(notes).st_ino == inode and notes.read_text() == "operator's"
+    password_inode = os.lstat(directory / "password").st_ino
+    replace_file(run.manifest, manifest_text(vault.url, run.directory, members[:1]))
+    run.wait(lambda: not (directory / "user").exists(), "the dropped member to go")
+    assert sorted(os.listdir(directory)) == ["notes\nREADY=1", "password"]
+    assert os.lstat(directory / "password").st_ino == password_inode
+    assert os.lstat(notes).st_ino == inode
+    run.wait(lambda: not reserved_dirs(run.directory), "the old generation to go")
+    assert run.process.lines(f"removed {directory}/user: it left the set")
+    run.stop()
+
+
 # Retiring old generations: the deadline is the writer's, never the refresh thread's.
 GRACE_SLACK_S = 1.5  # a loaded 2-core machine's scheduling, on top of SET_GRACE_S
 SLOW_VAULT_S = 4.0  # each request of a slow vault: far beyond the grace
