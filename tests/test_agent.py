@@ -17,7 +17,7 @@ from agent.errors import SecretNotFoundError, SetKeptError
 from agent.expiry import Validity
 from agent.freshness import Freshness
 from agent.manifest import Accounts, Manifest, parse_manifest
-from agent.writer import SET_GRACE_S, foreign_in_set
+from agent.writer import SET_GRACE_S
 
 ACCOUNTS = Accounts(user=lambda name: {"root": 0}.get(name),
                     group=lambda name: {"root": 0}.get(name))
@@ -182,6 +182,8 @@ def test_a_member_that_leaves_a_set_is_kept_without_a_ledger(emulator: Emulator,
     """Without the running agent's ledger (a one-shot sync, as `once` runs it), a file
     that left a set cannot be told from an operator's: it stays in the set's directory,
     reported as foreign, and the unchanged set is not swapped for it."""
+    from agent.writer import foreign_in_set
+
     emulator.set_secret("db-password", "pw 1")
     emulator.set_secret("db-user", "user 1")
     inodes = []
