@@ -30,7 +30,8 @@ Invariants:
   opened the set's directory sees one generation whole. A file in it that
   is not a member (someone else's) is never deleted: an unchanged set is
   not swapped for it, and a swap hard-links it into the new generation.
-  Only the names a caller says it wrote (``drop``) leave. The old
+  Only :meth:`Writer.remove_from_set` takes out names, those a caller
+  says it wrote (the running agent's ledger knows them). The old
   generation outlives the swap by ``set_grace_s`` (so such a reader never
   finds a file missing) and no longer; a directory with :data:`SET_PREFIX`
   at start-up is a half-built or old generation and is removed.
@@ -57,7 +58,6 @@ import threading
 import time
 from typing import (
     Callable,
-    Collection,
     Iterable,
     Iterator,
     List,
@@ -463,7 +463,7 @@ class Writer:
 
     def apply_set(self, directory: str, specs: Sequence[FileSpec], *,
                   mode: int = DIR_MODE, uid: Optional[int] = None,
-                  gid: Optional[int] = None, drop: Collection[str] = ()) -> SetResult:
+                  gid: Optional[int] = None) -> SetResult:
         """Make ``directory`` hold the files ``specs``, each with its owner
         and mode, by one atomic operation, keeping what the caller did not
         write.
@@ -471,10 +471,9 @@ class Writer:
         ``directory`` is absolute, normalised and strictly below the root;
         every spec's path is directly inside it. The directory itself gets
         ``mode`` and ``uid``:``gid`` (default: this process's user and group).
-        ``drop`` names paths in it, not among ``specs``, that the caller
-        wrote earlier (members that left the set): they leave with the next
-        swap. Any other entry that is not a spec (an operator's file) is
-        foreign: it never makes the set differ, and a swap keeps it.
+        An entry that is not a spec (an operator's file, or a member that
+        left the set: the writer cannot tell them apart) is foreign: it never
+        makes the set differ, and a swap keeps it (see remove_from_set).
 
         (1) Check the directory and every spec (directly inside it, no
             duplicate, no reserved name); at least one spec.
@@ -482,9 +481,9 @@ class Writer:
             with O_NOFOLLOW. A symlink or non-directory at ``directory`` is
             refused, never followed; so is a subdirectory inside it (not the
             writer's: nothing would know whether to keep it).
-        (3) If the directory has its own owner and mode, holds every spec
-            with its bytes, owner and mode, and none of ``drop``, stop: no
-            new inode, watchers are not woken, foreign files untouched.
+        (3) If the directory has its own owner and mode and holds every
+            spec with its bytes, owner and mode, stop: no new inode,
+            watchers are not woken, foreign files untouched.
         (4) mkdir a fresh generation beside it, SET_PREFIX + random, 0700.
         (5) Each file: O_CREAT|O_EXCL|O_NOFOLLOW 0600, fchown then fchmod
             before the first byte, write everything, fsync. Each foreign
@@ -511,7 +510,6 @@ class Writer:
         after the swap.)
         """
         names = self._check_set(directory, specs)  # (1)
-        dropped = {posixpath.basename(path) for path in drop}
         self.retire()
         wanted = (os.geteuid() if uid is None else uid,
                   os.getegid() if gid is None else gid, mode)
@@ -519,11 +517,11 @@ class Writer:
         parent_fd = self._open_parents(directory)  # (2)
         try:
             present = _existing_set_directory(parent_fd, name, directory)
-            if present is not None and not present & dropped \
+            if present is not None \
                     and self._set_matches(parent_fd, name, names, wanted):  # (3)
                 return SetResult(directory, changed=False)
             members = {member for member, _spec in names}
-            kept = _foreign_names(present or set(), members | dropped)
+            kept = _foreign_names(present or set(), members)
             generation = self._build_generation(parent_fd, directory, names, wanted,
                                                 kept)  # (4)-(6)
             self._swap_and_retire(parent_fd, generation, name, directory, present)  # (7), (8)

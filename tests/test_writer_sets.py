@@ -240,19 +240,19 @@ def test_a_file_created_while_the_set_is_swapped_is_kept(
     assert contents_except(directory, "late") == expected(set_specs(directory, 2))
 
 
-def test_only_the_former_members_named_in_drop_leave_the_set(writer: Writer,
-                                                              root: Path) -> None:
-    """A member that left the set stays (reported as foreign) unless the caller names it
-    in drop, which swaps the set without it even when every member is unchanged."""
+def test_a_member_that_left_the_set_stays_until_remove_from_set(writer: Writer,
+                                                               root: Path) -> None:
+    """apply_set cannot tell a member that left the set from an operator's file: it
+    stays, reported by foreign_in_set, and the unchanged set is not swapped for it;
+    remove_from_set takes it out."""
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 1))
     fewer = set_specs(directory, 1, members=MEMBERS[:2])
     left = str(directory / MEMBERS[2])
     assert not writer.apply_set(str(directory), fewer).changed
     assert foreign_in_set(str(directory), [s.path for s in fewer]) == [left]
-    assert writer.apply_set(str(directory), fewer, drop=[left]).changed
+    assert writer.remove_from_set(str(directory), [left])
     assert contents(directory) == expected(fewer) and reserved(root) == []
-    assert not writer.apply_set(str(directory), fewer, drop=[left]).changed
 
 
 def test_remove_from_set_swaps_out_only_the_named_files(writer: Writer, root: Path) -> None:

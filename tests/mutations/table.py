@@ -482,7 +482,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "set-swap-deletes-foreign-files",
         "a set swap never deletes a file it did not write",
         "agent/writer.py",
-        "            kept = _foreign_names(present or set(), members | dropped)",
+        "            kept = _foreign_names(present or set(), members)",
         "            kept: List[str] = []",
         (f"{WRITER_SETS}::test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted",),
     ),
