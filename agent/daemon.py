@@ -13,12 +13,15 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    per-secret error behind, so no error must never be read as "written".
 3. Sleep until the next refresh (interval with jitter), a signal, a manifest
    edit (inotify), the watchdog, or the end of an old set generation's grace
-   (only while one is pending); nothing else wakes the process.
+   (only while one is pending, and whether or not a refresh runs: the
+   writers' retire lock lets the loop remove it while a refresh is stuck);
+   nothing else wakes the process.
 4. SIGHUP or a manifest edit: RELOADING=1, re-read the manifest (an invalid
    one is rejected and the old one kept), delete files and sets of removed
    entries (once no refresh runs), refresh now, READY=1.
 5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes,
-   remove every old set generation and exit 0. Files stay: consumers keep
+   remove every old set generation (even with a refresh still stuck: the
+   writers then refuse any later swap) and exit 0. Files stay: consumers keep
    working across agent restarts.
    The handlers are installed before step 1 (by ``kv-agent run``, first
    thing: see :mod:`agent.signals`), and a stop or reload requested before
@@ -73,7 +76,8 @@ from agent.notify import Notifier, watchdog_interval_s
 from agent.signals import SignalFlags
 from agent.snapshot import EntryStatus, StatusSnapshot, iso_time, read_sets, read_written
 from agent.state import StateStore
-from agent.writer import SET_GRACE_S, Writer
+from agent.untrusted import escape
+from agent.writer import Writer, foreign_in_set
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,6 @@ class Daemon:
         # One writer per output directory, kept across reloads: it holds the
         # old set generations still waiting out their grace (SET_GRACE_S).
         self._writers: Dict[str, Writer] = {}
-        self._retire_at: List[float] = []  # monotonic deadlines of pending generations
         self._pending_removals: List[Tuple[Manifest, Manifest]] = []  # until no refresh runs
         self._expiry = ExpiryWarnings()
         # What the last refresh wrote and listed (agent.freshness): kept across
@@ -194,6 +197,7 @@ class Daemon:
         self._global_error: Optional[str] = None
         self._manifest_error: Optional[str] = None
         self._waiting: Optional[str] = None  # what the running refresh retries
+        self._foreign: List[str] = []  # files in sets' directories that are not ours
         self.cycles = 0
         # For the metrics file: the refresh in flight, the last one's end and
         # length, results and files written since start, the last write error.
@@ -447,10 +451,9 @@ class Daemon:
                 changed.extend(self._record(outcome, now_wall))
                 self._note_version_time(outcome)
             self._record_sets(agent.manifest, result)
-            if result.swapped:
-                self._retire_at.append(self._now() + SET_GRACE_S)
             is_failing = bool(result.failures or result.optional_failures)
         assert self._manifest is not None
+        self._foreign = _foreign_files(self._manifest)
         finished = lifecycle.sync_finished(
             self._life, is_failing=is_failing, is_current=agent is self._agent,
             has_every_required_file=self._has_every_required_file, now=self._now(),
@@ -535,9 +538,8 @@ class Daemon:
             self._remove_dropped(old, new)
 
     def _remove_dropped(self, old: Manifest, new: Manifest) -> None:
-        """Sets and files of ``old`` that ``new`` no longer has. A file that
-        left a set still in ``new`` is not removed on its own: the set's next
-        swap drops it with the rest of the old generation."""
+        """Sets and files of ``old`` that ``new`` no longer has. Files that
+        left a set still in ``new`` leave its directory by one swap."""
         set_directories = {group.directory for group in new.sets}
         for group in old.sets:
             if group.directory not in set_directories:
@@ -549,14 +551,16 @@ class Daemon:
                 for path in self._ledger.orphans(kept):
                     if os.path.dirname(path) == selection.directory:
                         self._ledger.remove(old.directory, path)
+        left: List[str] = []
         for entry in old.secrets:
             for path in entry.paths:
                 if path in kept:
                     continue
                 if os.path.dirname(path) in set_directories:
-                    self._ledger.forget(path)
+                    left.append(path)
                 else:
                     self._ledger.remove(old.directory, path)
+        self._remove_members(left, new.directory)
 
     def _remove_orphans(self, manifest: Manifest) -> None:
         """Sets and files a previous run wrote for entries this manifest no
@@ -567,13 +571,25 @@ class Daemon:
             self._remove_set(directory, manifest.directory)
         kept = (path for entry in manifest.secrets for path in entry.paths)
         selected = {selection.directory for selection in manifest.selections}
+        left: List[str] = []
         for path in self._ledger.orphans(kept):
             if os.path.dirname(path) in selected:
                 continue
             if os.path.dirname(path) in set_directories:
-                self._ledger.forget(path)  # its set's next swap drops it
+                left.append(path)
             else:
                 self._ledger.remove(writer_root_for(path, manifest.directory), path)
+        self._remove_members(left, manifest.directory)
+
+    def _remove_members(self, paths: List[str], top: str) -> None:
+        """Files that left a set still in the manifest: out of each set's
+        directory by one swap, if still the agent's (:meth:`Ledger.remove_members`)."""
+        by_set: Dict[str, List[str]] = {}
+        for path in paths:
+            by_set.setdefault(os.path.dirname(path), []).append(path)
+        for directory, members in sorted(by_set.items()):
+            self._ledger.remove_members(self._writer(writer_root_for(directory, top)),
+                                        directory, members)
 
     def _follow_selections(self, report: SyncReport) -> None:
         """After a refresh, for each select entry whose listing succeeded:
@@ -598,9 +614,7 @@ class Daemon:
                     self._ledger.remove(self._manifest.directory, path)
 
     def _remove_set(self, directory: str, top: str) -> None:
-        writer = self._writer(writer_root_for(directory, top))
-        if self._ledger.remove_set(writer, directory):
-            self._retire_at.append(self._now() + SET_GRACE_S)
+        self._ledger.remove_set(self._writer(writer_root_for(directory, top)), directory)
 
     def _record_sets(self, manifest: Manifest, report: SyncReport) -> None:
         """Record each set whose every member a refresh wrote or found
@@ -617,29 +631,32 @@ class Daemon:
     # -- old set generations -----------------------------------------------------------
 
     def _writer(self, root: str) -> Writer:
-        """The one writer for ``root`` (the daemon's clock: its grace deadlines
-        and the writer's agree)."""
+        """The one writer for ``root``, on the daemon's clock (its grace
+        deadlines are the loop's timers); a swap, even in the refresh
+        thread, wakes the loop to set the timer for its old generation."""
         writer = self._writers.get(root)
         if writer is None:
-            writer = self._writers[root] = Writer(root, clock=self._now)
+            writer = self._writers[root] = Writer(root, clock=self._now,
+                                                  on_retiring=self._mailbox.wake)
         return writer
 
     def _retire_deadline(self) -> Optional[float]:
-        """When the oldest pending generation's grace ends; None while a
-        refresh runs (it uses the writers) or when nothing is pending, so an
-        idle agent has no timer."""
-        if self._sync_thread is not None or not self._retire_at:
-            return None
-        return min(self._retire_at)
+        """When the oldest pending generation's grace ends; None when
+        nothing is pending, so an idle agent has no timer. Whether a refresh
+        runs does not matter: the writers' own lock makes removing old
+        generations safe beside it (issue 17: a refresh stuck on the network
+        kept the old key in tmpfs until it ended)."""
+        deadlines = [deadline for deadline in (writer.retire_deadline()
+                                               for writer in self._writers.values())
+                     if deadline is not None]
+        return min(deadlines) if deadlines else None
 
     def _retire_due(self) -> None:
         """Remove old set generations whose grace has passed (an old key
         must not stay in tmpfs until the next rotation)."""
         deadline = self._retire_deadline()
-        now = self._now()
-        if deadline is None or now < deadline:
+        if deadline is None or self._now() < deadline:
             return
-        self._retire_at = [at for at in self._retire_at if at > now]
         for writer in self._writers.values():
             for directory in writer.retire():
                 log.debug("removed the old generation %s", directory)
@@ -692,6 +709,10 @@ class Daemon:
         else:
             parts.append(f"{total} secret{'s' if total != 1 else ''} current")
         parts.extend(self._expiry_parts())
+        if self._foreign:
+            more = f" and {len(self._foreign) - 1} more" if len(self._foreign) > 1 else ""
+            parts.append(f"kept {escape(self._foreign[0])}{more} in a set's directory: "
+                         "not kv-agent's, move it elsewhere")
         if self._last_refresh is not None:
             parts.append(f"last refresh {_clock(self._last_refresh)}")
         next_wall = self._next_refresh_wall()
@@ -829,10 +850,10 @@ class Daemon:
                             "atomic)", abandoned, "" if abandoned == 1 else "s")
         self._record_late_writes()
         is_idle = thread is None or not thread.is_alive()
-        if is_idle:
-            # No reader is protected past the agent's life; no old key stays.
-            for writer in self._writers.values():
-                writer.retire(everything=True)
+        # No reader is protected past the agent's life; no old key stays, and
+        # a refresh still stuck on the network cannot swap in another.
+        for writer in self._writers.values():
+            writer.stop()
         self._save_status()
         self._write_metrics(is_up=False)
         if self._agent is not None and is_idle:
@@ -848,6 +869,15 @@ class Daemon:
                     for path in outcome.changed_paths:
                         self._ledger.record(path, outcome.entry.key)
                 self._record_sets(message.agent.manifest, message.result)
+
+
+def _foreign_files(manifest: Manifest) -> List[str]:
+    """Files in the manifest's sets' directories that are not the agent's:
+    kept, never deleted, and named in STATUS= so someone moves them."""
+    paths = {entry.key: entry.paths for entry in manifest.secrets}
+    return [path for group in manifest.sets
+            for path in foreign_in_set(group.directory,
+                                       [p for key in group.keys for p in paths.get(key, ())])]
 
 
 def _clock(epoch_s: float) -> str:

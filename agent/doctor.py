@@ -4,8 +4,9 @@ When a secret does not arrive, an operator would otherwise walk the chain by
 hand. :func:`diagnose` walks it and returns one :class:`Check` per link, in
 the order the agent meets them:
 
-1. the manifest (``check``'s own messages) and the output directory (tmpfs,
-   writable);
+1. the manifest (``check``'s own messages), the output directory (tmpfs,
+   writable) and the sets' directories (a file there that is not the
+   agent's is kept, and warned about);
 2. the identity: which source answers (IMDS, Azure Arc, App Service, as
    :func:`agent.identity.choose_source` decides) and which identity its
    token is for (client and object id from the token's claims, read without
@@ -101,7 +102,7 @@ from agent.vault import (
     proxies_for,
 )
 from agent.vault_list import SecretItem
-from agent.writer import Writer
+from agent.writer import Writer, foreign_in_set
 
 OK = "ok"
 WARN = "warn"
@@ -178,6 +179,7 @@ def diagnose(path: str, environ: Mapping[str, str], host: Host = Host()) -> Repo
     manifest = _check_manifest(path, checks)
     if manifest is not None:
         checks += check_directory(manifest.directory, landing_directories(manifest))
+        checks += check_sets(manifest)
         checks += _Network(manifest, environ, host).run()
     checks += check_agent(environ, host)
     return Report(tuple(checks), time.monotonic() - started)
@@ -236,6 +238,22 @@ def check_directory(directory: str, landing: Sequence[str] = ()) -> List[Check]:
                                "run kv-agent as root, or choose a writable tmpfs directory "
                                "(for the unit: its ReadWritePaths=)")]
     return checks + [Check(subject, "writable", OK, f"writable{where}")]
+
+
+def check_sets(manifest: Manifest) -> List[Check]:
+    """A warning per file in a set's directory that is not the agent's:
+    the agent keeps it (never deletes it) and carries it into each new
+    generation, but consumers reading the set see it. Nothing when none."""
+    paths = {entry.key: entry.paths for entry in manifest.secrets}
+    checks = []
+    for group in manifest.sets:
+        members = [path for key in group.keys for path in paths.get(key, ())]
+        for path in foreign_in_set(group.directory, members):
+            checks.append(Check(f"set {group.directory}", "own files", WARN,
+                                f"{escape(path)} is not kv-agent's: kept, never deleted",
+                                f"move it out of {group.directory} (the set's directory "
+                                "holds only its files)"))
+    return checks
 
 
 # -- 2-4. identity, vaults, secrets -------------------------------------------------

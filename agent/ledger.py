@@ -16,7 +16,10 @@ a set is removed only when the ledger has it, every member file still there
 is the very file the agent wrote (each member's inode is recorded after
 every refresh that found the set current), and the directory still has the
 writer's shape (the writer checks: its owner and mode, nothing but member
-files). Anything else is left alone and forgotten.
+files). Anything else is left alone and forgotten. A member that leaves a
+set still in the manifest is taken out of the set's directory by one swap
+(:meth:`Ledger.remove_members`), only while it is the very file the agent
+wrote: the writer keeps every file that is not the agent's.
 
 Owned by the daemon's main thread; not thread-safe.
 """
@@ -112,6 +115,29 @@ class Ledger:
             self._records.pop(path, None)
         return removed
 
+    def remove_members(self, writer: Writer, directory: str, paths: Iterable[str]) -> bool:
+        """Take ``paths``, files that left a set still in the manifest, out
+        of the set's ``directory`` by one swap (:meth:`Writer.remove_from_set`),
+        only those still the very files the agent wrote; forget them either
+        way (one someone replaced is then foreign: kept, and reported). True
+        when the set was swapped. Failures are logged, never raised."""
+        paths = list(paths)
+        ours = [path for path in paths if self.is_ours(path)]
+        for path in paths:
+            if path not in ours and path in self._records and os.path.lexists(path):
+                log.info("not removing %s: it is no longer the file kv-agent wrote", path)
+            self._records.pop(path, None)
+        if not ours:
+            return False
+        try:
+            removed = writer.remove_from_set(directory, ours)
+        except (KvAgentError, OSError) as exc:
+            log.warning("could not remove %s from %s: %s", ", ".join(ours), directory, exc)
+            return False
+        if removed:
+            log.info("removed %s: it left the set in %s", ", ".join(ours), directory)
+        return removed
+
     def records(self) -> Tuple[Written, ...]:
         """Every record, sorted by path (the order status.json shows)."""
         return tuple(self._records[path] for path in sorted(self._records))
@@ -128,11 +154,6 @@ class Ledger:
             self._records.pop(path, None)
         else:
             self._records[path] = Written(path, inode, entry)
-
-    def forget(self, path: str) -> None:
-        """Drop ``path``'s record without touching the file (a set's next
-        swap removes a member that left it)."""
-        self._records.pop(path, None)
 
     def is_ours(self, path: str) -> bool:
         """Whether ``path`` is still the regular file the agent wrote."""

@@ -945,7 +945,7 @@ def parse_manifest(
     identity = _parse_identity(problems, data.get("identity"), data.key_lines.get("identity"))
     secrets, selections = _parse_secrets(problems, data, vault, directory, accounts,
                                          check_filesystem)
-    sets = _collect_sets(problems, secrets, directory)
+    sets = _collect_sets(problems, secrets, selections, directory)
     metrics = _top_metrics(problems, data, directory)
     problems.raise_if_any()
     return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter,
@@ -1285,15 +1285,18 @@ def _check_selection_conflicts(problems: _Problems, entries: List[Entry],
 
 
 def _collect_sets(
-    problems: _Problems, entries: Tuple[Entry, ...], directory: str,
+    problems: _Problems, entries: Tuple[Entry, ...], selections: Tuple[Selection, ...],
+    directory: str,
 ) -> Tuple[EntrySet, ...]:
     """The manifest's sets, after checking each lives alone in one directory.
 
     A set is the entries sharing a ``set:`` name, or a certificate entry on
     its own. Its files must all be in one directory, not the manifest's
-    top directory, and no other entry may write into it or below it: the
-    writer swaps that directory whole, so anything else in it would be
-    swapped (or lost) with the set.
+    top directory, and no other entry may write into it or below it, nor a
+    ``select:`` entry fill a directory below it: the writer swaps that
+    directory whole and refuses one holding a subdirectory, so the set would
+    never change again. (A select directory at or above a set's is refused
+    by the selection rules: the set's files would be inside it.)
     """
     members: Dict[str, List[Entry]] = {}
     for entry in entries:
@@ -1325,6 +1328,14 @@ def _collect_sets(
             problems.add("set", f"the {label} needs {folder} to itself, but '{intruder.name}' "
                          f"(line {intruder.line}) writes there", group[0].line,
                          "move one of them to another directory, or give both the same set")
+            continue
+        selection = next((one for one in selections
+                          if one.directory.startswith(folder + "/")), None)
+        if selection is not None:
+            problems.add("directory", f"{selection.directory} of the {selection.label} is "
+                         f"inside {folder}, which the {label} (line {group[0].line}) needs to "
+                         "itself: the set would never be rotated again", selection.line,
+                         f"give the selection a directory outside {folder}")
             continue
         sets.append(EntrySet(name, folder, tuple(entry.key for entry in group)))
     return tuple(sets)

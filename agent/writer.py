@@ -27,17 +27,26 @@ Invariants:
   passes the root's own rule (:func:`replaceable_problem`), judged on the
   very directory opened on the way to each write: a file is never written
   into one another user could empty or refill.
-* A set (:meth:`Writer.apply_set`) is a directory holding only its files;
-  it changes by one renameat2(RENAME_EXCHANGE) with a directory built beside
-  it under :data:`SET_PREFIX`, so a reader that opened the set's directory
-  sees one generation whole. The old generation outlives the swap by
-  ``set_grace_s`` (so such a reader never finds a file missing); a directory
-  with :data:`SET_PREFIX` at start-up is a half-built or old generation and
-  is removed.
+* A set (:meth:`Writer.apply_set`) is a directory of files (no
+  subdirectory); it changes by one renameat2(RENAME_EXCHANGE) with a
+  directory built beside it under :data:`SET_PREFIX`, so a reader that
+  opened the set's directory sees one generation whole. A file in it that
+  is not a member (someone else's) is never deleted: an unchanged set is
+  not swapped for it, and a swap hard-links it into the new generation.
+  Only :meth:`Writer.remove_from_set` takes out names, those a caller
+  says it wrote (the running agent's ledger knows them). The old
+  generation outlives the swap by ``set_grace_s`` (so such a reader never
+  finds a file missing) and no longer; a directory with :data:`SET_PREFIX`
+  at start-up is a half-built or old generation and is removed.
 * Start-up cleaning stays on the root's file system, MAX_CLEAN_DEPTH levels
   down at most, and gives up (WriteError) beyond MAX_CLEAN_ENTRIES entries.
 * No concurrency guarantee: callers serialise calls (the agent writes from one
-  thread).
+  thread), except for old generations: :meth:`Writer.retire`,
+  :meth:`Writer.retire_deadline` and :meth:`Writer.stop` may be called from
+  another thread while a write runs (the daemon's loop retires on time
+  while a refresh is stuck on the network). One lock covers the list of
+  old generations, their removal and the swap that adds one, so a
+  generation is either not swapped yet or registered, never in between.
 """
 
 from __future__ import annotations
@@ -48,8 +57,19 @@ import os
 import posixpath
 import secrets
 import stat
+import threading
 import time
-from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import (
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from agent.errors import WriteError
 
@@ -251,13 +271,16 @@ class Writer:
     ``fs_type`` and ``mount_type`` are injectable so tests can exercise the
     refusal paths; ``euid`` is the user besides root who may own the root and
     its parents (the agent's own). ``set_grace_s`` is how long (``clock``
-    seconds) a set's old generation is kept after its swap.
+    seconds) a set's old generation is kept after its swap; ``on_retiring``
+    is called (in the writing thread) each time an old generation starts its
+    grace, so an event loop can wake and set a timer for its end.
     """
 
     def __init__(self, root: str, *, fs_type: Callable[[int], int] = filesystem_type,
                  mount_type: Callable[[int], Optional[str]] = mount_type,
                  euid: Optional[int] = None, set_grace_s: float = SET_GRACE_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_retiring: Callable[[], None] = lambda: None) -> None:
         if not root.startswith("/"):
             raise ValueError("root must be absolute")
         normal = posixpath.normpath(root)
@@ -267,8 +290,11 @@ class Writer:
         self._euid = os.geteuid() if euid is None else euid
         self._set_grace_s = set_grace_s
         self._clock = clock
+        self._on_retiring = on_retiring
         # Old set generations awaiting removal: (swapped at, parent, name).
         self._retired: List[Tuple[float, str, str]] = []
+        self._retire_lock = threading.Lock()  # _retired, their removal, a swap
+        self._is_stopped = False  # stop(): no swap after it
 
     # -- start-up ---------------------------------------------------------
 
@@ -483,12 +509,16 @@ class Writer:
     def apply_set(self, directory: str, specs: Sequence[FileSpec], *,
                   mode: int = DIR_MODE, uid: Optional[int] = None,
                   gid: Optional[int] = None) -> SetResult:
-        """Make ``directory`` hold exactly the files ``specs``, each with its
-        owner and mode, and nothing else, by one atomic operation.
+        """Make ``directory`` hold the files ``specs``, each with its owner
+        and mode, by one atomic operation, keeping what the caller did not
+        write.
 
         ``directory`` is absolute, normalised and strictly below the root;
         every spec's path is directly inside it. The directory itself gets
         ``mode`` and ``uid``:``gid`` (default: this process's user and group).
+        An entry that is not a spec (an operator's file, or a member that
+        left the set: the writer cannot tell them apart) is foreign: it never
+        makes the set differ, and a swap keeps it (see remove_from_set).
 
         (1) Check the directory and every spec (directly inside it, no
             duplicate, no reserved name); at least one spec.
@@ -496,12 +526,13 @@ class Writer:
             with O_NOFOLLOW. A symlink or non-directory at ``directory`` is
             refused, never followed; so is a subdirectory inside it (not the
             writer's: nothing would know whether to keep it).
-        (3) If the directory already holds exactly these names, with these
-            bytes, owners and modes, and has its own owner and mode, stop:
-            no new inode, watchers are not woken.
+        (3) If the directory has its own owner and mode and holds every
+            spec with its bytes, owner and mode, stop: no new inode,
+            watchers are not woken, foreign files untouched.
         (4) mkdir a fresh generation beside it, SET_PREFIX + random, 0700.
         (5) Each file: O_CREAT|O_EXCL|O_NOFOLLOW 0600, fchown then fchmod
-            before the first byte, write everything, fsync.
+            before the first byte, write everything, fsync. Each foreign
+            entry is hard-linked in: the very same file, never copied.
         (6) fsync the new directory; fchown and fchmod it to its final owner
             and mode.
         (7) Swap: renameat2(RENAME_EXCHANGE) with the existing directory, or
@@ -511,13 +542,17 @@ class Writer:
             old generation whole, after it the new one.
         (8) Retire the old generation (now under the reserved name): it is
             removed, files first, then the directory, by the first
-            apply_set, remove_set or retire call ``set_grace_s`` or more
-            after the swap, so a reader that opened the directory just
-            before the swap still finds every file. A failure to remove it is
-            not a failed write: the set is in place; the next start cleans up.
+            :meth:`retire` (from any thread), apply_set or remove_set
+            ``set_grace_s`` or more after the swap, so a reader that opened
+            the directory just before the swap still finds every file. A
+            failure to remove it is not a failed write: the set is in place;
+            the next start cleans up. (7) and this registration are one step
+            under the retire lock, refused after :meth:`stop`.
         Any failure before (7) removes the half-built generation and leaves
         the old set as it was. Raises WriteError, including when the file
-        system lacks RENAME_EXCHANGE.
+        system lacks RENAME_EXCHANGE. (A file someone created in the old
+        directory between (5) and (7) is linked into the new one right
+        after the swap.)
         """
         names = self._check_set(directory, specs)  # (1)
         self.retire()
@@ -526,28 +561,83 @@ class Writer:
         name = posixpath.basename(directory)
         parent_fd = self._open_parents(directory)  # (2)
         try:
-            exists = _existing_set_directory(parent_fd, name, directory)
-            if exists and self._set_matches(parent_fd, name, names, wanted):  # (3)
+            present = _existing_set_directory(parent_fd, name, directory)
+            if present is not None \
+                    and self._set_matches(parent_fd, name, names, wanted):  # (3)
                 return SetResult(directory, changed=False)
-            generation = self._build_generation(parent_fd, directory, names, wanted)  # (4)-(6)
-            self._swap(parent_fd, generation, name, directory, exists)  # (7)
-            _sync_directory(parent_fd)
-            if exists:
-                self._retired.append((self._clock(), posixpath.dirname(directory),
-                                      generation))  # (8)
-                if self._set_grace_s <= 0:
-                    self.retire()
+            members = {member for member, _spec in names}
+            kept = _foreign_names(present or set(), members)
+            generation = self._build_generation(parent_fd, directory, names, wanted,
+                                                kept)  # (4)-(6)
+            self._swap_and_retire(parent_fd, generation, name, directory, present)  # (7), (8)
             return SetResult(directory, changed=True)
+        finally:
+            os.close(parent_fd)
+
+    def remove_from_set(self, directory: str, paths: Iterable[str]) -> bool:
+        """Take ``paths``, files the caller wrote that left the set, out of
+        the set's ``directory`` by one swap (see apply_set's (4)-(8)); every
+        other entry is hard-linked into the new generation (members keep
+        their inodes, foreign files stay), and the directory keeps its owner
+        and mode. True when swapped; False when the directory or every one
+        of ``paths`` is already gone. Raises WriteError.
+        """
+        names = {self._check_path(path) for path in paths}
+        for path in paths:
+            if posixpath.dirname(path) != directory:
+                raise WriteError(f"{path} is not directly inside the set's directory "
+                                 f"{directory}")
+        name = self._check_path(directory)
+        self.retire()
+        try:
+            parent_fd = self._open_parents(directory, create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            present = _existing_set_directory(parent_fd, name, directory)
+            if present is None or not present & names:
+                return False
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            wanted = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            generation = self._build_generation(parent_fd, directory, [], wanted,
+                                                _foreign_names(present, names))
+            self._swap_and_retire(parent_fd, generation, name, directory, present)
+            return True
         finally:
             os.close(parent_fd)
 
     def retire(self, *, everything: bool = False) -> List[str]:
         """Remove the old set generations swapped out ``set_grace_s`` or more
-        ago (all of them with ``everything``, e.g. at shutdown); returns
-        those removed. Never raises: one that cannot be removed is forgotten
-        and left to start-up cleaning. The daemon calls this on its ticks,
-        so an old key does not linger until the next rotation.
+        ago (all of them with ``everything``, e.g. before ``once`` exits);
+        returns those removed. Never raises: one that cannot be removed is
+        forgotten and left to start-up cleaning. Thread-safe: the daemon's
+        loop calls this when :meth:`retire_deadline` passes, whether or not
+        a refresh is writing, so an old key never outlives its grace.
         """
+        with self._retire_lock:
+            return self._retire_locked(everything)
+
+    def retire_deadline(self) -> Optional[float]:
+        """When (``clock`` seconds) the oldest pending generation's grace
+        ends; None when none is pending (an idle agent has no timer).
+        Thread-safe."""
+        with self._retire_lock:
+            if not self._retired:
+                return None
+            return min(swapped for swapped, _parent, _name in self._retired) \
+                + self._set_grace_s
+
+    def stop(self) -> List[str]:
+        """At the agent's stop: remove every old generation now, whatever
+        its grace (no reader is protected past the agent's life, and no old
+        key stays in tmpfs), and refuse every later swap or set removal
+        (WriteError), so a refresh still running cannot leave a new old
+        generation behind. Thread-safe; returns the generations removed."""
+        with self._retire_lock:
+            self._is_stopped = True
+            return self._retire_locked(everything=True)
+
+    def _retire_locked(self, everything: bool) -> List[str]:
         now = self._clock()
         due: List[Tuple[float, str, str]] = []
         kept: List[Tuple[float, str, str]] = []
@@ -567,6 +657,42 @@ class Writer:
             finally:
                 os.close(parent_fd)
         return removed
+
+    def _start_grace(self, directory: str, generation: str) -> None:
+        """(8) Register ``generation`` (beside ``directory``), which just
+        left it, for retirement. Called with the retire lock held."""
+        self._retired.append((self._clock(), posixpath.dirname(directory), generation))
+
+    def _after_grace_started(self, parent_fd: int) -> None:
+        """Outside the lock: make the rename durable, tell the event loop,
+        and retire at once when there is no grace at all."""
+        _sync_directory(parent_fd)
+        self._on_retiring()
+        if self._set_grace_s <= 0:
+            self.retire()
+
+    def _swap_and_retire(self, parent_fd: int, generation: str, name: str, directory: str,
+                         listed: Optional[Set[str]]) -> None:
+        """(7) and (8) as one step under the retire lock: the generation is
+        either not swapped in or swapped in with its predecessor registered.
+        ``listed``: the names the old directory held when the new generation
+        was built (None: there was none); a file created there since is
+        linked into the new one. After :meth:`stop`, the new generation is
+        removed instead and WriteError raised (the set stays as it was)."""
+        exists = listed is not None
+        with self._retire_lock:
+            if self._is_stopped:
+                _remove_generation(parent_fd, generation)
+                raise WriteError(f"{directory}: not swapped, kv-agent is stopping; "
+                                 "the set is kept as it was")
+            self._swap(parent_fd, generation, name, directory, exists)  # (7)
+            if listed is not None:
+                _link_late_arrivals(parent_fd, generation, name, listed)
+                self._start_grace(directory, generation)  # (8)
+        if exists:
+            self._after_grace_started(parent_fd)
+        else:
+            _sync_directory(parent_fd)
 
     def remove_set(self, directory: str, paths: Iterable[str], *,
                    mode: int = DIR_MODE) -> bool:
@@ -593,20 +719,22 @@ class Writer:
         except FileNotFoundError:
             return False
         try:
-            if not _existing_set_directory(parent_fd, name, directory):
+            if _existing_set_directory(parent_fd, name, directory) is None:
                 return False
             self._check_removable(parent_fd, name, directory, names, mode)
             generation = f"{SET_PREFIX}{secrets.token_hex(8)}"
-            try:
-                renameat2(parent_fd, name, parent_fd, generation, RENAME_NOREPLACE)
-            except OSError as exc:
-                raise WriteError(f"{directory}: cannot remove the set: {exc.strerror}") from None
-            _sync_directory(parent_fd)
-            # Retired like a swapped-out generation: a reader that opened the
-            # directory just before still finds the files it expects.
-            self._retired.append((self._clock(), posixpath.dirname(directory), generation))
-            if self._set_grace_s <= 0:
-                self.retire()
+            with self._retire_lock:
+                if self._is_stopped:
+                    raise WriteError(f"{directory}: not removed, kv-agent is stopping")
+                try:
+                    renameat2(parent_fd, name, parent_fd, generation, RENAME_NOREPLACE)
+                except OSError as exc:
+                    raise WriteError(f"{directory}: cannot remove the set: "
+                                     f"{exc.strerror}") from None
+                # Retired like a swapped-out generation: a reader that opened
+                # the directory just before still finds the files it expects.
+                self._start_grace(directory, generation)
+            self._after_grace_started(parent_fd)
             return True
         finally:
             os.close(parent_fd)
@@ -634,8 +762,9 @@ class Writer:
     def _set_matches(parent_fd: int, name: str, names: List[Tuple[str, FileSpec]],
                      wanted: Tuple[int, int, int]) -> bool:
         """True when the directory ``name`` has the wanted owner and mode and
-        holds exactly ``names`` with their bytes, owners and modes. Anything
-        unreadable counts as "differs"."""
+        holds ``names`` with their bytes, owners and modes (anything else in
+        it is not the writer's to judge). Anything unreadable counts as
+        "differs"."""
         try:
             fd = os.open(name, _O_DIR, dir_fd=parent_fd)
         except OSError:
@@ -643,8 +772,6 @@ class Writer:
         try:
             st = os.fstat(fd)
             if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != wanted:
-                return False
-            if set(os.listdir(fd)) != {member for member, _spec in names}:
                 return False
             return all(Writer._matches(fd, member, spec) for member, spec in names)
         except OSError:
@@ -654,9 +781,10 @@ class Writer:
 
     def _build_generation(self, parent_fd: int, directory: str,
                           names: List[Tuple[str, FileSpec]],
-                          wanted: Tuple[int, int, int]) -> str:
-        """(4)-(6) A complete new generation beside ``directory``; its name.
-        On any failure it is removed again and WriteError raised."""
+                          wanted: Tuple[int, int, int], kept: Sequence[str] = ()) -> str:
+        """(4)-(6) A complete new generation beside ``directory``, with the
+        entries ``kept`` of the current one linked in; its name. On any
+        failure it is removed again and WriteError raised."""
         generation = f"{SET_PREFIX}{secrets.token_hex(8)}"
         try:
             os.mkdir(generation, 0o700, dir_fd=parent_fd)  # (4)
@@ -668,6 +796,8 @@ class Writer:
             try:
                 for member, spec in names:
                     _create_member(fd, member, spec)  # (5)
+                if kept:
+                    _link_kept(parent_fd, posixpath.basename(directory), fd, kept, directory)
                 os.fsync(fd)  # (6)
                 os.fchown(fd, wanted[0], wanted[1])
                 os.fchmod(fd, wanted[2])  # mkdir(2) applied 0700 and the umask
@@ -938,32 +1068,117 @@ def _device_of(name: str, dir_fd: int) -> Optional[int]:
         return None
 
 
-def _existing_set_directory(parent_fd: int, name: str, directory: str) -> bool:
-    """True when a set's ``directory`` exists as a real directory holding no
-    subdirectory; False when absent. WriteError for a symlink, a file or a
-    directory with a subdirectory: never followed, never taken over."""
+def _existing_set_directory(parent_fd: int, name: str, directory: str) -> Optional[Set[str]]:
+    """The names in a set's ``directory`` when it exists as a real directory
+    holding no subdirectory; None when absent. WriteError for a symlink, a
+    file or a directory with a subdirectory: never followed, never taken over."""
     try:
         fd = os.open(name, _O_DIR, dir_fd=parent_fd)
     except FileNotFoundError:
-        return False
+        return None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise WriteError(f"{directory} is a symlink or not a directory; a set needs a "
                              "directory of its own: remove it") from None
         raise WriteError(f"{directory}: cannot open the set's directory: "
                          f"{exc.strerror}") from None
+    names: Set[str] = set()
     try:
         with os.scandir(fd) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     raise WriteError(f"{directory} holds a directory {entry.name!r}, which "
                                      "is not part of the set; move it elsewhere")
+                names.add(entry.name)
     except OSError as exc:
         raise WriteError(f"{directory}: cannot list the set's directory: "
                          f"{exc.strerror}") from None
     finally:
         os.close(fd)
-    return True
+    return names
+
+
+def _foreign_names(present: Set[str], ours: Set[str]) -> List[str]:
+    """The entries of a set's directory that are not the writer's: neither
+    ``ours`` (members, or former members the caller wrote) nor a reserved
+    name (a crash's leftover, which start-up cleaning removes). Sorted."""
+    return sorted(name for name in present - ours if not name.startswith(RESERVED_PREFIX))
+
+
+def foreign_in_set(directory: str, members: Iterable[str]) -> List[str]:
+    """The paths in a set's ``directory`` that are not among ``members``
+    (paths) nor reserved names: someone else's files, which the writer keeps
+    (see :meth:`Writer.apply_set`) and the agent reports. Empty when the
+    directory is absent, not a directory or unreadable: a report, never a
+    reason to fail."""
+    try:
+        fd = os.open(directory, _O_DIR)
+    except OSError:
+        return []
+    try:
+        present = set(os.listdir(fd))
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    ours = {posixpath.basename(path) for path in members}
+    return [posixpath.join(directory, name) for name in _foreign_names(present, ours)]
+
+
+def _link_late_arrivals(parent_fd: int, old: str, new: str, listed: Set[str]) -> None:
+    """Right after a swap: link each file created in the old generation
+    ``old`` since it was ``listed`` (someone wrote into the set's directory
+    while the new one was built) into ``new``, so it does not go with the
+    old generation. Best effort: a name the new generation already has
+    stays as the new generation has it."""
+    try:
+        old_fd = os.open(old, _O_DIR, dir_fd=parent_fd)
+    except OSError:
+        return
+    try:
+        new_fd = os.open(new, _O_DIR, dir_fd=parent_fd)
+    except OSError:
+        os.close(old_fd)
+        return
+    try:
+        for entry in _foreign_names(set(os.listdir(old_fd)), listed):
+            try:
+                os.link(entry, entry, src_dir_fd=old_fd, dst_dir_fd=new_fd,
+                        follow_symlinks=False)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    finally:
+        os.close(old_fd)
+        os.close(new_fd)
+
+
+def _link_kept(parent_fd: int, name: str, generation_fd: int, kept: Sequence[str],
+               directory: str) -> None:
+    """(5) Hard-link each of ``kept`` from the set's directory ``name`` into
+    the new generation: the very same file (inode, owner, mode, bytes; a
+    symlink itself, never followed), so the swap deletes nothing it did not
+    write. One removed meanwhile is skipped. Raises WriteError naming it
+    (e.g. EPERM: fs.protected_hardlinks and an agent not running as root)."""
+    try:
+        source_fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+    except OSError as exc:
+        raise WriteError(f"{directory}: cannot open the set's directory: "
+                         f"{exc.strerror}") from None
+    try:
+        for entry in kept:
+            try:
+                os.link(entry, entry, src_dir_fd=source_fd, dst_dir_fd=generation_fd,
+                        follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed meanwhile: nothing left to keep
+            except OSError as exc:
+                raise WriteError(f"{directory}/{entry} is not kv-agent's and cannot be "
+                                 f"kept in the set's new generation ({exc.strerror}); "
+                                 f"move it out of {directory}") from None
+    finally:
+        os.close(source_fd)
 
 
 def _create_member(dir_fd: int, name: str, spec: FileSpec) -> None:

@@ -202,11 +202,16 @@ def test_a_failing_member_keeps_the_whole_set(emulator: Emulator, shm_dir: Path)
     assert short_cause(password.error) == "set kept: 404 not found"
 
 
-def test_a_set_converges_when_a_member_leaves(emulator: Emulator, shm_dir: Path) -> None:
-    """A member removed from a set's entries disappears from its directory at the next
-    write, with the rest of the old generation."""
+def test_a_member_that_leaves_a_set_is_kept_without_a_ledger(emulator: Emulator,
+                                                            shm_dir: Path) -> None:
+    """Without the running agent's ledger (a one-shot sync, as `once` runs it), a file
+    that left a set cannot be told from an operator's: it stays in the set's directory,
+    reported as foreign, and the unchanged set is not swapped for it."""
+    from agent.writer import foreign_in_set
+
     emulator.set_secret("db-password", "pw 1")
     emulator.set_secret("db-user", "user 1")
+    inodes = []
     for entries in (SET_ENTRIES, "  - {name: db-password, path: db/password, set: db}\n"):
         agent = Agent(manifest(emulator, shm_dir, entries), environ=environ(emulator))
         try:
@@ -214,7 +219,39 @@ def test_a_set_converges_when_a_member_leaves(emulator: Emulator, shm_dir: Path)
             agent.sync()
         finally:
             agent.close()
-    assert sorted(os.listdir(shm_dir / "db")) == ["password"]
+        inodes.append(os.lstat(shm_dir / "db").st_ino)
+    assert sorted(os.listdir(shm_dir / "db")) == ["password", "user"]
+    assert inodes[0] == inodes[1]
+    assert foreign_in_set(str(shm_dir / "db"), [str(shm_dir / "db" / "password")]) == [
+        str(shm_dir / "db" / "user")]
+
+
+def test_a_one_shot_sync_keeps_an_operators_file_in_a_set(emulator: Emulator,
+                                                         shm_dir: Path) -> None:
+    """A file an operator added to a set's directory survives one-shot syncs as `once`
+    runs them: the unchanged set is not swapped for it, and after a rotation (and the
+    old generation's removal) it is still there, the same inode."""
+    emulator.set_secret("db-password", "pw 1")
+    emulator.set_secret("db-user", "user 1")
+    notes = shm_dir / "db" / "notes"
+    inodes = []
+    for value in ("pw 1", "pw 1", "pw 2"):
+        emulator.set_secret("db-password", value)
+        agent = Agent(manifest(emulator, shm_dir, SET_ENTRIES), environ=environ(emulator),
+                      sleep=lambda seconds: None)
+        try:
+            agent.prepare()
+            agent.retire_generations(agent.sync())
+        finally:
+            agent.close()
+        if not notes.exists():
+            notes.write_text("operator's")
+            notes_inode = os.lstat(notes).st_ino
+        inodes.append(os.lstat(shm_dir / "db").st_ino)
+    assert inodes[0] == inodes[1] != inodes[2]
+    assert notes.read_text() == "operator's" and os.lstat(notes).st_ino == notes_inode
+    assert sorted(os.listdir(shm_dir)) == ["db"]
+    assert (shm_dir / "db" / "password").read_text() == "pw 2"
 
 
 def test_once_retires_old_generations_only_after_the_grace_when_a_set_swapped(

@@ -1482,6 +1482,120 @@ def test_a_set_that_leaves_the_manifest_is_removed(start_agent: StartAgent, vaul
     assert not reserved_dirs(out)
 
 
+def test_a_foreign_file_in_a_set_is_kept_and_named_and_a_member_that_left_goes(
+        start_agent: StartAgent, vault: Vault) -> None:
+    """A file someone adds to a set's directory is named in STATUS= (escaped: its name
+    cannot add a field), never makes the unchanged set swap, and survives a rotation and
+    the removal of the old generation as the same inode; a member a reload drops leaves
+    the directory by one swap, the other member keeping its inode and the foreign file
+    staying."""
+    vault.put("db-password")
+    vault.put("db-user")
+    members = [entry("db-password", path="db/password", set="db"),
+               entry("db-user", path="db/user", set="db")]
+    run = start_agent(members, refresh="1s")
+    run.wait_ready()
+    directory = run.directory / "db"
+    notes = directory / "notes\nREADY=1"
+    notes.write_text("operator's")
+    inode, set_inode = os.lstat(notes).st_ino, os.lstat(directory).st_ino
+    named = f"kept {directory}/notes\\x0aREADY=1 in a set's directory"
+    run.wait(lambda: named in run.notes.last_status(), "STATUS= to name the foreign file")
+    assert len(run.readies()) == 1
+    refreshes = len(run.notes.statuses())
+    run.wait(lambda: len(run.notes.statuses()) >= refreshes + 2, "two more refreshes")
+    assert os.lstat(directory).st_ino == set_inode, "the unchanged set was swapped"
+    password = vault.put("db-password")
+    run.wait_content("db/password", password)
+    run.wait(lambda: not reserved_dirs(run.directory), "the old generation to go")
+    assert os.lstat(notes).st_ino == inode and notes.read_text() == "operator's"
+    password_inode = os.lstat(directory / "password").st_ino
+    replace_file(run.manifest, manifest_text(vault.url, run.directory, members[:1]))
+    run.wait(lambda: not (directory / "user").exists(), "the dropped member to go")
+    assert sorted(os.listdir(directory)) == ["notes\nREADY=1", "password"]
+    assert os.lstat(directory / "password").st_ino == password_inode
+    assert os.lstat(notes).st_ino == inode
+    run.wait(lambda: not reserved_dirs(run.directory), "the old generation to go")
+    assert run.process.lines(f"removed {directory}/user: it left the set")
+    run.stop()
+
+
+# Retiring old generations: the deadline is the writer's, never the refresh thread's.
+GRACE_SLACK_S = 1.5  # a loaded 2-core machine's scheduling, on top of SET_GRACE_S
+SLOW_VAULT_S = 4.0  # each request of a slow vault: far beyond the grace
+STUCK_S = 15.0  # a stuck vault's answer: longer than any of these tests waits
+
+
+def rotate_and_wait(run: Running, vault: Vault, *, reload: bool = False) -> float:
+    """Rotate the certificate (and send SIGHUP with ``reload``) and wait until the
+    agent swapped it in; returns when it saw the swap (time.monotonic)."""
+    path = run.directory / "web" / "tls.crt"
+    before = serial_of(path)
+    vault.emulator.rotate_certificate("web-tls")
+    if reload:
+        run.process.send_signal(signal.SIGHUP)
+    run.wait(lambda: serial_of(path) not in (before, None), "the rotated certificate")
+    return time.monotonic()
+
+
+def wait_generations_gone(run: Running, swapped: float) -> None:
+    """No old generation left within the grace (plus slack) after ``swapped``."""
+    from agent.writer import SET_GRACE_S
+
+    left = SET_GRACE_S + GRACE_SLACK_S - (time.monotonic() - swapped)
+    run.wait(lambda: not reserved_dirs(run.directory), "the old generations to go",
+             timeout_s=max(left, 0.1))
+
+
+def test_old_generations_go_within_the_grace_with_a_one_second_refresh(
+        start_agent: StartAgent, vault: Vault) -> None:
+    """With `refresh: 1s`, a refresh is due again before the grace ends: with the vault
+    then slow (each refresh runs across the deadline), the old generation of the last
+    rotation is still gone within the grace plus a little slack."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    run = start_agent([certificate_entry()], refresh="1s")
+    run.wait_ready()
+    for _ in range(3):
+        swapped = rotate_and_wait(run, vault)
+    vault.emulator.latency_s = SLOW_VAULT_S
+    wait_generations_gone(run, swapped)
+    run.stop()
+
+
+def test_an_old_generation_goes_on_time_while_a_refresh_is_stuck(
+        start_agent: StartAgent, vault: Vault) -> None:
+    """A reload's refresh stuck on a vault that answers after 15 s does not hold back
+    the old generation swapped out just before: it goes when its grace ends."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    run = start_agent([certificate_entry()], refresh="1h")
+    run.wait_ready()
+    swapped = rotate_and_wait(run, vault, reload=True)
+    vault.emulator.inject_fault("vault", delay_s=STUCK_S, count=10)
+    stuck = time.monotonic()
+    run.process.send_signal(signal.SIGHUP)
+    wait_generations_gone(run, swapped)
+    assert time.monotonic() - stuck < STUCK_S, "the refresh was not stuck: nothing proved"
+    run.stop()
+
+
+def test_stop_during_a_stuck_refresh_right_after_a_swap_leaves_no_old_generation(
+        start_agent: StartAgent, vault: Vault) -> None:
+    """SIGTERM while a refresh is stuck on the vault, within the grace of a swap just
+    made: the agent exits promptly and no old generation (the old key) is left."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    run = start_agent([certificate_entry()], refresh="1h")
+    run.wait_ready()
+    rotate_and_wait(run, vault, reload=True)
+    vault.emulator.inject_fault("vault", delay_s=STUCK_S, count=10)
+    run.process.send_signal(signal.SIGHUP)
+    run.wait(lambda: len(run.notes.with_key("RELOADING", "1")) >= 2, "the second reload")
+    time.sleep(0.2)  # the reload's refresh sends its listing, which the vault holds
+    assert reserved_dirs(run.directory), "the grace already ended: nothing was proved"
+    run.stop()
+    assert reserved_dirs(run.directory) == []
+    assert sorted(os.listdir(run.directory / "web")) == ["tls.crt", "tls.key"]
+
+
 def test_expired_and_expiring_secrets_are_written_and_shown(start_agent: StartAgent,
                                                              vault: Vault) -> None:
     """An expired certificate, a secret expiring within warn_before_expiry and one not
@@ -1596,8 +1710,8 @@ def test_a_set_counts_for_ready_only_while_it_is_the_agents(start_agent: StartAg
 def test_the_grace_timer_exists_only_while_a_generation_is_pending(
         tmp_path: Path, shm_dir: Path) -> None:
     """With an injected monotonic clock: no retire deadline while nothing is pending (an
-    idle agent has no timer); after a swap one deadline at the end of the grace, which
-    removes the old generation and then disappears; none while a refresh runs."""
+    idle agent has no timer); after a swap one deadline at the end of the grace, also
+    while a refresh runs, which removes the old generation and then disappears."""
     from agent.writer import SET_GRACE_S, FileSpec
 
     now = [100.0]
@@ -1605,20 +1719,20 @@ def test_the_grace_timer_exists_only_while_a_generation_is_pending(
                     notifier=_RecordingNotifier(), monotonic=lambda: now[0])
     writer = daemon._writer(str(shm_dir))
     directory = shm_dir / "web"
-    for generation in (b"1", b"2"):
-        writer.apply_set(str(directory), [FileSpec(str(directory / "k"), generation,
-                                                   os.geteuid(), os.getegid(), 0o400)])
-    assert daemon._retire_deadline() is None  # the daemon was told of no swap
-    daemon._retire_at.append(now[0] + SET_GRACE_S)
+    writer.apply_set(str(directory), [FileSpec(str(directory / "k"), b"1",
+                                               os.geteuid(), os.getegid(), 0o400)])
+    assert daemon._retire_deadline() is None  # a new set: no old generation
+    writer.apply_set(str(directory), [FileSpec(str(directory / "k"), b"2",
+                                               os.geteuid(), os.getegid(), 0o400)])
     assert daemon._retire_deadline() == now[0] + SET_GRACE_S
-    daemon._sync_thread = threading.current_thread()  # a refresh runs: it owns the writer
-    assert daemon._retire_deadline() is None
-    daemon._sync_thread = None
+    daemon._sync_thread = threading.current_thread()  # a refresh runs: the timer stays
+    assert daemon._retire_deadline() == now[0] + SET_GRACE_S
     now[0] += SET_GRACE_S - 0.1
     daemon._retire_due()
     assert len(reserved_dirs(shm_dir)) == 1
     now[0] += 0.1
     daemon._retire_due()
+    daemon._sync_thread = None
     assert reserved_dirs(shm_dir) == [] and daemon._retire_deadline() is None
 
 

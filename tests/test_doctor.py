@@ -33,6 +33,7 @@ from agent.doctor import (
     Report,
     check_agent,
     check_directory,
+    check_sets,
     check_validity,
     judge_answer,
     refusal_fix,
@@ -228,6 +229,26 @@ def test_status_document_shows_last_refresh_and_failing_entries(tmp_path: Path) 
                                                    ("entry", FAIL), ("entry", WARN)]
     assert "2026-11-27T20:00:00Z" in checks[1].detail
     assert "db failing since 2026-11-27T19:00:00Z: 403 forbidden" in checks[2].detail
+
+
+def test_a_file_that_is_not_the_agents_in_a_set_is_a_warning(shm_dir: Path) -> None:
+    """Each entry of a set's directory that is no member's file is one warning naming it
+    (escaped) and the fix; a set holding only its members gives none."""
+    from agent.manifest import Accounts, parse_manifest
+
+    manifest = parse_manifest(
+        f"vault: {VAULT}\ndirectory: {shm_dir}\nsecrets:\n"
+        "  - {name: db-password, path: db/password, set: db}\n"
+        "  - {name: db-user, path: db/user, set: db}\n", "m.yaml",
+        accounts=Accounts(user=lambda name: 0, group=lambda name: 0), check_filesystem=False)
+    (shm_dir / "db").mkdir()
+    (shm_dir / "db" / "password").write_text("x")
+    assert check_sets(manifest) == []
+    (shm_dir / "db" / "notes\nREADY=1").write_text("operator's")
+    [check] = check_sets(manifest)
+    assert (check.subject, check.name, check.state) == (f"set {shm_dir}/db", "own files", WARN)
+    assert check.detail == f"{shm_dir}/db/notes\\x0aREADY=1 is not kv-agent's: kept, never deleted"
+    assert check.fix is not None and f"move it out of {shm_dir}/db" in check.fix
 
 
 def test_render_puts_one_fix_under_each_failure() -> None:

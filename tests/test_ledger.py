@@ -104,3 +104,29 @@ def test_a_set_whose_file_was_replaced_is_left_alone(shm_dir: Path,
     assert (directory / "tls.key").read_text() == "operator's"
     assert ledger.sets() == ()
     assert "no longer the file kv-agent wrote" in caplog.text
+
+
+def test_members_that_left_a_set_go_only_while_still_the_agents(
+        shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """remove_members takes the former members still the agent's out of the set by one
+    swap (the remaining member keeps its inode), keeps one someone replaced, and
+    forgets both; with nothing of the agent's left to take out it swaps nothing."""
+    caplog.set_level("INFO")
+    directory = shm_dir / "web"
+    members = _set(directory, ["tls.key", "tls.crt", "chain.pem"])
+    ledger = Ledger()
+    ledger.record_set(str(directory), members, "certificate:x", members)
+    replacement = shm_dir / "replacement"
+    replacement.write_text("operator's")
+    os.replace(replacement, directory / "chain.pem")
+    key_inode = os.lstat(directory / "tls.key").st_ino
+    writer = Writer(str(shm_dir), set_grace_s=0)
+    left = [str(directory / "tls.crt"), str(directory / "chain.pem")]
+    assert ledger.remove_members(writer, str(directory), left)
+    assert sorted(os.listdir(directory)) == ["chain.pem", "tls.key"]
+    assert os.lstat(directory / "tls.key").st_ino == key_inode
+    assert (directory / "chain.pem").read_text() == "operator's"
+    assert [record.path for record in ledger.records()] == [str(directory / "tls.key")]
+    assert f"not removing {directory}/chain.pem" in caplog.text
+    assert not ledger.remove_members(writer, str(directory), left)
+    assert sorted(os.listdir(shm_dir)) == ["web"]

@@ -868,6 +868,16 @@ V = "vault: https://kv.vault.azure.net\n"
     pytest.param(V + "secrets:\n  - name: a\n    path: db/a\n    set: db\n"
                  "  - name: b\n    path: db/b\n",
                  ["set 'db' needs /run/secrets/db to itself", "'b'"], id="set-dir-shared"),
+    pytest.param(V + "secrets:\n  - name: c\n    certificate: {key: web/k}\n"
+                 "  - select: {prefix: a-}\n    directory: web/more\n",
+                 [":5: directory: /run/secrets/web/more of the select prefix 'a-' is inside "
+                  "/run/secrets/web, which the certificate of 'c' (line 3) needs to itself",
+                  "give the selection a directory outside /run/secrets/web"],
+                 id="select-inside-certificate-dir"),
+    pytest.param(V + "secrets:\n  - name: a\n    path: db/a\n    set: db\n"
+                 "  - select: {prefix: a-}\n    directory: db/x/y\n",
+                 ["/run/secrets/db/x/y of the select prefix 'a-' is inside /run/secrets/db, "
+                  "which the set 'db' (line 3) needs to itself"], id="select-below-set-dir"),
     pytest.param(V + "secrets:\n  - name: a\n    set: [x]\n", ["set", "is not a set name"],
                  id="bad-set-name"),
     pytest.param(V + "secrets:\n  - name: a\n    encoding: base32\n",

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
@@ -22,7 +23,15 @@ import pytest
 
 import agent.writer as writer_module
 from agent.errors import WriteError
-from agent.writer import DIR_MODE, RESERVED_PREFIX, SET_PREFIX, FileSpec, SetResult, Writer
+from agent.writer import (
+    DIR_MODE,
+    RESERVED_PREFIX,
+    SET_PREFIX,
+    FileSpec,
+    SetResult,
+    Writer,
+    foreign_in_set,
+)
 
 IS_ROOT = os.geteuid() == 0
 ME: Tuple[int, int] = (os.geteuid(), os.getegid())
@@ -141,12 +150,12 @@ def test_unchanged_set_keeps_its_inodes_and_times(writer: Writer, root: Path) ->
             old.st_ino, old.st_mtime_ns, old.st_ctime_ns), name
 
 
-@pytest.mark.parametrize("change", ["content", "mode", "owner", "group", "missing", "extra",
-                                    "directory-mode", "extra-symlink"])
+@pytest.mark.parametrize("change", ["content", "mode", "owner", "group", "missing",
+                                    "directory-mode"])
 def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
                                                change: str) -> None:
-    """A member whose bytes, owner or mode differ, a missing or extra entry, or a
-    directory with another mode makes the set rewritten, exactly as specified."""
+    """A member whose bytes, owner or mode differ, a missing member, or a directory with
+    another mode makes the set rewritten, exactly as specified."""
     directory = root / "web"
     specs = set_specs(directory, 1)
     writer.apply_set(str(directory), specs)
@@ -162,10 +171,6 @@ def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
                  OTHER_GID if change == "group" else -1)
     elif change == "missing":
         target.unlink()
-    elif change == "extra":
-        (directory / "stray").write_bytes(b"x")
-    elif change == "extra-symlink":
-        (directory / "stray").symlink_to(target)
     elif change == "directory-mode":
         os.chmod(directory, 0o700)
     assert writer.apply_set(str(directory), specs).changed
@@ -173,6 +178,100 @@ def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
     assert stat.S_IMODE(os.lstat(directory).st_mode) == DIR_MODE
     assert os.lstat(directory).st_ino != old_inode
     assert reserved(root) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "fifo"])
+def test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted(writer: Writer, root: Path,
+                                                               kind: str) -> None:
+    """An entry someone else put in a set's directory is reported by foreign_in_set,
+    leaves an unchanged set untouched, and survives the next swaps and the removal of
+    the old generations as the very same inode."""
+    directory = root / "web"
+    writer.apply_set(str(directory), set_specs(directory, 1))
+    stray = directory / "notes"
+    if kind == "file":
+        stray.write_bytes(b"operator's")
+    elif kind == "symlink":
+        stray.symlink_to(directory / MEMBERS[0])
+    else:
+        os.mkfifo(stray)
+    inode, set_inode = os.lstat(stray).st_ino, os.lstat(directory).st_ino
+    paths = [s.path for s in set_specs(directory, 1)]
+    assert foreign_in_set(str(directory), paths) == [str(stray)]
+    assert not writer.apply_set(str(directory), set_specs(directory, 1)).changed
+    assert os.lstat(directory).st_ino == set_inode
+    for generation in (2, 3):
+        assert writer.apply_set(str(directory), set_specs(directory, generation)).changed
+    writer.retire(everything=True)
+    assert os.lstat(stray).st_ino == inode and reserved(root) == []
+    if kind == "file":
+        assert stray.read_bytes() == b"operator's"
+    assert contents_except(directory, "notes") == expected(set_specs(directory, 3))
+    assert foreign_in_set(str(directory), paths) == [str(stray)]
+
+
+def contents_except(directory: Path, foreign: str) -> Dict[str, Tuple[bytes, int, int, int]]:
+    """``contents`` of ``directory`` without the entry ``foreign``."""
+    found = {}
+    for name in os.listdir(directory):
+        if name != foreign:
+            st = os.lstat(directory / name)
+            found[name] = ((directory / name).read_bytes(), stat.S_IMODE(st.st_mode),
+                           st.st_uid, st.st_gid)
+    return found
+
+
+def test_a_file_created_while_the_set_is_swapped_is_kept(
+        writer: Writer, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file someone creates in the set's directory after the new generation was built
+    and before the swap is linked into the new generation, not removed with the old."""
+    directory = root / "web"
+    writer.apply_set(str(directory), set_specs(directory, 1))
+    real = writer_module.renameat2
+
+    def create_then_swap(*args: Any) -> None:
+        if args[-1] == writer_module.RENAME_EXCHANGE:
+            (directory / "late").write_bytes(b"operator's")
+        real(*args)
+
+    monkeypatch.setattr(writer_module, "renameat2", create_then_swap)
+    assert writer.apply_set(str(directory), set_specs(directory, 2)).changed
+    assert (directory / "late").read_bytes() == b"operator's" and reserved(root) == []
+    assert contents_except(directory, "late") == expected(set_specs(directory, 2))
+
+
+def test_a_member_that_left_the_set_stays_until_remove_from_set(writer: Writer,
+                                                               root: Path) -> None:
+    """apply_set cannot tell a member that left the set from an operator's file: it
+    stays, reported by foreign_in_set, and the unchanged set is not swapped for it;
+    remove_from_set takes it out."""
+    directory = root / "web"
+    writer.apply_set(str(directory), set_specs(directory, 1))
+    fewer = set_specs(directory, 1, members=MEMBERS[:2])
+    left = str(directory / MEMBERS[2])
+    assert not writer.apply_set(str(directory), fewer).changed
+    assert foreign_in_set(str(directory), [s.path for s in fewer]) == [left]
+    assert writer.remove_from_set(str(directory), [left])
+    assert contents(directory) == expected(fewer) and reserved(root) == []
+
+
+def test_remove_from_set_swaps_out_only_the_named_files(writer: Writer, root: Path) -> None:
+    """remove_from_set takes the named files out by one swap; every other entry keeps
+    its inode (members stay the agent's files, a foreign file stays), the directory its
+    mode; False once nothing named is left."""
+    directory = root / "web"
+    writer.apply_set(str(directory), set_specs(directory, 1), mode=0o750)
+    (directory / "notes").write_bytes(b"operator's")
+    inodes = {name: os.lstat(directory / name).st_ino for name in (*MEMBERS[:2], "notes")}
+    set_inode = os.lstat(directory).st_ino
+    gone = str(directory / MEMBERS[2])
+    assert writer.remove_from_set(str(directory), [gone]) is True
+    assert {name: os.lstat(directory / name).st_ino for name in os.listdir(directory)} \
+        == inodes
+    assert os.lstat(directory).st_ino != set_inode
+    assert stat.S_IMODE(os.lstat(directory).st_mode) == 0o750 and reserved(root) == []
+    assert writer.remove_from_set(str(directory), [gone]) is False
+    assert writer.remove_from_set(str(root / "absent"), [str(root / "absent" / "x")]) is False
 
 
 def test_members_get_owner_and_mode_before_their_first_byte(
@@ -437,6 +536,78 @@ def test_old_generation_outlives_the_swap_by_the_grace(root: Path) -> None:
         assert contents(directory) == expected(set_specs(directory, 3))
     finally:
         os.close(held)
+
+
+def test_retire_deadline_is_the_oldest_swap_plus_the_grace(root: Path) -> None:
+    """retire_deadline is None with nothing pending, then the oldest pending swap plus
+    set_grace_s; each old generation goes once its own grace passed; on_retiring is
+    called once per swap that left an old generation."""
+    now = [100.0]
+    calls: List[float] = []
+    writer = Writer(str(root), set_grace_s=2.0, clock=lambda: now[0],
+                    on_retiring=lambda: calls.append(now[0]))
+    writer.prepare()
+    directory = root / "web"
+    writer.apply_set(str(directory), set_specs(directory, 1))
+    assert writer.retire_deadline() is None and calls == []
+    writer.apply_set(str(directory), set_specs(directory, 2))
+    now[0] += 1.0
+    writer.apply_set(str(directory), set_specs(directory, 3))
+    assert writer.retire_deadline() == 102.0 and calls == [100.0, 101.0]
+    now[0] = 102.0
+    assert len(writer.retire()) == 1 and writer.retire_deadline() == 103.0
+    now[0] = 103.0
+    assert len(writer.retire()) == 1 and writer.retire_deadline() is None
+    assert reserved(root) == []
+
+
+def test_stop_retires_every_generation_and_refuses_later_swaps(root: Path) -> None:
+    """stop removes every old generation at once, whatever its grace; afterwards a
+    changed set is not swapped (WriteError, the set as it was, no generation left) and
+    a set is not removed."""
+    writer = Writer(str(root), set_grace_s=3600)
+    writer.prepare()
+    directory = root / "web"
+    for generation in (1, 2, 3):
+        writer.apply_set(str(directory), set_specs(directory, generation))
+    assert len(reserved(root)) == 2
+    assert len(writer.stop()) == 2 and reserved(root) == []
+    with pytest.raises(WriteError, match="stopping"):
+        writer.apply_set(str(directory), set_specs(directory, 4))
+    with pytest.raises(WriteError, match="stopping"):
+        writer.remove_set(str(directory), [s.path for s in set_specs(directory, 3)])
+    assert contents(directory) == expected(set_specs(directory, 3)) and reserved(root) == []
+    assert writer.retire_deadline() is None
+
+
+def test_retire_from_another_thread_while_sets_are_written(root: Path) -> None:
+    """A thread retiring on its own clock while another rotates a set 300 times never
+    fails either of them, and stop afterwards leaves no old generation: the retire
+    lock keeps the list and the swaps consistent."""
+    writer = Writer(str(root), set_grace_s=0.001)
+    writer.prepare()
+    directory = root / "web"
+    done = threading.Event()
+    errors: List[BaseException] = []
+
+    def retire() -> None:
+        try:
+            while not done.is_set():
+                writer.retire()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    retirer = threading.Thread(target=retire)
+    retirer.start()
+    try:
+        for generation in range(300):
+            assert writer.apply_set(str(directory), set_specs(directory, generation)).changed
+    finally:
+        done.set()
+        retirer.join()
+    assert errors == []
+    writer.stop()
+    assert reserved(root) == [] and contents(directory) == expected(set_specs(directory, 299))
 
 
 # ---------------------------------------------------------------------------

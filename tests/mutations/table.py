@@ -252,8 +252,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "unchanged-set-rewritten",
         "an unchanged set is not rewritten (content, owner and mode of every member)",
         "agent/writer.py",
-        "if exists and self._set_matches(parent_fd, name, names, wanted):  # (3)",
-        "if False:  # (3)",
+        "and self._set_matches(parent_fd, name, names, wanted):  # (3)",
+        "and False:  # (3)",
         (f"{WRITER_SETS}::test_unchanged_set_keeps_its_inodes_and_times",),
     ),
     Mutation(
@@ -456,9 +456,35 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "the daemon removes a set's old generation (an old key) when its grace ends, "
         "not at the next rotation",
         "agent/daemon.py",
-        "                self._retire_at.append(self._now() + SET_GRACE_S)",
-        "                pass",
+        "            for directory in writer.retire():",
+        "            for directory in []:",
         (f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks",),
+    ),
+    Mutation(
+        "old-generation-kept-while-a-refresh-runs",
+        "an old set generation goes when its grace ends, even while a refresh is stuck",
+        "agent/daemon.py",
+        "        deadlines = [deadline for deadline in (writer.retire_deadline()",
+        "        if self._sync_thread is not None:\n            return None\n"
+        "        deadlines = [deadline for deadline in (writer.retire_deadline()",
+        (f"{DAEMON}::test_an_old_generation_goes_on_time_while_a_refresh_is_stuck",),
+    ),
+    Mutation(
+        "old-generation-left-at-stop-beside-a-stuck-refresh",
+        "at stop no old set generation stays in tmpfs, even with a refresh stuck",
+        "agent/daemon.py",
+        "            writer.stop()",
+        "            writer.stop() if is_idle else None",
+        (f"{DAEMON}::test_stop_during_a_stuck_refresh_right_after_a_swap_leaves_no_old_"
+         "generation",),
+    ),
+    Mutation(
+        "set-swap-deletes-foreign-files",
+        "a set swap never deletes a file it did not write",
+        "agent/writer.py",
+        "            kept = _foreign_names(present or set(), members)",
+        "            kept: List[str] = []",
+        (f"{WRITER_SETS}::test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted",),
     ),
     Mutation(
         "set-members-not-recorded",
