@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the running agent) and say how to fix what fails")
     with_manifest(doctor)
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.add_argument("--no-unit-env", action="store_true",
+                        help="check with this shell's environment, not kv-agent.service's")
     doctor.set_defaults(handler=_cmd_doctor)
 
     emulator = commands.add_parser(
@@ -363,7 +365,8 @@ def _cmd_doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     from agent.doctor import ASCII_MARKS, MARKS, as_json, diagnose, render
 
-    report = diagnose(_manifest_path(args, environ), environ)
+    report = diagnose(_manifest_path(args, environ), environ,
+                      use_unit_env=not args.no_unit_env)
     if args.json:
         print(json.dumps(as_json(report), indent=2))
     else:
