@@ -426,6 +426,13 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for line in _identity_banner(emulator, args):
             print(line, flush=True)
         print("Stop with Ctrl-C.", flush=True)
+        # Under systemd (kv-agent-emulator.service, Type=notify): the
+        # listeners are bound and the CA written, so units ordered after it
+        # (kv-agent with the emulator drop-in) find both.
+        from agent.notify import Notifier
+
+        Notifier(environ).ready(f"serving {len(secrets)} secrets: IMDS "
+                                f"{emulator.imds_endpoint}, vault {emulator.vault_url}")
         stop.wait()
     finally:
         emulator.stop()
