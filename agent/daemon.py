@@ -757,7 +757,7 @@ class Daemon:
             next_refresh=iso_time(self._next_refresh_wall()),
             refresh_interval_s=manifest.refresh_interval_s if manifest else None,
             identity_source=self._agent.tokens.source.describe() if self._agent else None,
-            waiting=self._refresh_waiting())
+            waiting=self._refresh_waiting(), is_refreshing=self._sync_thread is not None)
 
     def _save_status(self) -> None:
         try:

@@ -102,6 +102,7 @@ class StatusSnapshot(NamedTuple):
     # What the running refresh retries, e.g. "waiting for IMDS: connection
     # refused (attempt 4)"; None when no refresh waits (issue 17).
     waiting: Optional[str] = None
+    is_refreshing: bool = False  # a refresh runs (after a reload's READY=1, say)
     version: int = STATUS_VERSION
 
     def as_json(self) -> Dict[str, Any]:
@@ -112,6 +113,7 @@ class StatusSnapshot(NamedTuple):
             "error": self.error, "last_refresh": self.last_refresh,
             "next_refresh": self.next_refresh, "refresh_interval_s": self.refresh_interval_s,
             "identity_source": self.identity_source, "waiting": self.waiting,
+            "refreshing": self.is_refreshing,
             "secrets": [entry.as_json() for entry in self.entries],
             "written": {record.path: {"inode": record.inode, "entry": record.entry}
                         for record in self.written},
@@ -141,6 +143,7 @@ def parse_snapshot(document: Mapping[str, Any]) -> Optional[StatusSnapshot]:
         and not isinstance(interval, bool) else None,
         identity_source=_str(document.get("identity_source")),
         waiting=_str(document.get("waiting")),
+        is_refreshing=document.get("refreshing") is True,
         version=int(document["version"]),
     )
 

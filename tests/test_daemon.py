@@ -774,12 +774,12 @@ def test_reload_is_ready_at_once_while_its_refresh_waits(start_agent: StartAgent
     assert f"(pid {run.process.pid}, ready)" in shown[-1].stdout
     assert re.search(r"^  wait +added -> ", shown[-1].stdout, re.M), shown[-1].stdout
     document = run.status_json()
-    assert document["waiting"] and [s["name"] for s in document["secrets"]
-                                    if s["pending"]] == ["added"], document
+    assert document["waiting"] and document["refreshing"] is True, document
+    assert [s["name"] for s in document["secrets"] if s["pending"]] == ["added"], document
     vault.emulator.clear_faults()
     run.wait_content("added", values["added"], timeout_s=60)
     run.wait(lambda: run.status_cli().returncode == 0, "`kv-agent status` to exit 0")
-    assert run.status_json()["waiting"] is None
+    assert run.status_json()["waiting"] is None and run.status_json()["refreshing"] is False
     assert len(run.readies()) == 2  # the refresh's end announced nothing more
     run.stop()
 
