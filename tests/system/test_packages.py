@@ -82,6 +82,7 @@ def test_deb_file_list(built_deb: Path) -> None:
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
         f"{APP}/kv-agent-himds",  # Azure Arc's himds drop-in, run by the install scripts
+        f"{APP}/kv-agent-purge-list",  # what a purge removes from /run (issue 17, item 29)
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
         # /usr/lib, not /lib: right on Debian 12 (/usr-merged) and 13 (issue 9, item 21).
         "/usr/lib/systemd/system/kv-agent.service",
@@ -176,6 +177,11 @@ def test_deb_maintainer_scripts_enable_nothing(built_deb: Path, tmp_path: Path) 
     assert "systemctl --system daemon-reload" in postinst
     assert "systemd-tmpfiles" in postinst and "kv-agent.conf" in postinst
     assert "py3compile -p kv-agent /usr/lib/kv-agent" in postinst
+    # The purge removes the agent's files from /run, as prerm listed them (after the stop).
+    prerm = (tmp_path / "control" / "prerm").read_text()
+    assert prerm.index("deb-systemd-invoke stop") < prerm.index("kv-agent-purge-list")
+    postrm = (tmp_path / "control" / "postrm").read_text()
+    assert "/run/kv-agent/purge.list" in postrm and "rm -rf /run/kv-agent" in postrm
     # dh_installsystemd --no-enable: `enable` only for units that were enabled.
     lines = postinst.splitlines()
     enables = [i for i, line in enumerate(lines) if "deb-systemd-helper enable" in line]
@@ -224,6 +230,7 @@ def test_rpm_file_list(built_rpm: Path) -> None:
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
         f"{APP}/kv-agent-himds",  # Azure Arc's himds drop-in, run by the install scripts
+        f"{APP}/kv-agent-purge-list",  # what a purge removes from /run (issue 17, item 29)
         f"{APP}/sdnotify/__init__.py",
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
         "/usr/lib/systemd/system/kv-agent.service",
