@@ -129,3 +129,18 @@ def test_emulator_unit_and_the_agents_drop_in_agree() -> None:
     assert not environment["REQUESTS_CA_BUNDLE"].startswith(("/tmp/", "/var/tmp/"))
     assert "After=kv-agent-emulator.service" in drop_in
     assert "Wants=kv-agent-emulator.service" in drop_in
+
+
+def test_consumer_examples_user_commands_work_on_a_fresh_machine(tmp_path: Path) -> None:
+    """The example consumer's commands that create its user run as written where
+    /etc/sysusers.d does not exist yet (here under a scratch root; systemd-sysusers
+    itself is not run)."""
+    unit = (SYSTEMD / "examples" / "kv-agent-consumer-example.service").read_text()
+    block = unit.split("To create it", 1)[1].split("\n#\n", 1)[0]
+    commands = [line[1:].strip() for line in block.splitlines()[1:] if line.startswith("#   ")]
+    assert commands and commands[-1] == "systemd-sysusers", commands
+    script = "\n".join(commands[:-1]).replace("/etc/", f"{tmp_path}/etc/")
+    done = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "etc/sysusers.d/kv-example.conf").read_text() == \
+        'u kv-example - "kv-agent example consumer"\n'
