@@ -56,6 +56,9 @@ def machine(tmp_path: Path) -> Dict[str, Path]:
     os.rename(out / "replaced", tmp_path / "kept-old")  # alive: its inode is not reused
     (out / "replaced").write_text("the operator's")
     (out / "operators-own").write_text("mine")
+    old = out / ".kv-agent-set-0123456789abcdef"  # an old generation a stop left behind
+    old.mkdir(mode=0o755)
+    (old / "key.pem").write_text("the old key")
     state = tmp_path / "state"
     state.mkdir(mode=0o711)
     metrics = tmp_path / "node-exporter" / "kv-agent.prom"
@@ -76,9 +79,11 @@ def machine(tmp_path: Path) -> Dict[str, Path]:
 
 def test_the_list_names_only_the_agents_files_and_directories(machine: Dict[str, Path]) -> None:
     """Files still the agent's (by inode) and its metrics file are listed; a replaced
-    file and an operator's are not; directories come deepest first, the root last."""
+    file and an operator's are not; directories come deepest first, the root last; an
+    old set generation (an old key) is removed at once, as the writer's start would."""
     out = machine["out"]
     lines = purge_list(machine["state"], machine["manifest"])
+    assert not (out / ".kv-agent-set-0123456789abcdef").exists()
     files = sorted(line.split("\t")[2] for line in lines if line.startswith("file\t"))
     assert files == sorted([str(out / "db-password"), str(out / "tls" / "key.pem"),
                             str(machine["metrics"])])

@@ -725,7 +725,8 @@ def test_reload_returns_at_once_while_the_vault_is_down(
             machine.run(["systemctl", "reload", "kv-agent"], timeout=120)
             took.append(time.monotonic() - started)
             wait_active(machine)
-        status = machine.wait_for("systemctl status --no-pager kv-agent | grep 'refresh '",
+        status = machine.wait_for("systemctl status --no-pager kv-agent "
+                                  "| grep -E '; refresh (waiting|retrying) '",
                                   what="STATUS= naming what the refresh waits for")
         shown = machine.wait_for("kv-agent status | grep '  refresh waiting: '",
                                  what="`kv-agent status` naming the wait")
