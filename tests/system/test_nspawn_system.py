@@ -725,6 +725,7 @@ def test_reload_returns_at_once_while_the_vault_is_down(
             machine.run(["systemctl", "reload", "kv-agent"], timeout=120)
             took.append(time.monotonic() - started)
             wait_active(machine)
+        assert max(took) < 10, f"systemctl reload took {took}"
         status = machine.wait_for("systemctl status --no-pager kv-agent "
                                   "| grep -E '; refresh (waiting|retrying) '",
                                   what="STATUS= naming what the refresh waits for")
@@ -735,7 +736,6 @@ def test_reload_returns_at_once_while_the_vault_is_down(
     write_report(suite, "systemctl reload with the vault unreachable",
                  f"reload took {', '.join(f'{t:.2f} s' for t in took)}\n{status}{shown}")
     TIMINGS[f"{suite}: systemctl reload, vault unreachable (slowest of 3)"] = max(took)
-    assert max(took) < 10, took
     machine.run(["systemctl", "reload", "kv-agent"], timeout=60)
     wait_status_ok(machine, timeout=120)  # after the refresh's retries run out, if need be
 
