@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the running agent) and say how to fix what fails")
     with_manifest(doctor)
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.add_argument("--no-unit-env", action="store_true",
+                        help="check with this shell's environment, not kv-agent.service's")
     doctor.set_defaults(handler=_cmd_doctor)
 
     emulator = commands.add_parser(
@@ -377,7 +379,8 @@ def _cmd_doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     from agent.doctor import ASCII_MARKS, MARKS, as_json, diagnose, render
 
-    report = diagnose(_manifest_path(args, environ), environ)
+    report = diagnose(_manifest_path(args, environ), environ,
+                      use_unit_env=not args.no_unit_env)
     if args.json:
         print(json.dumps(as_json(report), indent=2))
     else:
@@ -437,6 +440,13 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for line in _identity_banner(emulator, args):
             print(line, flush=True)
         print("Stop with Ctrl-C.", flush=True)
+        # Under systemd (kv-agent-emulator.service, Type=notify): the
+        # listeners are bound and the CA written, so units ordered after it
+        # (kv-agent with the emulator drop-in) find both.
+        from agent.notify import Notifier
+
+        Notifier(environ).ready(f"serving {len(secrets)} secrets: IMDS "
+                                f"{emulator.imds_endpoint}, vault {emulator.vault_url}")
         stop.wait()
     finally:
         emulator.stop()

@@ -17,8 +17,11 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    writers' retire lock lets the loop remove it while a refresh is stuck);
    nothing else wakes the process.
 4. SIGHUP or a manifest edit: RELOADING=1, re-read the manifest (an invalid
-   one is rejected and the old one kept), delete files and sets of removed
-   entries (once no refresh runs), refresh now, READY=1.
+   one is rejected and the old one kept), READY=1 at once, then delete files
+   and sets of removed entries (once no refresh runs) and refresh now. READY=1
+   never waits for that refresh: systemd >= 253 keeps the unit "reloading",
+   and `systemctl reload` waiting, until READY=1, and a refresh may wait on
+   the network for a minute; STATUS= says what it waits for (issue 17).
 5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes,
    remove every old set generation (even with a refresh still stuck: the
    writers then refuse any later swap) and exit 0. Files stay: consumers keep
@@ -134,12 +137,12 @@ class EntryState:
         return (self.name, self.paths, self.vault) == (entry.name, entry.paths,
                                                       entry.source.vault)
 
-    def as_status(self, expiry: Optional[str]) -> EntryStatus:
+    def as_status(self, expiry: Optional[str], is_pending: bool = False) -> EntryStatus:
         return EntryStatus(self.name, self.paths, self.vault, self.is_optional, self.version,
                            iso_time(self.updated), iso_time(self.checked), self.error,
                            self.cause, iso_time(self.error_since),
                            iso_time(self.validity.not_before), iso_time(self.validity.expires),
-                           expiry)
+                           expiry, is_pending)
 
     def as_metrics(self, key: str) -> EntryMetrics:
         return EntryMetrics(key, self.name, self.vault, self.checked, self.version_updated,
@@ -275,13 +278,14 @@ class Daemon:
         for message in self._mailbox.messages():
             if isinstance(message, Retrying):
                 self._waiting = message.text
-                if not self._life.is_ready:
-                    self._notifier.status(message.text)
+                # Ready or not, STATUS= and `kv-agent status` say what the
+                # refresh waits for (a ready agent's used to say nothing).
+                self._notifier.status(message.text if not self._life.is_ready
+                                      else self._status_line())
             else:
                 self._sync_done(message)
-        if not self._life.is_ready and self._waiting is not None \
-                and self._waiting != waiting:
-            self._save_status()  # what the start waits for
+        if self._waiting is not None and self._waiting != waiting:
+            self._save_status()
 
     # -- manifest ----------------------------------------------------------------------
 
@@ -362,11 +366,7 @@ class Daemon:
                 log.error("manifest rejected, keeping the previous one: %s", problem)
             self._manifest_error = problems[0]
             self._life, announce_ready = lifecycle.reload_rejected(self._life)
-            if announce_ready:
-                self._notifier.ready(self._status_line())
-            else:
-                self._notifier.status(self._status_line())
-            self._save_status()
+            self._announce(announce_ready)
             return
         self._manifest_error = None
         if old is not None:
@@ -374,8 +374,20 @@ class Daemon:
             self._remove_pending()
             if old.metrics_path not in (None, manifest.metrics_path):
                 self._remove_metrics(old.metrics_path)
-        self._life = lifecycle.reload_accepted(self._life)
+        self._life, announce_ready = lifecycle.reload_accepted(self._life)
         self._start_sync()
+        self._announce(announce_ready)  # now, not after the refresh (module docstring, 4.)
+
+    def _announce(self, is_ready: bool) -> None:
+        """Save status.json, then send READY=1 (``is_ready``) or STATUS= alone.
+        In that order: `systemctl start` or `reload` returns at READY=1, and
+        `kv-agent status` run next must not read the state from before it."""
+        line = self._status_line()
+        self._save_status()
+        if is_ready:
+            self._notifier.ready(line)
+        else:
+            self._notifier.status(line)
 
     # -- refresh -----------------------------------------------------------------------
 
@@ -467,11 +479,7 @@ class Daemon:
             self._spawn_sync()
         if finished.became_ready:
             log.info("ready: %s", self._status_line())
-        if finished.announce_ready:
-            self._notifier.ready(self._status_line())
-        else:
-            self._notifier.status(self._status_line())
-        self._save_status()
+        self._announce(finished.announce_ready)
         self._write_metrics()
 
     def _record(self, outcome: SecretOutcome, now_wall: float) -> List[Tuple[Tuple[str, ...], str]]:
@@ -695,6 +703,7 @@ class Daemon:
         total = len(self._entries)
         failing = [s for s in self._entries.values() if s.error is not None]
         is_ready = self._life.is_ready
+        pending = [s for s in self._entries.values() if self._is_pending(s)] if is_ready else []
         parts: List[str] = []
         if not is_ready and (self._waiting or self._global_error is not None):
             parts.append(self._waiting or f"waiting: {self._global_error}")
@@ -706,8 +715,14 @@ class Daemon:
             names = ", ".join(f"{s.name} ({s.cause})" for s in failing[:3])
             more = f" and {len(failing) - 3} more" if len(failing) > 3 else ""
             parts.append(f"{len(failing)} of {total} secrets failing: {names}{more}")
-        else:
+        elif not pending:
             parts.append(f"{total} secret{'s' if total != 1 else ''} current")
+        if pending:
+            names = ", ".join(s.name for s in pending[:3])
+            more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+            parts.append(f"{len(pending)} of {total} not written yet: {names}{more}")
+        if is_ready and self._refresh_waiting() is not None:
+            parts.append(f"refresh {self._refresh_waiting()}")
         parts.extend(self._expiry_parts())
         if self._foreign:
             more = f" and {len(self._foreign) - 1} more" if len(self._foreign) > 1 else ""
@@ -721,6 +736,17 @@ class Daemon:
         if self._manifest_error is not None:
             parts.append("manifest edit rejected (see log), previous manifest in use")
         return "; ".join(parts)
+
+    def _is_pending(self, state: EntryState) -> bool:
+        """A new entry (a reload added it) that no refresh of this run has
+        confirmed or failed yet and whose files the agent never wrote."""
+        if state.checked is not None or state.error is not None:
+            return False
+        return state.is_listing or any(self._ledger.inode(p) is None for p in state.paths)
+
+    def _refresh_waiting(self) -> Optional[str]:
+        """What the running refresh retries (``waiting for IMDS: ...``), if anything."""
+        return self._waiting if self._sync_thread is not None else None
 
     def _expiry_parts(self) -> List[str]:
         """``1 expired: web-tls (expired 2026-11-01)`` and the like, for STATUS=."""
@@ -748,7 +774,8 @@ class Daemon:
         return StatusSnapshot(
             pid=os.getpid(), phase=self._life.phase, saved_at=iso_time(self._wall()),
             status=self._status_line(), manifest=os.path.abspath(self._manifest_path),
-            entries=tuple(state.as_status(self._expiry_of(state))
+            entries=tuple(state.as_status(self._expiry_of(state),
+                                          self._life.is_ready and self._is_pending(state))
                           for state in self._entries.values()),
             written=self._ledger.records(), sets=self._ledger.sets(),
             manifest_error=self._manifest_error,
@@ -756,7 +783,8 @@ class Daemon:
             last_refresh=iso_time(self._last_refresh),
             next_refresh=iso_time(self._next_refresh_wall()),
             refresh_interval_s=manifest.refresh_interval_s if manifest else None,
-            identity_source=self._agent.tokens.source.describe() if self._agent else None)
+            identity_source=self._agent.tokens.source.describe() if self._agent else None,
+            waiting=self._refresh_waiting(), is_refreshing=self._sync_thread is not None)
 
     def _save_status(self) -> None:
         try:

@@ -22,6 +22,10 @@ the order the agent meets them:
 5. the running agent: its unit, its last refresh and failing entries
    (status.json).
 
+All of it with the agent's own environment: kv-agent.service's when that
+unit exists (:mod:`agent.unit_env`), not the shell's, and the first check
+says which was used (issue 17, item 27).
+
 Every ✗ carries one concrete fix. The network checks reuse the agent's own
 code paths (the token cache and request factories, the vault client and its
 bounded transport), so what doctor sees is what the agent sees; each request
@@ -86,6 +90,8 @@ from agent.sources import Source
 from agent.state import StateStore, state_dir
 from agent.status import is_running
 from agent.transforms import transform_with_validity
+from agent.unit_env import UNIT as AGENT_UNIT
+from agent.unit_env import UnitEnvironment, unit_environment
 from agent.untrusted import escape, load_json
 from agent.vault import (
     KNOWN_AUDIENCES,
@@ -163,19 +169,25 @@ class Report(NamedTuple):
 class Host(NamedTuple):
     """The machine, as doctor asks it (injectable for tests): whether systemd
     runs, a unit's ``systemctl is-active`` word (None: no answer), a name
-    lookup, and the wall clock (epoch s)."""
+    lookup, the wall clock (epoch s) and kv-agent.service's environment
+    (None: no such unit)."""
 
     is_systemd: Callable[[], bool] = lambda: os.path.isdir("/run/systemd/system")
     unit_state: Callable[[str], Optional[str]] = lambda unit: _systemctl_is_active(unit)
     resolve: Callable[[str], List[str]] = lambda host: _resolve(host)
     now: Callable[[], float] = time.time
+    unit_environment: Callable[[], Optional[UnitEnvironment]] = lambda: unit_environment()
 
 
-def diagnose(path: str, environ: Mapping[str, str], host: Host = Host()) -> Report:
-    """Check the whole chain for the manifest at ``path``; never raises for
-    anything foreseeable (each problem is a FAIL check)."""
+def diagnose(path: str, environ: Mapping[str, str], host: Host = Host(), *,
+             use_unit_env: bool = True) -> Report:
+    """Check the whole chain for the manifest at ``path``, with the unit's
+    environment when it exists and ``use_unit_env`` (else ``environ``, the
+    shell's); never raises for anything foreseeable (each problem is a FAIL
+    check)."""
     started = time.monotonic()
-    checks: List[Check] = []
+    environ, used = agent_environment(environ, host, use_unit_env)
+    checks: List[Check] = list(used)
     manifest = _check_manifest(path, checks)
     if manifest is not None:
         checks += check_directory(manifest.directory, landing_directories(manifest))
@@ -183,6 +195,33 @@ def diagnose(path: str, environ: Mapping[str, str], host: Host = Host()) -> Repo
         checks += _Network(manifest, environ, host).run()
     checks += check_agent(environ, host)
     return Report(tuple(checks), time.monotonic() - started)
+
+
+# -- 0. the environment -------------------------------------------------------------
+
+
+def agent_environment(shell: Mapping[str, str], host: Host, use_unit_env: bool
+                      ) -> Tuple[Mapping[str, str], List[Check]]:
+    """The environment to check with, and the checks saying which it is: the
+    unit's (what the agent sees) when the unit exists, else the shell's.
+    Names only: a value may be a credential (IDENTITY_HEADER)."""
+    found = host.unit_environment() if use_unit_env else None
+    if found is None:
+        why = "--no-unit-env" if not use_unit_env else f"no {AGENT_UNIT} here"
+        return shell, [Check("environment", "source", OK, f"this shell's ({why})")]
+    parts = []
+    if found.from_environment:
+        parts.append(f"Environment= sets {', '.join(found.from_environment)}")
+    for path, names in found.from_files:
+        parts.append(f"{escape(path, 200)} sets {', '.join(names) or 'nothing'}")
+    detail = (f"{AGENT_UNIT}'s, as the agent runs: {'; '.join(parts) or 'no variable of its own'}"
+              " (not this shell's; --no-unit-env uses it)")
+    checks = [Check("environment", "source", OK, escape(detail, 600))]
+    checks += [Check("environment", "file", WARN, escape(problem),
+                     f"fix the unit's EnvironmentFile= (systemctl cat {AGENT_UNIT}); the "
+                     "agent cannot start while it is missing")
+               for problem in found.problems]
+    return found.environ, checks
 
 
 # -- 1. manifest and output directory ---------------------------------------------

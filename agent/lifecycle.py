@@ -14,7 +14,10 @@ The rules:
 * READY=1 is sent once, after the first refresh that leaves every required
   file on disk, checked file by file by the caller (``has_every_required_file``),
   never inferred from an absence of errors (issue 9). A reload ends with
-  READY=1 again only when the agent was ready before.
+  READY=1 again, only when the agent was ready before, as soon as the new
+  manifest is in use or refused: never after its refresh, which may wait on
+  the network for a minute while systemd >= 253 holds the unit (and
+  `systemctl reload`) in "reloading" from RELOADING=1 to READY=1 (issue 17).
 * Refreshes never overlap: one asked for during a refresh runs right after
   it. The next refresh is the interval with jitter; after a failure, sooner,
   backing off: 1, 2, 4 ... s (up to 30 s) while starting; once ready, the
@@ -54,7 +57,6 @@ class Lifecycle(NamedTuple):
     is_syncing: bool = False
     sync_started: float = 0.0
     sync_again: bool = False  # a refresh was asked for during the running one
-    ready_after_sync: bool = False  # a reload waits for its refresh to say READY=1
     failing_streak: int = 0
     next_refresh: Optional[float] = None
 
@@ -112,11 +114,8 @@ def sync_finished(
         state = state._replace(next_refresh=now + delay,
                         failing_streak=state.failing_streak + 1 if is_failing else 0)
     if not state.is_ready and has_every_required_file():
-        state = state._replace(is_ready=True, ready_after_sync=False, phase=READY)
+        state = state._replace(is_ready=True, phase=READY)
         return Finished(state, again, True, True, run_hooks)
-    if state.ready_after_sync and not state.is_syncing and state.is_ready:
-        state = state._replace(ready_after_sync=False, phase=READY)  # a reload is finished
-        return Finished(state, again, True, False, run_hooks)
     return Finished(state, again, False, False, run_hooks)
 
 
@@ -145,15 +144,22 @@ def reload_started(state: Lifecycle) -> Lifecycle:
     return state._replace(phase=RELOADING)
 
 
-def reload_accepted(state: Lifecycle) -> Lifecycle:
-    """The new manifest is in use; its refresh will end the reload."""
-    return state._replace(ready_after_sync=True)
+def reload_accepted(state: Lifecycle) -> Tuple[Lifecycle, bool]:
+    """The new manifest is in use (its refresh starts next); True: announce
+    READY=1 now, before that refresh (see the rules above)."""
+    return _reload_ended(state)
 
 
 def reload_rejected(state: Lifecycle) -> Tuple[Lifecycle, bool]:
     """The edit was refused and the old manifest kept; True: announce READY=1
-    again. Not when the agent never was ready: a READY=1 now would announce
-    files that may not exist (the first real READY=1 ends the reload)."""
+    again."""
+    return _reload_ended(state)
+
+
+def _reload_ended(state: Lifecycle) -> Tuple[Lifecycle, bool]:
+    """Back to ready, with READY=1. Not when the agent never was ready: a
+    READY=1 now would announce files that may not exist (the first real
+    READY=1 ends the reload)."""
     if state.is_ready:
         return state._replace(phase=READY), True
     return state._replace(phase=STARTING), False

@@ -59,6 +59,9 @@ class EntryStatus(NamedTuple):
     not_before: Optional[str] = None  # validity of what was written (agent.expiry)
     expires: Optional[str] = None
     expiry: Optional[str] = None  # "expired", "expiring", "not yet valid" or None
+    # A ready agent's new entry (from a reload) that its first refresh has not
+    # written or failed yet: not on disk, though nothing failed (issue 17).
+    is_pending: bool = False
 
     @property
     def path(self) -> str:
@@ -73,7 +76,7 @@ class EntryStatus(NamedTuple):
                 "cause": self.cause, "error_since": self.error_since,
                 "not_before": self.not_before, "expires": self.expires,
                 "expired": self.expiry == EXPIRED, "expiring": self.expiry == EXPIRING,
-                "not_yet_valid": self.expiry == NOT_YET_VALID}
+                "not_yet_valid": self.expiry == NOT_YET_VALID, "pending": self.is_pending}
 
 
 class StatusSnapshot(NamedTuple):
@@ -96,6 +99,10 @@ class StatusSnapshot(NamedTuple):
     # which identity endpoint and why, e.g. "arc (IDENTITY_ENDPOINT and
     # IMDS_ENDPOINT are set)": agent.identity.SourceChoice.describe()
     identity_source: Optional[str] = None
+    # What the running refresh retries, e.g. "waiting for IMDS: connection
+    # refused (attempt 4)"; None when no refresh waits (issue 17).
+    waiting: Optional[str] = None
+    is_refreshing: bool = False  # a refresh runs (after a reload's READY=1, say)
     version: int = STATUS_VERSION
 
     def as_json(self) -> Dict[str, Any]:
@@ -105,7 +112,8 @@ class StatusSnapshot(NamedTuple):
             "manifest_error": self.manifest_error, "directory": self.directory,
             "error": self.error, "last_refresh": self.last_refresh,
             "next_refresh": self.next_refresh, "refresh_interval_s": self.refresh_interval_s,
-            "identity_source": self.identity_source,
+            "identity_source": self.identity_source, "waiting": self.waiting,
+            "refreshing": self.is_refreshing,
             "secrets": [entry.as_json() for entry in self.entries],
             "written": {record.path: {"inode": record.inode, "entry": record.entry}
                         for record in self.written},
@@ -134,6 +142,8 @@ def parse_snapshot(document: Mapping[str, Any]) -> Optional[StatusSnapshot]:
         refresh_interval_s=float(interval) if isinstance(interval, (int, float))
         and not isinstance(interval, bool) else None,
         identity_source=_str(document.get("identity_source")),
+        waiting=_str(document.get("waiting")),
+        is_refreshing=document.get("refreshing") is True,
         version=int(document["version"]),
     )
 
@@ -189,7 +199,8 @@ def _entry(item: Mapping[str, Any]) -> EntryStatus:
         updated=_str(item.get("updated")), checked=_str(item.get("checked")),
         error=_str(item.get("error")), cause=_str(item.get("cause")),
         error_since=_str(item.get("error_since")), not_before=_str(item.get("not_before")),
-        expires=_str(item.get("expires")), expiry=_expiry(item))
+        expires=_str(item.get("expires")), expiry=_expiry(item),
+        is_pending=item.get("pending") is True)
 
 
 def _str(value: Any) -> Optional[str]:

@@ -3,8 +3,10 @@
 Pure: a :class:`~agent.snapshot.StatusSnapshot` in (parsed from status.json,
 either version), lines and an exit code out (the CLI prints them). The
 exit code makes the command a health check: 0 when the agent runs and every
-non-optional secret is current, 1 when one is failing or the agent has not
-finished starting (not READY yet), 69 when no agent is running. A failing
+non-optional secret is current, 1 when one is failing, not written yet (a
+reload added it and its refresh has not ended) or the agent has not finished
+starting (not READY yet), 69 when no agent is running. A refresh that is
+retrying says what it waits for. A failing
 optional secret is shown but fails nothing, as in the agent itself; nor does
 an expired one (it is written, as Key Vault serves it), shown with its date.
 
@@ -45,7 +47,8 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
     if snapshot is None:
         return [f"kv-agent is not running: no status in {path}"], EXIT_UNAVAILABLE
     running = snapshot.phase != STOPPED and is_running(snapshot.pid)
-    required_failing = [e for e in snapshot.entries if e.error and not e.is_optional]
+    required_failing = [e for e in snapshot.entries
+                        if (e.error or e.is_pending) and not e.is_optional]
     if running:
         lines = [f"kv-agent is running (pid {snapshot.pid}, {snapshot.phase}): "
                  f"{snapshot.status}",
@@ -63,6 +66,8 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
         lines.append(f"  manifest edit rejected: {snapshot.manifest_error}")
     if snapshot.error:
         lines.append(f"  refresh error: {snapshot.error}")
+    if running and snapshot.waiting:
+        lines.append(f"  refresh waiting: {snapshot.waiting}")
     heads = [_entry_head(entry, running) for entry in snapshot.entries]
     width = min(max((len(head) for head in heads), default=0), MAX_HEAD_WIDTH)
     for entry, head in zip(snapshot.entries, heads):
@@ -110,6 +115,8 @@ def _expiry_line(entry: EntryStatus) -> str:
 
 
 def _mark(entry: EntryStatus) -> str:
+    if entry.is_pending and not entry.error:
+        return "wait"
     if not entry.error:
         return "ok"
     return "warn" if entry.is_optional else "FAIL"

@@ -25,6 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -805,6 +806,33 @@ def test_emulator_command_serves_once_and_stops_cleanly_on_signal(
         OUTPUTS.append(errors)
         assert_no_leak(errors)
         assert not os.path.exists(banner["ca"]), "the generated CA was not removed"
+
+
+def test_emulator_command_says_ready_to_systemd_once_it_serves(kv: Harness,
+                                                              tmp_path: Path) -> None:
+    """Under systemd (NOTIFY_SOCKET, as kv-agent-emulator.service runs it) the emulator
+    sends READY=1 after its listeners are bound and its CA is written, so units ordered
+    after it find both."""
+    from daemon_harness import NotifySocket, wait_for
+
+    secrets_file = write_private(kv.root / "secrets.yaml", "ready-check: value\n")
+    directory = Path(tempfile.mkdtemp(prefix="kvn-", dir="/tmp"))  # sun_path is short
+    notify = NotifySocket(str(directory / "notify"))
+    seen_ca: List[bool] = []
+    notify.on_datagram(lambda message: seen_ca.append(
+        message.has("READY", "1") and (tmp_path / "certs" / "ca.pem").is_file()))
+    try:
+        with emulator_command(secrets_file, "--cert-dir", str(tmp_path / "certs"),
+                              env={**base_environ(), "NOTIFY_SOCKET": notify.path}
+                              ) as (process, banner):
+            ready = wait_for(lambda: notify.with_key("READY", "1"), 15, "READY=1")
+            assert seen_ca == [True], notify.describe()
+            assert banner["vault"] in ready[0].fields["STATUS"]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+    finally:
+        notify.close()
+        directory.rmdir()
 
 
 def test_emulator_command_serves_declared_identities_and_empty_pages(kv: Harness) -> None:

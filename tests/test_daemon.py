@@ -699,8 +699,8 @@ def test_disabled_secret_keeps_its_file_and_recovers(start_agent: StartAgent,
 
 def test_sighup_reload_adds_and_removes_entries(start_agent: StartAgent, vault: Vault,
                                                 shm_dir: Path, tmp_path: Path) -> None:
-    """SIGHUP sends RELOADING=1 with MONOTONIC_USEC, writes added entries, deletes only
-    files this agent wrote for removed ones, then sends READY=1."""
+    """SIGHUP sends RELOADING=1 with MONOTONIC_USEC, then READY=1, writes added entries
+    and deletes only files this agent wrote for removed ones."""
     values = {name: vault.put(name) for name in ("keep", "drop", "swapped", "added")}
     directory = shm_dir / "out"
     # The manifest is a hard link to a file edited through another directory,
@@ -731,16 +731,58 @@ def test_sighup_reload_adds_and_removes_entries(start_agent: StartAgent, vault: 
     assert len(reloading) == 1 and reloading[0].at <= ready.at
     usec = int(reloading[0].fields["MONOTONIC_USEC"])
     assert sent <= usec <= sent + 10_000_000
-    assert read(directory / "added") == values["added"]
+    run.wait_content("added", values["added"])
+    run.wait(lambda: not (directory / "drop").exists(), "the dropped entry's file to go")
     assert read(directory / "keep") == values["keep"]
-    assert not (directory / "drop").exists()
     assert read(directory / "swapped") == "operator's replacement"
     assert read(foreign) == "operator's own file"
-    assert "2 secrets current" in ready.fields["STATUS"]
+    run.wait(lambda: "2 secrets current" in run.notes.last_status(), "STATUS: 2 current")
     assert run.process.lines("reloading (SIGHUP)")
     run.stop()
     assert sorted(p.name for p in directory.iterdir()) == ["added", "keep", "never-fetched",
                                                            "swapped"]
+
+
+def test_reload_is_ready_at_once_while_its_refresh_waits(start_agent: StartAgent,
+                                                        vault: Vault) -> None:
+    """With IMDS and the vault down, a reload that adds an entry sends READY=1 within
+    seconds (not after its refresh's 30 s of retries), and meanwhile STATUS=, status.json
+    and `kv-agent status` (exit 1) name the entry not written yet and what the refresh
+    waits for; once the services are back the file arrives and status exits 0."""
+    values = {name: vault.put(name) for name in ("kept", "added")}
+    run = start_agent([entry("kept")], refresh="1h")
+    run.wait_ready()
+    for service in ("imds", "vault"):
+        vault.emulator.inject_fault(service, drop=True, count=100_000)
+    write_file(run.manifest, manifest_text(vault.url, run.directory,
+                                           [entry("kept"), entry("added")], refresh="1h"))
+    sent = time.monotonic()
+    run.process.send_signal(signal.SIGHUP)
+    ready = run.wait_ready(2)
+    assert ready.at - sent < 5.0, f"READY=1 came {ready.at - sent:.1f} s after SIGHUP"
+    assert "1 of 2 not written yet: added" in ready.fields["STATUS"], ready.fields
+    assert not (run.directory / "added").exists()
+    run.wait(lambda: any("; refresh " in s and "(attempt " in s for s in run.notes.statuses()),
+             "STATUS= naming what the refresh waits for")
+    shown: List[subprocess.CompletedProcess[str]] = []
+
+    def status_says_waiting() -> bool:
+        shown.append(run.status_cli())
+        return "refresh waiting: " in shown[-1].stdout
+
+    run.wait(status_says_waiting, "`kv-agent status` to name the wait")
+    assert shown[-1].returncode == 1, shown[-1].stdout
+    assert f"(pid {run.process.pid}, ready)" in shown[-1].stdout
+    assert re.search(r"^  wait +added -> ", shown[-1].stdout, re.M), shown[-1].stdout
+    document = run.status_json()
+    assert document["waiting"] and document["refreshing"] is True, document
+    assert [s["name"] for s in document["secrets"] if s["pending"]] == ["added"], document
+    vault.emulator.clear_faults()
+    run.wait_content("added", values["added"], timeout_s=60)
+    run.wait(lambda: run.status_cli().returncode == 0, "`kv-agent status` to exit 0")
+    assert run.status_json()["waiting"] is None and run.status_json()["refreshing"] is False
+    assert len(run.readies()) == 2  # the refresh's end announced nothing more
+    run.stop()
 
 
 def test_directories_emptied_by_a_removal_are_removed(start_agent: StartAgent, vault: Vault,
@@ -807,7 +849,7 @@ def test_manifest_edit_is_noticed_without_a_signal(start_agent: StartAgent, vaul
                                                    shm_dir: Path, tmp_path: Path,
                                                    how: str) -> None:
     """Editing the manifest (in place, rename-replace, sed -i or a symlink swap)
-    reloads it without a signal: RELOADING=1, the new entry's file, then READY=1."""
+    reloads it without a signal: RELOADING=1, READY=1, then the new entry's file."""
     values = {name: vault.put(name) for name in ("first", "second")}
     before = manifest_text(vault.url, shm_dir / "out", [entry("first")]) + "# ADD\n"
     after = before.replace("# ADD\n", SECOND_ENTRY)
@@ -825,9 +867,9 @@ def test_manifest_edit_is_noticed_without_a_signal(start_agent: StartAgent, vaul
     reloading = run.notes.with_key("RELOADING", "1")
     assert len(reloading) == 1 and edited_at < reloading[0].at < ready.at
     assert "MONOTONIC_USEC" in reloading[0].fields
-    assert read(run.directory / "second") == values["second"]
+    run.wait_content("second", values["second"])
     assert read(run.directory / "first") == values["first"]
-    assert "2 secrets current" in ready.fields["STATUS"]
+    run.wait(lambda: "2 secrets current" in run.notes.last_status(), "STATUS: 2 current")
     assert run.process.lines("reloading (manifest changed)")
     run.stop()
 

@@ -232,3 +232,22 @@ def test_the_layout_names_every_module() -> None:
     missing = [str(path.relative_to(REPO)) for path in modules
                if f"`{path.name}`" not in layout]
     assert not missing, f"README.md's Layout does not name: {', '.join(missing)}"
+
+
+def _exit_codes() -> Dict[str, int]:
+    """Every EXIT_* constant of agent/errors.py but 2 (argparse's usage error)."""
+    import agent.errors as errors
+
+    return {name: value for name, value in vars(errors).items()
+            if name.startswith("EXIT_") and isinstance(value, int) and value != 2}
+
+
+@pytest.mark.parametrize("name", sorted(_exit_codes()))
+def test_every_exit_code_is_in_the_readme_and_the_man_page(name: str) -> None:
+    """Each exit code the code has is in the README's exit codes and the man page's EXIT
+    STATUS (77, permission denied, was missing from both)."""
+    code = _exit_codes()[name]
+    readme = " ".join(_readme_section("Commands").split("Exit codes:", 1)[1].split())
+    assert f"`{code}` " in readme, f"README.md, Exit codes: add `{code}` ({name})"
+    man = " ".join(_man_sections()["EXIT STATUS"].split())
+    assert re.search(rf"(?<!\d){code} ", man), f"kv-agent.8, EXIT STATUS: add {code} ({name})"

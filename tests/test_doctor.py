@@ -31,6 +31,7 @@ from agent.doctor import (
     Check,
     Host,
     Report,
+    agent_environment,
     check_agent,
     check_directory,
     check_sets,
@@ -45,6 +46,7 @@ from agent.emulator import Emulator, IdentityConfig, generate_certificates
 from agent.expiry import Validity
 from agent.snapshot import READY, EntryStatus, StatusSnapshot
 from agent.sources import SecretAttributes, Source
+from agent.unit_env import UnitEnvironment
 from agent.vault import Probed, Secret, VaultForbiddenError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -251,6 +253,32 @@ def test_a_file_that_is_not_the_agents_in_a_set_is_a_warning(shm_dir: Path) -> N
     assert check.fix is not None and f"move it out of {shm_dir}/db" in check.fix
 
 
+def test_the_units_environment_replaces_the_shells_and_is_named() -> None:
+    """With kv-agent.service there, doctor checks with the unit's environment (not the
+    shell's), names the variables and files it came from, never a value, and warns of an
+    unreadable EnvironmentFile=; without the unit, or with --no-unit-env, the shell's."""
+    unit = UnitEnvironment(
+        {"PATH": "/usr/bin", "REQUESTS_CA_BUNDLE": "/run/kv-agent-emulator/ca.pem",
+         "IDENTITY_HEADER": "header-credential"},
+        ("REQUESTS_CA_BUNDLE",), (("/etc/kv-agent/env", ("IDENTITY_HEADER",)),),
+        ("EnvironmentFile=/etc/kv-agent/more cannot be read (No such file or directory)",))
+    shell = {"PATH": "/bin", "HTTPS_PROXY": "http://proxy.invalid:3128"}
+    environ, checks = agent_environment(shell, Host(unit_environment=lambda: unit), True)
+    assert environ == unit.environ and "HTTPS_PROXY" not in environ
+    assert [(c.subject, c.name, c.state) for c in checks] == [
+        ("environment", "source", OK), ("environment", "file", WARN)]
+    assert checks[0].detail == (
+        "kv-agent.service's, as the agent runs: Environment= sets REQUESTS_CA_BUNDLE; "
+        "/etc/kv-agent/env sets IDENTITY_HEADER (not this shell's; --no-unit-env uses it)")
+    assert "header-credential" not in str(checks)
+    for host, use_unit, why in ((Host(unit_environment=lambda: None), True,
+                                 "no kv-agent.service here"),
+                                (Host(unit_environment=lambda: unit), False, "--no-unit-env")):
+        environ, checks = agent_environment(shell, host, use_unit)
+        assert environ is shell and checks == [Check("environment", "source", OK,
+                                                     f"this shell's ({why})")]
+
+
 def test_render_puts_one_fix_under_each_failure() -> None:
     """One line per check, the fix indented under a failure, the counts last."""
     report = Report((Check("vault v", "tls", OK, "verified"),
@@ -270,6 +298,10 @@ class Doctor:
     def __init__(self, emulator: Emulator, root: Path) -> None:
         self.emulator = emulator
         self.root = root
+        # A systemctl that answers nothing, first on PATH: what doctor checks
+        # must not depend on whether this machine has a kv-agent.service.
+        self.bin = root / "bin"
+        fake_systemctl(self.bin, None)
 
     def put(self, name: str, **attributes: object) -> str:
         value = fresh_value(name)
@@ -288,7 +320,8 @@ class Doctor:
                if "proxy" not in key.lower() and key != "KV_AGENT_MANIFEST"}
         env.update(KV_AGENT_IMDS_ENDPOINT=self.emulator.imds_endpoint,
                    REQUESTS_CA_BUNDLE=self.emulator.ca_path,
-                   KV_AGENT_STATE_DIR=str(self.root / "state"))
+                   KV_AGENT_STATE_DIR=str(self.root / "state"),
+                   PATH=f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}")
         env.update(extra)
         return env
 
@@ -306,6 +339,21 @@ class Doctor:
         secrecy.assert_no_leak(done.stdout + done.stderr, SECRET_VALUES, TOKENS)
         assert done.stderr == "", done.stderr
         return done
+
+
+def fake_systemctl(directory: Path, show: Optional[str], environment: str = "") -> None:
+    """A `systemctl` in ``directory`` whose `show` prints ``show`` (None: it fails, as
+    without systemd) and whose `show-environment` prints ``environment``."""
+    directory.mkdir(exist_ok=True)
+    (directory / "show.txt").write_text(show or "")
+    (directory / "environment.txt").write_text(environment)
+    script = directory / "systemctl"
+    answer = "exit 1" if show is None else 'cat "$here/show.txt"'
+    script.write_text('#!/bin/sh\nhere=$(dirname "$0")\ncase "$1" in\n'
+                      f'  show) {answer} ;;\n'
+                      '  show-environment) cat "$here/environment.txt" ;;\n'
+                      '  *) exit 1 ;;\nesac\n')
+    script.chmod(0o755)
 
 
 def failures(output: str) -> List[str]:
@@ -347,6 +395,41 @@ def test_healthy_setup_passes_every_check(doctor: Doctor) -> None:
                      "audience is https://vault.azure.net", f"✓ secret {name}, readable",
                      f"✓ secret {name}, validity: no expiry set"):
         assert fragment in done.stdout, done.stdout
+
+
+@pytest.mark.integration
+def test_doctor_from_a_root_shell_uses_the_units_environment(doctor: Doctor) -> None:
+    """From a shell without the agent's variables, doctor passes when kv-agent.service
+    sets them (REQUESTS_CA_BUNDLE in Environment=, KV_AGENT_IMDS_ENDPOINT in an
+    EnvironmentFile=) and says so; with --no-unit-env it checks the shell's and fails."""
+    name = _name("unit")
+    doctor.put(name)
+    env_file = doctor.root / "kv-agent.env"
+    env_file.write_text(f"# the emulator recipe\nKV_AGENT_IMDS_ENDPOINT="
+                        f"'{doctor.emulator.imds_endpoint}'\n")
+    fake_systemctl(doctor.bin, (
+        f"LoadState=loaded\nEnvironment=REQUESTS_CA_BUNDLE={doctor.emulator.ca_path} "
+        f"KV_AGENT_STATE_DIR={doctor.root / 'state'}\n"
+        f"EnvironmentFiles={env_file} (ignore_errors=no)\n"
+        f"EnvironmentFiles={doctor.root / 'absent'} (ignore_errors=yes)\n"),
+        "LANG=C.UTF-8\nPATH=/usr/sbin:/usr/bin:/sbin:/bin\n")
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/metadata/identity/oauth2/token"
+    shell = {key: value for key, value in doctor.env().items() if key != "REQUESTS_CA_BUNDLE"}
+    shell["KV_AGENT_IMDS_ENDPOINT"] = closed  # the shell's: never reached but by --no-unit-env
+    manifest = doctor.manifest(f"  - name: {name}\n")
+    done = doctor.run(manifest, env=shell)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines()[0] == (
+        "✓ environment, source: kv-agent.service's, as the agent runs: Environment= sets "
+        f"REQUESTS_CA_BUNDLE, KV_AGENT_STATE_DIR; {env_file} sets KV_AGENT_IMDS_ENDPOINT "
+        "(not this shell's; --no-unit-env uses it)")
+    assert f"✓ secret {name}, readable" in done.stdout
+    alone = doctor.run(manifest, "--no-unit-env", env=shell)
+    assert alone.returncode == 1, alone.stdout
+    assert alone.stdout.splitlines()[0] == "✓ environment, source: this shell's (--no-unit-env)"
+    assert "✗ identity" in alone.stdout and "tls: not verified" in alone.stdout, alone.stdout
 
 
 @pytest.mark.integration

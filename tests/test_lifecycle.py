@@ -165,14 +165,18 @@ def test_hooks_run_only_once_ready_and_for_the_current_manifest() -> None:
     assert finish(started(first.state, 1.0), 1.0).run_hooks
 
 
-def test_reload_says_ready_again_after_its_refresh() -> None:
-    """reloading -> (refresh) -> READY=1 again, once the reload's refresh is done."""
+def test_reload_says_ready_again_once_the_manifest_is_in_use() -> None:
+    """An accepted reload announces READY=1 at once, not after its refresh (which may
+    wait on the network), and that refresh's end announces nothing more."""
     ready = finish(started(Lifecycle(), 0.0), 0.0).state
-    reloading = lifecycle.reload_accepted(lifecycle.reload_started(ready))
+    reloading = lifecycle.reload_started(ready)
     assert reloading.phase == RELOADING
-    done = finish(started(reloading, 5.0), 6.0)
-    assert done.announce_ready and not done.became_ready
-    assert done.state.phase == READY and not done.state.ready_after_sync
+    accepted, announce = lifecycle.reload_accepted(reloading)
+    assert announce and accepted.phase == READY
+    done = finish(started(accepted, 5.0), 6.0)
+    assert not done.announce_ready and not done.became_ready and done.state.phase == READY
+    starting, announce = lifecycle.reload_accepted(lifecycle.reload_started(Lifecycle()))
+    assert not announce and starting.phase == STARTING
 
 
 def test_rejected_reload_announces_ready_only_when_it_was_ready() -> None:

@@ -11,8 +11,10 @@ Prints, from one run on one machine:
 3. the soak: RSS after 100 and after 10,000 refresh cycles (target at most
    35 MB, growth under 2 MB). A cycle is driven by SIGHUP with an unchanged
    manifest, which refreshes every secret with the agent's existing sessions
-   and token, exactly like a timer refresh (plus one manifest read), and ends
-   with READY=1; every 10th cycle rotates a secret so files are rewritten too.
+   and token, exactly like a timer refresh (plus one manifest read). READY=1
+   comes as soon as the manifest is read (issue 17); the cycle ends when
+   status.json says the refresh is over ("refreshing": false). Every 10th
+   cycle rotates a secret so files are rewritten too.
 
 Everything runs on loopback; the agent is pointed at the emulator through
 KV_AGENT_IMDS_ENDPOINT and REQUESTS_CA_BUNDLE.
@@ -23,6 +25,7 @@ Run: ``.venv/bin/python tests/bench/run.py [--cycles 10000] [--idle-s 60]``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -47,6 +50,7 @@ class Agent:
     """One ``kv-agent run`` process with a notify socket of its own."""
 
     def __init__(self, work: str, manifest: str, env: Dict[str, str]) -> None:
+        self.work = work
         self.socket_path = os.path.join(work, "notify.sock")
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
@@ -73,6 +77,18 @@ class Agent:
                 continue
             if field in message.split("\n"):
                 return time.perf_counter() - self.started
+
+    def wait_refreshed(self, timeout_s: float = 60.0) -> None:
+        """Until status.json says no refresh runs (its "refreshing")."""
+        path = os.path.join(self.work, "state", "status.json")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with open(path, encoding="utf-8") as handle:
+                if json.load(handle).get("refreshing") is False:
+                    return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit("the refresh after a reload did not end: " + self._stderr())
+            time.sleep(0.002)
 
     def _stderr(self) -> str:
         if self.process.poll() is None:
@@ -208,6 +224,7 @@ def soak(args: argparse.Namespace, emulator: Emulator, env: Dict[str, str],
             emulator.set_secret(names[cycle % len(names)], f"rotated-{cycle}")
         agent.process.send_signal(signal.SIGHUP)
         agent.wait_for("READY=1", timeout_s=60.0)
+        agent.wait_refreshed()  # READY=1 came before the refresh
         if cycle in (100, 1000) or cycle == args.cycles:
             rss[cycle] = agent.rss_mib()
     elapsed = time.perf_counter() - started

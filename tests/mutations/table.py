@@ -362,6 +362,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         # Survived the suite before issue 9: no test watched READY while IMDS was down.
     ),
     Mutation(
+        "reload-ready-waits-for-its-refresh",
+        "a reload's READY=1 comes once the new manifest is in use, never after its refresh "
+        "(systemd >= 253 holds systemctl reload until READY=1)",
+        "agent/daemon.py",
+        "        self._announce(announce_ready)  # now, not after the refresh",
+        "        self._announce(False)  # now, not after the refresh",
+        (f"{DAEMON}::test_reload_is_ready_at_once_while_its_refresh_waits",),
+    ),
+    Mutation(
         "bad-edit-stops-the-agent",
         "an invalid manifest edit is rejected and the previous manifest stays in use",
         "agent/daemon.py",

@@ -82,6 +82,7 @@ def test_deb_file_list(built_deb: Path) -> None:
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
         f"{APP}/kv-agent-himds",  # Azure Arc's himds drop-in, run by the install scripts
+        f"{APP}/kv-agent-purge-list",  # what a purge removes from /run (issue 17, item 29)
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
         # /usr/lib, not /lib: right on Debian 12 (/usr-merged) and 13 (issue 9, item 21).
         "/usr/lib/systemd/system/kv-agent.service",
@@ -112,11 +113,16 @@ def test_deb_file_list(built_deb: Path) -> None:
 
 def test_emulator_deb_file_list(built_emulator_deb: Path) -> None:
     """kv-agent-emulator holds the emulator package (with the demo) beside the
-    agent in /usr/lib/kv-agent, and nothing else but its Debian docs."""
+    agent in /usr/lib/kv-agent, its service (unit, root-only secrets file) and
+    kv-agent's drop-in to use it, and nothing else but its Debian docs."""
     files = deb_files(built_emulator_deb)
     regular = {path for path, mode in files.items() if mode.startswith("-")}
     expected = {
         *(f"{APP}/agent/emulator/{name}" for name in EMULATOR_MODULES),
+        # The emulator as a service (issue 17, item 28).
+        "/usr/lib/systemd/system/kv-agent-emulator.service",
+        "/etc/kv-agent-emulator/secrets.yaml",
+        "/usr/share/doc/kv-agent-emulator/examples/emulator.conf",
         "/usr/share/doc/kv-agent-emulator/changelog.gz",
         "/usr/share/doc/kv-agent-emulator/copyright",
         "/usr/share/python3/runtime.d/kv-agent-emulator.rtupdate",
@@ -124,20 +130,23 @@ def test_emulator_deb_file_list(built_emulator_deb: Path) -> None:
     assert regular == expected, (
         f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
     assert f"{APP}/agent/emulator/demo.py" in regular
+    assert files["/etc/kv-agent-emulator/secrets.yaml"] == "-rw-------"
     assert not any(path.endswith(".pyc") for path in files)
+    assert not [path for path in files if path == "/lib" or path.startswith("/lib/")]
 
 
 def test_emulator_deb_metadata(built_emulator_deb: Path) -> None:
     """kv-agent-emulator depends on this very kv-agent and on Debian's
-    cryptography (the emulator's test CA) and yaml; no conffiles."""
+    cryptography (the emulator's test CA) and yaml; its secrets file is its one
+    conffile, and its unit is installed neither enabled nor started."""
     depends = run(["dpkg-deb", "-f", str(built_emulator_deb), "Depends"]).stdout
     items = [item.strip() for item in depends.split(",")]
     assert f"kv-agent (= {pyproject_version()})" in items, depends
     assert {"python3-cryptography", "python3-yaml"} <= {item.split()[0] for item in items}
     assert run(["dpkg-deb", "-f", str(built_emulator_deb), "Architecture"]
                ).stdout.strip() == "all"
-    control = run(["dpkg-deb", "-I", str(built_emulator_deb)]).stdout
-    assert "conffiles" not in control
+    conffiles = run(["dpkg-deb", "-I", str(built_emulator_deb), "conffiles"]).stdout.split()
+    assert conffiles == ["/etc/kv-agent-emulator/secrets.yaml"]
 
 
 def test_deb_metadata(built_deb: Path) -> None:
@@ -168,6 +177,11 @@ def test_deb_maintainer_scripts_enable_nothing(built_deb: Path, tmp_path: Path) 
     assert "systemctl --system daemon-reload" in postinst
     assert "systemd-tmpfiles" in postinst and "kv-agent.conf" in postinst
     assert "py3compile -p kv-agent /usr/lib/kv-agent" in postinst
+    # The purge removes the agent's files from /run, as prerm listed them (after the stop).
+    prerm = (tmp_path / "control" / "prerm").read_text()
+    assert prerm.index("deb-systemd-invoke stop") < prerm.index("kv-agent-purge-list")
+    postrm = (tmp_path / "control" / "postrm").read_text()
+    assert "/run/kv-agent/purge.list" in postrm and "rm -rf /run/kv-agent" in postrm
     # dh_installsystemd --no-enable: `enable` only for units that were enabled.
     lines = postinst.splitlines()
     enables = [i for i, line in enumerate(lines) if "deb-systemd-helper enable" in line]
@@ -216,6 +230,7 @@ def test_rpm_file_list(built_rpm: Path) -> None:
         "/usr/bin/kv-agent",
         f"{APP}/inotify_simple.py",
         f"{APP}/kv-agent-himds",  # Azure Arc's himds drop-in, run by the install scripts
+        f"{APP}/kv-agent-purge-list",  # what a purge removes from /run (issue 17, item 29)
         f"{APP}/sdnotify/__init__.py",
         *(f"{APP}/agent/{name}" for name in AGENT_MODULES),
         "/usr/lib/systemd/system/kv-agent.service",
@@ -245,17 +260,22 @@ def test_rpm_file_list(built_rpm: Path) -> None:
 
 def test_emulator_rpm_file_list(built_emulator_rpm: Path) -> None:
     """kv-agent-emulator holds the emulator package (with the demo) beside the
-    agent in /usr/lib/kv-agent, and nothing else."""
+    agent in /usr/lib/kv-agent, its service and kv-agent's drop-in to use it, as
+    the .deb does, and nothing else."""
     listing = rpm_query(built_emulator_rpm, "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]")
     files = {line.split(" ", 1)[1]: line.split(" ", 1)[0] for line in listing.splitlines()}
     regular = {path for path, mode in files.items() if mode.startswith("-")}
     # Byte-code only where the build host has the Python macros (RHEL, Azure Linux).
     regular = {path for path in regular if "/__pycache__/" not in path}
-    expected = {f"{APP}/agent/emulator/{name}" for name in EMULATOR_MODULES}
+    expected = {f"{APP}/agent/emulator/{name}" for name in EMULATOR_MODULES} | {
+        "/usr/lib/systemd/system/kv-agent-emulator.service",
+        "/etc/kv-agent-emulator/secrets.yaml",
+        "/usr/share/doc/kv-agent-emulator/examples/emulator.conf"}
     assert regular == expected, (
         f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
     assert f"{APP}/agent/emulator/demo.py" in regular
-    assert not rpm_query(built_emulator_rpm, "-c").strip()
+    assert files["/etc/kv-agent-emulator/secrets.yaml"] == "-rw-------"
+    assert rpm_query(built_emulator_rpm, "-c").split() == ["/etc/kv-agent-emulator/secrets.yaml"]
 
 
 def test_emulator_rpm_requires(built_emulator_rpm: Path) -> None:

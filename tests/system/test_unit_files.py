@@ -105,3 +105,42 @@ def test_consumer_example_orders_after_the_agent() -> None:
     drop_in = (SYSTEMD / "examples" / "consumer-drop-in.conf").read_text()
     assert "After=kv-agent.service" in drop_in
     assert "LoadCredential=" in drop_in
+
+
+def test_emulator_unit_and_the_agents_drop_in_agree() -> None:
+    """kv-agent-emulator.service serves IMDS and the vault on loopback with its CA in
+    its runtime directory (not /tmp, which kv-agent's unit sees privately), and
+    kv-agent's example drop-in names exactly that endpoint and CA and orders the
+    agent after the emulator's READY=1."""
+    unit = (SYSTEMD / "emulator" / "kv-agent-emulator.service").read_text()
+    drop_in = (SYSTEMD / "emulator" / "emulator.conf").read_text()
+    exec_start = " ".join(unit.split("ExecStart=", 1)[1].split("\n", 2)[:2]).replace("\\", "")
+    options = dict(re.findall(r"--([a-z-]+) (\S+)", exec_start))
+    assert options["host"] == "127.0.0.1" and "Type=notify\n" in unit
+    assert "RuntimeDirectory=kv-agent-emulator\n" in unit
+    assert options["cert-dir"] == "/run/kv-agent-emulator"
+    environment = dict(line.split("=", 2)[1:] for line in drop_in.splitlines()
+                       if line.startswith("Environment="))
+    assert environment == {
+        "KV_AGENT_IMDS_ENDPOINT": f"http://127.0.0.1:{options['imds-port']}"
+                                  "/metadata/identity/oauth2/token",
+        "REQUESTS_CA_BUNDLE": f"{options['cert-dir']}/ca.pem"}
+    assert "PrivateTmp=yes" in (SYSTEMD / "kv-agent.service").read_text()
+    assert not environment["REQUESTS_CA_BUNDLE"].startswith(("/tmp/", "/var/tmp/"))
+    assert "After=kv-agent-emulator.service" in drop_in
+    assert "Wants=kv-agent-emulator.service" in drop_in
+
+
+def test_consumer_examples_user_commands_work_on_a_fresh_machine(tmp_path: Path) -> None:
+    """The example consumer's commands that create its user run as written where
+    /etc/sysusers.d does not exist yet (here under a scratch root; systemd-sysusers
+    itself is not run)."""
+    unit = (SYSTEMD / "examples" / "kv-agent-consumer-example.service").read_text()
+    block = unit.split("To create it", 1)[1].split("\n#\n", 1)[0]
+    commands = [line[1:].strip() for line in block.splitlines()[1:] if line.startswith("#   ")]
+    assert commands and commands[-1] == "systemd-sysusers", commands
+    script = "\n".join(commands[:-1]).replace("/etc/", f"{tmp_path}/etc/")
+    done = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "etc/sysusers.d/kv-example.conf").read_text() == \
+        'u kv-example - "kv-agent example consumer"\n'
