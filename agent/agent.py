@@ -202,7 +202,7 @@ class Agent:
             is_slow_start=is_slow_start)
         self.writer = writer or Writer(manifest.directory)
         self._sleep = sleep
-        self._warned: Set[str] = set()  # skipped-by-select lines already logged
+        self._warned: Set[str] = set()  # lines logged once: skipped by select, unusable dates
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
@@ -333,6 +333,7 @@ class Agent:
             if isinstance(one, KvAgentError):
                 return SecretOutcome(entry, error=one)
             secrets.append(one)
+            self._warn_unusable_dates(one)
         try:
             contents, leaf = transform_with_validity(
                 entry.transform, secrets, len(entry.outputs.outputs), entry.params)
@@ -340,6 +341,17 @@ class Agent:
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
         return _Prepared(entry, secrets[0], contents, validity)
+
+    def _warn_unusable_dates(self, secret: Secret) -> None:
+        """Say once per Agent that the vault sent a date the agent cannot use
+        (read as no date: agent.expiry.usable_epoch)."""
+        fields = secret.attributes.unusable_dates
+        line = (f"secret '{secret.name}': the vault sent {' and '.join(fields)} outside "
+                "1970..9999 or not an integer; read as no date: check the secret's "
+                "activation and expiry dates")
+        if fields and line not in self._warned:
+            self._warned.add(line)
+            log.warning("%s", line)
 
     def _write(self, entry: Entry,
                fetched: "Sequence[Secret | KvAgentError]") -> SecretOutcome:
