@@ -48,7 +48,7 @@ from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.selection import expand, explicit_names
 from agent.sources import Source
-from agent.transforms import transform_with_validity
+from agent.transforms import Window, transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
 from agent.vault_list import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
@@ -336,7 +336,8 @@ class Agent:
             self._warn_unusable_dates(one)
         try:
             contents, leaf = transform_with_validity(
-                entry.transform, secrets, len(entry.outputs.outputs), entry.params)
+                entry.transform, secrets, len(entry.outputs.outputs), entry.params,
+                entry=entry.name)
             validity = _validity(secrets, leaf)
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
@@ -463,7 +464,7 @@ def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentE
                           seen, outcome.error)
 
 
-def _validity(secrets: Sequence[Secret], leaf: Optional[Tuple[int, int]]) -> Validity:
+def _validity(secrets: Sequence[Secret], leaf: Optional[Window]) -> Validity:
     """The entry's validity window: its sources' nbf/exp and, for a
     certificate, the leaf's notBefore/notAfter (the narrower window counts)."""
     windows = [Validity(s.attributes.nbf, s.attributes.exp) for s in secrets]

@@ -257,6 +257,34 @@ def test_dates_beyond_the_year_9999_are_no_date_said_once(
                     "dates"]
 
 
+def test_a_bug_in_one_entrys_transform_fails_that_entry_alone(
+        emulator: Emulator, shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception while converting one entry fails that entry, reported as a bug
+    with its name, its file kept; the entries after it are written."""
+    from agent.transforms import TRANSFORMS
+
+    def broken(materials: object, params: object) -> Tuple[bytes, ...]:
+        raise KeyError("a value")
+
+    monkeypatch.setitem(TRANSFORMS, "template", broken)  # type: ignore[index]
+    emulator.set_secret("tpl-part", "a")
+    emulator.set_secret("after-the-bug", "after")
+    (shm_dir / "app.env").write_text("last good")
+    agent = Agent(manifest(emulator, shm_dir,
+                           "  - name: app-env\n"
+                           "    template: {path: app.env, values: {A: tpl-part}}\n"
+                           "  - {name: after-the-bug}\n"), environ=environ(emulator))
+    try:
+        report = agent.sync()
+    finally:
+        agent.close()
+    failed, written = report.outcomes
+    assert failed.error is not None and "entry 'app-env': the template transform failed " \
+        "unexpectedly (KeyError at test_agent.py" in failed.error.message
+    assert (shm_dir / "app.env").read_text() == "last good"
+    assert written.error is None and (shm_dir / "after-the-bug").read_text() == "after"
+
+
 # ---------------------------------------------------------------------------
 # List-based refresh (issue 12): the freshness memory carried between syncs
 
