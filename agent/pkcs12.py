@@ -35,7 +35,7 @@ message never quotes the value.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Tuple
 
 from agent.der import (
     CONTEXT_0,
@@ -47,6 +47,9 @@ from agent.der import (
     Element,
     Reader,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm
 
 # Real counts are 2,000 (Windows, .NET, so Key Vault) to 2,048 (OpenSSL),
 # 10,000 to 50,000 (Java); 600,000 is OWASP's advice for PBKDF2-SHA256. A
@@ -322,7 +325,7 @@ def _cbc_decrypt(name: str, key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
     return plain[:-pad]
 
 
-def _algorithm(name: str, key: bytes):  # type: ignore[no-untyped-def]
+def _algorithm(name: str, key: bytes) -> "BlockCipherAlgorithm":
     """AES or TripleDES (in ``cryptography``'s decrepit module from 43 on)."""
     if name == "aes":
         from cryptography.hazmat.primitives.ciphers.algorithms import AES
