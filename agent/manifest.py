@@ -384,6 +384,13 @@ def check_shape(text: str) -> Optional[Tuple[str, Optional[int]]]:
     usable, a "billion laughs" does not. Syntax errors are left to the
     loader, which reports them with their line.
     """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # libyaml's parser takes UTF-8 and raises on an unpaired surrogate
+        # before any event: find it here, with its line, as a problem.
+        line = text.count("\n", 0, exc.start) + 1
+        return "an unpaired surrogate (not text); remove it", line
     expanded: Dict[str, Tuple[int, int]] = {}  # anchor -> (values, depth) it stands for
     stack: List[_Open] = []
     total = 0

@@ -150,3 +150,12 @@ def test_fuzz_generators_cover_valid_and_invalid() -> None:
     """The unmutated manifest is valid, so the fuzz explores both outcomes."""
     outcomes: List[Dict[str, object]] = [parse_isolated(GOOD, accounts=ACCOUNTS)]
     assert "ok" in outcomes[0], outcomes
+
+
+def test_an_unpaired_surrogate_anywhere_is_a_problem_on_its_line() -> None:
+    """A text holding an unpaired surrogate (libyaml's parser raises on it before any event)
+    is one bounded problem naming its line, never a crash."""
+    text = GOOD.replace("secrets:", "secrets: \ud800", 1)
+    problems = assert_bounded_problems(parse_isolated(text, accounts=ACCOUNTS))
+    line = GOOD[:GOOD.index("secrets:")].count("\n") + 1
+    assert any(f":{line}:" in problem and "surrogate" in problem for problem in problems), problems
