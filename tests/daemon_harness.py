@@ -27,6 +27,25 @@ T = TypeVar("T")
 POLL_S = 0.05
 STOP_KILL_AFTER_S = 15.0  # a process still alive this long after SIGTERM is killed
 
+# The identity source of every agent under test is the emulator's IMDS,
+# whatever the machine: `identity.source: auto` would pick Azure Arc on a host
+# with the Arc agent installed (/var/opt/azcmagent) or its variables set, and
+# the suite's result would depend on the machine (issue 17, item 22). The
+# variables are dropped from the environment a test passes on from its own
+# (without_host_identity); the Arc agent's files are hidden by this code, run
+# before the agent's main in every AgentProcess.
+HOST_IDENTITY_VARIABLES = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IMDS_ENDPOINT",
+                           "MSI_ENDPOINT", "MSI_SECRET")
+PIN_IDENTITY_SOURCE = (
+    "import agent.identity\n"
+    "agent.identity.ARC_AGENT_PATHS = ()\n"
+)
+AGENT_MAIN = (
+    "import sys\n"
+    "from agent.cli import main\n"
+    "sys.exit(main())\n"
+)
+
 # `python -c` code that runs the kv-agent command line with the daemon's
 # retry schedule shortened to about a second, so a test sees a whole refresh
 # fail (and the next one start) within seconds instead of 30 s.
@@ -40,6 +59,13 @@ FAST_RETRY_MAIN = (
     "from agent.cli import main\n"
     "sys.exit(main())\n"
 )
+
+
+def without_host_identity(environ: Mapping[str, str]) -> Dict[str, str]:
+    """``environ`` without the variables that would make the agent choose an
+    identity source other than IMDS (see PIN_IDENTITY_SOURCE)."""
+    return {key: value for key, value in environ.items()
+            if key not in HOST_IDENTITY_VARIABLES}
 
 
 def wait_for(predicate: Callable[[], Optional[T]], timeout_s: float, what: str,
@@ -149,10 +175,12 @@ class AgentProcess:
     """One running ``kv-agent`` process with its stderr collected."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str],
-                 main: Optional[str] = None) -> None:
-        """``main``: Python code to run instead of ``-m agent`` (e.g. FAST_RETRY_MAIN)."""
-        entry = ["-m", "agent"] if main is None else ["-c", main]
-        self.argv = [sys.executable, *entry, *args]
+                 main: Optional[str] = None, host: str = "") -> None:
+        """``main``: Python code to run instead of the command line (e.g.
+        FAST_RETRY_MAIN), after PIN_IDENTITY_SOURCE; ``host``: code run before
+        both, standing for the machine (the test of the pin itself)."""
+        code = host + PIN_IDENTITY_SOURCE + (AGENT_MAIN if main is None else main)
+        self.argv = [sys.executable, "-c", code, *args]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=dict(env), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
