@@ -46,7 +46,6 @@ from agent.identity import token_source
 from agent.manifest import Accounts, Entry, Manifest, Selection, load_manifest
 from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
-from agent.selection import expand, explicit_names
 from agent.sources import Source
 from agent.transforms import transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
@@ -300,6 +299,12 @@ class Agent:
         IdentityUnavailableError as a fetch would."""
         outcomes: List[SecretOutcome] = []
         selected: List[Tuple[Selection, Tuple[Entry, ...]]] = []
+        if not self.manifest.selections:
+            return (), selected
+        # Only a manifest with select: entries loads the selection code
+        # (issue 17, item 21: plain secrets pay for nothing they do not use).
+        from agent.selection import expand, explicit_names
+
         explicit = explicit_names(self.manifest.secrets)
         failed: Dict[str, KvAgentError] = {}
         for selection in self.manifest.selections:

@@ -40,6 +40,16 @@ PIN_IDENTITY_SOURCE = (
     "import agent.identity\n"
     "agent.identity.ARC_AGENT_PATHS = ()\n"
 )
+# Modules only a manifest that uses the feature may load (with cryptography):
+# certificate entries and select: entries (issue 17, item 21).
+FEATURE_MODULES = ("agent.certificates", "agent.selection")
+
+# A prelude that prints, as the process exits, every module it loaded:
+# a line "loaded: NAME NAME ..." on stdout (see loaded_modules).
+REPORT_MODULES = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('loaded: ' + ' '.join(sorted(sys.modules)), flush=True))\n"
+)
 AGENT_MAIN = (
     "import sys\n"
     "from agent.cli import main\n"
@@ -66,6 +76,13 @@ def without_host_identity(environ: Mapping[str, str]) -> Dict[str, str]:
     identity source other than IMDS (see PIN_IDENTITY_SOURCE)."""
     return {key: value for key, value in environ.items()
             if key not in HOST_IDENTITY_VARIABLES}
+
+
+def loaded_modules(stdout: str) -> List[str]:
+    """The modules a process run with the REPORT_MODULES prelude loaded."""
+    lines = [line for line in stdout.splitlines() if line.startswith("loaded: ")]
+    assert lines, f"no module report in the output: {stdout[-500:]!r}"
+    return lines[-1].split()[1:]
 
 
 def wait_for(predicate: Callable[[], Optional[T]], timeout_s: float, what: str,
@@ -175,11 +192,12 @@ class AgentProcess:
     """One running ``kv-agent`` process with its stderr collected."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str],
-                 main: Optional[str] = None, host: str = "") -> None:
+                 main: Optional[str] = None, prelude: str = "") -> None:
         """``main``: Python code to run instead of the command line (e.g.
-        FAST_RETRY_MAIN), after PIN_IDENTITY_SOURCE; ``host``: code run before
-        both, standing for the machine (the test of the pin itself)."""
-        code = host + PIN_IDENTITY_SOURCE + (AGENT_MAIN if main is None else main)
+        FAST_RETRY_MAIN), after PIN_IDENTITY_SOURCE; ``prelude``: code run
+        before both, standing for the machine (the test of the pin itself) or
+        watching the process (REPORT_MODULES)."""
+        code = prelude + PIN_IDENTITY_SOURCE + (AGENT_MAIN if main is None else main)
         self.argv = [sys.executable, "-c", code, *args]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=dict(env), stdin=subprocess.DEVNULL,

@@ -42,10 +42,13 @@ import secrecy
 import yaml
 from daemon_harness import (
     FAST_RETRY_MAIN,
+    FEATURE_MODULES,
+    REPORT_MODULES,
     AgentProcess,
     Datagram,
     LateListener,
     NotifySocket,
+    loaded_modules,
     wait_for,
     without_host_identity,
 )
@@ -265,7 +268,7 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
     def start(entries: Sequence[Mapping[str, Any]] = (), *, text: Optional[str] = None,
               notify: bool = True, args: Sequence[str] = (), env: Mapping[str, str] = {},
               manifest: Optional[Path] = None, state_dir: Optional[Path] = None,
-              fast_retry: bool = False, host: str = "", **manifest_keys: Any) -> Running:
+              fast_retry: bool = False, prelude: str = "", **manifest_keys: Any) -> Running:
         directory = shm_dir / "out"
         path = manifest or etc / "manifest.yaml"
         if not path.exists():
@@ -286,7 +289,8 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
         full_env.update(env)
         process = AgentProcess([*args, "run", "--manifest", str(path),
                                 "--state-dir", str(state_dir)], full_env,
-                               main=FAST_RETRY_MAIN if fast_retry else None, host=host)
+                               main=FAST_RETRY_MAIN if fast_retry else None,
+                               prelude=prelude)
         running = Running(process, sock, path, directory, state_dir, vault, full_env)
         started.append(running)
         return running
@@ -1085,7 +1089,8 @@ def test_the_harness_uses_imds_on_an_azure_arc_host(
                                f"http://127.0.0.1:{himds.port}/metadata/identity/oauth2/token")
             monkeypatch.setenv("IMDS_ENDPOINT", f"http://127.0.0.1:{himds.port}")
         vault.put("alpha")
-        run = start_agent([entry("alpha")], host=ARC_HOST_FILES if arc_host == "files" else "")
+        run = start_agent([entry("alpha")],
+                          prelude=ARC_HOST_FILES if arc_host == "files" else "")
         run.wait_ready()
         document = run.wait_status_json(lambda d: bool(d.get("identity_source")),
                                         "status.json naming the identity source")
@@ -1094,6 +1099,20 @@ def test_the_harness_uses_imds_on_an_azure_arc_host(
         run.stop()
     finally:
         himds.close()
+
+
+def test_plain_secrets_load_no_certificate_or_select_code(start_agent: StartAgent,
+                                                          vault: Vault) -> None:
+    """`kv-agent run` with plain secrets imports neither the certificate nor the select:
+    code, nor cryptography (issue 17, item 21: it costs start-up time and RSS)."""
+    vault.put("alpha")
+    run = start_agent([entry("alpha"), entry("beta", optional=True)], prelude=REPORT_MODULES)
+    run.wait_ready()
+    run.stop()
+    loaded = loaded_modules(run.process.stdout)
+    assert {"agent.daemon", "agent.agent", "requests"} <= set(loaded)
+    assert [name for name in loaded if name.split(".")[0] == "cryptography"
+            or name in FEATURE_MODULES] == []
 
     run.stop()
     stopped = run.status_cli()
