@@ -424,6 +424,7 @@ class VaultClient:
         self._pauses: Dict[str, Pause] = {}
         self._paused_by: Dict[str, transport.Reply] = {}
         self._pause_lock = threading.Lock()  # not the audience's: its challenge sends
+        self._proxies_by_vault: Dict[str, Dict[str, str]] = {}
         self.gives_way = False  # see the class docstring
 
     def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
@@ -648,7 +649,16 @@ class VaultClient:
             self._session, url,
             params={"api-version": self._api_version} if params is None else params,
             headers=headers, timeout=TIMEOUT_S, total_s=backoff.request_budget(REQUEST_TOTAL_S),
-            max_bytes=MAX_BODY_BYTES, proxies=proxies_for(url, self._environ))
+            max_bytes=MAX_BODY_BYTES, proxies=self._proxies(vault))
+
+    def _proxies(self, vault: str) -> Dict[str, str]:
+        """:func:`proxies_for` the vault, worked out once per vault: every URL
+        sent goes to the vault's own host (check_target), and the proxy
+        variables are read once (they were six lookups a request)."""
+        known = self._proxies_by_vault.get(vault)
+        if known is None:
+            known = self._proxies_by_vault.setdefault(vault, proxies_for(vault, self._environ))
+        return known
 
     def _audience(self, vault: str, probe_url: str) -> str:
         """The token resource for ``vault``; discovered once per vault (from

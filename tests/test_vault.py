@@ -484,6 +484,27 @@ def test_proxies_for_vault(environ: Dict[str, str], expected: Dict[str, str]) ->
     assert proxies_for(VAULT + "/secrets/db", environ) == expected
 
 
+def test_the_proxy_variables_are_read_once_per_vault_not_per_request() -> None:
+    """Five GETs to one vault each go through the proxy the variables name, read once
+    for the vault rather than at every request (issue 17, item 20: CPU per secret)."""
+    class CountingEnviron(Dict[str, str]):
+        reads = 0
+
+        def get(self, key: str, default: Any = None) -> Any:
+            if "proxy" in key.lower():
+                CountingEnviron.reads += 1
+            return super().get(key, default)
+
+    environ = CountingEnviron(https_proxy="http://proxy.example:3128")
+    session = FakeSession(*[bundle(name=f"s{n}") for n in range(5)])
+    vault = VaultClient(session, Tokens(), environ=environ)
+    for n in range(5):
+        vault.fetch_secret(SecretRequest(VAULT, f"s{n}"))
+    assert [sent.kwargs["proxies"] for sent in session.sent] == \
+        [{"https": "http://proxy.example:3128"}] * 5
+    assert CountingEnviron.reads <= 6  # one pass over the variables
+
+
 # ---------------------------------------------------------------------------
 # Issue 9: untrusted network input
 
