@@ -26,6 +26,7 @@ from agent.errors import (
 )
 from agent.retry import MIN_REQUEST_S, Backoff, RetryPolicy
 from agent.vault import (
+    ARRIVAL_BATCH,
     KNOWN_AUDIENCES,
     Secret,
     SecretRequest,
@@ -407,6 +408,42 @@ def test_fetch_many_is_concurrent_bounded_and_ordered() -> None:
     assert [o.value for i, o in enumerate(outcomes) if i != 37] == [  # type: ignore[union-attr]
         f"v-{n}".encode() for i, n in enumerate(names) if i != 37]
     assert all(resource == KNOWN_AUDIENCES["vault.azure.net"] for resource, _ in tokens.calls)
+
+
+def test_fetch_each_hands_over_a_batch_while_a_later_request_is_unanswered() -> None:
+    """The first ARRIVAL_BATCH outcomes come out of fetch_each, in order, while a later
+    request is still unanswered (the agent writes them meanwhile: issue 17, item 20)."""
+    release = threading.Event()
+
+    class Holding(RoutingSession):
+        def get(self, url: str, **kwargs: Any) -> FakeResponse:
+            if url.endswith("/held"):
+                release.wait(5.0)
+            return super().get(url, **kwargs)
+
+    names = [f"s{i}" for i in range(ARRIVAL_BATCH)] + ["held"]
+    outcomes = client(Holding()).fetch_each([SecretRequest(VAULT, n) for n in names])
+    try:
+        first = [next(outcomes) for _ in range(ARRIVAL_BATCH)]
+        was_held = not release.is_set()
+    finally:
+        release.set()
+    rest = list(outcomes)
+    assert was_held
+    assert [o.value for o in first + rest] == [  # type: ignore[union-attr]
+        f"v-{n}".encode() for n in names]
+
+
+def test_closing_fetch_each_early_sends_no_more_requests() -> None:
+    """Closing fetch_each after its first batch (a stop) cancels the requests not yet
+    sent: far fewer than all are sent."""
+    session = RoutingSession(delay_s=0.01)
+    outcomes = client(session).fetch_each([SecretRequest(VAULT, f"s{i}") for i in range(400)])
+    assert next(outcomes).value == b"v-s0"  # type: ignore[union-attr]
+    outcomes.close()
+    sent = len(session.urls)
+    time.sleep(0.1)
+    assert len(session.urls) == sent < 200
 
 
 def test_fetch_many_settles_the_token_before_fanning_out() -> None:
