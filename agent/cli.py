@@ -281,8 +281,10 @@ def _metrics_note(metrics_path: str) -> str:
 def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from agent.agent import Agent, expiry_warnings
     from agent.manifest import load_manifest
+    from agent.memory import limit_arenas
     from agent.retry import RetryPolicy
 
+    limit_arenas(environ)  # before the fetch threads start
     manifest = load_manifest(_manifest_path(args, environ))
     policy = RetryPolicy(deadline_s=args.retry_for)
     agent = Agent(manifest, environ=environ, imds_policy=policy, vault_policy=policy)
@@ -329,7 +331,10 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     signals.install()
     try:
         from agent.daemon import Daemon
+        from agent.memory import limit_arenas
         from agent.state import state_dir
+
+        limit_arenas(environ)  # before the first thread starts
 
         daemon = Daemon(_manifest_path(args, environ), environ=environ,
                         state_dir=state_dir(environ, args.state_dir), signals=signals)
