@@ -291,7 +291,7 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     agent = Agent(manifest, environ=environ, imds_policy=policy, vault_policy=policy)
     try:
         agent.prepare()
-        report = agent.sync()
+        report = agent.sync(is_final=True)
         # Waits out the grace (about 2 s) only when a set was swapped, so a
         # reader mid-read of the old generation still finds every file.
         agent.retire_generations(report)

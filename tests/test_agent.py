@@ -140,6 +140,22 @@ def test_entries_are_written_while_later_secrets_are_still_being_fetched(
     assert report.changed == len(names) and not report.failures
 
 
+def test_a_final_sync_builds_no_memory_for_a_next_refresh(
+        emulator: Emulator, shm_dir: Path) -> None:
+    """A sync with nothing after it (`kv-agent once`) writes the same files but leaves
+    the freshness memory (an lstat per file to build) empty."""
+    emulator.set_secret("final-one", "v1")
+    agent = Agent(manifest(emulator, shm_dir, "  - {name: final-one}\n"),
+                  environ=environ(emulator))
+    try:
+        final = agent.sync(is_final=True)
+        again = agent.sync()
+    finally:
+        agent.close()
+    assert final.changed == 1 and final.freshness == Freshness()
+    assert again.freshness != Freshness()
+
+
 SET_ENTRIES = ("  - {name: db-password, path: db/password, set: db}\n"
                "  - {name: db-user, path: db/user, set: db}\n")
 
