@@ -224,7 +224,7 @@ def main() -> int:
               f"  {row['floor_median_s']:>10.3f} s  {row['ratio_to_floor']:>5.2f}x"
               f"  {row['agent_peak_rss_mib']:>5.1f} MiB  {row['floor_peak_rss_mib']:>5.1f} MiB"
               f"  {row['imds_requests_per_run']}")
-    print("  targets: ratio <= 1.08x, peak RSS <= 35 MB, 1 IMDS request per run")
+    print("  targets: ratio <= 1.08x; peak RSS <= 35 MB for 100 secrets; 1 IMDS request per run")
     figures: Dict[str, object] = {"latency_ms": args.latency_ms, "runs": args.runs,
                                   "sizes": rows}
     if tutorial:
