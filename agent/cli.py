@@ -283,14 +283,17 @@ def _metrics_note(metrics_path: str) -> str:
 def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from agent.agent import Agent, expiry_warnings
     from agent.manifest import load_manifest
+    from agent.memory import limit_arenas, spare_the_collector
     from agent.retry import RetryPolicy
 
+    limit_arenas(environ)  # before the fetch threads start
     manifest = load_manifest(_manifest_path(args, environ))
+    spare_the_collector()  # the modules and the manifest live until the exit
     policy = RetryPolicy(deadline_s=args.retry_for)
     agent = Agent(manifest, environ=environ, imds_policy=policy, vault_policy=policy)
     try:
         agent.prepare()
-        report = agent.sync()
+        report = agent.sync(is_final=True)
         # Waits out the grace (about 2 s) only when a set was swapped, so a
         # reader mid-read of the old generation still finds every file.
         agent.retire_generations(report)
@@ -308,6 +311,7 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         "%d secret%s: %d written, %d unchanged, %d failed (%.2f s)", total,
         "s" if total != 1 else "", report.changed, total - report.changed - failed, failed,
         report.elapsed_s)
+    spare_the_collector()  # the exit frees it all
     return _exit_code(report.failures)
 
 
@@ -331,7 +335,10 @@ def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     signals.install()
     try:
         from agent.daemon import Daemon
+        from agent.memory import limit_arenas
         from agent.state import state_dir
+
+        limit_arenas(environ)  # before the first thread starts
 
         daemon = Daemon(_manifest_path(args, environ), environ=environ,
                         state_dir=state_dir(environ, args.state_dir), signals=signals)

@@ -74,6 +74,7 @@ from agent.ledger import Ledger, regular_inode, writer_root_for
 from agent.lifecycle import Lifecycle
 from agent.loop import EventLoop, Mailbox, Watchdog
 from agent.manifest import Entry, Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
+from agent.memory import release_free_memory
 from agent.metrics import EntryMetrics, MetricsSnapshot, remove_metrics, render, write_metrics
 from agent.notify import Notifier, watchdog_interval_s
 from agent.signals import SignalFlags
@@ -438,6 +439,7 @@ class Daemon:
             self._life = lifecycle.sync_abandoned(self._life)  # interrupted by a stop
             return
         self._finish_sync(done.agent, done.result)
+        release_free_memory()  # the sync's responses and buffers are garbage now
 
     def _finish_sync(self, agent: Agent, result: Union[SyncReport, KvAgentError]) -> None:
         self.cycles += 1

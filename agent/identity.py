@@ -58,11 +58,14 @@ class SourceChoice(NamedTuple):
 
 def choose_source(requested: str, environ: Mapping[str, str],
                   exists: Callable[[str], bool] = os.path.lexists,
-                  arc_paths: Sequence[str] = ARC_AGENT_PATHS) -> SourceChoice:
+                  arc_paths: Optional[Sequence[str]] = None) -> SourceChoice:
     """The endpoint for the manifest's ``identity.source`` (pure but for
     ``exists``). ``auto`` picks, in order: App Service (IDENTITY_ENDPOINT and
     IDENTITY_HEADER set), Arc (IDENTITY_ENDPOINT and IMDS_ENDPOINT set, or
-    one of ``arc_paths`` present), else IMDS."""
+    one of ``arc_paths`` present; default :data:`ARC_AGENT_PATHS`, read at
+    the call so the test harness can pin it), else IMDS."""
+    if arc_paths is None:
+        arc_paths = ARC_AGENT_PATHS
     if requested != "auto":
         return SourceChoice(requested, "identity.source in the manifest")
     if environ.get("IDENTITY_ENDPOINT") and environ.get("IDENTITY_HEADER"):

@@ -389,8 +389,8 @@ def check_shape(text: str) -> Optional[Tuple[str, Optional[int]]]:
     except UnicodeEncodeError as exc:
         # libyaml's parser takes UTF-8 and raises on an unpaired surrogate
         # before any event: find it here, with its line, as a problem.
-        line = text.count("\n", 0, exc.start) + 1
-        return "an unpaired surrogate (not text); remove it", line
+        return ("an unpaired surrogate (not text); remove it",
+                text.count("\n", 0, exc.start) + 1)
     expanded: Dict[str, Tuple[int, int]] = {}  # anchor -> (values, depth) it stands for
     stack: List[_Open] = []
     total = 0

@@ -32,11 +32,12 @@ import ipaddress
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import (
     Any,
     Callable,
     Dict,
+    Generator,
     List,
     Mapping,
     NamedTuple,
@@ -79,6 +80,7 @@ from agent.vault_url import check_target, normalize_vault_url
 
 API_VERSION = "7.6"  # GA; everything kv-agent uses exists since 7.0 [protocol.md B2]
 MAX_CONCURRENCY = 16
+ARRIVAL_BATCH = 32  # outcomes fetch_each hands over at once
 # A secret is at most 25 KB [protocol.md B7]; larger ones are accepted up to
 # this bound (README, Limits), which applies after any gzip decoding.
 MAX_BODY_BYTES = 256 * 1024
@@ -463,11 +465,23 @@ class VaultClient:
         self._pause_lock = threading.Lock()  # not the audience's: its challenge sends
         # Per vault: until when (clock) a list that did not advance is not tried again.
         self._endless: Dict[str, Tuple[float, EndlessListError]] = {}
+        self._proxies_by_vault: Dict[str, Dict[str, str]] = {}
         self.gives_way = False  # see the class docstring
 
     def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
         """Fetch every request concurrently (bounded); one outcome per request,
-        in order: a Secret or the KvAgentError for that secret.
+        in order: a Secret or the KvAgentError for that secret. See
+        :meth:`fetch_each`."""
+        return list(self.fetch_each(requests_))
+
+    def fetch_each(self, requests_: Sequence[SecretRequest]
+                   ) -> Generator[FetchOutcome, None, None]:
+        """As :meth:`fetch_many`, one outcome at a time and in order, a batch
+        of them (ARRIVAL_BATCH) as soon as the batch arrived: the caller
+        writes the first secrets while later ones are in flight (a batch, not
+        each: one wake-up per outcome cost more CPU than the overlap saved).
+        Closing the generator early cancels the requests not yet sent and
+        waits for those in flight.
 
         Each vault's audience and token are settled first, one vault at a time,
         so the fan-out starts with a cached token (one IMDS call per run) and
@@ -493,10 +507,19 @@ class VaultClient:
                 return exc
 
         if len(requests_) <= 1:
-            return [outcome(request) for request in requests_]
+            yield from (outcome(request) for request in requests_)
+            return
         workers = min(self._concurrency, len(requests_))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
-            return list(pool.map(outcome, requests_))
+            futures = [pool.submit(outcome, request) for request in requests_]
+            try:
+                for start in range(0, len(futures), ARRIVAL_BATCH):
+                    batch = futures[start:start + ARRIVAL_BATCH]
+                    wait(batch)
+                    yield from (future.result() for future in batch)
+            finally:
+                for future in futures:
+                    future.cancel()  # those not yet started, when closed early
 
     def fetch_secret(self, request: SecretRequest) -> Secret:
         """GET one secret. Raises a VaultError subclass naming the secret."""
@@ -714,7 +737,16 @@ class VaultClient:
             self._session, url,
             params={"api-version": self._api_version} if params is None else params,
             headers=headers, timeout=TIMEOUT_S, total_s=backoff.request_budget(REQUEST_TOTAL_S),
-            max_bytes=MAX_BODY_BYTES, proxies=proxies_for(url, self._environ))
+            max_bytes=MAX_BODY_BYTES, proxies=self._proxies(vault))
+
+    def _proxies(self, vault: str) -> Dict[str, str]:
+        """:func:`proxies_for` the vault, worked out once per vault: every URL
+        sent goes to the vault's own host (check_target), and the proxy
+        variables are read once (they were six lookups a request)."""
+        known = self._proxies_by_vault.get(vault)
+        if known is None:
+            known = self._proxies_by_vault.setdefault(vault, proxies_for(vault, self._environ))
+        return known
 
     def _audience(self, vault: str, probe_url: str) -> str:
         """The token resource for ``vault``; discovered once per vault (from

@@ -21,6 +21,7 @@ Raises ValueError with a one-line reason; callers turn it into their error.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Optional, Tuple
@@ -107,10 +108,19 @@ def check_target(url: str, vault: str) -> None:
     """Raise ValueError unless a request for ``url`` would connect, over
     https, to exactly the host and port of the vault URL ``vault``."""
     scheme, host, port = target(url)
+    expected_host, expected_port = _vault_target(vault)
+    if scheme != "https" or host != expected_host or (port or 443) != expected_port:
+        raise ValueError(f"a request for vault {vault} would go to {host or '?'}"
+                         f":{port or 443} instead")
+
+
+@functools.lru_cache(maxsize=64)
+def _vault_target(vault: str) -> Tuple[str, int]:
+    """The host (an IPv6 literal in brackets, as urllib3 gives it) and port
+    of the vault URL ``vault``; kept, as the vault is the same for every
+    request (``url`` is parsed at each)."""
     expected = urlsplit(vault)
     expected_host = (expected.hostname or "").lower()
     if ":" in expected_host:
         expected_host = f"[{expected_host}]"
-    if scheme != "https" or host != expected_host or (port or 443) != (expected.port or 443):
-        raise ValueError(f"a request for vault {vault} would go to {host or '?'}"
-                         f":{port or 443} instead")
+    return expected_host, expected.port or 443

@@ -27,6 +27,35 @@ T = TypeVar("T")
 POLL_S = 0.05
 STOP_KILL_AFTER_S = 15.0  # a process still alive this long after SIGTERM is killed
 
+# The identity source of every agent under test is the emulator's IMDS,
+# whatever the machine: `identity.source: auto` would pick Azure Arc on a host
+# with the Arc agent installed (/var/opt/azcmagent) or its variables set, and
+# the suite's result would depend on the machine (issue 17, item 22). The
+# variables are dropped from the environment a test passes on from its own
+# (without_host_identity); the Arc agent's files are hidden by this code, run
+# before the agent's main in every AgentProcess.
+HOST_IDENTITY_VARIABLES = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IMDS_ENDPOINT",
+                           "MSI_ENDPOINT", "MSI_SECRET")
+PIN_IDENTITY_SOURCE = (
+    "import agent.identity\n"
+    "agent.identity.ARC_AGENT_PATHS = ()\n"
+)
+# Modules only a manifest that uses the feature may load (with cryptography):
+# certificate entries and select: entries (issue 17, item 21).
+FEATURE_MODULES = ("agent.certificates", "agent.selection")
+
+# A prelude that prints, as the process exits, every module it loaded:
+# a line "loaded: NAME NAME ..." on stdout (see loaded_modules).
+REPORT_MODULES = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('loaded: ' + ' '.join(sorted(sys.modules)), flush=True))\n"
+)
+AGENT_MAIN = (
+    "import sys\n"
+    "from agent.cli import main\n"
+    "sys.exit(main())\n"
+)
+
 # `python -c` code that runs the kv-agent command line with the daemon's
 # retry schedule shortened to about a second, so a test sees a whole refresh
 # fail (and the next one start) within seconds instead of 30 s.
@@ -40,6 +69,20 @@ FAST_RETRY_MAIN = (
     "from agent.cli import main\n"
     "sys.exit(main())\n"
 )
+
+
+def without_host_identity(environ: Mapping[str, str]) -> Dict[str, str]:
+    """``environ`` without the variables that would make the agent choose an
+    identity source other than IMDS (see PIN_IDENTITY_SOURCE)."""
+    return {key: value for key, value in environ.items()
+            if key not in HOST_IDENTITY_VARIABLES}
+
+
+def loaded_modules(stdout: str) -> List[str]:
+    """The modules a process run with the REPORT_MODULES prelude loaded."""
+    lines = [line for line in stdout.splitlines() if line.startswith("loaded: ")]
+    assert lines, f"no module report in the output: {stdout[-500:]!r}"
+    return lines[-1].split()[1:]
 
 
 def wait_for(predicate: Callable[[], Optional[T]], timeout_s: float, what: str,
@@ -149,10 +192,13 @@ class AgentProcess:
     """One running ``kv-agent`` process with its stderr collected."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str],
-                 main: Optional[str] = None) -> None:
-        """``main``: Python code to run instead of ``-m agent`` (e.g. FAST_RETRY_MAIN)."""
-        entry = ["-m", "agent"] if main is None else ["-c", main]
-        self.argv = [sys.executable, *entry, *args]
+                 main: Optional[str] = None, prelude: str = "") -> None:
+        """``main``: Python code to run instead of the command line (e.g.
+        FAST_RETRY_MAIN), after PIN_IDENTITY_SOURCE; ``prelude``: code run
+        before both, standing for the machine (the test of the pin itself) or
+        watching the process (REPORT_MODULES)."""
+        code = prelude + PIN_IDENTITY_SOURCE + (AGENT_MAIN if main is None else main)
+        self.argv = [sys.executable, "-c", code, *args]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=dict(env), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,

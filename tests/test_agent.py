@@ -135,6 +135,52 @@ def test_stop_between_writes_abandons_the_rest(emulator: Emulator, shm_dir: Path
     assert not (shm_dir / "never-written").exists()
 
 
+def test_entries_are_written_while_later_secrets_are_still_being_fetched(
+        emulator: Emulator, shm_dir: Path) -> None:
+    """The first entries' files are on disk before the last secret's GET is answered:
+    writes overlap the fetches instead of waiting for all of them (issue 17, item 20)."""
+    names = [f"overlap-{n:02d}" for n in range(40)]
+    for name in names:
+        emulator.set_secret(name, f"value of {name}")
+    agent = Agent(manifest(emulator, shm_dir, "".join(f"  - {{name: {n}}}\n" for n in names)),
+                  environ=environ(emulator))
+    fetch_secret = agent.vault.fetch_secret
+    seen_first_file: List[bool] = []
+
+    def watching_fetch(request: Any) -> Any:
+        if request.name == names[-1]:  # the last GET waits until the first file is there
+            deadline = time.monotonic() + 5.0
+            while not (shm_dir / names[0]).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_first_file.append((shm_dir / names[0]).exists())
+        return fetch_secret(request)
+
+    agent.vault.fetch_secret = watching_fetch  # type: ignore[method-assign]
+    try:
+        agent.prepare()
+        report = agent.sync()
+    finally:
+        agent.close()
+    assert seen_first_file == [True]
+    assert report.changed == len(names) and not report.failures
+
+
+def test_a_final_sync_builds_no_memory_for_a_next_refresh(
+        emulator: Emulator, shm_dir: Path) -> None:
+    """A sync with nothing after it (`kv-agent once`) writes the same files but leaves
+    the freshness memory (an lstat per file to build) empty."""
+    emulator.set_secret("final-one", "v1")
+    agent = Agent(manifest(emulator, shm_dir, "  - {name: final-one}\n"),
+                  environ=environ(emulator))
+    try:
+        final = agent.sync(is_final=True)
+        again = agent.sync()
+    finally:
+        agent.close()
+    assert final.changed == 1 and final.freshness == Freshness()
+    assert again.freshness != Freshness()
+
+
 SET_ENTRIES = ("  - {name: db-password, path: db/password, set: db}\n"
                "  - {name: db-user, path: db/user, set: db}\n")
 

@@ -36,7 +36,14 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 import secrecy
-from daemon_harness import AgentProcess, wait_for
+from daemon_harness import (
+    AGENT_MAIN,
+    FEATURE_MODULES,
+    REPORT_MODULES,
+    AgentProcess,
+    loaded_modules,
+    wait_for,
+)
 from emulator_command import emulator_command
 from hostile import HostileServer, answer, loopback_443_server, trickle
 from hostile import response as hostile_response
@@ -363,6 +370,23 @@ def test_once_picks_up_a_secret_rotated_through_the_vault_api(kv: Harness) -> No
 
     assert result.returncode == 0, result.stderr
     assert (kv.directory / name).read_bytes() == rotated.encode()
+
+
+def test_once_with_plain_secrets_loads_no_certificate_or_select_code(kv: Harness) -> None:
+    """`kv-agent once` with plain secrets imports neither the certificate nor the select:
+    code, nor cryptography (issue 17, item 21: it costs start-up time and RSS)."""
+    name = fresh_name("plain-only")
+    kv.put(name, fresh_value("plain"))
+    manifest = kv.manifest(entry(name))
+    done = subprocess.run([sys.executable, "-c", REPORT_MODULES + AGENT_MAIN, "-q", "once",
+                           "--manifest", str(manifest)], env=kv.env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    OUTPUTS.append(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr
+    loaded = loaded_modules(done.stdout)
+    assert {"agent.agent", "agent.writer", "requests"} <= set(loaded)
+    assert [module for module in loaded if module.split(".")[0] == "cryptography"
+            or module in FEATURE_MODULES] == []
 
 
 def test_run_picks_up_a_secret_rotated_through_the_vault_api(kv: Harness) -> None:

@@ -42,11 +42,15 @@ import secrecy
 import yaml
 from daemon_harness import (
     FAST_RETRY_MAIN,
+    FEATURE_MODULES,
+    REPORT_MODULES,
     AgentProcess,
     Datagram,
     LateListener,
     NotifySocket,
+    loaded_modules,
     wait_for,
+    without_host_identity,
 )
 from secrecy import fresh_value
 
@@ -264,7 +268,7 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
     def start(entries: Sequence[Mapping[str, Any]] = (), *, text: Optional[str] = None,
               notify: bool = True, args: Sequence[str] = (), env: Mapping[str, str] = {},
               manifest: Optional[Path] = None, state_dir: Optional[Path] = None,
-              fast_retry: bool = False, main: Optional[str] = None,
+              fast_retry: bool = False, main: Optional[str] = None, prelude: str = "",
               **manifest_keys: Any) -> Running:
         directory = shm_dir / "out"
         path = manifest or etc / "manifest.yaml"
@@ -272,7 +276,7 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
             write_file(path, text if text is not None else
                        manifest_text(vault.url, directory, entries, **manifest_keys))
         state_dir = state_dir or shm_dir / f"state{len(started)}"
-        full_env = {key: value for key, value in os.environ.items()
+        full_env = {key: value for key, value in without_host_identity(os.environ).items()
                     if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                    "JOURNAL_STREAM", "KV_AGENT_MANIFEST")}
         full_env.update(KV_AGENT_IMDS_ENDPOINT=vault.emulator.imds_endpoint,
@@ -286,7 +290,8 @@ def start_agent(vault: Vault, shm_dir: Path, tmp_path: Path,
         full_env.update(env)
         process = AgentProcess([*args, "run", "--manifest", str(path),
                                 "--state-dir", str(state_dir)], full_env,
-                               main=FAST_RETRY_MAIN if fast_retry else main)
+                               main=FAST_RETRY_MAIN if fast_retry else main,
+                               prelude=prelude)
         running = Running(process, sock, path, directory, state_dir, vault, full_env)
         started.append(running)
         return running
@@ -1170,6 +1175,54 @@ def test_status_command_and_status_file(start_agent: StartAgent, vault: Vault) -
     as_json = run.status_cli("--json")
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout)["secrets"][0]["name"] == "alpha"
+
+
+# What makes `identity.source: auto` pick Azure Arc on a host: the Arc agent's
+# variables in the environment (from /etc/environment), or its files (here
+# its directory, made to exist for the agent's process only).
+ARC_HOST_FILES = ("import os.path\n"
+                  "_lexists = os.path.lexists\n"
+                  "os.path.lexists = lambda path: (path.startswith('/var/opt/azcmagent')\n"
+                  "                                or _lexists(path))\n")
+
+
+@pytest.mark.parametrize("arc_host", ["variables", "files"])
+def test_the_harness_uses_imds_on_an_azure_arc_host(
+        start_agent: StartAgent, vault: Vault, monkeypatch: pytest.MonkeyPatch,
+        arc_host: str) -> None:
+    """On a host where the Azure Arc agent is installed, the agents the harness starts
+    still ask the emulator's IMDS (issue 17, item 22)."""
+    himds = LateListener(("127.0.0.1", 9))  # never opened: Arc's endpoint refuses
+    try:
+        if arc_host == "variables":
+            monkeypatch.setenv("IDENTITY_ENDPOINT",
+                               f"http://127.0.0.1:{himds.port}/metadata/identity/oauth2/token")
+            monkeypatch.setenv("IMDS_ENDPOINT", f"http://127.0.0.1:{himds.port}")
+        vault.put("alpha")
+        run = start_agent([entry("alpha")],
+                          prelude=ARC_HOST_FILES if arc_host == "files" else "")
+        run.wait_ready()
+        document = run.wait_status_json(lambda d: bool(d.get("identity_source")),
+                                        "status.json naming the identity source")
+        assert document["identity_source"] == \
+            "imds (no App Service or Azure Arc environment found)"
+        run.stop()
+    finally:
+        himds.close()
+
+
+def test_plain_secrets_load_no_certificate_or_select_code(start_agent: StartAgent,
+                                                          vault: Vault) -> None:
+    """`kv-agent run` with plain secrets imports neither the certificate nor the select:
+    code, nor cryptography (issue 17, item 21: it costs start-up time and RSS)."""
+    vault.put("alpha")
+    run = start_agent([entry("alpha"), entry("beta", optional=True)], prelude=REPORT_MODULES)
+    run.wait_ready()
+    run.stop()
+    loaded = loaded_modules(run.process.stdout)
+    assert {"agent.daemon", "agent.agent", "requests"} <= set(loaded)
+    assert [name for name in loaded if name.split(".")[0] == "cryptography"
+            or name in FEATURE_MODULES] == []
 
     run.stop()
     stopped = run.status_cli()

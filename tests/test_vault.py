@@ -26,6 +26,7 @@ from agent.errors import (
 )
 from agent.retry import MIN_REQUEST_S, REFRESH_RETRY, Backoff, RetryPolicy
 from agent.vault import (
+    ARRIVAL_BATCH,
     KNOWN_AUDIENCES,
     Secret,
     SecretRequest,
@@ -461,6 +462,42 @@ def test_fetch_many_is_concurrent_bounded_and_ordered() -> None:
     assert all(resource == KNOWN_AUDIENCES["vault.azure.net"] for resource, _ in tokens.calls)
 
 
+def test_fetch_each_hands_over_a_batch_while_a_later_request_is_unanswered() -> None:
+    """The first ARRIVAL_BATCH outcomes come out of fetch_each, in order, while a later
+    request is still unanswered (the agent writes them meanwhile: issue 17, item 20)."""
+    release = threading.Event()
+
+    class Holding(RoutingSession):
+        def get(self, url: str, **kwargs: Any) -> FakeResponse:
+            if url.endswith("/held"):
+                release.wait(5.0)
+            return super().get(url, **kwargs)
+
+    names = [f"s{i}" for i in range(ARRIVAL_BATCH)] + ["held"]
+    outcomes = client(Holding()).fetch_each([SecretRequest(VAULT, n) for n in names])
+    try:
+        first = [next(outcomes) for _ in range(ARRIVAL_BATCH)]
+        was_held = not release.is_set()
+    finally:
+        release.set()
+    rest = list(outcomes)
+    assert was_held
+    assert [o.value for o in first + rest] == [  # type: ignore[union-attr]
+        f"v-{n}".encode() for n in names]
+
+
+def test_closing_fetch_each_early_sends_no_more_requests() -> None:
+    """Closing fetch_each after its first batch (a stop) cancels the requests not yet
+    sent: far fewer than all are sent."""
+    session = RoutingSession(delay_s=0.01)
+    outcomes = client(session).fetch_each([SecretRequest(VAULT, f"s{i}") for i in range(400)])
+    assert next(outcomes).value == b"v-s0"  # type: ignore[union-attr]
+    outcomes.close()
+    sent = len(session.urls)
+    time.sleep(0.1)
+    assert len(session.urls) == sent < 200
+
+
 def test_fetch_many_settles_the_token_before_fanning_out() -> None:
     """An IMDS failure surfaces once, before any vault request."""
     session = RoutingSession()
@@ -534,6 +571,27 @@ def test_session_ignores_netrc_and_environment() -> None:
 def test_proxies_for_vault(environ: Dict[str, str], expected: Dict[str, str]) -> None:
     """The vault's proxy comes from https_proxy/all_proxy unless no_proxy covers its host."""
     assert proxies_for(VAULT + "/secrets/db", environ) == expected
+
+
+def test_the_proxy_variables_are_read_once_per_vault_not_per_request() -> None:
+    """Five GETs to one vault each go through the proxy the variables name, read once
+    for the vault rather than at every request (issue 17, item 20: CPU per secret)."""
+    class CountingEnviron(Dict[str, str]):
+        reads = 0
+
+        def get(self, key: str, default: Any = None) -> Any:
+            if "proxy" in key.lower():
+                CountingEnviron.reads += 1
+            return super().get(key, default)
+
+    environ = CountingEnviron(https_proxy="http://proxy.example:3128")
+    session = FakeSession(*[bundle(name=f"s{n}") for n in range(5)])
+    vault = VaultClient(session, Tokens(), environ=environ)
+    for n in range(5):
+        vault.fetch_secret(SecretRequest(VAULT, f"s{n}"))
+    assert [sent.kwargs["proxies"] for sent in session.sent] == \
+        [{"https": "http://proxy.example:3128"}] * 5
+    assert CountingEnviron.reads <= 6  # one pass over the variables
 
 
 # ---------------------------------------------------------------------------

@@ -538,7 +538,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "no-total-request-deadline",
         "every request is bounded in total time, not only per read",
         "agent/transport.py",
-        "        self._timer.start()",
+        "        _WATCHDOG.watch(self)",
         "        pass",
         (f"{VAULT}::test_trickled_body_is_cut_at_the_total_deadline",),
     ),
