@@ -67,7 +67,7 @@ from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.selection import expand, explicit_names
 from agent.sources import Source
-from agent.transforms import transform_with_validity
+from agent.transforms import Window, transform_with_validity
 from agent.vault import Secret, SecretRequest, VaultClient, new_session
 from agent.vault_list import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
@@ -230,7 +230,7 @@ class Agent:
             is_slow_start=is_slow_start)
         self.writer = writer or Writer(manifest.directory)
         self._sleep = sleep
-        self._warned: Set[str] = set()  # skipped-by-select lines already logged
+        self._warned: Set[str] = set()  # lines logged once: skipped by select, unusable dates
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
@@ -365,13 +365,26 @@ class Agent:
             if isinstance(one, KvAgentError):
                 return SecretOutcome(entry, error=one)
             secrets.append(one)
+            self._warn_unusable_dates(one)
         try:
             contents, leaf = transform_with_validity(
-                entry.transform, secrets, len(entry.outputs.outputs), entry.params)
+                entry.transform, secrets, len(entry.outputs.outputs), entry.params,
+                entry=entry.name)
             validity = _validity(secrets, leaf)
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
         return _Prepared(entry, secrets[0], contents, validity)
+
+    def _warn_unusable_dates(self, secret: Secret) -> None:
+        """Say once per Agent that the vault sent a date the agent cannot use
+        (read as no date: agent.expiry.usable_epoch)."""
+        fields = secret.attributes.unusable_dates
+        line = (f"secret '{secret.name}': the vault sent {' and '.join(fields)} outside "
+                "1970..9999 or not an integer; read as no date: check the secret's "
+                "activation and expiry dates")
+        if fields and line not in self._warned:
+            self._warned.add(line)
+            log.warning("%s", line)
 
     def _write(self, entry: Entry,
                fetched: "Sequence[Secret | KvAgentError]") -> SecretOutcome:
@@ -492,7 +505,7 @@ def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentE
                           seen, outcome.error)
 
 
-def _validity(secrets: Sequence[Secret], leaf: Optional[Tuple[int, int]]) -> Validity:
+def _validity(secrets: Sequence[Secret], leaf: Optional[Window]) -> Validity:
     """The entry's validity window: its sources' nbf/exp and, for a
     certificate, the leaf's notBefore/notAfter (the narrower window counts)."""
     windows = [Validity(s.attributes.nbf, s.attributes.exp) for s in secrets]

@@ -89,7 +89,7 @@ from agent.snapshot import STOPPED, parse_snapshot
 from agent.sources import Source
 from agent.state import StateStore, state_dir
 from agent.status import is_running
-from agent.transforms import transform_with_validity
+from agent.transforms import certificate_has_key, transform_with_validity
 from agent.unit_env import UNIT as AGENT_UNIT
 from agent.unit_env import UnitEnvironment, unit_environment
 from agent.untrusted import escape, load_json
@@ -769,7 +769,7 @@ def check_entry(entry: Entry, probed: Mapping[Source, Probed], now: float,
     subject = f"{entry.transform} {entry.name}"
     try:
         _, leaf = transform_with_validity(entry.transform, fetched, len(entry.outputs.outputs),
-                                          entry.params)
+                                          entry.params, entry=entry.name)
     except KvAgentError as exc:
         name = "key exportable" if "non-exportable" in exc.message else "transform"
         return [Check(subject, name, FAIL, exc.message, exc.hint)]
@@ -783,13 +783,11 @@ def check_entry(entry: Entry, probed: Mapping[Source, Probed], now: float,
 def _key_check(subject: str, entry: Entry, secret: Secret) -> Check:
     """Whether the certificate's value holds its private key (the policy's
     ``exportable``); the transform already failed when a key is asked."""
-    from agent.certificates import read_bundle  # cryptography: only for certificates
-
     try:
-        key = read_bundle(entry.name, secret.value, secret.content_type).key
+        has_key = certificate_has_key(secret, entry.name)
     except KvAgentError as exc:  # the transform read it a moment ago; defensive
         return Check(subject, "key exportable", FAIL, exc.message, exc.hint)
-    if key is not None:
+    if has_key:
         return Check(subject, "key exportable", OK, "the value holds the private key")
     return Check(subject, "key exportable", WARN,
                  "the key is not exportable: only cert, chain and fullchain can be written")

@@ -15,6 +15,12 @@ whether to write; it decides what to *say*:
   not-yet-valid entry is logged once (per window: a rotation to a new window
   that is expired again is said again), an expiring one at most once a day.
 
+Dates come from the vault (``nbf``, ``exp``) and from certificates, so they
+are bounded where they are parsed (:func:`usable_epoch`): a date before 1970
+or after the year 9999 is "no date" (``time.gmtime`` and the status file
+cannot show it: ``nbf`` near 2^62 once stopped the agent at its first
+refresh). :func:`day` and :func:`moment` are total all the same.
+
 Pure: times are epoch seconds given by the caller (the daemon's wall clock,
 or a test's); nothing here reads a clock or logs.
 """
@@ -28,6 +34,15 @@ EXPIRED = "expired"
 EXPIRING = "expiring"
 NOT_YET_VALID = "not yet valid"
 REPEAT_EXPIRING_S = 86400.0  # an expiring entry is warned about at most once a day
+MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z, the last second ISO 8601 can write
+
+
+def usable_epoch(value: object) -> Optional[int]:
+    """``value`` as epoch seconds when it is an integer from 1970 to the end
+    of the year 9999, else None ("no date"). A bool is not a time."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_EPOCH_S:
+        return value
+    return None
 
 
 class Validity(NamedTuple):
@@ -58,14 +73,18 @@ def judge(validity: Validity, now: float, warn_before_s: float) -> Optional[str]
     return None
 
 
-def day(epoch_s: int) -> str:
-    """The UTC date, e.g. 2026-11-01 (what STATUS= shows)."""
-    return time.strftime("%Y-%m-%d", time.gmtime(epoch_s))
+def day(epoch_s: float) -> str:
+    """The UTC date, e.g. 2026-11-01 (what STATUS= shows); total (see :func:`moment`)."""
+    return moment(epoch_s)[:10]
 
 
-def moment(epoch_s: int) -> str:
-    """UTC ISO 8601 with seconds (what logs and status.json show)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+def moment(epoch_s: float) -> str:
+    """UTC ISO 8601 with seconds (what logs and status.json show). Total: a
+    time outside 1970..9999 (which parsing never lets through) is clamped to
+    that range rather than raising."""
+    finite = epoch_s if epoch_s == epoch_s else 0  # NaN is not equal to itself
+    clamped = int(min(max(finite, 0), MAX_EPOCH_S))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clamped))
 
 
 def describe(name: str, kind: str, validity: Validity, now: float) -> str:

@@ -20,10 +20,9 @@ value of the wrong type reads as None, never as a crash.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
+from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, moment
 from agent.ledger import Written, WrittenSet
 
 STATUS_VERSION = 2
@@ -37,10 +36,11 @@ STOPPED = "stopped"
 
 
 def iso_time(epoch_s: Optional[float]) -> Optional[str]:
-    """UTC ISO 8601 with seconds, or None."""
+    """UTC ISO 8601 with seconds, or None; total (:func:`agent.expiry.moment`:
+    one date out of range once made every status.json write fail)."""
     if epoch_s is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+    return moment(epoch_s)
 
 
 class EntryStatus(NamedTuple):

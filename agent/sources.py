@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Tuple
 
+from agent.expiry import usable_epoch
 from agent.untrusted import escape
 
 MAX_TAGS = 50  # Key Vault allows 15; more is not a vault talking
 MAX_TAG_CHARS = 256  # Key Vault's limit on a tag's name and on its value
 MAX_KID_CHARS = 512
+_TIMES = ("nbf", "exp", "created", "updated")
 
 
 class Source(NamedTuple):
@@ -35,8 +37,11 @@ class SecretAttributes(NamedTuple):
 
     Times are epoch seconds (Key Vault's unit). Every field is None when the
     vault left it out or sent something of the wrong type: these come from
-    the network and are never trusted to have a shape. ``tags`` is a tuple of
-    (name, value) pairs so the value stays immutable and hashable.
+    the network and are never trusted to have a shape. A time must be an
+    integer from 1970 to the year 9999 (:func:`agent.expiry.usable_epoch`);
+    ``unusable_dates`` names the time fields the vault sent otherwise, read
+    as None, for one warning. ``tags`` is a tuple of (name, value) pairs so
+    the value stays immutable and hashable.
     """
 
     enabled: Optional[bool] = None
@@ -47,6 +52,7 @@ class SecretAttributes(NamedTuple):
     tags: Optional[Tuple[Tuple[str, str], ...]] = None
     managed: Optional[bool] = None
     kid: Optional[str] = None
+    unusable_dates: Tuple[str, ...] = ()
 
 
 def unique_sources(sources: Iterable[Source]) -> Tuple[Source, ...]:
@@ -64,27 +70,20 @@ def parse_attributes(bundle: Mapping[str, Any]) -> SecretAttributes:
     attributes = bundle.get("attributes")
     if not isinstance(attributes, dict):
         attributes = {}
+    times = {field: usable_epoch(attributes.get(field)) for field in _TIMES}
     return SecretAttributes(
         enabled=_flag(attributes.get("enabled")),
-        nbf=_epoch(attributes.get("nbf")),
-        exp=_epoch(attributes.get("exp")),
-        created=_epoch(attributes.get("created")),
-        updated=_epoch(attributes.get("updated")),
         tags=_tags(bundle.get("tags")),
         managed=_flag(bundle.get("managed")),
         kid=escape(bundle["kid"], MAX_KID_CHARS) if isinstance(bundle.get("kid"), str) else None,
+        unusable_dates=tuple(field for field in _TIMES
+                             if times[field] is None and attributes.get(field) is not None),
+        **times,
     )
 
 
 def _flag(value: Any) -> Optional[bool]:
     return value if isinstance(value, bool) else None
-
-
-def _epoch(value: Any) -> Optional[int]:
-    # bool is an int to Python, not a time to Key Vault.
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
-        return value
-    return None
 
 
 def _tags(value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:

@@ -18,12 +18,21 @@ Rules for every transform: pure (no I/O, no clock, no environment),
 deterministic (the same inputs give the same bytes, so an unchanged template
 is never rewritten), and never quoting the value in an error: a
 :class:`TransformError` names the secret and the fix.
+
+The boundary: only TransformError leaves :func:`transform_with_validity`
+(and :func:`certificate_has_key`). A value from the vault is untrusted, and a
+library may answer it with any exception (``cryptography`` raised
+UnsupportedAlgorithm for an SM2 certificate in a bundle, which took every
+later entry down with it): any other exception is a bug, turned into a
+TransformError that fails that entry alone and says so, with the entry's
+name, the exception's type and where it was raised (never its message,
+which may quote the value); the entry's failure is logged like any other.
 """
 
 from __future__ import annotations
 
 import binascii
-from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from agent.errors import KvAgentError
 from agent.sources import SecretAttributes
@@ -31,6 +40,7 @@ from agent.sources import SecretAttributes
 ENCODINGS = ("utf-8", "base64", "hex")
 TEMPLATE_FORMATS = ("env", "json", "raw")
 CERTIFICATE_KINDS = ("key", "cert", "chain", "fullchain", "pfx")
+T = TypeVar("T")
 # The characters a POSIX shell and systemd's EnvironmentFile= both unescape
 # after a backslash inside double quotes (systemd's SHELL_NEED_ESCAPE);
 # any other backslash is kept by both.
@@ -68,6 +78,8 @@ class TransformParams(NamedTuple):
 
 
 Transform = Callable[[Sequence[Material], TransformParams], Tuple[bytes, ...]]
+# A certificate's (notBefore, notAfter) in epoch seconds; None: no usable date.
+Window = Tuple[Optional[int], Optional[int]]
 
 
 class TransformError(KvAgentError):
@@ -124,7 +136,7 @@ def certificate(materials: Sequence[Material], params: TransformParams) -> Tuple
 
 
 def _certificate_files(materials: Sequence[Material], params: TransformParams
-                       ) -> Tuple[Tuple[bytes, ...], Tuple[int, int]]:
+                       ) -> Tuple[Tuple[bytes, ...], Window]:
     """The certificate's files and its leaf's (notBefore, notAfter), one parse."""
     try:
         from agent.certificates import read_certificate  # cryptography only when asked
@@ -195,30 +207,74 @@ def apply_transform(name: str, materials: Sequence[Material], outputs: int,
     """Run transform ``name`` on the entry's fetched ``materials`` (one per
     source, in order); its result has exactly ``outputs`` items.
 
-    Raises TransformError for an unknown transform, a value it cannot use, or
-    a result that does not match the entry's outputs (a bug, reported per entry).
+    Raises TransformError, and nothing else, for an unknown transform, a value
+    it cannot use, a result that does not match the entry's outputs, or an
+    unexpected exception (a bug, logged; see the module docstring).
     """
     return transform_with_validity(name, materials, outputs, params)[0]
 
 
 def transform_with_validity(name: str, materials: Sequence[Material], outputs: int,
-                            params: TransformParams = TransformParams(),
-                            ) -> Tuple[Tuple[bytes, ...], Optional[Tuple[int, int]]]:
+                            params: TransformParams = TransformParams(), *,
+                            entry: Optional[str] = None,
+                            ) -> Tuple[Tuple[bytes, ...], Optional[Window]]:
     """:func:`apply_transform`, plus, for a certificate, its leaf's notBefore
     and notAfter (epoch seconds) from the same parse, for expiry warnings;
-    None for other transforms."""
+    None for other transforms. ``entry``: the entry's name for a bug's log
+    line (default: the first secret's)."""
     transform = TRANSFORMS.get(name)
     label = materials[0].name if materials else "?"
     if transform is None:
         raise TransformError(f"secret '{label}': unknown transform '{name}'",
                              f"use one of {', '.join(sorted(TRANSFORMS))}")
-    window: Optional[Tuple[int, int]] = None
-    if transform is certificate:
-        data, window = _certificate_files(materials, params)
-    else:
-        data = transform(materials, params)
+
+    def run() -> Tuple[Tuple[bytes, ...], Optional[Window]]:
+        if transform is certificate:
+            return _certificate_files(materials, params)
+        return transform(materials, params), None
+
+    data, window = guarded(run, f"the {name} transform", entry or label)
     if len(data) != outputs:
         raise TransformError(
             f"secret '{label}': transform '{name}' made {len(data)} files "
             f"for {outputs} outputs", "report this as a bug")
     return data, window
+
+
+def certificate_has_key(material: Material, entry: Optional[str] = None) -> bool:
+    """Whether a certificate's value holds its private key (the policy's
+    ``exportable``), for ``doctor``. Raises TransformError only."""
+    def run() -> bool:
+        from agent.certificates import read_bundle  # cryptography only when asked
+
+        return read_bundle(material.name, material.value, material.content_type).key is not None
+
+    return guarded(run, "reading the certificate", entry or material.name)
+
+
+def guarded(run: Callable[[], T], what: str, entry: str) -> T:
+    """``run()``, letting only TransformError out: any other exception is a
+    bug, raised again as a TransformError that names ``entry`` (never a
+    value), the exception's type and where it was raised."""
+    try:
+        return run()
+    except TransformError:
+        raise
+    except Exception as exc:  # the boundary: see the module docstring
+        raise TransformError(
+            f"entry '{entry}': {what} failed unexpectedly ({type(exc).__name__} at "
+            f"{_origin(exc)}): a bug in kv-agent",
+            "please report it with this line; the entry's files keep their last good "
+            "content, the other entries go on") from None
+
+
+def _origin(exc: BaseException) -> str:
+    """Where ``exc`` was raised: file:line in function, read from the
+    traceback's frames (``traceback.extract_tb`` would read source files)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"

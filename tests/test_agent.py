@@ -296,6 +296,57 @@ def test_outcomes_carry_the_validity_window(emulator: Emulator, shm_dir: Path) -
     assert "'old-token' expired at 1970-01-01T00:33:20Z" in warning
 
 
+def test_dates_beyond_the_year_9999_are_no_date_said_once(
+        emulator: Emulator, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """nbf and exp near 2^62 (beyond 9999) are read as no date: the entry is written, its
+    window is empty, expiry_warnings stays quiet, and one warning names the secret and the
+    fields however many syncs see them."""
+    emulator.set_secret("far-dates", "v", not_before=2**62, expires_on=2**62 + 1)
+    agent = Agent(manifest(emulator, shm_dir, "  - {name: far-dates}\n"),
+                  environ=environ(emulator))
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.agent"):
+            first, second = agent.sync(), agent.sync()
+    finally:
+        agent.close()
+    for report in (first, second):
+        outcome, = report.outcomes
+        assert outcome.error is None and outcome.validity == Validity(None, None)
+        assert expiry_warnings(report.outcomes, 86400, now=time.time()) == []
+    said = [r.getMessage() for r in caplog.records if "far-dates" in r.getMessage()]
+    assert said == ["secret 'far-dates': the vault sent nbf and exp outside 1970..9999 or not "
+                    "an integer; read as no date: check the secret's activation and expiry "
+                    "dates"]
+
+
+def test_a_bug_in_one_entrys_transform_fails_that_entry_alone(
+        emulator: Emulator, shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception while converting one entry fails that entry, reported as a bug
+    with its name, its file kept; the entries after it are written."""
+    from agent.transforms import TRANSFORMS
+
+    def broken(materials: object, params: object) -> Tuple[bytes, ...]:
+        raise KeyError("a value")
+
+    monkeypatch.setitem(TRANSFORMS, "template", broken)  # type: ignore[index]
+    emulator.set_secret("tpl-part", "a")
+    emulator.set_secret("after-the-bug", "after")
+    (shm_dir / "app.env").write_text("last good")
+    agent = Agent(manifest(emulator, shm_dir,
+                           "  - name: app-env\n"
+                           "    template: {path: app.env, values: {A: tpl-part}}\n"
+                           "  - {name: after-the-bug}\n"), environ=environ(emulator))
+    try:
+        report = agent.sync()
+    finally:
+        agent.close()
+    failed, written = report.outcomes
+    assert failed.error is not None and "entry 'app-env': the template transform failed " \
+        "unexpectedly (KeyError at test_agent.py" in failed.error.message
+    assert (shm_dir / "app.env").read_text() == "last good"
+    assert written.error is None and (shm_dir / "after-the-bug").read_text() == "after"
+
+
 # ---------------------------------------------------------------------------
 # List-based refresh (issue 12): the freshness memory carried between syncs
 

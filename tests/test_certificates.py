@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import pytest
-from certs import PEM, PKCS12, Pki, make_pki
+from certs import (
+    PEM,
+    PKCS12,
+    Pki,
+    cert_bag,
+    data_content,
+    der,
+    encrypted_content,
+    integer,
+    key_bag,
+    make_pki,
+    octets,
+    oid,
+    pem_block,
+    pfx,
+    pfx_value,
+    seq,
+    shrouded_key_bag,
+    sm2_certificate,
+    sm2_pkcs8,
+)
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from agent.certificates import MAX_CERTIFICATES, split_certificate
+from agent.pkcs12 import MAX_ITERATIONS
 from agent.sources import SecretAttributes
 from agent.transforms import TransformError, TransformParams, apply_transform
 
@@ -129,7 +154,7 @@ def test_refusals_name_the_secret_and_never_the_value(pki: Pki) -> None:
         "not a certificate's": (pki.pem().encode(), "text/plain"),
         "none": (pki.pem().encode(), None),
         "not base64": (b"%%%", PKCS12),
-        "or it is damaged": (base64.b64encode(b"not a pkcs12"), PKCS12),
+        "is damaged": (base64.b64encode(b"not a pkcs12"), PKCS12),
         "no certificate": (pki.pem_blocks()[0], PEM),
         f"more than {MAX_CERTIFICATES}": (many, PEM),
     }
@@ -226,3 +251,195 @@ def test_without_cryptography_a_certificate_entry_fails_in_one_line() -> None:
                           text=True, timeout=60, check=True)
     assert done.stdout.startswith("secret 'web-tls': certificates need the cryptography package")
     assert "install python3-cryptography" in done.stdout
+
+
+# ---------------------------------------------------------------------------
+# Issue 17: a value from the vault never takes the agent down
+
+
+def _x509(data: bytes) -> x509.Certificate:
+    return x509.load_der_x509_certificate(data)
+
+
+@pytest.mark.parametrize("source", ["pfx", "pem"])
+def test_a_certificate_whose_key_cryptography_cannot_load_is_dropped(pki: Pki,
+                                                                      source: str) -> None:
+    """An SM2 certificate next to a good key, leaf and chain is dropped like any certificate
+    outside the chain; it used to raise UnsupportedAlgorithm out of the transform."""
+    sm2 = sm2_certificate()
+    if source == "pem":
+        value = (pki.pem() + pem_block("CERTIFICATE", sm2).decode()).encode()
+        content_type = PEM
+    else:
+        value = pfx_value(pfx([data_content(
+            [key_bag(pki.key_der()), cert_bag(sm2)]
+            + [cert_bag(c) for c in pki.certificates_der()])]))
+        content_type = PKCS12
+    files = split(value, content_type)
+    assert files["fullchain"] == pem(pki.leaf, pki.intermediate, pki.root)
+    assert files["chain"] == pem(pki.intermediate, pki.root)
+
+
+def test_an_sm2_key_is_refused_as_a_type_kv_agent_does_not_support() -> None:
+    """An SM2 leaf with its SM2 key fails the entry with one line naming the fix."""
+    value = pem_block("PRIVATE KEY", sm2_pkcs8()) + pem_block("CERTIFICATE", sm2_certificate())
+    text = _refusal(value, PEM, ("key", "cert"))
+    assert "of a type kv-agent does not support" in text and "RSA or EC key" in text
+
+
+def test_an_x25519_leaf_writes_key_and_cert_but_refuses_a_pfx() -> None:
+    """An X25519 leaf's key and cert are written; asking for its pfx (PKCS#12 holds no X25519
+    key) fails that entry with one line instead of a TypeError."""
+    x = make_pki("x25519")
+    for value, content_type in ((x.pem().encode(), PEM),
+                                (pfx_value(pfx([data_content(
+                                    [key_bag(x.key_der())]
+                                    + [cert_bag(c) for c in x.certificates_der()])])), PKCS12)):
+        files = split(value, content_type, ("key", "cert", "chain"))
+        assert files["cert"] == pem(x.leaf) and files["chain"] == pem(x.intermediate, x.root)
+        text = _refusal(value, content_type, ("cert", "pfx"))
+        assert "X25519PrivateKey key cannot be written to a pfx" in text
+        assert "ask for key and cert instead of pfx" in text
+
+
+def _fake_rsa_pkcs8(bits: int) -> bytes:
+    """A PKCS#8 RSA key with a ``bits``-bit modulus and nonsense elsewhere (kv-agent must
+    refuse it by its size before cryptography tries to validate it)."""
+    modulus = (1 << (bits - 1)) | int.from_bytes(os.urandom(bits // 8), "big") | 1
+    modulus &= (1 << bits) - 1
+    pkcs1 = seq(integer(0), integer(modulus), integer(65537), *[integer(3)] * 6)
+    return seq(integer(0), seq(oid("1.2.840.113549.1.1.1"), der(0x05, b"")), octets(pkcs1))
+
+
+def test_an_rsa_key_above_4096_bits_is_refused_before_it_is_loaded(pki: Pki) -> None:
+    """An RSA key of 8,192 bits (4 s of GIL-holding validation, more beyond) is refused by its
+    size, in PEM and in a PKCS#12, before cryptography loads it."""
+    big = _fake_rsa_pkcs8(8192)
+    leaf = pki.pem_blocks()[1]
+    pem_value = pem_block("PRIVATE KEY", big) + leaf
+    pfx_data = pfx_value(pfx([data_content([key_bag(big), cert_bag(pki.certificates_der()[0])])]))
+    for value, content_type in ((pem_value, PEM), (pfx_data, PKCS12)):
+        started = time.monotonic()
+        text = _refusal(value, content_type)
+        assert "the RSA key has 8192 bits, more than 4096" in text
+        assert time.monotonic() - started < 0.5
+
+
+def test_pem_is_scanned_in_linear_time() -> None:
+    """250 KB of BEGIN lines (~30 s for the old pattern) is scanned in well under a second."""
+    value = b"-----BEGIN CERTIFICATE-----\n" * (250_000 // 28)
+    started = time.monotonic()
+    assert "no certificate in the PEM value" in _refusal(value, PEM)
+    assert time.monotonic() - started < 0.5
+
+
+def test_pem_blocks_keep_the_old_scanner_rules(pki: Pki) -> None:
+    """A BEGIN without a line break, a BEGIN without its END and an END of another label are
+    skipped; every complete block in between is read."""
+    blocks = pki.pem_blocks()
+    value = (b"-----BEGIN CERTIFICATE----- no line break\n" + blocks[1]
+             + b"-----BEGIN CERTIFICATE-----\nunfinished\n" + blocks[0]
+             + b"-----END RSA PRIVATE KEY-----\n" + blocks[2] + blocks[3])
+    files = split(value, PEM, ("key", "cert", "chain"))
+    assert files["cert"] == pem(pki.leaf) and files["chain"] == pem(pki.intermediate, pki.root)
+
+
+def test_the_reported_pkcs12_mac_count_is_refused_at_once(pki: Pki) -> None:
+    """The 1.1 KB PKCS#12 with a MAC iteration count of 2^26 (~25 s of OpenSSL holding the GIL
+    per fetch) fails its entry at once, naming the count."""
+    value = pfx_value(pfx([data_content([key_bag(pki.key_der()),
+                                         cert_bag(pki.certificates_der()[0])])],
+                          mac_iterations=2**26))
+    started = time.monotonic()
+    text = _refusal(value, PKCS12)
+    assert time.monotonic() - started < 0.5
+    assert "MAC iteration count is 67,108,864" in text
+
+
+class _GilWatch:
+    """A thread that wakes every 5 ms: the longest gap between its wake-ups is the longest
+    time another thread held the GIL (what would keep the agent's loop from answering
+    SIGTERM or the watchdog)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.005):
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def __enter__(self) -> "_GilWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+FREEZE_LIMIT_S = 2.0  # the issue's bound on how long one value may hold the loop
+
+
+@pytest.fixture(scope="module")
+def rsa4096() -> Pki:
+    """A leaf with a 4,096-bit RSA key (Key Vault's largest): its validation on load is the
+    longest the GIL is held for a value kv-agent accepts."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    base = make_pki("ec", "big.example")
+    leaf = (x509.CertificateBuilder().subject_name(base.leaf.subject)
+            .issuer_name(base.leaf.issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(base.leaf.not_valid_before_utc)
+            .not_valid_after(base.leaf.not_valid_after_utc)
+            .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+    return Pki(base.root, base.intermediate, leaf, key)
+
+
+def _worst_values(pki: Pki, rsa4096: Pki) -> Dict[str, Tuple[bytes, str]]:
+    """The costliest values to read that we could build, each at most the vault's 256 KiB."""
+    cap = 256 * 1024
+    chain = [cert_bag(c) for c in pki.certificates_der()]
+    return {
+        "250 KB of BEGIN lines": (b"-----BEGIN CERTIFICATE-----\n" * (cap // 28), PEM),
+        "BEGIN and END lines, mismatched": (
+            b"-----BEGIN CERTIFICATE-----\n-----END PRIVATE KEY-----\n" * (cap // 54), PEM),
+        "a bundle and 200 KB of junk between its blocks": (
+            b"".join(block + b"x" * 40_000 for block in pki.pem_blocks()), PEM),
+        "ASN.1 nested 64k deep": (pfx_value(b"\x30\x80" * (cap // 6)), PKCS12),
+        "100k tiny ASN.1 elements": (pfx_value(seq(*[b"\x05\x00"] * 60_000)), PKCS12),
+        "MAC count 2^31 - 1": (pfx_value(pfx([data_content(chain)],
+                                              mac_iterations=2**31 - 1)), PKCS12),
+        "PBES2 at the bounds (1M + 1M iterations)": (pfx_value(pfx([
+            encrypted_content(chain, iterations=MAX_ITERATIONS),
+            data_content([shrouded_key_bag(pki.key_der(), iterations=MAX_ITERATIONS)])])),
+            PKCS12),
+        "PKCS#12 3DES at the bound, the second password spelling": (pfx_value(pfx([
+            encrypted_content(chain, iterations=MAX_ITERATIONS // 2, scheme="pkcs12-3des"),
+            data_content([key_bag(pki.key_der())])])), PKCS12),
+        "a 4096-bit RSA key": (b"".join(rsa4096.pem_blocks()), PEM),
+    }
+
+
+def test_no_value_holds_the_gil_for_more_than_2_s(pki: Pki, rsa4096: Pki) -> None:
+    """Each of the costliest values we could build (PEM scanner, ASN.1 depth and size,
+    iteration counts at and beyond the bounds, the largest RSA key) keeps the GIL, and so
+    the agent's loop, for under 2 s; the figures are printed (pytest -s)."""
+    figures = []
+    for label, (value, content_type) in _worst_values(pki, rsa4096).items():
+        assert len(value) <= 256 * 1024 + 1024, label
+        started = time.monotonic()
+        with _GilWatch() as watch:
+            try:
+                split_certificate("worst", value, content_type, KINDS)
+            except TransformError:
+                pass
+        figures.append((label, time.monotonic() - started, watch.longest))
+    for label, elapsed, longest in figures:
+        print(f"{label}: {elapsed:.3f} s in all, GIL held at most {longest:.3f} s")
+    assert all(longest < FREEZE_LIMIT_S for _, _, longest in figures), figures
+    assert all(elapsed < 10.0 for _, elapsed, _ in figures), figures

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agent.expiry import (
     EXPIRED,
     EXPIRING,
+    MAX_EPOCH_S,
     NOT_YET_VALID,
     REPEAT_EXPIRING_S,
     ExpiryWarnings,
     Validity,
     combine,
+    day,
     describe,
     judge,
+    moment,
     short,
+    usable_epoch,
 )
+from agent.snapshot import iso_time
 
 DAY = 86400
 WINDOW = Validity(not_before=10 * DAY, expires=100 * DAY)
@@ -61,3 +68,25 @@ def test_words_name_the_entry_the_date_and_the_fix() -> None:
     line = describe("web-tls", EXPIRED, expired, 1_793_491_200 + DAY)
     assert "'web-tls' expired at 2026-11-01T00:00:00Z" in line and "still written" in line
     assert "in 2.0 days" in describe("x", EXPIRING, expired, 1_793_491_200 - 2 * DAY)
+
+
+@pytest.mark.parametrize("value, usable", [
+    (0, 0), (1_700_000_000, 1_700_000_000), (MAX_EPOCH_S, MAX_EPOCH_S),
+    (MAX_EPOCH_S + 1, None), (2**62, None), (2**63 - 1, None), (-1, None), (True, None),
+    (1.5, None), ("1700000000", None), (None, None),
+])
+def test_a_usable_epoch_is_an_integer_from_1970_to_the_year_9999(value: object,
+                                                                  usable: object) -> None:
+    """Integers from 0 to 9999-12-31T23:59:59Z are dates; anything else is no date."""
+    assert usable_epoch(value) == usable
+
+
+def test_dates_are_shown_whatever_the_number() -> None:
+    """moment, day and status.json's iso_time never raise: a time beyond 9999 (2^62 made
+    every status.json write fail) or before 1970 is clamped to the range."""
+    assert moment(MAX_EPOCH_S) == "9999-12-31T23:59:59Z" == iso_time(2**62)
+    assert day(2**62) == "9999-12-31" and day(float("inf")) == "9999-12-31"
+    assert moment(-2**62) == "1970-01-01T00:00:00Z" == moment(float("nan"))
+    assert describe("far", EXPIRED, Validity(None, 2**62), 0.0).startswith(
+        "secret 'far' expired at 9999-12-31T23:59:59Z")
+    assert short("far", NOT_YET_VALID, Validity(2**62, None)) == "far (valid from 9999-12-31)"

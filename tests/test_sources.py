@@ -54,3 +54,14 @@ def test_network_text_is_escaped_and_bounded() -> None:
     assert "\x1b" not in attributes.kid and len(attributes.kid) < 600
     assert attributes.tags is not None and len(attributes.tags) == 50
     assert all("\n" not in value for _, value in attributes.tags)
+
+
+def test_dates_outside_1970_to_9999_are_no_date_and_named() -> None:
+    """nbf/exp/created/updated beyond the year 9999 (2^62), negative or not integers read as
+    None and are named in unusable_dates; the last second of 9999 is still a date."""
+    attributes = parse_attributes({"attributes": {"nbf": 2**62, "exp": -5, "created": 1.5,
+                                                  "updated": 253402300799}})
+    assert (attributes.nbf, attributes.exp, attributes.created) == (None, None, None)
+    assert attributes.updated == 253402300799
+    assert attributes.unusable_dates == ("nbf", "exp", "created")
+    assert parse_attributes({"attributes": {"nbf": None}}).unusable_dates == ()

@@ -19,7 +19,9 @@ from agent.transforms import (
     TransformError,
     TransformParams,
     apply_transform,
+    certificate_has_key,
     raw,
+    transform_with_validity,
 )
 
 
@@ -176,3 +178,40 @@ def test_base64_is_the_standard_alphabet() -> None:
     stored = base64.b64encode(value)
     assert apply_transform("raw", [Fetched("s", stored)], 1, TransformParams(("base64",))) == (
         value,)
+
+
+def _boom(materials: object, params: object) -> Tuple[bytes, ...]:
+    raise RuntimeError("the value s3cr3t-in-a-message")
+
+
+def test_only_transform_error_leaves_a_transform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other exception from a transform is a TransformError naming the entry, the
+    exception's type and where it was raised, as a bug, never the exception's message."""
+    monkeypatch.setitem(TRANSFORMS, "raw", _boom)  # type: ignore[index]
+    with pytest.raises(TransformError) as caught:
+        transform_with_validity("raw", [Fetched("db", b"s3cr3t")], 1, entry="db-entry")
+    text = str(caught.value)
+    assert text.startswith("entry 'db-entry': the raw transform failed unexpectedly "
+                           "(RuntimeError at test_transforms.py:")
+    assert "in _boom): a bug in kv-agent" in text and "the other entries go on" in text
+    assert "s3cr3t" not in text and "\n" not in text
+
+
+def test_the_certificate_boundary_holds_for_library_exceptions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception cryptography might raise deep inside a certificate's conversion, and one
+    reading a certificate for doctor, each come out as a TransformError."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    import agent.certificates as certificates
+
+    def unsupported(*args: object) -> object:
+        raise UnsupportedAlgorithm("curve 1.2.156.10197.1.301")
+
+    monkeypatch.setattr(certificates, "read_certificate", unsupported)
+    monkeypatch.setattr(certificates, "read_bundle", unsupported)
+    fetched = Fetched("web-tls", b"x", "application/x-pem-file")
+    with pytest.raises(TransformError, match="UnsupportedAlgorithm at test_transforms.py"):
+        apply_transform("certificate", [fetched], 1, TransformParams(kinds=("cert",)))
+    with pytest.raises(TransformError, match="entry 'web': reading the certificate failed"):
+        certificate_has_key(fetched, "web")

@@ -313,7 +313,8 @@ def test_odd_attribute_types_read_as_absent() -> None:
     """Attributes, tags and flags of the wrong type are None/empty, never an exception."""
     assert parse_attributes({"attributes": {"enabled": "yes", "nbf": 1.5, "exp": True,
                                             "created": "1", "updated": 10 ** 30},
-                             "managed": "true", "tags": "x", "kid": 5}) == SecretAttributes()
+                             "managed": "true", "tags": "x", "kid": 5}) == SecretAttributes(
+        unusable_dates=("nbf", "exp", "created", "updated"))
     assert parse_attributes({"attributes": ["x"]}) == SecretAttributes()
     assert parse_attributes({"tags": {"a": "b\n\x1b", "c": None, "d": ["x"]}}).tags == (
         ("a", "b\\x0a\\x1b"),)

@@ -45,6 +45,10 @@ ARC = "tests/test_arc.py"
 FRESHNESS = "tests/test_freshness.py"
 DOCTOR = "tests/test_doctor.py"
 METRICS = "tests/test_metrics.py"
+TRANSFORMS = "tests/test_transforms.py"
+CERTIFICATES = "tests/test_certificates.py"
+PKCS12 = "tests/test_pkcs12.py"
+EXPIRY = "tests/test_expiry.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -690,6 +694,42 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    elif is_failing and not streak:",
         "    elif False:",
         (f"{LIFECYCLE}::test_a_ready_agents_first_failure_retries_anywhere_in_a_minute",),
+    ),
+    # -- a value from the vault never takes the agent down (issue 17) ----------
+    Mutation(
+        "transform-bug-escapes",
+        "only the agent's own error leaves a transform: an unexpected exception fails that "
+        "entry alone",
+        "agent/transforms.py",
+        "    except Exception as exc:  # the boundary: see the module docstring",
+        "    except ArithmeticError as exc:  # the boundary: see the module docstring",
+        (f"{TRANSFORMS}::test_only_transform_error_leaves_a_transform",
+         f"{AGENT}::test_a_bug_in_one_entrys_transform_fails_that_entry_alone"),
+    ),
+    Mutation(
+        "pkcs12-iterations-unbounded",
+        "a PKCS#12 iteration count above 1,000,000 is refused before any derivation",
+        "agent/pkcs12.py",
+        "    if count > MAX_ITERATIONS:",
+        "    if False:",
+        (f"{PKCS12}::test_the_mac_count_of_the_reported_value_is_refused_in_milliseconds",),
+    ),
+    Mutation(
+        "rsa-key-size-unchecked",
+        "an RSA key above 4,096 bits is refused before it is loaded",
+        "agent/certificates.py",
+        "    if rsa_bits is not None and rsa_bits > MAX_RSA_BITS:",
+        "    if False:",
+        (f"{CERTIFICATES}::test_an_rsa_key_above_4096_bits_is_refused_before_it_is_loaded",),
+    ),
+    Mutation(
+        "far-dates-kept",
+        "a date after the year 9999 is read as no date",
+        "agent/expiry.py",
+        "and 0 <= value <= MAX_EPOCH_S:",
+        "and 0 <= value:",
+        (f"{EXPIRY}::test_a_usable_epoch_is_an_integer_from_1970_to_the_year_9999",
+         f"{AGENT}::test_dates_beyond_the_year_9999_are_no_date_said_once"),
     ),
     Mutation(
         "failed-start-refetches-everything",
