@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
     emulator.add_argument("--secrets", metavar="FILE", required=True,
                           help="YAML mapping of secret name to value, or a document with "
-                               "'secrets:' and 'identities:' (see the README)")
+                               "'secrets:' and 'identities:'")
     emulator.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     emulator.add_argument("--imds-port", type=int, default=0, help="IMDS port (default: any)")
     emulator.add_argument("--vault-port", type=int, default=0, help="vault port (default: any)")
@@ -422,7 +422,7 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         loaded = load_emulator_file(args.secrets)
     except (OSError, ValueError) as exc:
         raise KvAgentError(str(exc), "pass a YAML mapping of secret name to value, or "
-                                     "'secrets:' and 'identities:' as the README shows") from None
+                                     "'secrets:' and 'identities:' as kv-agent(8) says") from None
     secrets = loaded.secrets
     emulator = Emulator(
         secrets, host=args.host, imds_port=args.imds_port, vault_port=args.vault_port,

@@ -328,8 +328,8 @@ class Daemon:
         """Make the state directory STATE_DIR_MODE (0711) again. systemd sets a
         RuntimeDirectory= back to the unit's RuntimeDirectoryMode= (0751, which
         /run/secrets needs) for every process it starts, ExecReload='s too, just
-        before that process sends the SIGHUP; left so, 0711 (the README's
-        promise) would hold only until the first reload. Never fatal."""
+        before that process sends the SIGHUP; left so, 0711 (the promise of
+        docs/design/lifecycle.md) would hold only until the first reload. Never fatal."""
         try:
             self._store.prepare()
         except KvAgentError as exc:

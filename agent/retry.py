@@ -38,7 +38,7 @@ class RetryPolicy(NamedTuple):
 
     ``is_final_attempt_kept``: what a Retry-After (or a vault's pause, see
     :class:`Pause`) longer than the time left does. True (``kv-agent once``,
-    the README's Limits): it is slept only up to the deadline and the final
+    docs/design/limits.md): it is slept only up to the deadline and the final
     attempt is made, so ``--retry-for 15`` retries for 15 s, as promised
     (issue 17 item 9: it used to give up after 6 s). False (a refresh of the
     running agent, REFRESH_RETRY): the loop ends at once, unsent; the

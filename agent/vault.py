@@ -82,7 +82,7 @@ API_VERSION = "7.6"  # GA; everything kv-agent uses exists since 7.0 [protocol.m
 MAX_CONCURRENCY = 16
 ARRIVAL_BATCH = 32  # outcomes fetch_each hands over at once
 # A secret is at most 25 KB [protocol.md B7]; larger ones are accepted up to
-# this bound (README, Limits), which applies after any gzip decoding.
+# this bound (docs/design/limits.md), which applies after any gzip decoding.
 MAX_BODY_BYTES = 256 * 1024
 TIMEOUT_S: Tuple[float, float] = (5.0, 20.0)  # connect, each read
 REQUEST_TOTAL_S = 30.0  # one request, start to last byte (see agent.transport)

@@ -9,7 +9,8 @@
 # at debian/ in the tree it builds, so this copies the files the package is
 # made of (symlinks in packaging/debian resolved) into a scratch directory and
 # builds there: the work tree is never written to. The maintainer comes from
-# pyproject.toml (packaging/maintainer). Prints the paths of the two .debs,
+# pyproject.toml (packaging/maintainer), kv-agent(8) from the parser
+# (packaging/manpage.py). Prints the paths of the two .debs,
 # one a line: kv-agent's, then kv-agent-emulator's.
 set -eu
 
@@ -31,6 +32,9 @@ src="$scratch/kv-agent-$version"
 mkdir -p "$src"
 (cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
     agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$src"
+# kv-agent(8) is made from the command line's own parser (packaging/manpage.py),
+# so it cannot drift from the code; debian/kv-agent.manpages installs it.
+python3 -I "$src/packaging/manpage.py" -o "$src/packaging/kv-agent.8"
 rm -rf "$src/packaging/debian"
 mv "$scratch/debian" "$src/debian"
 

@@ -10,7 +10,8 @@
 # of, then runs rpmbuild -bb in a scratch _topdir. On a host whose rpm has no
 # systemd macros or RPM database of build dependencies (Debian), it loads
 # packaging/rpm/macros.fallback and skips the BuildRequires check (--nodeps).
-# The packager comes from pyproject.toml (packaging/maintainer). Prints the
+# The packager comes from pyproject.toml (packaging/maintainer), kv-agent(8)
+# from the parser (packaging/manpage.py). Prints the
 # paths of the two .rpms, one a line: kv-agent's, then kv-agent-emulator's.
 set -eu
 
@@ -29,6 +30,10 @@ version=$(sed -n 's/^Version:[[:space:]]*//p' "$spec")
 mkdir -p "$scratch/SOURCES" "$scratch/kv-agent-$version"
 (cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
     agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$scratch/kv-agent-$version"
+# kv-agent(8) is made from the command line's own parser (packaging/manpage.py),
+# so it cannot drift from the code; the spec installs it.
+python3 -I "$scratch/kv-agent-$version/packaging/manpage.py" \
+    -o "$scratch/kv-agent-$version/packaging/kv-agent.8"
 tar -czf "$scratch/SOURCES/kv-agent-$version.tar.gz" -C "$scratch" "kv-agent-$version"
 
 set -- --define "_topdir $scratch" --define "_rpmdir $out" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm"

@@ -1274,7 +1274,7 @@ def test_once_reaches_imds_directly_whatever_the_proxy_variables(
     kv: Harness, proxy: RecordingProxy
 ) -> None:
     """With http_proxy, https_proxy and all_proxy (both cases) naming a proxy, once reaches IMDS
-    directly and only the vault through the proxy (README: proxy variables apply to the vault
+    directly and only the vault through the proxy (kv-agent(8): proxy variables apply to the vault
     only)."""
     name = fresh_name("proxied")
     value = fresh_value("proxied")

@@ -1086,7 +1086,7 @@ STUCK_FETCH_MAIN = (
     "from agent.cli import main\n"
     "sys.exit(main())\n"
 )
-STOP_WITHIN_S = 2.0  # the README's "within seconds", as issue 17 item 25 measures it
+STOP_WITHIN_S = 2.0  # docs/design/lifecycle.md's "within 2 s" (issue 17 item 25)
 
 
 def wait_in_flight(run: Running, vault: Vault, since: Dict[str, int]) -> None:

@@ -452,7 +452,7 @@ def test_sdk_check_counts_the_port_so_another_port_needs_the_switch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """azure-keyvault-secrets compares host and port: at *.vault.azure.net:<other port> its
-    check refuses, and verify_challenge_resource=False is the way (the README says so)."""
+    check refuses, and verify_challenge_resource=False is the way (docs/how-to/emulator.md says so)."""
     emulator = start_named(monkeypatch, 0)
     try:
         with verifying_client(emulator) as client, pytest.raises(ValueError, match="challenge"):

@@ -80,7 +80,7 @@ def test_retry_after_beyond_budget_ends_a_refresh_loop() -> None:
 
 def test_retry_after_beyond_budget_sleeps_to_the_deadline_then_one_final_attempt() -> None:
     """By default (kv-agent once) a Retry-After longer than what is left is slept
-    up to the deadline and one final attempt is allowed, as the README's Limits say."""
+    up to the deadline and one final attempt is allowed, as docs/design/limits.md says."""
     clock = FakeClock()
     backoff = Backoff(RetryPolicy(deadline_s=5), clock=clock, sleep=clock.sleep)
     assert backoff.wait("x", retry_after=10) is True

@@ -313,7 +313,7 @@ def test_once_writes_the_selection_and_check_refuses_an_explicit_file_inside_it(
     assert second.returncode == 0, second.stderr
     assert sorted(os.listdir(shm_dir / "app1")) == ["app1-db", "app1-new"]
     assert "db value" not in first.stderr + second.stderr
-    # once removes nothing (README: only the running agent has the record of
+    # once removes nothing (docs/how-to/bulk-selection.md: only the running agent has the record of
     # its files): a secret that stops matching keeps its file.
     emulator.set_secret("app1-new", "new value", tags={"env": "dev"})
     third = run_cli(["once", "--manifest", str(manifest)], emulator)

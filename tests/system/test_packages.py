@@ -7,7 +7,10 @@ are checked apart (issue 10, item 4).
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import re
+import subprocess
 from pathlib import Path
 from typing import Dict, Iterable, List, Set
 
@@ -75,7 +78,7 @@ def deb_files(deb: Path) -> Dict[str, str]:
 
 def test_deb_file_list(built_deb: Path) -> None:
     """The .deb holds exactly the agent, the bundled inotify_simple, the unit,
-    tmpfiles.d, the manifest, the man page and docs; nothing in dist-packages."""
+    tmpfiles.d, the manifest, the man pages and docs; nothing in dist-packages."""
     files = deb_files(built_deb)
     regular = {path for path, mode in files.items() if mode.startswith("-")}
     expected = {
@@ -89,6 +92,7 @@ def test_deb_file_list(built_deb: Path) -> None:
         "/usr/lib/tmpfiles.d/kv-agent.conf",
         "/etc/kv-agent/manifest.yaml",
         "/usr/share/man/man8/kv-agent.8.gz",
+        "/usr/share/man/man5/kv-agent.yaml.5.gz",  # the manifest's reference (issue 18)
         "/usr/share/doc/kv-agent/README.md.gz",
         "/usr/share/doc/kv-agent/changelog.gz",
         "/usr/share/doc/kv-agent/copyright",
@@ -147,6 +151,30 @@ def test_emulator_deb_metadata(built_emulator_deb: Path) -> None:
                ).stdout.strip() == "all"
     conffiles = run(["dpkg-deb", "-I", str(built_emulator_deb), "conffiles"]).stdout.split()
     assert conffiles == ["/etc/kv-agent-emulator/secrets.yaml"]
+
+
+def generated_man_page() -> str:
+    """kv-agent(8) as packaging/manpage.py makes it from this tree's parser."""
+    spec = importlib.util.spec_from_file_location("manpage", REPO / "packaging" / "manpage.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.build())
+
+
+def test_deb_man_pages_are_the_generated_one_and_the_manifest_reference(
+        built_deb: Path) -> None:
+    """The .deb's kv-agent(8) is the page generated from the parser at build time, and its
+    kv-agent.yaml(5) is packaging/kv-agent.yaml.5 (issue 18)."""
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(built_deb)], check=True,
+                         capture_output=True).stdout
+    for member, expected in (
+            ("./usr/share/man/man8/kv-agent.8.gz", generated_man_page()),
+            ("./usr/share/man/man5/kv-agent.yaml.5.gz",
+             (REPO / "packaging" / "kv-agent.yaml.5").read_text(encoding="utf-8"))):
+        page = subprocess.run(["tar", "-xOf", "-", member], input=tar, check=True,
+                              capture_output=True).stdout
+        assert gzip.decompress(page).decode("utf-8") == expected, member
 
 
 def test_deb_metadata(built_deb: Path) -> None:
@@ -237,6 +265,7 @@ def test_rpm_file_list(built_rpm: Path) -> None:
         "/usr/lib/tmpfiles.d/kv-agent.conf",
         "/etc/kv-agent/manifest.yaml",
         "/usr/share/man/man8/kv-agent.8",
+        "/usr/share/man/man5/kv-agent.yaml.5",  # the manifest's reference (issue 18)
         f"{doc}/README.md",
         f"{doc}/examples/consumer-drop-in.conf",
         f"{doc}/examples/kv-agent-consumer-example.service",
@@ -245,7 +274,7 @@ def test_rpm_file_list(built_rpm: Path) -> None:
         f"{licenses}/sdnotify/LICENSE.txt",
     }
     # The man page may be compressed by the build host's brp scripts.
-    regular = {p[:-3] if p.endswith(".8.gz") else p for p in regular}
+    regular = {p[:-3] if p.endswith((".8.gz", ".5.gz")) else p for p in regular}
     assert regular == expected, (
         f"missing: {sorted(expected - regular)}; unexpected: {sorted(regular - expected)}")
     assert files["/etc/kv-agent/manifest.yaml"] == "-rw-------"
