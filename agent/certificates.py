@@ -55,10 +55,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from agent.der import INTEGER, OCTET_STRING, OID, SEQUENCE, DerError, Reader
+from agent.errors import TransformError
 from agent.expiry import usable_epoch
 from agent.pkcs12 import Pkcs12Error, read_pkcs12
-from agent.transforms import TransformError, strict_base64
-from agent.untrusted import escape
+from agent.untrusted import escape, strict_base64
 
 if TYPE_CHECKING:  # the name is cryptography 40's; Debian 12 ships 38
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes

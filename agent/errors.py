@@ -101,6 +101,14 @@ class EndlessListError(VaultError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class TransformError(KvAgentError):
+    """A fetched secret cannot be turned into its entry's files; that entry
+    fails (its files keep their last good content), the others go on. The
+    only error that may leave a transform (:mod:`agent.transforms`); here,
+    below both transforms and certificates, so neither imports the other
+    for it."""
+
+
 class WriteError(KvAgentError):
     """A file could not be written safely; its previous content is intact."""
 

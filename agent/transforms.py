@@ -34,8 +34,9 @@ from __future__ import annotations
 import binascii
 from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple, TypeVar
 
-from agent.errors import KvAgentError
+from agent.errors import TransformError
 from agent.sources import SecretAttributes
+from agent.untrusted import strict_base64
 
 ENCODINGS = ("utf-8", "base64", "hex")
 TEMPLATE_FORMATS = ("env", "json", "raw")
@@ -82,11 +83,6 @@ Transform = Callable[[Sequence[Material], TransformParams], Tuple[bytes, ...]]
 Window = Tuple[Optional[int], Optional[int]]
 
 
-class TransformError(KvAgentError):
-    """A fetched secret cannot be turned into its entry's files; that entry
-    fails (its files keep their last good content), the others go on."""
-
-
 def decode(material: Material, encoding: Optional[str]) -> bytes:
     """The value as bytes: as stored (None or ``utf-8``: Key Vault's values
     are text, and their UTF-8 bytes are what is stored), or decoded from
@@ -108,20 +104,6 @@ def decode(material: Material, encoding: Optional[str]) -> bytes:
                              f"{encoding} from the entry") from None
     raise TransformError(f"secret '{material.name}': unknown encoding '{encoding}'",
                          f"use one of {', '.join(ENCODINGS)}")
-
-
-def strict_base64(text: bytes) -> bytes:
-    """Standard base64 with padding; whitespace and line breaks are ignored.
-
-    Raises ValueError for anything else: a2b_base64 alone skips stray
-    characters, so only the canonical spelling of what it decoded is
-    accepted (``strict_mode=`` needs Python 3.11).
-    """
-    compact = b"".join(text.split())
-    data = binascii.a2b_base64(compact)
-    if binascii.b2a_base64(data, newline=False) != compact:
-        raise ValueError("not canonical base64")
-    return data
 
 
 def raw(materials: Sequence[Material], params: TransformParams) -> Tuple[bytes, ...]:

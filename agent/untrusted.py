@@ -16,6 +16,7 @@ lowest modules can use it.
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
 from typing import Any
@@ -63,3 +64,17 @@ def load_json(body: bytes) -> Any:
         raise ValueError("the response is nested too deeply") from None
     except (ValueError, TypeError):
         raise ValueError("the response is not JSON") from None
+
+
+def strict_base64(text: bytes) -> bytes:
+    """Standard base64 with padding; whitespace and line breaks are ignored.
+
+    Raises ValueError for anything else: a2b_base64 alone skips stray
+    characters, so only the canonical spelling of what it decoded is
+    accepted (``strict_mode=`` needs Python 3.11).
+    """
+    compact = b"".join(text.split())
+    data = binascii.a2b_base64(compact)
+    if binascii.b2a_base64(data, newline=False) != compact:
+        raise ValueError("not canonical base64")
+    return data

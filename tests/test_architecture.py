@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -90,3 +90,54 @@ def test_only_the_cli_prints_or_exits() -> None:
         for line, what in _calls_that_print_or_exit(ast.parse(path.read_text(), relative)):
             offenders.append(f"{relative}:{line}: {what}")
     assert not offenders, "only agent/cli.py may print or exit:\n" + "\n".join(offenders)
+
+
+def import_cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
+    """Every group of modules that import one another in a circle (Tarjan's
+    strongly connected components with more than one module), each sorted."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    cycles: List[List[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in sorted(edges.get(module, ())):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group: List[str] = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_import_cycles_are_found() -> None:
+    """A circle of any length is one group; a chain or a self-import is none."""
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}) == \
+        [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_module_of_the_agent_imports_itself_through_others() -> None:
+    """No import cycle between the agent's modules, lazy imports inside functions included
+    (certificates and transforms were one: TransformError and strict_base64 moved down)."""
+    import grimp
+
+    graph = grimp.build_graph("agent", cache_dir=None)
+    edges = {module: set(graph.find_modules_directly_imported_by(module))
+             for module in graph.modules}
+    assert import_cycles(edges) == []

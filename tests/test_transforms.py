@@ -162,14 +162,14 @@ def test_env_template_quoting_is_double_quotes_with_four_escapes() -> None:
 
 
 def test_transforms_import_nothing_that_does_io() -> None:
-    """agent/transforms.py imports only typing, binascii, json, errors, the source values and
-    (for a certificate entry, lazily) agent.certificates."""
+    """agent/transforms.py imports only typing, binascii, json, errors, untrusted (no I/O:
+    strict base64), the source values and (for a certificate entry, lazily) agent.certificates."""
     tree = ast.parse(Path("agent/transforms.py").read_text())
     imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
                 for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names}
     assert imported <= {"__future__", "typing", "binascii", "json", "agent.errors",
-                        "agent.sources", "agent.certificates"}
+                        "agent.untrusted", "agent.sources", "agent.certificates"}
 
 
 def test_base64_is_the_standard_alphabet() -> None:
