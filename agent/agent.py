@@ -68,7 +68,7 @@ from agent.outputs import EntrySet
 from agent.retry import RetryPolicy
 from agent.sources import Source
 from agent.transforms import Window, transform_with_validity
-from agent.vault import Secret, SecretRequest, VaultClient, new_session
+from agent.vault import Secret, VaultClient, new_session
 from agent.vault_list import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
 
@@ -286,7 +286,7 @@ class Agent:
                              {vault: len(items) for vault, items in listings.items()})
         fetch_started = time.time()  # before any GET: the conservative fetch time
         arrivals = _Arrivals(decided.fetch, self.vault.fetch_each(
-            [SecretRequest(*source) for source in decided.fetch]))
+            [Source(*source) for source in decided.fetch]))
         groups = {key: group for group in self.manifest.sets for key in group.keys}
         by_key = {entry.key: entry for entry in entries}
         outcomes: Dict[str, SecretOutcome] = {}

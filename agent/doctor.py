@@ -97,7 +97,6 @@ from agent.vault import (
     KNOWN_AUDIENCES,
     Probed,
     Secret,
-    SecretRequest,
     VaultClient,
     audience_for_host,
     audience_from_challenge,
@@ -623,7 +622,7 @@ class _SecretProbes:
         if self._gone is not None:
             return [Check(subject, "readable", WARN, f"not checked: {self._gone}")]
         try:
-            probed = self.client.probe_secret(SecretRequest(*source))
+            probed = self.client.probe_secret(Source(*source))
         except KvAgentError as exc:
             if isinstance(exc, (VaultUnavailableError, IdentityUnavailableError)):
                 self._gone = f"the vault stopped answering ({exc.message})"

@@ -64,7 +64,7 @@ from agent.errors import (
     VaultUnavailableError,
 )
 from agent.retry import Backoff, Pause, RetryPolicy, parse_retry_after
-from agent.sources import SecretAttributes, parse_attributes
+from agent.sources import SecretAttributes, Source, parse_attributes
 from agent.untrusted import escape, load_json
 from agent.vault_list import (
     LIST_PATH,
@@ -128,14 +128,6 @@ class Secret(NamedTuple):
 
     def __repr__(self) -> str:
         return f"Secret(name={self.name!r}, version={self.version!r}, value=****)"
-
-
-class SecretRequest(NamedTuple):
-    """What to fetch: a secret on a vault, optionally pinned to a version."""
-
-    vault: str
-    name: str
-    version: Optional[str] = None
 
 
 FetchOutcome = Union[Secret, KvAgentError]
@@ -468,13 +460,13 @@ class VaultClient:
         self._proxies_by_vault: Dict[str, Dict[str, str]] = {}
         self.gives_way = False  # see the class docstring
 
-    def fetch_many(self, requests_: Sequence[SecretRequest]) -> List[FetchOutcome]:
+    def fetch_many(self, requests_: Sequence[Source]) -> List[FetchOutcome]:
         """Fetch every request concurrently (bounded); one outcome per request,
         in order: a Secret or the KvAgentError for that secret. See
         :meth:`fetch_each`."""
         return list(self.fetch_each(requests_))
 
-    def fetch_each(self, requests_: Sequence[SecretRequest]
+    def fetch_each(self, requests_: Sequence[Source]
                    ) -> Generator[FetchOutcome, None, None]:
         """As :meth:`fetch_many`, one outcome at a time and in order, a batch
         of them (ARRIVAL_BATCH) as soon as the batch arrived: the caller
@@ -498,7 +490,7 @@ class VaultClient:
             except VaultError as exc:
                 vault_errors[request.vault] = exc
 
-        def outcome(request: SecretRequest) -> FetchOutcome:
+        def outcome(request: Source) -> FetchOutcome:
             if request.vault in vault_errors:
                 return vault_errors[request.vault]
             try:
@@ -521,7 +513,7 @@ class VaultClient:
                 for future in futures:
                     future.cancel()  # those not yet started, when closed early
 
-    def fetch_secret(self, request: SecretRequest) -> Secret:
+    def fetch_secret(self, request: Source) -> Secret:
         """GET one secret. Raises a VaultError subclass naming the secret."""
         url = secret_url(request.vault, request.name, request.version)
         audience = self._audience(request.vault, url)
@@ -789,7 +781,7 @@ class VaultClient:
         _check_vault_url(vault)
         return self._get(vault, vault + LIST_PATH, None, self._backoff())
 
-    def probe_secret(self, request: SecretRequest) -> "Probed":
+    def probe_secret(self, request: Source) -> "Probed":
         """GET one secret exactly as :meth:`fetch_secret` does (audience,
         token, retries, one fresh token after a 401), but return a refusal
         instead of raising it. Raises VaultError (or IdentityUnavailableError)

@@ -25,11 +25,11 @@ from agent.errors import (
     VaultUnavailableError,
 )
 from agent.retry import MIN_REQUEST_S, REFRESH_RETRY, Backoff, RetryPolicy
+from agent.sources import Source
 from agent.vault import (
     ARRIVAL_BATCH,
     KNOWN_AUDIENCES,
     Secret,
-    SecretRequest,
     VaultClient,
     audience_for_host,
     audience_from_challenge,
@@ -99,7 +99,7 @@ def test_known_cloud_vault_needs_no_challenge() -> None:
     """A *.vault.azure.net vault gets the public audience without a 401 round trip."""
     session = FakeSession(bundle())
     tokens = Tokens()
-    secret = client(session, tokens).fetch_secret(SecretRequest(VAULT, "db"))
+    secret = client(session, tokens).fetch_secret(Source(VAULT, "db"))
     assert secret[:4] == ("db", VERSION, b"s3cr3t", None)
     assert tokens.calls == [("https://vault.azure.net", False)]
     (sent,) = session.sent
@@ -113,7 +113,7 @@ def test_loopback_vault_uses_the_challenge() -> None:
     session = FakeSession(error(401, "Unauthorized", **{"WWW-Authenticate": CHALLENGE}),
                           bundle(vault=LOCAL))
     tokens = Tokens()
-    client(session, tokens).fetch_secret(SecretRequest(LOCAL, "db"))
+    client(session, tokens).fetch_secret(Source(LOCAL, "db"))
     assert "Authorization" not in session.sent[0].headers
     assert session.sent[1].headers["Authorization"] == "Bearer token-1"
     assert tokens.calls == [("https://vault.azure.net", False)]
@@ -131,7 +131,7 @@ def test_untrusted_challenge_gets_no_token(challenge: str) -> None:
     session = FakeSession((401, headers, b""))
     tokens = Tokens()
     with pytest.raises(VaultError):
-        client(session, tokens).fetch_secret(SecretRequest(LOCAL, "db"))
+        client(session, tokens).fetch_secret(Source(LOCAL, "db"))
     assert tokens.calls == []
 
 
@@ -162,7 +162,7 @@ def test_version_and_names_are_quoted_in_the_url() -> None:
 def test_value_is_returned_byte_for_byte() -> None:
     """Unicode, newlines and trailing spaces survive as UTF-8 bytes, nothing added."""
     value = "pässwörd\n  with trailing  \n"
-    secret = client(FakeSession(bundle(value))).fetch_secret(SecretRequest(VAULT, "db"))
+    secret = client(FakeSession(bundle(value))).fetch_secret(Source(VAULT, "db"))
     assert secret.value == value.encode("utf-8")
     assert "pässwörd" not in repr(secret)
 
@@ -171,7 +171,7 @@ def test_401_gets_one_fresh_token() -> None:
     """A 401 with a token forces one new token, then succeeds."""
     session = FakeSession(error(401, "Unauthorized"), bundle())
     tokens = Tokens()
-    client(session, tokens).fetch_secret(SecretRequest(VAULT, "db"))
+    client(session, tokens).fetch_secret(Source(VAULT, "db"))
     assert tokens.calls == [("https://vault.azure.net", False), ("https://vault.azure.net", True),
                             ("https://vault.azure.net", False)]
 
@@ -180,7 +180,7 @@ def test_second_401_is_an_error() -> None:
     """Two 401s in a row end with an error naming the secret."""
     session = FakeSession(error(401, "Unauthorized"), error(401, "Unauthorized"))
     with pytest.raises(VaultError, match="'db'.*401"):
-        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session).fetch_secret(Source(VAULT, "db"))
     assert len(session.sent) == 2
 
 
@@ -198,7 +198,7 @@ def test_per_secret_errors_name_secret_and_fix(reply: Any, kind: type,
     """403 and 404 are per-secret errors worded with the fix, not retried."""
     session = FakeSession(reply)
     with pytest.raises(kind) as caught:
-        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session).fetch_secret(Source(VAULT, "db"))
     for fragment in fragments:
         assert fragment in str(caught.value)
     assert len(session.sent) == 1
@@ -223,14 +223,14 @@ def test_a_fetched_secret_carries_the_vaults_date() -> None:
     """fetch_secret keeps the Date of the vault's answer (its clock) on the Secret."""
     status, headers, body = bundle()
     session = FakeSession((status, {**headers, "Date": "Sun, 06 Nov 1994 08:49:37 GMT"}, body))
-    assert client(session).fetch_secret(SecretRequest(VAULT, "db")).answered_at == 784111777.0
+    assert client(session).fetch_secret(Source(VAULT, "db")).answered_at == 784111777.0
 
 
 def test_redirect_is_not_followed() -> None:
     """A 3xx is an error; the token never travels to the Location."""
     session = FakeSession((302, {"Location": "https://evil.example/steal"}, b""))
     with pytest.raises(VaultError, match="redirect"):
-        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session).fetch_secret(Source(VAULT, "db"))
     assert [s.url for s in session.sent] == [f"{VAULT}/secrets/db"]
 
 
@@ -238,7 +238,7 @@ def test_429_honours_retry_after() -> None:
     """Throttling waits Retry-After seconds, then succeeds."""
     clock = FakeClock()
     session = FakeSession(error(429, "Throttled", **{"Retry-After": "3"}), bundle())
-    client(session, clock=clock).fetch_secret(SecretRequest(VAULT, "db"))
+    client(session, clock=clock).fetch_secret(Source(VAULT, "db"))
     assert clock.sleeps == [3.0]
 
 
@@ -248,7 +248,7 @@ def test_429_without_retry_after_backs_off_then_gives_up() -> None:
     clock = FakeClock()
     session = FakeSession(*[error(429, "Throttled") for _ in range(50)])
     with pytest.raises(VaultThrottledError):
-        client(session, clock=clock, deadline=30).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session, clock=clock, deadline=30).fetch_secret(Source(VAULT, "db"))
     assert 1 < len(clock.sleeps) and sum(clock.sleeps) <= 30 + 1e-9
 
 
@@ -269,9 +269,9 @@ def test_a_retry_after_pauses_the_other_requests_to_that_vault() -> None:
     session.get = get
     vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
                         sleep=clock.sleep, on_retry=lambda *_: other.append(
-                            vault.fetch_secret(SecretRequest(VAULT, "b"))))
+                            vault.fetch_secret(Source(VAULT, "b"))))
     other: List[Secret] = []
-    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert vault.fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
     assert other[0].name == "b"
     start = sent_at[0]
     assert [at - start for at in sent_at] == [0.0, 20.0, 40.0]  # b waited for db's pause
@@ -297,8 +297,8 @@ def test_a_429_or_503_without_retry_after_pauses_the_other_requests_too(
     other: List[Secret] = []
     vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
                         sleep=clock.sleep, on_retry=lambda *_: other.append(
-                            vault.fetch_secret(SecretRequest(VAULT, "b"))))
-    vault.fetch_secret(SecretRequest(VAULT, "db"))
+                            vault.fetch_secret(Source(VAULT, "b"))))
+    vault.fetch_secret(Source(VAULT, "db"))
     assert other and sent_at[1] - sent_at[0] >= 0.25  # b waited out db's pause
 
 
@@ -325,7 +325,7 @@ def test_a_slow_start_client_sends_its_first_request_alone(is_slow_start: bool) 
     session = Session(*[bundle(name=f"s{n}") for n in range(8)])
     vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30),
                         is_slow_start=is_slow_start)
-    outcomes = vault.fetch_many([SecretRequest(VAULT, f"s{n}") for n in range(8)])
+    outcomes = vault.fetch_many([Source(VAULT, f"s{n}") for n in range(8)])
     assert all(isinstance(outcome, Secret) for outcome in outcomes)
     assert (seen[0] == 1 and max(seen[:2]) == 1) is is_slow_start
 
@@ -342,7 +342,7 @@ def test_a_slow_start_wait_past_the_budget_sends_rather_than_fails() -> None:
     session = Slow(bundle(name="a"), bundle(name="b"))
     vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=0.1),
                         is_slow_start=True)
-    outcomes = vault.fetch_many([SecretRequest(VAULT, "a"), SecretRequest(VAULT, "b")])
+    outcomes = vault.fetch_many([Source(VAULT, "a"), Source(VAULT, "b")])
     assert all(isinstance(outcome, Secret) for outcome in outcomes), outcomes
 
 
@@ -355,9 +355,9 @@ def test_a_refresh_request_whose_budget_ends_within_the_pause_is_not_sent() -> N
     vault = VaultClient(session, Tokens(), policy=REFRESH_RETRY, clock=clock,
                         sleep=clock.sleep)
     with pytest.raises(VaultThrottledError):
-        vault.fetch_secret(SecretRequest(VAULT, "db"))
+        vault.fetch_secret(Source(VAULT, "db"))
     with pytest.raises(VaultThrottledError):
-        vault.fetch_secret(SecretRequest(VAULT, "other"))
+        vault.fetch_secret(Source(VAULT, "other"))
     assert [sent.url for sent in session.sent] == [f"{VAULT}/secrets/db"]
     assert clock.sleeps == []
 
@@ -370,7 +370,7 @@ def test_once_sleeps_a_pause_past_its_budget_to_the_deadline_then_sends_once() -
     session = FakeSession(error(503, "ServiceUnavailable", **{"Retry-After": "50"}),
                           bundle())
     vault = client(session, clock=clock, deadline=15)
-    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert vault.fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
     assert clock.sleeps == [15.0]
     assert len(session.sent) == 2
 
@@ -382,10 +382,10 @@ def test_a_second_request_held_by_a_pause_past_its_budget_is_sent_at_its_deadlin
     session = FakeSession(error(429, "Throttled", **{"Retry-After": "50"}), bundle(),
                           bundle(name="other"))
     vault = client(session, clock=clock, deadline=30)
-    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert vault.fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
     paused_at = clock.now
     vault._pause(VAULT).throttled(paused_at, 50.0)
-    assert vault.fetch_secret(SecretRequest(VAULT, "other")).name == "other"
+    assert vault.fetch_secret(Source(VAULT, "other")).name == "other"
     assert clock.now - paused_at == pytest.approx(30.0)
 
 
@@ -394,14 +394,14 @@ def test_a_second_request_held_by_a_pause_past_its_budget_is_sent_at_its_deadlin
 def test_transient_failures_are_retried(failure: Any) -> None:
     """5xx, refused connections and timeouts are retried."""
     session = FakeSession(failure, bundle())
-    assert client(session).fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert client(session).fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
 
 
 def test_tls_failure_is_not_retried() -> None:
     """A certificate problem fails at once with the CA hint."""
     session = FakeSession(requests.exceptions.SSLError("certificate verify failed"))
     with pytest.raises(VaultUnavailableError, match="REQUESTS_CA_BUNDLE"):
-        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session).fetch_secret(Source(VAULT, "db"))
     assert len(session.sent) == 1
 
 
@@ -409,14 +409,14 @@ def test_oversized_response_is_refused() -> None:
     """A body beyond the bound fails the secret instead of filling memory."""
     session = FakeSession(*[(200, {}, b"x" * (512 * 1024)) for _ in range(50)])
     with pytest.raises(VaultError):
-        client(session, deadline=1).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session, deadline=1).fetch_secret(Source(VAULT, "db"))
 
 
 def test_unusable_bundle_never_quotes_the_body() -> None:
     """A 200 without a string value is an error that does not echo the body."""
     session = FakeSession((200, {}, b'{"value": 5, "note": "s3cr3t"}'))
     with pytest.raises(VaultError) as caught:
-        client(session).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session).fetch_secret(Source(VAULT, "db"))
     assert "s3cr3t" not in str(caught.value)
 
 
@@ -452,7 +452,7 @@ def test_fetch_many_is_concurrent_bounded_and_ordered() -> None:
     names[37] = "missing-37"
     tokens = Tokens()
     started = time.monotonic()
-    outcomes = client(session, tokens).fetch_many([SecretRequest(VAULT, n) for n in names])
+    outcomes = client(session, tokens).fetch_many([Source(VAULT, n) for n in names])
     elapsed = time.monotonic() - started
     assert session.peak == 16
     assert elapsed < 100 * 0.02 / 3  # far from one request after another
@@ -474,7 +474,7 @@ def test_fetch_each_hands_over_a_batch_while_a_later_request_is_unanswered() -> 
             return super().get(url, **kwargs)
 
     names = [f"s{i}" for i in range(ARRIVAL_BATCH)] + ["held"]
-    outcomes = client(Holding()).fetch_each([SecretRequest(VAULT, n) for n in names])
+    outcomes = client(Holding()).fetch_each([Source(VAULT, n) for n in names])
     try:
         first = [next(outcomes) for _ in range(ARRIVAL_BATCH)]
         was_held = not release.is_set()
@@ -490,7 +490,7 @@ def test_closing_fetch_each_early_sends_no_more_requests() -> None:
     """Closing fetch_each after its first batch (a stop) cancels the requests not yet
     sent: far fewer than all are sent."""
     session = RoutingSession(delay_s=0.01)
-    outcomes = client(session).fetch_each([SecretRequest(VAULT, f"s{i}") for i in range(400)])
+    outcomes = client(session).fetch_each([Source(VAULT, f"s{i}") for i in range(400)])
     assert next(outcomes).value == b"v-s0"  # type: ignore[union-attr]
     outcomes.close()
     sent = len(session.urls)
@@ -507,7 +507,7 @@ def test_fetch_many_settles_the_token_before_fanning_out() -> None:
 
     with pytest.raises(IdentityUnavailableError):
         VaultClient(session, no_token).fetch_many(  # type: ignore[arg-type]
-            [SecretRequest(VAULT, f"s{i}") for i in range(10)])
+            [Source(VAULT, f"s{i}") for i in range(10)])
     assert session.urls == []
 
 
@@ -521,7 +521,7 @@ def test_failing_vault_fails_only_its_own_secrets() -> None:
             return super().get(url, **kwargs)
 
     outcomes = client(Mixed()).fetch_many(
-        [SecretRequest(LOCAL, "a"), SecretRequest(VAULT, "b"), SecretRequest(LOCAL, "c")])
+        [Source(LOCAL, "a"), Source(VAULT, "b"), Source(LOCAL, "c")])
     assert isinstance(outcomes[0], VaultError) and isinstance(outcomes[2], VaultError)
     assert isinstance(outcomes[1], Secret)
 
@@ -588,7 +588,7 @@ def test_the_proxy_variables_are_read_once_per_vault_not_per_request() -> None:
     session = FakeSession(*[bundle(name=f"s{n}") for n in range(5)])
     vault = VaultClient(session, Tokens(), environ=environ)
     for n in range(5):
-        vault.fetch_secret(SecretRequest(VAULT, f"s{n}"))
+        vault.fetch_secret(Source(VAULT, f"s{n}"))
     assert [sent.kwargs["proxies"] for sent in session.sent] == \
         [{"https": "http://proxy.example:3128"}] * 5
     assert CountingEnviron.reads <= 6  # one pass over the variables
@@ -622,10 +622,10 @@ def test_token_never_reaches_a_host_the_url_check_did_not_see(crafted: str) -> N
     with server:
         with pytest.raises(VaultError, match="no request sent|nothing was sent"):
             real_client(server.ca_path, tokens).fetch_secret(
-                SecretRequest(crafted.format(ip=ip), "db"))
+                Source(crafted.format(ip=ip), "db"))
         # fetch_many (the daemon's path) refuses it too.
         (outcome,) = real_client(server.ca_path, tokens).fetch_many(
-            [SecretRequest(crafted.format(ip=ip), "db")])
+            [Source(crafted.format(ip=ip), "db")])
         assert isinstance(outcome, VaultError)
     assert not server.saw_authorization and server.connections == 0
     assert tokens.calls == []
@@ -674,7 +674,7 @@ def test_malformed_responses_are_one_secrets_error(reply: Any) -> None:
             return super().get(url, **kwargs)
 
     outcomes = client(Mixed()).fetch_many(
-        [SecretRequest(VAULT, "good"), SecretRequest(VAULT, "bad"), SecretRequest(VAULT, "ok")])
+        [Source(VAULT, "good"), Source(VAULT, "bad"), Source(VAULT, "ok")])
     assert isinstance(outcomes[0], Secret) and isinstance(outcomes[2], Secret)
     if isinstance(outcomes[1], Secret):  # a usable value with odd metadata
         assert outcomes[1].value == b"ok"
@@ -689,11 +689,11 @@ def test_network_text_in_versions_and_errors_is_escaped() -> None:
     """Item 7: the version from the id and the vault's error text carry no control characters."""
     forged = "\n kv-agent: error: forged\x1b[31m\u202e"
     bundle_body = json.dumps({"value": "v", "id": f"{VAULT}/secrets/db/1{forged}"}).encode()
-    secret = client(FakeSession((200, {}, bundle_body))).fetch_secret(SecretRequest(VAULT, "db"))
+    secret = client(FakeSession((200, {}, bundle_body))).fetch_secret(Source(VAULT, "db"))
     error_body = json.dumps({"error": {"code": f"Bad{forged}",
                                        "message": f"\x1b[2Jboom{forged}"}}).encode()
     with pytest.raises(VaultError) as caught:
-        client(FakeSession((400, {}, error_body))).fetch_secret(SecretRequest(VAULT, "db"))
+        client(FakeSession((400, {}, error_body))).fetch_secret(Source(VAULT, "db"))
     for text in (secret.version, str(caught.value)):
         assert not any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in text), repr(text)
         assert "\u202e" not in text
@@ -704,7 +704,7 @@ def test_oversized_body_is_too_large_not_unreachable() -> None:
     """Item 8: a body over the cap fails at once as 'too large', not 'unreachable ... DNS'."""
     session = FakeSession(*[(200, {}, b"x" * (512 * 1024)) for _ in range(50)])
     with pytest.raises(VaultError) as caught:
-        client(session, deadline=10).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session, deadline=10).fetch_secret(Source(VAULT, "db"))
     assert "too large" in str(caught.value)
     assert "DNS" not in str(caught.value) and "unreachable" not in str(caught.value)
     assert len(session.sent) == 1
@@ -719,7 +719,7 @@ def test_gzip_bomb_is_too_large_and_never_inflated_in_memory() -> None:
         tracemalloc.start()
         try:
             with pytest.raises(VaultError) as caught:
-                real_client(server.ca_path, tokens).fetch_secret(SecretRequest(server.url, "db"))
+                real_client(server.ca_path, tokens).fetch_secret(Source(server.url, "db"))
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -731,7 +731,7 @@ def test_5xx_on_the_challenge_is_unavailable_not_a_wrong_vault() -> None:
     """Item 8: a vault failing its unauthenticated first request is unavailable (exit 69)."""
     session = FakeSession(*[error(500, "InternalError") for _ in range(100)])
     with pytest.raises(VaultUnavailableError) as caught:
-        client(session, deadline=5).fetch_secret(SecretRequest(LOCAL, "db"))
+        client(session, deadline=5).fetch_secret(Source(LOCAL, "db"))
     assert caught.value.exit_code == 69
     assert "not a Key Vault" not in str(caught.value)
 
@@ -743,7 +743,7 @@ def test_retry_after_zero_storm_backs_off() -> None:
     session = FakeSession(*[error(429, "Throttled", **{"Retry-After": ra})
                             for ra in ["0", past, "-5", "0", past, "0"] * 20])
     with pytest.raises(VaultThrottledError):
-        client(session, clock=clock, deadline=20).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session, clock=clock, deadline=20).fetch_secret(Source(VAULT, "db"))
     assert min(clock.sleeps) >= 0.25
     assert len(session.sent) <= 10
 
@@ -760,7 +760,7 @@ def test_trickled_body_is_cut_at_the_total_deadline() -> None:
         started = time.monotonic()
         with pytest.raises(VaultUnavailableError, match="too slow"):
             real_client(server.ca_path, tokens, deadline=3).fetch_secret(
-                SecretRequest(server.url, "db"))
+                Source(server.url, "db"))
         elapsed = time.monotonic() - started
     assert elapsed < 3 + MIN_REQUEST_S + 3
 
@@ -773,7 +773,7 @@ def test_vault_retries_are_reported_with_the_vaults_name() -> None:
     VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
                 sleep=clock.sleep,
                 on_retry=lambda reason, attempt, delay: heard.append((reason, attempt))
-                ).fetch_secret(SecretRequest("https://contoso-kv.vault.azure.net", "db"))
+                ).fetch_secret(Source("https://contoso-kv.vault.azure.net", "db"))
     assert heard == [("waiting for vault contoso-kv: connection refused", 1),
                      ("waiting for vault contoso-kv: HTTP 503", 2)]
     assert vault_label("https://127.0.0.1:8443") == "127.0.0.1:8443"
@@ -795,7 +795,7 @@ def test_valid_bundle_over_the_size_cap_is_refused() -> None:
     value = "v" * (300 * 1024)
     session = FakeSession(*[bundle(value) for _ in range(50)])
     with pytest.raises(VaultError):
-        client(session, deadline=1).fetch_secret(SecretRequest(VAULT, "db"))
+        client(session, deadline=1).fetch_secret(Source(VAULT, "db"))
 
 
 @pytest.mark.parametrize("gives_way", [False, True])
@@ -811,14 +811,14 @@ def test_a_client_that_gives_way_ends_held_back_requests_unsent(gives_way: bool)
 
     def fetch_other(*_: Any) -> None:
         try:
-            other.append(vault.fetch_secret(SecretRequest(VAULT, "b")))
+            other.append(vault.fetch_secret(Source(VAULT, "b")))
         except VaultError as exc:
             other.append(exc)
 
     vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
                         sleep=clock.sleep, on_retry=fetch_other)
     vault.gives_way = gives_way
-    assert vault.fetch_secret(SecretRequest(VAULT, "db")).value == b"s3cr3t"
+    assert vault.fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
     if gives_way:
         assert isinstance(other[0], VaultError) and "503" in str(other[0])
         assert [sent.url for sent in session.sent] == [f"{VAULT}/secrets/db"] * 2
