@@ -19,7 +19,6 @@ platform, not the agent, owns the variable.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Dict, Mapping, NamedTuple, Optional
 from urllib.parse import urlsplit
 
@@ -35,6 +34,7 @@ from agent.token_request import (
     error_description,
 )
 from agent.untrusted import escape, load_json
+from agent.vault_url import is_loopback_host
 
 APP_SERVICE_API_VERSION = "2019-08-01"
 ENDPOINT_ENV = "IDENTITY_ENDPOINT"
@@ -131,7 +131,7 @@ def exposure_warning(source: str, endpoint: str) -> Optional[Exposure]:
         scheme, host = parts.scheme.lower(), parts.hostname or ""
     except ValueError:  # "http://[::1" and the like: judged by its text
         scheme, host = endpoint.partition(":")[0].lower(), ""
-    if scheme != "http" or _is_loopback(host):
+    if scheme != "http" or is_loopback_host(host):
         return None
     return Exposure(
         f"{ENDPOINT_ENV} {escape(endpoint)} is plain HTTP to {escape(host or '?')}, not "
@@ -139,19 +139,6 @@ def exposure_warning(source: str, endpoint: str) -> Optional[Exposure]:
         "network unencrypted",
         f"check that {ENDPOINT_ENV} is the platform's own endpoint (App Service sets a "
         "local one); if it is, this warning can be ignored")
-
-
-def _is_loopback(host: str) -> bool:
-    """``localhost`` (and ``*.localhost``) or a loopback address literal; a
-    name is never resolved (agent.vault.is_loopback_host's rule; the layers
-    keep identity modules from importing the vault's)."""
-    host = host.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def app_service_settings(environ: Mapping[str, str]) -> "tuple[str, str]":

@@ -100,13 +100,13 @@ from agent.vault import (
     VaultClient,
     audience_for_host,
     audience_from_challenge,
-    is_loopback_host,
     new_session,
     parse_challenge,
     parse_error,
     proxies_for,
 )
 from agent.vault_list import SecretItem
+from agent.vault_url import is_loopback_host
 from agent.writer import Writer, foreign_in_set
 
 OK = "ok"

@@ -28,7 +28,6 @@ The list's pages and items are parsed in :mod:`agent.vault_list`.
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import os
 import threading
 import time
@@ -76,7 +75,7 @@ from agent.vault_list import (
     page_bound,
     parse_page,
 )
-from agent.vault_url import check_target, normalize_vault_url
+from agent.vault_url import check_target, is_loopback_host, normalize_vault_url
 
 API_VERSION = "7.6"  # GA; everything kv-agent uses exists since 7.0 [protocol.md B2]
 MAX_CONCURRENCY = 16
@@ -131,17 +130,6 @@ class Secret(NamedTuple):
 
 
 FetchOutcome = Union[Secret, KvAgentError]
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and 127.0.0.0/8 / ::1 literals (the local emulator)."""
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def audience_for_host(host: str) -> Optional[str]:

@@ -124,3 +124,17 @@ def _vault_target(vault: str) -> Tuple[str, int]:
     if ":" in expected_host:
         expected_host = f"[{expected_host}]"
     return expected_host, expected.port or 443
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` (and ``*.localhost``) and loopback address
+    literals (127.0.0.0/8, ``::1``, bracketed or not): the local emulator. A
+    name is never resolved. Here, below the vault client and the identity
+    sources, so both judge loopback by one rule."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

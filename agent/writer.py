@@ -582,12 +582,7 @@ class Writer:
         and mode. True when swapped; False when the directory or every one
         of ``paths`` is already gone. Raises WriteError.
         """
-        names = {self._check_path(path) for path in paths}
-        for path in paths:
-            if posixpath.dirname(path) != directory:
-                raise WriteError(f"{path} is not directly inside the set's directory "
-                                 f"{directory}")
-        name = self._check_path(directory)
+        names, name = self._set_names(directory, paths)
         self.retire()
         try:
             parent_fd = self._open_parents(directory, create=False)
@@ -707,12 +702,7 @@ class Writer:
         sees half a set and a crash leaves only what start-up cleaning
         removes, and retired like an old generation (see apply_set's (8)).
         """
-        names = {self._check_path(path) for path in paths}
-        for path in paths:
-            if posixpath.dirname(path) != directory:
-                raise WriteError(f"{path} is not directly inside the set's directory "
-                                 f"{directory}")
-        name = self._check_path(directory)
+        names, name = self._set_names(directory, paths)
         self.retire()
         try:
             parent_fd = self._open_parents(directory, create=False)
@@ -857,6 +847,18 @@ class Writer:
             os.close(fd)
 
     # -- steps ------------------------------------------------------------
+
+    def _set_names(self, directory: str, paths: Iterable[str]) -> Tuple[Set[str], str]:
+        """(the members' names in the set's directory, the directory's own
+        name): every path checked and directly inside ``directory``, or
+        WriteError."""
+        names = set()
+        for path in paths:
+            names.add(self._check_path(path))
+            if posixpath.dirname(path) != directory:
+                raise WriteError(f"{path} is not directly inside the set's directory "
+                                 f"{directory}")
+        return names, self._check_path(directory)
 
     def _check_path(self, path: str) -> str:
         if "\0" in path:  # os.* would raise ValueError, not WriteError
