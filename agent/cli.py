@@ -18,7 +18,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from agent import __version__
-from agent.errors import (
+from agent.base.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_SOFTWARE,
@@ -27,11 +27,11 @@ from agent.errors import (
     ManifestError,
     MissingDependencyError,
 )
-from agent.untrusted import escape
+from agent.base.untrusted import escape
 
 if TYPE_CHECKING:
-    from agent.agent import SecretOutcome
     from agent.emulator import Emulator
+    from agent.sync.sync import SecretOutcome
 
 MANIFEST_ENV = "KV_AGENT_MANIFEST"
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
@@ -91,7 +91,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; factored out so tests can inspect it."""
-    from agent.retry import ONCE_RETRY_S  # light: the standard library only
+    from agent.base.retry import ONCE_RETRY_S  # light: the standard library only
 
     parser = argparse.ArgumentParser(
         prog="kv-agent",
@@ -229,11 +229,11 @@ def _manifest_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import importlib.util
 
-    from agent.agent import check
+    from agent.sync.sync import check
 
     path = _manifest_path(args, environ)
     manifest = check(path)
-    from agent.hooks import is_executable
+    from agent.daemon.hooks import is_executable
 
     for entry in manifest.secrets:
         if entry.on_change and not is_executable(entry.on_change):
@@ -252,7 +252,7 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     selects = f" and {chosen} select entr{'ies' if chosen != 1 else 'y'}" if chosen else ""
     print(f"{path}: OK: {count} secret{'s' if count != 1 else ''}{selects} into "
           f"{manifest.directory}{sets}")
-    from agent.identity import choose_source
+    from agent.identity.tokens import choose_source
 
     # Offline, from the environment and files only: the endpoint is not asked.
     choice = choose_source(manifest.identity.source, environ)
@@ -266,8 +266,8 @@ def _metrics_note(metrics_path: str) -> str:
     """Where the running agent will write metrics, and, outside the unit's own
     writable directories, the drop-in that lets it (a path the sandbox forbids
     would fail at every refresh, logged once, and the operator would wonder why)."""
+    from agent.daemon.metrics import DROP_IN_EXAMPLE, drop_in_allowing
     from agent.manifest import DEFAULT_METRICS_PATH
-    from agent.metrics import DROP_IN_EXAMPLE, drop_in_allowing
 
     note = f"written to {metrics_path} after every refresh"
     allowed = os.path.dirname(os.path.dirname(DEFAULT_METRICS_PATH)) + "/"
@@ -281,16 +281,16 @@ def _metrics_note(metrics_path: str) -> str:
 
 
 def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from agent.agent import Agent, expiry_warnings
+    from agent.base.memory import limit_arenas, spare_the_collector
+    from agent.base.retry import RetryPolicy
     from agent.manifest import load_manifest
-    from agent.memory import limit_arenas, spare_the_collector
-    from agent.retry import RetryPolicy
+    from agent.sync.sync import Sync, expiry_warnings
 
     limit_arenas(environ)  # before the fetch threads start
     manifest = load_manifest(_manifest_path(args, environ))
     spare_the_collector()  # the modules and the manifest live until the exit
     policy = RetryPolicy(deadline_s=args.retry_for)
-    agent = Agent(manifest, environ=environ, imds_policy=policy, vault_policy=policy)
+    agent = Sync(manifest, environ=environ, imds_policy=policy, vault_policy=policy)
     try:
         agent.prepare()
         report = agent.sync(is_final=True)
@@ -327,16 +327,16 @@ def _exit_code(failures: Sequence["SecretOutcome"]) -> int:
 
 def _cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     # Handlers first, before the heavy imports and the manifest: until then a
-    # SIGHUP would kill the agent (see agent/signals.py). The daemon takes the
+    # SIGHUP would kill the agent (see agent/daemon/signals.py). The daemon takes the
     # flags over, so nothing asked for in the meantime is lost.
-    from agent.signals import SignalFlags
+    from agent.daemon.signals import SignalFlags
 
     signals = SignalFlags()
     signals.install()
     try:
-        from agent.daemon import Daemon
-        from agent.memory import limit_arenas
-        from agent.state import state_dir
+        from agent.base.memory import limit_arenas
+        from agent.daemon.service import Daemon
+        from agent.status.store import state_dir
 
         limit_arenas(environ)  # before the first thread starts
 
@@ -364,9 +364,9 @@ def _exit_now(code: int) -> None:
 def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import json
 
-    from agent.snapshot import parse_snapshot
-    from agent.state import StateStore, state_dir
-    from agent.status import render_status
+    from agent.status.render import render_status
+    from agent.status.snapshot import parse_snapshot
+    from agent.status.store import StateStore, state_dir
 
     store = StateStore(state_dir(environ, args.state_dir))
     document = store.load()
@@ -384,7 +384,7 @@ def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _cmd_doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import json
 
-    from agent.doctor import ASCII_MARKS, MARKS, as_json, diagnose, render
+    from agent.doctor.checks import ASCII_MARKS, MARKS, as_json, diagnose, render
 
     report = diagnose(_manifest_path(args, environ), environ,
                       use_unit_env=not args.no_unit_env)
@@ -450,7 +450,7 @@ def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         # Under systemd (kv-agent-emulator.service, Type=notify): the
         # listeners are bound and the CA written, so units ordered after it
         # (kv-agent with the emulator drop-in) find both.
-        from agent.notify import Notifier
+        from agent.daemon.notify import Notifier
 
         Notifier(environ).ready(f"serving {len(secrets)} secrets: IMDS "
                                 f"{emulator.imds_endpoint}, vault {emulator.vault_url}")
@@ -476,7 +476,7 @@ def _identity_banner(emulator: "Emulator", args: argparse.Namespace) -> List[str
     """The environment Azure Arc or App Service would give the agent, for the
     endpoints asked for (identity.source auto then picks them; protocol.md A7, A8).
     The header is the emulator's own throw-away value, printed to be exported."""
-    from agent.arc import DEFAULT_TOKENS_DIR
+    from agent.identity.arc import DEFAULT_TOKENS_DIR
 
     ca = f"REQUESTS_CA_BUNDLE={emulator.ca_path}"
     lines = []

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from agent.pkcs12 import MAX_ITERATIONS, pkcs12_kdf
+from agent.pipeline.pkcs12 import MAX_ITERATIONS, pkcs12_kdf
 
 PKCS12 = "application/x-pkcs12"
 PEM = "application/x-pem-file"

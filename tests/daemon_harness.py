@@ -37,12 +37,12 @@ STOP_KILL_AFTER_S = 15.0  # a process still alive this long after SIGTERM is kil
 HOST_IDENTITY_VARIABLES = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IMDS_ENDPOINT",
                            "MSI_ENDPOINT", "MSI_SECRET")
 PIN_IDENTITY_SOURCE = (
-    "import agent.identity\n"
-    "agent.identity.ARC_AGENT_PATHS = ()\n"
+    "import agent.identity.tokens\n"
+    "agent.identity.tokens.ARC_AGENT_PATHS = ()\n"
 )
 # Modules only a manifest that uses the feature may load (with cryptography):
 # certificate entries and select: entries (issue 17, item 21).
-FEATURE_MODULES = ("agent.certificates", "agent.selection")
+FEATURE_MODULES = ("agent.pipeline.certificates", "agent.sync.selection")
 
 # A prelude that prints, as the process exits, every module it loaded:
 # a line "loaded: NAME NAME ..." on stdout (see loaded_modules).
@@ -61,8 +61,8 @@ AGENT_MAIN = (
 # fail (and the next one start) within seconds instead of 30 s.
 FAST_RETRY_MAIN = (
     "import sys\n"
-    "import agent.lifecycle as lifecycle\n"
-    "import agent.retry as retry\n"
+    "import agent.daemon.lifecycle as lifecycle\n"
+    "import agent.base.retry as retry\n"
     "retry.REFRESH_RETRY = retry.REFRESH_RETRY._replace(deadline_s=1.0, base_delay_s=0.1,"
     " max_delay_s=0.3)\n"
     "lifecycle.START_RETRY_S = (0.3, 0.6)\n"

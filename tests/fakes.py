@@ -37,7 +37,7 @@ class FakeResponse:
 
     @property
     def raw(self) -> "FakeResponse":
-        """urllib3's raw response, as far as agent.transport reads it."""
+        """urllib3's raw response, as far as agent.base.transport reads it."""
         return self
 
     def stream(self, size: int, decode_content: bool = True) -> Iterator[bytes]:

@@ -12,17 +12,21 @@ import pytest
 from requests.structures import CaseInsensitiveDict
 from secrecy import assert_no_leak
 
-from agent import transport
-from agent.agent import Agent
-from agent.app_service import APP_SERVICE_API_VERSION, AppServiceRequestFactory, exposure_warning
+from agent.base import transport
+from agent.base.errors import IdentityUnavailableError
+from agent.base.retry import RetryPolicy
 from agent.emulator import Emulator
 from agent.emulator.secrets_file import IdentityConfig, UserAssignedIdentity
-from agent.errors import IdentityUnavailableError
-from agent.identity import token_source
-from agent.identity_selector import Identity
+from agent.identity.app_service import (
+    APP_SERVICE_API_VERSION,
+    AppServiceRequestFactory,
+    exposure_warning,
+)
+from agent.identity.request import AccessToken, Retry, TokenRequest
+from agent.identity.selector import Identity
+from agent.identity.tokens import token_source
 from agent.manifest import Accounts, parse_manifest
-from agent.retry import RetryPolicy
-from agent.token_request import AccessToken, Retry, TokenRequest
+from agent.sync.sync import Sync
 
 ENDPOINT = "http://127.0.0.1:9/MSI/token"
 RESOURCE = "https://vault.azure.net"
@@ -219,7 +223,7 @@ def test_agent_warns_once_at_start_about_a_cleartext_endpoint(
         f"vault: https://contoso.vault.azure.net\ndirectory: {shm_dir}\nsecrets:\n"
         "  - name: db\n", "m.yaml", accounts=accounts, check_filesystem=False)
     caplog.set_level(logging.INFO)
-    agent = Agent(manifest, environ={"IDENTITY_ENDPOINT": endpoint, "IDENTITY_HEADER": HEADER})
+    agent = Sync(manifest, environ={"IDENTITY_ENDPOINT": endpoint, "IDENTITY_HEADER": HEADER})
     try:
         assert agent.tokens.source.source == "app-service"
     finally:

@@ -13,8 +13,11 @@ import pytest
 from requests.structures import CaseInsensitiveDict
 from secrecy import assert_no_leak
 
-from agent import transport
-from agent.arc import (
+from agent.base import transport
+from agent.base.errors import IdentityUnavailableError
+from agent.base.retry import RetryPolicy
+from agent.emulator import Emulator
+from agent.identity.arc import (
     ARC_API_VERSION,
     GROUP_HINT,
     ArcRequestFactory,
@@ -23,12 +26,9 @@ from agent.arc import (
     read_key_file,
     realm_path,
 )
-from agent.emulator import Emulator
-from agent.errors import IdentityUnavailableError
-from agent.identity import TokenCache, token_source
-from agent.identity_selector import Identity
-from agent.retry import RetryPolicy
-from agent.token_request import AccessToken, Retry, TokenRequest
+from agent.identity.request import AccessToken, Retry, TokenRequest
+from agent.identity.selector import Identity
+from agent.identity.tokens import TokenCache, token_source
 
 ENDPOINT = "http://127.0.0.1:9/metadata/identity/oauth2/token"
 RESOURCE = "https://vault.azure.net"
@@ -168,7 +168,7 @@ def test_unreadable_key_file_says_to_join_the_himds_group(
     def denied(*args: Any) -> int:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("agent.arc.os.open", denied)  # the tests may run as root
+    monkeypatch.setattr("agent.identity.arc.os.open", denied)  # the tests may run as root
     factory = ArcRequestFactory(ENDPOINT, Identity(), str(tokens_dir))
     sent = factory.request(RESOURCE)
     with pytest.raises(IdentityUnavailableError, match="not readable") as caught:

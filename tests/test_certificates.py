@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from agent.certificates import MAX_CERTIFICATES, split_certificate
-from agent.pkcs12 import MAX_ITERATIONS
-from agent.sources import SecretAttributes
-from agent.transforms import TransformError, TransformParams, apply_transform
+from agent.pipeline.certificates import MAX_CERTIFICATES, split_certificate
+from agent.pipeline.pkcs12 import MAX_ITERATIONS
+from agent.pipeline.sources import SecretAttributes
+from agent.pipeline.transforms import TransformError, TransformParams, apply_transform
 
 KINDS = ("key", "cert", "chain", "fullchain", "pfx")
 REPO = Path(__file__).resolve().parent.parent
@@ -210,8 +210,8 @@ def test_openssl_reads_every_output(pki: Pki, source: str, tmp_path: Path) -> No
 PLAIN_PATH = """
 import sys
 from agent.manifest import Accounts, parse_manifest
-from agent.transforms import apply_transform
-import agent.agent, agent.cli, agent.daemon
+from agent.pipeline.transforms import apply_transform
+import agent.sync.sync, agent.cli, agent.daemon.service
 text = '''vault: https://kv.vault.azure.net
 secrets:
   - name: a
@@ -242,7 +242,7 @@ def test_without_cryptography_a_certificate_entry_fails_in_one_line() -> None:
     """A package built without cryptography fails the certificate entry with the package to
     install, never a traceback."""
     script = ("import sys; sys.modules['cryptography'] = None\n"
-              "from agent.transforms import TransformError, TransformParams, apply_transform\n"
+              "from agent.pipeline.transforms import TransformError, TransformParams, apply_transform\n"
               "class F:\n    name, value, content_type, attributes = 'web-tls', b'x', "
               "'application/x-pem-file', None\n"
               "try:\n    apply_transform('certificate', [F()], 1, TransformParams(kinds=('cert',)))\n"

@@ -49,9 +49,10 @@ from hostile import HostileServer, answer, loopback_443_server, trickle
 from hostile import response as hostile_response
 from secrecy import fresh_value
 
+from agent.base.landing import MEMORY_FILESYSTEMS, filesystem_type
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
 from agent.emulator.demo import DEMO_SECRETS
-from agent.writer import MEMORY_FILESYSTEMS, SET_GRACE_S, filesystem_type
+from agent.writer import SET_GRACE_S
 
 pytestmark = pytest.mark.integration
 
@@ -384,7 +385,7 @@ def test_once_with_plain_secrets_loads_no_certificate_or_select_code(kv: Harness
     OUTPUTS.append(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr
     loaded = loaded_modules(done.stdout)
-    assert {"agent.agent", "agent.writer", "requests"} <= set(loaded)
+    assert {"agent.sync.sync", "agent.writer", "requests"} <= set(loaded)
     assert [module for module in loaded if module.split(".")[0] == "cryptography"
             or module in FEATURE_MODULES] == []
 

@@ -54,9 +54,9 @@ from daemon_harness import (
 )
 from secrecy import fresh_value
 
-from agent.daemon import Daemon
+from agent.daemon.notify import Notifier
+from agent.daemon.service import Daemon
 from agent.emulator import Emulator
-from agent.notify import Notifier
 
 pytestmark = pytest.mark.integration
 
@@ -491,7 +491,7 @@ def test_output_directory_not_on_tmpfs_exits_73(start_agent: StartAgent, vault: 
     """An output directory on a disk file system is refused with exit 73 and a clear message."""
     vault.put("disk-secret")
     disk = tmp_path / "on-disk"
-    from agent.writer import MEMORY_FILESYSTEMS, filesystem_type
+    from agent.base.landing import MEMORY_FILESYSTEMS, filesystem_type
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
         if filesystem_type(fd) in MEMORY_FILESYSTEMS:
@@ -1076,7 +1076,7 @@ def test_sigterm_during_a_slow_refresh_exits_promptly(start_agent: StartAgent,
 # down (DNS resolution, connect()), in a fetch thread the interpreter would join.
 STUCK_FETCH_MAIN = (
     "import os, sys, time\n"
-    "import agent.vault as vault\n"
+    "import agent.vault.client as vault\n"
     "fetch = vault.VaultClient.fetch_secret\n"
     "def stuck(self, request):\n"
     "    if request.name == 'b' and os.path.exists(os.environ['KV_TEST_STUCK']):\n"
@@ -1220,7 +1220,7 @@ def test_plain_secrets_load_no_certificate_or_select_code(start_agent: StartAgen
     run.wait_ready()
     run.stop()
     loaded = loaded_modules(run.process.stdout)
-    assert {"agent.daemon", "agent.agent", "requests"} <= set(loaded)
+    assert {"agent.daemon.service", "agent.sync.sync", "requests"} <= set(loaded)
     assert [name for name in loaded if name.split(".")[0] == "cryptography"
             or name in FEATURE_MODULES] == []
 
@@ -1730,9 +1730,9 @@ def test_expiry_warnings_follow_the_injected_wall_clock(
     """With an injected wall clock: an entry expiring within warn_before_expiry is warned
     about once a day, not at every refresh; once expired it is warned about once more and
     STATUS= names it with its date; a rotation to a valid version clears it."""
-    from agent.agent import SecretOutcome
-    from agent.expiry import Validity
     from agent.manifest import Accounts, parse_manifest
+    from agent.pipeline.expiry import Validity
+    from agent.sync.sync import SecretOutcome
 
     day = 86400.0
     now = [1_793_491_200.0 - 3 * day]  # three days before 2026-11-01
@@ -1836,9 +1836,9 @@ def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_di
     said wait (VaultClient.gives_way: held-back requests end unsent, their files kept,
     and the lifecycle retries later, issue 12 fleet outage); while starting they wait
     the pause out, since a missing file is worth the wait."""
-    from agent.agent import Interrupted
-    from agent.lifecycle import Lifecycle
+    from agent.daemon.lifecycle import Lifecycle
     from agent.manifest import Accounts, parse_manifest
+    from agent.sync.sync import Interrupted
 
     daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
                     notifier=_RecordingNotifier())

@@ -2,7 +2,7 @@
 
 The harness of tests/test_daemon.py, with a vault whose secrets were written
 an hour ago: the list's ``updated`` is trusted only for versions fetched well
-after their write (agent.freshness.SETTLED_S), as on a real vault.
+after their write (agent.sync.freshness.SETTLED_S), as on a real vault.
 """
 
 from __future__ import annotations

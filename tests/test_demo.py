@@ -17,9 +17,9 @@ from typing import Any, List
 
 import pytest
 
+from agent.base.errors import EXIT_FAILURE, EXIT_UNAVAILABLE
 from agent.cli import main
 from agent.emulator import demo
-from agent.errors import EXIT_FAILURE, EXIT_UNAVAILABLE
 
 REPO = Path(__file__).resolve().parent.parent
 # Run in a child: make ``import cryptography`` fail, then run the command line.

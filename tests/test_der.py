@@ -7,7 +7,7 @@ import time
 import pytest
 from certs import der, integer, octets, oid, seq
 
-from agent.der import MAX_DEPTH, DerError, Reader
+from agent.pipeline.der import MAX_DEPTH, DerError, Reader
 
 
 def test_reads_der_elements_integers_and_oids() -> None:

@@ -1,6 +1,6 @@
 """``kv-agent doctor``: each link of the chain, healthy and broken.
 
-Unit tests drive the pure parts of agent/doctor.py (token claims, what a
+Unit tests drive the pure parts of agent/doctor/checks.py (token claims, what a
 secret's answer means, the fix for each 403, validity, the unit and the
 status document). Integration tests run the real ``kv-agent doctor`` command
 against the emulator over real sockets, one injected failure each, and check
@@ -24,7 +24,7 @@ import pytest
 import secrecy
 from secrecy import fresh_value
 
-from agent.doctor import (
+from agent.doctor.checks import (
     FAIL,
     OK,
     WARN,
@@ -42,12 +42,12 @@ from agent.doctor import (
     token_claims,
     vault_name,
 )
+from agent.doctor.unit_env import UnitEnvironment
 from agent.emulator import Emulator, IdentityConfig, generate_certificates
-from agent.expiry import Validity
-from agent.snapshot import READY, EntryStatus, StatusSnapshot
-from agent.sources import SecretAttributes, Source
-from agent.unit_env import UnitEnvironment
-from agent.vault import Probed, Secret, VaultForbiddenError
+from agent.pipeline.expiry import Validity
+from agent.pipeline.sources import SecretAttributes, Source
+from agent.status.snapshot import READY, EntryStatus, StatusSnapshot
+from agent.vault.client import Probed, Secret, VaultForbiddenError
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECT_ID = "5a3c1f6e-0000-4000-8000-0000000000b1"  # the emulator's system-assigned identity
@@ -672,8 +672,8 @@ def test_a_vault_name_that_does_not_resolve_fails_dns_and_sends_nothing() -> Non
     request is made."""
     import requests
 
-    from agent.doctor import check_vault
-    from agent.vault import VaultClient
+    from agent.doctor.checks import check_vault
+    from agent.vault.client import VaultClient
 
     def unknown(host: str) -> List[str]:
         raise OSError("Name or service not known")
@@ -690,7 +690,7 @@ def test_a_vault_name_that_does_not_resolve_fails_dns_and_sends_nothing() -> Non
 
 def test_an_optional_secrets_failure_is_a_warning() -> None:
     """soften turns failures into warnings (fix kept) and leaves the rest."""
-    from agent.doctor import soften
+    from agent.doctor.checks import soften
 
     checks = [Check("secret s", "readable", FAIL, "denied", "grant it"),
               Check("secret s", "enabled", OK, "enabled")]
@@ -733,9 +733,9 @@ FOREIGN_IDENTITY_ENDPOINT = "http://10.1.2.3:8081/msi/token"  # never connected 
 def test_a_cleartext_app_service_endpoint_is_a_warning(endpoint: str, warned: bool) -> None:
     """App Service over plain HTTP to another host is a warning naming the endpoint and the
     fix (nothing sent to find out); a loopback endpoint adds no check."""
-    from agent.doctor import check_endpoint
-    from agent.identity import token_source
-    from agent.identity_selector import Identity
+    from agent.doctor.checks import check_endpoint
+    from agent.identity.selector import Identity
+    from agent.identity.tokens import token_source
 
     tokens = token_source(Identity(), {"IDENTITY_ENDPOINT": endpoint, "IDENTITY_HEADER": "h"})
     try:
@@ -755,7 +755,7 @@ def test_doctor_reports_a_cleartext_app_service_endpoint(
         emulator: Emulator, shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """diagnose lists the endpoint warning with the identity checks and does not fail for
     it (the identity check itself is stubbed: it would connect to that address)."""
-    import agent.doctor as doctor_module
+    import agent.doctor.checks as doctor_module
 
     def not_asked(tokens: object, audience: str) -> object:
         return doctor_module._Identity(None, None, (

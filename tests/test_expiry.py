@@ -1,10 +1,10 @@
-"""Expiry awareness as pure decisions of (validity, clock): :mod:`agent.expiry`."""
+"""Expiry awareness as pure decisions of (validity, clock): :mod:`agent.pipeline.expiry`."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.expiry import (
+from agent.pipeline.expiry import (
     EXPIRED,
     EXPIRING,
     MAX_EPOCH_S,
@@ -20,7 +20,7 @@ from agent.expiry import (
     short,
     usable_epoch,
 )
-from agent.snapshot import iso_time
+from agent.status.snapshot import iso_time
 
 DAY = 86400
 WINDOW = Validity(not_before=10 * DAY, expires=100 * DAY)

@@ -1,4 +1,4 @@
-"""Unit tests of the list-based refresh decision (agent.freshness), with plain values."""
+"""Unit tests of the list-based refresh decision (agent.sync.freshness), with plain values."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import pytest
 
-from agent.errors import ListTooLongError, VaultForbiddenError, VaultUnavailableError
-from agent.expiry import Validity
-from agent.freshness import (
+from agent.base.errors import ListTooLongError, VaultForbiddenError, VaultUnavailableError
+from agent.manifest import Accounts, Entry, parse_manifest
+from agent.pipeline.expiry import Validity
+from agent.pipeline.sources import SecretAttributes, Source
+from agent.sync.freshness import (
     MAX_VERIFIED_BYTES,
     SETTLED_S,
     EntryWritten,
@@ -31,9 +33,7 @@ from agent.freshness import (
     plan,
     remember,
 )
-from agent.manifest import Accounts, Entry, parse_manifest
-from agent.sources import SecretAttributes, Source
-from agent.vault_list import SecretItem
+from agent.vault.listing import SecretItem
 
 VAULT = "https://contoso-kv.vault.azure.net"
 ACCOUNTS = Accounts(user=lambda name: {"root": 0}.get(name),
@@ -244,7 +244,7 @@ def test_a_forbidden_list_falls_back_and_is_logged_once(caplog: pytest.LogCaptur
     """403 on the list: per-secret GETs, one warning with the fix, no list at the next refresh."""
     listed = entries(MANY)
     vault = FakeVault(error=VaultForbiddenError(f"listing vault {VAULT}: permission denied"))
-    with caplog.at_level(logging.INFO, logger="agent.freshness"):
+    with caplog.at_level(logging.INFO, logger="agent.sync.freshness"):
         first = plan(listed, (), memory_after_write(listed), vault, stamp=stamp_of)
         again = memory_after_write(listed)._replace(vaults=first.vaults)
         second = plan(listed, (), again, vault, stamp=stamp_of)

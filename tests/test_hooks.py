@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.hooks import HookRunner, hook_triggers
+from agent.daemon.hooks import HookRunner, hook_triggers
 
 
 def test_triggers_group_paths_per_command() -> None:

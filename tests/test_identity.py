@@ -17,13 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
 
-from agent import transport
-from agent.errors import IdentityUnavailableError
-from agent.identity import TokenCache, token_source, with_refresh_on
-from agent.identity_selector import Identity
-from agent.imds import DEFAULT_IMDS_ENDPOINT, ImdsRequestFactory, imds_endpoint
-from agent.retry import MIN_REQUEST_S, RetryPolicy
-from agent.token_request import (
+from agent.base import transport
+from agent.base.errors import IdentityUnavailableError
+from agent.base.retry import MIN_REQUEST_S, RetryPolicy
+from agent.identity.imds import DEFAULT_IMDS_ENDPOINT, ImdsRequestFactory, imds_endpoint
+from agent.identity.request import (
     MAX_TOKEN_LIFETIME_S,
     AccessToken,
     Answer,
@@ -33,6 +31,8 @@ from agent.token_request import (
     parse_expires_on,
     parse_token_response,
 )
+from agent.identity.selector import Identity
+from agent.identity.tokens import TokenCache, token_source, with_refresh_on
 
 ENDPOINT = "http://127.0.0.1:9/metadata/identity/oauth2/token"
 RESOURCE = "https://vault.azure.net"
@@ -606,7 +606,7 @@ def test_choose_source_table(requested: str, environ: Dict[str, str], present: T
                              expected: str) -> None:
     """auto picks App Service, then Arc (environment or agent files), then IMDS; an
     explicit source wins; the reason names what decided it."""
-    from agent.identity import choose_source
+    from agent.identity.tokens import choose_source
 
     choice = choose_source(requested, environ, exists=lambda path: path in present)
     assert choice.source == expected
@@ -643,8 +643,8 @@ def test_token_source_builds_the_chosen_factory(requested: str, environ: Dict[st
 def test_a_200_without_a_usable_token_is_a_refusal_naming_the_source(source: str) -> None:
     """Every source reads a 200 through RequestFactory.token: no token in it is a
     refusal naming the source and its own fix, never quoting the body."""
-    from agent.app_service import AppServiceRequestFactory
-    from agent.arc import ArcRequestFactory
+    from agent.identity.app_service import AppServiceRequestFactory
+    from agent.identity.arc import ArcRequestFactory
 
     factory = {
         "imds": lambda: ImdsRequestFactory(ENDPOINT, Identity()),

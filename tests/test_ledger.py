@@ -8,7 +8,8 @@ from typing import Dict, List
 
 import pytest
 
-from agent.ledger import Ledger, Written, WrittenSet, writer_root_for
+from agent.daemon.ledger import Ledger, writer_root_for
+from agent.status.snapshot import Written, WrittenSet
 from agent.writer import FileSpec, Writer
 
 

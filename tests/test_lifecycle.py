@@ -1,14 +1,14 @@
 """The daemon's lifecycle decisions, as pure functions of (state, event, clock).
 
-Every test drives :mod:`agent.lifecycle` with plain numbers for the monotonic
+Every test drives :mod:`agent.daemon.lifecycle` with plain numbers for the monotonic
 clock and the jitter draw: no process, no thread, no sleep."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent import lifecycle
-from agent.lifecycle import (
+from agent.daemon import lifecycle
+from agent.daemon.lifecycle import (
     FAILURE_RETRY_S,
     FIRST_FAILURE_RETRY_S,
     MIN_DELAY_S,
@@ -16,7 +16,7 @@ from agent.lifecycle import (
     STUCK_AFTER_S,
     Lifecycle,
 )
-from agent.snapshot import READY, RELOADING, STARTING, STOPPED
+from agent.status.snapshot import READY, RELOADING, STARTING, STOPPED
 
 INTERVAL_S = 900.0
 

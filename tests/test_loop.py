@@ -5,7 +5,7 @@ from __future__ import annotations
 import select
 import threading
 
-from agent.loop import DEBOUNCE_MAX_S, DEBOUNCE_S, Debounce, Mailbox, Watchdog
+from agent.daemon.loop import DEBOUNCE_MAX_S, DEBOUNCE_S, Debounce, Mailbox, Watchdog
 
 
 def test_debounce_waits_for_quiet_but_not_forever() -> None:

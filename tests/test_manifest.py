@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from agent.errors import EXIT_CONFIG, ManifestError
+from agent.base.errors import EXIT_CONFIG, ManifestError
 from agent.manifest import (
     Accounts,
     load_manifest,
@@ -28,9 +28,9 @@ from agent.manifest import (
     parse_vault_url,
     resolve_path,
 )
-from agent.outputs import EntrySet
-from agent.sources import Source
-from agent.transforms import TransformParams
+from agent.pipeline.outputs import EntrySet
+from agent.pipeline.sources import Source
+from agent.pipeline.transforms import TransformParams
 
 USERS: Dict[str, int] = {"root": 0, "postgres": 110, "nginx": 111}
 GROUPS: Dict[str, int] = {"root": 0, "postgres": 120, "ssl-cert": 121}

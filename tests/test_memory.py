@@ -1,4 +1,4 @@
-"""agent.memory: two malloc arenas and free pages returned, on glibc only (issue 17, item 21)."""
+"""agent.base.memory: two malloc arenas and free pages returned, on glibc only (issue 17, item 21)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from agent import memory
+from agent.base import memory
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,9 +24,9 @@ from test_daemon import (  # noqa: F401 - fixtures
     vault,
 )
 
-from agent import metrics
-from agent.errors import WriteError
-from agent.metrics import EntryMetrics, MetricsSnapshot, render, write_metrics
+from agent.base.errors import WriteError
+from agent.daemon import metrics
+from agent.daemon.metrics import EntryMetrics, MetricsSnapshot, render, write_metrics
 
 NOW = 1_800_000_000.0
 Sample = Tuple[str, Dict[str, str], float]

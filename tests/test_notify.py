@@ -9,7 +9,7 @@ from typing import Iterator, List
 
 import pytest
 
-from agent.notify import Notifier, watchdog_interval_s
+from agent.daemon.notify import Notifier, watchdog_interval_s
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from agent.ledger import Written, WrittenSet
-from agent.snapshot import StatusSnapshot
+from agent.status.snapshot import StatusSnapshot, Written, WrittenSet
 
 REPO = Path(__file__).resolve().parent.parent
 LIST_SCRIPT = REPO / "packaging" / "kv-agent-purge-list"

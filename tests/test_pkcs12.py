@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from agent.pkcs12 import (
+from agent.pipeline.pkcs12 import (
     MAX_ITERATIONS,
     MAX_TOTAL_ITERATIONS,
     Contents,
@@ -101,7 +101,7 @@ def test_pkcs12_key_derivation_matches_the_published_vectors() -> None:
 
 def test_rc2_decrypts_the_rfc_2268_vectors() -> None:
     """RC2 (for Windows' and Key Vault's 40-bit RC2 certificates) meets RFC 2268's vectors."""
-    from agent.pkcs12 import _rc2_decrypt_block, _rc2_key_schedule
+    from agent.pipeline.pkcs12 import _rc2_decrypt_block, _rc2_key_schedule
 
     vectors = [("0000000000000000", 63, "0000000000000000", "ebb773f993278eff"),
                ("ffffffffffffffff", 64, "ffffffffffffffff", "278b27e42e2f0d49"),

@@ -10,7 +10,7 @@ from typing import List
 import pytest
 from fakes import FakeClock
 
-from agent.retry import (
+from agent.base.retry import (
     MIN_REQUEST_S,
     PAUSE_BASE_S,
     PROBE_POLL_S,
@@ -157,9 +157,9 @@ def test_request_budget_stays_within_the_deadline_with_a_floor() -> None:
 
 def test_jitter_is_equal_jitter_as_documented() -> None:
     """Issue 10: the docs name the jitter the code draws: equal jitter, in [step/2, step]."""
-    import agent.retry
+    import agent.base.retry
 
-    for doc in (agent.retry.__doc__, RetryPolicy.__doc__, Backoff.step.__doc__):
+    for doc in (agent.base.retry.__doc__, RetryPolicy.__doc__, Backoff.step.__doc__):
         assert doc and "equal jitter" in " ".join(doc.split())
     assert "[step/2, step]" in " ".join((RetryPolicy.__doc__ or "").split())
     policy = RetryPolicy(base_delay_s=2, max_delay_s=100)

@@ -1,5 +1,5 @@
 """Bulk selection (``select:`` entries): offline validation, expansion of a
-listing, and end to end through ``Agent.sync``, ``kv-agent once`` and
+listing, and end to end through ``Sync.sync``, ``kv-agent once`` and
 ``kv-agent run`` against the emulator."""
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from test_daemon import (  # noqa: F401 - fixtures
     write_file,
 )
 
-from agent.agent import Agent
+from agent.base.errors import ManifestError
 from agent.emulator import Emulator
-from agent.errors import ManifestError
 from agent.manifest import Accounts, Manifest, Selection, parse_manifest
-from agent.outputs import Output
-from agent.selection import expand, explicit_names
-from agent.sources import SecretAttributes
-from agent.vault_list import SecretItem
+from agent.pipeline.outputs import Output
+from agent.pipeline.sources import SecretAttributes
+from agent.sync.selection import expand, explicit_names
+from agent.sync.sync import Sync
+from agent.vault.listing import SecretItem
 
 ACCOUNTS = Accounts(user=lambda name: {"root": 0, "app1": 1001}.get(name),
                     group=lambda name: {"root": 0}.get(name))
@@ -190,7 +190,7 @@ def test_expanded_entries_carry_the_selections_owner_mode_hook_and_optional() ->
 
 
 # ---------------------------------------------------------------------------
-# Through Agent.sync and kv-agent once
+# Through Sync.sync and kv-agent once
 
 
 @pytest.fixture()
@@ -215,7 +215,7 @@ def test_sync_writes_every_matching_secret_and_reports_the_listing(
             "  - select: {prefix: app1-, tags: {env: prod}}\n    directory: app1\n"
             "    strip_prefix: true\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    agent = Agent(manifest, environ=agent_environ(emulator))
+    agent = Sync(manifest, environ=agent_environ(emulator))
     try:
         agent.prepare()
         report = agent.sync()
@@ -239,7 +239,7 @@ def test_sync_writes_a_case_colliding_name_once_and_warns_once(
     text = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
             "  - select: {prefix: app1-}\n    directory: app1\n    strip_prefix: true\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    agent = Agent(manifest, environ=agent_environ(emulator))
+    agent = Sync(manifest, environ=agent_environ(emulator))
     listed = agent.vault.list_secrets
 
     def list_twice(url: str, *args: Any) -> Tuple[SecretItem, ...]:
@@ -272,7 +272,7 @@ def test_sync_reports_a_listing_failure_and_writes_nothing_of_the_selection(
     text = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
             "  - name: plain\n  - select: {prefix: app1-}\n    directory: app1\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    agent = Agent(manifest, environ=agent_environ(emulator))
+    agent = Sync(manifest, environ=agent_environ(emulator))
     try:
         agent.prepare()
         report = agent.sync()

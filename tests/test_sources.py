@@ -6,8 +6,8 @@ from typing import Any, Dict
 
 import pytest
 
-from agent.sources import SecretAttributes, Source, parse_attributes, unique_sources
-from agent.vault import parse_secret_bundle
+from agent.pipeline.sources import SecretAttributes, Source, parse_attributes, unique_sources
+from agent.vault.client import parse_secret_bundle
 
 
 def test_unique_sources_keep_first_seen_order() -> None:

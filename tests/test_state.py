@@ -18,14 +18,15 @@ from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
+import agent.status.render  # noqa: F401
+
 # What `kv-agent status` imports lazily, loaded here: the child that drops to
 # nobody keeps this interpreter's modules but may not read the interpreter's own
 # library (e.g. a Python under /root), so a lazy import there would fail.
-import agent.snapshot  # noqa: F401
-import agent.status  # noqa: F401
+import agent.status.snapshot  # noqa: F401
+from agent.base.errors import EXIT_NOPERM, EXIT_OK, EXIT_UNAVAILABLE, KvAgentError
 from agent.cli import main
-from agent.errors import EXIT_NOPERM, EXIT_OK, EXIT_UNAVAILABLE, KvAgentError
-from agent.state import StateStore
+from agent.status.store import StateStore
 
 IS_ROOT = os.geteuid() == 0
 NOBODY = 65534

@@ -8,18 +8,19 @@ import stat
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
-from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from agent.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
-from agent.ledger import Written, WrittenSet
-from agent.snapshot import (
+from agent.base.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
+from agent.status.render import render_status as render_snapshot
+from agent.status.snapshot import (
     READY,
     EntryStatus,
     StatusSnapshot,
+    Written,
+    WrittenSet,
     parse_snapshot,
     read_written,
 )
-from agent.state import StateStore, state_dir
-from agent.status import render_status as render_snapshot
+from agent.status.store import StateStore, state_dir
 
 
 def render_status(document: Mapping[str, Any], path: str) -> Tuple[List[str], int]:

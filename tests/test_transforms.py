@@ -13,8 +13,8 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import pytest
 
-from agent.sources import SecretAttributes
-from agent.transforms import (
+from agent.pipeline.sources import SecretAttributes
+from agent.pipeline.transforms import (
     TRANSFORMS,
     TransformError,
     TransformParams,
@@ -162,14 +162,14 @@ def test_env_template_quoting_is_double_quotes_with_four_escapes() -> None:
 
 
 def test_transforms_import_nothing_that_does_io() -> None:
-    """agent/transforms.py imports only typing, binascii, json, errors, untrusted (no I/O:
-    strict base64), the source values and (for a certificate entry, lazily) agent.certificates."""
-    tree = ast.parse(Path("agent/transforms.py").read_text())
+    """agent/pipeline/transforms.py imports only typing, binascii, json, errors, untrusted (no I/O:
+    strict base64), the source values and (for a certificate entry, lazily) agent.pipeline.certificates."""
+    tree = ast.parse(Path("agent/pipeline/transforms.py").read_text())
     imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
                 for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names}
-    assert imported <= {"__future__", "typing", "binascii", "json", "agent.errors",
-                        "agent.untrusted", "agent.sources", "agent.certificates"}
+    assert imported <= {"__future__", "typing", "binascii", "json", "agent.base.errors",
+                        "agent.base.untrusted", "agent.pipeline.sources", "agent.pipeline.certificates"}
 
 
 def test_base64_is_the_standard_alphabet() -> None:
@@ -203,7 +203,7 @@ def test_the_certificate_boundary_holds_for_library_exceptions(
     reading a certificate for doctor, each come out as a TransformError."""
     from cryptography.exceptions import UnsupportedAlgorithm
 
-    import agent.certificates as certificates
+    import agent.pipeline.certificates as certificates
 
     def unsupported(*args: object) -> object:
         raise UnsupportedAlgorithm("curve 1.2.156.10197.1.301")

@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.sources import SecretAttributes
-from agent.transforms import (
+from agent.pipeline.sources import SecretAttributes
+from agent.pipeline.transforms import (
     CERTIFICATE_KINDS,
     ENCODINGS,
     TEMPLATE_FORMATS,
@@ -271,7 +271,7 @@ def test_template_from_fuzzed_values(values: List[Tuple[bytes, Optional[str]]],
 @pytest.mark.parametrize("transform", ["raw", "template", "certificate", "select", ""])
 def test_every_transform_name_is_covered(transform: str) -> None:
     """Every registered transform is fuzzed above; an unknown name is a TransformError."""
-    from agent.transforms import TRANSFORMS
+    from agent.pipeline.transforms import TRANSFORMS
 
     assert set(TRANSFORMS) == {"raw", "template", "certificate"}
     _run(transform, [Fetched("s", b"x", None)], 1, TransformParams(kinds=("cert",)))

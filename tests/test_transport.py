@@ -1,4 +1,4 @@
-"""agent.transport is the one place that sends HTTP and reads bodies (issue 10)."""
+"""agent.base.transport is the one place that sends HTTP and reads bodies (issue 10)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 import requests
 from hostile import HostileServer, answer, response
 
-from agent import transport
+from agent.base import transport
+from agent.base.transport import RequestCounts
 from agent.emulator import generate_certificates
-from agent.identity import token_source
-from agent.identity_selector import Identity
-from agent.transport import RequestCounts
-from agent.vault import new_session
+from agent.identity.selector import Identity
+from agent.identity.tokens import token_source
+from agent.vault.client import new_session
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 # Sending a request or reading a response body by any other road than

@@ -1,4 +1,4 @@
-"""agent.unit_env: kv-agent.service's environment, parsed as systemd writes and reads it."""
+"""agent.doctor.unit_env: kv-agent.service's environment, parsed as systemd writes and reads it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from agent.unit_env import (
+from agent.doctor.unit_env import (
     parse_env_file,
     parse_show,
     split_words,

@@ -14,7 +14,7 @@ from fakes import FakeClock, FakeResponse, FakeSession, json_reply, refused
 from hostile import HostileServer, answer, gzip_bomb, loopback_443_server, trickle
 from hostile import response as hostile_response
 
-from agent.errors import (
+from agent.base.errors import (
     EXIT_CONFIG,
     IdentityUnavailableError,
     KvAgentError,
@@ -24,9 +24,9 @@ from agent.errors import (
     VaultThrottledError,
     VaultUnavailableError,
 )
-from agent.retry import MIN_REQUEST_S, REFRESH_RETRY, Backoff, RetryPolicy
-from agent.sources import Source
-from agent.vault import (
+from agent.base.retry import MIN_REQUEST_S, REFRESH_RETRY, Backoff, RetryPolicy
+from agent.pipeline.sources import Source
+from agent.vault.client import (
     ARRIVAL_BATCH,
     KNOWN_AUDIENCES,
     Secret,
@@ -244,7 +244,7 @@ def test_429_honours_retry_after() -> None:
 
 def test_429_without_retry_after_backs_off_then_gives_up() -> None:
     """Persistent throttling ends in VaultThrottledError within the budget (30 s: the
-    pause after a second 429 in a row is a 10-s window, agent.retry.PAUSE_BASE_S)."""
+    pause after a second 429 in a row is a 10-s window, agent.base.retry.PAUSE_BASE_S)."""
     clock = FakeClock()
     session = FakeSession(*[error(429, "Throttled") for _ in range(50)])
     with pytest.raises(VaultThrottledError):

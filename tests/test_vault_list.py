@@ -1,4 +1,4 @@
-"""Listing a vault's secrets (issue 10): VaultClient.list_secrets and agent.vault_list.
+"""Listing a vault's secrets (issue 10): VaultClient.list_secrets and agent.vault.listing.
 
 Against the recorded real paging (empty pages that are not the end, nextLink with
 :443 followed verbatim), against the emulator with ``empty_pages``, and against
@@ -14,13 +14,18 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 from fakes import FakeClock, FakeResponse, FakeSession, json_reply
 
-from agent.errors import EndlessListError, VaultError, VaultForbiddenError, VaultUnavailableError
-from agent.identity import token_source
-from agent.identity_selector import Identity
-from agent.retry import RetryPolicy
-from agent.sources import SecretAttributes, parse_attributes
-from agent.vault import ENDLESS_LIST_HOLD_S, MAX_BODY_BYTES, VaultClient, new_session
-from agent.vault_list import (
+from agent.base.errors import (
+    EndlessListError,
+    VaultError,
+    VaultForbiddenError,
+    VaultUnavailableError,
+)
+from agent.base.retry import RetryPolicy
+from agent.identity.selector import Identity
+from agent.identity.tokens import token_source
+from agent.pipeline.sources import SecretAttributes, parse_attributes
+from agent.vault.client import ENDLESS_LIST_HOLD_S, MAX_BODY_BYTES, VaultClient, new_session
+from agent.vault.listing import (
     MAX_EMPTY_PAGES,
     ListLimits,
     check_next_link,

@@ -45,7 +45,7 @@ from test_daemon import (  # noqa: F401 (fixtures)
     write_file,
 )
 
-from agent.pkcs12 import MAX_ITERATIONS
+from agent.pipeline.pkcs12 import MAX_ITERATIONS
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from agent.watch import ManifestWatcher
+from agent.daemon.watch import ManifestWatcher
 
 
 def settle(watcher: ManifestWatcher, timeout_s: float = 2.0) -> bool:

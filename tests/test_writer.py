@@ -22,17 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import EXIT_CANTCREAT, WriteError
-from agent.writer import (
-    DIR_MODE,
-    RAMFS_MAGIC,
-    RESERVED_PREFIX,
-    TMPFS_MAGIC,
-    FileSpec,
-    Writer,
-    WriteResult,
-    filesystem_type,
-)
+from agent.base.errors import EXIT_CANTCREAT, WriteError
+from agent.base.landing import RAMFS_MAGIC, RESERVED_PREFIX, TMPFS_MAGIC, filesystem_type
+from agent.writer import DIR_MODE, FileSpec, Writer, WriteResult
 
 IS_ROOT = os.geteuid() == 0
 ME: Tuple[int, int] = (os.geteuid(), os.getegid())
@@ -851,7 +843,7 @@ def test_devtmpfs_is_refused_although_it_reports_tmpfs(shm_dir: Path) -> None:
     """devtmpfs reports TMPFS_MAGIC to statfs (as /dev shows), so the mount's type decides."""
     fd = os.open("/dev", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        from agent.writer import mount_type
+        from agent.base.landing import mount_type
         if mount_type(fd) != "devtmpfs":
             pytest.skip("/dev is not devtmpfs here")
         assert filesystem_type(fd) == TMPFS_MAGIC
@@ -874,7 +866,7 @@ def test_devtmpfs_bind_mounted_below_dev_shm_is_refused(shm_dir: Path) -> None:
     try:
         fd = os.open(bind, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            from agent.writer import mount_type
+            from agent.base.landing import mount_type
             if mount_type(fd) != "devtmpfs":
                 pytest.skip("/dev is not devtmpfs here")
         finally:
@@ -1010,7 +1002,7 @@ def test_check_refuses_and_once_skips_a_foreign_directory_below_the_root(
 ])
 def test_not_tmpfs_hint_names_a_tmpfs_that_exists(memory: set, hint: str) -> None:
     """The 'not on tmpfs' hint names only directories that are tmpfs on this host."""
-    from agent.writer import tmpfs_hint
+    from agent.base.landing import tmpfs_hint
 
     def fake_type(fd: int) -> int:
         path = os.readlink(f"/proc/self/fd/{fd}")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 
 import agent.writer as writer_module
-from agent.errors import WriteError
+from agent.base.errors import WriteError
 from agent.writer import (
     DIR_MODE,
     RESERVED_PREFIX,

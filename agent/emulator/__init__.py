@@ -29,7 +29,7 @@ between :meth:`Emulator.start` and :meth:`Emulator.stop`.
 
 The parts, each a module of this package (one direction: ``facade`` uses the
 others, the handlers use ``tokens``, ``store`` and ``wire``; nothing here imports
-the agent, apart from ``agent.errors`` for the typed errors the CLI maps to exit
+the agent, apart from ``agent.base.errors`` for the typed errors the CLI maps to exit
 codes, because the emulator is an oracle for the agent, not a mirror of it):
 
 * :mod:`.wire`: services, wire constants, the services' exact messages, request

@@ -73,7 +73,7 @@ def _crypto() -> Any:
         import cryptography.x509  # noqa: F401 - loads the submodules used below
         from cryptography.hazmat.primitives.serialization import pkcs12  # noqa: F401
     except ImportError:
-        from agent.errors import MissingDependencyError
+        from agent.base.errors import MissingDependencyError
 
         raise MissingDependencyError(
             "the emulator needs the Python package 'cryptography' to issue certificates",

@@ -21,14 +21,14 @@ import subprocess
 import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from agent.emulator.facade import Emulator
-from agent.errors import (
+from agent.base.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     KvAgentError,
     MissingDependencyError,
     WriteError,
 )
+from agent.emulator.facade import Emulator
 
 Say = Callable[[str], None]
 MARKER = ".kv-agent-demo"

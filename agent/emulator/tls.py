@@ -48,7 +48,7 @@ def generate_certificates(
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:
-        from agent.errors import MissingDependencyError
+        from agent.base.errors import MissingDependencyError
 
         raise MissingDependencyError(
             "the emulator needs the Python package 'cryptography' to make its test CA",

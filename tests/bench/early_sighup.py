@@ -2,7 +2,7 @@
 """How long after exec a SIGHUP still kills ``kv-agent run`` (issue 17, item 15).
 
 SIGHUP's default action ends a process. ``kv-agent run`` routes it to a flag
-first thing (agent/signals.py), but the interpreter's own start-up and the
+first thing (agent/daemon/signals.py), but the interpreter's own start-up and the
 import of the command line come before any kv-agent code can: that is the
 residual window. This starts ``kv-agent run`` again and again and measures,
 for each start, the time from the exec to the moment the process has a

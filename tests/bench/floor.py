@@ -3,7 +3,7 @@
 
 It sends the requests ``kv-agent once`` sends (one IMDS token, the vault's
 unauthenticated challenge, then one GET per secret over 16 keep-alive
-connections, as ``agent.vault.MAX_CONCURRENCY``) and writes each value
+connections, as ``agent.vault.client.MAX_CONCURRENCY``) and writes each value
 atomically (temp file, mode, fsync, rename) under the manifest's directory,
 with none of the agent's checks: no bounds on time or size, no validation,
 no retries, no status. What no agent built on requests and PyYAML can beat.

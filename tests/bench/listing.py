@@ -2,7 +2,7 @@
 """Benchmark: requests per refresh, list-based against per-secret (issue 12).
 
 One emulator holds a vault of N secrets (default 1,000); the manifest names
-every one. Two agents (the real :class:`agent.agent.Agent`, each keeping its
+every one. Two agents (the real :class:`agent.sync.sync.Sync`, each keeping its
 token cache across refreshes as the daemon does) run the same refreshes, one
 with the freshness memory carried from refresh to refresh (list-based), one
 without (per-secret: every refresh GETs every secret, as before issue 12):
@@ -32,10 +32,10 @@ from typing import Callable, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from agent.agent import Agent  # noqa: E402
 from agent.emulator import Emulator  # noqa: E402
-from agent.freshness import Freshness  # noqa: E402
 from agent.manifest import parse_manifest  # noqa: E402
+from agent.sync.freshness import Freshness  # noqa: E402
+from agent.sync.sync import Sync  # noqa: E402
 
 Measure = Tuple[int, int, float]  # vault requests, IMDS requests, seconds
 
@@ -62,7 +62,7 @@ class _Runner:
                    "REQUESTS_CA_BUNDLE": emulator.ca_path, "NO_PROXY": "127.0.0.1"}
         manifest = parse_manifest(_manifest_text(emulator.vault_url, self.directory, names),
                                   "bench.yaml", check_filesystem=False)
-        self.agent = Agent(manifest, environ=environ)
+        self.agent = Sync(manifest, environ=environ)
         self.agent.prepare()
         self.is_listing = is_listing
         self.memory = Freshness()

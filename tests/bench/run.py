@@ -48,7 +48,7 @@ from agent.emulator import Emulator  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class Agent:
+class Sync:
     """One ``kv-agent run`` process with a notify socket of its own."""
 
     def __init__(self, work: str, manifest: str, env: Dict[str, str]) -> None:
@@ -180,7 +180,7 @@ def main() -> int:
             for _ in range(args.starts):
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
-                agent = Agent(work, manifest, env)
+                agent = Sync(work, manifest, env)
                 ready.append(agent.wait_for("READY=1"))
                 agent.stop()
             print(f"  start to READY=1     median {statistics.median(ready):.3f} s "
@@ -188,7 +188,7 @@ def main() -> int:
                   f"   target <= 0.7 s")
             print(f"  floor: python + import requests, yaml  {floor:.3f} s")
 
-            agent = Agent(work, manifest, env)
+            agent = Sync(work, manifest, env)
             agent.wait_for("READY=1")
             time.sleep(1.0)  # let the last log line and status write settle
             cpu0, wake0, rss_idle0 = agent.cpu_s(), agent.wakeups(), agent.rss_mib()
@@ -218,7 +218,7 @@ def soak(args: argparse.Namespace, emulator: Emulator, env: Dict[str, str],
     manifest = os.path.join(work, "soak.yaml")
     write_manifest(manifest, emulator.vault_url, out, names, "1h")
     shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
-    agent = Agent(work, manifest, env)
+    agent = Sync(work, manifest, env)
     agent.wait_for("READY=1")
     rss: Dict[int, float] = {0: agent.rss_mib()}
     started = time.perf_counter()

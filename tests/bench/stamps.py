@@ -2,7 +2,7 @@
 """Benchmark: the CPU a refresh spends on the local check of its files (issue 17).
 
 A refresh checks every file it wrote against the stamp taken after the write
-(:func:`agent.freshness.file_stamp`): one ``lstat`` for a file only root and
+(:func:`agent.sync.freshness.file_stamp`): one ``lstat`` for a file only root and
 the agent may write, plus one read and one keyed BLAKE2b digest for a file
 others may write (group- or other-writable, or owned by another user with the
 write bit), which an edit through a shared mapping could change without
@@ -29,7 +29,7 @@ from typing import List, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from agent.freshness import file_stamp  # noqa: E402
+from agent.sync.freshness import file_stamp  # noqa: E402
 
 SIZES = (64, 4096, 25_000)  # a password, a PEM bundle, Key Vault's largest value
 MODES = (("lstat only (0440)", 0o440), ("verified by content (0660)", 0o660))

@@ -6,32 +6,32 @@ with 429 + Retry-After. What each agent decides is the agent's **real** code,
 imported, never re-implemented:
 
 * when to refresh, and how to back off after a failed refresh:
-  :func:`agent.lifecycle.start_sync`, :func:`~agent.lifecycle.sync_finished`
-  (which calls :func:`~agent.lifecycle.refresh_delay` with the manifest's
+  :func:`agent.daemon.lifecycle.start_sync`, :func:`~agent.daemon.lifecycle.sync_finished`
+  (which calls :func:`~agent.daemon.lifecycle.refresh_delay` with the manifest's
   default jitter, :data:`agent.manifest.DEFAULT_JITTER`) and
-  :func:`~agent.lifecycle.is_refresh_due`, on a real
-  :class:`~agent.lifecycle.Lifecycle` per agent;
-* how one request is retried: a real :class:`agent.retry.Backoff` per request
-  with the daemon's policy (:data:`agent.retry.REFRESH_RETRY`), driven by a
+  :func:`~agent.daemon.lifecycle.is_refresh_due`, on a real
+  :class:`~agent.daemon.lifecycle.Lifecycle` per agent;
+* how one request is retried: a real :class:`agent.base.retry.Backoff` per request
+  with the daemon's policy (:data:`agent.base.retry.REFRESH_RETRY`), driven by a
   simulated clock and a ``sleep`` that advances that clock, the reply's
-  ``Retry-After`` read by :func:`agent.retry.parse_retry_after`, the retried
-  statuses :data:`agent.vault.RETRY_STATUSES`;
-* when a request may be sent at all: one real :class:`agent.retry.Pause` per
+  ``Retry-After`` read by :func:`agent.base.retry.parse_retry_after`, the retried
+  statuses :data:`agent.vault.client.RETRY_STATUSES`;
+* when a request may be sent at all: one real :class:`agent.base.retry.Pause` per
   agent (the vault client's, with the daemon's slow start): every request is
   first admitted by it, every answer reported to it, so after a 429 the agent
   waits, probes with one request, and ramps up 1, 2, 4 ... as the daemon does;
-* what a refresh fetches: :func:`agent.freshness.list_budget` decides whether
+* what a refresh fetches: :func:`agent.sync.freshness.list_budget` decides whether
   the vault is listed (list-based mode: the vault's size is known; per-secret
   mode: the agent's fallback for a vault whose list is forbidden), and while
-  starting, :func:`agent.freshness.is_fetched_since` (rule 5) keeps an earlier
+  starting, :func:`agent.sync.freshness.is_fetched_since` (rule 5) keeps an earlier
   attempt's files from being fetched again;
-* how many requests run at once: :data:`agent.vault.MAX_CONCURRENCY` per agent;
-  pages of :data:`agent.vault_list.PAGE_SIZE`, a listing bounded by
-  :class:`agent.vault_list.ListLimits`.
+* how many requests run at once: :data:`agent.vault.client.MAX_CONCURRENCY` per agent;
+  pages of :data:`agent.vault.listing.PAGE_SIZE`, a listing bounded by
+  :class:`agent.vault.listing.ListLimits`.
 
 Modelled, not imported (the loop around those decisions):
 
-* a refresh is :meth:`agent.vault.VaultClient.fetch_many`'s shape: up to
+* a refresh is :meth:`agent.vault.client.VaultClient.fetch_many`'s shape: up to
   MAX_CONCURRENCY requests started, each admitted by the Pause, retried until
   it succeeds or its Backoff gives up (or, held back by the Pause past its
   budget, ends unsent; at once when the agent is ready and the vault said
@@ -41,7 +41,7 @@ Modelled, not imported (the loop around those decisions):
 * one token per agent: IMDS costs nothing here (not modelled beyond that);
   the vault is in the public cloud, so no challenge request is sent;
 * a listing's result: the secrets whose version differs from the one on disk
-  (what :func:`agent.freshness.is_source_current` decides from ``updated``);
+  (what :func:`agent.sync.freshness.is_source_current` decides from ``updated``);
   a listing that fails (after its retries) fails the refresh;
 * a Pause's state changes at the moment a request is sent (the agent's, one
   round trip later: 50 ms), and the threads it holds back look again together
@@ -74,14 +74,14 @@ import random
 from collections import deque
 from typing import Callable, Deque, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
-from agent import lifecycle
-from agent.freshness import SourceSeen, VaultSeen, is_fetched_since, list_budget
-from agent.lifecycle import Lifecycle
+from agent.base.retry import REFRESH_RETRY, Backoff, Pause, RetryPolicy, parse_retry_after
+from agent.daemon import lifecycle
+from agent.daemon.lifecycle import Lifecycle
 from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
-from agent.retry import REFRESH_RETRY, Backoff, Pause, RetryPolicy, parse_retry_after
-from agent.snapshot import READY
-from agent.vault import MAX_CONCURRENCY, PAUSE_STATUSES, REQUEST_TOTAL_S, RETRY_STATUSES
-from agent.vault_list import PAGE_SIZE, ListLimits
+from agent.status.snapshot import READY
+from agent.sync.freshness import SourceSeen, VaultSeen, is_fetched_since, list_budget
+from agent.vault.client import MAX_CONCURRENCY, PAUSE_STATUSES, REQUEST_TOTAL_S, RETRY_STATUSES
+from agent.vault.listing import PAGE_SIZE, ListLimits
 
 LIMIT = 4000  # counted transactions per window [protocol.md B8]
 WINDOW_S = 10.0
@@ -309,7 +309,7 @@ class Fleet:
     def _start_refresh(self, agent: int, t: float) -> None:
         """What the agent's freshness rules fetch: while starting, nothing an
         earlier attempt fetched within an interval (rule 5); a listing when
-        :func:`agent.freshness.list_budget` finds it cheaper; else every
+        :func:`agent.sync.freshness.list_budget` finds it cheaper; else every
         secret."""
         self.life[agent], started = lifecycle.start_sync(self.life[agent], t)
         assert started  # refreshes never overlap in the simulation: nothing asks twice

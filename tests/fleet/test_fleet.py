@@ -8,7 +8,8 @@ from __future__ import annotations
 import fleetsim
 import pytest
 
-from agent import lifecycle, retry
+from agent.base import retry
+from agent.daemon import lifecycle
 
 AGENTS = 500
 LIMIT = 200  # 4,000 x 500 / 10,000
@@ -42,7 +43,7 @@ def test_after_an_outage_list_based_refresh_keeps_under_the_limit_and_recovers()
 def test_a_per_secret_outage_recovers_within_two_intervals_mostly_under_the_limit() -> None:
     """Per-secret refresh also gets every agent current within two intervals after an
     outage, and ready agents give way to the unavailable vault (VaultClient.gives_way)
-    and spread their retries (agent.lifecycle), so few 10-s windows after its return are
+    and spread their retries (agent.daemon.lifecycle), so few 10-s windows after its return are
     over the limit: 0 at full scale (tests/fleet/run.py); here, 500 agents against 200
     per 10 s, a window holds 10 agents' GETs and chance alone puts some over (14 with
     this seed; 80 before the change)."""

@@ -56,7 +56,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "token-host-outside-audience-domain",
         "the agent never sends a token to a host other than the vault: a challenge's "
         "audience is used only when the vault host lies under its domain",
-        "agent/vault.py",
+        "agent/vault/client.py",
         "    if not is_loopback_host(host) and not host.lower().endswith(",
         "    if False and not host.lower().endswith(",
         (f"{VAULT}::test_unknown_host_is_refused_even_with_a_vault_challenge",),
@@ -65,7 +65,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "audience-from-look-alike-suffix",
         "the token audience comes from the vault's DNS suffix (evilvault.azure.net is not "
         "under vault.azure.net)",
-        "agent/vault.py",
+        "agent/vault/client.py",
         '        if host.endswith("." + suffix):',
         "        if host.endswith(suffix):",
         (f"{VAULT}::test_audience_from_dns_suffix",),
@@ -73,7 +73,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "vault-follows-redirects",
         "the agent never sends a token along a redirect",
-        "agent/transport.py",
+        "agent/base/transport.py",
         "timeout=timeout, allow_redirects=False, stream=True,",
         "timeout=timeout, allow_redirects=True, stream=True,",
         (f"{VAULT}::test_redirect_is_not_followed",
@@ -82,7 +82,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "http-vault-accepted",
         "vault: https only; a manifest naming an http vault is refused",
-        "agent/vault_url.py",
+        "agent/vault/url.py",
         '    if parts.scheme.lower() != "https":',
         '    if parts.scheme.lower() not in ("https", "http"):',
         (f"{MANIFEST}::test_top_level_rules",),
@@ -91,7 +91,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "vault-session-reads-netrc",
         "the vault session never reads ~/.netrc (whose Basic credentials would replace the "
         "bearer token) nor the environment behind the agent's back",
-        "agent/transport.py",
+        "agent/base/transport.py",
         "    session.trust_env = False",
         "    session.trust_env = True",
         (f"{VAULT}::test_session_ignores_netrc_and_environment",),
@@ -99,7 +99,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "imds-through-proxy",
         "proxy variables apply to the vault only: IMDS is always reached directly",
-        "agent/identity.py",
+        "agent/identity/tokens.py",
         "    session.trust_env = False  # IMDS must never go through a proxy [protocol.md A1]",
         "    session.trust_env = True",
         (f"{CLI}::test_once_reaches_imds_directly_whatever_the_proxy_variables",
@@ -108,7 +108,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "imds-without-metadata-header",
         "every IMDS request carries Metadata: true",
-        "agent/imds.py",
+        "agent/identity/imds.py",
         'headers={"Metadata": "true"})',
         "headers={})",
         (f"{IDENTITY}::test_request_shape_system_assigned",),
@@ -117,7 +117,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "vault-body-unbounded",
         "every vault response body is size-bounded",
-        "agent/transport.py",
+        "agent/base/transport.py",
         "        if size > max_bytes:",
         "        if False:",
         (f"{VAULT}::test_valid_bundle_over_the_size_cap_is_refused",
@@ -126,7 +126,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "vault-ignores-retry-after",
         "a throttled vault (429) is retried honouring Retry-After",
-        "agent/vault.py",
+        "agent/vault/client.py",
         '        retry_after = (parse_retry_after(reply.headers.get("Retry-After"))',
         "        retry_after = (None",
         (f"{VAULT}::test_429_honours_retry_after",),
@@ -134,7 +134,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "imds-ignores-retry-after",
         "IMDS is retried honouring Retry-After",
-        "agent/imds.py",
+        "agent/identity/imds.py",
         '            retry_after = parse_retry_after(reply.headers.get("Retry-After"))',
         "            retry_after = None",
         (f"{IDENTITY}::test_retry_after_is_honoured",),
@@ -143,7 +143,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "secret-repr-shows-value",
         "logs never contain a secret value (a Secret's repr masks it)",
-        "agent/vault.py",
+        "agent/vault/client.py",
         "version={self.version!r}, value=****)",
         "version={self.version!r}, value={self.value!r})",
         (f"{VAULT}::test_secret_repr_never_shows_the_value",),
@@ -151,7 +151,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "file-spec-repr-shows-value",
         "logs never contain a secret value (a FileSpec's repr masks its content)",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         'return (f"FileSpec(path={self.path!r}, content=****, uid={self.uid}, "',
         'return (f"FileSpec(path={self.path!r}, content={self.content!r}, uid={self.uid}, "',
         (f"{WRITER}::test_file_spec_repr_never_shows_the_content",),
@@ -159,7 +159,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "value-in-write-log-line",
         "logs never contain a secret value (the 'wrote' line names the version)",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "fetched.version, output.owner, output.group, output.mode)",
         "fetched.value, output.owner, output.group, output.mode)",
         (f"{CLI}::test_once_writes_every_secret_byte_for_byte_with_owner_group_and_mode"
@@ -169,7 +169,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "doctor-prints-the-token",
         "doctor never prints a token: the principal line is built from the token's "
         "claims, never from the token",
-        "agent/doctor.py",
+        "agent/doctor/checks.py",
         '    checks.append(Check("identity", "principal", OK, detail))',
         '    checks.append(Check("identity", "principal", OK, detail + token.token))',
         (f"{DOCTOR}::test_healthy_setup_passes_every_check",),
@@ -177,7 +177,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "token-repr-shows-token",
         "logs never contain a token (an AccessToken's repr masks it)",
-        "agent/token_request.py",
+        "agent/identity/request.py",
         'return f"AccessToken(token=****, resource=',
         'return f"AccessToken(token={self.token!r}, resource=',
         (f"{IDENTITY}::test_access_token_repr_masks_the_token",),
@@ -187,7 +187,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "writer-follows-symlinked-parents",
         "every path is reached from the root with O_NOFOLLOW: a symlink below the root is "
         "never followed",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC",
         "_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC",
         (f"{WRITER}::test_symlinked_parent_is_refused",),
@@ -196,7 +196,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "writer-temp-without-excl-nofollow",
         "the temporary file is created O_CREAT|O_EXCL|O_NOFOLLOW, never through a planted "
         "link",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC",
         "_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
         (f"{WRITER}::test_steps_follow_the_writer_contract",
@@ -205,7 +205,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "first-byte-before-owner-and-mode",
         "every file gets its final owner and mode before any byte goes in",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "os.fchown(fd, spec.uid, spec.gid)  # (5)",
         "os.write(fd, spec.content[:1]); os.lseek(fd, 0, os.SEEK_SET); "
         "os.fchown(fd, spec.uid, spec.gid)  # (5)",
@@ -214,7 +214,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "unchanged-file-rewritten",
         "a file is rewritten only when its content, owner or mode changed",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "if self._matches(dir_fd, name, spec):  # (3)",
         "if False:  # (3)",
         (f"{WRITER}::test_unchanged_file_keeps_inode_and_times",),
@@ -222,7 +222,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "owner-change-not-rewritten",
         "a file whose owner changed is rewritten with the manifest's owner",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "if not stat.S_ISREG(st.st_mode) or (st.st_uid, st.st_gid) != (spec.uid, spec.gid):",
         "if not stat.S_ISREG(st.st_mode):",
         (f"{WRITER}::test_owner_only_change_rewrites",),
@@ -231,7 +231,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "mode-change-not-rewritten",
         "a file whose mode changed (even behind the agent's back) is rewritten with the "
         "manifest's mode",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "if stat.S_IMODE(st.st_mode) != spec.mode or st.st_size != len(spec.content):",
         "if st.st_size != len(spec.content):",
         (f"{WRITER}::test_mode_changed_behind_the_writers_back_is_repaired",),
@@ -239,7 +239,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "disk-taken-for-tmpfs",
         "the output root must be tmpfs or ramfs: secrets never reach a disk",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF",
         "return TMPFS_MAGIC",
         (f"{WRITER}::test_check_refuses_missing_root_on_disk_without_creating_it",),
@@ -247,7 +247,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "temp-file-left-on-failure",
         "on any failure the temporary file is removed and the target is as it was",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "def _unlink_quietly(name: str, dir_fd: int) -> None:",
         "def _unlink_quietly(name: str, dir_fd: int) -> None:\n    return",
         (f"{WRITER}::test_failure_keeps_old_file_and_removes_temp",),
@@ -255,7 +255,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "unchanged-set-rewritten",
         "an unchanged set is not rewritten (content, owner and mode of every member)",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "and self._set_matches(parent_fd, name, names, wanted):  # (3)",
         "and False:  # (3)",
         (f"{WRITER_SETS}::test_unchanged_set_keeps_its_inodes_and_times",),
@@ -264,7 +264,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "set-old-generation-removed-at-swap",
         "a reader that opens a set's directory once and reads relative to it sees one "
         "generation, whole, never a missing file",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "SET_GRACE_S = 2.0",
         "SET_GRACE_S = 0.0",
         (f"{WRITER_SETS}::test_reader_opening_the_directory_once_sees_one_generation",),
@@ -272,7 +272,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "set-generation-left-on-failure",
         "a failure before a set's swap leaves the old set and no half-built generation",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "            _remove_generation(parent_fd, generation)\n            raise WriteError(f\"{directory}: cannot prepare",
         "            raise WriteError(f\"{directory}: cannot prepare",
         (f"{WRITER_SETS}::test_failure_before_the_swap_keeps_the_old_set_and_leaves_nothing",),
@@ -280,7 +280,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "failing-secret-loses-its-file",
         "a secret that fails keeps its last good file",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "                return SecretOutcome(entry, error=one)",
         "                return SecretOutcome(entry, error=one, "
         "changed_paths=entry.paths if self.writer.remove(entry.key) else ())",
@@ -290,7 +290,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "writable-manifest-accepted",
         "kv-agent refuses a manifest that is writable by group or others",
-        "agent/manifest.py",
+        "agent/manifest/__init__.py",
         "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):",
         "    if st.st_mode & 0:",
         (f"{MANIFEST}::test_writable_by_others_is_refused",),
@@ -298,7 +298,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "foreign-manifest-accepted",
         "kv-agent refuses a manifest owned by anyone other than root or its own user",
-        "agent/manifest.py",
+        "agent/manifest/__init__.py",
         "    if st.st_uid not in (0, euid):",
         "    if False:",
         (f"{MANIFEST}::test_foreign_owner_is_refused",),
@@ -307,7 +307,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "path-outside-directory",
         "path: relative to directory, or absolute inside it (/run/secretsX is not inside "
         "/run/secrets)",
-        "agent/manifest.py",
+        "agent/manifest/__init__.py",
         '    if not joined.startswith(directory.rstrip("/") + "/"):',
         '    if not joined.startswith(directory.rstrip("/")):',
         (f"{MANIFEST}::test_entry_rules",),
@@ -316,7 +316,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "symlinked-parent-accepted",
         "check validates paths: a symlink among the existing parents inside directory is "
         "refused",
-        "agent/manifest.py",
+        "agent/manifest/__init__.py",
         "        if stat.S_ISLNK(st.st_mode):",
         "        if False:",
         (f"{MANIFEST}::test_symlinked_parent_is_refused",),
@@ -324,7 +324,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "setuid-mode-accepted",
         'mode: quoted octal; no setuid/setgid/sticky bits',
-        "agent/manifest.py",
+        "agent/manifest/__init__.py",
         "    if mode > 0o777:",
         "    if False:",
         (f"{MANIFEST}::test_entry_rules",),
@@ -332,7 +332,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "invalid-manifest-not-78",
         "an invalid manifest exits 78, which the unit's RestartPreventExitStatus= honours",
-        "agent/errors.py",
+        "agent/base/errors.py",
         "EXIT_CONFIG = 78",
         "EXIT_CONFIG = 1",
         (f"{CLI}::test_invalid_manifest_is_refused_by_check_and_once_with_file_line_key_and_fix",),
@@ -349,7 +349,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "optional-failure-fails-the-run",
         "optional: true: a failure is reported but fails nothing",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "return tuple(o for o in self.outcomes if o.error and not o.entry.is_optional)",
         "return tuple(o for o in self.outcomes if o.error)",
         (f"{CLI}::test_once_reports_optional_failures_but_exits_zero",),
@@ -358,7 +358,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "ready-without-files",
         "READY=1 only when every non-optional secret's file is on disk",
-        "agent/lifecycle.py",
+        "agent/daemon/lifecycle.py",
         "    if not state.is_ready and has_every_required_file():",
         "    if not state.is_ready:",
         (f"{DAEMON}::test_no_ready_while_imds_refuses_connections",
@@ -369,7 +369,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "reload-ready-waits-for-its-refresh",
         "a reload's READY=1 comes once the new manifest is in use, never after its refresh "
         "(systemd >= 253 holds systemctl reload until READY=1)",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "        self._announce(announce_ready)  # now, not after the refresh",
         "        self._announce(False)  # now, not after the refresh",
         (f"{DAEMON}::test_reload_is_ready_at_once_while_its_refresh_waits",),
@@ -377,7 +377,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "bad-edit-stops-the-agent",
         "an invalid manifest edit is rejected and the previous manifest stays in use",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         'log.error("manifest rejected, keeping the previous one: %s", problem)',
         "raise",
         (f"{DAEMON}::test_invalid_manifest_on_reload_keeps_the_old_one",),
@@ -386,7 +386,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "foreign-file-removed",
         "when a secret leaves the manifest its file is deleted only if it is still the file "
         "the agent wrote",
-        "agent/ledger.py",
+        "agent/daemon/ledger.py",
         "        if not self.is_ours(path):",
         "        if False:",
         (f"{DAEMON}::test_restart_removes_only_its_own_files_of_dropped_entries",),
@@ -394,7 +394,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "hook-at-first-write",
         "on_change runs after a file changes, never at the first write at start",
-        "agent/lifecycle.py",
+        "agent/daemon/lifecycle.py",
         "    run_hooks = state.is_ready and is_current",
         "    run_hooks = is_current",
         (f"{DAEMON}::test_on_change_hooks_run_once_per_change_never_at_start",
@@ -403,7 +403,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "sigterm-ignored",
         "SIGTERM sends STOPPING=1 and exits 0 within seconds",
-        "agent/signals.py",
+        "agent/daemon/signals.py",
         "        self.stop_requested = True",
         "        pass",
         (f"{DAEMON}::test_works_without_notify_socket",),
@@ -412,7 +412,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "hook-gets-notify-socket",
         "a hook never gets the agent's NOTIFY_SOCKET or watchdog variables",
-        "agent/hooks.py",
+        "agent/daemon/hooks.py",
         "if key not in PRIVATE_ENV}",
         "if key not in ()}",
         (f"{HOOKS}::test_hook_does_not_inherit_systemd_hand_over",),
@@ -420,7 +420,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "hook-runs-in-a-shell",
         "on_change runs its argv without a shell",
-        "agent/hooks.py",
+        "agent/daemon/hooks.py",
         "done = subprocess.run(list(command), env=env,",
         'done = subprocess.run(" ".join(command), shell=True, env=env,',
         (f"{HOOKS}::test_hook_runs_without_a_shell_and_sees_changed_paths",),
@@ -428,7 +428,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "hook-output-reaches-the-log",
         "a hook's output is discarded, because it might print a secret",
-        "agent/hooks.py",
+        "agent/daemon/hooks.py",
         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,",
         "stdout=None, stderr=None,",
         (f"{HOOKS}::test_hook_output_never_reaches_the_agents_output",),
@@ -438,7 +438,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "set-written-file-by-file",
         "a set changes whole: the agent writes a set's files with one swap of its "
         "directory, never file by file",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "            result = self.writer.apply_set(group.directory, specs)",
         "            result = __import__('agent.writer').writer.SetResult(group.directory, "
         "any([self.writer.apply(spec).changed for spec in specs]))",
@@ -448,7 +448,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "failing-member-writes-the-set",
         "a failing member keeps the whole set as it was (keep-last-good applies to the set)",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "        if failed:\n            kept = _set_kept(group, failed[0])",
         "        if False:\n            kept = _set_kept(group, failed[0])",
         (f"{AGENT}::test_a_failing_member_keeps_the_whole_set",),
@@ -456,7 +456,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "expired-refused",
         "an expired secret or certificate is still written (Azure serves it), with a warning",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "            validity = _validity(secrets, leaf)\n",
         "            validity = _validity(secrets, leaf)\n"
         "            if validity.expires is not None and validity.expires <= time.time():\n"
@@ -468,7 +468,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "old-generation-kept-until-next-rotation",
         "the daemon removes a set's old generation (an old key) when its grace ends, "
         "not at the next rotation",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "            for directory in writer.retire():",
         "            for directory in []:",
         (f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks",),
@@ -476,7 +476,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "old-generation-kept-while-a-refresh-runs",
         "an old set generation goes when its grace ends, even while a refresh is stuck",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "        deadlines = [deadline for deadline in (writer.retire_deadline()",
         "        if self._sync_thread is not None:\n            return None\n"
         "        deadlines = [deadline for deadline in (writer.retire_deadline()",
@@ -485,7 +485,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "old-generation-left-at-stop-beside-a-stuck-refresh",
         "at stop no old set generation stays in tmpfs, even with a refresh stuck",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "            writer.stop()",
         "            pass",
         (f"{DAEMON}::test_stop_during_a_stuck_refresh_right_after_a_swap_leaves_no_old_"
@@ -494,7 +494,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "set-swap-deletes-foreign-files",
         "a set swap never deletes a file it did not write",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "            kept = _foreign_names(present or set(), members)",
         "            kept: List[str] = []",
         (f"{WRITER_SETS}::test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted",),
@@ -503,7 +503,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "set-members-not-recorded",
         "READY=1 only with the files: a set's files count once the agent wrote them, every "
         "member recorded after each swap (unchanged members get new inodes too)",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "            self._record_sets(agent.manifest, result)",
         "            pass",
         (f"{DAEMON}::test_a_set_counts_for_ready_only_while_it_is_the_agents",),
@@ -513,7 +513,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "token-where-urllib3-connects-unchecked",
         "a token goes only to the host the HTTP library will really connect to "
         "(https://evil.example\\.vault.azure.net must not reach evil.example)",
-        "agent/vault.py",
+        "agent/vault/client.py",
         "            check_target(url, vault)",
         "            pass",
         (f"{VAULT}::test_every_request_is_checked_against_where_urllib3_connects",),
@@ -529,7 +529,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "retry-after-zero-hot-loop",
         "Retry-After: 0 waits at least the normal backoff step (no 429 hot loop)",
-        "agent/retry.py",
+        "agent/base/retry.py",
         "        return max(step, min(retry_after, self._policy.max_retry_after_s))",
         "        return min(retry_after, self._policy.max_retry_after_s)",
         (f"{RETRY}::test_retry_after_zero_waits_at_least_the_backoff_step",),
@@ -537,7 +537,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "no-total-request-deadline",
         "every request is bounded in total time, not only per read",
-        "agent/transport.py",
+        "agent/base/transport.py",
         "        _WATCHDOG.watch(self)",
         "        pass",
         (f"{VAULT}::test_trickled_body_is_cut_at_the_total_deadline",),
@@ -545,7 +545,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "status-json-world-readable",
         "status.json (secret names and paths) is readable by root only",
-        "agent/state.py",
+        "agent/status/store.py",
         "STATUS_FILE_MODE = 0o600",
         "STATUS_FILE_MODE = 0o644",
         (f"{STATE}::test_new_state_is_private",),
@@ -554,7 +554,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "output-directory-of-another-user",
         "an output directory, or a directory below it that a file lands in, that another "
         "user owns or can write is refused",
-        "agent/writer.py",
+        "agent/writer/__init__.py",
         "    if st.st_uid not in (0, euid):\n        return (f\"{path} is owned by uid",
         "    if False:\n        return (f\"{path} is owned by uid",
         (f"{WRITER}::test_precreated_unsafe_root_is_refused",
@@ -565,7 +565,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "select-failed-listing-taken-as-empty",
         "a select entry's failed listing removes nothing (only a successful listing may)",
-        "agent/agent.py",
+        "agent/sync/sync.py",
         "                    failed[selection.vault] = exc",
         "                    listings[selection.vault] = ()",
         (f"{SELECT}::test_run_keeps_every_selected_file_while_the_listing_fails_and_reports_it_once",),
@@ -573,7 +573,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "select-takes-disabled-secrets",
         "a select entry takes only enabled secrets",
-        "agent/selection.py",
+        "agent/sync/selection.py",
         "    if item.attributes.enabled is not True:",
         "    if item.attributes.enabled is None:",
         (f"{SELECT}::test_expansion_keeps_enabled_secrets_matching_prefix_and_every_tag",),
@@ -581,7 +581,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "select-ready-without-listing",
         "READY=1 only with the files: a required select entry counts once it listed",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "            return state.checked is not None",
         "            return True",
         (f"{SELECT}::test_run_is_not_ready_without_a_listing_and_skips_an_explicit_entrys_secret",),
@@ -591,7 +591,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "arc-key-file-from-any-directory",
         "the agent sends Azure Arc the contents of a key file only from HIMDS's tokens "
         "directory, so a fake HIMDS cannot make it send another file",
-        "agent/arc.py",
+        "agent/identity/arc.py",
         "    return os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)",
         "    return True",
         (f"{ARC}::test_key_file_refusals",
@@ -600,7 +600,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "arc-key-file-symlink-followed",
         "an Azure Arc key file that is a symlink is refused, not followed",
-        "agent/arc.py",
+        "agent/identity/arc.py",
         "        _check_file(os.lstat(path), shown)",
         "        _check_file(os.stat(path), shown)",
         (f"{ARC}::test_key_file_refusals",),
@@ -609,7 +609,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "listing-misses-a-rotation",
         "a refresh fetches every secret whose updated differs from what the agent wrote",
-        "agent/freshness.py",
+        "agent/sync/freshness.py",
         "    return updated is not None and updated == seen.updated and \\\n",
         "    return updated is not None and \\\n",
         (f"{FRESHNESS}::test_a_changed_updated_fetches_that_secret_only",
@@ -619,7 +619,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "listing-ignores-a-damaged-file",
         "a secret whose file is missing or changed behind the agent's back is fetched "
         "and rewritten, pinned versions too",
-        "agent/freshness.py",
+        "agent/sync/freshness.py",
         "    return all(path in stamps and stamp(path) == stamps[path] for path in entry.paths)",
         "    return True",
         (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
@@ -629,7 +629,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "file-stamp-without-ctime",
         "a file edited in place behind the agent's back (same size, inode, owner and "
         "mode: only its ctime moves) is fetched and rewritten",
-        "agent/freshness.py",
+        "agent/sync/freshness.py",
         "st.st_size, st.st_ctime_ns, st.st_uid, st.st_gid,",
         "st.st_size, 0, st.st_uid, st.st_gid,",
         (f"{FRESHNESS}::test_a_same_size_in_place_write_is_seen_by_its_ctime_alone",),
@@ -638,7 +638,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "mapped-edit-not-verified-by-content",
         "a file others may write is verified by content at every refresh, so an edit "
         "through a shared mapping (no ctime change) is fetched and rewritten",
-        "agent/freshness.py",
+        "agent/sync/freshness.py",
         "    digest = _content_digest(path, st)\n",
         "    digest = b''\n",
         (f"{FRESHNESS}::test_an_edit_through_a_writable_mapping_is_seen_by_content",),
@@ -647,7 +647,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "metrics-written-in-place",
         "the metrics file is replaced by a rename, never left partial",
-        "agent/metrics.py",
+        "agent/daemon/metrics.py",
         '    temp = f".{name}.{os.getpid()}{TEMP_SUFFIX}"',
         "    temp = name",
         (f"{METRICS}::test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp[_write_all]",),
@@ -655,7 +655,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "metrics-symlink-at-target-replaced",
         "a symlink at the metrics path is refused",
-        "agent/metrics.py",
+        "agent/daemon/metrics.py",
         "    if not stat.S_ISREG(st.st_mode):\n        kind =",
         "    if False:\n        kind =",
         (f"{METRICS}::test_symlink_at_the_target_is_refused_and_not_followed",),
@@ -663,7 +663,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "metrics-failures-not-counted",
         "a failing entry's consecutive failures show in the metrics",
-        "agent/daemon.py",
+        "agent/daemon/service.py",
         "            state.failures += 1\n            return []",
         "            return []",
         (f"{METRICS}::test_running_agent_writes_metrics_after_each_refresh",),
@@ -673,7 +673,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "retry-after-pauses-one-thread-only",
         "a 429 or 503 pauses all of the agent's requests to that vault, not just the one "
         "that got it",
-        "agent/vault.py",
+        "agent/vault/client.py",
         "        pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))",
         "        pass",
         (f"{VAULT}::test_a_retry_after_pauses_the_other_requests_to_that_vault",),
@@ -682,7 +682,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "ready-agent-waits-inside-the-refresh",
         "once ready, requests a busy vault's pause holds back end unsent (files kept), "
         "so a fleet does not send everything the moment an outage ends",
-        "agent/vault.py",
+        "agent/vault/client.py",
         "            if self.gives_way and pause.remaining(self._clock()) > 0:",
         "            if False:",
         (f"{VAULT}::test_a_client_that_gives_way_ends_held_back_requests_unsent",),
@@ -690,7 +690,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "ready-first-retry-in-step",
         "a ready agent's first retry after a failed refresh is spread over 5 to 60 s",
-        "agent/lifecycle.py",
+        "agent/daemon/lifecycle.py",
         "    elif is_failing and not streak:",
         "    elif False:",
         (f"{LIFECYCLE}::test_a_ready_agents_first_failure_retries_anywhere_in_a_minute",),
@@ -700,7 +700,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "transform-bug-escapes",
         "only the agent's own error leaves a transform: an unexpected exception fails that "
         "entry alone",
-        "agent/transforms.py",
+        "agent/pipeline/transforms.py",
         "    except Exception as exc:  # the boundary: see the module docstring",
         "    except ArithmeticError as exc:  # the boundary: see the module docstring",
         (f"{TRANSFORMS}::test_only_transform_error_leaves_a_transform",
@@ -709,7 +709,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "pkcs12-iterations-unbounded",
         "a PKCS#12 iteration count above 1,000,000 is refused before any derivation",
-        "agent/pkcs12.py",
+        "agent/pipeline/pkcs12.py",
         "    if count > MAX_ITERATIONS:",
         "    if False:",
         (f"{PKCS12}::test_the_mac_count_of_the_reported_value_is_refused_in_milliseconds",),
@@ -717,7 +717,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "rsa-key-size-unchecked",
         "an RSA key above 4,096 bits is refused before it is loaded",
-        "agent/certificates.py",
+        "agent/pipeline/certificates.py",
         "    if rsa_bits is not None and rsa_bits > MAX_RSA_BITS:",
         "    if False:",
         (f"{CERTIFICATES}::test_an_rsa_key_above_4096_bits_is_refused_before_it_is_loaded",),
@@ -725,7 +725,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "far-dates-kept",
         "a date after the year 9999 is read as no date",
-        "agent/expiry.py",
+        "agent/pipeline/expiry.py",
         "and 0 <= value <= MAX_EPOCH_S:",
         "and 0 <= value:",
         (f"{EXPIRY}::test_a_usable_epoch_is_an_integer_from_1970_to_the_year_9999",
@@ -734,7 +734,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "failed-start-refetches-everything",
         "a start that failed for some secrets retries only those",
-        "agent/freshness.py",
+        "agent/sync/freshness.py",
         "    return since is not None and seen is not None and seen.fetched_at >= since",
         "    return False",
         (f"{FRESHNESS}::test_while_starting_only_what_is_missing_is_fetched_without_listing",

@@ -1359,7 +1359,7 @@ def test_rpm_erase_leaves_no_byte_code(machine: Container, suite: str,
     try:
         machine.run(["kv-agent", "--version"])
         machine.run(["python3", "-I", "-c", "import sys; sys.path.insert(0, "
-                     "'/usr/lib/kv-agent'); import agent.cli, agent.daemon, agent.emulator"])
+                     "'/usr/lib/kv-agent'); import agent.cli, agent.daemon.service, agent.emulator"])
         cached = machine.run(["find", "/usr/lib/kv-agent", "-name", "*.pyc"]).stdout.split()
         assert any("/agent/emulator/__pycache__/" in path for path in cached), cached
     finally:
