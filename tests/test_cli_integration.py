@@ -1496,7 +1496,7 @@ def test_once_warns_about_expiry_and_waits_out_the_grace_only_after_a_swap(
         assert f"secret '{name}' expired at" in result.stderr and "still written" in \
             result.stderr
     assert (kv.directory / "old" / "tls.key").exists()
-    assert second.elapsed_s >= SET_GRACE_S  # (no sleep without a swap: test_agent.py)
+    assert second.elapsed_s >= SET_GRACE_S  # (no sleep without a swap: test_sync.py)
     assert not [n for n in os.listdir(kv.directory) if n.startswith(".kv-agent-set-")]
 
 

@@ -80,7 +80,9 @@ def _environment_names() -> Set[str]:
     """Every ``KV_AGENT_*`` string literal in agent/: the variables it reads
     (and KV_AGENT_CHANGED, which it sets for hooks)."""
     names = set()
-    for path in (REPO / "agent").glob("*.py"):
+    for path in (REPO / "agent").rglob("*.py"):
+        if path.parent.name == "emulator":
+            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \
                     and ENV_NAME.match(node.value):

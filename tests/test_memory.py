@@ -71,7 +71,7 @@ def test_without_glibc_nothing_is_done(monkeypatch: pytest.MonkeyPatch, libc: An
 def test_the_real_calls_work_here() -> None:
     """On this machine's C library both calls run in a fresh process, and on glibc the
     arena cap applies (whether a trim found pages to return depends on the heap)."""
-    probe = ("from agent import memory; "
+    probe = ("from agent.base import memory; "
              "print(memory.limit_arenas({}), type(memory.release_free_memory()).__name__)")
     env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,

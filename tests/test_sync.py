@@ -388,7 +388,7 @@ def test_a_bug_in_one_entrys_transform_fails_that_entry_alone(
         agent.close()
     failed, written = report.outcomes
     assert failed.error is not None and "entry 'app-env': the template transform failed " \
-        "unexpectedly (KeyError at test_agent.py" in failed.error.message
+        "unexpectedly (KeyError at test_sync.py" in failed.error.message
     assert (shm_dir / "app.env").read_text() == "last good"
     assert written.error is None and (shm_dir / "after-the-bug").read_text() == "after"
 
