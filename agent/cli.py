@@ -384,7 +384,8 @@ def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _cmd_doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import json
 
-    from agent.doctor.checks import ASCII_MARKS, MARKS, as_json, diagnose, render
+    from agent.doctor.chain import diagnose
+    from agent.doctor.report import ASCII_MARKS, MARKS, as_json, render
 
     report = diagnose(_manifest_path(args, environ), environ,
                       use_unit_env=not args.no_unit_env)

@@ -1,6 +1,6 @@
 """``kv-agent doctor``: each link of the chain, healthy and broken.
 
-Unit tests drive the pure parts of agent/doctor/checks.py (token claims, what a
+Unit tests drive the pure parts of agent/doctor/ (token claims, what a
 secret's answer means, the fix for each 403, validity, the unit and the
 status document). Integration tests run the real ``kv-agent doctor`` command
 against the emulator over real sockets, one injected failure each, and check
@@ -24,24 +24,11 @@ import pytest
 import secrecy
 from secrecy import fresh_value
 
-from agent.doctor.checks import (
-    FAIL,
-    OK,
-    WARN,
-    Check,
-    Host,
-    Report,
-    agent_environment,
-    check_agent,
-    check_directory,
-    check_sets,
-    check_validity,
-    judge_answer,
-    refusal_fix,
-    render,
-    token_claims,
-    vault_name,
-)
+from agent.doctor.identity_links import token_claims
+from agent.doctor.machine import Host, agent_environment, check_agent
+from agent.doctor.manifest_links import check_directory, check_sets
+from agent.doctor.report import FAIL, OK, WARN, Check, Report, render
+from agent.doctor.secret_links import check_validity, judge_answer, refusal_fix, vault_name
 from agent.doctor.unit_env import UnitEnvironment
 from agent.emulator import Emulator, IdentityConfig, generate_certificates
 from agent.pipeline.expiry import Validity
@@ -672,7 +659,7 @@ def test_a_vault_name_that_does_not_resolve_fails_dns_and_sends_nothing() -> Non
     request is made."""
     import requests
 
-    from agent.doctor.checks import check_vault
+    from agent.doctor.vault_links import check_vault
     from agent.vault.client import VaultClient
 
     def unknown(host: str) -> List[str]:
@@ -690,7 +677,7 @@ def test_a_vault_name_that_does_not_resolve_fails_dns_and_sends_nothing() -> Non
 
 def test_an_optional_secrets_failure_is_a_warning() -> None:
     """soften turns failures into warnings (fix kept) and leaves the rest."""
-    from agent.doctor.checks import soften
+    from agent.doctor.report import soften
 
     checks = [Check("secret s", "readable", FAIL, "denied", "grant it"),
               Check("secret s", "enabled", OK, "enabled")]
@@ -733,7 +720,7 @@ FOREIGN_IDENTITY_ENDPOINT = "http://10.1.2.3:8081/msi/token"  # never connected 
 def test_a_cleartext_app_service_endpoint_is_a_warning(endpoint: str, warned: bool) -> None:
     """App Service over plain HTTP to another host is a warning naming the endpoint and the
     fix (nothing sent to find out); a loopback endpoint adds no check."""
-    from agent.doctor.checks import check_endpoint
+    from agent.doctor.identity_links import check_endpoint
     from agent.identity.selector import Identity
     from agent.identity.tokens import token_source
 
@@ -755,10 +742,11 @@ def test_doctor_reports_a_cleartext_app_service_endpoint(
         emulator: Emulator, shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """diagnose lists the endpoint warning with the identity checks and does not fail for
     it (the identity check itself is stubbed: it would connect to that address)."""
-    import agent.doctor.checks as doctor_module
+    import agent.doctor.chain as doctor_module
+    from agent.doctor.identity_links import IdentityFindings
 
     def not_asked(tokens: object, audience: str) -> object:
-        return doctor_module._Identity(None, None, (
+        return IdentityFindings(None, None, (
             Check("identity", "source", WARN, "not asked in this test"),))
 
     monkeypatch.setattr(doctor_module, "check_identity", not_asked)

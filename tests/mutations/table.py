@@ -169,7 +169,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "doctor-prints-the-token",
         "doctor never prints a token: the principal line is built from the token's "
         "claims, never from the token",
-        "agent/doctor/checks.py",
+        "agent/doctor/identity_links.py",
         '    checks.append(Check("identity", "principal", OK, detail))',
         '    checks.append(Check("identity", "principal", OK, detail + token.token))',
         (f"{DOCTOR}::test_healthy_setup_passes_every_check",),
