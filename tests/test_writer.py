@@ -1095,7 +1095,7 @@ def test_clean_leftovers_stays_on_the_roots_file_system(root: Path, shm_dir: Pat
 def test_clean_leftovers_is_bounded_in_depth_and_size(root: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A deep tree never overflows the stack, and a huge one is refused as not kv-agent's."""
-    import agent.writer as writer_module
+    import agent.writer.root as writer_module
 
     deep = root
     for _ in range(writer_module.MAX_CLEAN_DEPTH + 5):

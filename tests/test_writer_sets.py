@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-import agent.writer as writer_module
+import agent.writer.generations as generations_module
 from agent.base.errors import WriteError
 from agent.writer import (
     DIR_MODE,
@@ -114,7 +114,8 @@ def test_new_set_is_created_whole_with_owners_and_modes(writer: Writer, root: Pa
     directory = root / "web"
     specs = set_specs(directory, 1)
     specs[1] = specs[1]._replace(mode=0o444)
-    assert writer.apply_set(str(directory), specs) == SetResult(str(directory), True)
+    assert writer.apply_set(str(directory), specs) == SetResult(
+        str(directory), True, tuple(spec.path for spec in specs))
     assert contents(directory) == expected(specs)
     st = os.lstat(directory)
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == DIR_MODE
@@ -180,6 +181,39 @@ def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
     assert reserved(root) == []
 
 
+@pytest.mark.parametrize("change", ["content", "mode", "owner", "group", "missing",
+                                    "directory-mode", "foreign"])
+def test_a_set_write_reports_exactly_the_members_that_differed(writer: Writer, root: Path,
+                                                               change: str) -> None:
+    """changed_paths names every member of a new set, then only the member whose bytes,
+    owner or mode differed (or that was missing); a directory's own mode or a foreign
+    file changes no member, and an unchanged set reports none."""
+    directory = root / "web"
+    specs = set_specs(directory, 1)
+    first = writer.apply_set(str(directory), specs)
+    assert first.changed_paths == tuple(spec.path for spec in specs)
+    target = directory / MEMBERS[1]
+    if change == "content":
+        specs[1] = specs[1]._replace(content=b"other")
+    elif change == "mode":
+        os.chmod(target, 0o644)
+    elif change in ("owner", "group"):
+        require_root()
+        os.chown(target, OTHER_UID if change == "owner" else -1,
+                 OTHER_GID if change == "group" else -1)
+    elif change == "missing":
+        target.unlink()
+    elif change == "directory-mode":
+        os.chmod(directory, 0o700)
+    else:
+        (directory / "notes").write_bytes(b"operator's")
+    result = writer.apply_set(str(directory), specs)
+    is_member_change = change not in ("directory-mode", "foreign")
+    assert result == SetResult(str(directory), change != "foreign",
+                               (str(target),) if is_member_change else ())
+    assert writer.apply_set(str(directory), specs) == SetResult(str(directory), False, ())
+
+
 @pytest.mark.parametrize("kind", ["file", "symlink", "fifo"])
 def test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted(writer: Writer, root: Path,
                                                                kind: str) -> None:
@@ -227,14 +261,14 @@ def test_a_file_created_while_the_set_is_swapped_is_kept(
     and before the swap is linked into the new generation, not removed with the old."""
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 1))
-    real = writer_module.renameat2
+    real = generations_module.renameat2
 
     def create_then_swap(*args: Any) -> None:
-        if args[-1] == writer_module.RENAME_EXCHANGE:
+        if args[-1] == generations_module.RENAME_EXCHANGE:
             (directory / "late").write_bytes(b"operator's")
         real(*args)
 
-    monkeypatch.setattr(writer_module, "renameat2", create_then_swap)
+    monkeypatch.setattr(generations_module, "renameat2", create_then_swap)
     assert writer.apply_set(str(directory), set_specs(directory, 2)).changed
     assert (directory / "late").read_bytes() == b"operator's" and reserved(root) == []
     assert contents_except(directory, "late") == expected(set_specs(directory, 2))
@@ -417,7 +451,7 @@ def test_failure_before_the_swap_keeps_the_old_set_and_leaves_nothing(
     old_inode = os.lstat(directory).st_ino
     error = OSError(errno.EIO, "I/O error")
     if function == "renameat2":
-        monkeypatch.setattr(writer_module, "renameat2", failing(error, writer_module.renameat2))
+        monkeypatch.setattr(generations_module, "renameat2", failing(error, generations_module.renameat2))
     else:
         real = getattr(os, function)
 
@@ -465,8 +499,8 @@ def test_missing_rename_exchange_fails_clearly(writer: Writer, root: Path,
     """A file system or kernel without RENAME_EXCHANGE is a WriteError naming renameat2."""
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 1))
-    monkeypatch.setattr(writer_module, "renameat2",
-                        failing(OSError(code, os.strerror(code)), writer_module.renameat2))
+    monkeypatch.setattr(generations_module, "renameat2",
+                        failing(OSError(code, os.strerror(code)), generations_module.renameat2))
     with pytest.raises(WriteError, match="RENAME_EXCHANGE"):
         writer.apply_set(str(directory), set_specs(directory, 2))
     assert contents(directory) == expected(set_specs(directory, 1))
@@ -478,14 +512,14 @@ def test_directory_created_meanwhile_is_not_overwritten(
     """A new set uses RENAME_NOREPLACE: a directory that appears before the swap stays
     as it was, and the write fails."""
     directory = root / "web"
-    real = writer_module.renameat2
+    real = generations_module.renameat2
 
     def racing(*args: Any) -> None:
         directory.mkdir()
         (directory / "theirs").write_bytes(b"theirs")
         real(*args)
 
-    monkeypatch.setattr(writer_module, "renameat2", racing)
+    monkeypatch.setattr(generations_module, "renameat2", racing)
     with pytest.raises(WriteError, match="appeared"):
         writer.apply_set(str(directory), set_specs(directory, 1))
     assert os.listdir(directory) == ["theirs"]
