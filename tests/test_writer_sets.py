@@ -10,16 +10,20 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import agent.writer.generations as generations_module
 from agent.base.errors import WriteError
@@ -725,6 +729,119 @@ def test_remove_set_refuses_a_symlink(writer: Writer, root: Path, shm_dir: Path)
     with pytest.raises(WriteError, match="symlink"):
         writer.remove_set(str(root / "web"), [f"{root}/web/tls.key"])
     assert (outside / "tls.key").read_bytes() == b"x"
+
+
+# ---------------------------------------------------------------------------
+# Property: after every set write or removal the directory equals the last plan
+
+State = Tuple[bytes, int, int, int]  # (content, mode, uid, gid)
+# A set's plan: its directory's mode and its members' states; None: the set is removed.
+SetPlan = Optional[Tuple[int, Dict[str, State]]]
+
+PLAN_MEMBERS = ("tls.key", "tls.crt", "chain.pem", ".hidden")
+PLAN_MODES = (0o400, 0o440, 0o600, 0o644)
+PLAN_OWNERS = ([ME, (0, 0), (OTHER_UID, OTHER_GID), (0, OTHER_GID)] if IS_ROOT else [ME])
+DIRECTORY_MODES = (DIR_MODE, 0o750, 0o711)
+# Crosses the writer's 64 KiB read chunk; the pair differs only in the last byte.
+BIG = bytes(range(256)) * 257
+member_contents = st.one_of(st.just(b""), st.binary(max_size=32),
+                            st.sampled_from([b"value", b"valuf", BIG, BIG[:-1] + b"\0"]))
+member_states = st.tuples(member_contents, st.sampled_from(PLAN_MODES),
+                          st.sampled_from(PLAN_OWNERS)).map(
+    lambda t: (t[0], t[1], t[2][0], t[2][1]))
+
+
+@st.composite
+def set_plans(draw: st.DrawFn, previous: SetPlan) -> SetPlan:
+    """The next plan: often the same, else one member or the mode changed, members
+    joining or leaving, a new set, or the set removed."""
+    change = draw(st.sampled_from(["same", "member", "join-leave", "mode", "anew", "remove"]))
+    if change == "remove":
+        return None
+    if previous is None or change == "anew":
+        return (draw(st.sampled_from(DIRECTORY_MODES)),
+                draw(st.dictionaries(st.sampled_from(PLAN_MEMBERS), member_states,
+                                     min_size=1)))
+    mode, members = previous[0], dict(previous[1])
+    if change == "mode":
+        mode = draw(st.sampled_from(DIRECTORY_MODES))
+    elif change == "member":
+        members[draw(st.sampled_from(sorted(members)))] = draw(member_states)
+    elif change == "join-leave":
+        for name in draw(st.sets(st.sampled_from(PLAN_MEMBERS), min_size=1)):
+            if name in members and len(members) > 1:
+                del members[name]
+            else:
+                members[name] = draw(member_states)
+    return mode, members
+
+
+@st.composite
+def set_plan_sequences(draw: st.DrawFn) -> List[SetPlan]:
+    """A first set, then up to five plans, each derived from the one before."""
+    plans = [draw(set_plans(None))]
+    for _ in range(draw(st.integers(min_value=0, max_value=5))):
+        plans.append(draw(set_plans(plans[-1])))
+    return plans
+
+
+def plan_specs(directory: Path, members: Dict[str, State]) -> List[FileSpec]:
+    return [FileSpec(f"{directory}/{name}", content, uid, gid, mode)
+            for name, (content, mode, uid, gid) in sorted(members.items())]
+
+
+def apply_set_plan(writer: Writer, directory: Path, plan: SetPlan) -> None:
+    """Write or remove the set as the agent does (its ledger knows the members it
+    wrote), then check the directory, the report and what is left behind."""
+    root = directory.parent
+    before = contents(directory) if directory.is_dir() else None
+    old_mode = stat.S_IMODE(os.lstat(directory).st_mode) if before is not None else None
+    if plan is None:
+        if before is not None:
+            assert writer.remove_set(str(directory), [f"{directory}/{name}" for name in before],
+                                     mode=old_mode or DIR_MODE)
+        assert not os.path.lexists(directory) and reserved(root) == []
+        return
+    mode, members = plan
+    specs = plan_specs(directory, members)
+    result = writer.apply_set(str(directory), specs, mode=mode)
+    differing = tuple(spec.path for spec in specs
+                      if (before or {}).get(os.path.basename(spec.path)) != members[
+                          os.path.basename(spec.path)])
+    assert result.changed_paths == differing
+    assert result.changed == bool(differing or old_mode != mode)
+    left = sorted(set(before or {}) - set(members))
+    if left:
+        assert writer.remove_from_set(str(directory), [f"{directory}/{name}" for name in left])
+    assert contents(directory) == members
+    assert stat.S_IMODE(os.lstat(directory).st_mode) == mode
+    assert reserved(root) == []
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(plans=set_plan_sequences())
+def test_a_set_directory_equals_the_last_plan(plans: List[SetPlan]) -> None:
+    """After every set write or removal the set's directory holds exactly the plan's files
+    (bytes, mode, owner) with the plan's mode, the write reports exactly the members that
+    differed, no generation is left, and a restart finds nothing to clean or rewrite."""
+    shm = tempfile.mkdtemp(prefix="kv-agent-test-", dir="/dev/shm")
+    old_umask = os.umask(0o077)  # the directory's mode must not depend on it
+    try:
+        root = Path(shm) / "root"
+        writer = Writer(str(root), set_grace_s=0)
+        assert writer.prepare() == []
+        directory = root / "web"
+        for plan in plans:
+            apply_set_plan(writer, directory, plan)
+        restarted = Writer(str(root), set_grace_s=0)
+        assert restarted.prepare() == []
+        if plans[-1] is not None:
+            mode, members = plans[-1]
+            assert restarted.apply_set(str(directory), plan_specs(directory, members), mode=mode) == SetResult(
+                str(directory), False, ())
+    finally:
+        os.umask(old_umask)
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
