@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from racing_reader import SET_READER, racing_reader
 
 import agent.writer.generations as generations_module
 from agent.base.errors import WriteError
@@ -848,40 +849,6 @@ def test_a_set_directory_equals_the_last_plan(plans: List[SetPlan]) -> None:
 # Readers, hooks and crashes
 
 
-READER = r"""
-import json, os, sys
-directory, stop = sys.argv[1], sys.argv[2]
-members = json.loads(sys.argv[3])
-reads, problems, generations = 0, [], set()
-print("ready", flush=True)
-while not os.path.exists(stop):
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        problems.append("directory missing")
-        continue
-    try:
-        seen = []
-        for name in members:
-            try:
-                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
-            except FileNotFoundError:
-                problems.append(f"{name} missing")
-                break
-            with os.fdopen(fd, "rb") as handle:
-                seen.append(handle.read().split(b" ")[1])
-        else:
-            if len(set(seen)) != 1:
-                problems.append(f"mismatch {seen!r}")
-            generations.add(seen[0].decode())
-            reads += 1
-    finally:
-        os.close(dir_fd)
-print(json.dumps({"reads": reads, "generations": len(generations),
-                  "problems": problems[:10], "problem_count": len(problems)}), flush=True)
-"""
-
-
 def test_reader_opening_the_directory_once_sees_one_generation(
         root: Path, shm_dir: Path) -> None:
     """A reader that opens the set's directory once per read and reads key and cert
@@ -891,26 +858,13 @@ def test_reader_opening_the_directory_once_sees_one_generation(
     writer.prepare()
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 0))
-    stop = shm_dir / "stop"
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(directory), str(stop), json.dumps(list(MEMBERS))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert reader.stdout is not None
-        ready, _, _ = select.select([reader.stdout], [], [], 15)
-        assert ready and reader.stdout.readline() == b"ready\n"
+    with racing_reader(SET_READER, str(directory), json.dumps(list(MEMBERS)),
+                       stop=shm_dir / "stop") as race:
         started = time.monotonic()
         for generation in range(1, 1001):
             assert writer.apply_set(str(directory), set_specs(directory, generation)).changed
         elapsed = time.monotonic() - started
-        stop.touch()
-        out, err = reader.communicate(timeout=30)
-    finally:
-        if reader.poll() is None:
-            reader.kill()
-            reader.wait()
-    assert reader.returncode == 0, err.decode()
-    report = json.loads(out)
+    report = race.report
     print(f"\n1000 rotations of a {len(MEMBERS)}-file set in {elapsed:.2f} s: "
           f"{1000 / elapsed:.0f} rotations/s, {elapsed * 1000 / 1000:.3f} ms per swap; "
           f"reader: {report}")
