@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import shutil
 import stat
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from racing_reader import FILE_READER, racing_reader
 
 from agent.base.errors import EXIT_CANTCREAT, WriteError
 from agent.base.landing import RAMFS_MAGIC, RESERVED_PREFIX, TMPFS_MAGIC, filesystem_type
@@ -1095,7 +1095,7 @@ def test_clean_leftovers_stays_on_the_roots_file_system(root: Path, shm_dir: Pat
 def test_clean_leftovers_is_bounded_in_depth_and_size(root: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A deep tree never overflows the stack, and a huge one is refused as not kv-agent's."""
-    import agent.writer as writer_module
+    import agent.writer.root as writer_module
 
     deep = root
     for _ in range(writer_module.MAX_CLEAN_DEPTH + 5):
@@ -1267,43 +1267,6 @@ def test_directory_equals_the_last_plan(plans: List[Plan]) -> None:
 # ---------------------------------------------------------------------------
 # A reader hammering the target never sees a partial file or a wrong owner/mode
 
-READER = r"""
-import json, os, stat, sys
-path, stop = sys.argv[1], sys.argv[2]
-expected = {bytes.fromhex(k): tuple(v) for k, v in json.loads(sys.argv[3]).items()}
-seen = {key: 0 for key in expected}
-problems, reads = [], 0
-while not os.path.exists(stop):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        problems.append(f"open: {exc}")
-        continue
-    try:
-        meta = os.fstat(fd)
-        chunks = []
-        while True:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    got = (stat.S_IMODE(meta.st_mode), meta.st_uid, meta.st_gid)
-    if data not in expected:
-        problems.append(f"partial or foreign content: {len(data)} bytes")
-    elif expected[data] != got:
-        problems.append(f"{len(data)} bytes with mode/owner {got}, want {expected[data]}")
-    else:
-        seen[data] += 1
-    reads += 1
-    if reads == 1:
-        print("ready", flush=True)
-print(json.dumps({"reads": reads, "seen": list(seen.values()), "problems": problems[:10],
-                  "problem_count": len(problems)}), flush=True)
-"""
-
 
 def test_hammering_reader_sees_only_complete_files_with_their_owner_and_mode(
         writer: Writer, root: Path, shm_dir: Path) -> None:
@@ -1317,26 +1280,12 @@ def test_hammering_reader_sees_only_complete_files_with_their_owner_and_mode(
     states = [short_state, long_state]
     specs = [spec_for(root, "sub/target", c, m, (u, g)) for c, m, u, g in states]
     writer.apply(specs[0])
-    stop = shm_dir / "stop"
     expected = {c.hex(): [m, u, g] for c, m, u, g in states}
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(root / "sub" / "target"), str(stop),
-         json.dumps(expected)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert reader.stdout is not None
-        ready, _, _ = select.select([reader.stdout], [], [], 15)
-        assert ready and reader.stdout.readline() == b"ready\n", reader.stderr
+    with racing_reader(FILE_READER, str(root / "sub" / "target"), json.dumps(expected),
+                       stop=shm_dir / "stop") as race:
         for round_ in range(2000):
             assert writer.apply(specs[(round_ + 1) % 2]).changed
-        stop.touch()
-        out, err = reader.communicate(timeout=15)
-    finally:
-        if reader.poll() is None:
-            reader.kill()
-            reader.wait()
-    assert reader.returncode == 0, err.decode()
-    report = json.loads(out)
+    report = race.report
     assert report["problem_count"] == 0, report["problems"]
     # The reader really raced the writer: it saw both versions, many times.
     assert report["reads"] >= 200, report

@@ -10,18 +10,23 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from racing_reader import SET_READER, racing_reader
 
-import agent.writer as writer_module
+import agent.writer.generations as generations_module
 from agent.base.errors import WriteError
 from agent.writer import (
     DIR_MODE,
@@ -114,7 +119,8 @@ def test_new_set_is_created_whole_with_owners_and_modes(writer: Writer, root: Pa
     directory = root / "web"
     specs = set_specs(directory, 1)
     specs[1] = specs[1]._replace(mode=0o444)
-    assert writer.apply_set(str(directory), specs) == SetResult(str(directory), True)
+    assert writer.apply_set(str(directory), specs) == SetResult(
+        str(directory), True, tuple(spec.path for spec in specs))
     assert contents(directory) == expected(specs)
     st = os.lstat(directory)
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == DIR_MODE
@@ -180,6 +186,39 @@ def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
     assert reserved(root) == []
 
 
+@pytest.mark.parametrize("change", ["content", "mode", "owner", "group", "missing",
+                                    "directory-mode", "foreign"])
+def test_a_set_write_reports_exactly_the_members_that_differed(writer: Writer, root: Path,
+                                                               change: str) -> None:
+    """changed_paths names every member of a new set, then only the member whose bytes,
+    owner or mode differed (or that was missing); a directory's own mode or a foreign
+    file changes no member, and an unchanged set reports none."""
+    directory = root / "web"
+    specs = set_specs(directory, 1)
+    first = writer.apply_set(str(directory), specs)
+    assert first.changed_paths == tuple(spec.path for spec in specs)
+    target = directory / MEMBERS[1]
+    if change == "content":
+        specs[1] = specs[1]._replace(content=b"other")
+    elif change == "mode":
+        os.chmod(target, 0o644)
+    elif change in ("owner", "group"):
+        require_root()
+        os.chown(target, OTHER_UID if change == "owner" else -1,
+                 OTHER_GID if change == "group" else -1)
+    elif change == "missing":
+        target.unlink()
+    elif change == "directory-mode":
+        os.chmod(directory, 0o700)
+    else:
+        (directory / "notes").write_bytes(b"operator's")
+    result = writer.apply_set(str(directory), specs)
+    is_member_change = change not in ("directory-mode", "foreign")
+    assert result == SetResult(str(directory), change != "foreign",
+                               (str(target),) if is_member_change else ())
+    assert writer.apply_set(str(directory), specs) == SetResult(str(directory), False, ())
+
+
 @pytest.mark.parametrize("kind", ["file", "symlink", "fifo"])
 def test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted(writer: Writer, root: Path,
                                                                kind: str) -> None:
@@ -227,14 +266,14 @@ def test_a_file_created_while_the_set_is_swapped_is_kept(
     and before the swap is linked into the new generation, not removed with the old."""
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 1))
-    real = writer_module.renameat2
+    real = generations_module.renameat2
 
     def create_then_swap(*args: Any) -> None:
-        if args[-1] == writer_module.RENAME_EXCHANGE:
+        if args[-1] == generations_module.RENAME_EXCHANGE:
             (directory / "late").write_bytes(b"operator's")
         real(*args)
 
-    monkeypatch.setattr(writer_module, "renameat2", create_then_swap)
+    monkeypatch.setattr(generations_module, "renameat2", create_then_swap)
     assert writer.apply_set(str(directory), set_specs(directory, 2)).changed
     assert (directory / "late").read_bytes() == b"operator's" and reserved(root) == []
     assert contents_except(directory, "late") == expected(set_specs(directory, 2))
@@ -417,7 +456,7 @@ def test_failure_before_the_swap_keeps_the_old_set_and_leaves_nothing(
     old_inode = os.lstat(directory).st_ino
     error = OSError(errno.EIO, "I/O error")
     if function == "renameat2":
-        monkeypatch.setattr(writer_module, "renameat2", failing(error, writer_module.renameat2))
+        monkeypatch.setattr(generations_module, "renameat2", failing(error, generations_module.renameat2))
     else:
         real = getattr(os, function)
 
@@ -465,8 +504,8 @@ def test_missing_rename_exchange_fails_clearly(writer: Writer, root: Path,
     """A file system or kernel without RENAME_EXCHANGE is a WriteError naming renameat2."""
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 1))
-    monkeypatch.setattr(writer_module, "renameat2",
-                        failing(OSError(code, os.strerror(code)), writer_module.renameat2))
+    monkeypatch.setattr(generations_module, "renameat2",
+                        failing(OSError(code, os.strerror(code)), generations_module.renameat2))
     with pytest.raises(WriteError, match="RENAME_EXCHANGE"):
         writer.apply_set(str(directory), set_specs(directory, 2))
     assert contents(directory) == expected(set_specs(directory, 1))
@@ -478,14 +517,14 @@ def test_directory_created_meanwhile_is_not_overwritten(
     """A new set uses RENAME_NOREPLACE: a directory that appears before the swap stays
     as it was, and the write fails."""
     directory = root / "web"
-    real = writer_module.renameat2
+    real = generations_module.renameat2
 
     def racing(*args: Any) -> None:
         directory.mkdir()
         (directory / "theirs").write_bytes(b"theirs")
         real(*args)
 
-    monkeypatch.setattr(writer_module, "renameat2", racing)
+    monkeypatch.setattr(generations_module, "renameat2", racing)
     with pytest.raises(WriteError, match="appeared"):
         writer.apply_set(str(directory), set_specs(directory, 1))
     assert os.listdir(directory) == ["theirs"]
@@ -694,41 +733,120 @@ def test_remove_set_refuses_a_symlink(writer: Writer, root: Path, shm_dir: Path)
 
 
 # ---------------------------------------------------------------------------
-# Readers, hooks and crashes
+# Property: after every set write or removal the directory equals the last plan
+
+State = Tuple[bytes, int, int, int]  # (content, mode, uid, gid)
+# A set's plan: its directory's mode and its members' states; None: the set is removed.
+SetPlan = Optional[Tuple[int, Dict[str, State]]]
+
+PLAN_MEMBERS = ("tls.key", "tls.crt", "chain.pem", ".hidden")
+PLAN_MODES = (0o400, 0o440, 0o600, 0o644)
+PLAN_OWNERS = ([ME, (0, 0), (OTHER_UID, OTHER_GID), (0, OTHER_GID)] if IS_ROOT else [ME])
+DIRECTORY_MODES = (DIR_MODE, 0o750, 0o711)
+# Crosses the writer's 64 KiB read chunk; the pair differs only in the last byte.
+BIG = bytes(range(256)) * 257
+member_contents = st.one_of(st.just(b""), st.binary(max_size=32),
+                            st.sampled_from([b"value", b"valuf", BIG, BIG[:-1] + b"\0"]))
+member_states = st.tuples(member_contents, st.sampled_from(PLAN_MODES),
+                          st.sampled_from(PLAN_OWNERS)).map(
+    lambda t: (t[0], t[1], t[2][0], t[2][1]))
 
 
-READER = r"""
-import json, os, sys
-directory, stop = sys.argv[1], sys.argv[2]
-members = json.loads(sys.argv[3])
-reads, problems, generations = 0, [], set()
-print("ready", flush=True)
-while not os.path.exists(stop):
+@st.composite
+def set_plans(draw: st.DrawFn, previous: SetPlan) -> SetPlan:
+    """The next plan: often the same, else one member or the mode changed, members
+    joining or leaving, a new set, or the set removed."""
+    change = draw(st.sampled_from(["same", "member", "join-leave", "mode", "anew", "remove"]))
+    if change == "remove":
+        return None
+    if previous is None or change == "anew":
+        return (draw(st.sampled_from(DIRECTORY_MODES)),
+                draw(st.dictionaries(st.sampled_from(PLAN_MEMBERS), member_states,
+                                     min_size=1)))
+    mode, members = previous[0], dict(previous[1])
+    if change == "mode":
+        mode = draw(st.sampled_from(DIRECTORY_MODES))
+    elif change == "member":
+        members[draw(st.sampled_from(sorted(members)))] = draw(member_states)
+    elif change == "join-leave":
+        for name in draw(st.sets(st.sampled_from(PLAN_MEMBERS), min_size=1)):
+            if name in members and len(members) > 1:
+                del members[name]
+            else:
+                members[name] = draw(member_states)
+    return mode, members
+
+
+@st.composite
+def set_plan_sequences(draw: st.DrawFn) -> List[SetPlan]:
+    """A first set, then up to five plans, each derived from the one before."""
+    plans = [draw(set_plans(None))]
+    for _ in range(draw(st.integers(min_value=0, max_value=5))):
+        plans.append(draw(set_plans(plans[-1])))
+    return plans
+
+
+def plan_specs(directory: Path, members: Dict[str, State]) -> List[FileSpec]:
+    return [FileSpec(f"{directory}/{name}", content, uid, gid, mode)
+            for name, (content, mode, uid, gid) in sorted(members.items())]
+
+
+def apply_set_plan(writer: Writer, directory: Path, plan: SetPlan) -> None:
+    """Write or remove the set as the agent does (its ledger knows the members it
+    wrote), then check the directory, the report and what is left behind."""
+    root = directory.parent
+    before = contents(directory) if directory.is_dir() else None
+    old_mode = stat.S_IMODE(os.lstat(directory).st_mode) if before is not None else None
+    if plan is None:
+        if before is not None:
+            assert writer.remove_set(str(directory), [f"{directory}/{name}" for name in before],
+                                     mode=old_mode or DIR_MODE)
+        assert not os.path.lexists(directory) and reserved(root) == []
+        return
+    mode, members = plan
+    specs = plan_specs(directory, members)
+    result = writer.apply_set(str(directory), specs, mode=mode)
+    differing = tuple(spec.path for spec in specs
+                      if (before or {}).get(os.path.basename(spec.path)) != members[
+                          os.path.basename(spec.path)])
+    assert result.changed_paths == differing
+    assert result.changed == bool(differing or old_mode != mode)
+    left = sorted(set(before or {}) - set(members))
+    if left:
+        assert writer.remove_from_set(str(directory), [f"{directory}/{name}" for name in left])
+    assert contents(directory) == members
+    assert stat.S_IMODE(os.lstat(directory).st_mode) == mode
+    assert reserved(root) == []
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(plans=set_plan_sequences())
+def test_a_set_directory_equals_the_last_plan(plans: List[SetPlan]) -> None:
+    """After every set write or removal the set's directory holds exactly the plan's files
+    (bytes, mode, owner) with the plan's mode, the write reports exactly the members that
+    differed, no generation is left, and a restart finds nothing to clean or rewrite."""
+    shm = tempfile.mkdtemp(prefix="kv-agent-test-", dir="/dev/shm")
+    old_umask = os.umask(0o077)  # the directory's mode must not depend on it
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        problems.append("directory missing")
-        continue
-    try:
-        seen = []
-        for name in members:
-            try:
-                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
-            except FileNotFoundError:
-                problems.append(f"{name} missing")
-                break
-            with os.fdopen(fd, "rb") as handle:
-                seen.append(handle.read().split(b" ")[1])
-        else:
-            if len(set(seen)) != 1:
-                problems.append(f"mismatch {seen!r}")
-            generations.add(seen[0].decode())
-            reads += 1
+        root = Path(shm) / "root"
+        writer = Writer(str(root), set_grace_s=0)
+        assert writer.prepare() == []
+        directory = root / "web"
+        for plan in plans:
+            apply_set_plan(writer, directory, plan)
+        restarted = Writer(str(root), set_grace_s=0)
+        assert restarted.prepare() == []
+        if plans[-1] is not None:
+            mode, members = plans[-1]
+            assert restarted.apply_set(str(directory), plan_specs(directory, members), mode=mode) == SetResult(
+                str(directory), False, ())
     finally:
-        os.close(dir_fd)
-print(json.dumps({"reads": reads, "generations": len(generations),
-                  "problems": problems[:10], "problem_count": len(problems)}), flush=True)
-"""
+        os.umask(old_umask)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Readers, hooks and crashes
 
 
 def test_reader_opening_the_directory_once_sees_one_generation(
@@ -740,26 +858,13 @@ def test_reader_opening_the_directory_once_sees_one_generation(
     writer.prepare()
     directory = root / "web"
     writer.apply_set(str(directory), set_specs(directory, 0))
-    stop = shm_dir / "stop"
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(directory), str(stop), json.dumps(list(MEMBERS))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert reader.stdout is not None
-        ready, _, _ = select.select([reader.stdout], [], [], 15)
-        assert ready and reader.stdout.readline() == b"ready\n"
+    with racing_reader(SET_READER, str(directory), json.dumps(list(MEMBERS)),
+                       stop=shm_dir / "stop") as race:
         started = time.monotonic()
         for generation in range(1, 1001):
             assert writer.apply_set(str(directory), set_specs(directory, generation)).changed
         elapsed = time.monotonic() - started
-        stop.touch()
-        out, err = reader.communicate(timeout=30)
-    finally:
-        if reader.poll() is None:
-            reader.kill()
-            reader.wait()
-    assert reader.returncode == 0, err.decode()
-    report = json.loads(out)
+    report = race.report
     print(f"\n1000 rotations of a {len(MEMBERS)}-file set in {elapsed:.2f} s: "
           f"{1000 / elapsed:.0f} rotations/s, {elapsed * 1000 / 1000:.3f} ms per swap; "
           f"reader: {report}")

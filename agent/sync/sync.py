@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 from typing import (
     Callable,
@@ -438,9 +437,6 @@ class Sync:
                     for one in prepared], False
         ready = [one for one in prepared if isinstance(one, _Prepared)]
         specs = [spec for one in ready for spec in one.specs()]
-        # Which members' files differ from what is there (for their outcomes
-        # and hooks): a swap gives every file a new inode, changed or not.
-        differing = {spec.path for spec in specs if not _holds(spec)}
         existed = os.path.isdir(group.directory)
         try:
             # The set's directory: DIR_MODE (0755) and this process's user
@@ -453,8 +449,11 @@ class Sync:
             return [SecretOutcome(one.entry, error=exc) for one in ready], False
         outcomes = []
         for one in ready:
+            # The members whose files differed (for their outcomes and hooks),
+            # as the writer found them: a swap gives every file a new inode,
+            # changed or not.
             changed = tuple(spec.path for spec in one.specs()
-                            if result.changed and spec.path in differing)
+                            if spec.path in result.changed_paths)
             for spec in one.specs():
                 if spec.path in changed:
                     self._log_written(one, spec)
@@ -568,24 +567,3 @@ def _set_kept(group: EntrySet, failed: SecretOutcome) -> SetKeptError:
              f"set '{group.name}' ({group.directory})")
     return SetKeptError(f"{label} kept as it was: secret '{failed.entry.name}' of the set "
                         f"failed: {failed.error.message}", failed.error.hint, failed.error)
-
-
-def _holds(spec: FileSpec) -> bool:
-    """Whether ``spec.path`` is a regular file with these bytes, owner and
-    mode (never following a link); anything unreadable counts as not."""
-    try:
-        fd = os.open(spec.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != len(spec.content) or \
-                (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (spec.uid, spec.gid,
-                                                                     spec.mode):
-            return False
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            return handle.read(len(spec.content) + 1) == spec.content
-    except OSError:
-        return False
-    finally:
-        os.close(fd)

@@ -40,7 +40,7 @@ RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
 SELECT = "tests/test_select.py"
 LIFECYCLE = "tests/test_lifecycle.py"
-AGENT = "tests/test_agent.py"
+AGENT = "tests/test_sync.py"
 ARC = "tests/test_arc.py"
 FRESHNESS = "tests/test_freshness.py"
 DOCTOR = "tests/test_doctor.py"
@@ -151,7 +151,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "file-spec-repr-shows-value",
         "logs never contain a secret value (a FileSpec's repr masks its content)",
-        "agent/writer/__init__.py",
+        "agent/writer/specs.py",
         'return (f"FileSpec(path={self.path!r}, content=****, uid={self.uid}, "',
         'return (f"FileSpec(path={self.path!r}, content={self.content!r}, uid={self.uid}, "',
         (f"{WRITER}::test_file_spec_repr_never_shows_the_content",),
@@ -187,25 +187,25 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "writer-follows-symlinked-parents",
         "every path is reached from the root with O_NOFOLLOW: a symlink below the root is "
         "never followed",
-        "agent/writer/__init__.py",
-        "_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC",
-        "_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC",
+        "agent/writer/tree.py",
+        "O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC",
+        "O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC",
         (f"{WRITER}::test_symlinked_parent_is_refused",),
     ),
     Mutation(
         "writer-temp-without-excl-nofollow",
         "the temporary file is created O_CREAT|O_EXCL|O_NOFOLLOW, never through a planted "
         "link",
-        "agent/writer/__init__.py",
-        "_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC",
-        "_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
+        "agent/writer/tree.py",
+        "O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC",
+        "O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
         (f"{WRITER}::test_steps_follow_the_writer_contract",
          f"{WRITER_SETS}::test_members_get_owner_and_mode_before_their_first_byte"),
     ),
     Mutation(
         "first-byte-before-owner-and-mode",
         "every file gets its final owner and mode before any byte goes in",
-        "agent/writer/__init__.py",
+        "agent/writer/files.py",
         "os.fchown(fd, spec.uid, spec.gid)  # (5)",
         "os.write(fd, spec.content[:1]); os.lseek(fd, 0, os.SEEK_SET); "
         "os.fchown(fd, spec.uid, spec.gid)  # (5)",
@@ -214,15 +214,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "unchanged-file-rewritten",
         "a file is rewritten only when its content, owner or mode changed",
-        "agent/writer/__init__.py",
-        "if self._matches(dir_fd, name, spec):  # (3)",
+        "agent/writer/files.py",
+        "if matches(dir_fd, name, spec):  # (3)",
         "if False:  # (3)",
         (f"{WRITER}::test_unchanged_file_keeps_inode_and_times",),
     ),
     Mutation(
         "owner-change-not-rewritten",
         "a file whose owner changed is rewritten with the manifest's owner",
-        "agent/writer/__init__.py",
+        "agent/writer/tree.py",
         "if not stat.S_ISREG(st.st_mode) or (st.st_uid, st.st_gid) != (spec.uid, spec.gid):",
         "if not stat.S_ISREG(st.st_mode):",
         (f"{WRITER}::test_owner_only_change_rewrites",),
@@ -231,7 +231,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "mode-change-not-rewritten",
         "a file whose mode changed (even behind the agent's back) is rewritten with the "
         "manifest's mode",
-        "agent/writer/__init__.py",
+        "agent/writer/tree.py",
         "if stat.S_IMODE(st.st_mode) != spec.mode or st.st_size != len(spec.content):",
         "if st.st_size != len(spec.content):",
         (f"{WRITER}::test_mode_changed_behind_the_writers_back_is_repaired",),
@@ -239,7 +239,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "disk-taken-for-tmpfs",
         "the output root must be tmpfs or ramfs: secrets never reach a disk",
-        "agent/writer/__init__.py",
+        "agent/base/landing.py",
         "return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF",
         "return TMPFS_MAGIC",
         (f"{WRITER}::test_check_refuses_missing_root_on_disk_without_creating_it",),
@@ -247,7 +247,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "temp-file-left-on-failure",
         "on any failure the temporary file is removed and the target is as it was",
-        "agent/writer/__init__.py",
+        "agent/writer/files.py",
         "def _unlink_quietly(name: str, dir_fd: int) -> None:",
         "def _unlink_quietly(name: str, dir_fd: int) -> None:\n    return",
         (f"{WRITER}::test_failure_keeps_old_file_and_removes_temp",),
@@ -255,8 +255,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "unchanged-set-rewritten",
         "an unchanged set is not rewritten (content, owner and mode of every member)",
-        "agent/writer/__init__.py",
-        "and self._set_matches(parent_fd, name, names, wanted):  # (3)",
+        "agent/writer/sets.py",
+        "and _has_shape(parent_fd, name, wanted):  # (3)",
         "and False:  # (3)",
         (f"{WRITER_SETS}::test_unchanged_set_keeps_its_inodes_and_times",),
     ),
@@ -264,7 +264,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "set-old-generation-removed-at-swap",
         "a reader that opens a set's directory once and reads relative to it sees one "
         "generation, whole, never a missing file",
-        "agent/writer/__init__.py",
+        "agent/writer/generations.py",
         "SET_GRACE_S = 2.0",
         "SET_GRACE_S = 0.0",
         (f"{WRITER_SETS}::test_reader_opening_the_directory_once_sees_one_generation",),
@@ -272,8 +272,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "set-generation-left-on-failure",
         "a failure before a set's swap leaves the old set and no half-built generation",
-        "agent/writer/__init__.py",
-        "            _remove_generation(parent_fd, generation)\n            raise WriteError(f\"{directory}: cannot prepare",
+        "agent/writer/sets.py",
+        "            remove_generation(parent_fd, generation)\n            raise WriteError(f\"{directory}: cannot prepare",
         "            raise WriteError(f\"{directory}: cannot prepare",
         (f"{WRITER_SETS}::test_failure_before_the_swap_keeps_the_old_set_and_leaves_nothing",),
     ),
@@ -494,8 +494,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "set-swap-deletes-foreign-files",
         "a set swap never deletes a file it did not write",
-        "agent/writer/__init__.py",
-        "            kept = _foreign_names(present or set(), members)",
+        "agent/writer/sets.py",
+        "            kept = foreign_names(present or set(), members)",
         "            kept: List[str] = []",
         (f"{WRITER_SETS}::test_a_foreign_entry_never_swaps_a_set_and_is_never_deleted",),
     ),
@@ -554,7 +554,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "output-directory-of-another-user",
         "an output directory, or a directory below it that a file lands in, that another "
         "user owns or can write is refused",
-        "agent/writer/__init__.py",
+        "agent/base/landing.py",
         "    if st.st_uid not in (0, euid):\n        return (f\"{path} is owned by uid",
         "    if False:\n        return (f\"{path} is owned by uid",
         (f"{WRITER}::test_precreated_unsafe_root_is_refused",
