@@ -1,6 +1,8 @@
-"""What entries of a manifest may share: no path twice, no file inside
-another's, a select directory to its selection alone, and a set's
-directory to its set alone.
+"""What the entries of a manifest may share, checked once all are parsed.
+
+No path twice, no file inside another's, a select directory to its
+selection alone, and a set's directory to its set alone
+(:func:`collect_sets`, which makes the manifest's sets).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The validated manifest: frozen values, and their defaults in one place.
 
-A :class:`Manifest` holds :class:`Entry` values, each made of
-:class:`~agent.pipeline.sources.Source` values (what to fetch), a transform
-name with its parameters (:mod:`agent.pipeline.transforms`) and an
-:class:`~agent.pipeline.outputs.OutputSet` (the files); ``select:`` entries
-are :class:`Selection` values, expanded after each listing. Every value is
-frozen. A line number serves messages only and is left out of equality
-(``field(compare=False)``): a manifest that only gained a comment is the
-same manifest, and a reload keeps its sessions and token.
+A :class:`Manifest` holds :class:`Entry` values (what to fetch, how to turn
+it into bytes, which files) and :class:`Selection` values (``select:``
+entries, expanded after each listing). Each is a frozen dataclass; a line
+number serves messages only and is left out of equality
+(``field(compare=False)``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The manifest's top-level settings: vault, directory, metrics, the numbers, identity.
 
 Each is parsed with its problem reported at its line; a setting in error
-takes its default so that the entries are still checked against it and
-every problem of the file is reported at once.
+falls back (to its default, or to none) so that the entries are still
+checked and every problem of the file is reported at once.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def parse_identity(problems: Problems, value: Any, line: Optional[int]) -> Ident
     return Identity(key, text, source)
 
 
-def _identity_source(problems: Problems, value: "YamlMap") -> str:
+def _identity_source(problems: Problems, value: YamlMap) -> str:
     """``identity.source``: auto (the default), imds, arc or app-service."""
     raw = value.get(IDENTITY_SOURCE_KEY, "auto")
     if raw in SOURCES:
