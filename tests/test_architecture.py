@@ -52,7 +52,6 @@ TOP_LEVEL = {"agent", "agent.__main__", "agent.cli"}  # the command line and the
 # Sizes the house in wings is still bringing down (issue 18): a module or class named here may
 # not grow past its figure, and one not named may not pass the limit. Empty when done.
 SHRINKING: Dict[str, int] = {
-    "agent/manifest/__init__.py": 1700,
     "agent/daemon/service.py": 925,
     "agent/daemon/service.py:Daemon": 750,
     "agent/vault/client.py": 850,

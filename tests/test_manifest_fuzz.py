@@ -18,13 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_manifest import GOOD, assert_bounded_problems, parse_isolated
 
-from agent.manifest import (
-    IDENTITY_KEYS,
-    MAX_ACCOUNT_NAME_CHARS,
-    SECRET_KEYS,
-    TOP_KEYS,
-    Accounts,
-)
+from agent.manifest import IDENTITY_KEYS, SECRET_KEYS, TOP_KEYS, Accounts
+from agent.manifest.values import MAX_ACCOUNT_NAME_CHARS
 
 EXAMPLE_TIMEOUT_S = 5.0  # per example; a parse takes milliseconds
 

@@ -4,6 +4,7 @@ listing, and end to end through ``Sync.sync``, ``kv-agent once`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -129,7 +130,7 @@ def item(name: str, *, enabled: bool = True, tags: Dict[str, str] | None = None,
 def selection(**changes: Any) -> Selection:
     base = Selection("app1-", (("env", "prod"),), VAULT, "/dev/shm/kv/app1",
                      Output("", 0, 0, 0o400), line=3)
-    return base._replace(**changes)
+    return dataclasses.replace(base, **changes)
 
 
 LISTING = (

@@ -290,7 +290,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "writable-manifest-accepted",
         "kv-agent refuses a manifest that is writable by group or others",
-        "agent/manifest/__init__.py",
+        "agent/manifest/file.py",
         "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):",
         "    if st.st_mode & 0:",
         (f"{MANIFEST}::test_writable_by_others_is_refused",),
@@ -298,7 +298,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "foreign-manifest-accepted",
         "kv-agent refuses a manifest owned by anyone other than root or its own user",
-        "agent/manifest/__init__.py",
+        "agent/manifest/file.py",
         "    if st.st_uid not in (0, euid):",
         "    if False:",
         (f"{MANIFEST}::test_foreign_owner_is_refused",),
@@ -307,7 +307,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "path-outside-directory",
         "path: relative to directory, or absolute inside it (/run/secretsX is not inside "
         "/run/secrets)",
-        "agent/manifest/__init__.py",
+        "agent/manifest/paths.py",
         '    if not joined.startswith(directory.rstrip("/") + "/"):',
         '    if not joined.startswith(directory.rstrip("/")):',
         (f"{MANIFEST}::test_entry_rules",),
@@ -316,7 +316,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "symlinked-parent-accepted",
         "check validates paths: a symlink among the existing parents inside directory is "
         "refused",
-        "agent/manifest/__init__.py",
+        "agent/manifest/paths.py",
         "        if stat.S_ISLNK(st.st_mode):",
         "        if False:",
         (f"{MANIFEST}::test_symlinked_parent_is_refused",),
@@ -324,7 +324,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "setuid-mode-accepted",
         'mode: quoted octal; no setuid/setgid/sticky bits',
-        "agent/manifest/__init__.py",
+        "agent/manifest/values.py",
         "    if mode > 0o777:",
         "    if False:",
         (f"{MANIFEST}::test_entry_rules",),
