@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
@@ -197,3 +197,39 @@ def test_no_module_of_the_agent_imports_itself_through_others() -> None:
     edges = {module: set(graph.find_modules_directly_imported_by(module))
              for module in graph.modules}
     assert import_cycles(edges) == []
+
+
+def test_the_drawing_of_the_house_is_the_layers_contract() -> None:
+    """docs/design/architecture.md draws the wings top to bottom exactly as the 'wings'
+    contract layers them, so the picture a newcomer reads is the one CI enforces."""
+    text = (REPO / "docs" / "design" / "architecture.md").read_text(encoding="utf-8")
+    drawing = text.split("## The wings, top to bottom", 1)[1].split("```", 2)[1]
+    drawn = [line.strip() for line in drawing.splitlines() if line.strip()]
+    layers = _contracts()["wings"]["layers"]
+    assert isinstance(layers, list)
+    assert drawn == [" | ".join(part.strip() for part in layer.split("|")) for layer in layers]
+
+
+def test_no_wing_imports_one_above_it_or_beside_it() -> None:
+    """Drawn from the imports themselves (grimp), the wings form no circle: every import
+    between two wings goes down the layers, so the house has one direction."""
+    import grimp
+
+    graph = grimp.build_graph("agent", cache_dir=None)
+    layers = _contracts()["wings"]["layers"]
+    assert isinstance(layers, list)
+    rank = {f"agent.{name.strip()}": depth for depth, layer in enumerate(layers)
+            for name in layer.split("|")}
+
+    def wing(module: str) -> Optional[str]:
+        parts = module.split(".")
+        name = ".".join(parts[:2])
+        return name if name in rank else None
+
+    upward = []
+    for module in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            source, target = wing(module), wing(imported)
+            if source and target and source != target and rank[target] <= rank[source]:
+                upward.append(f"{module} -> {imported}")
+    assert upward == []
