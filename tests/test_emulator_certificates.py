@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,9 @@ CERTIFICATES: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One emulator serving every kind of certificate-backed secret."""
-    with Emulator(CERTIFICATES) as started:
-        yield started
+def emulator_secrets() -> dict[str, Any]:
+    """The module's one emulator serves every kind of certificate-backed secret."""
+    return CERTIFICATES
 
 
 class Decoded:
