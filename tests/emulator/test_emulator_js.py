@@ -35,7 +35,7 @@ from sdk_environment import AWAY_FROM_THE_EMULATOR
 
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
 
-JS_DIR = Path(__file__).resolve().parent / "js"
+JS_DIR = Path(__file__).resolve().parents[1] / "js"
 JS_FILES = ("package.json", "package-lock.json", "drive.mjs", "loopback-only.mjs")
 NPM_TIMEOUT_S = 300
 NODE_TIMEOUT_S = 60

@@ -36,7 +36,7 @@ from agent.emulator import (
     load_secrets_file,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Verbatim copies of real, sanitised SDK recordings (tests/recordings/README.md);
 # KV_AGENT_RECORDINGS may point at a fuller set; the project's shared/ folder
 # (beside the clone, in development and in CI) holds the full one.

@@ -15,7 +15,7 @@ import pytest
 
 import agent.emulator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EMULATOR_DIR = REPO / "agent" / "emulator"
 # What the emulator may take from the agent: the typed errors the CLI maps to
 # exit codes (a missing cryptography is exit 69), and the package itself (the
