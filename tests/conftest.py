@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import pytest
+
+if TYPE_CHECKING:
+    from agent.emulator import Emulator, IdentityConfig
 
 NETGUARD_DIR = Path(__file__).parent / "netguard"
 sys.path.insert(0, str(NETGUARD_DIR))
@@ -86,3 +89,51 @@ def shm_dir(tmp_path: Path) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kv-agent-test-", dir="/dev/shm"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the emulator --------------------------------------------------------------------------
+#
+# One definition of the loopback emulator the tests run against. A module says what its
+# emulators serve by overriding ``emulator_secrets`` or ``emulator_identities`` (both
+# module-scoped, like the emulator that uses them); every other module gets an empty vault
+# and the default identity. agent.emulator is imported only when an emulator starts, so a
+# test that checks what importing the agent loads never sees it.
+
+
+@pytest.fixture(scope="module")
+def emulator_secrets() -> Mapping[str, Any]:
+    """The secrets a module's emulators start with (the emulator's secrets-file form)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def emulator_identities() -> IdentityConfig | None:
+    """The identities a module's emulators serve; None is the emulator's default."""
+    return None
+
+
+def _started_emulator(
+    secrets: Mapping[str, Any], identities: IdentityConfig | None
+) -> Iterator[Emulator]:
+    from agent.emulator import Emulator
+
+    with Emulator(secrets, identities=identities) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def emulator(
+    emulator_secrets: Mapping[str, Any], emulator_identities: IdentityConfig | None
+) -> Iterator[Emulator]:
+    """One emulator shared by the module's tests: starting one per test would cost a TLS
+    certificate and two servers each. A test that changes secrets other tests read, or
+    injects faults it does not clear, takes ``fresh_emulator`` instead."""
+    yield from _started_emulator(emulator_secrets, emulator_identities)
+
+
+@pytest.fixture
+def fresh_emulator(
+    emulator_secrets: Mapping[str, Any], emulator_identities: IdentityConfig | None
+) -> Iterator[Emulator]:
+    """A new emulator for one test, serving what the module's emulator serves."""
+    yield from _started_emulator(emulator_secrets, emulator_identities)

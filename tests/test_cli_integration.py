@@ -222,13 +222,17 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One emulator for the module: a VM with a system-assigned identity and
-    one user-assigned identity. On teardown, every output of the module is
-    checked again against every value and token seen by then."""
-    identities = IdentityConfig(system_assigned=True, user_assigned=(USER_ASSIGNED,))
-    with Emulator({}, identities=identities) as started:
-        yield started
+def emulator_identities() -> IdentityConfig:
+    """The module's emulator is a VM with a system-assigned identity and one
+    user-assigned identity."""
+    return IdentityConfig(system_assigned=True, user_assigned=(USER_ASSIGNED,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _outputs_checked_at_the_end() -> Iterator[None]:
+    """On teardown (after the module's emulator stopped), every output of the
+    module is checked again against every value and token seen by then."""
+    yield
     for output in OUTPUTS:
         assert_no_leak(output, allow_traceback=True)
 

@@ -44,7 +44,7 @@ CONSUMER_EXAMPLE = REPO / "systemd" / "examples" / "kv-agent-consumer-example.se
 README_MAX_LINES = 300
 ENV_NAME = re.compile(r"^KV_AGENT_[A-Z0-9_]+$")
 HELP = {"-h", "--help"}
-TEST_NAME = re.compile(r"`((?:system/)?test_[a-z_]+\.py)(?:::(test_[a-z0-9_]+))?")
+TEST_NAME = re.compile(r"`((?:(?:system|emulator)/)?test_[a-z_]+\.py)(?:::(test_[a-z0-9_]+))?")
 
 
 # -- what the code has ----------------------------------------------------------------
@@ -503,9 +503,9 @@ def _assert_tests_exist(where: str, text: str) -> List[Tuple[str, str]]:
 
 
 def test_every_test_the_promises_table_names_exists() -> None:
-    """Each `file.py::test_name` (or `system/file.py::test_name`) the promises table gives
-    as proof is a real test function, so the table cannot point at a test that was renamed
-    or removed."""
+    """Each `file.py::test_name` (or `system/file.py::test_name`, `emulator/file.py::...`)
+    the promises table gives as proof is a real test function, so the table cannot point at
+    a test that was renamed or removed."""
     named = _assert_tests_exist("docs/design/promises.md", "\n".join(_promise_rows()))
     assert len(named) >= 10
 

@@ -349,12 +349,6 @@ def failures(output: str) -> List[str]:
     return [f"{line}\n{lines[i + 1]}" for i, line in enumerate(lines) if line.startswith("✗")]
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    with Emulator({}) as started:
-        yield started
-
-
 @pytest.fixture
 def doctor(emulator: Emulator, shm_dir: Path) -> Iterator[Doctor]:
     emulator.clear_faults()

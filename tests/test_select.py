@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from secrecy import fresh_value
@@ -194,29 +194,23 @@ def test_expanded_entries_carry_the_selections_owner_mode_hook_and_optional() ->
 # Through Sync.sync and kv-agent once
 
 
-@pytest.fixture()
-def emulator() -> Iterator[Emulator]:
-    with Emulator({}) as started:
-        yield started
-
-
 def agent_environ(emulator: Emulator) -> Dict[str, str]:
     return {"KV_AGENT_IMDS_ENDPOINT": emulator.imds_endpoint,
             "REQUESTS_CA_BUNDLE": emulator.ca_path, "NO_PROXY": "127.0.0.1"}
 
 
 def test_sync_writes_every_matching_secret_and_reports_the_listing(
-        emulator: Emulator, shm_dir: Path) -> None:
+        fresh_emulator: Emulator, shm_dir: Path) -> None:
     """One sync lists the vault, writes each match under the directory and reports the listing."""
-    emulator.set_secret("app1-db", "db value", tags={"env": "prod"})
-    emulator.set_secret("app1-api", "api value", tags={"env": "prod"})
-    emulator.set_secret("app1-off", "off value", tags={"env": "prod"}, enabled=False)
-    emulator.set_secret("other", "other value", tags={"env": "prod"})
-    text = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
+    fresh_emulator.set_secret("app1-db", "db value", tags={"env": "prod"})
+    fresh_emulator.set_secret("app1-api", "api value", tags={"env": "prod"})
+    fresh_emulator.set_secret("app1-off", "off value", tags={"env": "prod"}, enabled=False)
+    fresh_emulator.set_secret("other", "other value", tags={"env": "prod"})
+    text = (f"vault: {fresh_emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
             "  - select: {prefix: app1-, tags: {env: prod}}\n    directory: app1\n"
             "    strip_prefix: true\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    agent = Sync(manifest, environ=agent_environ(emulator))
+    agent = Sync(manifest, environ=agent_environ(fresh_emulator))
     try:
         agent.prepare()
         report = agent.sync()
@@ -233,14 +227,14 @@ def test_sync_writes_every_matching_secret_and_reports_the_listing(
 
 
 def test_sync_writes_a_case_colliding_name_once_and_warns_once(
-        emulator: Emulator, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        fresh_emulator: Emulator, shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A listing naming one secret twice in different cases (strip_prefix: one file)
     fetches, writes and counts that file once, and warns once over two syncs."""
-    emulator.set_secret("app1-db", "db value")
-    text = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
+    fresh_emulator.set_secret("app1-db", "db value")
+    text = (f"vault: {fresh_emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
             "  - select: {prefix: app1-}\n    directory: app1\n    strip_prefix: true\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    agent = Sync(manifest, environ=agent_environ(emulator))
+    agent = Sync(manifest, environ=agent_environ(fresh_emulator))
     listed = agent.vault.list_secrets
 
     def list_twice(url: str, *args: Any) -> Tuple[SecretItem, ...]:
@@ -258,22 +252,22 @@ def test_sync_writes_a_case_colliding_name_once_and_warns_once(
     assert os.listdir(shm_dir / "app1") == ["db"]
     assert [o.version for o in first.outcomes if o.entry.transform == "select"] == ["1 matched"]
     assert (len(first.outcomes), first.changed, second.changed) == (2, 1, 0)
-    assert not [fetched for fetched in emulator.vault_log if "APP1-db" in fetched.path]
+    assert not [fetched for fetched in fresh_emulator.vault_log if "APP1-db" in fetched.path]
     warnings = [r.getMessage() for r in caplog.records if "APP1-db" in r.getMessage()]
     assert len(warnings) == 1 and "case-insensitive" in warnings[0]
 
 
 def test_sync_reports_a_listing_failure_and_writes_nothing_of_the_selection(
-        emulator: Emulator, shm_dir: Path) -> None:
+        fresh_emulator: Emulator, shm_dir: Path) -> None:
     """A listing refused (403) fails the select entry, leaves no selected report and keeps explicit entries."""
-    emulator.set_secret("app1-db", "db value")
-    emulator.set_secret("plain", "plain value")
+    fresh_emulator.set_secret("app1-db", "db value")
+    fresh_emulator.set_secret("plain", "plain value")
     # The listing is the sync's first request (the emulator's fault paths carry no query).
-    emulator.inject_fault("vault", 403, count=1)
-    text = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
+    fresh_emulator.inject_fault("vault", 403, count=1)
+    text = (f"vault: {fresh_emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
             "  - name: plain\n  - select: {prefix: app1-}\n    directory: app1\n")
     manifest = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
-    agent = Sync(manifest, environ=agent_environ(emulator))
+    agent = Sync(manifest, environ=agent_environ(fresh_emulator))
     try:
         agent.prepare()
         report = agent.sync()
@@ -294,48 +288,48 @@ def run_cli(args: List[str], emulator: Emulator) -> subprocess.CompletedProcess[
 
 
 def test_once_writes_the_selection_and_check_refuses_an_explicit_file_inside_it(
-        emulator: Emulator, shm_dir: Path, tmp_path: Path) -> None:
+        fresh_emulator: Emulator, shm_dir: Path, tmp_path: Path) -> None:
     """kv-agent once writes every matching secret (a new one at the next run) and
     removes none that stops matching; check refuses a collision at load."""
-    emulator.set_secret("app1-db", "db value", tags={"env": "prod"})
+    fresh_emulator.set_secret("app1-db", "db value", tags={"env": "prod"})
     manifest = tmp_path / "m.yaml"
-    body = (f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
+    body = (f"vault: {fresh_emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
             "  - select: {prefix: app1-, tags: {env: prod}}\n    directory: app1\n"
             "    mode: \"0440\"\n")
     write_file(manifest, body)
-    checked = run_cli(["check", "--manifest", str(manifest)], emulator)
+    checked = run_cli(["check", "--manifest", str(manifest)], fresh_emulator)
     assert checked.returncode == 0 and "0 secrets and 1 select entry into" in checked.stdout
-    first = run_cli(["once", "--manifest", str(manifest)], emulator)
+    first = run_cli(["once", "--manifest", str(manifest)], fresh_emulator)
     assert first.returncode == 0, first.stderr
     assert os.listdir(shm_dir / "app1") == ["app1-db"]
     assert oct(os.stat(shm_dir / "app1" / "app1-db").st_mode & 0o777) == "0o440"
-    emulator.set_secret("app1-new", "new value", tags={"env": "prod"})
-    second = run_cli(["once", "--manifest", str(manifest)], emulator)
+    fresh_emulator.set_secret("app1-new", "new value", tags={"env": "prod"})
+    second = run_cli(["once", "--manifest", str(manifest)], fresh_emulator)
     assert second.returncode == 0, second.stderr
     assert sorted(os.listdir(shm_dir / "app1")) == ["app1-db", "app1-new"]
     assert "db value" not in first.stderr + second.stderr
     # once removes nothing (docs/how-to/bulk-selection.md: only the running agent has the record of
     # its files): a secret that stops matching keeps its file.
-    emulator.set_secret("app1-new", "new value", tags={"env": "dev"})
-    third = run_cli(["once", "--manifest", str(manifest)], emulator)
+    fresh_emulator.set_secret("app1-new", "new value", tags={"env": "dev"})
+    third = run_cli(["once", "--manifest", str(manifest)], fresh_emulator)
     assert third.returncode == 0, third.stderr
     assert sorted(os.listdir(shm_dir / "app1")) == ["app1-db", "app1-new"]
     write_file(manifest, body + "  - name: app1-db\n    path: app1/db\n")
-    refused = run_cli(["check", "--manifest", str(manifest)], emulator)
+    refused = run_cli(["check", "--manifest", str(manifest)], fresh_emulator)
     assert refused.returncode == 78
     assert "is inside" in refused.stderr and "give the selection a directory of its own" \
         in refused.stderr
 
 
 def test_once_exits_1_naming_the_selection_when_the_listing_is_forbidden(
-        emulator: Emulator, shm_dir: Path, tmp_path: Path) -> None:
+        fresh_emulator: Emulator, shm_dir: Path, tmp_path: Path) -> None:
     """A listing refused with 403 makes once exit 1 with one line naming the select entry."""
-    emulator.set_secret("app1-db", "db value")
-    emulator.inject_fault("vault", 403, count=20)
+    fresh_emulator.set_secret("app1-db", "db value")
+    fresh_emulator.inject_fault("vault", 403, count=20)
     manifest = tmp_path / "m.yaml"
-    write_file(manifest, f"vault: {emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
+    write_file(manifest, f"vault: {fresh_emulator.vault_url}\ndirectory: {shm_dir}\nsecrets:\n"
                "  - select: {prefix: app1-}\n    directory: app1\n")
-    done = run_cli(["once", "--manifest", str(manifest)], emulator)
+    done = run_cli(["once", "--manifest", str(manifest)], fresh_emulator)
     assert done.returncode == 1, done.stderr
     assert "select prefix 'app1-'" in done.stderr and "Traceback" not in done.stderr
 

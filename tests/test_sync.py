@@ -23,12 +23,6 @@ ACCOUNTS = Accounts(user=lambda name: {"root": 0}.get(name),
                     group=lambda name: {"root": 0}.get(name))
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    with Emulator({}) as started:
-        yield started
-
-
 def environ(emulator: Emulator) -> Dict[str, str]:
     return {"KV_AGENT_IMDS_ENDPOINT": emulator.imds_endpoint,
             "REQUESTS_CA_BUNDLE": emulator.ca_path, "NO_PROXY": "127.0.0.1"}

@@ -1,5 +1,5 @@
 // Drives the official Azure JavaScript SDK (@azure/identity, @azure/keyvault-secrets,
-// @azure/keyvault-certificates) against kv-agent's emulator, for tests/test_emulator_js.py.
+// @azure/keyvault-certificates) against kv-agent's emulator, for tests/emulator/test_emulator_js.py.
 //
 // Input (stdin, JSON): {"vaultUrl": ..., "verifyChallengeResource": bool,
 //   "credential": ManagedIdentityCredential options, e.g. {"objectId": ...} (optional), "steps": [{"op": ..., ...}, ...]}

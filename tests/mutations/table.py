@@ -40,7 +40,7 @@ RETRY = "tests/test_retry.py"
 STATE = "tests/test_state.py"
 SELECT = "tests/test_select.py"
 LIFECYCLE = "tests/test_lifecycle.py"
-AGENT = "tests/test_sync.py"
+SYNC = "tests/test_sync.py"
 ARC = "tests/test_arc.py"
 FRESHNESS = "tests/test_freshness.py"
 DOCTOR = "tests/test_doctor.py"
@@ -442,7 +442,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            result = self.writer.apply_set(group.directory, specs)",
         "            result = __import__('agent.writer').writer.SetResult(group.directory, "
         "any([self.writer.apply(spec).changed for spec in specs]))",
-        (f"{AGENT}::test_a_set_is_written_by_one_swap_and_unchanged_sets_are_left",
+        (f"{SYNC}::test_a_set_is_written_by_one_swap_and_unchanged_sets_are_left",
          f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks"),
     ),
     Mutation(
@@ -451,7 +451,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "agent/sync/sync.py",
         "        if failed:\n            kept = _set_kept(group, failed[0])",
         "        if False:\n            kept = _set_kept(group, failed[0])",
-        (f"{AGENT}::test_a_failing_member_keeps_the_whole_set",),
+        (f"{SYNC}::test_a_failing_member_keeps_the_whole_set",),
     ),
     Mutation(
         "expired-refused",
@@ -461,7 +461,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            validity = _validity(secrets, leaf)\n"
         "            if validity.expires is not None and validity.expires <= time.time():\n"
         "                raise KvAgentError(f\"secret '{entry.name}' expired\")\n",
-        (f"{AGENT}::test_outcomes_carry_the_validity_window",
+        (f"{SYNC}::test_outcomes_carry_the_validity_window",
          f"{DAEMON}::test_expired_and_expiring_secrets_are_written_and_shown"),
     ),
     Mutation(
@@ -613,7 +613,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    return updated is not None and updated == seen.updated and \\\n",
         "    return updated is not None and \\\n",
         (f"{FRESHNESS}::test_a_changed_updated_fetches_that_secret_only",
-         f"{AGENT}::test_an_unchanged_refresh_only_lists_and_a_rotation_is_fetched[False]"),
+         f"{SYNC}::test_an_unchanged_refresh_only_lists_and_a_rotation_is_fetched[False]"),
     ),
     Mutation(
         "listing-ignores-a-damaged-file",
@@ -623,7 +623,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    return all(path in stamps and stamp(path) == stamps[path] for path in entry.paths)",
         "    return True",
         (f"{FRESHNESS}::test_a_missing_or_changed_file_is_fetched_again",
-         f"{AGENT}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
+         f"{SYNC}::test_a_pinned_version_costs_nothing_and_its_file_is_repaired"),
     ),
     Mutation(
         "file-stamp-without-ctime",
@@ -704,7 +704,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    except Exception as exc:  # the boundary: see the module docstring",
         "    except ArithmeticError as exc:  # the boundary: see the module docstring",
         (f"{TRANSFORMS}::test_only_transform_error_leaves_a_transform",
-         f"{AGENT}::test_a_bug_in_one_entrys_transform_fails_that_entry_alone"),
+         f"{SYNC}::test_a_bug_in_one_entrys_transform_fails_that_entry_alone"),
     ),
     Mutation(
         "pkcs12-iterations-unbounded",
@@ -729,7 +729,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "and 0 <= value <= MAX_EPOCH_S:",
         "and 0 <= value:",
         (f"{EXPIRY}::test_a_usable_epoch_is_an_integer_from_1970_to_the_year_9999",
-         f"{AGENT}::test_dates_beyond_the_year_9999_are_no_date_said_once"),
+         f"{SYNC}::test_dates_beyond_the_year_9999_are_no_date_said_once"),
     ),
     Mutation(
         "failed-start-refetches-everything",
@@ -738,6 +738,6 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    return since is not None and seen is not None and seen.fetched_at >= since",
         "    return False",
         (f"{FRESHNESS}::test_while_starting_only_what_is_missing_is_fetched_without_listing",
-         f"{AGENT}::test_a_failed_start_fetches_only_what_is_missing"),
+         f"{SYNC}::test_a_failed_start_fetches_only_what_is_missing"),
     ),
 )

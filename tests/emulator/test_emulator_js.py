@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sdk_environment import AWAY_FROM_THE_EMULATOR
 
 from agent.emulator import Emulator, IdentityConfig, UserAssignedIdentity
 
-JS_DIR = Path(__file__).resolve().parent / "js"
+JS_DIR = Path(__file__).resolve().parents[1] / "js"
 JS_FILES = ("package.json", "package-lock.json", "drive.mjs", "loopback-only.mjs")
 NPM_TIMEOUT_S = 300
 NODE_TIMEOUT_S = 60
@@ -167,10 +167,9 @@ def error_with_message(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One emulator the read-only tests share."""
-    with Emulator(SECRETS) as started:
-        yield started
+def emulator_secrets() -> dict[str, Any]:
+    """What the one emulator the read-only tests share serves."""
+    return SECRETS
 
 
 @pytest.fixture

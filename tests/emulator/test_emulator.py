@@ -36,7 +36,7 @@ from agent.emulator import (
     load_secrets_file,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Verbatim copies of real, sanitised SDK recordings (tests/recordings/README.md);
 # KV_AGENT_RECORDINGS may point at a fuller set; the project's shared/ folder
 # (beside the clone, in development and in CI) holds the full one.
@@ -172,17 +172,10 @@ def shape(value: object) -> object:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One read-only emulator for the tests that change no state."""
-    with Emulator(SECRETS) as started:
-        yield started
-
-
-@pytest.fixture
-def fresh() -> Iterator[Emulator]:
-    """A new emulator for a test that injects faults or changes secrets."""
-    with Emulator(SECRETS) as started:
-        yield started
+def emulator_secrets() -> dict[str, Any]:
+    """What the module's emulators serve: ``emulator`` for the tests that change no state,
+    ``fresh_emulator`` for a test that injects faults or changes secrets."""
+    return SECRETS
 
 
 class FakeClock:
@@ -899,15 +892,15 @@ def test_vault_list_rejects_a_forged_skiptoken(emulator: Emulator, bearer: str) 
     assert error_of(response)["code"] == "BadParameter"
 
 
-def test_vault_paging_survives_changes_between_pages(fresh: Emulator) -> None:
+def test_vault_paging_survives_changes_between_pages(fresh_emulator: Emulator) -> None:
     """A secret added before the cursor position between pages does not shift or repeat items."""
-    bearer = token(fresh)
+    bearer = token(fresh_emulator)
     params = {"api-version": API_VERSION, "maxresults": "5"}
-    with session(fresh, bearer) as client:
+    with session(fresh_emulator, bearer) as client:
         first = client.get(
-            fresh.vault_url + "/secrets", params=params, timeout=5
+            fresh_emulator.vault_url + "/secrets", params=params, timeout=5
         ).json()
-        fresh.set_secret("aaa-new", "early")
+        fresh_emulator.set_secret("aaa-new", "early")
         second = client.get(first["nextLink"], timeout=5).json()
 
     seen = [item["id"].rsplit("/", 1)[1] for item in first["value"] + second["value"]]
@@ -919,21 +912,21 @@ def test_vault_paging_survives_changes_between_pages(fresh: Emulator) -> None:
 # Key Vault: state changes
 
 
-def test_vault_reflects_set_disable_enable_and_delete(fresh: Emulator) -> None:
+def test_vault_reflects_set_disable_enable_and_delete(fresh_emulator: Emulator) -> None:
     """Changes made through the Python API are visible to the next request."""
-    bearer = token(fresh)
-    version = fresh.set_secret("db-password", "rotated-value")
-    body = vault_get(fresh, "/secrets/db-password", bearer).json()
+    bearer = token(fresh_emulator)
+    version = fresh_emulator.set_secret("db-password", "rotated-value")
+    body = vault_get(fresh_emulator, "/secrets/db-password", bearer).json()
     assert (body["value"], body["id"].rsplit("/", 1)[1]) == ("rotated-value", version)
 
-    fresh.disable_secret("db-password")
-    assert vault_get(fresh, "/secrets/db-password", bearer).status_code == 403
-    fresh.enable_secret("db-password")
-    assert vault_get(fresh, "/secrets/db-password", bearer).status_code == 200
-    fresh.delete_secret("db-password")
-    assert vault_get(fresh, "/secrets/db-password", bearer).status_code == 404
+    fresh_emulator.disable_secret("db-password")
+    assert vault_get(fresh_emulator, "/secrets/db-password", bearer).status_code == 403
+    fresh_emulator.enable_secret("db-password")
+    assert vault_get(fresh_emulator, "/secrets/db-password", bearer).status_code == 200
+    fresh_emulator.delete_secret("db-password")
+    assert vault_get(fresh_emulator, "/secrets/db-password", bearer).status_code == 404
     with pytest.raises(KeyError):
-        fresh.delete_secret("db-password")
+        fresh_emulator.delete_secret("db-password")
 
 
 @pytest.mark.parametrize(
@@ -946,31 +939,31 @@ def test_vault_reflects_set_disable_enable_and_delete(fresh: Emulator) -> None:
     ],
 )
 def test_vault_forbidden_secret_carries_the_inner_code(
-    fresh: Emulator, inner_code: str, fragment: str
+    fresh_emulator: Emulator, inner_code: str, fragment: str
 ) -> None:
     """forbid_secret makes GET answer 403 Forbidden with that innererror code, until allow_secret."""
-    bearer = token(fresh)
-    fresh.forbid_secret("db-password", inner_code)
-    response = vault_get(fresh, "/secrets/db-password", bearer)
+    bearer = token(fresh_emulator)
+    fresh_emulator.forbid_secret("db-password", inner_code)
+    response = vault_get(fresh_emulator, "/secrets/db-password", bearer)
 
     assert response.status_code == 403
     error = error_of(response)
     assert (error["code"], error["innererror"]) == ("Forbidden", {"code": inner_code})
     assert fragment in error["message"]
-    fresh.allow_secret("db-password")
-    assert vault_get(fresh, "/secrets/db-password", bearer).status_code == 200
+    fresh_emulator.allow_secret("db-password")
+    assert vault_get(fresh_emulator, "/secrets/db-password", bearer).status_code == 200
 
 
 # ---------------------------------------------------------------------------
 # Fault injection
 
 
-def test_vault_throttling_fault_sends_429_with_retry_after(fresh: Emulator) -> None:
+def test_vault_throttling_fault_sends_429_with_retry_after(fresh_emulator: Emulator) -> None:
     """An injected 429 answers Throttled with the real message and Retry-After, then service resumes."""
-    bearer = token(fresh)
-    fresh.inject_fault("vault", 429, retry_after="3")
-    throttled = vault_get(fresh, "/secrets/db-password", bearer)
-    after = vault_get(fresh, "/secrets/db-password", bearer)
+    bearer = token(fresh_emulator)
+    fresh_emulator.inject_fault("vault", 429, retry_after="3")
+    throttled = vault_get(fresh_emulator, "/secrets/db-password", bearer)
+    after = vault_get(fresh_emulator, "/secrets/db-password", bearer)
 
     assert throttled.status_code == 429
     assert throttled.headers["Retry-After"] == "3"
@@ -978,68 +971,68 @@ def test_vault_throttling_fault_sends_429_with_retry_after(fresh: Emulator) -> N
     assert after.status_code == 200
 
 
-def test_faults_apply_before_authentication_and_count_down(fresh: Emulator) -> None:
+def test_faults_apply_before_authentication_and_count_down(fresh_emulator: Emulator) -> None:
     """A fault hits the next ``count`` matching requests, even unauthenticated ones, then stops."""
-    fresh.inject_fault("vault", 503, count=2)
-    statuses = [vault_get(fresh, "/secrets/db-password").status_code for _ in range(3)]
+    fresh_emulator.inject_fault("vault", 503, count=2)
+    statuses = [vault_get(fresh_emulator, "/secrets/db-password").status_code for _ in range(3)]
 
     assert statuses == [503, 503, 401]
-    assert [record.status for record in fresh.vault_log] == statuses
+    assert [record.status for record in fresh_emulator.vault_log] == statuses
 
 
 @pytest.mark.parametrize("status", [404, 410, 429, 500, 503])
-def test_imds_faults_use_the_oauth_error_shape(fresh: Emulator, status: int) -> None:
+def test_imds_faults_use_the_oauth_error_shape(fresh_emulator: Emulator, status: int) -> None:
     """An injected IMDS error answers the OAuth error JSON with the IMDS content type."""
-    fresh.inject_fault("imds", status, retry_after="1")
-    response = imds_get(fresh)
+    fresh_emulator.inject_fault("imds", status, retry_after="1")
+    response = imds_get(fresh_emulator)
 
     assert response.status_code == status
     assert list(response.json()) == ["error", "error_description"]
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     assert response.headers["Retry-After"] == "1"
-    assert imds_get(fresh).status_code == 200
+    assert imds_get(fresh_emulator).status_code == 200
 
 
-def test_fault_path_contains_restricts_the_fault(fresh: Emulator) -> None:
+def test_fault_path_contains_restricts_the_fault(fresh_emulator: Emulator) -> None:
     """A fault with path_contains leaves other paths and the other service alone."""
-    bearer = token(fresh)
-    fresh.inject_fault("vault", 500, path_contains="/secrets/rotated")
+    bearer = token(fresh_emulator)
+    fresh_emulator.inject_fault("vault", 500, path_contains="/secrets/rotated")
 
-    assert vault_get(fresh, "/secrets/db-password", bearer).status_code == 200
-    assert imds_get(fresh).status_code == 200
-    response = vault_get(fresh, "/secrets/rotated", bearer)
+    assert vault_get(fresh_emulator, "/secrets/db-password", bearer).status_code == 200
+    assert imds_get(fresh_emulator).status_code == 200
+    response = vault_get(fresh_emulator, "/secrets/rotated", bearer)
     assert response.status_code == 500
     assert list(error_of(response)) == ["code", "message"]
-    assert vault_get(fresh, "/secrets/rotated", bearer).status_code == 200
+    assert vault_get(fresh_emulator, "/secrets/rotated", bearer).status_code == 200
 
 
 @pytest.mark.parametrize("service", ["imds", "vault"])
 def test_dropped_connection_fault_closes_without_answer(
-    fresh: Emulator, service: str
+    fresh_emulator: Emulator, service: str
 ) -> None:
     """drop=True closes the connection without a response and logs status 0."""
-    fresh.inject_fault(service, drop=True)
+    fresh_emulator.inject_fault(service, drop=True)
     with pytest.raises(requests.ConnectionError):
         if service == "imds":
-            imds_get(fresh)
+            imds_get(fresh_emulator)
         else:
-            vault_get(fresh, "/secrets/db-password")
+            vault_get(fresh_emulator, "/secrets/db-password")
 
-    log = fresh.imds_log if service == "imds" else fresh.vault_log
+    log = fresh_emulator.imds_log if service == "imds" else fresh_emulator.vault_log
     assert [record.status for record in log] == [0]
     assert (
-        imds_get(fresh) if service == "imds" else vault_get(fresh, "/secrets/x")
+        imds_get(fresh_emulator) if service == "imds" else vault_get(fresh_emulator, "/secrets/x")
     ).status_code in (200, 401)
 
 
-def test_delay_fault_slows_one_request(fresh: Emulator) -> None:
+def test_delay_fault_slows_one_request(fresh_emulator: Emulator) -> None:
     """delay_s without a status answers normally, but only after the delay."""
-    fresh.inject_fault("imds", delay_s=0.2)
+    fresh_emulator.inject_fault("imds", delay_s=0.2)
     started = time.perf_counter()
-    slow = imds_get(fresh)
+    slow = imds_get(fresh_emulator)
     slow_s = time.perf_counter() - started
     started = time.perf_counter()
-    imds_get(fresh)
+    imds_get(fresh_emulator)
     fast_s = time.perf_counter() - started
 
     assert slow.status_code == 200
@@ -1047,12 +1040,12 @@ def test_delay_fault_slows_one_request(fresh: Emulator) -> None:
     assert fast_s < 0.2
 
 
-def test_fault_with_delay_and_status_times_out_a_client(fresh: Emulator) -> None:
+def test_fault_with_delay_and_status_times_out_a_client(fresh_emulator: Emulator) -> None:
     """A delay longer than the client's read timeout looks like a hung service to the client."""
-    fresh.inject_fault("imds", 500, delay_s=0.5)
+    fresh_emulator.inject_fault("imds", 500, delay_s=0.5)
     with pytest.raises(requests.ReadTimeout):
         requests.get(
-            fresh.imds_endpoint, params=IMDS_PARAMS, headers=METADATA, timeout=0.1
+            fresh_emulator.imds_endpoint, params=IMDS_PARAMS, headers=METADATA, timeout=0.1
         )
 
 
@@ -1074,25 +1067,25 @@ def test_inject_fault_rejects_meaningless_faults(
         emulator.inject_fault(**kwargs)
 
 
-def test_clear_faults_forgets_queued_faults(fresh: Emulator) -> None:
+def test_clear_faults_forgets_queued_faults(fresh_emulator: Emulator) -> None:
     """After clear_faults the service answers normally again."""
-    fresh.inject_fault("imds", 500, count=5)
-    fresh.clear_faults()
+    fresh_emulator.inject_fault("imds", 500, count=5)
+    fresh_emulator.clear_faults()
 
-    assert imds_get(fresh).status_code == 200
+    assert imds_get(fresh_emulator).status_code == 200
 
 
 # ---------------------------------------------------------------------------
 # Latency and concurrency
 
 
-def test_latency_is_added_to_every_request(fresh: Emulator) -> None:
+def test_latency_is_added_to_every_request(fresh_emulator: Emulator) -> None:
     """latency_s delays each request of both services by at least that long."""
-    bearer = token(fresh)
-    fresh.latency_s = 0.15
+    bearer = token(fresh_emulator)
+    fresh_emulator.latency_s = 0.15
     requests_to_time: list[Callable[[], requests.Response]] = [
-        lambda: imds_get(fresh),
-        lambda: vault_get(fresh, "/secrets/db-password", bearer),
+        lambda: imds_get(fresh_emulator),
+        lambda: vault_get(fresh_emulator, "/secrets/db-password", bearer),
     ]
     timings = []
     for request in requests_to_time:
@@ -1104,12 +1097,12 @@ def test_latency_is_added_to_every_request(fresh: Emulator) -> None:
     assert max(timings) < 1.0
 
 
-def test_latency_is_slept_per_connection_so_requests_overlap(fresh: Emulator) -> None:
+def test_latency_is_slept_per_connection_so_requests_overlap(fresh_emulator: Emulator) -> None:
     """Eight concurrent requests with latency_s=0.25 finish in about 0.25 s, not 2 s."""
-    fresh.latency_s = 0.25
+    fresh_emulator.latency_s = 0.25
     statuses: list[int] = []
     threads = [
-        threading.Thread(target=lambda: statuses.append(imds_get(fresh).status_code))
+        threading.Thread(target=lambda: statuses.append(imds_get(fresh_emulator).status_code))
         for _ in range(8)
     ]
     started = time.perf_counter()
@@ -1442,18 +1435,18 @@ def vault_call(
         )
 
 
-def test_vault_crud_matches_the_recording(fresh: Emulator) -> None:
+def test_vault_crud_matches_the_recording(fresh_emulator: Emulator) -> None:
     """PUT, GET by version, PATCH and DELETE answer with the recorded statuses, shapes and key order."""
     real = recorded("keyvault__py__test_secrets_client.test_secret_crud_operations.yaml")
-    bearer = token(fresh)
+    bearer = token(fresh_emulator)
 
-    plain = vault_call(fresh, "PUT", "/secrets/crud-secret", bearer, CRUD_SET)
-    full = vault_call(fresh, "PUT", "/secrets/crud-secret", bearer, CRUD_SET_WITH_ATTRIBUTES)
+    plain = vault_call(fresh_emulator, "PUT", "/secrets/crud-secret", bearer, CRUD_SET)
+    full = vault_call(fresh_emulator, "PUT", "/secrets/crud-secret", bearer, CRUD_SET_WITH_ATTRIBUTES)
     version = full.json()["id"].rsplit("/", 1)[1]
-    latest = vault_get(fresh, "/secrets/crud-secret/", bearer)
-    pinned = vault_get(fresh, f"/secrets/crud-secret/{version}", bearer)
-    patched = vault_call(fresh, "PATCH", f"/secrets/crud-secret/{version}", bearer, CRUD_UPDATE)
-    deleted = vault_call(fresh, "DELETE", "/secrets/crud-secret", bearer)
+    latest = vault_get(fresh_emulator, "/secrets/crud-secret/", bearer)
+    pinned = vault_get(fresh_emulator, f"/secrets/crud-secret/{version}", bearer)
+    patched = vault_call(fresh_emulator, "PATCH", f"/secrets/crud-secret/{version}", bearer, CRUD_UPDATE)
+    deleted = vault_call(fresh_emulator, "DELETE", "/secrets/crud-secret", bearer)
 
     ours = [plain, full, latest, pinned, patched, deleted]
     for response, recording in zip(ours, real[1:]):
@@ -1462,17 +1455,17 @@ def test_vault_crud_matches_the_recording(fresh: Emulator) -> None:
     assert patched.json()["attributes"]["nbf"] == 1422864000  # kept: PATCH overlays
     assert list(deleted.json()) == DELETED_KEYS
     body = deleted.json()
-    assert body["recoveryId"] == f"{fresh.vault_url}/deletedsecrets/crud-secret"
+    assert body["recoveryId"] == f"{fresh_emulator.vault_url}/deletedsecrets/crud-secret"
     assert body["scheduledPurgeDate"] - body["deletedDate"] == 90 * 86400
 
 
-def test_vault_set_update_and_delete_have_the_wire_shapes(fresh: Emulator) -> None:
+def test_vault_set_update_and_delete_have_the_wire_shapes(fresh_emulator: Emulator) -> None:
     """Without the recordings on disk, the same exchanges still keep the recorded key order."""
-    bearer = token(fresh)
+    bearer = token(fresh_emulator)
 
-    full = vault_call(fresh, "PUT", "/secrets/crud-secret", bearer, CRUD_SET_WITH_ATTRIBUTES)
-    patched = vault_call(fresh, "PATCH", "/secrets/crud-secret/", bearer, CRUD_UPDATE)
-    deleted = vault_call(fresh, "DELETE", "/secrets/crud-secret", bearer)
+    full = vault_call(fresh_emulator, "PUT", "/secrets/crud-secret", bearer, CRUD_SET_WITH_ATTRIBUTES)
+    patched = vault_call(fresh_emulator, "PATCH", "/secrets/crud-secret/", bearer, CRUD_UPDATE)
+    deleted = vault_call(fresh_emulator, "DELETE", "/secrets/crud-secret", bearer)
 
     assert full.status_code == patched.status_code == deleted.status_code == 200
     assert list(full.json()) == ["value", "contentType", "id", "attributes", "tags"]
@@ -1485,37 +1478,37 @@ def test_vault_set_update_and_delete_have_the_wire_shapes(fresh: Emulator) -> No
     assert VERSION_RE.match(full.json()["id"].rsplit("/", 1)[1])
 
 
-def test_vault_put_adds_a_version_that_readers_see_at_once(fresh: Emulator) -> None:
+def test_vault_put_adds_a_version_that_readers_see_at_once(fresh_emulator: Emulator) -> None:
     """A PUT of an existing secret makes a new latest version; older versions stay readable."""
-    bearer = token(fresh)
-    before = vault_get(fresh, "/secrets/db-password", bearer).json()
+    bearer = token(fresh_emulator)
+    before = vault_get(fresh_emulator, "/secrets/db-password", bearer).json()
 
-    put = vault_call(fresh, "PUT", "/secrets/db-password", bearer, {"value": "rotated"})
+    put = vault_call(fresh_emulator, "PUT", "/secrets/db-password", bearer, {"value": "rotated"})
 
-    after = vault_get(fresh, "/secrets/db-password", bearer).json()
-    old = vault_get(fresh, "/secrets/db-password/" + before["id"].rsplit("/", 1)[1], bearer)
+    after = vault_get(fresh_emulator, "/secrets/db-password", bearer).json()
+    old = vault_get(fresh_emulator, "/secrets/db-password/" + before["id"].rsplit("/", 1)[1], bearer)
     assert (put.status_code, after["value"], after["id"]) == (200, "rotated", put.json()["id"])
     assert old.json()["value"] == "hunter2"
 
 
-def test_vault_soft_delete_recover_and_purge(fresh: Emulator) -> None:
+def test_vault_soft_delete_recover_and_purge(fresh_emulator: Emulator) -> None:
     """A deleted secret is listed and readable under /deletedsecrets, blocks PUT with 409,
     comes back with every version on recover, and is gone for good after purge."""
-    bearer = token(fresh)
-    assert vault_call(fresh, "DELETE", "/secrets/rotated", bearer).status_code == 200
+    bearer = token(fresh_emulator)
+    assert vault_call(fresh_emulator, "DELETE", "/secrets/rotated", bearer).status_code == 200
 
-    gone = vault_get(fresh, "/secrets/rotated", bearer)
-    listed = follow_pages(fresh, bearer, "/deletedsecrets", {"api-version": API_VERSION})
-    one = vault_get(fresh, "/deletedsecrets/rotated", bearer)
-    conflict = vault_call(fresh, "PUT", "/secrets/rotated", bearer, {"value": "again"})
+    gone = vault_get(fresh_emulator, "/secrets/rotated", bearer)
+    listed = follow_pages(fresh_emulator, bearer, "/deletedsecrets", {"api-version": API_VERSION})
+    one = vault_get(fresh_emulator, "/deletedsecrets/rotated", bearer)
+    conflict = vault_call(fresh_emulator, "PUT", "/secrets/rotated", bearer, {"value": "again"})
     with pytest.raises(LookupError, match="recover or purge it first"):
-        fresh.set_secret("rotated", "through the Python API")
-    recovered = vault_call(fresh, "POST", "/deletedsecrets/rotated/recover", bearer)
-    versions = follow_pages(fresh, bearer, "/secrets/rotated/versions", {"api-version": API_VERSION})
+        fresh_emulator.set_secret("rotated", "through the Python API")
+    recovered = vault_call(fresh_emulator, "POST", "/deletedsecrets/rotated/recover", bearer)
+    versions = follow_pages(fresh_emulator, bearer, "/secrets/rotated/versions", {"api-version": API_VERSION})
 
     assert gone.status_code == 404
     assert [item["id"] for page in listed for item in page["value"]] == [
-        f"{fresh.vault_url}/secrets/rotated"
+        f"{fresh_emulator.vault_url}/secrets/rotated"
     ]
     assert one.status_code == 200 and list(one.json()) == [
         key for key in DELETED_KEYS if key not in ("contentType", "tags")
@@ -1529,13 +1522,13 @@ def test_vault_soft_delete_recover_and_purge(fresh: Emulator) -> None:
     )
     assert recovered.status_code == 200 and "value" not in recovered.json()
     assert len(versions[0]["value"]) == 3
-    assert vault_get(fresh, "/secrets/rotated", bearer).json()["value"] == "three"
+    assert vault_get(fresh_emulator, "/secrets/rotated", bearer).json()["value"] == "three"
 
-    assert vault_call(fresh, "DELETE", "/secrets/rotated", bearer).status_code == 200
-    purged = vault_call(fresh, "DELETE", "/deletedsecrets/rotated", bearer)
+    assert vault_call(fresh_emulator, "DELETE", "/secrets/rotated", bearer).status_code == 200
+    purged = vault_call(fresh_emulator, "DELETE", "/deletedsecrets/rotated", bearer)
     assert (purged.status_code, purged.content) == (204, b"")
-    assert vault_call(fresh, "PUT", "/secrets/rotated", bearer, {"value": "new"}).status_code == 200
-    assert len(follow_pages(fresh, bearer, "/secrets/rotated/versions",
+    assert vault_call(fresh_emulator, "PUT", "/secrets/rotated", bearer, {"value": "new"}).status_code == 200
+    assert len(follow_pages(fresh_emulator, bearer, "/secrets/rotated/versions",
                             {"api-version": API_VERSION})[0]["value"]) == 1
 
 
@@ -1613,15 +1606,15 @@ DEEP = b'{"value":"v","tags":' + b"[" * 30_000 + b"]" * 30_000 + b"}"
         "content-type-number", "value-over-25k", "not-utf8", "deep-nesting",
     ],
 )
-def test_vault_put_rejects_bad_bodies_with_400(fresh: Emulator, raw: bytes) -> None:
+def test_vault_put_rejects_bad_bodies_with_400(fresh_emulator: Emulator, raw: bytes) -> None:
     """A body that is not a valid SecretSetParameters object gets 400 BadParameter and changes nothing."""
-    bearer = token(fresh)
+    bearer = token(fresh_emulator)
 
-    response = vault_call(fresh, "PUT", "/secrets/db-password", bearer, raw=raw)
+    response = vault_call(fresh_emulator, "PUT", "/secrets/db-password", bearer, raw=raw)
 
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "BadParameter"
-    assert vault_get(fresh, "/secrets/db-password", bearer).json()["value"] == "hunter2"
+    assert vault_get(fresh_emulator, "/secrets/db-password", bearer).json()["value"] == "hunter2"
 
 
 def test_vault_put_refuses_an_oversized_body_without_reading_it(emulator: Emulator, bearer: str) -> None:

@@ -58,11 +58,16 @@ SECRETS: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One emulator, not changed by the tests that use it: a VM with both identity kinds."""
-    identities = IdentityConfig(system_assigned=True, user_assigned=(USER_ASSIGNED,))
-    with Emulator(SECRETS, identities=identities) as started:
-        yield started
+def emulator_secrets() -> dict[str, Any]:
+    """What the module's emulators serve (``fresh`` starts one per test)."""
+    return SECRETS
+
+
+@pytest.fixture(scope="module")
+def emulator_identities() -> IdentityConfig:
+    """The module's emulator, not changed by the tests that use it, is a VM with both
+    identity kinds."""
+    return IdentityConfig(system_assigned=True, user_assigned=(USER_ASSIGNED,))
 
 
 @pytest.fixture
@@ -74,11 +79,10 @@ def emu(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
 
 
 @pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
+def fresh(fresh_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
     """A new emulator, for a test that injects faults, with the SDK's environment aimed at it."""
-    with Emulator(SECRETS) as started:
-        aim_sdk_at(started, monkeypatch)
-        yield started
+    aim_sdk_at(fresh_emulator, monkeypatch)
+    return fresh_emulator
 
 
 def aim_sdk_at(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 import agent.emulator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EMULATOR_DIR = REPO / "agent" / "emulator"
 # What the emulator may take from the agent: the typed errors the CLI maps to
 # exit codes (a missing cryptography is exit 69), and the package itself (the
@@ -49,7 +49,9 @@ def test_emulator_imports_nothing_of_the_agent_but_its_errors() -> None:
 def test_only_the_cli_imports_the_emulator() -> None:
     """The agent's modules never import agent.emulator (it may not be
     installed); only cli.py does, lazily, for `demo` and `emulator`."""
-    importers = sorted(path.name for path in (REPO / "agent").glob("*.py")
+    agent = REPO / "agent"
+    importers = sorted(path.relative_to(agent).as_posix() for path in agent.rglob("*.py")
+                       if EMULATOR_DIR not in path.parents
                        for _line, module in _imports(path)
                        if module.startswith("agent.emulator"))
     assert set(importers) <= {"cli.py"}, importers

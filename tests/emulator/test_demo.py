@@ -21,7 +21,7 @@ from agent.base.errors import EXIT_FAILURE, EXIT_UNAVAILABLE
 from agent.cli import main
 from agent.emulator import demo
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Run in a child: make ``import cryptography`` fail, then run the command line.
 WITHOUT_CRYPTOGRAPHY = (
     "import sys; sys.modules['cryptography'] = None; sys.modules['cryptography.x509'] = None; "

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from emulator_command import emulator_command
+from test_emulator import API_VERSION, token, vault_get
 
 from agent.emulator import CERTIFICATE_ROOT_FILE, Emulator
-from tests.test_emulator import API_VERSION, token, vault_get
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 OPENSSL = shutil.which("openssl")
 PEM = "application/x-pem-file"
 PKCS12 = "application/x-pkcs12"
@@ -48,10 +47,9 @@ CERTIFICATES: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One emulator serving every kind of certificate-backed secret."""
-    with Emulator(CERTIFICATES) as started:
-        yield started
+def emulator_secrets() -> dict[str, Any]:
+    """The module's one emulator serves every kind of certificate-backed secret."""
+    return CERTIFICATES
 
 
 class Decoded:
@@ -289,7 +287,7 @@ def test_official_sdk_reads_certificate_secrets(
     emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """azure-keyvault-secrets reads managed secrets: value, content type, managed and key id."""
-    from tests.test_emulator_sdk import aim_sdk_at, secret_client
+    from test_emulator_sdk import aim_sdk_at, secret_client
 
     aim_sdk_at(emulator, monkeypatch)
     with secret_client(emulator) as client:
@@ -492,7 +490,7 @@ def test_official_sdk_gets_a_pkcs12_certificate_as_pem(
     emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """azure-keyvault-secrets' get_secret(out_content_type=PEM) gets the key and chain as PEM."""
-    from tests.test_emulator_sdk import aim_sdk_at, secret_client
+    from test_emulator_sdk import aim_sdk_at, secret_client
 
     aim_sdk_at(emulator, monkeypatch)
     with secret_client(emulator) as client:
