@@ -94,18 +94,14 @@ from agent.status.render import is_running
 from agent.status.snapshot import STOPPED, parse_snapshot
 from agent.status.store import StateStore, state_dir
 from agent.sync.selection import matches
-from agent.vault.client import (
+from agent.vault.audience import (
     KNOWN_AUDIENCES,
-    Probed,
-    Secret,
-    VaultClient,
     audience_for_host,
     audience_from_challenge,
-    new_session,
     parse_challenge,
-    parse_error,
-    proxies_for,
 )
+from agent.vault.client import Probed, Secret, VaultClient, new_session, proxies_for
+from agent.vault.failures import parse_error
 from agent.vault.listing import SecretItem
 from agent.writer import Writer, foreign_in_set
 
