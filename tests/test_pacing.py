@@ -8,9 +8,12 @@ import time
 from typing import List
 
 import pytest
+from fakes import FakeClock
+from requests.structures import CaseInsensitiveDict
 
-from agent.base.retry import RetryPolicy
-from agent.vault.pacing import PAUSE_BASE_S, PROBE_POLL_S, Pause
+from agent.base import transport
+from agent.base.retry import Backoff, RetryPolicy
+from agent.vault.pacing import PAUSE_BASE_S, PROBE_POLL_S, Pacing, Pause
 
 
 def test_an_unthrottled_pause_admits_everything_at_once() -> None:
@@ -146,3 +149,44 @@ def test_a_waiting_request_wakes_with_the_answer_that_frees_its_slot() -> None:
     assert woken.wait(5.0), "the answer did not wake the waiting request"
     waiter.join()
     assert pause.admit(time.monotonic()) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Pacing: what the vault client calls, one Pause per vault
+
+
+def _reply(status: int, **headers: str) -> transport.Reply:
+    return transport.Reply(status, CaseInsensitiveDict(headers), b"")
+
+
+def _pacing(clock: FakeClock) -> Pacing:
+    return Pacing(RetryPolicy(deadline_s=30), max_in_flight=16, probe_timeout_s=30,
+                  clock=clock, sleep=clock.sleep)
+
+
+def test_a_503_pauses_only_its_own_vault_and_a_200_says_nothing() -> None:
+    """A 503 without Retry-After pauses every request to that vault for the backoff step
+    and says how long this one waits; another vault, and a 200, are not held."""
+    clock = FakeClock()
+    pacing = _pacing(clock)
+    assert pacing.heard("https://a", _reply(200), clock()) is None
+    wait = pacing.heard("https://a", _reply(503), clock())
+    assert wait is not None and wait > 0 and pacing.pause("https://a").remaining(clock()) == wait
+    assert pacing.pause("https://b").admit(clock()) == 0.0
+
+
+@pytest.mark.parametrize("is_giving_way", [False, True])
+def test_a_held_back_request_gives_way_or_waits_the_pause_out(is_giving_way: bool) -> None:
+    """Giving way, a request the vault's pause holds back ends at once as the answer that
+    paused it, unsent; otherwise it sleeps the pause out and then takes its turn."""
+    clock = FakeClock()
+    pacing = _pacing(clock)
+    pacing.give_way(is_giving_way)
+    unavailable = _reply(503, **{"Retry-After": "5"})
+    pacing.heard("https://a", unavailable, clock())
+    turn = pacing.take_turn("https://a", Backoff(RetryPolicy(deadline_s=30), clock=clock,
+                                                 sleep=clock.sleep))
+    if is_giving_way:
+        assert turn is unavailable and clock.sleeps == []
+    else:
+        assert turn is None and sum(clock.sleeps) >= 5.0
