@@ -1833,7 +1833,7 @@ def test_the_grace_timer_exists_only_while_a_generation_is_pending(
 
 def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_dir: Path) -> None:
     """Once ready (every file on disk), the daemon's refreshes give way to a vault that
-    said wait (VaultClient.gives_way: held-back requests end unsent, their files kept,
+    said wait (Sync.give_way: held-back requests end unsent, their files kept,
     and the lifecycle retries later, issue 12 fleet outage); while starting they wait
     the pause out, since a missing file is worth the wait."""
     from agent.daemon.lifecycle import Lifecycle
@@ -1852,7 +1852,7 @@ def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_di
     seen: List[bool] = []
 
     def sync(**_: object) -> None:
-        seen.append(agent.vault.gives_way)
+        seen.append(agent.vault.pacing.is_giving_way)
         raise Interrupted("stub: nothing is sent")
 
     agent.sync = sync  # type: ignore[method-assign]

@@ -24,6 +24,7 @@ import pytest
 import secrecy
 from secrecy import fresh_value
 
+from agent.base.errors import VaultForbiddenError
 from agent.doctor.identity_links import token_claims
 from agent.doctor.machine import Host, agent_environment, check_agent
 from agent.doctor.manifest_links import check_directory, check_sets
@@ -34,7 +35,7 @@ from agent.emulator import Emulator, IdentityConfig, generate_certificates
 from agent.pipeline.expiry import Validity
 from agent.pipeline.sources import SecretAttributes, Source
 from agent.status.snapshot import READY, EntryStatus, StatusSnapshot
-from agent.vault.client import Probed, Secret, VaultForbiddenError
+from agent.vault.client import Probed, Secret
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECT_ID = "5a3c1f6e-0000-4000-8000-0000000000b1"  # the emulator's system-assigned identity

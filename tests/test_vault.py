@@ -26,21 +26,23 @@ from agent.base.errors import (
 )
 from agent.base.retry import MIN_REQUEST_S, REFRESH_RETRY, Backoff, RetryPolicy
 from agent.pipeline.sources import Source
-from agent.vault.client import (
-    ARRIVAL_BATCH,
+from agent.vault.audience import (
     KNOWN_AUDIENCES,
-    Secret,
-    VaultClient,
     audience_for_host,
     audience_from_challenge,
+    parse_challenge,
+)
+from agent.vault.client import (
+    ARRIVAL_BATCH,
+    Secret,
+    VaultClient,
     ca_bundle,
     new_session,
-    parse_challenge,
     parse_http_date,
     proxies_for,
     secret_url,
-    vault_label,
 )
+from agent.vault.url import vault_label
 
 VAULT = "https://contoso.vault.azure.net"
 LOCAL = "https://127.0.0.1:8443"
@@ -244,7 +246,7 @@ def test_429_honours_retry_after() -> None:
 
 def test_429_without_retry_after_backs_off_then_gives_up() -> None:
     """Persistent throttling ends in VaultThrottledError within the budget (30 s: the
-    pause after a second 429 in a row is a 10-s window, agent.base.retry.PAUSE_BASE_S)."""
+    pause after a second 429 in a row is a 10-s window, agent.vault.pacing.PAUSE_BASE_S)."""
     clock = FakeClock()
     session = FakeSession(*[error(429, "Throttled") for _ in range(50)])
     with pytest.raises(VaultThrottledError):
@@ -384,7 +386,7 @@ def test_a_second_request_held_by_a_pause_past_its_budget_is_sent_at_its_deadlin
     vault = client(session, clock=clock, deadline=30)
     assert vault.fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
     paused_at = clock.now
-    vault._pause(VAULT).throttled(paused_at, 50.0)
+    vault.pacing.pause(VAULT).throttled(paused_at, 50.0)
     assert vault.fetch_secret(Source(VAULT, "other")).name == "other"
     assert clock.now - paused_at == pytest.approx(30.0)
 
@@ -817,7 +819,7 @@ def test_a_client_that_gives_way_ends_held_back_requests_unsent(gives_way: bool)
 
     vault = VaultClient(session, Tokens(), policy=RetryPolicy(deadline_s=30), clock=clock,
                         sleep=clock.sleep, on_retry=fetch_other)
-    vault.gives_way = gives_way
+    vault.pacing.give_way(gives_way)
     assert vault.fetch_secret(Source(VAULT, "db")).value == b"s3cr3t"
     if gives_way:
         assert isinstance(other[0], VaultError) and "503" in str(other[0])

@@ -54,7 +54,6 @@ import math
 import os
 import socket
 import ssl
-import stat
 import threading
 import time
 import zlib
@@ -79,8 +78,8 @@ from requests.structures import CaseInsensitiveDict
 from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.util.ssl_ import create_urllib3_context
 
+from agent.base.trust import BundleContext
 from agent.base.untrusted import escape
 
 CHUNK_BYTES = 4096
@@ -359,46 +358,13 @@ class _HTTPSPool(HTTPSConnectionPool):
 _POOLS: Dict[str, Any] = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
-class _Trust:
-    """One verifying TLS context for every connection to a CA bundle (a file
-    or a directory), loaded again only when the bundle changes on disk.
-
-    requests (2.32 and later) otherwise has urllib3 build a context and load
-    the bundle for each new connection: 16 of them for a vault's pool, each
-    holding its own copy (about 70 KiB with the emulator's one CA, 700 KiB
-    with a full public bundle) and costing the parse of the bundle (issue 17,
-    items 20 and 21). The context is urllib3's own default, verifying the
-    certificate chain and the host name exactly as a per-connection one.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-        self._stamp: Optional[Tuple[int, int, int, int]] = None
-        self._context: Optional[ssl.SSLContext] = None
-
-    def context(self) -> ssl.SSLContext:
-        """The context for the bundle as it is now. Raises OSError (ssl.SSLError
-        included) when the bundle cannot be read or loaded."""
-        status = os.stat(self._path)
-        stamp = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-        with self._lock:
-            if self._context is None or stamp != self._stamp:
-                context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-                if stat.S_ISDIR(status.st_mode):
-                    context.load_verify_locations(capath=self._path)
-                else:
-                    context.load_verify_locations(cafile=self._path)
-                self._context, self._stamp = context, stamp
-            return self._context
-
-
 class _DeadlineAdapter(HTTPAdapter):
     """requests' adapter with the deadline-aware pools (direct and via a
-    proxy), whose HTTPS connections share one TLS context per CA bundle."""
+    proxy), whose HTTPS connections share one TLS context per CA bundle
+    (:class:`agent.base.trust.BundleContext`)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self._trust: Dict[str, _Trust] = {}
+        self._trust: Dict[str, BundleContext] = {}
         self._trust_lock = threading.Lock()
         super().__init__(**kwargs)
 
@@ -410,7 +376,7 @@ class _DeadlineAdapter(HTTPAdapter):
             return None
         path = verify if isinstance(verify, str) else DEFAULT_CA_BUNDLE_PATH
         with self._trust_lock:
-            trust = self._trust.setdefault(path, _Trust(path))
+            trust = self._trust.setdefault(path, BundleContext(path))
         try:
             return trust.context()
         except OSError:

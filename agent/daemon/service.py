@@ -412,8 +412,8 @@ class Daemon:
         # While starting, what an earlier attempt wrote is not fetched again.
         fresh_for_s = 0.0 if self._life.is_ready else agent.manifest.refresh_interval_s
         # Once ready, a busy vault's pause ends the refresh's waiting requests
-        # (they keep their files) instead of holding them: VaultClient.gives_way.
-        agent.vault.gives_way = self._life.is_ready
+        # (they keep their files) instead of holding them: Sync.give_way.
+        agent.give_way(self._life.is_ready)
 
         def work() -> None:
             result: SyncResult

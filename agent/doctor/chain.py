@@ -67,13 +67,8 @@ from agent.identity.tokens import TokenCache, choose_source, token_source
 from agent.manifest import Manifest, landing_directories
 from agent.pipeline.sources import Source
 from agent.sync.selection import matches
-from agent.vault.client import (
-    KNOWN_AUDIENCES,
-    Probed,
-    VaultClient,
-    audience_for_host,
-    new_session,
-)
+from agent.vault.audience import KNOWN_AUDIENCES, audience_for_host
+from agent.vault.client import Probed, VaultClient, new_session
 
 # One short retry window: a transient 5xx or 410 is asked again once or
 # twice, and every request is bounded by the transport (at least

@@ -32,7 +32,9 @@ from agent.manifest import Entry
 from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, Validity, combine, judge, moment
 from agent.pipeline.sources import Source
 from agent.pipeline.transforms import certificate_has_key, transform_with_validity
-from agent.vault.client import Probed, Secret, VaultClient, audience_for_host, parse_error
+from agent.vault.audience import audience_for_host
+from agent.vault.client import Probed, Secret, VaultClient
+from agent.vault.failures import parse_error
 from agent.vault.listing import SecretItem
 
 NEAR_NAMES = 3

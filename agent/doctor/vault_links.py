@@ -22,14 +22,9 @@ from agent.base.errors import VaultError
 from agent.base.hosts import is_loopback_host
 from agent.base.untrusted import escape
 from agent.doctor.report import FAIL, OK, WARN, Check, vault_label
-from agent.vault.client import (
-    VaultClient,
-    audience_for_host,
-    audience_from_challenge,
-    parse_challenge,
-    parse_error,
-    proxies_for,
-)
+from agent.vault.audience import audience_for_host, audience_from_challenge, parse_challenge
+from agent.vault.client import VaultClient, proxies_for
+from agent.vault.failures import parse_error
 
 
 class VaultReach(NamedTuple):

@@ -228,6 +228,7 @@ class Sync:
             policy=vault_policy, environ=environ, sleep=sleep, on_retry=on_retry,
             is_slow_start=is_slow_start)
         self.writer = writer or Writer(manifest.directory)
+        self.give_way = self.vault.pacing.give_way  # the daemon's, once ready: Pacing.give_way
         self._sleep = sleep
         self._warned: Set[str] = set()  # lines logged once: skipped by select, unusable dates
 

@@ -16,7 +16,7 @@ them:
 A list whose pages never end (each empty, with a fresh nextLink) must not
 cost a thousand requests per attempt (issue 17, item 8): a listing stops
 after MAX_EMPTY_PAGES empty pages in a row, and, when the vault's size at
-its last listing is known, after :func:`page_bound` pages.
+its last listing is known, after :func:`page_bound` pages (:func:`check_advancing`).
 
 Everything here is untrusted: a page is at most a bounded body, text is
 escaped, odd attribute types read as "absent". An item without a usable
@@ -32,6 +32,7 @@ import re
 from typing import Any, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
+from agent.base.errors import EndlessListError
 from agent.base.untrusted import escape
 from agent.pipeline.sources import SecretAttributes, parse_attributes
 from agent.vault.url import check_target
@@ -169,4 +170,21 @@ def check_next_link(link: str, vault: str) -> None:
         raise ValueError(f"the nextLink '{shown}' leads away from the vault") from None
     if parts.path != LIST_PATH:
         raise ValueError(f"the nextLink '{shown}' leaves the secret list")
+
+
+def check_advancing(vault: str, number: int, empty: int, items: int,
+                     limits: ListLimits) -> None:
+    """Raise EndlessListError when the listing, at page ``number`` with
+    ``empty`` empty pages in a row and ``items`` secrets so far, still has a
+    nextLink but has stopped advancing (issue 17, item 8)."""
+    if empty >= limits.max_empty_pages:
+        raise EndlessListError(
+            f"listing vault {vault}: {empty} empty pages in a row, each with a new nextLink "
+            "(a list that does not advance); nothing more was sent", "retry later")
+    bound = page_bound(limits.known_size, items)
+    if bound is not None and number >= bound:
+        raise EndlessListError(
+            f"listing vault {vault}: {number} pages brought {items} secrets (the vault held "
+            f"{limits.known_size} at its last listing), and the list still does not end; "
+            "nothing more was sent", "retry later")
 

@@ -17,6 +17,7 @@ connects to ``evil.example`` (issue 9, item 1). Two rules close that gap:
    manifest cannot send a token elsewhere.
 
 Raises ValueError with a one-line reason; callers turn it into their error.
+:func:`vault_label` is the vault's short name in STATUS= lines.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from urllib.parse import urlsplit
 
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
+
+from agent.base.hosts import is_loopback_host
 
 EXAMPLE = "https://<name>.vault.azure.net"
 _LABEL = re.compile(r"[a-z0-9-]{1,63}\Z")
@@ -124,3 +127,13 @@ def _vault_target(vault: str) -> Tuple[str, int]:
     if ":" in expected_host:
         expected_host = f"[{expected_host}]"
     return expected_host, expected.port or 443
+
+
+def vault_label(vault: str) -> str:
+    """A short name for STATUS=: the first DNS label (``contoso-kv``), or
+    ``host:port`` for an IP literal or localhost (the emulator)."""
+    parts = urlsplit(vault)
+    host = parts.hostname or ""
+    if is_loopback_host(host) or ":" in host or host.replace(".", "").isdigit():
+        return parts.netloc
+    return host.split(".")[0]

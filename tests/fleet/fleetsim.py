@@ -15,9 +15,9 @@ imported, never re-implemented:
   with the daemon's policy (:data:`agent.base.retry.REFRESH_RETRY`), driven by a
   simulated clock and a ``sleep`` that advances that clock, the reply's
   ``Retry-After`` read by :func:`agent.base.retry.parse_retry_after`, the retried
-  statuses :data:`agent.vault.client.RETRY_STATUSES`;
-* when a request may be sent at all: one real :class:`agent.base.retry.Pause` per
-  agent (the vault client's, with the daemon's slow start): every request is
+  statuses :data:`agent.vault.pacing.RETRY_STATUSES`;
+* when a request may be sent at all: one real :class:`agent.vault.pacing.Pause` per
+  agent (the vault client's pacing, with the daemon's slow start): every request is
   first admitted by it, every answer reported to it, so after a 429 the agent
   waits, probes with one request, and ramps up 1, 2, 4 ... as the daemon does;
 * what a refresh fetches: :func:`agent.sync.freshness.list_budget` decides whether
@@ -35,7 +35,7 @@ Modelled, not imported (the loop around those decisions):
   MAX_CONCURRENCY requests started, each admitted by the Pause, retried until
   it succeeds or its Backoff gives up (or, held back by the Pause past its
   budget, ends unsent; at once when the agent is ready and the vault said
-  wait, as the daemon's ``VaultClient.gives_way``); a secret that gives up
+  wait, as the daemon's ``Sync.give_way``); a secret that gives up
   fails the refresh (its file is kept), which the lifecycle then spaces out;
 * the agent is READY once every secret's file exists (from any refresh);
 * one token per agent: IMDS costs nothing here (not modelled beyond that);
@@ -74,14 +74,15 @@ import random
 from collections import deque
 from typing import Callable, Deque, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
-from agent.base.retry import REFRESH_RETRY, Backoff, Pause, RetryPolicy, parse_retry_after
+from agent.base.retry import REFRESH_RETRY, Backoff, RetryPolicy, parse_retry_after
 from agent.daemon import lifecycle
 from agent.daemon.lifecycle import Lifecycle
 from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
 from agent.status.snapshot import READY
 from agent.sync.freshness import SourceSeen, VaultSeen, is_fetched_since, list_budget
-from agent.vault.client import MAX_CONCURRENCY, PAUSE_STATUSES, REQUEST_TOTAL_S, RETRY_STATUSES
+from agent.vault.client import MAX_CONCURRENCY, REQUEST_TOTAL_S
 from agent.vault.listing import PAGE_SIZE, ListLimits
+from agent.vault.pacing import PAUSE_STATUSES, RETRY_STATUSES, Pause
 
 LIMIT = 4000  # counted transactions per window [protocol.md B8]
 WINDOW_S = 10.0
@@ -410,7 +411,7 @@ class Fleet:
             pause.answered(t)  # one answer per request, as each thread reports its own
         if served and job.parked and pause.remaining(t) <= 0:
             # The answers wake the requests the slow start held back (Pause.wait
-            # in VaultClient._wait_for), not their next PROBE_POLL_S look.
+            # in Pacing.take_turn), not their next PROBE_POLL_S look.
             self._wake_at(job, t + self.latency_s)
         seconds = _retry_after(retry_after)
         if served < len(batch) and status in PAUSE_STATUSES:
@@ -489,9 +490,9 @@ class Fleet:
     def _park(self, retry: _Retry, t: float, wait: float) -> None:
         """The Pause holds ``retry`` for ``wait`` s: it waits (one wake for all
         of the job's parked requests), or, past its budget, ends throttled
-        without being sent (VaultClient._wait_for); so does it at once when
-        the agent is ready and the vault said wait (the daemon sets
-        VaultClient.gives_way once ready)."""
+        without being sent (Pacing.take_turn); so does it at once when
+        the agent is ready and the vault said wait (the daemon calls
+        Sync.give_way once ready)."""
         retry.now = t
         agent = retry.job.agent
         if wait > retry.backoff.time_left() or (

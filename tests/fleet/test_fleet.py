@@ -10,6 +10,7 @@ import pytest
 
 from agent.base import retry
 from agent.daemon import lifecycle
+from agent.vault import pacing
 
 AGENTS = 500
 LIMIT = 200  # 4,000 x 500 / 10,000
@@ -42,7 +43,7 @@ def test_after_an_outage_list_based_refresh_keeps_under_the_limit_and_recovers()
 
 def test_a_per_secret_outage_recovers_within_two_intervals_mostly_under_the_limit() -> None:
     """Per-secret refresh also gets every agent current within two intervals after an
-    outage, and ready agents give way to the unavailable vault (VaultClient.gives_way)
+    outage, and ready agents give way to the unavailable vault (Sync.give_way)
     and spread their retries (agent.daemon.lifecycle), so few 10-s windows after its return are
     over the limit: 0 at full scale (tests/fleet/run.py); here, 500 agents against 200
     per 10 s, a window holds 10 agents' GETs and chance alone puts some over (14 with
@@ -108,7 +109,7 @@ def test_the_simulation_runs_the_agents_own_decisions(monkeypatch: pytest.Monkey
     monkeypatch.undo()
     paused = fleetsim.scale_out(AGENTS, AGENTS // 5, list_mode=True, limit=LIMIT,
                                 horizon_s=600)
-    monkeypatch.setattr(retry.Pause, "admit", lambda self, now: 0.0)
+    monkeypatch.setattr(pacing.Pause, "admit", lambda self, now: 0.0)
     unpaused = fleetsim.scale_out(AGENTS, AGENTS // 5, list_mode=True, limit=LIMIT,
                                   horizon_s=600)
     assert sum(unpaused.throttled) > 2 * sum(paused.throttled)

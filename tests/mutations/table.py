@@ -56,7 +56,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "token-host-outside-audience-domain",
         "the agent never sends a token to a host other than the vault: a challenge's "
         "audience is used only when the vault host lies under its domain",
-        "agent/vault/client.py",
+        "agent/vault/audience.py",
         "    if not is_loopback_host(host) and not host.lower().endswith(",
         "    if False and not host.lower().endswith(",
         (f"{VAULT}::test_unknown_host_is_refused_even_with_a_vault_challenge",),
@@ -65,7 +65,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "audience-from-look-alike-suffix",
         "the token audience comes from the vault's DNS suffix (evilvault.azure.net is not "
         "under vault.azure.net)",
-        "agent/vault/client.py",
+        "agent/vault/audience.py",
         '        if host.endswith("." + suffix):',
         "        if host.endswith(suffix):",
         (f"{VAULT}::test_audience_from_dns_suffix",),
@@ -126,7 +126,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "vault-ignores-retry-after",
         "a throttled vault (429) is retried honouring Retry-After",
-        "agent/vault/client.py",
+        "agent/vault/pacing.py",
         '        retry_after = (parse_retry_after(reply.headers.get("Retry-After"))',
         "        retry_after = (None",
         (f"{VAULT}::test_429_honours_retry_after",),
@@ -673,7 +673,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "retry-after-pauses-one-thread-only",
         "a 429 or 503 pauses all of the agent's requests to that vault, not just the one "
         "that got it",
-        "agent/vault/client.py",
+        "agent/vault/pacing.py",
         "        pause.throttled(now, min(retry_after or 0.0, self._policy.max_retry_after_s))",
         "        pass",
         (f"{VAULT}::test_a_retry_after_pauses_the_other_requests_to_that_vault",),
@@ -682,8 +682,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "ready-agent-waits-inside-the-refresh",
         "once ready, requests a busy vault's pause holds back end unsent (files kept), "
         "so a fleet does not send everything the moment an outage ends",
-        "agent/vault/client.py",
-        "            if self.gives_way and pause.remaining(self._clock()) > 0:",
+        "agent/vault/pacing.py",
+        "            if self.is_giving_way and pause.remaining(self._clock()) > 0:",
         "            if False:",
         (f"{VAULT}::test_a_client_that_gives_way_ends_held_back_requests_unsent",),
     ),
