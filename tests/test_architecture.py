@@ -56,8 +56,6 @@ SHRINKING: Dict[str, int] = {
     "agent/writer/__init__.py": 1260,
     "agent/writer/__init__.py:Writer": 800,
     "agent/doctor/checks.py": 1010,
-    "agent/daemon/service.py": 925,
-    "agent/daemon/service.py:Daemon": 750,
     "agent/vault/client.py": 850,
     "agent/vault/client.py:VaultClient": 395,
     "agent/base/transport.py": 610,

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, Validity
 from agent.status.line import clock, status_line, with_status_line
-from agent.status.snapshot import READY, STARTING, EntryStatus, StatusSnapshot
+from agent.status.snapshot import READY, STARTING, EntryStatus, StatusSnapshot, iso_time
 
 
 def snapshot(*entries: EntryStatus, **fields: Any) -> StatusSnapshot:
@@ -93,6 +94,24 @@ def test_expiry_foreign_files_times_and_a_rejected_edit_follow_in_order() -> Non
         "not kv-agent's, move it elsewhere",
         f"last refresh {local(DONE)}", f"next {local('2026-11-24T14:17:03Z')}",
         "manifest edit rejected (see log), previous manifest in use"]
+
+
+def test_expiry_words_name_the_entry_and_the_utc_day() -> None:
+    """STATUS= words name the secret and the UTC day (from agent.pipeline.expiry's
+    judgement and status.json's times); a date beyond 9999 shows as its last day."""
+    def words(expiry: str, validity: Validity) -> str:
+        entry = ok("x", not_before=iso_time(validity.not_before),
+                   expires=iso_time(validity.expires), expiry=expiry)
+        return status_line(snapshot(entry, is_ready=True)).split("; ")[1]
+
+    expired = Validity(None, 1_793_491_200)  # 2026-11-01
+    assert words(EXPIRED, expired) == "1 expired: x (expired 2026-11-01)"
+    assert words(EXPIRING, expired) == "1 expiring: x (expires 2026-11-01)"
+    assert words(NOT_YET_VALID, Validity(1_793_491_200, None)) == \
+        "1 not yet valid: x (valid from 2026-11-01)"
+    assert words(NOT_YET_VALID, Validity(2**62, None)) == \
+        "1 not yet valid: x (valid from 9999-12-31)"
+    assert words(EXPIRED, Validity(None, float("inf"))) == "1 expired: x (expired 9999-12-31)"
 
 
 @pytest.mark.parametrize("epoch_s", [0.0, 1_764_000_000.0, 1_764_000_000.999])
