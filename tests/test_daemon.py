@@ -790,33 +790,6 @@ def test_reload_is_ready_at_once_while_its_refresh_waits(start_agent: StartAgent
     run.stop()
 
 
-def test_directories_emptied_by_a_removal_are_removed(start_agent: StartAgent, vault: Vault,
-                                                      shm_dir: Path) -> None:
-    """Removing entries also removes the directories that became empty (deepest first),
-    but never a non-empty one, one the operator gave another mode, or the root."""
-    for name in ("keep", "cert", "key", "deep", "shared", "own"):
-        vault.put(name)
-    directory = shm_dir / "out"
-    (directory / "custom").mkdir(parents=True)
-    os.chmod(directory / "custom", 0o750)  # the operator's own directory
-    entries = [entry("keep"), entry("cert", path="tls/cert"), entry("key", path="tls/key"),
-               entry("deep", path="a/b/c/deep"), entry("shared", path="mixed/shared"),
-               entry("own", path="custom/own")]
-    run = start_agent(entries, refresh="60s")
-    run.wait_ready()
-    (directory / "mixed" / "operator-file").write_text("not kv-agent's")
-    write_file(run.manifest, manifest_text(vault.url, directory, [entry("keep")],
-                                           refresh="60s"))
-    run.process.send_signal(signal.SIGHUP)
-    run.wait_ready(2)
-    assert sorted(p.name for p in directory.iterdir()) == ["custom", "keep", "mixed"]
-    assert os.listdir(directory / "mixed") == ["operator-file"]
-    assert os.listdir(directory / "custom") == []
-    assert run.process.lines(f"removed {directory / 'tls'}:")
-    assert run.process.lines(f"removed {directory / 'a'}:")
-    run.stop()
-
-
 SECOND_ENTRY = "- name: second\n  path: second\n  mode: '0440'\n"
 
 
