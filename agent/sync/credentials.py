@@ -72,7 +72,8 @@ def load(store: CredentialStore[Grant], entry: Entry, contents: Sequence[bytes],
         return ()
     changed = store.replace(entry.key, values)
     for grant in changed:
-        log.info("loaded %s (secret %s, version %s)", grant.label, entry.name, version)
+        log.info("holding %s in memory (secret %s, version %s)", grant.label, entry.name,
+                 version)
     return tuple(name for grant in changed for name in change_names(grant))
 
 
