@@ -14,7 +14,7 @@ from agent.emulator import Emulator
 from agent.pipeline.credentials import Grant
 from agent.sync import credentials
 from agent.sync.sync import Sync
-from agent.writer.credentials import NOT_LOADED, CredentialStore
+from agent.writer.credentials import NOT_LOADED, UNKNOWN_ID, CredentialStore
 
 
 def files_under(directory: Path) -> list:
@@ -34,6 +34,7 @@ def test_a_credential_only_entry_fills_the_store_and_writes_no_file(
                           "  - name: cred-db\n"
                           "    credential: {id: db, units: [app.service, 'worker@*.service']}\n"),
                  environ=environ(emulator), credentials_store=store)
+    credentials.declare(store, agent.manifest)  # as the daemon does once it is current
     try:
         agent.prepare()
         first = agent.sync()
@@ -148,7 +149,7 @@ def test_a_refresh_skips_an_unchanged_credential_only_while_the_store_holds_it(
         agent.sync(freshness=first.freshness, fresh_for_s=900.0)
         gets_while_held = [r.path for r in emulator.vault_log if "/secrets/cred-list" in r.path]
         agent.credentials.declare({})  # as a fresh store: nothing held
-        agent.credentials.declare(credentials.declared(agent.manifest.secrets))
+        credentials.declare(agent.credentials, agent.manifest)
         emulator.reset_stats()
         again = agent.sync(freshness=first.freshness, fresh_for_s=900.0)
     finally:
@@ -162,15 +163,17 @@ def test_a_refresh_skips_an_unchanged_credential_only_while_the_store_holds_it(
 
 def test_a_sync_of_a_replaced_manifest_loads_nothing_it_no_longer_declares(
         emulator: Emulator, shm_dir: Path) -> None:
-    """Two Syncs on one store (a reload): the newer manifest's grants are the ones served; the
+    """Two Syncs on one store (a reload): the grants declared last are the ones served; the
     old Sync's late values for a credential that left the manifest are ignored."""
     emulator.set_secret("cred-old", "old value")
     store = CredentialStore[Grant]()
     old = Sync(manifest(emulator, shm_dir, "  - name: cred-old\n"
                                             "    credential: {units: [app.service]}\n"),
                environ=environ(emulator), credentials_store=store)
+    credentials.declare(store, old.manifest)
     new = Sync(manifest(emulator, shm_dir, "  - {name: cred-old, path: plain}\n"),
                environ=environ(emulator), credentials_store=store)
+    credentials.declare(store, new.manifest)  # the reload was accepted
     try:
         (outcome,) = old.sync().outcomes
     finally:
@@ -179,6 +182,27 @@ def test_a_sync_of_a_replaced_manifest_loads_nothing_it_no_longer_declares(
     assert outcome.error is None and outcome.changed_credentials == ()
     assert store.lookup("app.service", "cred-old").value is None
     assert store.loaded() == frozenset()
+
+
+def test_a_given_store_serves_nothing_until_its_owner_declares_the_manifest(
+        emulator: Emulator, shm_dir: Path) -> None:
+    """A Sync given a store (the daemon's) declares nothing itself: a manifest a reload then
+    rejects never changes what is served. Its own store (once) it declares."""
+    emulator.set_secret("cred-undeclared", "v")
+    store = CredentialStore[Grant]()
+    text = "  - name: cred-undeclared\n    credential: {units: [app.service]}\n"
+    given = Sync(manifest(emulator, shm_dir, text), environ=environ(emulator),
+                 credentials_store=store)
+    own = Sync(manifest(emulator, shm_dir, text), environ=environ(emulator))
+    try:
+        (outcome,) = given.sync().outcomes
+        own.sync()
+    finally:
+        given.close()
+        own.close()
+    assert outcome.error is None and outcome.changed_credentials == ()
+    assert store.lookup("app.service", "cred-undeclared").refusal == UNKNOWN_ID
+    assert own.credentials.value_for("app.service", "cred-undeclared") == b"v"
 
 
 def test_the_ready_gate_and_the_check_line_read_the_manifest_and_store(

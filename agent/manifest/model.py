@@ -63,7 +63,7 @@ class Entry:
 
     @property
     def primary(self) -> Output:
-        """The first output: the entry is known by its path (``key``)."""
+        """The first output (its ``path`` is empty for a credential alone)."""
         return self.outputs.outputs[0]
 
     @property

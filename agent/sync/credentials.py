@@ -5,10 +5,13 @@ An output with ``credential:`` lands in the
 :class:`~agent.writer.credentials.CredentialStore` (memory only) instead of,
 or as well as, a file. The rules a sync follows:
 
-1. The manifest declares its grants to the store when its
-   :class:`~agent.sync.sync.Sync` is made (:func:`declared`): from then on
-   only those are served, and a credential that left the manifest is
-   dropped.
+1. The store's owner declares the grants of the manifest in force
+   (:func:`declare`), once that manifest is current: from then on only
+   those are served, a credential that left the manifest or changed its
+   units is dropped, and a sync of an older manifest loads nothing the new
+   one does not declare. (The daemon declares at each install, after the
+   new manifest was accepted; a Sync that makes its own store declares its
+   manifest itself.)
 2. An entry's credentials are loaded only when the whole entry succeeded
    (its files written, its set swapped): a failed fetch or transform keeps
    the last good value, as it keeps the last good file (:func:`load`).
@@ -50,6 +53,13 @@ class Served(NamedTuple):
 def declared(entries: Iterable[Entry]) -> Dict[str, Tuple[Grant, ...]]:
     """Each entry's grants by its key, for entries that serve any (rule 1)."""
     return {entry.key: entry.grants for entry in entries if entry.grants}
+
+
+def declare(store: CredentialStore[Grant], manifest: Manifest) -> CredentialStore[Grant]:
+    """Make ``manifest``'s credentials the ones ``store`` serves (rule 1);
+    returns ``store``."""
+    store.declare(declared(manifest.secrets))
+    return store
 
 
 def served(manifest: Manifest) -> Served:

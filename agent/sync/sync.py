@@ -209,7 +209,9 @@ class Sync:
     tests and the daemon can shape them; nothing is created at import. The
     daemon passes its own ``writer``, which outlives a reload: it holds the
     old set generations still waiting out their grace; and its own
-    ``credentials`` store, to which a new Sync declares its manifest's grants.
+    ``credentials_store``, which it declares each manifest to once that
+    manifest is current (:func:`agent.sync.credentials.declare`). A Sync that
+    makes its own store (``kv-agent once``) declares its manifest itself.
     """
 
     def __init__(
@@ -241,9 +243,8 @@ class Sync:
         self.give_way = self.vault.pacing.give_way  # the daemon's, once ready: Pacing.give_way
         self._sleep = sleep
         self._warned: Set[str] = set()  # lines logged once: skipped by select, unusable dates
-        self.credentials = CredentialStore[Grant]() if credentials_store is None \
-            else credentials_store
-        self.credentials.declare(credentials.declared(manifest.secrets))
+        self.credentials = credentials_store if credentials_store is not None else \
+            credentials.declare(CredentialStore(), manifest)
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
