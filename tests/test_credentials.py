@@ -153,10 +153,11 @@ def test_systemds_address_names_the_unit_and_the_credential() -> None:
 
 
 def test_the_longest_address_systemd_can_bind_is_read() -> None:
-    """Unit and ID of MAX_UNIT_AND_ID bytes fill the 108 bytes of sun_path exactly."""
+    """Unit and ID of MAX_UNIT_AND_ID bytes make the longest name systemd binds: 107 bytes,
+    sun_path less the NUL it keeps after the name."""
     unit = "u" * (MAX_UNIT_AND_ID - 10 - len(".service")) + ".service"
     found = address(unit, "i" * 10)
-    assert len(found) == SUN_PATH_MAX
+    assert len(found) == SUN_PATH_MAX - 1
     assert parse_peer(found) == Peer(unit, "i" * 10)
 
 
