@@ -408,7 +408,7 @@ def _manifest_figures() -> List[Tuple[str, str]]:
         ("certificates", f"more than {MAX_CERTIFICATES} certificates"),
         ("credential ID", f"1 to {credentials.MAX_CREDENTIAL_NAME} printable ASCII"),
         ("unit and ID", f"leaves {credentials.MAX_UNIT_AND_ID} bytes for both"),
-        ("socket address", f"a socket address of {credentials.SUN_PATH_MAX} bytes"),
+        ("socket address", f"a socket address of at most {credentials.SUN_PATH_MAX - 1} bytes"),
         ("glob comparisons", f"at most {conflicts.MAX_GLOB_COMPARISONS:,} comparisons"),
         ("exit code", f"exit {EXIT_CONFIG}"),
     ]
