@@ -259,6 +259,11 @@ def _cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     print(f"{path}: identity: would use {choice.describe()}")
     if manifest.metrics_path:
         print(f"{path}: metrics: {_metrics_note(manifest.metrics_path)}")
+    from agent.sync.credentials import served
+
+    credentials = served(manifest)
+    if credentials.credentials:
+        print(f"{path}: credentials: {credentials.describe()}, served by kv-agent run")
     return EXIT_OK
 
 
@@ -305,14 +310,32 @@ def _cmd_once(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         logging.getLogger("kv-agent").warning("optional %s", outcome.describe())
     for outcome in report.failures:
         _error(outcome.describe())
+    credential_only = _note_credentials(report.outcomes)
     total = len(report.outcomes)
     failed = len(report.failures) + len(report.optional_failures)
+    written = sum(1 for outcome in report.outcomes if outcome.changed_paths)
     logging.getLogger("kv-agent").info(
-        "%d secret%s: %d written, %d unchanged, %d failed (%.2f s)", total,
-        "s" if total != 1 else "", report.changed, total - report.changed - failed, failed,
-        report.elapsed_s)
+        "%d secret%s: %d written, %d unchanged, %d failed%s (%.2f s)", total,
+        "s" if total != 1 else "", written, total - written - failed - credential_only, failed,
+        f", {credential_only} credential only" if credential_only else "", report.elapsed_s)
     spare_the_collector()  # the exit frees it all
     return _exit_code(report.failures)
+
+
+def _note_credentials(outcomes: Sequence["SecretOutcome"]) -> int:
+    """Say of each credential fetched and checked that only ``kv-agent run``
+    serves it (a one-shot run has no socket, and a credential-only entry no
+    file); returns how many entries were credentials only."""
+    only = 0
+    for outcome in outcomes:
+        if outcome.error is not None or not outcome.entry.grants:
+            continue
+        only += not outcome.entry.paths
+        logging.getLogger("kv-agent").info(
+            "secret '%s': %s fetched and checked; a credential is served by kv-agent run "
+            "only%s", outcome.entry.name, ", ".join(g.label for g in outcome.entry.grants),
+            "" if outcome.entry.paths else ", and this entry writes no file")
+    return only
 
 
 def _exit_code(failures: Sequence["SecretOutcome"]) -> int:

@@ -671,6 +671,50 @@ def test_check_valid_manifest_exits_zero_without_network(kv: Harness) -> None:
     assert not kv.directory.exists()
 
 
+def test_check_counts_the_credentials_it_would_serve(kv: Harness) -> None:
+    """check prints one line: how many credentials for how many unit patterns (issue 19)."""
+    manifest = kv.manifest(
+        "  - name: cred-a\n    credential: {units: [app.service, 'worker@*.service']}\n"
+        "  - name: cred-b\n    path: b\n    credential: {id: b, units: [app.service]}\n")
+
+    result = kv.run("check", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert f"{manifest}: credentials: 2 credentials for 2 unit patterns, served by kv-agent " \
+        "run" in result.stdout.splitlines()
+    plain = kv.run("check", "--manifest", str(kv.manifest(entry("plain"), filename="p.yaml")))
+    assert "credentials" not in plain.stdout
+
+
+def test_once_fetches_a_credential_only_entry_says_run_serves_it_and_writes_no_file(
+        kv: Harness) -> None:
+    """once has no socket: a credential-only entry is fetched and checked, reported as served
+    by kv-agent run only, and leaves no file; a missing one fails the run as any entry does."""
+    name, other = fresh_name("cred-once"), fresh_name("cred-file")
+    kv.put(name, fresh_value("cred-once"))
+    kv.put(other, fresh_value("cred-file"))
+    manifest = kv.manifest(f"  - name: {name}\n    credential: {{units: [app.service]}}\n"
+                           f"  - name: {other}\n    path: f\n"
+                           f"    credential: {{id: f, units: [app.service]}}\n")
+
+    result = kv.run("once", "--manifest", str(manifest))
+
+    assert result.returncode == 0, result.stderr
+    assert f"secret '{name}': credential:app.service/{name} fetched and checked; a credential " \
+        "is served by kv-agent run only, and this entry writes no file" in result.stderr
+    assert f"secret '{other}': credential:app.service/f fetched and checked; a credential " \
+        "is served by kv-agent run only\n" in result.stderr
+    assert "2 secrets: 1 written, 0 unchanged, 0 failed, 1 credential only" in result.stderr
+    assert sorted(path.name for path in kv.directory.iterdir()) == ["f"]
+
+    missing = kv.run("once", "--manifest", str(kv.manifest(
+        f"  - name: {fresh_name('cred-none')}\n    credential: {{units: [app.service]}}\n",
+        filename="missing.yaml")))
+    assert missing.returncode == 1
+    assert "left as it was]" in missing.error_lines[0] and "credential:app.service/" in \
+        missing.error_lines[0]
+
+
 def test_manifest_defaults_to_kv_agent_manifest_variable(kv: Harness) -> None:
     """Without --manifest, check and once use the manifest named by KV_AGENT_MANIFEST."""
     name = fresh_name("from-env")

@@ -315,10 +315,11 @@ MANIFEST_KEYS = [
     ("TOP-LEVEL KEYS", manifest_module.TOP_KEYS),
     ("IDENTITY", manifest_module.IDENTITY_KEYS + (manifest_module.IDENTITY_SOURCE_KEY,)),
     ("ENTRIES", manifest_module.SECRET_KEYS),
-    ("CERTIFICATE ENTRIES", manifest_module.OUTPUT_KEYS),
+    ("CERTIFICATE ENTRIES", manifest_module.CERTIFICATE_OUTPUT_KEYS),
     ("CERTIFICATE ENTRIES", CERTIFICATE_KINDS),
     ("TEMPLATE ENTRIES", manifest_module.TEMPLATE_KEYS + manifest_module.TEMPLATE_VALUE_KEYS),
     ("SELECT ENTRIES", manifest_module.SELECT_KEYS + manifest_module.SELECT_FILTER_KEYS),
+    ("CREDENTIALS", manifest_module.CREDENTIAL_KEYS),
 ]
 
 
@@ -361,7 +362,17 @@ def _manifest_figures() -> List[Tuple[str, str]]:
     """(what, the text kv-agent.yaml(5) must hold) for every default and bound the manifest
     parser has, derived from its constants."""
     from agent.base.errors import EXIT_CONFIG
-    from agent.manifest import document, entries, paths, problems, quoting, selections, values
+    from agent.manifest import (
+        conflicts,
+        document,
+        entries,
+        paths,
+        problems,
+        quoting,
+        selections,
+        values,
+    )
+    from agent.pipeline import credentials
     from agent.pipeline.certificates import MAX_CERTIFICATES
 
     m = manifest_module
@@ -395,6 +406,10 @@ def _manifest_figures() -> List[Tuple[str, str]]:
         ("problem length", f"at most {problems.MAX_PROBLEM_CHARS} characters"),
         ("quoted values", f"at most {quoting.ECHO_CHARS} characters"),
         ("certificates", f"more than {MAX_CERTIFICATES} certificates"),
+        ("credential ID", f"1 to {credentials.MAX_CREDENTIAL_NAME} printable ASCII"),
+        ("unit and ID", f"leaves {credentials.MAX_UNIT_AND_ID} bytes for both"),
+        ("socket address", f"a socket address of at most {credentials.SUN_PATH_MAX - 1} bytes"),
+        ("glob comparisons", f"at most {conflicts.MAX_GLOB_COMPARISONS:,} comparisons"),
         ("exit code", f"exit {EXIT_CONFIG}"),
     ]
 

@@ -3,7 +3,8 @@
 The manifest is where the pipeline starts: each entry becomes an
 :class:`Entry` made of a :class:`~agent.pipeline.sources.Source` (what to fetch), a
 transform name with its parameters (:mod:`agent.pipeline.transforms`) and an
-:class:`~agent.pipeline.outputs.OutputSet` (the files). An entry has one of three
+:class:`~agent.pipeline.outputs.OutputSet` (the files, and the systemd credentials
+the running agent serves). An entry has one of three
 shapes: ``path:`` (one secret to one file, ``raw``, optionally decoded with
 ``encoding:``), ``certificate:`` (one certificate's secret to up to five
 files) or ``template:`` (several secrets to one file). Entries that change
@@ -25,12 +26,19 @@ This module only names what the rest of the agent uses; the rooms are:
 safely), ``document`` (YAML with line numbers, and the cost bounds),
 ``quoting`` and ``problems`` (one bounded line per problem, did-you-mean),
 ``values`` (durations, modes, jitter, accounts, commands, vault URLs),
-``paths``, ``settings`` (the top-level keys), ``entries``, ``selections``,
-``conflicts`` (what entries may share) and ``parser`` (``load_manifest``,
-``parse_manifest``).
+``paths``, ``settings`` (the top-level keys), ``entries``, ``credentials``
+(``credential:``), ``selections``, ``conflicts`` (what entries may share) and
+``parser`` (``load_manifest``, ``parse_manifest``).
 """
 
-from agent.manifest.entries import OUTPUT_KEYS, SECRET_KEYS, TEMPLATE_KEYS, TEMPLATE_VALUE_KEYS
+from agent.manifest.credentials import CREDENTIAL_KEYS
+from agent.manifest.entries import (
+    CERTIFICATE_OUTPUT_KEYS,
+    OUTPUT_KEYS,
+    SECRET_KEYS,
+    TEMPLATE_KEYS,
+    TEMPLATE_VALUE_KEYS,
+)
 from agent.manifest.file import read_manifest_bytes, read_manifest_text
 from agent.manifest.model import (
     DEFAULT_DIRECTORY,
@@ -67,7 +75,8 @@ __all__ = [
     "load_manifest", "parse_manifest", "read_manifest_bytes", "read_manifest_text",
     # the keys each level knows (kv-agent.yaml(5) has an item for each)
     "TOP_KEYS", "IDENTITY_KEYS", "IDENTITY_SOURCE_KEY", "SECRET_KEYS", "OUTPUT_KEYS",
-    "TEMPLATE_KEYS", "TEMPLATE_VALUE_KEYS", "SELECT_KEYS", "SELECT_FILTER_KEYS",
+    "CERTIFICATE_OUTPUT_KEYS", "CREDENTIAL_KEYS", "TEMPLATE_KEYS", "TEMPLATE_VALUE_KEYS",
+    "SELECT_KEYS", "SELECT_FILTER_KEYS",
     # the value parsers
     "parse_command", "parse_duration", "parse_expiry_window", "parse_jitter", "parse_mode",
     "parse_vault_url", "resolve_path",

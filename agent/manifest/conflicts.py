@@ -1,20 +1,26 @@
 """What the entries of a manifest may share, checked once all are parsed.
 
 No path twice, no file inside another's, a select directory to its
-selection alone, and a set's directory to its set alone
-(:func:`collect_sets`, which makes the manifest's sets).
+selection alone, a set's directory to its set alone (:func:`collect_sets`,
+which makes the manifest's sets), and no credential ID served to one unit by
+two outputs (:func:`check_credential_conflicts`).
 """
 
 from __future__ import annotations
 
 import posixpath
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from agent.manifest.model import Entry, Selection
 from agent.manifest.problems import Problems
+from agent.pipeline.credentials import is_glob, may_overlap
 from agent.pipeline.outputs import EntrySet
 
 CERTIFICATE_SET_PREFIX = "certificate:"
+# Unit patterns compared pairwise for one credential ID, at most: a glob is
+# compared with every other pattern of its ID (a literal with a dictionary),
+# and a manifest of 100,000 values must still be checked in bounded time.
+MAX_GLOB_COMPARISONS = 100_000
 
 
 def check_path_conflicts(problems: Problems, entries: List[Entry]) -> None:
@@ -88,7 +94,7 @@ def collect_sets(
     for entry in entries:
         if entry.set_name is not None:
             members.setdefault(entry.set_name, []).append(entry)
-        elif entry.transform == "certificate":
+        elif entry.transform == "certificate" and entry.paths:  # not credentials alone
             members[CERTIFICATE_SET_PREFIX + entry.key] = [entry]
     sets = []
     for name, group in members.items():
@@ -125,3 +131,82 @@ def collect_sets(
             continue
         sets.append(EntrySet(name, folder, tuple(entry.key for entry in group)))
     return tuple(sets)
+
+
+
+def check_credential_conflicts(problems: Problems, entries: List[Entry]) -> None:
+    """No two outputs may serve one credential ID to one unit: the unit would
+    get one of two values, and which would be chance. Two patterns clash
+    when a unit could match both (:func:`agent.pipeline.credentials.may_overlap`):
+    exactly for unit names, conservatively for two globs, which are told
+    apart only by their fixed beginnings or endings. Each output reports its
+    first clash only."""
+    served = _Served()
+    for entry in entries:
+        for grant in entry.grants:
+            clash = next((found for unit in grant.units
+                          for found in [served.clash(grant.id, unit)] if found), None)
+            if served.budget < 0:
+                problems.add("credential", "too many unit globs share the credential ID "
+                             f"'{grant.id}' to check them against each other", entry.line,
+                             "give the credentials distinct IDs")
+                return
+            if clash is not None:
+                _report_clash(problems, entry, grant.id, clash)
+            served.add(grant.id, grant.units, entry)
+
+
+class _Clash(NamedTuple):
+    unit: str  # the later output's pattern
+    pattern: str  # the earlier output's
+    other: Entry  # the earlier output's entry
+
+
+class _Served:
+    """The unit patterns served so far, per credential ID: unit names in a
+    dictionary, globs in a list, and how many more glob comparisons the check
+    may make (MAX_GLOB_COMPARISONS in all)."""
+
+    def __init__(self) -> None:
+        self.names: Dict[Tuple[str, str], Entry] = {}
+        self.globs: Dict[str, List[Tuple[str, Entry]]] = {}
+        self.patterns: Dict[str, List[Tuple[str, Entry]]] = {}
+        self.budget = MAX_GLOB_COMPARISONS
+
+    def clash(self, credential_id: str, unit: str) -> Optional[_Clash]:
+        """An earlier pattern of ``credential_id`` that ``unit`` may meet."""
+        if not is_glob(unit):
+            named = self.names.get((credential_id, unit))
+            if named is not None:
+                return _Clash(unit, unit, named)
+            candidates = self.globs.get(credential_id, [])
+        else:
+            candidates = self.patterns.get(credential_id, [])
+        self.budget -= len(candidates)
+        if self.budget < 0:
+            return None
+        return next((_Clash(unit, pattern, other) for pattern, other in candidates
+                     if may_overlap(unit, pattern)), None)
+
+    def add(self, credential_id: str, units: Tuple[str, ...], entry: Entry) -> None:
+        for unit in units:
+            self.patterns.setdefault(credential_id, []).append((unit, entry))
+            if is_glob(unit):
+                self.globs.setdefault(credential_id, []).append((unit, entry))
+            else:
+                self.names.setdefault((credential_id, unit), entry)
+
+
+def _report_clash(problems: Problems, entry: Entry, credential_id: str, clash: _Clash) -> None:
+    who = f"two outputs of '{entry.name}'" if clash.other is entry else \
+        f"both '{clash.other.name}' (line {clash.other.line}) and '{entry.name}'"
+    granted = f"granted the credential '{credential_id}' by {who}"
+    if clash.unit == clash.pattern:
+        what = f"{clash.unit} is {granted}"
+    elif is_glob(clash.unit) and is_glob(clash.pattern):
+        what = (f"{clash.unit} and {clash.pattern} may match one unit, {granted} (kv-agent "
+                "tells two globs apart only by their fixed beginnings or endings)")
+    else:
+        what = f"{clash.unit} and {clash.pattern} match one unit, {granted}"
+    problems.add("credential", what, entry.line,
+                 "give each its own ID, or units that no unit matches twice")

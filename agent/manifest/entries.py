@@ -3,7 +3,9 @@
 ``path:`` (one secret to one file, ``raw``, optionally decoded with
 ``encoding:``), ``certificate:`` (one certificate's secret to up to five
 files) or ``template:`` (several secrets to one file). Owner, group and
-mode are an entry's, and an output's mapping may override them.
+mode are an entry's, and an output's mapping may override them. Each
+output may be a systemd credential (``credential:``,
+:mod:`agent.manifest.credentials`) instead of a file, or as well.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
+from agent.manifest.credentials import check_fileless, parse_credential
 from agent.manifest.document import YamlMap
 from agent.manifest.model import DEFAULT_MODE, Accounts, Entry
 from agent.manifest.paths import Paths
 from agent.manifest.problems import Problems, Scope, suggest, unknown_keys
 from agent.manifest.quoting import echo
 from agent.manifest.values import parse_account, parse_command, parse_mode, parse_vault_value
+from agent.pipeline.credentials import Grant
 from agent.pipeline.outputs import Output, OutputSet
 from agent.pipeline.sources import Source
 from agent.pipeline.transforms import (
@@ -28,8 +32,9 @@ from agent.pipeline.transforms import (
 )
 
 SECRET_KEYS = ("name", "path", "owner", "group", "mode", "version", "optional", "vault",
-               "on_change", "encoding", "certificate", "template", "set")
+               "on_change", "encoding", "certificate", "template", "set", "credential")
 OUTPUT_KEYS = ("path", "owner", "group", "mode")
+CERTIFICATE_OUTPUT_KEYS = OUTPUT_KEYS + ("credential",)
 TEMPLATE_KEYS = ("path", "format", "values")
 TEMPLATE_VALUE_KEYS = ("name", "version", "vault", "encoding")
 SET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", re.ASCII)
@@ -103,6 +108,7 @@ def parse_entry(
         return None
     paths = Paths(directory, check_filesystem)
     shape = shapes[0] if shapes else "path"
+    grant = _entry_credential(fail, entry, shape, name)
     transform, params = DEFAULT_TRANSFORM, TransformParams((encoding,))
     sources: Tuple[Source, ...] = ()
     outputs: Tuple[Output, ...] = ()
@@ -119,15 +125,24 @@ def parse_entry(
                 fail(key, f"a template takes {key} per value",
                      f"write it in the value's mapping: {{name: ..., {key}: ...}}")
         transform = "template"
-        template = _template(fail, entry, paths, defaults, accounts, entry_vault)
+        template = _template(fail, entry, paths, defaults, accounts, entry_vault,
+                             has_credential="credential" in entry)
         if template is not None:
             params, sources, outputs = template
+    elif "credential" in entry and "path" not in entry:  # a credential alone: no file
+        check_fileless(fail, entry, "the entry")
+        outputs = (ROOT_OWNED,)
     else:
         given = entry.raw.get("name", entry.get("name"))  # a default path even if invalid
         path = paths.resolve(fail, "path", entry.get("path", given))
         outputs = (defaults._replace(path=path),) if path is not None else ()
     if shape != "template" and isinstance(name, str):
         sources = (Source(entry_vault or "", name, version),)
+    if grant is not None:
+        outputs = tuple(output._replace(credential=grant) for output in outputs)
+    if set_name is not None and outputs and not any(output.is_file for output in outputs):
+        fail("set", "a set is files that change together, and this entry writes none",
+             "remove set:, or give the entry a path:")
 
     if len(problems.lines) > before or not outputs or not sources or not isinstance(name, str):
         return None
@@ -136,6 +151,21 @@ def parse_entry(
         params=params, set_name=set_name, is_optional=bool(optional), on_change=on_change,
         line=entry.line,
     )
+
+
+def _entry_credential(fail: Callable[..., None], entry: YamlMap, shape: str,
+                      name: Optional[str]) -> Optional[Grant]:
+    """The grant of an entry's own ``credential:`` (plain or template), or None:
+    absent, refused on a certificate (whose outputs each say theirs), or
+    reported invalid."""
+    if "credential" not in entry:
+        return None
+    if shape == "certificate":
+        fail("credential", "a certificate serves each output as its own credential",
+             "write it in the output: key: {credential: {id: tls.key, units: [app.service]}}")
+        return None
+    # An invalid name is reported already; the entry is dropped whatever the ID.
+    return parse_credential(fail, entry["credential"], name if name is not None else "-")
 
 
 def _secret_name(fail: Callable[..., None], data: YamlMap, key: str) -> Optional[str]:
@@ -179,18 +209,28 @@ def _encoding(fail: Callable[..., None], data: YamlMap, key: str) -> Optional[st
 
 def _output(
     fail: Callable[..., None], key: str, value: Any, paths: Paths, defaults: Output,
-    accounts: Accounts,
+    accounts: Accounts, known: Tuple[str, ...] = OUTPUT_KEYS,
 ) -> Optional[Output]:
     """One output: a path, or a mapping {path, owner, group, mode} whose
-    missing keys take the entry's values."""
+    missing keys take the entry's values. A certificate's output (``known``
+    holds ``credential``) may also be a credential, with or without a path."""
     if not isinstance(value, YamlMap):
         path = paths.resolve(fail, key, value)
         return defaults._replace(path=path) if path is not None else None
     inner = Scope(fail, key)
 
     for unknown in value:
-        if unknown not in OUTPUT_KEYS:
-            inner(echo(unknown), "unknown key", suggest(unknown, OUTPUT_KEYS))
+        if unknown == "credential" and unknown not in known:
+            inner(unknown, "a template's credential is its entry's",
+                  "write credential: beside template:")
+        elif unknown not in known:
+            inner(echo(unknown), "unknown key", suggest(unknown, known))
+    grant = None
+    if "credential" in value and "credential" in known:
+        grant = parse_credential(inner, value["credential"], None)
+        if "path" not in value:
+            check_fileless(inner, value, "this output")
+            return ROOT_OWNED._replace(credential=grant) if not inner.count else None
     if "path" not in value:
         inner("path", "missing", "add path: <file name>")
         return None
@@ -198,7 +238,7 @@ def _output(
     owned = ownership(inner, value, accounts, defaults)
     if path is None or inner.count:
         return None
-    return owned._replace(path=path)
+    return owned._replace(path=path, credential=grant)
 
 
 def _certificate_outputs(
@@ -216,7 +256,8 @@ def _certificate_outputs(
         if kind not in CERTIFICATE_KINDS:
             inner(echo(kind), "unknown output kind", suggest(kind, CERTIFICATE_KINDS, "kinds"))
             continue
-        output = _output(inner, kind, target, paths, defaults, accounts)
+        output = _output(inner, kind, target, paths, defaults, accounts,
+                         CERTIFICATE_OUTPUT_KEYS)
         if output is not None:
             kinds.append(kind)
             outputs.append(output)
@@ -225,8 +266,10 @@ def _certificate_outputs(
 
 def _template(
     fail: Callable[..., None], entry: YamlMap, paths: Paths, defaults: Output, accounts: Accounts,
-    vault: Optional[str],
+    vault: Optional[str], has_credential: bool = False,
 ) -> Optional[Tuple[TransformParams, Tuple[Source, ...], Tuple[Output, ...]]]:
+    """A template's values and its one output: its ``path:``, or, for an
+    entry with ``credential:`` and no ``path:``, no file at all."""
     value = entry["template"]
     if not isinstance(value, YamlMap):
         fail("template", "must be a mapping with path, format and values",
@@ -244,6 +287,9 @@ def _template(
     output = None
     if "path" in value:
         output = _output(inner, "path", value["path"], paths, defaults, accounts)
+    elif has_credential:  # a credential alone: no file
+        check_fileless(fail, entry, "the entry")
+        output = ROOT_OWNED
     else:
         inner("path", "missing", "add path: <file name>")
     values = value.get("values")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
 from agent.identity.selector import Identity
+from agent.pipeline.credentials import Grant
 from agent.pipeline.outputs import EntrySet, Output, OutputSet
 from agent.pipeline.sources import Source
 from agent.pipeline.transforms import DEFAULT_TRANSFORM, TransformParams
@@ -34,7 +35,8 @@ class Entry:
     """One manifest entry: the :class:`~agent.pipeline.sources.Source` values to fetch
     (one, or a template's one per value, in order), the transform that turns
     them into bytes with its parameters, and the
-    :class:`~agent.pipeline.outputs.OutputSet` those bytes become, in order.
+    :class:`~agent.pipeline.outputs.OutputSet` those bytes become, in order:
+    files, systemd credentials (:attr:`grants`), or both.
 
     ``name`` is the entry's ``name:`` as the manifest gives it, for messages
     (for a template, a label; for the others, the secret). ``set_name`` is
@@ -61,19 +63,35 @@ class Entry:
 
     @property
     def primary(self) -> Output:
-        """The first output: the entry is known by its path (``key``)."""
+        """The first output (its ``path`` is empty for a credential alone)."""
         return self.outputs.outputs[0]
 
     @property
     def key(self) -> str:
         """What the daemon's state, ledger and status.json know the entry by:
-        its first output's path, unique in a manifest (two entries may not
-        share a path) and stable across edits that do not move that file."""
-        return self.outputs.outputs[0].path
+        its first file's path, unique in a manifest (two entries may not
+        share a path) and stable across edits that do not move that file.
+        An entry that writes no file (only credentials) is known by its first
+        grant's label, ``credential:<units>/<ID>``: never a path (paths are
+        absolute), and unique too (two entries may not serve one ID to one
+        unit, so two with one ID differ in their units)."""
+        paths = self.outputs.paths
+        return paths[0] if paths else self.outputs.grants[0].label
 
     @property
     def paths(self) -> Tuple[str, ...]:
+        """The entry's files; none for an entry that only serves credentials."""
         return self.outputs.paths
+
+    @property
+    def grants(self) -> Tuple[Grant, ...]:
+        """The credentials the entry serves, in output order."""
+        return self.outputs.grants
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        """Where its bytes go, for messages: each file, then each credential's label."""
+        return self.paths + tuple(grant.label for grant in self.grants)
 
 
 @dataclass(frozen=True)

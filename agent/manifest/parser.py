@@ -3,8 +3,9 @@
 The order: the file's owner, mode and size (:mod:`agent.manifest.file`);
 the text's cost (:func:`~agent.manifest.document.check_shape`); the YAML,
 with line numbers; then the top-level settings, every entry, and what the
-entries may share. Every problem is collected and all are raised at once,
-each on one line naming the file, the line, the key and the fix.
+entries may share (paths, directories, credential IDs). Every problem is
+collected and all are raised at once, each on one line naming the file, the
+line, the key and the fix.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import List, Optional, Tuple
 import yaml
 
 from agent.manifest.conflicts import (
+    check_credential_conflicts,
     check_path_conflicts,
     check_selection_conflicts,
     collect_sets,
@@ -142,5 +144,6 @@ def _parse_secrets(
         if secret is not None:
             parsed.append(secret)
     check_path_conflicts(problems, parsed)
+    check_credential_conflicts(problems, parsed)
     check_selection_conflicts(problems, parsed, selections)
     return tuple(parsed), tuple(selections)

@@ -7,9 +7,11 @@ sync: fetch every distinct source once, concurrently (entries naming the same
 secret share a fetch); then, entry by entry, turn what arrived into the bytes
 of each output (:mod:`agent.pipeline.transforms`) and hand them to the writer: file by
 file, or, for the entries of a set (``set:``, a certificate), all of them in
-one swap of the set's directory. An entry that fails keeps its last good
-files and never stops the others; a set member that fails keeps its whole set. Nothing here
-prints; the CLI turns a :class:`SyncReport` into output and an exit code.
+one swap of the set's directory; an output with ``credential:`` goes to the
+credential store, in memory (:mod:`agent.sync.credentials`). An entry that
+fails keeps its last good files and credentials and never stops the others;
+a set member that fails keeps its whole set. Nothing here prints; the CLI
+turns a :class:`SyncReport` into output and an exit code.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ from agent.manifest import (
     landing_directories,
     load_manifest,
 )
+from agent.pipeline.credentials import Grant
 from agent.pipeline.expiry import Validity, combine, describe, judge
 from agent.pipeline.outputs import EntrySet
 from agent.pipeline.sources import Source
 from agent.pipeline.transforms import Window, transform_with_validity
+from agent.sync import credentials
 from agent.sync.freshness import (
     EntryWritten,
     Freshness,
@@ -70,6 +74,7 @@ from agent.sync.freshness import (
 from agent.vault.client import Secret, VaultClient, new_session
 from agent.vault.listing import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
+from agent.writer.credentials import CredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +111,9 @@ class SecretOutcome(NamedTuple):
 
     Exactly one of ``version`` (fetched and written) or ``error`` is set;
     ``changed_paths`` lists the entry's files whose content or metadata
-    changed. ``validity`` is the window of what was fetched (see
+    changed, ``changed_credentials`` the ``KV_AGENT_CHANGED`` names of its
+    credentials whose bytes changed (:func:`agent.sync.credentials.load`).
+    ``validity`` is the window of what was fetched (see
     :mod:`agent.pipeline.expiry`); unknown after a failure.
     """
 
@@ -115,15 +122,16 @@ class SecretOutcome(NamedTuple):
     changed_paths: Tuple[str, ...] = ()
     error: Optional[KvAgentError] = None
     validity: Validity = Validity()
+    changed_credentials: Tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
-        """Whether any of the entry's files changed on disk."""
-        return bool(self.changed_paths)
+        """Whether any of the entry's files changed on disk, or its credentials in memory."""
+        return bool(self.changed_paths or self.changed_credentials)
 
     def describe(self) -> str:
-        """One line for an operator: the secret, its files, the cause and fix."""
-        paths = ", ".join(self.entry.paths)
+        """One line for an operator: the secret, its files and credentials, the cause and fix."""
+        paths = ", ".join(self.entry.targets)
         if self.error is None:
             return f"secret '{self.entry.name}': {paths} at version {self.version}"
         text = str(self.error)
@@ -200,7 +208,10 @@ class Sync:
     Sessions, environment and retry policies are constructor arguments so
     tests and the daemon can shape them; nothing is created at import. The
     daemon passes its own ``writer``, which outlives a reload: it holds the
-    old set generations still waiting out their grace.
+    old set generations still waiting out their grace; and its own
+    ``credentials_store``, which it declares each manifest to once that
+    manifest is current (:func:`agent.sync.credentials.declare`). A Sync that
+    makes its own store (``kv-agent once``) declares its manifest itself.
     """
 
     def __init__(
@@ -214,6 +225,7 @@ class Sync:
         sleep: Callable[[float], None] = time.sleep,
         writer: Optional[Writer] = None,
         is_slow_start: bool = False,
+        credentials_store: Optional[CredentialStore[Grant]] = None,
     ) -> None:
         self.manifest = manifest
         self.tokens = token_source(manifest.identity, environ, imds_policy,
@@ -231,6 +243,8 @@ class Sync:
         self.give_way = self.vault.pacing.give_way  # the daemon's, once ready: Pacing.give_way
         self._sleep = sleep
         self._warned: Set[str] = set()  # lines logged once: skipped by select, unusable dates
+        self.credentials = credentials_store if credentials_store is not None else \
+            credentials.declare(CredentialStore(), manifest)
 
     def _token(self, resource: str, force_refresh: bool) -> str:
         return self.tokens.get_token(resource, force_refresh=force_refresh).token
@@ -269,6 +283,7 @@ class Sync:
         empty (building it takes an ``lstat`` per file, ~10 ms for 1,000).
         """
         started = time.monotonic()
+        freshness = credentials.forget_unloaded(freshness, self.credentials)
         listings: Dict[str, Tuple[SecretItem, ...]] = {}
         listed, selected = self._expand_selections(listings, freshness.vaults)
         entries = self.manifest.secrets + tuple(
@@ -278,7 +293,7 @@ class Sync:
             # A vault a select: entry listed in full this sync is not listed twice.
             if vault in listings:
                 return listings[vault]
-            return self._list_vault(vault, max_pages)
+            return self.vault.list_secrets(vault, ListLimits(max_pages=max_pages))
 
         fresh_since = time.time() - fresh_for_s if fresh_for_s > 0 else None
         decided = with_sizes(plan(entries, self.manifest.sets, freshness, list_vault,
@@ -322,9 +337,6 @@ class Sync:
         return SyncReport(done + listed, time.monotonic() - started, tuple(swapped),
                           tuple((selection.directory, tuple(e.key for e in chosen))
                                 for selection, chosen in selected), memory)
-
-    def _list_vault(self, vault: str, max_pages: int) -> Tuple[SecretItem, ...]:
-        return self.vault.list_secrets(vault, ListLimits(max_pages=max_pages))
 
     def _expand_selections(
         self, listings: Dict[str, Tuple[SecretItem, ...]], vaults: Mapping[str, VaultSeen],
@@ -411,7 +423,8 @@ class Sync:
         except KvAgentError as exc:
             return SecretOutcome(entry, error=exc)
         return SecretOutcome(entry, version=prepared.secret.version, changed_paths=changed,
-                             validity=prepared.validity)
+                             validity=prepared.validity,
+                             changed_credentials=prepared.load(self.credentials))
 
     def _write_files(self, prepared: "_Prepared") -> Tuple[str, ...]:
         """Write each output of an entry outside any set; the paths that
@@ -419,7 +432,7 @@ class Sync:
         changed = []
         for spec in prepared.specs():
             if self.writer.apply(spec).changed:
-                self._log_written(prepared, spec)
+                _log_written(prepared, spec)
                 changed.append(spec.path)
         return tuple(changed)
 
@@ -457,19 +470,13 @@ class Sync:
                             if spec.path in result.changed_paths)
             for spec in one.specs():
                 if spec.path in changed:
-                    self._log_written(one, spec)
+                    _log_written(one, spec)
             outcomes.append(SecretOutcome(one.entry, version=one.secret.version,
-                                          changed_paths=changed, validity=one.validity))
+                                          changed_paths=changed, validity=one.validity,
+                                          changed_credentials=one.load(self.credentials)))
         if result.changed:
             log.info("swapped in the set %s (%s)", group.directory, group.name)
         return outcomes, result.changed and existed
-
-    @staticmethod
-    def _log_written(prepared: "_Prepared", spec: FileSpec) -> None:
-        entry, fetched = prepared.entry, prepared.secret
-        output = next(o for o in entry.outputs.outputs if o.path == spec.path)
-        log.info("wrote %s (secret %s, version %s, %s:%s %04o)", output.path, entry.name,
-                 fetched.version, output.owner, output.group, output.mode)
 
     def retire_generations(self, report: Optional[SyncReport]) -> None:
         """Before a short-lived run exits (``kv-agent once``): remove the old
@@ -536,8 +543,21 @@ class _Prepared(NamedTuple):
     validity: Validity
 
     def specs(self) -> List[FileSpec]:
+        """The files (a credential-only output is none)."""
         return [FileSpec(output.path, data, output.uid, output.gid, output.mode)
-                for output, data in zip(self.entry.outputs.outputs, self.contents)]
+                for output, data in zip(self.entry.outputs.outputs, self.contents)
+                if output.is_file]
+
+    def load(self, store: CredentialStore[Grant]) -> Tuple[str, ...]:
+        """The credentials into ``store``, once the entry succeeded: what changed."""
+        return credentials.load(store, self.entry, self.contents, self.secret.version)
+
+
+def _log_written(prepared: _Prepared, spec: FileSpec) -> None:
+    entry, fetched = prepared.entry, prepared.secret
+    output = next(o for o in entry.outputs.outputs if o.path == spec.path)
+    log.info("wrote %s (secret %s, version %s, %s:%s %04o)", output.path, entry.name,
+             fetched.version, output.owner, output.group, output.mode)
 
 
 def _written(outcome: SecretOutcome, fetched: "Mapping[Source, Secret | KvAgentError]",
