@@ -48,6 +48,9 @@ SUN_PATH_MAX = 108  # sizeof(struct sockaddr_un.sun_path) on Linux
 # unit with it (sockaddr_un_set_path() refuses an address over sun_path).
 MAX_UNIT_AND_ID = SUN_PATH_MAX - len("\0") - 16 - len("/unit/") - len("/")  # 84 bytes
 CHANGE_PREFIX = "credential:"
+# The running agent's socket, in its state directory (/run/kv-agent by default):
+# what a unit's LoadCredential=ID:PATH names.
+SOCKET_NAME = "credentials.sock"
 _UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+\Z", re.ASCII)
 _WILDCARDS = "*?["
 
