@@ -70,6 +70,7 @@ LIST_MIXED = (
     "mounted   /run/credentials/systemd-sysctl.service\n"
     "getty@tty1.service                                                loaded    inactive dead"
     "      Getty on tty1\n")
+INTERFACES = {"service": "Service", "socket": "Socket", "timer": "Timer"}
 NO_AFTER = '{"type":"as","data":[]}\n'
 UNKNOWN_INTERFACE = ("Failed to get property LoadCredential on interface "
                      "org.freedesktop.systemd1.Service: Unknown interface "
@@ -98,7 +99,13 @@ class FakeSystemd:
             "/org/freedesktop/systemd1/unit/")
         # As systemd does, a unit it does not know answers too: not-found, no credential.
         found = [name for name in self.units if object_path(name) == argv[4]]
+        name = found[0] if found else "unknown.service"
         properties = self.units[found[0]] if found else unit(NO_LINE, NO_AFTER, NOT_FOUND)
+        interface = INTERFACES[name.rpartition(".")[2]] if argv[6] == "LoadCredential" \
+            else "Unit"
+        if argv[5] != f"org.freedesktop.systemd1.{interface}":
+            return Reply(None, f"Failed to get property {argv[6]} on interface {argv[5]}: "
+                         f"Unknown interface {argv[5]} or property {argv[6]}.")
         answer = properties.get(argv[6], Reply(None, f"no {argv[6]} in this test"))
         return answer if isinstance(answer, Reply) else Reply(str(answer))
 
@@ -253,6 +260,8 @@ def test_a_glob_matching_two_units_checks_each_and_fixes_the_template() -> None:
     assert [(check.subject, check.state) for check in checks] == [
         ("unit worker@1.service", OK), ("unit worker@a\\x2db.service", FAIL)]
     assert (checks[1].fix or "").startswith("systemctl edit worker@.service, add under [Service]:")
+    # The name holds a backslash: quoted for the shell.
+    assert (checks[1].fix or "").endswith("systemctl restart 'worker@a\\x2db.service'")
     assert systemd.asked[0][-1] == "worker@*.service"  # one listing, of the glob only
     # A glob-matched unit is loaded already: its LoadState is not asked.
     assert not any("LoadState" in argv for argv in systemd.asked)
@@ -286,12 +295,15 @@ def test_a_unit_that_does_not_exist_is_a_note_with_the_line_it_will_need() -> No
     assert [argv[-1] for argv in systemd.asked] == ["LoadState"]
 
 
-@pytest.mark.parametrize("state", [MASKED, BAD_SETTING])
-def test_a_unit_systemd_cannot_load_is_warned(state: str) -> None:
-    """masked, bad-setting: WARN, pointing at systemctl status."""
+@pytest.mark.parametrize("state, fix", [
+    (MASKED, "systemctl unmask app.service, if it should run"),
+    (BAD_SETTING, "systemctl status app.service says why"),
+])
+def test_a_unit_systemd_cannot_load_is_warned(state: str, fix: str) -> None:
+    """masked, bad-setting: WARN, with what to do."""
     systemd = FakeSystemd({"app.service": unit(state=state)})
     (check,) = probe(systemd, Grant("db-password", ("app.service",)))
-    assert check.state == WARN and check.fix == "systemctl status app.service says why"
+    assert (check.state, check.fix) == (WARN, fix)
 
 
 def test_a_socket_unit_is_read_on_its_own_interface() -> None:

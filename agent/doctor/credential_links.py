@@ -40,6 +40,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shlex
 import stat
 import string
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
@@ -65,11 +66,11 @@ SOCKET_MODE = 0o600
 MAX_UNITS = 64  # units asked about, at two or three short busctl runs each
 SYSTEMD_BUS = "org.freedesktop.systemd1"
 UNIT_OBJECT_PREFIX = "/org/freedesktop/systemd1/unit/"
-UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
+UNIT_INTERFACE = "Unit"  # org.freedesktop.systemd1.Unit: LoadState, After
 # The unit types systemd starts processes for, with an execution context and
-# so LoadCredential=: the D-Bus interface that carries it, and the unit file
-# section it is written in. The other types (timer, target, path...) start
-# no process of their own.
+# so LoadCredential=: the D-Bus interface that carries it
+# (org.freedesktop.systemd1.Service...), and the unit file section it is
+# written in. The other types (timer, target, path...) start no process.
 EXEC_SECTIONS = {"service": "Service", "socket": "Socket", "mount": "Mount", "swap": "Swap"}
 LIST_UNITS = ("systemctl", "list-units", "--all", "--plain", "--no-legend", "--full", "--")
 
@@ -201,7 +202,7 @@ def judge_unit(unit: str, ids: Sequence[str], loaded: Sequence[Tuple[str, str]],
     missing = [cid for cid in ids if cid not in from_socket]
     is_ordered = AGENT_UNIT in after
     kind = unit.rpartition(".")[2]
-    target = edit_target(unit)
+    target = shlex.quote(edit_target(unit))  # an instance may hold a backslash: \x2d
     ordering = f"Wants={AGENT_UNIT} and After={AGENT_UNIT}"
     if not missing:
         detail = f"loads {', '.join(ids)} from {socket}"
@@ -219,7 +220,7 @@ def judge_unit(unit: str, ids: Sequence[str], loaded: Sequence[Tuple[str, str]],
         fix += f", and under [Unit]: {ordering}"
     return Check(subject, "credentials", FAIL,
                  f"does not load from {socket}: {', '.join(parts)}",
-                 f"{fix}; then systemctl restart {unit}")
+                 f"{fix}; then systemctl restart {shlex.quote(unit)}")
 
 
 def check_socket(path: str, running: Optional[bool], lstat: Lstat = os.lstat) -> Check:
@@ -352,6 +353,9 @@ class UnitProbe:
                 return Check(subject, "exists", WARN,
                              f"no such unit (yet): granted {', '.join(ids)}, nothing loads it",
                              f"when you create it, give it {lines} and After={AGENT_UNIT}")
+            if state == "masked":
+                return Check(subject, "exists", WARN, "masked, so it cannot start",
+                             f"systemctl unmask {unit}, if it should run")
             if state != "loaded":
                 return Check(subject, "exists", WARN,
                              f"systemd cannot load it ({escape(state, 40)}), so it cannot start",
