@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
+from test_doctor import Doctor
 from test_manifest import ACCOUNTS
 
 from agent.doctor.credential_links import (
@@ -34,6 +35,7 @@ from agent.doctor.credential_links import (
 )
 from agent.doctor.machine import Host, Reply
 from agent.doctor.report import FAIL, OK, WARN, Check, Report
+from agent.emulator import Emulator
 from agent.manifest import Manifest, parse_manifest
 from agent.pipeline.credentials import Grant
 
@@ -508,3 +510,21 @@ def test_doctor_runs_the_link_last(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert subjects[-3:] == ["credentials", "units worker@*.service", "unit app.service"]
     assert subjects.index("agent") < subjects.index("credentials")
     assert report.checks[-1].state == FAIL
+
+
+@pytest.mark.integration
+def test_the_doctor_command_shows_the_credential_link_and_no_value(
+        emulator: Emulator, shm_dir: Path) -> None:
+    """The real ``kv-agent doctor`` on a credential-only entry: the secret is checked, the
+    socket's line follows the agent's, and no value is printed (Doctor.run checks)."""
+    doctor = Doctor(emulator, shm_dir)
+    emulator.clear_faults()
+    doctor.put("cred-db")
+    done = doctor.run(doctor.manifest(
+        "  - name: cred-db\n    credential: {units: [app.service]}\n"))
+    lines = done.stdout.splitlines()
+    assert "✓ secret cred-db, readable" in done.stdout, done.stdout
+    socket_line = next(i for i, line in enumerate(lines) if "credentials, socket" in line)
+    assert socket_line > max(i for i, line in enumerate(lines) if ", status:" in line)
+    assert f"it creates {shm_dir}/state/credentials.sock at start" in lines[socket_line]
+    assert done.returncode == 0, done.stdout
