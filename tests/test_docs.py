@@ -41,6 +41,8 @@ PROMISES = DOCS / "design" / "promises.md"
 ARCHITECTURE = DOCS / "design" / "architecture.md"
 TUTORIAL = DOCS / "tutorial.md"
 CONSUMER_EXAMPLE = REPO / "systemd" / "examples" / "kv-agent-consumer-example.service"
+CREDENTIALS_GUIDE = DOCS / "how-to" / "credentials.md"
+CREDENTIAL_EXAMPLE = REPO / "systemd" / "examples" / "kv-agent-credential-example.service"
 README_MAX_LINES = 300
 ENV_NAME = re.compile(r"^KV_AGENT_[A-Z0-9_]+$")
 HELP = {"-h", "--help"}
@@ -493,6 +495,54 @@ def test_the_tutorial_takes_every_step_with_placeholder_names_only() -> None:
     assert not re.search(r"https://[a-z0-9-]+\.vault\.azure\.net", text), \
         "docs/tutorial.md: use <vault-name> or $vault, never a vault's name"
     assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text)
+
+
+def _load_credentials(unit_text: str) -> Dict[str, str]:
+    """The ``LoadCredential=ID:PATH`` lines of a unit, by ID."""
+    return dict(line.split("=", 1)[1].split(":", 1) for line in unit_text.splitlines()
+                if line.startswith("LoadCredential="))
+
+
+def test_the_credentials_guide_serves_its_consumer_from_the_agents_socket() -> None:
+    """docs/how-to/credentials.md: its manifest is valid and grants its consumer unit
+    (DynamicUser=yes, after kv-agent) the ID that unit loads, from the agent's socket."""
+    from agent.pipeline.credentials import SOCKET_NAME
+    from agent.status.store import DEFAULT_STATE_DIR
+
+    text = CREDENTIALS_GUIDE.read_text(encoding="utf-8")
+    parsed = manifest_module.parse_manifest(_yaml_blocks(CREDENTIALS_GUIDE)[0], "guide",
+                                            accounts=_fake_accounts(), check_filesystem=False)
+    [unit] = re.findall(r"```ini\n(.*?)```", text, re.S)
+    name = re.search(r"^# /etc/systemd/system/(\S+)$", unit, re.M).group(1)  # type: ignore[union-attr]
+    loads = _load_credentials(unit)
+    assert loads and set(loads.values()) == {f"{DEFAULT_STATE_DIR}/{SOCKET_NAME}"}
+    granted = {grant.id for entry in parsed.secrets for grant in entry.grants
+               if grant.admits(name)}
+    assert set(loads) <= granted, f"{name} loads {sorted(loads)}, granted {sorted(granted)}"
+    for line in ("DynamicUser=yes", "After=kv-agent.service", "Wants=kv-agent.service"):
+        assert f"\n{line}\n" in unit
+    assert f"${{CREDENTIALS_DIRECTORY}}/{next(iter(loads))}" in unit
+    assert any(entry.on_change == ("systemctl", "try-restart", name)
+               for entry in parsed.secrets)
+
+
+def test_the_credential_example_unit_is_granted_what_it_loads() -> None:
+    """The packaged credential example: the manifest entry in its comment is valid, grants
+    the unit the ID it loads from the agent's socket and restarts it on rotation."""
+    from agent.pipeline.credentials import SOCKET_NAME
+    from agent.status.store import DEFAULT_STATE_DIR
+
+    unit = CREDENTIAL_EXAMPLE.read_text(encoding="utf-8")
+    entry_text = "\n".join(line[len("#   "):] for line in unit.splitlines()
+                           if line.startswith("#   "))
+    parsed = manifest_module.parse_manifest(
+        "vault: https://placeholder-kv.vault.azure.net\nsecrets:\n" + entry_text, "example",
+        accounts=_fake_accounts(), check_filesystem=False)
+    [entry] = parsed.secrets
+    assert entry.paths == () and entry.grants[0].admits(CREDENTIAL_EXAMPLE.name)
+    assert _load_credentials(unit) == {entry.grants[0].id: f"{DEFAULT_STATE_DIR}/{SOCKET_NAME}"}
+    assert entry.on_change == ("systemctl", "try-restart", CREDENTIAL_EXAMPLE.name)
+    assert "\nDynamicUser=yes\n" in unit and "\nAfter=kv-agent.service\n" in unit
 
 
 # -- the promises ---------------------------------------------------------------------------

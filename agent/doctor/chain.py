@@ -23,7 +23,10 @@ them (each link's checks live in their own module):
    certificate entry, whether its key is exportable; per ``select:`` entry,
    whether the vault may be listed (:mod:`agent.doctor.secret_links`);
 5. the running agent: its unit, its last refresh and failing entries
-   (status.json) (:mod:`agent.doctor.machine`).
+   (status.json) (:mod:`agent.doctor.machine`);
+6. for a manifest with credentials: the agent's socket, and whether each
+   granted unit that exists loads its credentials from it
+   (``LoadCredential=``, read over D-Bus) (:mod:`agent.doctor.credential_links`).
 
 All of it with the agent's own environment: kv-agent.service's when that
 unit exists (:mod:`agent.doctor.unit_env`), not the shell's, and the first check
@@ -52,6 +55,7 @@ from urllib.parse import urlsplit
 
 from agent.base.errors import ConfigError, IdentityUnavailableError
 from agent.base.retry import RetryPolicy
+from agent.doctor.credential_links import check_credentials
 from agent.doctor.identity_links import (
     IdentityFindings,
     check_audience,
@@ -93,6 +97,8 @@ def diagnose(path: str, environ: Mapping[str, str], host: Host = Host(), *,
         checks += check_sets(manifest)
         checks += _Network(manifest, environ, host).run()
     checks += check_agent(environ, host)
+    if manifest is not None:
+        checks += check_credentials(manifest, environ, host)
     return Report(tuple(checks), time.monotonic() - started)
 
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from agent.base.errors import PermissionDeniedError
 from agent.base.untrusted import escape
@@ -35,17 +35,29 @@ DNS_TIMEOUT_S = 3.0
 SYSTEMCTL_TIMEOUT_S = 3.0
 
 
+class Reply(NamedTuple):
+    """What one bounded ``systemctl`` or ``busctl`` run said: its standard
+    output, or (``output`` None) why there is none: its first error line, or
+    no answer in time (``is_timeout``: systemd hangs, so ask it nothing more)."""
+
+    output: Optional[str]
+    why: str = ""
+    is_timeout: bool = False
+
+
 class Host(NamedTuple):
     """The machine, as doctor asks it (injectable for tests): whether systemd
     runs, a unit's ``systemctl is-active`` word (None: no answer), a name
-    lookup, the wall clock (epoch s) and kv-agent.service's environment
-    (None: no such unit)."""
+    lookup, the wall clock (epoch s), kv-agent.service's environment
+    (None: no such unit) and any other question to systemd (an argv run
+    bounded, :func:`ask_systemd`)."""
 
     is_systemd: Callable[[], bool] = lambda: os.path.isdir("/run/systemd/system")
     unit_state: Callable[[str], Optional[str]] = lambda unit: _systemctl_is_active(unit)
     resolve: Callable[[str], List[str]] = lambda host: _resolve(host)
     now: Callable[[], float] = time.time
     unit_environment: Callable[[], Optional[UnitEnvironment]] = lambda: unit_environment()
+    systemd: Callable[[Sequence[str]], Reply] = lambda argv: ask_systemd(argv)
 
 
 # -- 0. the environment -------------------------------------------------------------
@@ -171,3 +183,21 @@ def _systemctl_is_active(unit: str) -> Optional[str]:
         return None
     word = done.stdout.strip()
     return word or None
+
+
+def ask_systemd(argv: Sequence[str]) -> Reply:
+    """Run ``argv`` (``systemctl ...`` or ``busctl ...``) within
+    SYSTEMCTL_TIMEOUT_S: its output when it exits 0, else why not (its first
+    line on stderr, or the timeout; the child is killed then)."""
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
+                              timeout=SYSTEMCTL_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return Reply(None, f"{argv[0]} gave no answer within {SYSTEMCTL_TIMEOUT_S:g} s",
+                     is_timeout=True)
+    except OSError as exc:
+        return Reply(None, f"{argv[0]}: {exc.strerror or exc}")
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return Reply(None, lines[0] if lines else f"{argv[0]} exited {done.returncode}")
+    return Reply(done.stdout)

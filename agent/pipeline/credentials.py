@@ -50,6 +50,9 @@ SUN_PATH_MAX = 108  # sizeof(struct sockaddr_un.sun_path) on Linux
 # unit fails before it connects, with only systemd's generic error.
 MAX_UNIT_AND_ID = SUN_PATH_MAX - len("\0") - 16 - len("/unit/") - len("/") - 1  # 83 bytes
 CHANGE_PREFIX = "credential:"
+# The running agent's socket, in its state directory (/run/kv-agent by default):
+# what a unit's LoadCredential=ID:PATH names.
+SOCKET_NAME = "credentials.sock"
 _UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+\Z", re.ASCII)
 _WILDCARDS = "*?["
 
