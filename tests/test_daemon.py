@@ -790,33 +790,6 @@ def test_reload_is_ready_at_once_while_its_refresh_waits(start_agent: StartAgent
     run.stop()
 
 
-def test_directories_emptied_by_a_removal_are_removed(start_agent: StartAgent, vault: Vault,
-                                                      shm_dir: Path) -> None:
-    """Removing entries also removes the directories that became empty (deepest first),
-    but never a non-empty one, one the operator gave another mode, or the root."""
-    for name in ("keep", "cert", "key", "deep", "shared", "own"):
-        vault.put(name)
-    directory = shm_dir / "out"
-    (directory / "custom").mkdir(parents=True)
-    os.chmod(directory / "custom", 0o750)  # the operator's own directory
-    entries = [entry("keep"), entry("cert", path="tls/cert"), entry("key", path="tls/key"),
-               entry("deep", path="a/b/c/deep"), entry("shared", path="mixed/shared"),
-               entry("own", path="custom/own")]
-    run = start_agent(entries, refresh="60s")
-    run.wait_ready()
-    (directory / "mixed" / "operator-file").write_text("not kv-agent's")
-    write_file(run.manifest, manifest_text(vault.url, directory, [entry("keep")],
-                                           refresh="60s"))
-    run.process.send_signal(signal.SIGHUP)
-    run.wait_ready(2)
-    assert sorted(p.name for p in directory.iterdir()) == ["custom", "keep", "mixed"]
-    assert os.listdir(directory / "mixed") == ["operator-file"]
-    assert os.listdir(directory / "custom") == []
-    assert run.process.lines(f"removed {directory / 'tls'}:")
-    assert run.process.lines(f"removed {directory / 'a'}:")
-    run.stop()
-
-
 SECOND_ENTRY = "- name: second\n  path: second\n  mode: '0440'\n"
 
 
@@ -1363,7 +1336,7 @@ def test_retry_notices_reach_systemd_from_the_main_thread(tmp_path: Path) -> Non
     notifier = _RecordingNotifier()
     daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
                     notifier=notifier)
-    worker = threading.Thread(target=daemon._on_retry, args=("IMDS (410)", 2, 1.0))
+    worker = threading.Thread(target=daemon._worker.on_retry, args=("IMDS (410)", 2, 1.0))
     worker.start()
     worker.join()
     assert notifier.sent == [] and not (tmp_path / "status.json").exists()
@@ -1732,6 +1705,7 @@ def test_expiry_warnings_follow_the_injected_wall_clock(
     STATUS= names it with its date; a rotation to a valid version clears it."""
     from agent.manifest import Accounts, parse_manifest
     from agent.pipeline.expiry import Validity
+    from agent.sync.freshness import Freshness
     from agent.sync.sync import SecretOutcome
 
     day = 86400.0
@@ -1742,19 +1716,20 @@ def test_expiry_warnings_follow_the_injected_wall_clock(
     manifest = parse_manifest(
         f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nwarn_before_expiry: 7d\n"
         "secrets:\n  - name: web-tls\n", "m.yaml", accounts=accounts, check_filesystem=False)
-    daemon._install(manifest, b"")
+    daemon._install(manifest)
     entry, = manifest.secrets
     window = Validity(None, 1_793_491_200)
     caplog.set_level("WARNING")
 
     def refresh(validity: Validity = window) -> None:
-        daemon._record(SecretOutcome(entry, version="v1", validity=validity), now[0])
+        daemon._entries.record([SecretOutcome(entry, version="v1", validity=validity)],
+                               Freshness(), now[0])
 
     refresh()
     now[0] += day / 2
     refresh()
     assert len(caplog.records) == 1 and "'web-tls' expires at 2026-11-01" in caplog.text
-    assert "1 expiring: web-tls (expires 2026-11-01)" in daemon._status_line()
+    assert "1 expiring: web-tls (expires 2026-11-01)" in daemon.snapshot().status
     now[0] += day
     refresh()
     assert len(caplog.records) == 2
@@ -1762,10 +1737,10 @@ def test_expiry_warnings_follow_the_injected_wall_clock(
     refresh()
     refresh()
     assert len(caplog.records) == 3 and "'web-tls' expired at" in caplog.records[-1].message
-    assert "1 expired: web-tls (expired 2026-11-01)" in daemon._status_line()
+    assert "1 expired: web-tls (expired 2026-11-01)" in daemon.snapshot().status
     assert daemon.snapshot().entries[0].expiry == "expired"
     refresh(Validity(None, int(now[0] + 365 * day)))
-    assert "expire" not in daemon._status_line() and len(caplog.records) == 3
+    assert "expire" not in daemon.snapshot().status and len(caplog.records) == 3
 
 
 def test_a_set_counts_for_ready_only_while_it_is_the_agents(start_agent: StartAgent,
@@ -1802,35 +1777,6 @@ def test_a_set_counts_for_ready_only_while_it_is_the_agents(start_agent: StartAg
     third.stop()
 
 
-def test_the_grace_timer_exists_only_while_a_generation_is_pending(
-        tmp_path: Path, shm_dir: Path) -> None:
-    """With an injected monotonic clock: no retire deadline while nothing is pending (an
-    idle agent has no timer); after a swap one deadline at the end of the grace, also
-    while a refresh runs, which removes the old generation and then disappears."""
-    from agent.writer import SET_GRACE_S, FileSpec
-
-    now = [100.0]
-    daemon = Daemon(str(tmp_path / "manifest.yaml"), environ={}, state_dir=str(tmp_path),
-                    notifier=_RecordingNotifier(), monotonic=lambda: now[0])
-    writer = daemon._writer(str(shm_dir))
-    directory = shm_dir / "web"
-    writer.apply_set(str(directory), [FileSpec(str(directory / "k"), b"1",
-                                               os.geteuid(), os.getegid(), 0o400)])
-    assert daemon._retire_deadline() is None  # a new set: no old generation
-    writer.apply_set(str(directory), [FileSpec(str(directory / "k"), b"2",
-                                               os.geteuid(), os.getegid(), 0o400)])
-    assert daemon._retire_deadline() == now[0] + SET_GRACE_S
-    daemon._sync_thread = threading.current_thread()  # a refresh runs: the timer stays
-    assert daemon._retire_deadline() == now[0] + SET_GRACE_S
-    now[0] += SET_GRACE_S - 0.1
-    daemon._retire_due()
-    assert len(reserved_dirs(shm_dir)) == 1
-    now[0] += 0.1
-    daemon._retire_due()
-    daemon._sync_thread = None
-    assert reserved_dirs(shm_dir) == [] and daemon._retire_deadline() is None
-
-
 def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_dir: Path) -> None:
     """Once ready (every file on disk), the daemon's refreshes give way to a vault that
     said wait (Sync.give_way: held-back requests end unsent, their files kept,
@@ -1846,8 +1792,8 @@ def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_di
     manifest = parse_manifest(
         f"vault: https://kv.vault.azure.net\ndirectory: {shm_dir}\nsecrets:\n  - name: db\n",
         "m.yaml", accounts=accounts, check_filesystem=False)
-    daemon._install(manifest, b"")
-    agent = daemon._agent
+    daemon._install(manifest)
+    agent = daemon._sync
     assert agent is not None
     seen: List[bool] = []
 
@@ -1859,7 +1805,7 @@ def test_a_ready_agents_refresh_gives_way_to_a_busy_vault(tmp_path: Path, shm_di
     for is_ready in (False, True):
         daemon._life = Lifecycle(is_ready=is_ready)
         daemon._spawn_sync()
-        assert daemon._sync_thread is not None
-        daemon._sync_thread.join()
-        daemon._sync_thread = None
+        assert daemon._worker.is_running
+        done, = wait_for(lambda: list(daemon._mailbox.messages()), WAIT_S, "the refresh's end")
+        daemon._worker.ended(done)
     assert seen == [False, True]

@@ -13,11 +13,9 @@ from agent.pipeline.expiry import (
     ExpiryWarnings,
     Validity,
     combine,
-    day,
     describe,
     judge,
     moment,
-    short,
     usable_epoch,
 )
 from agent.status.snapshot import iso_time
@@ -60,11 +58,9 @@ def test_expired_is_warned_once_expiring_once_a_day() -> None:
 
 
 def test_words_name_the_entry_the_date_and_the_fix() -> None:
-    """Log lines and STATUS= words name the secret, the UTC date and what to do."""
+    """Log lines name the secret, the UTC date and what to do (STATUS= words: the
+    status line's, tests/test_status_line.py)."""
     expired = Validity(None, 1_793_491_200)  # 2026-11-01
-    assert short("web-tls", EXPIRED, expired) == "web-tls (expired 2026-11-01)"
-    assert short("x", EXPIRING, expired) == "x (expires 2026-11-01)"
-    assert short("x", NOT_YET_VALID, Validity(1_793_491_200, None)) == "x (valid from 2026-11-01)"
     line = describe("web-tls", EXPIRED, expired, 1_793_491_200 + DAY)
     assert "'web-tls' expired at 2026-11-01T00:00:00Z" in line and "still written" in line
     assert "in 2.0 days" in describe("x", EXPIRING, expired, 1_793_491_200 - 2 * DAY)
@@ -82,11 +78,11 @@ def test_a_usable_epoch_is_an_integer_from_1970_to_the_year_9999(value: object,
 
 
 def test_dates_are_shown_whatever_the_number() -> None:
-    """moment, day and status.json's iso_time never raise: a time beyond 9999 (2^62 made
-    every status.json write fail) or before 1970 is clamped to the range."""
+    """moment and status.json's iso_time never raise: a time beyond 9999 (2^62 made
+    every status.json write fail) or before 1970 is clamped to the range (STATUS= shows
+    the day of that time: tests/test_status_line.py)."""
     assert moment(MAX_EPOCH_S) == "9999-12-31T23:59:59Z" == iso_time(2**62)
-    assert day(2**62) == "9999-12-31" and day(float("inf")) == "9999-12-31"
+    assert moment(float("inf")) == "9999-12-31T23:59:59Z"
     assert moment(-2**62) == "1970-01-01T00:00:00Z" == moment(float("nan"))
     assert describe("far", EXPIRED, Validity(None, 2**62), 0.0).startswith(
         "secret 'far' expired at 9999-12-31T23:59:59Z")
-    assert short("far", NOT_YET_VALID, Validity(2**62, None)) == "far (valid from 9999-12-31)"

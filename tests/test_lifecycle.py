@@ -15,17 +15,25 @@ from agent.daemon.lifecycle import (
     START_RETRY_S,
     STUCK_AFTER_S,
     Lifecycle,
+    Schedule,
 )
+from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
 from agent.status.snapshot import READY, RELOADING, STARTING, STOPPED
 
 INTERVAL_S = 900.0
 
 
+def scheduled(state: Lifecycle, interval_s: float = INTERVAL_S,
+              jitter: float = 0.0) -> Lifecycle:
+    return lifecycle.rescheduled(state, Schedule(interval_s, jitter))
+
+
 def finish(state: Lifecycle, now: float, *, is_failing: bool = False, is_current: bool = True,
            has_files: bool = True, rng: float = 0.5, jitter: float = 0.0) -> lifecycle.Finished:
-    return lifecycle.sync_finished(state, is_failing=is_failing, is_current=is_current,
-                                   has_every_required_file=lambda: has_files, now=now,
-                                   interval_s=INTERVAL_S, jitter=jitter, rng=rng)
+    """The refresh ends at ``now``, under the schedule (INTERVAL_S, ``jitter``)."""
+    return lifecycle.sync_finished(scheduled(state, jitter=jitter), is_failing=is_failing,
+                                   is_current=is_current,
+                                   has_every_required_file=lambda: has_files, now=now, rng=rng)
 
 
 def started(state: Lifecycle, now: float) -> Lifecycle:
@@ -65,8 +73,7 @@ def test_files_are_looked_at_only_until_ready() -> None:
         raise AssertionError("looked at the files after READY")
 
     lifecycle.sync_finished(started(ready, 2.0), is_failing=False, is_current=True,
-                            has_every_required_file=never, now=3.0, interval_s=INTERVAL_S,
-                            jitter=0.0, rng=0.5)
+                            has_every_required_file=never, now=3.0, rng=0.5)
 
 
 def test_start_up_failures_back_off_from_one_to_thirty_seconds() -> None:
@@ -109,7 +116,7 @@ def test_a_ready_agents_first_failure_retries_anywhere_in_a_minute(rng: float,
     ready = finish(started(Lifecycle(), 0.0), 0.0).state
     state = finish(started(ready, 10.0), 10.0, is_failing=True, rng=rng, jitter=0.10).state
     assert state.next_refresh == pytest.approx(10.0 + delay, rel=1e-5)
-    assert lifecycle.refresh_delay(ready, True, 20.0, 0.1, 0.999) == 20.0
+    assert lifecycle.refresh_delay(scheduled(ready, 20.0, 0.1), True, 0.999) == 20.0
 
 
 @pytest.mark.parametrize("rng, factor", [(0.0, 0.9), (0.5, 1.0), (0.999999, 1.1)])
@@ -124,7 +131,7 @@ def test_the_first_good_refresh_after_failures_keeps_the_interval(rng: float,
     failed = finish(started(ready, 10.0), 10.0, is_failing=True).state
     state = finish(started(failed, 20.0), 20.0, rng=rng, jitter=0.10).state
     assert state.next_refresh == pytest.approx(20.0 + INTERVAL_S * factor, rel=1e-5)
-    assert lifecycle.refresh_delay(failed, False, 0.1, 0.1, 0.999) == MIN_DELAY_S
+    assert lifecycle.refresh_delay(scheduled(failed, 0.1, 0.1), False, 0.999) == MIN_DELAY_S
 
 
 @pytest.mark.parametrize("rng,factor", [(0.0, 0.9), (0.5, 1.0), (0.999999, 1.1)])
@@ -136,7 +143,26 @@ def test_jitter_spreads_the_interval_either_way(rng: float, factor: float) -> No
 
 def test_delay_never_below_half_a_second() -> None:
     """Whatever the interval and jitter, refreshes are at least 0.5 s apart."""
-    assert lifecycle.refresh_delay(Lifecycle(is_ready=True), False, 0.1, 0.5, 0.0) == 0.5
+    assert lifecycle.refresh_delay(scheduled(Lifecycle(is_ready=True), 0.1, 0.5), False,
+                                   0.0) == 0.5
+
+
+def test_the_lifecycle_holds_the_manifests_schedule() -> None:
+    """The state holds the schedule (the manifest's defaults until one is installed); a
+    new one places the refreshes from the next one's end, a refresh already planned
+    keeps its time, and other state is kept."""
+    assert Lifecycle().schedule == Schedule(DEFAULT_REFRESH_S, DEFAULT_JITTER)
+    ready = lifecycle.sync_finished(
+        started(scheduled(Lifecycle(), 60.0), 0.0), is_failing=False, is_current=True,
+        has_every_required_file=lambda: True, now=1.0, rng=0.5).state
+    assert ready.next_refresh == 61.0
+    rescheduled = scheduled(ready, 600.0, 0.5)
+    assert rescheduled == ready._replace(schedule=Schedule(600.0, 0.5))
+    assert rescheduled.next_refresh == 61.0
+    done = lifecycle.sync_finished(started(rescheduled, 61.0), is_failing=False,
+                                   is_current=True, has_every_required_file=lambda: True,
+                                   now=62.0, rng=0.75)
+    assert done.state.next_refresh == pytest.approx(62.0 + 600.0 * 1.25)
 
 
 def test_refreshes_never_overlap_one_asked_for_meanwhile_follows() -> None:

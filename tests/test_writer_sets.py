@@ -156,19 +156,12 @@ def test_unchanged_set_keeps_its_inodes_and_times(writer: Writer, root: Path) ->
             old.st_ino, old.st_mtime_ns, old.st_ctime_ns), name
 
 
-@pytest.mark.parametrize("change", ["content", "mode", "owner", "group", "missing",
-                                    "directory-mode"])
-def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
-                                               change: str) -> None:
-    """A member whose bytes, owner or mode differ, a missing member, or a directory with
-    another mode makes the set rewritten, exactly as specified."""
-    directory = root / "web"
-    specs = set_specs(directory, 1)
-    writer.apply_set(str(directory), specs)
-    old_inode = os.lstat(directory).st_ino
-    target = directory / MEMBERS[0]
+def _make_difference(change: str, directory: Path, specs: List[FileSpec], member: int) -> Path:
+    """Make the written set differ from ``specs`` by ``change`` at ``member`` (or, for
+    "directory-mode" and "foreign", in the directory itself); the member's path."""
+    target = directory / MEMBERS[member]
     if change == "content":
-        specs[0] = specs[0]._replace(content=b"other")
+        specs[member] = specs[member]._replace(content=b"other")
     elif change == "mode":
         os.chmod(target, 0o644)
     elif change in ("owner", "group"):
@@ -179,6 +172,22 @@ def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
         target.unlink()
     elif change == "directory-mode":
         os.chmod(directory, 0o700)
+    else:
+        (directory / "notes").write_bytes(b"operator's")
+    return target
+
+
+@pytest.mark.parametrize("change", ["content", "mode", "owner", "group", "missing",
+                                    "directory-mode"])
+def test_any_difference_rewrites_the_whole_set(writer: Writer, root: Path,
+                                               change: str) -> None:
+    """A member whose bytes, owner or mode differ, a missing member, or a directory with
+    another mode makes the set rewritten, exactly as specified."""
+    directory = root / "web"
+    specs = set_specs(directory, 1)
+    writer.apply_set(str(directory), specs)
+    old_inode = os.lstat(directory).st_ino
+    _make_difference(change, directory, specs, 0)
     assert writer.apply_set(str(directory), specs).changed
     assert contents(directory) == expected(specs)
     assert stat.S_IMODE(os.lstat(directory).st_mode) == DIR_MODE
@@ -197,21 +206,7 @@ def test_a_set_write_reports_exactly_the_members_that_differed(writer: Writer, r
     specs = set_specs(directory, 1)
     first = writer.apply_set(str(directory), specs)
     assert first.changed_paths == tuple(spec.path for spec in specs)
-    target = directory / MEMBERS[1]
-    if change == "content":
-        specs[1] = specs[1]._replace(content=b"other")
-    elif change == "mode":
-        os.chmod(target, 0o644)
-    elif change in ("owner", "group"):
-        require_root()
-        os.chown(target, OTHER_UID if change == "owner" else -1,
-                 OTHER_GID if change == "group" else -1)
-    elif change == "missing":
-        target.unlink()
-    elif change == "directory-mode":
-        os.chmod(directory, 0o700)
-    else:
-        (directory / "notes").write_bytes(b"operator's")
+    target = _make_difference(change, directory, specs, 1)
     result = writer.apply_set(str(directory), specs)
     is_member_change = change not in ("directory-mode", "foreign")
     assert result == SetResult(str(directory), change != "foreign",

@@ -5,7 +5,9 @@ Phases: ``starting`` -> ``ready`` <-> ``reloading`` (and ``stopped`` at the
 end; names in :mod:`agent.status.snapshot`). Each function here takes the current
 :class:`Lifecycle`, one event and the monotonic time, and returns the next
 state plus what the daemon must do about it (announce READY=1, start a
-refresh, run hooks). Nothing here reads a clock, a file or a socket, so
+refresh, run hooks). The state holds the :class:`Schedule` (the manifest's
+interval and jitter), set when a manifest is installed, so no decision is
+handed them again. Nothing here reads a clock, a file or a socket, so
 every rule is unit-tested with plain numbers (tests/test_lifecycle.py); the
 daemon (:mod:`agent.daemon.service`) performs the actions.
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Tuple
 
+from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
 from agent.status.snapshot import READY, RELOADING, STARTING, STOPPED
 
 START_RETRY_S = (1.0, 30.0)  # first and largest delay while waiting to be ready
@@ -47,6 +50,15 @@ FAILURE_RETRY_S = 5.0  # a failing refresh retries after 5, 10, 20 ... s, up to 
 FIRST_FAILURE_RETRY_S = (5.0, 60.0)  # once ready, the first retry: uniform in this span
 MIN_DELAY_S = 0.5  # jitter never brings two refreshes closer than this
 STUCK_AFTER_S = 600.0  # a refresh running longer than this stops the watchdog
+
+
+class Schedule(NamedTuple):
+    """When refreshes come: the manifest's ``refresh`` and ``refresh_jitter``
+    (a fraction of the interval, either way). Until the daemon installs a
+    manifest (:func:`rescheduled`), the manifest's defaults."""
+
+    interval_s: float = DEFAULT_REFRESH_S
+    jitter: float = DEFAULT_JITTER
 
 
 class Lifecycle(NamedTuple):
@@ -59,6 +71,7 @@ class Lifecycle(NamedTuple):
     sync_again: bool = False  # a refresh was asked for during the running one
     failing_streak: int = 0
     next_refresh: Optional[float] = None
+    schedule: Schedule = Schedule()  # the manifest in use's interval and jitter
 
 
 class Finished(NamedTuple):
@@ -69,6 +82,13 @@ class Finished(NamedTuple):
     announce_ready: bool  # READY=1 (else STATUS= only)
     became_ready: bool  # the first READY=1 of this run
     run_hooks: bool
+
+
+def rescheduled(state: Lifecycle, schedule: Schedule) -> Lifecycle:
+    """A manifest is installed (at start, or by a reload): its schedule
+    places the refreshes from the next one's end on (a refresh already
+    planned keeps its time)."""
+    return state._replace(schedule=schedule)
 
 
 def start_sync(state: Lifecycle, now: float) -> Tuple[Lifecycle, bool]:
@@ -96,8 +116,7 @@ def sync_abandoned(state: Lifecycle) -> Lifecycle:
 
 def sync_finished(
     state: Lifecycle, *, is_failing: bool, is_current: bool,
-    has_every_required_file: Callable[[], bool], now: float, interval_s: float,
-    jitter: float, rng: float,
+    has_every_required_file: Callable[[], bool], now: float, rng: float,
 ) -> Finished:
     """The decisions after a refresh. ``is_current``: it ran for the manifest
     still in use (not one a reload replaced meanwhile). ``rng`` in [0, 1)
@@ -110,7 +129,7 @@ def sync_finished(
         state = state._replace(sync_again=False, is_syncing=True, sync_started=now,
                         next_refresh=None)
     else:
-        delay = refresh_delay(state, is_failing, interval_s, jitter, rng)
+        delay = refresh_delay(state, is_failing, rng)
         state = state._replace(next_refresh=now + delay,
                         failing_streak=state.failing_streak + 1 if is_failing else 0)
     if not state.is_ready and has_every_required_file():
@@ -119,11 +138,11 @@ def sync_finished(
     return Finished(state, again, False, False, run_hooks)
 
 
-def refresh_delay(state: Lifecycle, is_failing: bool, interval_s: float, jitter: float,
-                  rng: float) -> float:
-    """Seconds to the next refresh: the interval with jitter, sooner (backing
-    off) after failures, a ready agent's first retry spread over a minute
-    (see the module's rules); never below MIN_DELAY_S."""
+def refresh_delay(state: Lifecycle, is_failing: bool, rng: float) -> float:
+    """Seconds to the next refresh: the schedule's interval with its jitter,
+    sooner (backing off) after failures, a ready agent's first retry spread
+    over a minute (see the module's rules); never below MIN_DELAY_S."""
+    interval_s, jitter = state.schedule
     streak = state.failing_streak
     if not state.is_ready and is_failing:
         first, largest = START_RETRY_S

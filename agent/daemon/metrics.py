@@ -8,7 +8,13 @@ Two parts, kept apart so the format can be tested without a file system:
   follow Prometheus' conventions: base units (``_seconds``), ``_total`` for
   counters, ``_timestamp_seconds`` for unix times.
 * :func:`write_metrics` replaces the file atomically, so node_exporter,
-  which reads the directory at every scrape, never sees a partial file.
+  which reads the directory at every scrape, never sees a partial file;
+  :class:`MetricsFile` is the daemon's use of it (a failure logged once,
+  never fatal).
+
+The figures come from the daemon: each entry's from its entry table
+(:mod:`agent.daemon.entries`), the refreshes' from
+:class:`agent.daemon.refresh.RefreshStats`.
 
 Invariants:
 
@@ -27,13 +33,14 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import stat
 from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
-from agent.base.errors import WriteError
+from agent.base.errors import KvAgentError, WriteError
 
 FILE_MODE = 0o644  # node_exporter's user must read it
 DIR_MODE = 0o755
@@ -51,6 +58,8 @@ MAX_DROP_IN_BYTES = 64 * 1024
 
 PREFIX = "kv_agent_"
 ENTRY_LABELS = ("entry", "secret", "vault")
+
+log = logging.getLogger(__name__)
 
 RequestKey = Tuple[str, str, str]  # (target, host, code), as agent.base.transport counts them
 
@@ -262,6 +271,46 @@ def remove_metrics(path: str) -> bool:
                          "remove it by hand") from None
     finally:
         os.close(dir_fd)
+
+
+class MetricsFile:
+    """The daemon's metrics file: rewritten after every refresh, successful
+    or not, and at stop; never fatal. A failure is logged once (until it
+    changes or a write works again)."""
+
+    def __init__(self) -> None:
+        self._error: Optional[str] = None  # the last failure, logged already
+
+    def write(self, path: Optional[str], figures: Callable[[], MetricsSnapshot]) -> None:
+        """Rewrite ``path`` (None: the manifest asks for no file) with the
+        rendering of ``figures()``, taken only when there is a file to write."""
+        if path is None:
+            return
+        try:
+            write_metrics(path, render(figures()))
+        except KvAgentError as exc:
+            if str(exc) != self._error:
+                log.warning("%s", exc)
+            self._error = str(exc)
+            return
+        except Exception:  # a bug: the metrics must never take the agent down
+            log.exception("metrics: writing %s failed unexpectedly", path)
+            return
+        if self._error is not None:
+            log.info("metrics: %s written again", path)
+        self._error = None
+
+    def remove(self, path: Optional[str]) -> None:
+        """A reload turned metrics off or moved them: the old file goes, so
+        no stale series (``kv_agent_up 1`` forever) stays behind."""
+        if path is None:
+            return
+        try:
+            if remove_metrics(path):
+                log.info("metrics: removed %s (no longer in the manifest)", path)
+        except KvAgentError as exc:
+            log.warning("%s", exc)
+        self._error = None
 
 
 def _fix(exc: OSError, otherwise: str) -> str:

@@ -8,16 +8,18 @@ target are seen. The watches are re-resolved after every change, and a queue
 overflow or a removed watch is treated as "something changed".
 
 The watcher only says *that* something may have changed; the daemon debounces
-bursts and compares the bytes before reloading.
+bursts and :class:`ManifestFile` compares the bytes before reloading.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Set
+from typing import Dict, Optional, Set, Tuple
 
 from inotify_simple import INotify, flags
+
+from agent.manifest import Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,38 @@ class ManifestWatcher:
 
     def close(self) -> None:
         self._inotify.close()
+
+
+class ManifestFile:
+    """The manifest's file: its path, the very bytes of the manifest in use
+    and, while an edit stands rejected, why (``error``). Main thread only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._raw = b""
+        self.error: Optional[str] = None
+
+    def read(self) -> Tuple[Manifest, bytes]:
+        """The validated manifest and the very bytes it was parsed from (read
+        once, so an edit between two reads cannot pair one with the other).
+        Raises ManifestError (or KvAgentError)."""
+        text = read_manifest_text(self.path)
+        return parse_manifest(text, self.path), text.encode()
+
+    def accepted(self, raw: bytes) -> None:
+        """The manifest read from ``raw`` is in use (or equals the one in use)."""
+        self._raw, self.error = raw, None
+
+    def rejected(self, problem: str) -> None:
+        """An edit was refused for ``problem``; the manifest in use stays."""
+        self.error = problem
+
+    def is_edited(self) -> bool:
+        """Whether the file no longer holds the bytes in use, or an edit stands
+        rejected: going back to the bytes in use is a change too (the reload
+        clears the rejection from STATUS). Not when it was only touched,
+        chmod-ed or rewritten identically. Bounded and non-blocking (a FIFO
+        put in its place must not stall the loop); a file deleted or
+        unreadable counts as edited: the reload reports it."""
+        raw = read_manifest_bytes(self.path)
+        return raw is None or raw != self._raw or self.error is not None

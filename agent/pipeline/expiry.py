@@ -19,7 +19,7 @@ Dates come from the vault (``nbf``, ``exp``) and from certificates, so they
 are bounded where they are parsed (:func:`usable_epoch`): a date before 1970
 or after the year 9999 is "no date" (``time.gmtime`` and the status file
 cannot show it: ``nbf`` near 2^62 once stopped the agent at its first
-refresh). :func:`day` and :func:`moment` are total all the same.
+refresh). :func:`moment` is total all the same.
 
 Pure: times are epoch seconds given by the caller (the daemon's wall clock,
 or a test's); nothing here reads a clock or logs.
@@ -73,11 +73,6 @@ def judge(validity: Validity, now: float, warn_before_s: float) -> Optional[str]
     return None
 
 
-def day(epoch_s: float) -> str:
-    """The UTC date, e.g. 2026-11-01 (what STATUS= shows); total (see :func:`moment`)."""
-    return moment(epoch_s)[:10]
-
-
 def moment(epoch_s: float) -> str:
     """UTC ISO 8601 with seconds (what logs and status.json show). Total: a
     time outside 1970..9999 (which parsing never lets through) is clamped to
@@ -100,15 +95,6 @@ def describe(name: str, kind: str, validity: Validity, now: float) -> str:
     days = max(0.0, (validity.expires - now) / 86400.0)
     return (f"secret '{name}' expires at {moment(validity.expires)} (in {days:.1f} days): "
             "rotate it in Key Vault before then")
-
-
-def short(name: str, kind: str, validity: Validity) -> str:
-    """A few words for STATUS=: ``web-tls (expired 2026-11-01)``."""
-    if kind == NOT_YET_VALID and validity.not_before is not None:
-        return f"{name} (valid from {day(validity.not_before)})"
-    assert validity.expires is not None
-    verb = "expired" if kind == EXPIRED else "expires"
-    return f"{name} ({verb} {day(validity.expires)})"
 
 
 class ExpiryWarnings:

@@ -1,8 +1,9 @@
 """The status snapshot: one typed value the daemon writes and ``kv-agent status`` reads.
 
 :class:`StatusSnapshot` is everything status.json holds: the agent's phase,
-its one-line status, the refresh times, each entry's state and the ledger of
-files the agent wrote. The daemon builds one after every change and
+its one-line status (:mod:`agent.status.line`, derived from the rest), the
+refresh times, each entry's state and the ledger of files the agent wrote.
+The daemon builds one after every change and
 :class:`~agent.status.store.StateStore` saves its JSON; ``kv-agent status`` parses
 the JSON back with :func:`parse_snapshot` and renders it (:mod:`agent.status.render`).
 Both sides share this one definition of the keys and the phase names.
@@ -97,7 +98,8 @@ class EntryStatus(NamedTuple):
 
 
 class StatusSnapshot(NamedTuple):
-    """The whole of status.json."""
+    """The whole of status.json (and two fields only the status line reads).
+    ``status`` is :func:`agent.status.line.status_line` of the rest."""
 
     pid: Optional[int]
     phase: str
@@ -121,6 +123,12 @@ class StatusSnapshot(NamedTuple):
     waiting: Optional[str] = None
     is_refreshing: bool = False  # a refresh runs (after a reload's READY=1, say)
     version: int = STATUS_VERSION
+    # For the status line (agent.status.line) only, not saved (status.json
+    # keeps its keys): whether the agent has been ready (a stopped agent's
+    # phase no longer says), and files in sets' directories that are not the
+    # agent's (kept, named so someone moves them).
+    is_ready: bool = False
+    foreign: Tuple[str, ...] = ()
 
     def as_json(self) -> Dict[str, Any]:
         return {

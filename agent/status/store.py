@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 from typing import Any, Dict, Mapping, Optional
 
 from agent.base.errors import KvAgentError, PermissionDeniedError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/run/kv-agent"
 STATE_DIR_ENV = "KV_AGENT_STATE_DIR"
@@ -80,6 +83,17 @@ class StateStore:
                                f"{exc.strerror}", "run as root") from None
         finally:
             os.close(fd)
+
+    def tighten_again(self) -> None:
+        """:meth:`prepare` again at a reload; never fatal (a failure is logged).
+        systemd sets a RuntimeDirectory= back to the unit's RuntimeDirectoryMode=
+        (0751, which /run/secrets needs) for every process it starts, ExecReload='s
+        too, just before that process sends the SIGHUP; left so, 0711 (the promise
+        of docs/design/lifecycle.md) would hold only until the first reload."""
+        try:
+            self.prepare()
+        except KvAgentError as exc:
+            log.warning("%s", exc)
 
     def load(self) -> Dict[str, Any]:
         """The last status document, or {} when there is none or it is corrupt.

@@ -128,11 +128,8 @@ class SetWriter:
         and mode. True when swapped; False when the directory or every one
         of ``paths`` is already gone. Raises WriteError.
         """
-        names, name = self._set_names(directory, paths)
-        self._generations.retire()
-        try:
-            parent_fd = self._tree.open_parents(directory, create=False)
-        except FileNotFoundError:
+        names, name, parent_fd = self._open_set_parent(directory, paths)
+        if parent_fd is None:
             return False
         try:
             present = existing_set_directory(parent_fd, name, directory)
@@ -161,11 +158,8 @@ class SetWriter:
         sees half a set and a crash leaves only what start-up cleaning
         removes, and retired like an old generation (see apply_set's (8)).
         """
-        names, name = self._set_names(directory, paths)
-        self._generations.retire()
-        try:
-            parent_fd = self._tree.open_parents(directory, create=False)
-        except FileNotFoundError:
+        names, name, parent_fd = self._open_set_parent(directory, paths)
+        if parent_fd is None:
             return False
         try:
             if existing_set_directory(parent_fd, name, directory) is None:
@@ -194,6 +188,18 @@ class SetWriter:
             seen.add(name)
             names.append((name, spec))
         return names
+
+    def _open_set_parent(self, directory: str, paths: Iterable[str]
+                         ) -> Tuple[Set[str], str, Optional[int]]:
+        """Before a removal from a set or of a set: the members' names and the directory's
+        own name (checked), old generations past their grace retired, and the set's parent
+        opened (None when it does not exist: nothing to remove). The caller closes it."""
+        names, name = self._set_names(directory, paths)
+        self._generations.retire()
+        try:
+            return names, name, self._tree.open_parents(directory, create=False)
+        except FileNotFoundError:
+            return names, name, None
 
     def _set_names(self, directory: str, paths: Iterable[str]) -> Tuple[Set[str], str]:
         """(the members' names in the set's directory, the directory's own

@@ -7,8 +7,9 @@ imported, never re-implemented:
 
 * when to refresh, and how to back off after a failed refresh:
   :func:`agent.daemon.lifecycle.start_sync`, :func:`~agent.daemon.lifecycle.sync_finished`
-  (which calls :func:`~agent.daemon.lifecycle.refresh_delay` with the manifest's
-  default jitter, :data:`agent.manifest.DEFAULT_JITTER`) and
+  (which calls :func:`~agent.daemon.lifecycle.refresh_delay` with the agent's
+  :class:`~agent.daemon.lifecycle.Schedule`: by default the manifest's default
+  jitter, :data:`agent.manifest.DEFAULT_JITTER`) and
   :func:`~agent.daemon.lifecycle.is_refresh_due`, on a real
   :class:`~agent.daemon.lifecycle.Lifecycle` per agent;
 * how one request is retried: a real :class:`agent.base.retry.Backoff` per request
@@ -76,7 +77,7 @@ from typing import Callable, Deque, Dict, FrozenSet, List, NamedTuple, Optional,
 
 from agent.base.retry import REFRESH_RETRY, Backoff, RetryPolicy, parse_retry_after
 from agent.daemon import lifecycle
-from agent.daemon.lifecycle import Lifecycle
+from agent.daemon.lifecycle import Lifecycle, Schedule
 from agent.manifest import DEFAULT_JITTER, DEFAULT_REFRESH_S
 from agent.status.snapshot import READY
 from agent.sync.freshness import SourceSeen, VaultSeen, is_fetched_since, list_budget
@@ -244,7 +245,8 @@ class Fleet:
         one interval (a fleet that has run for a while)."""
         for _ in range(count):
             agent = self._new_agent(list(self.vault.versions))
-            self.life[agent] = Lifecycle(phase=READY, is_ready=True)
+            self.life[agent] = Lifecycle(phase=READY, is_ready=True,
+                                         schedule=Schedule(self.interval_s, self.jitter))
             self.ready_at[agent] = 0.0
             self._schedule_refresh(agent, self.rng.random() * self.interval_s)
 
@@ -263,7 +265,7 @@ class Fleet:
         self.push(t, ROTATE, secret)
 
     def _new_agent(self, held: List[int]) -> int:
-        self.life.append(Lifecycle())
+        self.life.append(Lifecycle(schedule=Schedule(self.interval_s, self.jitter)))
         self.held.append(held)
         self.fetched.append([NEVER if not version else -self.interval_s for version in held])
         self.pauses.append(Pause(REQUEST_TOTAL_S, self.policy, self.rng.random,
@@ -541,8 +543,7 @@ class Fleet:
         held = self.held[agent]
         finished = lifecycle.sync_finished(
             self.life[agent], is_failing=failed, is_current=True,
-            has_every_required_file=lambda: all(held), now=t, interval_s=self.interval_s,
-            jitter=self.jitter, rng=self.rng.random())
+            has_every_required_file=lambda: all(held), now=t, rng=self.rng.random())
         self.life[agent] = finished.state
         if finished.became_ready:
             self.ready_at[agent] = t

@@ -468,7 +468,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "old-generation-kept-until-next-rotation",
         "the daemon removes a set's old generation (an old key) when its grace ends, "
         "not at the next rotation",
-        "agent/daemon/service.py",
+        "agent/daemon/reconcile.py",
         "            for directory in writer.retire():",
         "            for directory in []:",
         (f"{DAEMON}::test_a_certificate_set_rotates_whole_for_readers_and_hooks",),
@@ -477,15 +477,20 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "old-generation-kept-while-a-refresh-runs",
         "an old set generation goes when its grace ends, even while a refresh is stuck",
         "agent/daemon/service.py",
-        "        deadlines = [deadline for deadline in (writer.retire_deadline()",
-        "        if self._sync_thread is not None:\n            return None\n"
-        "        deadlines = [deadline for deadline in (writer.retire_deadline()",
+        "                                    self._reconcile.retire_deadline()))\n"
+        "            self._handle_messages()\n"
+        "            self._reconcile.retire_due()\n",
+        "                                    None if self._worker.is_running\n"
+        "                                    else self._reconcile.retire_deadline()))\n"
+        "            self._handle_messages()\n"
+        "            if not self._worker.is_running:\n"
+        "                self._reconcile.retire_due()\n",
         (f"{DAEMON}::test_an_old_generation_goes_on_time_while_a_refresh_is_stuck",),
     ),
     Mutation(
         "old-generation-left-at-stop-beside-a-stuck-refresh",
         "at stop no old set generation stays in tmpfs, even with a refresh stuck",
-        "agent/daemon/service.py",
+        "agent/daemon/reconcile.py",
         "            writer.stop()",
         "            pass",
         (f"{DAEMON}::test_stop_during_a_stuck_refresh_right_after_a_swap_leaves_no_old_"
@@ -503,9 +508,9 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "set-members-not-recorded",
         "READY=1 only with the files: a set's files count once the agent wrote them, every "
         "member recorded after each swap (unchanged members get new inodes too)",
-        "agent/daemon/service.py",
-        "            self._record_sets(agent.manifest, result)",
-        "            pass",
+        "agent/daemon/reconcile.py",
+        "        self._record_sets(manifest, report)",
+        "        pass",
         (f"{DAEMON}::test_a_set_counts_for_ready_only_while_it_is_the_agents",),
     ),
     # -- issue 9: promises the field testing found broken ---------------------
@@ -581,7 +586,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "select-ready-without-listing",
         "READY=1 only with the files: a required select entry counts once it listed",
-        "agent/daemon/service.py",
+        "agent/daemon/entries.py",
         "            return state.checked is not None",
         "            return True",
         (f"{SELECT}::test_run_is_not_ready_without_a_listing_and_skips_an_explicit_entrys_secret",),
@@ -663,7 +668,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "metrics-failures-not-counted",
         "a failing entry's consecutive failures show in the metrics",
-        "agent/daemon/service.py",
+        "agent/daemon/entries.py",
         "            state.failures += 1\n            return []",
         "            return []",
         (f"{METRICS}::test_running_agent_writes_metrics_after_each_refresh",),

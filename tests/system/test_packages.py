@@ -17,7 +17,8 @@ from typing import Dict, Iterable, List, Set
 import pytest
 from kvsystem import REPO, run
 
-AGENT_MODULES = sorted(p.name for p in (REPO / "agent").glob("*.py"))
+AGENT_MODULES = sorted(p.relative_to(REPO / "agent").as_posix()  # every wing, not the emulator
+                       for p in (REPO / "agent").rglob("*.py") if p.parent.name != "emulator")
 EMULATOR_MODULES = sorted(p.name for p in (REPO / "agent" / "emulator").glob("*.py"))
 APP = "/usr/lib/kv-agent"
 

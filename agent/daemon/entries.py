@@ -1,0 +1,238 @@
+"""The entry table: what the daemon knows of each manifest entry between refreshes.
+
+One :class:`EntryState` per entry, by key (its first output's path), for
+the manifest in use: its plain and certificate entries, each ``select:``
+entry's own listing, and the entries a listing expanded into. The table
+records each refresh's outcomes (once per change it logs a failure, a
+recovery and an expiry warning), decides the READY gate and which entries a
+reload added that are not on disk yet, and gives each entry's figures to the
+status and the metrics.
+
+The daemon's per-entry record types, and the one place that maps between
+them (this module):
+
+* :class:`~agent.sync.sync.SecretOutcome`: what one refresh did for an entry;
+  :meth:`EntryTable.record` folds it into the entry's state.
+* :class:`EntryState`: the table's row, kept across refreshes and reloads
+  (an entry a reload keeps unchanged keeps its row).
+* :class:`~agent.status.snapshot.EntryStatus`: the row as status.json shows
+  it (:meth:`EntryTable.statuses`).
+* :class:`~agent.daemon.metrics.EntryMetrics`: the row as the metrics file
+  shows it (:meth:`EntryTable.metrics`).
+* :class:`~agent.status.snapshot.Written`: the ledger's record of a file the
+  agent wrote; with the inodes a refresh found current, what makes an
+  entry's file count as on disk (the READY gate takes the ledger's inodes as
+  ``inode_of``).
+* :class:`~agent.sync.freshness.EntryWritten`: what the sync's memory keeps
+  of an outcome (the sync maps outcomes to it: it sits below the daemon);
+  the table reads the written version's ``updated`` time from that memory.
+
+Owned by the daemon's main thread; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from agent.daemon.ledger import regular_inode
+from agent.daemon.metrics import EntryMetrics
+from agent.manifest import Entry, Manifest
+from agent.pipeline.expiry import ExpiryWarnings, Validity, describe, judge
+from agent.status.snapshot import EntryStatus, iso_time
+from agent.sync.freshness import Freshness
+from agent.sync.sync import SecretOutcome, SyncReport, short_cause
+
+log = logging.getLogger(__name__)
+
+InodeOf = Callable[[str], Optional[int]]  # the ledger's recorded inode of a path, or None
+Changed = Tuple[Tuple[str, ...], str]  # (on_change hook, path) of a file that changed
+
+
+class EntryState:
+    """What the agent knows about one manifest entry, for STATUS and status.json."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.name = entry.name
+        self.paths = entry.paths
+        self.vault = entry.source.vault
+        self.is_optional = entry.is_optional
+        # A select entry's own state (its listing): on disk once listed.
+        self.is_listing = entry.transform == "select"
+        self.version: Optional[str] = None
+        self.updated: Optional[float] = None  # wall time a file last changed
+        self.checked: Optional[float] = None  # wall time the vault last confirmed it
+        self.error: Optional[str] = None
+        self.cause: Optional[str] = None
+        self.error_since: Optional[float] = None
+        # Inode of each file a refresh last found current (written or
+        # unchanged): with the ledger, what makes this entry count as on disk.
+        self.inodes: Dict[str, Optional[int]] = {}
+        # Validity window of what was last written (agent.pipeline.expiry).
+        self.validity = Validity()
+        self.version_updated: Optional[int] = None  # its `updated` in Key Vault (epoch s)
+        self.failures = 0  # refreshes in a row that did not confirm it (metrics)
+
+    def is_same_entry(self, entry: Entry) -> bool:
+        return (self.name, self.paths, self.vault) == (entry.name, entry.paths,
+                                                      entry.source.vault)
+
+
+class EntryTable:
+    """Every entry's :class:`EntryState`, by key, in manifest order."""
+
+    def __init__(self) -> None:
+        self._states: Dict[str, EntryState] = {}
+        self._expiry = ExpiryWarnings()
+        self._warn_before_s = 0.0  # the manifest's warn_before_expiry
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def install(self, manifest: Manifest) -> None:
+        """Rows for ``manifest``'s entries: an entry a reload kept (same
+        name, paths and vault) keeps its row, a new one starts empty, a
+        dropped one (and its expiry warnings) is forgotten."""
+        states: Dict[str, EntryState] = {}
+        for entry in manifest.secrets + tuple(s.entry for s in manifest.selections):
+            state = self._states.get(entry.key)
+            if state is None or not state.is_same_entry(entry):
+                state = EntryState(entry)
+            state.is_optional = entry.is_optional
+            states[entry.key] = state
+        self._states = states
+        self._expiry.keep_only(states)
+        self._warn_before_s = manifest.warn_before_expiry_s
+
+    # -- recording refreshes ---------------------------------------------------------------
+
+    def record(self, outcomes: Sequence[SecretOutcome], freshness: Freshness,
+               now_wall: float) -> List[Changed]:
+        """Fold a refresh's outcomes into the rows (``freshness``: the memory
+        that refresh left, for the written versions' times); returns (hook,
+        path) for each file that changed."""
+        changed: List[Changed] = []
+        for outcome in outcomes:
+            changed.extend(self._record(outcome, now_wall))
+            self._note_version_time(outcome, freshness)
+        return changed
+
+    def _record(self, outcome: SecretOutcome, now_wall: float) -> List[Changed]:
+        """Update one entry's state; returns (hook, path) for each file that changed."""
+        entry = outcome.entry
+        state = self._states.get(entry.key)
+        if state is None:  # the entry left the manifest during the refresh
+            state = EntryState(entry)
+        if outcome.error is not None:
+            message = str(outcome.error)
+            if message != state.error:
+                level = logging.WARNING if entry.is_optional else logging.ERROR
+                log.log(level, "%s", outcome.describe())
+                state.error_since = now_wall
+            state.error, state.cause = message, short_cause(outcome.error)
+            state.failures += 1
+            return []
+        if state.error is not None:
+            log.info("secret '%s' recovered: %s is current again", entry.name,
+                     ", ".join(entry.paths))
+        state.error = state.cause = state.error_since = None
+        state.failures = 0
+        state.checked = now_wall
+        if outcome.changed or state.updated is None:
+            state.updated = now_wall
+        state.version = outcome.version
+        state.validity = outcome.validity
+        self._warn_expiry(state, entry.key, now_wall)
+        state.inodes = {path: regular_inode(path) for path in entry.paths}
+        return [(entry.on_change, path) for path in outcome.changed_paths]
+
+    def _note_version_time(self, outcome: SecretOutcome, freshness: Freshness) -> None:
+        """Keep the written version's ``updated`` time (for its age), as the
+        refresh's memory (agent.sync.freshness) has it for the entry's first source."""
+        state = self._states.get(outcome.entry.key)
+        if state is None or outcome.error is not None or not outcome.entry.sources:
+            return
+        seen = freshness.sources.get(outcome.entry.sources[0])
+        if seen is not None and seen.version == outcome.version:
+            state.version_updated = seen.updated
+
+    def _warn_expiry(self, state: EntryState, key: str, now_wall: float) -> None:
+        """Log once (daily for "expiring") that what was written is expired,
+        expires soon, or is not valid yet; it is written all the same."""
+        kind = judge(state.validity, now_wall, self._warn_before_s)
+        if self._expiry.is_due(key, kind, state.validity, now_wall):
+            assert kind is not None
+            log.warning("%s", describe(state.name, kind, state.validity, now_wall))
+
+    def record_failure(self) -> None:
+        """A refresh failed as a whole (no token, say): no entry was confirmed."""
+        for state in self._states.values():
+            state.failures += 1
+
+    def follow_selections(self, report: SyncReport) -> None:
+        """For each ``select:`` entry whose listing succeeded: rows for the
+        entries it covers now, none for those it no longer covers (their
+        files are the reconciliation's). A failed listing changes nothing."""
+        matched = {outcome.entry.key: outcome.entry for outcome in report.outcomes}
+        for directory, paths in report.selected:
+            covered = set(paths)
+            for key in [key for key in self._states if os.path.dirname(key) == directory
+                        and key not in covered]:
+                del self._states[key]
+            for path in paths:
+                if path not in self._states:
+                    self._states[path] = EntryState(matched[path])
+
+    # -- the READY gate --------------------------------------------------------------------
+
+    def has_every_required_file(self, inode_of: InodeOf) -> bool:
+        """READY's condition: every output of every non-optional entry is a
+        regular file that a refresh found current, or that this agent wrote
+        earlier in this boot (the ledger, ``inode_of``, lives on /run) and
+        keeps as its last good one.
+
+        Checked on the files themselves, never inferred from an absence of
+        errors: when IMDS is down, the refresh fails as a whole and no
+        per-secret error is recorded at all (issue 9: READY=1 with an empty
+        directory).
+        """
+        return all(self._is_on_disk(state, path, inode_of) for state in self._states.values()
+                   if not state.is_optional for path in state.paths)
+
+    @staticmethod
+    def _is_on_disk(state: EntryState, path: str, inode_of: InodeOf) -> bool:
+        if state.is_listing:  # a select entry: listed since it was installed
+            return state.checked is not None
+        inode = regular_inode(path)
+        return inode is not None and inode in (state.inodes.get(path), inode_of(path))
+
+    @staticmethod
+    def _is_pending(state: EntryState, inode_of: InodeOf) -> bool:
+        """A new entry (a reload added it) that no refresh of this run has
+        confirmed or failed yet and whose files the agent never wrote."""
+        if state.checked is not None or state.error is not None:
+            return False
+        return state.is_listing or any(inode_of(p) is None for p in state.paths)
+
+    # -- what the status and the metrics show ----------------------------------------------
+
+    def statuses(self, now_wall: float, is_ready: bool,
+                 inode_of: InodeOf) -> Tuple[EntryStatus, ...]:
+        """Every row as status.json shows it, its expiry judged at ``now_wall``;
+        pending (not written yet) only once the agent is ready."""
+        return tuple(
+            EntryStatus(state.name, state.paths, state.vault, state.is_optional, state.version,
+                        iso_time(state.updated), iso_time(state.checked), state.error,
+                        state.cause, iso_time(state.error_since),
+                        iso_time(state.validity.not_before), iso_time(state.validity.expires),
+                        judge(state.validity, now_wall, self._warn_before_s),
+                        is_ready and self._is_pending(state, inode_of))
+            for state in self._states.values())
+
+    def metrics(self) -> Tuple[EntryMetrics, ...]:
+        """Every row as the metrics file shows it, by key."""
+        return tuple(EntryMetrics(key, state.name, state.vault, state.checked,
+                                  state.version_updated, state.failures,
+                                  state.validity.expires)
+                     for key, state in sorted(self._states.items()))
