@@ -62,6 +62,7 @@ from agent.base import retry, transport
 from agent.base.errors import KvAgentError, ManifestError
 from agent.base.memory import release_free_memory
 from agent.daemon import lifecycle
+from agent.daemon.credentials import Credentials
 from agent.daemon.entries import Changed, EntryTable
 from agent.daemon.hooks import HookRunner, hook_triggers
 from agent.daemon.lifecycle import Lifecycle, Schedule
@@ -106,9 +107,10 @@ class Daemon:
         self._mailbox: "Mailbox[Message]" = Mailbox()
         self._events = EventLoop(manifest_path, self._mailbox, monotonic)
         self._worker = RefreshThread(self._mailbox)
+        self._credentials = Credentials(state_dir)  # the store, and the socket serving it
         # State owned by the main thread:
         self._life = Lifecycle()
-        self._entries = EntryTable()
+        self._entries = EntryTable(self._credentials.store)
         self._reconcile = Reconciler(monotonic, self._mailbox.wake)
         self._stats = RefreshStats()
         self._metrics = MetricsFile()
@@ -205,6 +207,7 @@ class Daemon:
                      sleep=self._worker.sleep,
                      imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
                      writer=self._reconcile.writer(manifest.directory),
+                     credentials_store=self._credentials.store,
                      is_slow_start=True)  # a booting fleet must not burst (VaultClient)
         if is_new_directory:
             # Only for a directory not yet in use: cleaning it again would take
@@ -218,6 +221,7 @@ class Daemon:
         self._life = lifecycle.rescheduled(
             self._life, Schedule(manifest.refresh_interval_s, manifest.refresh_jitter))
         self._worker.reloaded()
+        self._credentials.install(manifest)  # its socket open before READY=1
 
     def _reload(self, reason: str) -> None:
         """RELOADING=1, re-read the manifest, refresh now, then READY=1."""
@@ -359,12 +363,14 @@ class Daemon:
         self._metrics.write(self._manifest.metrics_path if self._manifest else None,
                             lambda: self._stats.metrics(
                                 self._wall(), is_up=is_up, entries=self._entries.metrics(),
-                                requests=transport.REQUESTS.snapshot()))
+                                requests=transport.REQUESTS.snapshot(),
+                                credentials=self._credentials.counts()))
 
     def _shutdown(self) -> None:
         """STOPPING=1; let an in-flight refresh finish its current write; exit."""
         self._notifier.stopping()
         self._life = lifecycle.stopped(self._life)
+        self._credentials.stop()  # first: a unit starting now fails, served by no one
         self._worker.stop()
         self._reconcile.record_late(self._mailbox.messages())
         self._reconcile.stop()
