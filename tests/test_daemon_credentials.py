@@ -192,6 +192,7 @@ def test_a_stuck_client_delays_neither_a_refresh_nor_the_watchdog_nor_sigterm(
         stuck.append(connect(socket_of(run), loader_address("other.service", "db-password")))
         time.sleep(0.2)  # accepted, its refusal written as far as the socket takes it
         code, elapsed = run.process.stop(signal.SIGTERM)
+        print(f"SIGTERM to exit with {len(stuck)} stuck clients: {elapsed * 1000:.0f} ms")
         assert code == 0 and elapsed < PROMPT_EXIT_S, (elapsed, run.describe())
     finally:
         for client in stuck:

@@ -195,11 +195,14 @@ class CredentialSocket:
         except OSError:
             pass
         if thread is not None:
-            thread.join(self._timeout_s)
+            thread.join(self._timeout_s)  # it wakes at once: its sends never block
         self._listener = self._thread = None
         listener.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        if thread is None or not thread.is_alive():
+            # (A thread still alive keeps its pipe: closed, the numbers could be
+            # another file's by the time it reads them.)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
         self._wake_r = self._wake_w = -1
         self._remove_ours()
 

@@ -7,10 +7,13 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    the output directory (not tmpfs: WriteError), and delete files that a
    previous run wrote for entries no longer in the manifest.
 2. Initial sync, retried with bounded backoff until every non-optional entry
-   is on disk, with STATUS= saying what it waits for; then READY=1, so units
-   ordered after kv-agent find their files. "On disk" is checked positively,
-   file by file: a refresh that failed as a whole (IMDS down) leaves no
-   per-secret error behind, so no error must never be read as "written".
+   is on disk (and its credentials in memory), with STATUS= saying what it
+   waits for; then READY=1, so units ordered after kv-agent find their files,
+   and a unit's ``LoadCredential=`` finds the credential socket, made before
+   (while the manifest has credentials: :mod:`agent.daemon.credentials`).
+   "On disk" is checked positively, file by file: a refresh that failed as a
+   whole (IMDS down) leaves no per-secret error behind, so no error must never
+   be read as "written".
 3. Sleep until the next refresh (interval with jitter), a signal, a manifest
    edit (inotify), the watchdog, or the end of an old set generation's grace
    (only while one is pending, and whether or not a refresh runs: the
@@ -22,7 +25,8 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    never waits for that refresh: systemd >= 253 keeps the unit "reloading",
    and `systemctl reload` waiting, until READY=1, and a refresh may wait on
    the network for a minute; STATUS= says what it waits for (issue 17).
-5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes,
+5. SIGTERM/SIGINT: STOPPING=1, close the credential socket (its file goes,
+   its values are dropped), abandon the refresh between two atomic writes,
    remove every old set generation (even with a refresh still stuck: the
    writers then refuse any later swap) and exit 0. Files stay: consumers keep
    working across agent restarts.
@@ -37,12 +41,16 @@ keeps each entry's state (outcomes, the READY gate, expiry warnings);
 :mod:`agent.daemon.reconcile` decides what to remove and when, through
 :mod:`agent.daemon.ledger`, which knows which files the agent wrote;
 :mod:`agent.daemon.refresh` runs a refresh in its thread and counts refreshes;
+:mod:`agent.daemon.credentials` holds the credentials and serves them in a
+thread of its own;
 :mod:`agent.status.snapshot` is the status it publishes (its line:
 :mod:`agent.status.line`), and :mod:`agent.daemon.metrics` the Prometheus file
 (``metrics:``), rewritten after every refresh, successful or not. This module
 wires them and performs what they decide.
 
-Threads: the main thread runs the event loop and owns all state. A refresh
+Threads: the main thread runs the event loop and owns all state (the
+credential store apart: thread-safe, filled by refreshes and read by the
+credential socket's thread). A refresh
 runs in one worker thread (itself fanning out fetches); the worker never
 touches the daemon's state or the notifier: it posts messages (a retry
 notice, then its report) to a :class:`~agent.daemon.loop.Mailbox`, whose pipe wakes
