@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import pytest
 import yaml
@@ -17,10 +17,12 @@ from agent.base.errors import SecretNotFoundError, VaultForbiddenError
 from agent.daemon.entries import EntryTable
 from agent.daemon.metrics import EntryMetrics
 from agent.manifest import Accounts, Entry, Manifest, parse_manifest
+from agent.pipeline.credentials import Grant
 from agent.pipeline.expiry import Validity
 from agent.status.snapshot import EntryStatus
 from agent.sync.freshness import Freshness, SourceSeen
 from agent.sync.sync import SecretOutcome, SyncReport
+from agent.writer.credentials import CredentialStore
 
 ACCOUNTS = Accounts(user=lambda name: 0, group=lambda name: 0)
 VAULT = "https://kv.vault.azure.net"
@@ -200,3 +202,78 @@ def test_expiry_is_warned_once_and_expiring_daily(tmp_path: Path,
     assert "'web-tls' expired at" in caplog.records[-1].message
     refresh(expires + 180, Validity(None, expires + 365 * 86400))
     assert len(caplog.records) == 3
+
+
+# -- systemd credentials (issue 19) ------------------------------------------------------------
+
+CREDENTIAL = {"name": "db", "credential": {"units": ["app.service"]}}
+HOOK = ["systemctl", "try-restart", "app.service"]
+
+
+def credential_table(tmp_path: Path, entries: Sequence[Dict[str, Any]]
+                     ) -> Tuple[EntryTable, Manifest, CredentialStore[Grant]]:
+    m = manifest(tmp_path, list(entries))
+    store: CredentialStore[Grant] = CredentialStore()
+    store.declare({entry.key: entry.grants for entry in m.secrets if entry.grants})
+    table = EntryTable(store)
+    table.install(m)
+    return table, m, store
+
+
+def test_ready_waits_for_every_required_credential_in_memory(tmp_path: Path) -> None:
+    """A credential-only entry (no file at all) counts for READY once the store holds its
+    value, as a file counts once on disk; an optional one does not matter."""
+    table, m, store = credential_table(tmp_path, [
+        CREDENTIAL, {"name": "opt", "optional": True,
+                     "credential": {"units": ["app.service"]}}])
+    db = by_name(m)["db"]
+    assert db.paths == () and db.key == "credential:app.service/db"
+    table.record([SecretOutcome(db, version="v1")], Freshness(), 1.0)
+    assert not table.has_every_required_file(no_ledger)  # reported, not in the store
+    store.replace(db.key, [(db.grants[0], b"value")])
+    assert table.has_every_required_file(no_ledger)
+
+
+def test_a_changed_credential_names_its_hook(tmp_path: Path) -> None:
+    """A changed credential runs the entry's on_change with its KV_AGENT_CHANGED name, after
+    the entry's changed files."""
+    table, m, _ = credential_table(tmp_path, [
+        {**CREDENTIAL, "path": "db", "on_change": HOOK}])
+    db = by_name(m)["db"]
+    changed = table.record([SecretOutcome(
+        db, "v2", changed_paths=db.paths,
+        changed_credentials=("credential:app.service/db",))], Freshness(), 1.0)
+    assert changed == [(tuple(HOOK), str(tmp_path / "db")),
+                       (tuple(HOOK), "credential:app.service/db")]
+
+
+def test_a_credential_entry_shows_its_key_and_whether_it_is_loaded(tmp_path: Path) -> None:
+    """Status and metrics rows name a credential-only entry by its credential and say whether
+    it is in memory; a reload that adds one is pending until loaded; new units are a new row."""
+    table, m, store = credential_table(tmp_path, [CREDENTIAL, {"name": "plain"}])
+    db = by_name(m)["db"]
+    rows = {row.name: row for row in table.statuses(0.0, True, no_ledger)}
+    assert (rows["db"].path, rows["db"].credentials, rows["db"].is_loaded) == \
+        (db.key, (db.key,), False)
+    assert rows["db"].is_pending
+    assert rows["plain"].credentials == () and not rows["plain"].is_loaded
+    store.replace(db.key, [(db.grants[0], b"value")])
+    rows = {row.name: row for row in table.statuses(0.0, True, no_ledger)}
+    assert rows["db"].is_loaded and not rows["db"].is_pending
+    assert {row.entry: row.credentials_loaded for row in table.metrics()} == {
+        db.key: True, str(tmp_path / "plain"): None}
+
+
+def test_an_entry_whose_grants_change_starts_a_new_row(tmp_path: Path) -> None:
+    """A file with a credential keeps its key when the credential's units change, but not its
+    row: the store dropped the value, and the entry is pending again until a refresh."""
+    both = {"name": "db", "path": "db", "credential": {"units": ["app.service"]}}
+    table, m, _ = credential_table(tmp_path, [both, {"name": "plain"}])
+    table.record([SecretOutcome(e, "v1") for e in m.secrets], Freshness(), 1.0)
+    widened = manifest(tmp_path, [{**both, "credential": {"units": ["app.service",
+                                                                     "worker@*.service"]}},
+                                  {"name": "plain"}])
+    assert widened.secrets[0].key == m.secrets[0].key
+    table.install(widened)
+    assert [row.checked for row in table.statuses(2.0, True, no_ledger)] == \
+        [None, "1970-01-01T00:00:01Z"]

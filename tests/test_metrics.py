@@ -112,6 +112,28 @@ def test_unknown_values_are_left_out_not_zero() -> None:
     assert "kv_agent_secret_consecutive_failures" in empty  # HELP/TYPE even without samples
 
 
+def test_credential_families_only_once_credentials_are_served() -> None:
+    """With credentials: whether each credential entry is in memory (by its key, a
+    credential-only one's being credential:<units>/<ID>) and the socket's connections by
+    result; without: no such family at all, the file as it always was."""
+    label = "credential:app.service/db"
+    text = render(snapshot(
+        entries=(EntryMetrics(label, "db", "https://kv.vault.azure.net",
+                              credentials_loaded=True),
+                 EntryMetrics("/run/secrets/tls.key", "tls", "https://kv.vault.azure.net",
+                              credentials_loaded=False),
+                 EntryMetrics("/run/secrets/plain", "plain", "https://kv.vault.azure.net")),
+        credentials={"served": 3, "refused": 1, "ignored": 0}))
+    families = parse(text)
+    assert families["kv_agent_credential_loaded"][0] == "gauge"
+    assert value(families, "kv_agent_credential_loaded", entry=label, secret="db") == 1
+    assert value(families, "kv_agent_credential_loaded", secret="tls") == 0
+    assert value(families, "kv_agent_credential_loaded", secret="plain") is None
+    assert value(families, "kv_agent_credential_connections_total", result="served") == 3
+    assert value(families, "kv_agent_credential_connections_total", result="refused") == 1
+    assert "credential" not in render(snapshot())
+
+
 @pytest.mark.parametrize("name", [
     'quote"d', "back\\slash", "new\nline", 'all\\"\n\\n', "carriage\rreturn", "ünï€",
     "lone\udc80surrogate", "", "{a=\"b\"} 1\nkv_agent_up 0",

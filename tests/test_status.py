@@ -228,3 +228,27 @@ def test_expiry_column_shows_each_entrys_date_and_mark() -> None:
     assert " no expiry " in rows["plain"]
     columns = {row.index("version") for row in rows.values()}
     assert len(columns) == 1, rows  # aligned
+
+
+def test_a_credential_entry_round_trips_and_shows_its_key_and_whether_loaded() -> None:
+    """A credential-only entry is shown by its credential (``credential:<units>/<ID>``) as
+    its path, with whether it is in memory; an entry without credentials keeps its keys."""
+    label = "credential:app.service,worker@*.service/db"
+    snapshot = StatusSnapshot(
+        pid=os.getpid(), phase=READY, saved_at="2026-11-24T14:02:11Z",
+        status="2 secrets current; 1 credential in memory",
+        manifest="/etc/kv-agent/manifest.yaml",
+        entries=(EntryStatus("db", (), "https://a.vault.azure.net", version="b" * 32,
+                             credentials=(label,), is_loaded=True),
+                 EntryStatus("plain", ("/run/secrets/plain",), "https://a.vault.azure.net")))
+    document = json.loads(json.dumps(snapshot.as_json()))
+    db, plain = document["secrets"]
+    assert (db["path"], db["paths"], db["credentials"], db["loaded"]) == (label, [], [label],
+                                                                          True)
+    assert "credentials" not in plain and "loaded" not in plain
+    assert parse_snapshot(document) == snapshot
+    lines, code = render_status(document, "x")
+    assert code == EXIT_OK
+    assert any(f"ok   db -> {label} (loaded)" in line for line in lines), lines
+    db["loaded"] = False
+    assert any(f"-> {label} (not loaded)" in line for line in render_status(document, "x")[0])

@@ -129,3 +129,17 @@ def test_the_snapshot_carries_its_own_line() -> None:
     value = with_status_line(snapshot(ok("a"), is_ready=True)._replace(status="stale"))
     assert value.status == "1 secret current"
     assert value.as_json()["status"] == "1 secret current"
+
+
+def test_credentials_in_memory_are_counted_only_when_there_are_any() -> None:
+    """A manifest with systemd credentials says how many are in memory (``1 of 3`` while some
+    are not); one without says nothing of them."""
+    served = ok("db", credentials=("credential:app.service/db",), is_loaded=True)
+    tls = EntryStatus("tls", (), credentials=("credential:nginx.service/tls.key",
+                                              "credential:nginx.service/tls.crt"))
+    assert status_line(snapshot(served, ok("a"), is_ready=True)) == "2 secrets current; 1 credential in memory"
+    assert status_line(snapshot(served, tls, is_ready=True)) == \
+        "2 secrets current; 1 of 3 credentials in memory"
+    assert status_line(snapshot(served, tls._replace(is_loaded=True), is_ready=True)) == \
+        "2 secrets current; 3 credentials in memory"
+    assert "credential" not in status_line(snapshot(ok("a"), ok("b")))

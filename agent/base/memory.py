@@ -1,5 +1,6 @@
-"""The agent's process memory: two malloc arenas, free pages returned, and
-long-lived objects kept out of the cyclic garbage collector.
+"""The agent's process memory: two malloc arenas, free pages returned,
+long-lived objects kept out of the cyclic garbage collector, and kept out of
+core dumps when it holds credentials.
 
 glibc's malloc gives a thread that allocates while the others' arenas are
 busy an arena of its own, up to eight per core, and keeps every arena for the
@@ -10,6 +11,12 @@ freed pages glibc had not handed back (issue 17, item 21: idle RSS with 100
 secrets 35.0 -> 34.0 MiB; ``once`` for 1,000 secrets peaks 0.8 MiB lower).
 The fetch threads take turns under the GIL anyway: two arenas cost them
 nothing measurable.
+
+A process that serves systemd credentials holds values that no file holds
+(:mod:`agent.writer.credentials`): :func:`make_undumpable` keeps them out of a
+core dump and from another process's ``ptrace`` or ``/proc/<pid>/mem``
+without ``CAP_SYS_PTRACE`` (prctl(2) ``PR_SET_DUMPABLE`` 0; the kernel also
+makes the process's /proc files root's).
 
 The malloc calls are best effort and change nothing but memory use: with
 another C library (musl has neither function) they do nothing, and an
@@ -23,6 +30,8 @@ import gc
 from typing import Any, Mapping, Optional
 
 M_ARENA_MAX = -8  # mallopt(3) parameter, from <malloc.h>
+PR_GET_DUMPABLE = 3  # prctl(2) options, from <linux/prctl.h>
+PR_SET_DUMPABLE = 4
 MALLOC_ARENAS = 2
 
 
@@ -60,3 +69,25 @@ def spare_the_collector() -> None:
     collection only to free them anyway (about 30 ms of ``kv-agent once`` for
     1,000 secrets; issue 17, item 20)."""
     gc.freeze()
+
+
+def make_undumpable() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): no core dump of this process, and no
+    ptrace or /proc/<pid>/mem for other processes without CAP_SYS_PTRACE.
+    For as long as the process lives (a value it held may linger in freed
+    memory); ``execve`` of a hook resets it for the hook. True when set."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):  # not Linux, or no prctl
+        return False
+
+
+def is_dumpable() -> bool:
+    """prctl(PR_GET_DUMPABLE): whether this process may be dumped (and
+    traced by its own user); True when that cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)) != 0
+    except (OSError, AttributeError):
+        return True

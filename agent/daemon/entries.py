@@ -5,8 +5,10 @@ the manifest in use: its plain and certificate entries, each ``select:``
 entry's own listing, and the entries a listing expanded into. The table
 records each refresh's outcomes (once per change it logs a failure, a
 recovery and an expiry warning), decides the READY gate and which entries a
-reload added that are not on disk yet, and gives each entry's figures to the
-status and the metrics.
+reload added that are not on disk (or in memory) yet, and gives each entry's
+figures to the status and the metrics. An entry's credentials count as its
+files do: the table asks the daemon's
+:class:`~agent.writer.credentials.CredentialStore` which entries it holds.
 
 The daemon's per-entry record types, and the one place that maps between
 them (this module):
@@ -39,15 +41,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from agent.daemon.ledger import regular_inode
 from agent.daemon.metrics import EntryMetrics
 from agent.manifest import Entry, Manifest
+from agent.pipeline.credentials import Grant
 from agent.pipeline.expiry import ExpiryWarnings, Validity, describe, judge
 from agent.status.snapshot import EntryStatus, iso_time
 from agent.sync.freshness import Freshness
 from agent.sync.sync import SecretOutcome, SyncReport, short_cause
+from agent.writer.credentials import CredentialStore
 
 log = logging.getLogger(__name__)
 
 InodeOf = Callable[[str], Optional[int]]  # the ledger's recorded inode of a path, or None
-Changed = Tuple[Tuple[str, ...], str]  # (on_change hook, path) of a file that changed
+# (on_change hook, path) of a file that changed, or (hook, KV_AGENT_CHANGED
+# name) of a credential that did.
+Changed = Tuple[Tuple[str, ...], str]
 
 
 class EntryState:
@@ -56,6 +62,7 @@ class EntryState:
     def __init__(self, entry: Entry) -> None:
         self.name = entry.name
         self.paths = entry.paths
+        self.grants = entry.grants  # its credentials (none: files only)
         self.vault = entry.source.vault
         self.is_optional = entry.is_optional
         # A select entry's own state (its listing): on disk once listed.
@@ -75,14 +82,16 @@ class EntryState:
         self.failures = 0  # refreshes in a row that did not confirm it (metrics)
 
     def is_same_entry(self, entry: Entry) -> bool:
-        return (self.name, self.paths, self.vault) == (entry.name, entry.paths,
-                                                      entry.source.vault)
+        return (self.name, self.paths, self.vault, self.grants) == (
+            entry.name, entry.paths, entry.source.vault, entry.grants)
 
 
 class EntryTable:
-    """Every entry's :class:`EntryState`, by key, in manifest order."""
+    """Every entry's :class:`EntryState`, by key, in manifest order.
+    ``credentials``: the store the refreshes load (none: an empty one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: Optional[CredentialStore[Grant]] = None) -> None:
+        self._credentials = credentials if credentials is not None else CredentialStore()
         self._states: Dict[str, EntryState] = {}
         self._expiry = ExpiryWarnings()
         self._warn_before_s = 0.0  # the manifest's warn_before_expiry
@@ -119,7 +128,8 @@ class EntryTable:
         return changed
 
     def _record(self, outcome: SecretOutcome, now_wall: float) -> List[Changed]:
-        """Update one entry's state; returns (hook, path) for each file that changed."""
+        """Update one entry's state; returns (hook, path) for each file that
+        changed, then (hook, name) for each credential that did."""
         entry = outcome.entry
         state = self._states.get(entry.key)
         if state is None:  # the entry left the manifest during the refresh
@@ -145,7 +155,8 @@ class EntryTable:
         state.validity = outcome.validity
         self._warn_expiry(state, entry.key, now_wall)
         state.inodes = {path: regular_inode(path) for path in entry.paths}
-        return [(entry.on_change, path) for path in outcome.changed_paths]
+        return [(entry.on_change, path) for path in outcome.changed_paths] + \
+            [(entry.on_change, name) for name in outcome.changed_credentials]
 
     def _note_version_time(self, outcome: SecretOutcome, freshness: Freshness) -> None:
         """Keep the written version's ``updated`` time (for its age), as the
@@ -190,15 +201,20 @@ class EntryTable:
         """READY's condition: every output of every non-optional entry is a
         regular file that a refresh found current, or that this agent wrote
         earlier in this boot (the ledger, ``inode_of``, lives on /run) and
-        keeps as its last good one.
+        keeps as its last good one; and every credential of theirs is loaded
+        in the store, so a unit ordered after kv-agent gets its value at boot.
 
         Checked on the files themselves, never inferred from an absence of
         errors: when IMDS is down, the refresh fails as a whole and no
         per-secret error is recorded at all (issue 9: READY=1 with an empty
         directory).
         """
-        return all(self._is_on_disk(state, path, inode_of) for state in self._states.values()
-                   if not state.is_optional for path in state.paths)
+        loaded = self._credentials.loaded()
+        required = [(key, state) for key, state in self._states.items()
+                    if not state.is_optional]
+        return all(self._is_on_disk(state, path, inode_of) for _, state in required
+                   for path in state.paths) and \
+            all(key in loaded for key, state in required if state.grants)
 
     @staticmethod
     def _is_on_disk(state: EntryState, path: str, inode_of: InodeOf) -> bool:
@@ -208,12 +224,14 @@ class EntryTable:
         return inode is not None and inode in (state.inodes.get(path), inode_of(path))
 
     @staticmethod
-    def _is_pending(state: EntryState, inode_of: InodeOf) -> bool:
+    def _is_pending(state: EntryState, inode_of: InodeOf, is_loaded: bool) -> bool:
         """A new entry (a reload added it) that no refresh of this run has
-        confirmed or failed yet and whose files the agent never wrote."""
+        confirmed or failed yet and whose files the agent never wrote, or
+        whose credentials (``is_loaded``) are not in memory."""
         if state.checked is not None or state.error is not None:
             return False
-        return state.is_listing or any(inode_of(p) is None for p in state.paths)
+        return state.is_listing or any(inode_of(p) is None for p in state.paths) or \
+            (bool(state.grants) and not is_loaded)
 
     # -- what the status and the metrics show ----------------------------------------------
 
@@ -221,18 +239,22 @@ class EntryTable:
                  inode_of: InodeOf) -> Tuple[EntryStatus, ...]:
         """Every row as status.json shows it, its expiry judged at ``now_wall``;
         pending (not written yet) only once the agent is ready."""
+        loaded = self._credentials.loaded()
         return tuple(
             EntryStatus(state.name, state.paths, state.vault, state.is_optional, state.version,
                         iso_time(state.updated), iso_time(state.checked), state.error,
                         state.cause, iso_time(state.error_since),
                         iso_time(state.validity.not_before), iso_time(state.validity.expires),
                         judge(state.validity, now_wall, self._warn_before_s),
-                        is_ready and self._is_pending(state, inode_of))
-            for state in self._states.values())
+                        is_ready and self._is_pending(state, inode_of, key in loaded),
+                        tuple(grant.label for grant in state.grants), key in loaded)
+            for key, state in self._states.items())
 
     def metrics(self) -> Tuple[EntryMetrics, ...]:
         """Every row as the metrics file shows it, by key."""
+        loaded = self._credentials.loaded()
         return tuple(EntryMetrics(key, state.name, state.vault, state.checked,
                                   state.version_updated, state.failures,
-                                  state.validity.expires)
+                                  state.validity.expires,
+                                  key in loaded if state.grants else None)
                      for key, state in sorted(self._states.items()))

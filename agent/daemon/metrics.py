@@ -74,6 +74,9 @@ class EntryMetrics(NamedTuple):
     version_updated_s: Optional[float] = None  # the written version's `updated`
     consecutive_failures: int = 0  # refreshes in a row that did not confirm it
     expires_s: Optional[float] = None  # the secret's `exp` (a certificate: the earlier end)
+    # Whether its credentials are in memory; None for an entry that serves none.
+    # (A credential-only entry's key is its first grant, credential:<units>/<ID>.)
+    credentials_loaded: Optional[bool] = None
 
 
 class MetricsSnapshot(NamedTuple):
@@ -87,6 +90,9 @@ class MetricsSnapshot(NamedTuple):
     refreshes: Mapping[str, int] = {}  # result ("success", "partial", "failure") -> count
     files_written: int = 0
     requests: Mapping[RequestKey, int] = {}
+    # Connections to the credential socket by result (served, refused, ignored);
+    # None while no manifest served credentials: their families are left out.
+    credentials: Optional[Mapping[str, int]] = None
 
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -103,7 +109,9 @@ class _Family(NamedTuple):
 def render(snapshot: MetricsSnapshot) -> str:
     """The text exposition format (version 0.0.4) of ``snapshot``; ends in a
     newline. Every family is present, with its HELP and TYPE, even when it
-    has no sample (no entry yet): a dashboard finds each name."""
+    has no sample (no entry yet): a dashboard finds each name. (The
+    credential families only once a manifest in use served credentials: a
+    file without them is as it was before there were any.)"""
     return "".join(_render_family(family) for family in _families(snapshot))
 
 
@@ -154,6 +162,28 @@ def _families(s: MetricsSnapshot) -> List[_Family]:
                 "When the written secret expires (its exp; a certificate's notAfter), "
                 "unix time; absent when it has no expiry.",
                 per_entry(lambda e: e.expires_s)),
+    ] + _credential_families(s, per_entry)
+
+
+def _credential_families(
+        s: MetricsSnapshot,
+        per_entry: Callable[[Callable[[EntryMetrics], Optional[float]]], Samples],
+) -> List[_Family]:
+    """The credential socket's families, only once a manifest served credentials."""
+    if s.credentials is None:
+        return []
+    return [
+        _Family("credential_loaded", "gauge",
+                "1 when the entry's systemd credentials are in memory, ready to serve "
+                "(entry: its first path, or credential:<units>/<id> without one).",
+                per_entry(lambda e: None if e.credentials_loaded is None
+                          else float(e.credentials_loaded))),
+        _Family("credential_connections_total", "counter",
+                "Connections to the credential socket since start, by result: served (a "
+                "granted unit got its value), refused (the unit was made to fail), ignored "
+                "(not systemd's credential loader).",
+                tuple(((("result", result),), float(count))
+                      for result, count in sorted(s.credentials.items()))),
     ]
 
 

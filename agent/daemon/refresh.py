@@ -197,9 +197,11 @@ class RefreshStats:
         return kind
 
     def metrics(self, now_s: float, *, is_up: bool, entries: Tuple[EntryMetrics, ...],
-                requests: Mapping[RequestKey, int]) -> MetricsSnapshot:
-        """The metrics file's figures at ``now_s``, with the entries' and the requests'."""
+                requests: Mapping[RequestKey, int],
+                credentials: Optional[Mapping[str, int]] = None) -> MetricsSnapshot:
+        """The metrics file's figures at ``now_s``, with the entries', the
+        requests' and the credential socket's connections (None: none served)."""
         return MetricsSnapshot(
             now_s=now_s, is_up=is_up, entries=entries, last_refresh_s=self.last_end_s,
             refresh_duration_s=self.last_duration_s, refreshes=dict(self.counts),
-            files_written=self.files_written, requests=requests)
+            files_written=self.files_written, requests=requests, credentials=credentials)

@@ -7,10 +7,13 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    the output directory (not tmpfs: WriteError), and delete files that a
    previous run wrote for entries no longer in the manifest.
 2. Initial sync, retried with bounded backoff until every non-optional entry
-   is on disk, with STATUS= saying what it waits for; then READY=1, so units
-   ordered after kv-agent find their files. "On disk" is checked positively,
-   file by file: a refresh that failed as a whole (IMDS down) leaves no
-   per-secret error behind, so no error must never be read as "written".
+   is on disk (and its credentials in memory), with STATUS= saying what it
+   waits for; then READY=1, so units ordered after kv-agent find their files,
+   and a unit's ``LoadCredential=`` finds the credential socket, made before
+   (while the manifest has credentials: :mod:`agent.daemon.credentials`).
+   "On disk" is checked positively, file by file: a refresh that failed as a
+   whole (IMDS down) leaves no per-secret error behind, so no error must never
+   be read as "written".
 3. Sleep until the next refresh (interval with jitter), a signal, a manifest
    edit (inotify), the watchdog, or the end of an old set generation's grace
    (only while one is pending, and whether or not a refresh runs: the
@@ -22,7 +25,8 @@ Lifecycle (the only place that orders cycles of the pipeline; one
    never waits for that refresh: systemd >= 253 keeps the unit "reloading",
    and `systemctl reload` waiting, until READY=1, and a refresh may wait on
    the network for a minute; STATUS= says what it waits for (issue 17).
-5. SIGTERM/SIGINT: STOPPING=1, abandon the refresh between two atomic writes,
+5. SIGTERM/SIGINT: STOPPING=1, close the credential socket (its file goes,
+   its values are dropped), abandon the refresh between two atomic writes,
    remove every old set generation (even with a refresh still stuck: the
    writers then refuse any later swap) and exit 0. Files stay: consumers keep
    working across agent restarts.
@@ -37,12 +41,16 @@ keeps each entry's state (outcomes, the READY gate, expiry warnings);
 :mod:`agent.daemon.reconcile` decides what to remove and when, through
 :mod:`agent.daemon.ledger`, which knows which files the agent wrote;
 :mod:`agent.daemon.refresh` runs a refresh in its thread and counts refreshes;
+:mod:`agent.daemon.credentials` holds the credentials and serves them in a
+thread of its own;
 :mod:`agent.status.snapshot` is the status it publishes (its line:
 :mod:`agent.status.line`), and :mod:`agent.daemon.metrics` the Prometheus file
 (``metrics:``), rewritten after every refresh, successful or not. This module
 wires them and performs what they decide.
 
-Threads: the main thread runs the event loop and owns all state. A refresh
+Threads: the main thread runs the event loop and owns all state (the
+credential store apart: thread-safe, filled by refreshes and read by the
+credential socket's thread). A refresh
 runs in one worker thread (itself fanning out fetches); the worker never
 touches the daemon's state or the notifier: it posts messages (a retry
 notice, then its report) to a :class:`~agent.daemon.loop.Mailbox`, whose pipe wakes
@@ -62,6 +70,7 @@ from agent.base import retry, transport
 from agent.base.errors import KvAgentError, ManifestError
 from agent.base.memory import release_free_memory
 from agent.daemon import lifecycle
+from agent.daemon.credentials import Credentials
 from agent.daemon.entries import Changed, EntryTable
 from agent.daemon.hooks import HookRunner, hook_triggers
 from agent.daemon.lifecycle import Lifecycle, Schedule
@@ -106,9 +115,10 @@ class Daemon:
         self._mailbox: "Mailbox[Message]" = Mailbox()
         self._events = EventLoop(manifest_path, self._mailbox, monotonic)
         self._worker = RefreshThread(self._mailbox)
+        self._credentials = Credentials(state_dir)  # the store, and the socket serving it
         # State owned by the main thread:
         self._life = Lifecycle()
-        self._entries = EntryTable()
+        self._entries = EntryTable(self._credentials.store)
         self._reconcile = Reconciler(monotonic, self._mailbox.wake)
         self._stats = RefreshStats()
         self._metrics = MetricsFile()
@@ -205,6 +215,7 @@ class Daemon:
                      sleep=self._worker.sleep,
                      imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
                      writer=self._reconcile.writer(manifest.directory),
+                     credentials_store=self._credentials.store,
                      is_slow_start=True)  # a booting fleet must not burst (VaultClient)
         if is_new_directory:
             # Only for a directory not yet in use: cleaning it again would take
@@ -218,6 +229,7 @@ class Daemon:
         self._life = lifecycle.rescheduled(
             self._life, Schedule(manifest.refresh_interval_s, manifest.refresh_jitter))
         self._worker.reloaded()
+        self._credentials.install(manifest)  # its socket open before READY=1
 
     def _reload(self, reason: str) -> None:
         """RELOADING=1, re-read the manifest, refresh now, then READY=1."""
@@ -359,12 +371,14 @@ class Daemon:
         self._metrics.write(self._manifest.metrics_path if self._manifest else None,
                             lambda: self._stats.metrics(
                                 self._wall(), is_up=is_up, entries=self._entries.metrics(),
-                                requests=transport.REQUESTS.snapshot()))
+                                requests=transport.REQUESTS.snapshot(),
+                                credentials=self._credentials.counts()))
 
     def _shutdown(self) -> None:
         """STOPPING=1; let an in-flight refresh finish its current write; exit."""
         self._notifier.stopping()
         self._life = lifecycle.stopped(self._life)
+        self._credentials.stop()  # first: a unit starting now fails, served by no one
         self._worker.stop()
         self._reconcile.record_late(self._mailbox.messages())
         self._reconcile.stop()

@@ -17,6 +17,8 @@ The line is parts joined by ``"; "``, in this order:
    three, with a short cause); else ``3 secrets current`` (unless entries are
    pending);
 2. entries a reload added that no refresh has written yet (a ready agent's);
+   then, for a manifest with systemd credentials, how many are in memory
+   (``2 credentials in memory``, ``1 of 2 credentials in memory``);
 3. what a ready agent's running refresh waits for;
 4. expired, not yet valid and expiring entries, with their dates;
 5. files in a set's directory that are not the agent's (escaped: a file name
@@ -63,6 +65,7 @@ def status_line(snapshot: StatusSnapshot) -> str:
     if pending:
         names = ", ".join(entry.name for entry in pending[:NAMED])
         parts.append(f"{len(pending)} of {total} not written yet: {names}{_more(pending)}")
+    parts.extend(_credentials_part(entries))
     if is_ready and snapshot.waiting is not None:
         parts.append(f"refresh {snapshot.waiting}")
     parts.extend(_expiry_parts(entries))
@@ -94,6 +97,16 @@ def clock(iso: str) -> str:
     except ValueError:
         return iso
     return time.strftime("%H:%M:%S", time.localtime(epoch_s))
+
+
+def _credentials_part(entries: Sequence[EntryStatus]) -> List[str]:
+    """``2 credentials in memory`` (or ``1 of 2 ...``); nothing without credentials."""
+    total = sum(len(entry.credentials) for entry in entries)
+    loaded = sum(len(entry.credentials) for entry in entries if entry.is_loaded)
+    if not total:
+        return []
+    noun = f"credential{'s' if total != 1 else ''} in memory"
+    return [f"{total} {noun}" if loaded == total else f"{loaded} of {total} {noun}"]
 
 
 def _expiry_parts(entries: Sequence[EntryStatus]) -> List[str]:

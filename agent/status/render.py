@@ -24,7 +24,7 @@ from agent.base.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
 from agent.status.snapshot import STARTING, STOPPED, EntryStatus, StatusSnapshot
 
-# Entry lines are columns: "mark name -> paths", expiry, version and update.
+# Entry lines are columns: "mark name -> paths" (and credentials), expiry, version and update.
 MAX_HEAD_WIDTH = 60  # a longer head pushes its own line's columns, not everyone's
 EXPIRY_WIDTH = len("expires 2026-11-01T00:00:00Z not yet valid")
 
@@ -87,11 +87,14 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
 
 
 def _entry_head(entry: EntryStatus, running: bool) -> str:
-    """``ok   name -> paths``: the mark ("was ok" when no agent runs) and the files."""
+    """``ok   name -> paths``: the mark ("was ok" when no agent runs) and the
+    files, then the credentials (``credential:<units>/<ID>``) and whether
+    they are in memory (never their value)."""
     mark = _mark(entry)
     if not running:
         mark = f"was {mark:4}"
-    return f"{mark:4} {entry.name} -> {', '.join(entry.paths) or '?'}"
+    loaded = (" (loaded)" if entry.is_loaded else " (not loaded)") if entry.credentials else ""
+    return f"{mark:4} {entry.name} -> {', '.join(entry.targets) or '?'}{loaded}"
 
 
 def _expiry_column(entry: EntryStatus) -> str:

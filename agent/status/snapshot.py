@@ -80,21 +80,35 @@ class EntryStatus(NamedTuple):
     # A ready agent's new entry (from a reload) that its first refresh has not
     # written or failed yet: not on disk, though nothing failed (issue 17).
     is_pending: bool = False
+    # The systemd credentials it serves, each as credential:<units>/<ID>
+    # (issue 19), and whether their values are in memory; never a value.
+    credentials: Tuple[str, ...] = ()
+    is_loaded: bool = False
 
     @property
     def path(self) -> str:
-        """The first output's path (the entry's key)."""
-        return self.paths[0] if self.paths else "?"
+        """The entry's key: its first output's path, or for an entry that
+        writes no file its first credential, ``credential:<units>/<ID>``."""
+        return (self.paths or self.credentials or ("?",))[0]
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        """Where its bytes go: each file, then each credential."""
+        return self.paths + self.credentials
 
     def as_json(self) -> Dict[str, Any]:
         # "path" stays beside "paths" for readers of version 1.
-        return {"name": self.name, "path": self.path, "paths": list(self.paths),
-                "vault": self.vault, "optional": self.is_optional, "version": self.version,
-                "updated": self.updated, "checked": self.checked, "error": self.error,
-                "cause": self.cause, "error_since": self.error_since,
-                "not_before": self.not_before, "expires": self.expires,
-                "expired": self.expiry == EXPIRED, "expiring": self.expiry == EXPIRING,
-                "not_yet_valid": self.expiry == NOT_YET_VALID, "pending": self.is_pending}
+        document = {
+            "name": self.name, "path": self.path, "paths": list(self.paths),
+            "vault": self.vault, "optional": self.is_optional, "version": self.version,
+            "updated": self.updated, "checked": self.checked, "error": self.error,
+            "cause": self.cause, "error_since": self.error_since,
+            "not_before": self.not_before, "expires": self.expires,
+            "expired": self.expiry == EXPIRED, "expiring": self.expiry == EXPIRING,
+            "not_yet_valid": self.expiry == NOT_YET_VALID, "pending": self.is_pending}
+        if self.credentials:  # an entry without keeps the keys it always had
+            document.update(credentials=list(self.credentials), loaded=self.is_loaded)
+        return document
 
 
 class StatusSnapshot(NamedTuple):
@@ -216,7 +230,8 @@ def _expiry(item: Mapping[str, Any]) -> Optional[str]:
 
 def _entry(item: Mapping[str, Any]) -> EntryStatus:
     paths = tuple(p for p in _list(item.get("paths")) if isinstance(p, str))
-    if not paths and isinstance(item.get("path"), str):
+    credentials = tuple(c for c in _list(item.get("credentials")) if isinstance(c, str))
+    if not paths and not credentials and isinstance(item.get("path"), str):
         paths = (item["path"],)  # version 1
     return EntryStatus(
         name=_str(item.get("name")) or "?", paths=paths, vault=_str(item.get("vault")),
@@ -225,7 +240,8 @@ def _entry(item: Mapping[str, Any]) -> EntryStatus:
         error=_str(item.get("error")), cause=_str(item.get("cause")),
         error_since=_str(item.get("error_since")), not_before=_str(item.get("not_before")),
         expires=_str(item.get("expires")), expiry=_expiry(item),
-        is_pending=item.get("pending") is True)
+        is_pending=item.get("pending") is True, credentials=credentials,
+        is_loaded=item.get("loaded") is True)
 
 
 def _str(value: Any) -> Optional[str]:

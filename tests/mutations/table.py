@@ -49,6 +49,10 @@ TRANSFORMS = "tests/test_transforms.py"
 CERTIFICATES = "tests/test_certificates.py"
 PKCS12 = "tests/test_pkcs12.py"
 EXPIRY = "tests/test_expiry.py"
+CREDENTIAL_SOCKET = "tests/test_credential_socket.py"
+DAEMON_CREDENTIALS = "tests/test_daemon_credentials.py"
+CREDENTIAL_RULES = "tests/test_credentials.py"
+ENTRIES = "tests/test_entries.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -744,5 +748,48 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    return False",
         (f"{FRESHNESS}::test_while_starting_only_what_is_missing_is_fetched_without_listing",
          f"{SYNC}::test_a_failed_start_fetches_only_what_is_missing"),
+    ),
+    # -- issue 19: systemd credentials -----------------------------------------
+    Mutation(
+        "credential-grant-check-skipped",
+        "a credential reaches only the units granted it",
+        "agent/writer/credentials.py",
+        "                    if grant.admits(unit):",
+        "                    if True:",
+        (f"{CREDENTIAL_SOCKET}::test_the_loader_is_refused_with_more_than_systemds_limit_and_a"
+         "_journal_entry",),
+    ),
+    Mutation(
+        "credential-refusal-closes-empty",
+        "a refused unit fails to start: it never starts with an empty credential (systemd "
+        "takes a close without data as one)",
+        "agent/daemon/credentials.py",
+        "        self.remaining = len(value) if value is not None else REFUSAL_BYTES",
+        "        self.remaining = len(value) if value is not None else 0",
+        (f"{CREDENTIAL_SOCKET}::test_the_loader_is_refused_with_more_than_systemds_limit_and_a"
+         "_journal_entry",
+         f"{DAEMON_CREDENTIALS}::test_granted_refused_and_foreign_clients_of_the_running_agent"),
+    ),
+    Mutation(
+        "credential-peer-path-accepted",
+        "a client that is not systemd's credential loader gets nothing, even bound to a path "
+        "shaped like the loader's address",
+        "agent/pipeline/credentials.py",
+        "    if not isinstance(address, bytes) or not 1 < len(address) <= SUN_PATH_MAX \\\n"
+        "            or address[0] != 0:",
+        "    if isinstance(address, str):\n        address = address.encode()\n"
+        "    if not isinstance(address, bytes) or not 1 < len(address) <= SUN_PATH_MAX:",
+        (f"{CREDENTIAL_SOCKET}::test_a_client_that_is_not_the_loader_gets_nothing",
+         f"{CREDENTIAL_RULES}::test_anything_else_is_nobody"),
+    ),
+    Mutation(
+        "credential-ready-before-loaded",
+        "READY=1 only once every required credential is in memory",
+        "agent/daemon/entries.py",
+        "            all(key in loaded for key, state in required if state.grants)",
+        "            True",
+        (f"{ENTRIES}::test_ready_waits_for_every_required_credential_in_memory",
+         f"{DAEMON_CREDENTIALS}::test_ready_waits_for_a_required_credential_and_the_socket"
+         "_serves_it_then"),
     ),
 )
