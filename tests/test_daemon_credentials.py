@@ -37,7 +37,8 @@ from test_daemon import (  # noqa: F401 (fixtures)
     vault,
 )
 
-from agent.daemon.credentials import REFUSAL_BYTES, SOCKET_NAME
+from agent.daemon.credentials import REFUSAL_BYTES
+from agent.pipeline.credentials import SOCKET_NAME
 
 pytestmark = pytest.mark.integration
 

@@ -63,7 +63,7 @@ from agent.base.errors import KvAgentError
 from agent.base.memory import make_undumpable
 from agent.daemon import journal
 from agent.manifest import Manifest
-from agent.pipeline.credentials import Grant, parse_peer
+from agent.pipeline.credentials import SOCKET_NAME, SUN_PATH_MAX, Grant, parse_peer
 from agent.sync.credentials import declare, served
 from agent.writer.credentials import (
     AMBIGUOUS,
@@ -76,9 +76,7 @@ from agent.writer.credentials import (
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "credentials.sock"  # in the agent's state directory
 SOCKET_MODE = 0o600  # systemd's loader connects as root
-SUN_PATH_MAX = 108  # a socket's path, with its NUL, must fit sockaddr_un.sun_path
 CONNECTION_TIMEOUT_S = 2.0  # systemd reads at once: this is for clients that do not
 MAX_CONNECTIONS = 16
 # systemd refuses a unit's credentials over 1 MiB in all (CREDENTIALS_TOTAL_SIZE_MAX;
