@@ -52,6 +52,7 @@ from daemon_harness import (
     wait_for,
     without_host_identity,
 )
+from racing_reader import racing_reader
 from secrecy import fresh_value
 
 from agent.daemon.notify import Notifier
@@ -1370,9 +1371,10 @@ def read_pair(dir_fd):
     return spki(key.public_key()) == spki(cert.public_key()), cert.serial_number
 """
 
-SET_READER = PAIR_CHECK + r"""
+# The racing_reader protocol (tests/racing_reader.py): argv stop, directory.
+CERTIFICATE_SET_READER = PAIR_CHECK + r"""
 import json
-directory, stop = sys.argv[1], sys.argv[2]
+stop, directory = sys.argv[1], sys.argv[2]
 reads, serials, problems = 0, set(), []
 print("ready", flush=True)
 while not os.path.exists(stop):
@@ -1439,12 +1441,9 @@ def test_a_certificate_set_rotates_whole_for_readers_and_hooks(start_agent: Star
     run = start_agent([certificate_entry(on_change=[
         sys.executable, "-c", SET_HOOK, str(directory), str(hook_log)])], refresh="1h")
     run.wait_ready()
-    stop = shm_dir / "stop-reader"
-    reader = subprocess.Popen([sys.executable, "-c", SET_READER, str(directory), str(stop)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rotations = 100
-    try:
-        assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
+    with racing_reader(CERTIFICATE_SET_READER, str(directory),
+                       stop=shm_dir / "stop-reader") as race:
         started = time.monotonic()
         for _ in range(rotations):
             before = serial_of(directory / "tls.crt")
@@ -1453,14 +1452,7 @@ def test_a_certificate_set_rotates_whole_for_readers_and_hooks(start_agent: Star
             run.wait(lambda old=before: serial_of(directory / "tls.crt") not in (old, None),  # type: ignore[misc]
                      "the rotated certificate")
         elapsed = time.monotonic() - started
-        stop.touch()
-        out, err = reader.communicate(timeout=30)
-    finally:
-        if reader.poll() is None:
-            reader.kill()
-            reader.wait()
-    assert reader.returncode == 0, err.decode()
-    report = json.loads(out)
+    report = race.report
     print(f"\n{rotations} certificate rotations through the daemon (rotate + SIGHUP + "
           f"refresh + swap) in {elapsed:.2f} s: {elapsed * 1000 / rotations:.0f} ms each; "
           f"reader: {report}")
