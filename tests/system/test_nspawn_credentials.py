@@ -213,6 +213,37 @@ def test_both_units_started_together_serve_it_again(machine: Container, suite: s
     assert machine.run(["systemctl", "is-active", APP]).stdout == "active\n"
 
 
+# Across a reboot the emulator must come up by itself, with the IMDS address, before the
+# agent (the test added both by hand at install).
+EMULATOR_AT_BOOT = f"""\
+[Unit]
+Before=kv-agent.service
+
+[Service]
+ExecStartPre=-ip address add {IMDS_ADDRESS}/32 dev lo
+"""
+
+
+def test_after_a_reboot_the_consumer_gets_its_credential_with_no_manual_step(
+        machine: Container, suite: str) -> None:
+    """The container is powered off and booted again (/run empty: no socket, no value in any
+    memory): with kv-agent and app.service enabled, the boot starts the agent, which is READY
+    once the credential is in its memory, and then app.service, which reads it."""
+    machine.write(f"/etc/systemd/system/{EMULATOR_UNIT}.d/boot.conf", EMULATOR_AT_BOOT)
+    machine.run(["systemctl", "daemon-reload"])
+    machine.run(["systemctl", "add-wants", "multi-user.target", EMULATOR_UNIT])
+    started = time.monotonic()
+    machine.reboot()
+    TIMINGS[f"{suite}: reboot to running, credential served"] = time.monotonic() - started
+    this_boot = machine.run(["journalctl", "-b", "--no-pager", "-o", "cat", "-u", APP]).stdout
+    lines = [line for line in this_boot.splitlines() if line.startswith("credential: ")]
+    assert len(lines) == 1 and lines[0].endswith(digest(ROTATED["db-password"])), this_boot
+    assert machine.run(["systemctl", "is-active", APP]).stdout == "active\n"
+    assert machine.run(["stat", "-c", "%a %U:%G %F", SOCKET]).stdout.strip() == \
+        "600 root:root socket"
+    assert machine.run(["ls", "-A", "/run/secrets"]).stdout.split() == ["example-token"]
+
+
 def test_no_value_in_any_journal(machine: Container) -> None:
     """Neither the agent, the consumers, the refusals nor anyone else logged a value."""
     everything = machine.run(["journalctl", "--no-pager", "-o", "cat"]).stdout
