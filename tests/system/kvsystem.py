@@ -324,6 +324,19 @@ class Container:
             os.makedirs("/run/systemd/nspawn", exist_ok=True)
             run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/systemd/nspawn"])
             self._mounted_nspawn_run = True
+        self._start(timeout)
+
+    def reboot(self, timeout: float = 60) -> None:
+        """Power the container off and boot the same root file system again, as a
+        reboot of a VM would: what is on its disk stays; /run, the journal of the
+        last boot and every process start afresh (nspawn ends at a reboot, so the
+        machine is started again rather than rebooted in place)."""
+        self._power_off()
+        self._remove_cgroups()
+        self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
+        """Boot the unpacked root and wait until systemd reports the system running."""
         self._cgroups_before = _cgroup_dirs()
         booting = time.monotonic()
         with open(self.console_log, "wb") as console:
@@ -380,6 +393,18 @@ class Container:
         """Shut down (SIGRTMIN+4 to init, the way systemd powers off), then
         remove the mounts, the root and the cgroups nspawn left. Idempotent."""
         try:
+            self._power_off()
+        finally:
+            try:
+                self._unmount()
+                self._remove_cgroups()
+            finally:
+                self._lock.release()
+
+    def _power_off(self) -> None:
+        """SIGRTMIN+4 to init (systemd's poweroff) and wait for nspawn; killed after
+        30 s. Idempotent."""
+        try:
             if self._nspawn is not None and self._nspawn.poll() is None:
                 if self.init_pid is not None:
                     try:
@@ -398,11 +423,7 @@ class Container:
                     self._nspawn.wait(timeout=30)
         finally:
             self._nspawn = None
-            try:
-                self._unmount()
-                self._remove_cgroups()
-            finally:
-                self._lock.release()
+            self.init_pid = None
 
     def _unmount(self) -> None:
         if self._mounted_root:
