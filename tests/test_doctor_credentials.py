@@ -528,3 +528,21 @@ def test_the_doctor_command_shows_the_credential_link_and_no_value(
     assert socket_line > max(i for i, line in enumerate(lines) if ", status:" in line)
     assert f"it creates {shm_dir}/state/credentials.sock at start" in lines[socket_line]
     assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize("files, credentials, said", [
+    (1, 0, "1 file"), (2, 0, "2 files"), (0, 1, "1 credential"),
+    (2, 1, "2 files and 1 credential"), (1, 2, "1 file and 2 credentials"),
+])
+def test_the_transform_check_counts_files_and_credentials_apart(files: int, credentials: int,
+                                                                said: str) -> None:
+    """doctor's transform line names what an entry makes as the operator reads it: a
+    credential is never counted as a file."""
+    from agent.doctor.secret_links import made
+    from agent.pipeline.outputs import Output, OutputSet
+
+    grant = Grant("db", ("app.service",))
+    outputs = [Output(f"/run/secrets/f{n}", 0, 0, 0o400) for n in range(files)]
+    outputs += [Output("", 0, 0, 0o400, credential=grant._replace(id=f"c{n}"))
+                for n in range(credentials)]
+    assert made(OutputSet(tuple(outputs))) == said

@@ -30,6 +30,7 @@ from agent.doctor.report import FAIL, OK, WARN, Check
 from agent.doctor.vault_links import is_address
 from agent.manifest import Entry
 from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, Validity, combine, judge, moment
+from agent.pipeline.outputs import OutputSet
 from agent.pipeline.sources import Source
 from agent.pipeline.transforms import certificate_has_key, transform_with_validity
 from agent.vault.audience import audience_for_host
@@ -111,6 +112,13 @@ class SecretProbes:
         names = {item.name.lower(): item.name for item in listing}
         close = difflib.get_close_matches(name.lower(), list(names), n=NEAR_NAMES, cutoff=0.6)
         return [names[one] for one in close]
+
+
+def made(outputs: OutputSet) -> str:
+    """What an entry's transform makes, counted as the operator reads it: files and
+    credentials apart ("2 files and 1 credential"), never a credential called a file."""
+    counts = [(len(outputs.paths), "file"), (len(outputs.grants), "credential")]
+    return " and ".join(f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in counts if n)
 
 
 def judge_answer(source: Source, probed: Probed, object_id: Optional[str], now: float,
@@ -214,7 +222,7 @@ def check_entry(entry: Entry, probed: Mapping[Source, Probed], now: float,
         name = "key exportable" if "non-exportable" in exc.message else "transform"
         return [Check(subject, name, FAIL, exc.message, exc.hint)]
     if entry.transform != "certificate" or leaf is None:
-        return [Check(subject, "transform", OK, f"makes its {len(entry.outputs.outputs)} files")]
+        return [Check(subject, "transform", OK, f"makes its {made(entry.outputs)}")]
     return [_key_check(subject, entry, fetched[0]),
             check_validity(subject, entry.sources[0], combine([Validity(*leaf)]), now,
                            warn_before_s)]
