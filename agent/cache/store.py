@@ -89,6 +89,7 @@ class CacheStore:
         sealed = self.sealer.seal(sealing_name(copy.key), encode(copy),  # (2)
                                   copy.fetched_at + max_age_s)
         directory = self._open_directory(create=True)  # (3)
+        assert directory is not None  # created, or CacheError
         try:
             self._replace(directory, file_name(copy.key), sealed)
         finally:
