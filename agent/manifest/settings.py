@@ -233,9 +233,11 @@ def _cache_directory(problems: Problems, value: YamlMap, secrets: str) -> str:
     shared = system_directory_problem(path)
     inside = (path + "/").startswith(secrets.rstrip("/") + "/") or \
         (secrets + "/").startswith(path.rstrip("/") + "/")
-    if shared or inside:
-        reason = shared or (f"'{echo(raw)}' overlaps directory {secrets}, which holds only the "
-                            "secrets' files")
-        problems.add("cache.directory", reason, line, hint)
+    if shared:
+        problems.add("cache.directory", shared, line)
+        return DEFAULT_CACHE_DIRECTORY
+    if inside:
+        problems.add("cache.directory", f"'{echo(raw)}' overlaps directory {secrets}, which "
+                     "holds only the secrets' files", line, hint)
         return DEFAULT_CACHE_DIRECTORY
     return path
