@@ -67,9 +67,11 @@ import time
 from typing import Callable, List, Mapping, Optional, Union
 
 from agent.base import retry, transport
-from agent.base.errors import KvAgentError, ManifestError
+from agent.base.errors import KvAgentError
 from agent.base.memory import release_free_memory
+from agent.cache.seal import Sealer
 from agent.daemon import lifecycle
+from agent.daemon.cache import SealedCache
 from agent.daemon.credentials import Credentials
 from agent.daemon.entries import Changed, EntryTable
 from agent.daemon.hooks import HookRunner, hook_triggers
@@ -104,6 +106,7 @@ class Daemon:
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        sealer: Optional[Sealer] = None,
     ) -> None:
         self._file = ManifestFile(manifest_path)
         self._environ = environ
@@ -123,6 +126,7 @@ class Daemon:
         self._stats = RefreshStats()
         self._metrics = MetricsFile()
         self._sync: Optional[Sync] = None  # the manifest in use's (``.manifest``)
+        self._cache = SealedCache(sealer)  # cache: (agent.daemon.cache)
 
     @property
     def is_refresh_abandoned(self) -> bool:
@@ -230,6 +234,7 @@ class Daemon:
             self._life, Schedule(manifest.refresh_interval_s, manifest.refresh_jitter))
         self._worker.reloaded()
         self._credentials.install(manifest)  # its socket open before READY=1
+        self._cache.install(manifest)  # prunes the copies of entries it lacks
 
     def _reload(self, reason: str) -> None:
         """RELOADING=1, re-read the manifest, refresh now, then READY=1."""
@@ -245,10 +250,7 @@ class Daemon:
             if manifest != old:
                 self._install(manifest)
         except KvAgentError as exc:
-            problems = exc.problems if isinstance(exc, ManifestError) else (str(exc),)
-            for problem in problems:
-                log.error("manifest rejected, keeping the previous one: %s", problem)
-            self._file.rejected(problems[0])
+            self._file.rejected(exc)
             self._life, announce_ready = lifecycle.reload_rejected(self._life)
             self._announce(announce_ready)
             return
@@ -316,6 +318,7 @@ class Daemon:
                 self._reconcile.follow_selections(result, agent.manifest.directory)
             changed = self._entries.record(result.outcomes, result.freshness, now_wall)
             self._reconcile.record(agent.manifest, result)
+            self._cache.save(result, self._credentials.store, now_wall)
         manifest = self._manifest
         assert manifest is not None
         self._reconcile.scan_foreign(manifest)
