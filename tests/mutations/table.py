@@ -381,7 +381,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "bad-edit-stops-the-agent",
         "an invalid manifest edit is rejected and the previous manifest stays in use",
-        "agent/daemon/service.py",
+        "agent/daemon/watch.py",
         'log.error("manifest rejected, keeping the previous one: %s", problem)',
         "raise",
         (f"{DAEMON}::test_invalid_manifest_on_reload_keeps_the_old_one",),
@@ -481,11 +481,13 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "old-generation-kept-while-a-refresh-runs",
         "an old set generation goes when its grace ends, even while a refresh is stuck",
         "agent/daemon/service.py",
-        "                                    self._reconcile.retire_deadline()))\n"
+        "                                    self._reconcile.retire_deadline(),\n"
+        "                                    self._cache.deadline(self._life.is_ready)))\n"
         "            self._handle_messages()\n"
         "            self._reconcile.retire_due()\n",
         "                                    None if self._worker.is_running\n"
-        "                                    else self._reconcile.retire_deadline()))\n"
+        "                                    else self._reconcile.retire_deadline(),\n"
+        "                                    self._cache.deadline(self._life.is_ready)))\n"
         "            self._handle_messages()\n"
         "            if not self._worker.is_running:\n"
         "                self._reconcile.retire_due()\n",
@@ -786,8 +788,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "credential-ready-before-loaded",
         "READY=1 only once every required credential is in memory",
         "agent/daemon/entries.py",
-        "            all(key in loaded for key, state in required if state.grants)",
-        "            True",
+        "            or (bool(state.grants) and key not in loaded)))",
+        "            or False))",
         (f"{ENTRIES}::test_ready_waits_for_every_required_credential_in_memory",
          f"{DAEMON_CREDENTIALS}::test_ready_waits_for_a_required_credential_and_the_socket"
          "_serves_it_then"),
