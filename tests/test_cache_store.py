@@ -5,6 +5,7 @@ directory ever holds a value in plaintext, after writes, rotations and a crash."
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import time
@@ -46,11 +47,15 @@ def _copy(key: str, *values: bytes, at: float = 0.0) -> Copy:
 
 
 def _assert_no_plaintext(directory: Path, values: Iterable[bytes]) -> None:
-    """Every byte of every file in the directory, against every value (and its halves)."""
+    """Every byte of every file in the directory, against every value (and its halves),
+    and its base64 (the unsealed document's own encoding of a value: a copy written
+    unsealed would show it)."""
     for path in directory.iterdir():
         data = path.read_bytes()
         for value in values:
-            for part in (value, value[: len(value) // 2], value[len(value) // 2:]):
+            encoded = base64.b64encode(value)
+            for part in (value, value[: len(value) // 2], value[len(value) // 2:],
+                         encoded[: len(encoded) // 2]):
                 assert part not in data, f"{path.name} holds a value in plaintext"
 
 

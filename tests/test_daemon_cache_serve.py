@@ -9,6 +9,7 @@ plaintext in the cache directory after each step."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import time
 from pathlib import Path
@@ -43,11 +44,15 @@ def prelude(tmp_path: Path) -> Iterator[str]:
 
 
 def _assert_no_plaintext(directory: Path, values: Iterable[str]) -> None:
+    """Each value, its halves and its base64's first half (a prefix whatever follows
+    the value in its file): the unsealed document holds a value in base64."""
     for path in directory.iterdir():
         data = path.read_bytes()
         for value in values:
             raw = value.encode()
-            for part in (raw, raw[: len(raw) // 2], raw[len(raw) // 2:]):
+            encoded = base64.b64encode(raw)
+            for part in (raw, raw[: len(raw) // 2], raw[len(raw) // 2:],
+                         encoded[: len(encoded) // 2]):
                 assert part not in data, f"{path.name} holds a value in plaintext"
 
 
@@ -101,14 +106,22 @@ def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
     second.stop()
 
 
+@pytest.mark.parametrize("refusal", ["permission-denied", "endpoint-403"])
 def test_a_403_is_an_answer_never_hidden_by_the_cache(
         start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
-        prelude: str) -> None:
+        prelude: str, refusal: str) -> None:
+    """Each secret's GET refused (403 AccessDenied, after the challenge: the role was
+    taken away), or every request to the vault answered 403 (no challenge): either is
+    an answer, and the copies stay unserved."""
     vault.put("alpha")
     vault.put("beta")
     cache = tmp_path / "cache"
     first = _first_boot(start_agent, vault, cache, prelude, shm_dir)
-    vault.emulator.inject_fault("vault", 403, count=100_000)
+    if refusal == "permission-denied":
+        for name in ("alpha", "beta"):
+            vault.emulator.forbid_secret(name)
+    else:
+        vault.emulator.inject_fault("vault", 403, count=100_000)
     second = _second_boot(start_agent, first, shm_dir, prelude)
     second.wait(lambda: second.process.lines("not served from the sealed cache: the vault "
                                              "answered"), "the refusal to serve logged")
