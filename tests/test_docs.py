@@ -322,6 +322,7 @@ MANIFEST_KEYS = [
     ("TEMPLATE ENTRIES", manifest_module.TEMPLATE_KEYS + manifest_module.TEMPLATE_VALUE_KEYS),
     ("SELECT ENTRIES", manifest_module.SELECT_KEYS + manifest_module.SELECT_FILTER_KEYS),
     ("CREDENTIALS", manifest_module.CREDENTIAL_KEYS),
+    ("CACHE", manifest_module.CACHE_KEYS),
 ]
 
 
@@ -364,6 +365,7 @@ def _manifest_figures() -> List[Tuple[str, str]]:
     """(what, the text kv-agent.yaml(5) must hold) for every default and bound the manifest
     parser has, derived from its constants."""
     from agent.base.errors import EXIT_CONFIG
+    from agent.cache import policy
     from agent.manifest import (
         conflicts,
         document,
@@ -413,6 +415,13 @@ def _manifest_figures() -> List[Tuple[str, str]]:
         ("socket address", f"a socket address of at most {credentials.SUN_PATH_MAX - 1} bytes"),
         ("glob comparisons", f"at most {conflicts.MAX_GLOB_COMPARISONS:,} comparisons"),
         ("exit code", f"exit {EXIT_CONFIG}"),
+        ("default cache directory", policy.DEFAULT_CACHE_DIRECTORY),
+        ("default cache after", f"Default {int(policy.DEFAULT_CACHE_AFTER_S)}s."),
+        ("default cache max_age", f"Default {int(policy.DEFAULT_CACHE_MAX_AGE_S) // 86400}d."),
+        ("cache after bounds", f"from {int(policy.MIN_CACHE_AFTER_S)}s to "
+                               f"{int(policy.MAX_CACHE_AFTER_S) // 60}m"),
+        ("cache max_age bounds", f"from {int(policy.MIN_CACHE_MAX_AGE_S) // 3600}h to "
+                                 f"{int(policy.MAX_CACHE_MAX_AGE_S) // 86400}d"),
     ]
 
 

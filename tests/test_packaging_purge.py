@@ -1,5 +1,6 @@
 """The packages' purge of /run (packaging/kv-agent-purge-list, then the .deb's postrm
-purge and the .rpm's %postun): the agent's own files go, nothing else does."""
+purge and the .rpm's %postun): the agent's own files go, nothing else does; and of the
+sealed cache, /var/lib/kv-agent, on a purge or an erase, never on an upgrade."""
 
 from __future__ import annotations
 
@@ -33,9 +34,17 @@ def rpm_postun() -> str:
     return body.replace("%%", "%").replace("%{appdir}", "/nonexistent/kv-agent")
 
 
+def cache_of(state: Path) -> Path:
+    """Where run_purge points the script's /var/lib/kv-agent (the sealed cache)."""
+    return state.parent / "var-lib-kv-agent"
+
+
 def run_purge(script: str, state: Path, *args: str) -> None:
-    """A maintainer script with its /run/kv-agent pointed at ``state``."""
-    text = script.replace("/run/kv-agent", str(state))
+    """A maintainer script with its /run/kv-agent pointed at ``state`` and its
+    /var/lib/kv-agent at ``cache_of(state)``: never the machine's own."""
+    text = script.replace("/run/kv-agent", str(state)).replace("/var/lib/kv-agent",
+                                                               str(cache_of(state)))
+    assert "/run/kv-agent" not in text and "/var/lib/kv-agent" not in text
     done = subprocess.run(["sh", "-ec", text, "script", *args], capture_output=True,
                           text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
@@ -111,3 +120,24 @@ def test_purge_removes_the_agents_files_and_keeps_the_rest(
     (state / "purge.list").write_text(f"dir\t-\t{out}\n")
     run_purge(script, state, *args)
     assert not out.exists(), "an empty output directory stays after a purge"
+
+
+@pytest.mark.parametrize("script, args, removed", [
+    (POSTRM.read_text(), ("purge",), True),
+    (POSTRM.read_text(), ("remove",), False),
+    (POSTRM.read_text(), ("upgrade", "0.1.0"), False),
+    (rpm_postun(), ("0",), True),
+    (rpm_postun(), ("1",), False),
+], ids=["deb-purge", "deb-remove", "deb-upgrade", "rpm-erase", "rpm-upgrade"])
+def test_the_sealed_cache_goes_with_a_purge_not_with_an_upgrade(
+        tmp_path: Path, script: str, args: tuple, removed: bool) -> None:
+    """The cache directory (the unit's StateDirectory=, root's 0700, copies sealed to the
+    machine) is removed whole on a .deb purge or an .rpm erase; a remove or an upgrade
+    keeps it, so the next start can still boot through an outage."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o711)
+    cache = cache_of(state) / "cache"
+    cache.mkdir(parents=True, mode=0o700)
+    (cache / f"{'0' * 64}.sealed").write_text("Whxqht+dQJax1aZeCGLxmi...\n")
+    run_purge(script, state, *args)
+    assert cache_of(state).exists() is not removed

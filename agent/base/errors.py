@@ -146,3 +146,34 @@ class SetKeptError(KvAgentError):
         super().__init__(message, hint)
         self.cause = cause
         self.exit_code = cause.exit_code
+
+
+class CacheError(KvAgentError):
+    """The sealed cache (``cache:``) could not keep or give back a copy: its
+    directory is unsafe, a copy is missing, malformed or another entry's.
+    Never fatal to the agent: the entry goes without a copy, one line says why."""
+
+
+class SealError(CacheError):
+    """``systemd-creds`` could not seal or unseal a copy. The message names the
+    credential and what went wrong (systemd-creds's own words, escaped and
+    bounded), never a value."""
+
+
+class SealToolMissingError(SealError):
+    """``systemd-creds`` is not installed (or not executable): no copy can be
+    sealed or read on this machine."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class SealTimeoutError(SealError):
+    """``systemd-creds`` did not finish in time (a TPM2 that does not answer)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class SealRefusedError(SealError):
+    """``systemd-creds`` refused: the copy expired (``--not-after``), names
+    another credential, is damaged, or was sealed with another host key or
+    TPM2 state; or it could not seal (no usable key)."""

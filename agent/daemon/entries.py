@@ -209,12 +209,22 @@ class EntryTable:
         per-secret error is recorded at all (issue 9: READY=1 with an empty
         directory).
         """
+        return not self.missing(inode_of)
+
+    def missing(self, inode_of: InodeOf) -> Tuple[str, ...]:
+        """The keys of the non-optional entries READY waits for (a file not
+        on disk, or credentials not in memory), in manifest order."""
         loaded = self._credentials.loaded()
-        required = [(key, state) for key, state in self._states.items()
-                    if not state.is_optional]
-        return all(self._is_on_disk(state, path, inode_of) for _, state in required
-                   for path in state.paths) and \
-            all(key in loaded for key, state in required if state.grants)
+        return tuple(key for key, state in self._states.items() if not state.is_optional and (
+            not all(self._is_on_disk(state, path, inode_of) for path in state.paths)
+            or (bool(state.grants) and key not in loaded)))
+
+    def served(self, key: str) -> None:
+        """Entry ``key`` was written from its sealed copy (agent.daemon.cache):
+        its files as they are now count as on disk, until a refresh says more."""
+        state = self._states.get(key)
+        if state is not None:
+            state.inodes = {path: regular_inode(path) for path in state.paths}
 
     @staticmethod
     def _is_on_disk(state: EntryState, path: str, inode_of: InodeOf) -> bool:

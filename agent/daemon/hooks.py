@@ -51,6 +51,11 @@ class HookRunner:
             self._running.add(command)
         self._start(command, tuple(paths))
 
+    def trigger_changed(self, changed: Sequence[Tuple[Command, str]]) -> None:
+        """Run each command of (command, path) ``changed`` once, for all its paths."""
+        for command, paths in hook_triggers(changed).items():
+            self.trigger(command, paths)
+
     def _start(self, command: Command, paths: Tuple[str, ...]) -> None:
         thread = threading.Thread(target=self._loop, args=(command, paths),
                                   name="on_change", daemon=True)

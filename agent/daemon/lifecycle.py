@@ -138,6 +138,13 @@ def sync_finished(
     return Finished(state, again, False, False, run_hooks)
 
 
+def served_from_cache(state: Lifecycle) -> Lifecycle:
+    """The sealed cache stood in for an unreachable vault at start and every
+    required file is on disk: ready (READY=1), the refreshes going on as
+    scheduled (agent.daemon.cache)."""
+    return state._replace(is_ready=True, phase=READY)
+
+
 def refresh_delay(state: Lifecycle, is_failing: bool, rng: float) -> float:
     """Seconds to the next refresh: the schedule's interval with its jitter,
     sooner (backing off) after failures, a ready agent's first retry spread

@@ -67,12 +67,14 @@ import time
 from typing import Callable, List, Mapping, Optional, Union
 
 from agent.base import retry, transport
-from agent.base.errors import KvAgentError, ManifestError
+from agent.base.errors import KvAgentError
 from agent.base.memory import release_free_memory
+from agent.cache.seal import Sealer
 from agent.daemon import lifecycle
+from agent.daemon.cache import SealedCache
 from agent.daemon.credentials import Credentials
 from agent.daemon.entries import Changed, EntryTable
-from agent.daemon.hooks import HookRunner, hook_triggers
+from agent.daemon.hooks import HookRunner
 from agent.daemon.lifecycle import Lifecycle, Schedule
 from agent.daemon.loop import EventLoop, Mailbox, Watchdog
 from agent.daemon.metrics import MetricsFile
@@ -82,12 +84,24 @@ from agent.daemon.refresh import SUCCESS, Message, RefreshStats, RefreshThread, 
 from agent.daemon.signals import SignalFlags
 from agent.daemon.watch import ManifestFile
 from agent.manifest import Manifest
+from agent.pipeline.credentials import Grant
 from agent.status.line import with_status_line
 from agent.status.snapshot import StatusSnapshot, iso_time
 from agent.status.store import StateStore
 from agent.sync.sync import Sync, SyncReport
+from agent.writer import Writer
+from agent.writer.credentials import CredentialStore
 
 log = logging.getLogger(__name__)
+
+
+def _new_sync(manifest: Manifest, environ: Mapping[str, str], worker: RefreshThread,
+              writer: Writer, credentials: CredentialStore[Grant]) -> Sync:
+    """The daemon's Sync for ``manifest``: its retries reported by the refresh
+    thread, slow to start (a booting fleet must not burst: VaultClient)."""
+    return Sync(manifest, environ=environ, on_retry=worker.on_retry, sleep=worker.sleep,
+                imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
+                writer=writer, credentials_store=credentials, is_slow_start=True)
 
 
 class Daemon:
@@ -104,6 +118,7 @@ class Daemon:
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        sealer: Optional[Sealer] = None,
     ) -> None:
         self._file = ManifestFile(manifest_path)
         self._environ = environ
@@ -123,6 +138,7 @@ class Daemon:
         self._stats = RefreshStats()
         self._metrics = MetricsFile()
         self._sync: Optional[Sync] = None  # the manifest in use's (``.manifest``)
+        self._cache = SealedCache(sealer, monotonic)  # cache: (agent.daemon.cache)
 
     @property
     def is_refresh_abandoned(self) -> bool:
@@ -180,9 +196,12 @@ class Daemon:
             next_refresh = None if self._life.is_syncing else self._life.next_refresh
             self._events.wait(now, (watchdog.deadline(), next_refresh,
                                     self._events.debounce.deadline(),
-                                    self._reconcile.retire_deadline()))
+                                    self._reconcile.retire_deadline(),
+                                    self._cache.deadline(self._life.is_ready)))
             self._handle_messages()
             self._reconcile.retire_due()
+            if self._cache.is_due(self._life.is_ready, self._now()):
+                self._serve_cache()
             if self._signals.stop_requested:
                 break
             if self._events.debounce.take_if_due(self._now()) and self._file.is_edited():
@@ -211,12 +230,8 @@ class Daemon:
         """Make ``manifest`` current: a new Sync (token cache and sessions),
         its entries and its schedule."""
         is_new_directory = not self._reconcile.has_writer(manifest.directory)
-        agent = Sync(manifest, environ=self._environ, on_retry=self._worker.on_retry,
-                     sleep=self._worker.sleep,
-                     imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
-                     writer=self._reconcile.writer(manifest.directory),
-                     credentials_store=self._credentials.store,
-                     is_slow_start=True)  # a booting fleet must not burst (VaultClient)
+        agent = _new_sync(manifest, self._environ, self._worker,
+                          self._reconcile.writer(manifest.directory), self._credentials.store)
         if is_new_directory:
             # Only for a directory not yet in use: cleaning it again would take
             # an old generation from readers during its grace, or a new one
@@ -230,6 +245,7 @@ class Daemon:
             self._life, Schedule(manifest.refresh_interval_s, manifest.refresh_jitter))
         self._worker.reloaded()
         self._credentials.install(manifest)  # its socket open before READY=1
+        self._cache.install(manifest)  # prunes the copies of entries it lacks
 
     def _reload(self, reason: str) -> None:
         """RELOADING=1, re-read the manifest, refresh now, then READY=1."""
@@ -245,10 +261,7 @@ class Daemon:
             if manifest != old:
                 self._install(manifest)
         except KvAgentError as exc:
-            problems = exc.problems if isinstance(exc, ManifestError) else (str(exc),)
-            for problem in problems:
-                log.error("manifest rejected, keeping the previous one: %s", problem)
-            self._file.rejected(problems[0])
+            self._file.rejected(exc)
             self._life, announce_ready = lifecycle.reload_rejected(self._life)
             self._announce(announce_ready)
             return
@@ -308,6 +321,7 @@ class Daemon:
         now_wall = self._wall()
         kind = self._stats.finish(result, self._now(), now_wall)
         changed: List[Changed] = []
+        self._cache.refreshed(result, self._credentials.store, now_wall)
         if isinstance(result, KvAgentError):
             self._entries.record_failure()
         else:
@@ -326,14 +340,20 @@ class Daemon:
             now=self._now(), rng=self._rng())
         self._life = finished.state
         if finished.run_hooks:
-            for command, paths in hook_triggers(changed).items():
-                self._hooks.trigger(command, paths)
+            self._hooks.trigger_changed(changed)
         if finished.start_sync:
             self._spawn_sync()
         if finished.became_ready:
             log.info("ready: %s", self.snapshot().status)
         self._announce(finished.announce_ready)
         self._write_metrics()
+
+    def _serve_cache(self) -> None:
+        """Sealed copies stand in for an unreachable vault at start (agent.daemon.cache)."""
+        if self._cache.serve(self._entries, self._reconcile, self._credentials.store,
+                             self._wall()):
+            self._life = lifecycle.served_from_cache(self._life)
+            self._announce(True)
 
     # -- status and metrics ------------------------------------------------------------
 
@@ -354,16 +374,12 @@ class Daemon:
             refresh_interval_s=manifest.refresh_interval_s if manifest else None,
             identity_source=self._sync.tokens.source.describe() if self._sync else None,
             waiting=self._worker.waiting, is_refreshing=self._worker.is_running,
-            is_ready=self._life.is_ready, foreign=self._reconcile.foreign))
+            is_ready=self._life.is_ready, foreign=self._reconcile.foreign,
+            cache=self._cache.serving))
 
     def _save_status(self) -> StatusSnapshot:
         """Save status.json (a failure is logged, never fatal); the snapshot saved."""
-        snapshot = self.snapshot()
-        try:
-            self._store.save(snapshot.as_json())
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self._store.path, exc.strerror)
-        return snapshot
+        return self._store.publish(self.snapshot())
 
     def _write_metrics(self, *, is_up: bool = True) -> None:
         """Rewrite the metrics file when the manifest asks for one (the figures

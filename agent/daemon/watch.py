@@ -19,6 +19,7 @@ from typing import Dict, Optional, Set, Tuple
 
 from inotify_simple import INotify, flags
 
+from agent.base.errors import KvAgentError, ManifestError
 from agent.manifest import Manifest, parse_manifest, read_manifest_bytes, read_manifest_text
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,13 @@ class ManifestFile:
         """The manifest read from ``raw`` is in use (or equals the one in use)."""
         self._raw, self.error = raw, None
 
-    def rejected(self, problem: str) -> None:
-        """An edit was refused for ``problem``; the manifest in use stays."""
-        self.error = problem
+    def rejected(self, error: KvAgentError) -> None:
+        """An edit was refused for ``error``; the manifest in use stays. Each
+        problem is logged; the first is kept for the status."""
+        problems = error.problems if isinstance(error, ManifestError) else (str(error),)
+        for problem in problems:
+            log.error("manifest rejected, keeping the previous one: %s", problem)
+        self.error = problems[0]
 
     def is_edited(self) -> bool:
         """Whether the file no longer holds the bytes in use, or an edit stands

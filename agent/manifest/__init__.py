@@ -56,7 +56,7 @@ from agent.manifest.model import (
 from agent.manifest.parser import TOP_KEYS, load_manifest, parse_manifest
 from agent.manifest.paths import resolve_path
 from agent.manifest.selections import SELECT_FILTER_KEYS, SELECT_KEYS
-from agent.manifest.settings import IDENTITY_KEYS, IDENTITY_SOURCE_KEY
+from agent.manifest.settings import CACHE_KEYS, IDENTITY_KEYS, IDENTITY_SOURCE_KEY
 from agent.manifest.values import (
     parse_command,
     parse_duration,
@@ -76,7 +76,7 @@ __all__ = [
     # the keys each level knows (kv-agent.yaml(5) has an item for each)
     "TOP_KEYS", "IDENTITY_KEYS", "IDENTITY_SOURCE_KEY", "SECRET_KEYS", "OUTPUT_KEYS",
     "CERTIFICATE_OUTPUT_KEYS", "CREDENTIAL_KEYS", "TEMPLATE_KEYS", "TEMPLATE_VALUE_KEYS",
-    "SELECT_KEYS", "SELECT_FILTER_KEYS",
+    "SELECT_KEYS", "SELECT_FILTER_KEYS", "CACHE_KEYS",
     # the value parsers
     "parse_command", "parse_duration", "parse_expiry_window", "parse_jitter", "parse_mode",
     "parse_vault_url", "resolve_path",

@@ -15,6 +15,7 @@ import pwd
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
+from agent.cache.policy import CachePolicy
 from agent.identity.selector import Identity
 from agent.pipeline.credentials import Grant
 from agent.pipeline.outputs import EntrySet, Output, OutputSet
@@ -152,6 +153,8 @@ class Manifest:
     selections: Tuple[Selection, ...] = ()
     # Where the running agent writes Prometheus metrics (agent.daemon.metrics); None: off.
     metrics_path: Optional[str] = None
+    # The sealed cache of the last good secrets (agent.cache); None: no cache (the default).
+    cache: Optional[CachePolicy] = None
 
 
 def landing_directories(manifest: Manifest) -> Tuple[str, ...]:

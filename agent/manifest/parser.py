@@ -37,6 +37,7 @@ from agent.manifest.quoting import echo
 from agent.manifest.selections import parse_selection
 from agent.manifest.settings import (
     parse_identity,
+    top_cache,
     top_directory,
     top_metrics,
     top_number,
@@ -45,7 +46,7 @@ from agent.manifest.settings import (
 from agent.manifest.values import MAX_JITTER, parse_duration, parse_expiry_window, parse_jitter
 
 TOP_KEYS = ("vault", "directory", "refresh", "refresh_jitter", "identity", "secrets",
-            "warn_before_expiry", "metrics")
+            "warn_before_expiry", "metrics", "cache")
 
 
 def load_manifest(
@@ -113,9 +114,10 @@ def parse_manifest(
                                          check_filesystem)
     sets = collect_sets(problems, secrets, selections, directory)
     metrics = top_metrics(problems, data, directory)
+    cache = top_cache(problems, data, directory)
     problems.raise_if_any()
     return Manifest(source, vault or "", directory, refresh, identity, secrets, jitter,
-                    sets, warn, selections, metrics)
+                    sets, warn, selections, metrics, cache)
 
 
 def _parse_secrets(

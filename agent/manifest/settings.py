@@ -8,20 +8,31 @@ checked and every problem of the file is reported at once.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from agent.base.landing import system_directory_problem
+from agent.cache.policy import (
+    DEFAULT_CACHE_AFTER_S,
+    DEFAULT_CACHE_DIRECTORY,
+    DEFAULT_CACHE_MAX_AGE_S,
+    MAX_CACHE_AFTER_S,
+    MAX_CACHE_MAX_AGE_S,
+    MIN_CACHE_AFTER_S,
+    MIN_CACHE_MAX_AGE_S,
+    CachePolicy,
+)
 from agent.identity.selector import SOURCES, Identity
 from agent.manifest.document import YamlMap
 from agent.manifest.model import DEFAULT_DIRECTORY, DEFAULT_METRICS_PATH
 from agent.manifest.paths import check_path_length, normalise_path
 from agent.manifest.problems import Problems, unknown_keys
 from agent.manifest.quoting import echo
-from agent.manifest.values import parse_vault_value
+from agent.manifest.values import parse_duration, parse_expiry_window, parse_vault_value
 
 METRICS_SUFFIX = ".prom"  # the textfile collector reads only these
 IDENTITY_KEYS = ("client_id", "object_id", "resource_id")
 IDENTITY_SOURCE_KEY = "source"
+CACHE_KEYS = ("after", "max_age", "directory")
 GUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}$")
 RESOURCE_ID_RE = re.compile(
     r"^/subscriptions/[^/]+/resourcegroups/[^/]+/providers/"
@@ -163,3 +174,70 @@ def _identity_source(problems: Problems, value: YamlMap) -> str:
     problems.add(f"identity.{IDENTITY_SOURCE_KEY}", f"'{echo(raw)}' is not a source",
                  value.key_lines.get(IDENTITY_SOURCE_KEY), f"use one of {', '.join(SOURCES)}")
     return "auto"
+
+
+def top_cache(problems: Problems, data: YamlMap, directory: str) -> Optional[CachePolicy]:
+    """``cache:``: absent (or null), no cache; else a mapping of ``after``
+    (1s .. 10m), ``max_age`` (1h .. 90d) and ``directory`` (absolute, apart
+    from the secrets directory), each defaulted."""
+    value = data.get("cache")
+    if value is None:
+        return None
+    if not isinstance(value, YamlMap):
+        problems.add("cache", "must be a mapping with after, max_age and directory",
+                     data.key_lines.get("cache"), "e.g. cache: {after: 30s, max_age: 7d}")
+        return None
+    unknown_keys(problems, value, CACHE_KEYS, "cache.")
+    after = _cache_duration(problems, value, "after", parse_duration, DEFAULT_CACHE_AFTER_S,
+                            (MIN_CACHE_AFTER_S, MAX_CACHE_AFTER_S), "from 1s to 10m, e.g. 30s")
+    max_age = _cache_duration(problems, value, "max_age", parse_expiry_window,
+                              DEFAULT_CACHE_MAX_AGE_S, (MIN_CACHE_MAX_AGE_S, MAX_CACHE_MAX_AGE_S),
+                              "from 1h to 90d, e.g. 7d")
+    return CachePolicy(after, max_age, _cache_directory(problems, value, directory))
+
+
+def _cache_duration(problems: Problems, value: YamlMap, key: str, parse: Callable[[Any], float],
+                    default: float, bounds: Tuple[float, float], hint: str) -> float:
+    if key not in value:
+        return default
+    line = value.key_lines.get(key)
+    try:
+        seconds = parse(value[key])
+    except ValueError as exc:
+        problems.add(f"cache.{key}", f"'{echo(value[key])}': {exc}", line, f"write {hint}")
+        return default
+    if not bounds[0] <= seconds <= bounds[1]:
+        problems.add(f"cache.{key}", f"'{echo(value[key])}' is out of range", line,
+                     f"write {hint}")
+        return default
+    return seconds
+
+
+def _cache_directory(problems: Problems, value: YamlMap, secrets: str) -> str:
+    """``cache.directory``: absolute, without '..', not a system directory,
+    neither inside the secrets directory nor holding it."""
+    raw = value.get("directory", DEFAULT_CACHE_DIRECTORY)
+    line = value.key_lines.get("directory")
+    hint = f"e.g. directory: {DEFAULT_CACHE_DIRECTORY}"
+    if not isinstance(raw, str) or not raw.startswith("/") or ".." in raw.split("/") \
+            or "\0" in raw:
+        problems.add("cache.directory", f"'{echo(raw)}' must be an absolute path without '..'",
+                     line, hint)
+        return DEFAULT_CACHE_DIRECTORY
+    path = normalise_path(raw)
+    try:
+        check_path_length(path)
+    except ValueError as exc:
+        problems.add("cache.directory", str(exc), line)
+        return DEFAULT_CACHE_DIRECTORY
+    shared = system_directory_problem(path)
+    inside = (path + "/").startswith(secrets.rstrip("/") + "/") or \
+        (secrets + "/").startswith(path.rstrip("/") + "/")
+    if shared:
+        problems.add("cache.directory", shared, line)
+        return DEFAULT_CACHE_DIRECTORY
+    if inside:
+        problems.add("cache.directory", f"'{echo(raw)}' overlaps directory {secrets}, which "
+                     "holds only the secrets' files", line, hint)
+        return DEFAULT_CACHE_DIRECTORY
+    return path

@@ -9,6 +9,8 @@ one typed value, and every wording below is tested without a process
 
 The line is parts joined by ``"; "``, in this order:
 
+0. while sealed copies stand in for the vault (``cache:``), ``serving N of M
+   from the sealed cache of <time>: <why>``;
 1. what the agent is doing or what is wrong, the first that applies: not
    ready yet and a refresh waiting (``waiting for IMDS: ... (attempt 4)``) or
    failed as a whole (``waiting: ...``); not ready and no refresh ended yet
@@ -48,7 +50,7 @@ def status_line(snapshot: StatusSnapshot) -> str:
     failing = [entry for entry in entries if entry.error is not None]
     pending = [entry for entry in entries if entry.is_pending]  # only a ready agent's
     is_ready = snapshot.is_ready
-    parts: List[str] = []
+    parts: List[str] = [snapshot.cache] if snapshot.cache else []
     if not is_ready and (snapshot.waiting or snapshot.error is not None):
         parts.append(snapshot.waiting or f"waiting: {snapshot.error}")
     elif not is_ready and snapshot.last_refresh is None:

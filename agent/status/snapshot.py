@@ -143,8 +143,17 @@ class StatusSnapshot(NamedTuple):
     # agent's (kept, named so someone moves them).
     is_ready: bool = False
     foreign: Tuple[str, ...] = ()
+    # While sealed copies stand in for an unreachable vault (agent.daemon.cache):
+    # "serving N of M from the sealed cache of <time>: <why>"; saved as "cache".
+    cache: Optional[str] = None
 
     def as_json(self) -> Dict[str, Any]:
+        document = self._document()
+        if self.cache is not None:  # only while served: the keys stay as they were
+            document["cache"] = self.cache
+        return document
+
+    def _document(self) -> Dict[str, Any]:
         return {
             "version": STATUS_VERSION, "pid": self.pid, "state": self.phase,
             "saved_at": self.saved_at, "status": self.status, "manifest": self.manifest,

@@ -34,6 +34,7 @@ import stat
 from typing import Any, Dict, Mapping, Optional
 
 from agent.base.errors import KvAgentError, PermissionDeniedError
+from agent.status.snapshot import StatusSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,15 @@ class StateStore:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+    def publish(self, snapshot: StatusSnapshot) -> StatusSnapshot:
+        """Save ``snapshot`` as status.json; a failure is logged (the agent
+        goes on: the file is for people and tools, not for the agent)."""
+        try:
+            self.save(snapshot.as_json())
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
+        return snapshot
 
     def save(self, document: Mapping[str, Any]) -> None:
         """Replace the status file atomically: temp file, fsync, rename."""

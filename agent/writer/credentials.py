@@ -146,6 +146,14 @@ class CredentialStore(Generic[G]):
         with self._lock:
             return key in self._values and self._declared.get(key) == tuple(grants)
 
+    def values(self, key: str, grants: Sequence[G]) -> Optional[Tuple[bytes, ...]]:
+        """Entry ``key``'s bytes, in grant order, when loaded for exactly
+        ``grants`` (the daemon seals them into its cache); else None."""
+        with self._lock:
+            if self._declared.get(key) != tuple(grants):
+                return None
+            return self._values.get(key)
+
     def loaded(self) -> FrozenSet[str]:
         """The keys of the entries whose credentials are loaded."""
         with self._lock:

@@ -53,6 +53,9 @@ CREDENTIAL_SOCKET = "tests/test_credential_socket.py"
 DAEMON_CREDENTIALS = "tests/test_daemon_credentials.py"
 CREDENTIAL_RULES = "tests/test_credentials.py"
 ENTRIES = "tests/test_entries.py"
+CACHE_DECISION = "tests/test_cache_decision.py"
+CACHE_STORE = "tests/test_cache_store.py"
+CACHE_SERVE = "tests/test_daemon_cache_serve.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -381,7 +384,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "bad-edit-stops-the-agent",
         "an invalid manifest edit is rejected and the previous manifest stays in use",
-        "agent/daemon/service.py",
+        "agent/daemon/watch.py",
         'log.error("manifest rejected, keeping the previous one: %s", problem)',
         "raise",
         (f"{DAEMON}::test_invalid_manifest_on_reload_keeps_the_old_one",),
@@ -481,11 +484,13 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "old-generation-kept-while-a-refresh-runs",
         "an old set generation goes when its grace ends, even while a refresh is stuck",
         "agent/daemon/service.py",
-        "                                    self._reconcile.retire_deadline()))\n"
+        "                                    self._reconcile.retire_deadline(),\n"
+        "                                    self._cache.deadline(self._life.is_ready)))\n"
         "            self._handle_messages()\n"
         "            self._reconcile.retire_due()\n",
         "                                    None if self._worker.is_running\n"
-        "                                    else self._reconcile.retire_deadline()))\n"
+        "                                    else self._reconcile.retire_deadline(),\n"
+        "                                    self._cache.deadline(self._life.is_ready)))\n"
         "            self._handle_messages()\n"
         "            if not self._worker.is_running:\n"
         "                self._reconcile.retire_due()\n",
@@ -786,10 +791,33 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "credential-ready-before-loaded",
         "READY=1 only once every required credential is in memory",
         "agent/daemon/entries.py",
-        "            all(key in loaded for key, state in required if state.grants)",
-        "            True",
+        "            or (bool(state.grants) and key not in loaded)))",
+        "            or False))",
         (f"{ENTRIES}::test_ready_waits_for_every_required_credential_in_memory",
          f"{DAEMON_CREDENTIALS}::test_ready_waits_for_a_required_credential_and_the_socket"
          "_serves_it_then"),
+    ),
+    # -- issue 20: the sealed cache ------------------------------------------
+    Mutation(
+        "serves-the-cache-on-a-403",
+        "the sealed cache stands in only for an outage: a 403 is an answer, never hidden "
+        "behind an old copy",
+        "agent/cache/decision.py",
+        "UNAVAILABLE = (IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,",
+        "UNAVAILABLE = (__import__('agent.base.errors').base.errors.VaultForbiddenError,\n"
+        "               IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,",
+        (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
+         f"{CACHE_SERVE}::test_a_403_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
+        "writes-plaintext-to-the-cache",
+        "plaintext only in memory and tmpfs: with cache:, the copy on disk is sealed to this "
+        "machine, never a value in plaintext",
+        "agent/cache/store.py",
+        "        sealed = self.sealer.seal(sealing_name(copy.key), encode(copy),  # (2)",
+        "        sealed = encode(copy) or self.sealer.seal(sealing_name(copy.key), encode(copy),",
+        (f"{CACHE_STORE}::test_no_plaintext_in_the_directory_ever",
+         f"{CACHE_SERVE}::test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes"
+         "_over"),
     ),
 )

@@ -1278,7 +1278,9 @@ def test_purge_leaves_nothing_behind(machine: Container) -> None:
     that the directory was not empty). The metrics steps left no file and no
     drop-in for it to miss. What the agent wrote to /run/secrets goes too (its
     files, the certificate's set directory), and /run/kv-agent, but an
-    operator's own file there stays, and so /run/secrets (issue 17, item 29)."""
+    operator's own file there stays, and so /run/secrets (issue 17, item 29).
+    The unit's StateDirectory=, /var/lib/kv-agent (the sealed cache), goes too
+    (issue 20)."""
     written = machine.run(["sh", "-c", "find /run/secrets -mindepth 1 | sort"]).stdout.split()
     assert "/run/secrets/example-token" in written and f"{TLS_DIR}/web.key" in written
     machine.write("/run/secrets/operators-own", "not the agent's\n", mode=0o600)
@@ -1289,7 +1291,7 @@ def test_purge_leaves_nothing_behind(machine: Container) -> None:
                         "kv-agent-generator /etc/kv-agent /usr/lib/kv-agent /usr/bin/kv-agent "
                         f"{METRICS_DROP_IN} {METRICS_FILE} {NODE_EXPORTER_FILE} "
                         "/usr/lib/systemd/system/kv-agent-emulator.service /etc/kv-agent-emulator "
-                        "/run/kv-agent 2>/dev/null || true"]).stdout
+                        "/run/kv-agent /var/lib/kv-agent 2>/dev/null || true"]).stdout
     assert gone == "", gone
     assert machine.run(["sh", "-c", "find /run/secrets -mindepth 1"]).stdout == \
         "/run/secrets/operators-own\n"

@@ -212,6 +212,7 @@ def test_deb_maintainer_scripts_enable_nothing(built_deb: Path, tmp_path: Path) 
     assert prerm.index("deb-systemd-invoke stop") < prerm.index("kv-agent-purge-list")
     postrm = (tmp_path / "control" / "postrm").read_text()
     assert "/run/kv-agent/purge.list" in postrm and "rm -rf /run/kv-agent" in postrm
+    assert "rm -rf /var/lib/kv-agent" in postrm  # the sealed cache (issue 20)
     # dh_installsystemd --no-enable: `enable` only for units that were enabled.
     lines = postinst.splitlines()
     enables = [i for i, line in enumerate(lines) if "deb-systemd-helper enable" in line]

@@ -43,7 +43,8 @@ def test_exposure_score_is_ok(host_tools: None, unit_root: Path) -> None:
 
 
 def test_unit_keeps_what_the_agent_needs() -> None:
-    """The hardening leaves chown, network, notify and reload in place."""
+    """The hardening leaves chown, network, notify and reload in place, and the
+    sealed cache its directory and host key."""
     text = (SYSTEMD / "kv-agent.service").read_text()
     settings: Dict[str, List[str]] = {}
     for line in text.splitlines():
@@ -63,6 +64,12 @@ def test_unit_keeps_what_the_agent_needs() -> None:
     assert settings["RuntimeDirectoryPreserve"] == ["yes"]
     assert set(settings["RuntimeDirectory"][0].split()) == {"kv-agent", "secrets"}
     assert "network-online.target" in settings["After"][0]
+    # The sealed cache (issue 20): /var/lib/kv-agent root's 0700, and the host key
+    # made outside the sandbox (ProtectSystem=strict) before the agent seals; "-": a
+    # failure never stops an agent without `cache:`.
+    assert settings["StateDirectory"] == ["kv-agent"]
+    assert settings["StateDirectoryMode"] == ["0700"]
+    assert settings["ExecStartPre"] == ["+-/usr/bin/systemd-creds setup"]
 
 
 def test_tmpfiles_match_the_unit() -> None:

@@ -1,0 +1,92 @@
+"""A copy: one entry's last good bytes, and the document sealed for it.
+
+The document holds the entry's key, its fetch time and each target's bytes
+(an output's path, or a credential's label, as
+:attr:`agent.manifest.Entry.targets` names them). The key is inside what is
+sealed, so a copy moved onto another entry's file is caught after
+decrypting even if the sealing name were not checked. Pure: JSON, with the
+bytes in base64, parsed defensively (a copy is read back from disk).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+from agent.base.errors import CacheError
+from agent.base.untrusted import escape, load_json
+
+FORMAT = 1  # the document's version; a copy of another version is skipped, not guessed at
+
+
+@dataclass(frozen=True)
+class Copy:
+    """``key``'s bytes as fetched at ``fetched_at`` (epoch seconds): ``items``
+    are (target, bytes) in the entry's order. The repr names the targets,
+    never their bytes."""
+
+    key: str
+    fetched_at: float
+    items: Tuple[Tuple[str, bytes], ...]
+
+    def __repr__(self) -> str:
+        targets = ", ".join(target for target, _ in self.items)
+        return f"Copy({self.key!r}, fetched_at={self.fetched_at}, targets=[{targets}])"
+
+    def bytes_of(self, target: str) -> bytes:
+        """The bytes kept for ``target``; CacheError when the copy has none
+        (the entry gained an output since the copy was sealed)."""
+        for name, data in self.items:
+            if name == target:
+                return data
+        raise CacheError(f"{self.key}: the sealed copy holds nothing for {escape(target)}",
+                         "it was sealed before this output was added")
+
+
+def encode(copy: Copy) -> bytes:
+    """The document sealed for ``copy``."""
+    return json.dumps({
+        "format": FORMAT, "key": copy.key, "fetched_at": copy.fetched_at,
+        "items": [[target, base64.b64encode(data).decode("ascii")]
+                  for target, data in copy.items],
+    }, separators=(",", ":")).encode("utf-8")
+
+
+def decode(document: bytes, key: str) -> Copy:
+    """The copy of entry ``key`` in ``document`` (as unsealed). Raises
+    CacheError when it is not a copy of this format, or is another entry's."""
+    try:
+        content = load_json(document)
+    except ValueError:
+        raise _malformed(key, "not a copy") from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise _malformed(key, "not a copy of this version")
+    if content.get("key") != key:
+        raise CacheError(f"{key}: the sealed copy is another entry's "
+                         f"({escape(content.get('key'), 200)})", "it is skipped")
+    fetched_at = content.get("fetched_at")
+    if isinstance(fetched_at, bool) or not isinstance(fetched_at, (int, float)) \
+            or not math.isfinite(fetched_at):
+        raise _malformed(key, "no fetch time")
+    items = content.get("items")
+    if not isinstance(items, list):
+        raise _malformed(key, "no bytes")
+    return Copy(key, float(fetched_at), tuple(_item(key, item) for item in items))
+
+
+def _item(key: str, item: Any) -> Tuple[str, bytes]:
+    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], str)):
+        raise _malformed(key, "an unreadable output")
+    try:
+        return item[0], base64.b64decode(item[1].encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise _malformed(key, "an unreadable output") from None
+
+
+def _malformed(key: str, what: str) -> CacheError:
+    return CacheError(f"{key}: the sealed copy holds {what}", "it is skipped")

@@ -1,0 +1,274 @@
+"""The daemon's side of the sealed cache (``cache:``): saving good copies,
+and serving them at start while the vault cannot be reached.
+
+After every refresh, each entry that succeeded has its bytes sealed into the
+store (:class:`~agent.cache.store.CacheStore`, which skips an unchanged
+copy): its files' bytes as the refresh left them on disk, and its
+credentials' bytes as the credential store holds them. At start and at
+every reload that installs a manifest, copies of entries no longer in it
+are pruned.
+
+Which entries: the manifest's own (``secrets:``); a ``select:`` entry's
+expansion is not known before its listing, which needs the vault, so its
+secrets are not cached.
+
+Serving: ``after`` into the start (and after each refresh that ends later,
+while the agent is not ready), every required entry not on disk whose last
+refresh found the identity endpoint or the vault unavailable is written from
+its copy (:func:`agent.cache.decision.decide`: this entry's, readable, younger
+than ``max_age``; an answer such as a 403 or 404 is never hidden), through
+the daemon's writer (owner, mode, atomicity as fetched) and into the
+credential store. The daemon then sends READY=1 if the gate is met, with the
+``serving`` line in STATUS=. A ready agent never serves: it keeps its files.
+An entry of a set (a certificate's files, ``set:``) is not served (a set is
+swapped whole, by the sync); nor is a ``select:`` expansion (not cached).
+Each skip is one line naming the entry and the reason, logged once.
+
+The cache never stops the agent: a CacheError (SealError included) is
+logged once per distinct message, as a warning, and the entry goes without
+a fresh copy. ``kv-agent once`` neither saves nor serves (it is the tool for
+"fetch now"; it leaves the daemon's copies as they are).
+
+Owned by the daemon's main thread (the store is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+
+from agent.base.errors import CacheError, KvAgentError
+from agent.cache.copy import Copy
+from agent.cache.decision import decide, describe_time
+from agent.cache.policy import CachePolicy
+from agent.cache.seal import Sealer
+from agent.cache.store import CacheStore
+from agent.daemon.entries import EntryTable
+from agent.daemon.reconcile import Reconciler
+from agent.manifest import Entry, Manifest
+from agent.pipeline.credentials import Grant
+from agent.sync import credentials as loading
+from agent.sync.sync import SyncReport
+from agent.writer import Writer
+from agent.writer.credentials import CredentialStore
+from agent.writer.specs import FileSpec
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 1024 * 1024  # a file larger than this is not what the agent wrote: skipped
+
+
+class SealedCache:
+    """The manifest's ``cache:`` in use (none: nothing happens), its store,
+    and what was said about it. ``sealer`` runs systemd-creds (tests: in a
+    private namespace)."""
+
+    def __init__(self, sealer: Optional[Sealer] = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._sealer = sealer or Sealer()
+        self._clock = monotonic
+        self.policy: Optional[CachePolicy] = None
+        self.store: Optional[CacheStore] = None
+        self._entries: Dict[str, Entry] = {}
+        self._in_sets: Set[str] = set()
+        self._directory = ""  # the manifest's directory (its writer writes what is served)
+        self._said: Set[str] = set()  # each problem is logged once
+        self._started: Optional[float] = None  # monotonic: the first install
+        self._causes: Dict[str, KvAgentError] = {}  # why each entry is not current
+        self._check = True  # a refresh ended since the last look (or none was taken)
+        self.served: Dict[str, float] = {}  # entry key -> its copy's fetch time, while served
+        self.serving: Optional[str] = None  # the status line's part while copies stand in
+
+    def install(self, manifest: Manifest) -> None:
+        """Use ``manifest``'s ``cache:`` (a new store when its directory
+        changed) and prune the copies of entries it no longer has."""
+        self.policy = manifest.cache
+        self._entries = {entry.key: entry for entry in manifest.secrets}
+        self._in_sets = {key for group in manifest.sets for key in group.keys}
+        self._directory = manifest.directory
+        if self._started is None:
+            self._started = self._clock()
+        if self.policy is None:
+            self.store = None
+            return
+        if self.store is None or self.store.directory != self.policy.directory:
+            self.store = CacheStore(self.policy.directory, self._sealer)
+        try:
+            removed = self.store.prune(self._entries)
+        except CacheError as exc:
+            self.problem(exc)
+            return
+        if removed:
+            log.info("sealed cache: removed %d copies of entries no longer in the manifest",
+                     len(removed))
+
+    def refreshed(self, result: Union[SyncReport, KvAgentError],
+                  credentials: CredentialStore[Grant], now_wall: float) -> None:
+        """A refresh ended: note why entries are not current, end the
+        serving of every entry it fetched, and save the good copies."""
+        self._check = True
+        if isinstance(result, KvAgentError):
+            self._causes = {key: result for key in self._entries}
+            return
+        self._causes = {o.entry.key: o.error for o in result.outcomes if o.error is not None}
+        for outcome in result.outcomes:
+            if outcome.error is None:
+                self.served.pop(outcome.entry.key, None)
+        if not self.served and self.serving is not None:
+            log.info("sealed cache: every served entry fetched again; the cache is no "
+                     "longer in use")
+            self.serving = None
+        self.save(result, credentials, now_wall)
+
+    def save(self, report: SyncReport, credentials: CredentialStore[Grant],
+             fetched_at: float) -> int:
+        """Seal the bytes of every entry ``report`` wrote or found current;
+        returns how many copies were written. Never raises CacheError."""
+        if self.store is None or self.policy is None:
+            return 0
+        written = 0
+        for outcome in report.outcomes:
+            entry = self._entries.get(outcome.entry.key)
+            if outcome.error is not None or entry != outcome.entry:
+                continue  # failed, a select's, or of a manifest since replaced
+            try:
+                copy = Copy(entry.key, fetched_at, gather(entry, credentials))
+                written += self.store.save(copy, self.policy.max_age_s)
+            except CacheError as exc:
+                self.problem(exc)
+        return written
+
+    # -- serving at start --------------------------------------------------------------------
+
+    def deadline(self, is_ready: bool) -> Optional[float]:
+        """When (monotonic) to look at serving from the cache: ``after`` into
+        the start, and again after each refresh while not ready; None once
+        ready, without ``cache:``, or until the next refresh ends."""
+        if is_ready or self.policy is None or self._started is None or not self._check:
+            return None
+        return self._started + self.policy.after_s
+
+    def is_due(self, is_ready: bool, now: float) -> bool:
+        """Whether to look at serving now (monotonic ``now``)."""
+        deadline = self.deadline(is_ready)
+        return deadline is not None and now >= deadline
+
+    def serve(self, entries: EntryTable, reconcile: Reconciler,
+              credentials: CredentialStore[Grant], now_wall: float) -> bool:
+        """Write each required entry READY waits for that may be served from
+        its copy (through the daemon's writer), recording its files in the
+        ledger and as on disk in ``entries``. True when some were and READY's
+        condition is now met. Each entry not served for a reason worth saying
+        gets one line, once."""
+        self._check = False
+        ledger = reconcile.ledger
+        missing = entries.missing(ledger.inode)
+        served: List[str] = []
+        for key in missing:
+            entry, cause = self._entries.get(key), self._causes.get(key)
+            if cause is None:
+                continue  # no refresh has said why yet: looked at again after the next
+            if entry is None or key in self._in_sets:
+                self._say(f"{key}: not served from the sealed cache (a set's or a select's "
+                          "entry is served only by the vault)")
+                continue
+            if self.store is None or self.policy is None:
+                return False
+            try:
+                found: Union[Copy, CacheError, None] = self.store.load(key)
+            except CacheError as exc:
+                found = exc
+            decision = decide(key, cause, found, self.policy.max_age_s, now_wall)
+            if not decision.serve or decision.copy is None:
+                self._say(decision.reason)
+                continue
+            try:
+                _write(entry, decision.copy, reconcile.writer(self._directory), credentials)
+            except KvAgentError as exc:
+                self._say(f"{key}: not served from the sealed cache: {exc.message}")
+                continue
+            log.warning("%s", decision.reason)
+            for path in entry.paths:
+                ledger.record(path, key)
+            entries.served(key)
+            self.served[key] = decision.copy.fetched_at
+            served.append(key)
+        if not served:
+            return False
+        self.serving = self._line(len(entries), served)
+        log.warning("%s", self.serving)
+        return entries.has_every_required_file(ledger.inode)
+
+    def _line(self, total: int, served: List[str]) -> str:
+        """``serving N of M from the sealed cache of <time>: <why>``."""
+        oldest = min(self.served.values())
+        causes = [self._causes[key] for key in served or list(self.served)
+                  if key in self._causes]
+        why = causes[0].message if causes else "the vault is unreachable"
+        return (f"serving {len(self.served)} of {total} from the sealed cache of "
+                f"{describe_time(oldest)}: {why}")
+
+    def _say(self, line: str) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            log.warning("sealed cache: %s", line)
+
+    def problem(self, error: CacheError) -> None:
+        """Log ``error`` once (a warning: the agent goes on without the copy)."""
+        line = str(error)
+        if line not in self._said:
+            self._said.add(line)
+            log.warning("sealed cache: %s", line)
+
+
+def _write(entry: Entry, copy: Copy, writer: Writer,
+           credentials: CredentialStore[Grant]) -> None:
+    """Write ``entry``'s outputs from ``copy`` as a refresh writes fetched bytes:
+    each file through the writer (atomic, its owner and mode), then its
+    credentials into the store. Raises CacheError (a target the copy lacks)
+    or the writer's error."""
+    contents = [copy.bytes_of(output.path if output.is_file else
+                              output.credential.label if output.credential else "")
+                for output in entry.outputs.outputs]
+    for output, data in zip(entry.outputs.outputs, contents):
+        if output.is_file:
+            writer.apply(FileSpec(output.path, data, output.uid, output.gid, output.mode))
+    loading.load(credentials, entry, contents, "from the sealed cache")
+
+
+def gather(entry: Entry, credentials: CredentialStore[Grant]) -> Tuple[Tuple[str, bytes], ...]:
+    """``entry``'s bytes by target (:attr:`Entry.targets`): each file as on
+    disk (read as a consumer reads it, through a set's link; a regular
+    file), then each credential as held. Raises CacheError when one is
+    missing."""
+    items: List[Tuple[str, bytes]] = [(path, _read(entry, path)) for path in entry.paths]
+    if entry.grants:
+        values = credentials.values(entry.key, entry.grants)
+        if values is None:
+            raise CacheError(f"{entry.key}: its credentials are not held", "no copy this time")
+        items.extend((grant.label, value) for grant, value in zip(entry.grants, values))
+    return tuple(items)
+
+
+def _read(entry: Entry, path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise CacheError(f"{entry.key}: cannot read {path}: {exc.strerror}",
+                         "no copy this time") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+            raise CacheError(f"{entry.key}: {path} is not a file the agent wrote",
+                             "no copy this time")
+        data = bytearray()
+        while True:
+            block = os.read(fd, 65536)
+            if not block:
+                return bytes(data)
+            data += block
+    finally:
+        os.close(fd)

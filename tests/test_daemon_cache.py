@@ -1,0 +1,170 @@
+"""agent.daemon.cache: after a refresh, the daemon seals each good entry's bytes (its
+files as on disk, its credentials as held); failed entries, select expansions and a
+manifest since replaced are not saved; a cache problem is logged once and never raised;
+install prunes the copies of entries the manifest lost. Unit tests with a stand-in
+sealer (reversible, not cryptography: the real tool is tests/test_cache_*.py's)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import pytest
+
+from agent.base.errors import SealRefusedError, VaultUnavailableError
+from agent.cache.store import CacheStore
+from agent.daemon.cache import SealedCache
+from agent.manifest import Accounts, Manifest, parse_manifest
+from agent.pipeline.credentials import Grant
+from agent.sync.sync import SecretOutcome, SyncReport
+from agent.writer.credentials import CredentialStore
+
+ACCOUNTS = Accounts(user=lambda name: 0, group=lambda name: 0)
+
+
+class StandInSealer:
+    """Seals by reversing and tagging with the name: enough to round trip and to see
+    that no plaintext reaches the directory; ``refuse`` makes every seal fail."""
+
+    def __init__(self) -> None:
+        self.refuse = False
+        self.sealed: List[str] = []
+
+    def seal(self, name: str, plaintext: bytes, not_after: float) -> bytes:
+        if self.refuse:
+            raise SealRefusedError(f"credential '{name}': no usable key", None)
+        self.sealed.append(name)
+        return name.encode() + b"|" + bytes(b ^ 0x5A for b in plaintext)
+
+    def unseal(self, name: str, ciphertext: bytes) -> bytes:
+        tag, _, body = ciphertext.partition(b"|")
+        if tag != name.encode():
+            raise SealRefusedError(f"credential '{name}': another name", None)
+        return bytes(b ^ 0x5A for b in body)
+
+
+def manifest(tmp_path: Path, names: Tuple[str, ...] = ("db", "api"), cache: bool = True,
+             credential: bool = False) -> Manifest:
+    text = f"vault: https://kv.vault.azure.net\ndirectory: {tmp_path / 'out'}\nsecrets:\n"
+    for name in names:
+        text += f"  - name: {name}\n    path: {name}\n"
+        if credential:
+            text += "    credential: {units: [app.service]}\n"
+    if cache:
+        text += f"cache: {{directory: {tmp_path / 'cache'}}}\n"
+    return parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+
+
+def fixture(tmp_path: Path, **keys: Any) -> Tuple[SealedCache, StandInSealer, Manifest]:
+    sealer = StandInSealer()
+    cache = SealedCache(sealer)  # type: ignore[arg-type]
+    current = manifest(tmp_path, **keys)
+    cache.install(current)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return cache, sealer, current
+
+
+def report(*outcomes: SecretOutcome) -> SyncReport:
+    return SyncReport(outcomes, 0.1)
+
+
+def test_each_good_entry_is_sealed_with_its_files_bytes(tmp_path: Path) -> None:
+    """A refresh that wrote db and failed api: db's copy holds db's file, api has none;
+    no file in the cache directory holds the value."""
+    cache, sealer, current = fixture(tmp_path)
+    db, api = current.secrets
+    Path(db.paths[0]).write_bytes(b"db-value-0123456789")
+    now = time.time()
+    outcome_error = VaultUnavailableError("the vault is unreachable", None)
+    saved = cache.save(report(SecretOutcome(db, version="v1"),
+                              SecretOutcome(api, error=outcome_error)),
+                       CredentialStore(), now)
+    assert saved == 1
+    store = CacheStore(str(tmp_path / "cache"), sealer)  # type: ignore[arg-type]
+    copy = store.load(db.key)
+    assert copy is not None and copy.items == ((db.paths[0], b"db-value-0123456789"),)
+    assert copy.fetched_at == now
+    assert store.load(api.key) is None
+    for path in (tmp_path / "cache").iterdir():
+        assert b"db-value" not in path.read_bytes()
+
+
+def test_an_unchanged_entry_is_not_sealed_again(tmp_path: Path) -> None:
+    cache, sealer, current = fixture(tmp_path, names=("db",))
+    db = current.secrets[0]
+    Path(db.paths[0]).write_bytes(b"same")
+    now = time.time()
+    cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(), now)
+    cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(), now + 60)
+    assert len(sealer.sealed) == 1
+
+
+def test_credentials_are_sealed_as_the_store_holds_them(tmp_path: Path) -> None:
+    cache, sealer, current = fixture(tmp_path, names=("db",), credential=True)
+    db = current.secrets[0]
+    Path(db.paths[0]).write_bytes(b"file-bytes")
+    credentials: CredentialStore[Grant] = CredentialStore()
+    credentials.declare({db.key: db.grants})
+    credentials.replace(db.key, [(db.grants[0], b"cred-bytes")])
+    cache.save(report(SecretOutcome(db, version="v1")), credentials, time.time())
+    copy = CacheStore(str(tmp_path / "cache"), sealer).load(db.key)  # type: ignore[arg-type]
+    assert copy is not None
+    assert copy.items == ((db.paths[0], b"file-bytes"), (db.grants[0].label, b"cred-bytes"))
+
+
+def test_an_entry_of_another_manifest_is_not_saved(tmp_path: Path) -> None:
+    """A refresh of a manifest a reload replaced: its entries are not the current ones."""
+    cache, sealer, current = fixture(tmp_path, names=("db",))
+    other = manifest(tmp_path, names=("other",)).secrets[0]
+    Path(other.paths[0]).write_bytes(b"x")
+    assert cache.save(report(SecretOutcome(other, version="v1")), CredentialStore(),
+                      time.time()) == 0
+    assert sealer.sealed == []
+
+
+def test_no_cache_key_saves_nothing(tmp_path: Path) -> None:
+    cache, sealer, current = fixture(tmp_path, cache=False)
+    db = current.secrets[0]
+    Path(db.paths[0]).write_bytes(b"x")
+    assert cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(),
+                      time.time()) == 0
+    assert sealer.sealed == [] and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_problem_is_logged_once_and_never_raised(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache, sealer, current = fixture(tmp_path, names=("db",))
+    db = current.secrets[0]
+    Path(db.paths[0]).write_bytes(b"x")
+    sealer.refuse = True
+    with caplog.at_level(logging.WARNING, logger="agent.daemon.cache"):
+        for at in range(3):
+            assert cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(),
+                              time.time() + at) == 0
+    lines = [r.getMessage() for r in caplog.records if "sealed cache" in r.getMessage()]
+    assert len(lines) == 1 and "no usable key" in lines[0]
+
+
+def test_a_missing_file_is_a_problem_not_a_crash(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cache, sealer, current = fixture(tmp_path, names=("db",))
+    with caplog.at_level(logging.WARNING, logger="agent.daemon.cache"):
+        assert cache.save(report(SecretOutcome(current.secrets[0], version="v1")),
+                          CredentialStore(), time.time()) == 0
+    assert "cannot read" in caplog.text
+
+
+def test_install_prunes_the_copies_of_dropped_entries(tmp_path: Path) -> None:
+    cache, sealer, current = fixture(tmp_path)
+    for entry in current.secrets:
+        Path(entry.paths[0]).write_bytes(entry.name.encode())
+    cache.save(report(*(SecretOutcome(e, version="v1") for e in current.secrets)),
+               CredentialStore(), time.time())
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    cache.install(manifest(tmp_path, names=("db",)))
+    store = CacheStore(str(tmp_path / "cache"), sealer)  # type: ignore[arg-type]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert store.load(current.secrets[0].key) is not None
+    assert store.load(current.secrets[1].key) is None

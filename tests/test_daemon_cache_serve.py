@@ -1,0 +1,154 @@
+"""The sealed cache end to end (issue 20): `kv-agent run` against the emulator, sealing
+with the real systemd-creds in a private mount namespace (tests/sealing.py: the agent's
+Sealer gets the namespace prefix through a prelude; never the machine's host key).
+
+A daemon writes and caches; a "reboot" (tmpfs and its ledger gone) with IMDS down is
+READY after `after` with the cached files and the cache in STATUS; with a 403 it is
+not; with an expired copy it is not; the first good refresh replaces the files; no
+plaintext in the cache directory after each step."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pytest
+from sealing import key_directory, private_sealer, skip_without_sealing
+from test_daemon import (  # noqa: F401 - fixtures
+    Running,
+    StartAgent,
+    Vault,
+    entry,
+    read,
+    short_dir,
+    start_agent,
+    vault,
+)
+
+pytestmark = pytest.mark.integration
+
+AFTER = "2s"
+
+
+@pytest.fixture
+def prelude(tmp_path: Path) -> Iterator[str]:
+    """Code run first in the agent's process: its Sealer's default command is the
+    private namespace's."""
+    skip_without_sealing()
+    command = private_sealer(key_directory(tmp_path)).command
+    yield ("import agent.cache.seal as _seal\n"
+           f"_seal.Sealer.__init__.__defaults__ = ({command!r}, 10.0, _seal.ENVIRONMENT)\n")
+
+
+def _assert_no_plaintext(directory: Path, values: Iterable[str]) -> None:
+    """Each value, its halves and its base64's first half (a prefix whatever follows
+    the value in its file): the unsealed document holds a value in base64."""
+    for path in directory.iterdir():
+        data = path.read_bytes()
+        for value in values:
+            raw = value.encode()
+            encoded = base64.b64encode(raw)
+            for part in (raw, raw[: len(raw) // 2], raw[len(raw) // 2:],
+                         encoded[: len(encoded) // 2]):
+                assert part not in data, f"{path.name} holds a value in plaintext"
+
+
+def _first_boot(start_agent: StartAgent, vault: Vault, cache: Path,  # noqa: F811
+                prelude: str, shm_dir: Path, **cache_keys: Any) -> Running:
+    """Start, fetch and cache both secrets, stop; then "reboot": the files and the
+    state (ledger) on tmpfs are gone, the cache directory stays."""
+    run = start_agent([entry("alpha"), entry("beta")], refresh="60s", prelude=prelude,
+                      state_dir=shm_dir / "state-boot1",
+                      cache={"after": AFTER, "directory": str(cache), **cache_keys})
+    run.wait_ready()
+    run.wait(lambda: cache.is_dir() and len(list(cache.iterdir())) == 2, "two sealed copies")
+    _assert_no_plaintext(cache, vault.values)
+    run.stop()
+    shutil.rmtree(run.directory)
+    return run
+
+
+def _second_boot(start_agent: StartAgent, run: Running, shm_dir: Path,  # noqa: F811
+                 prelude: str) -> Running:
+    return start_agent(manifest=run.manifest, prelude=prelude, fast_retry=True,
+                       state_dir=shm_dir / "state-boot2")
+
+
+def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str) -> None:
+    values = {name: vault.put(name) for name in ("alpha", "beta")}
+    cache = tmp_path / "cache"
+    first = _first_boot(start_agent, vault, cache, prelude, shm_dir)
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    began = time.monotonic()
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    ready = second.wait_ready()
+    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    assert {name: read(second.directory / name) for name in values} == values
+    assert (second.directory / "alpha").stat().st_mode & 0o777 == 0o440
+    status = ready.fields["STATUS"]
+    assert status.startswith("serving 2 of 2 from the sealed cache of "), status
+    assert second.status_json()["cache"].startswith("serving 2 of 2")
+    assert "from the sealed cache" in second.status_cli().stdout
+    _assert_no_plaintext(cache, vault.values)
+    # IMDS returns, the secret rotated meanwhile: the first good refresh replaces it.
+    rotated = vault.put("alpha")
+    vault.emulator.clear_faults()
+    second.wait_content("alpha", rotated)
+    second.wait_status_json(lambda d: "cache" not in d, "the cache no longer in use")
+    second.wait(lambda: "from the sealed cache" not in second.notes.statuses()[-1],
+                "STATUS back to normal")
+    _assert_no_plaintext(cache, list(vault.values) + [rotated])
+    second.stop()
+
+
+@pytest.mark.parametrize("refusal", ["permission-denied", "endpoint-403"])
+def test_a_403_is_an_answer_never_hidden_by_the_cache(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str, refusal: str) -> None:
+    """Each secret's GET refused (403 AccessDenied, after the challenge: the role was
+    taken away), or every request to the vault answered 403 (no challenge): either is
+    an answer, and the copies stay unserved."""
+    vault.put("alpha")
+    vault.put("beta")
+    cache = tmp_path / "cache"
+    first = _first_boot(start_agent, vault, cache, prelude, shm_dir)
+    if refusal == "permission-denied":
+        for name in ("alpha", "beta"):
+            vault.emulator.forbid_secret(name)
+    else:
+        vault.emulator.inject_fault("vault", 403, count=100_000)
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    second.wait(lambda: second.process.lines("not served from the sealed cache: the vault "
+                                             "answered"), "the refusal to serve logged")
+    time.sleep(1.0)
+    assert not second.readies()
+    assert not (second.directory / "alpha").exists()
+    _assert_no_plaintext(cache, vault.values)
+    second.stop()
+
+
+def test_an_expired_copy_is_not_served(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str) -> None:
+    """max_age 1h, and the copies' fetch time an hour and more behind: sealed with
+    --not-after in the past, systemd-creds refuses them (or the age does)."""
+    vault.put("alpha")
+    vault.put("beta")
+    cache = tmp_path / "cache"
+    first = _first_boot(start_agent, vault, cache, prelude, shm_dir, max_age="1h")
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    hour_later = prelude + (
+        "import time as _time\n_real = _time.time\n"
+        "_time.time = lambda: _real() + 3700.0\n")
+    second = start_agent(manifest=first.manifest, prelude=hour_later, fast_retry=True,
+                         state_dir=shm_dir / "state-boot2")
+    second.wait(lambda: second.process.lines("sealed copy skipped"), "the skip logged")
+    time.sleep(1.0)
+    assert not second.readies()
+    assert not (second.directory / "alpha").exists()
+    second.stop()
