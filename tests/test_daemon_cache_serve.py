@@ -89,12 +89,15 @@ def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
     assert status.startswith("serving 2 of 2 from the sealed cache of "), status
     assert second.status_json()["cache"].startswith("serving 2 of 2")
     assert "from the sealed cache" in second.status_cli().stdout
+    assert all(row["from_cache"] for row in second.status_json()["secrets"])
+    assert second.status_cli().stdout.count("(from the sealed cache, ") == 2
     _assert_no_plaintext(cache, vault.values)
     # IMDS returns, the secret rotated meanwhile: the first good refresh replaces it.
     rotated = vault.put("alpha")
     vault.emulator.clear_faults()
     second.wait_content("alpha", rotated)
     second.wait_status_json(lambda d: "cache" not in d, "the cache no longer in use")
+    assert "from_cache" not in second.status_json()["secrets"][0]
     second.wait(lambda: "from the sealed cache" not in second.notes.statuses()[-1],
                 "STATUS back to normal")
     _assert_no_plaintext(cache, list(vault.values) + [rotated])

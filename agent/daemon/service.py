@@ -104,6 +104,11 @@ def _new_sync(manifest: Manifest, environ: Mapping[str, str], worker: RefreshThr
                 writer=writer, credentials_store=credentials, is_slow_start=True)
 
 
+def _wall_time(deadline: Optional[float], wall: float, now: float) -> Optional[str]:
+    """A monotonic ``deadline`` (None: none) as status.json's wall time."""
+    return iso_time(None if deadline is None else wall + deadline - now)
+
+
 class Daemon:
     """One ``kv-agent run`` process. Construct, then :meth:`run` (main thread only)."""
 
@@ -361,16 +366,15 @@ class Daemon:
         """The status as it stands, as status.json will hold it, with its line
         (:mod:`agent.status.line`): what STATUS= sends and `kv-agent status` shows."""
         wall, manifest, ledger = self._wall(), self._manifest, self._reconcile.ledger
-        next_refresh = self._life.next_refresh
         return with_status_line(StatusSnapshot(
             pid=os.getpid(), phase=self._life.phase, saved_at=iso_time(wall), status="",
             manifest=os.path.abspath(self._file.path),
-            entries=self._entries.statuses(wall, self._life.is_ready, ledger.inode),
+            entries=self._entries.statuses(wall, self._life.is_ready, ledger.inode,
+                                           self._cache.served),
             written=ledger.records(), sets=ledger.sets(), manifest_error=self._file.error,
             directory=manifest.directory if manifest else None, error=self._stats.error,
             last_refresh=iso_time(self._stats.last_success_s),
-            next_refresh=iso_time(None if next_refresh is None
-                                  else wall + next_refresh - self._now()),
+            next_refresh=_wall_time(self._life.next_refresh, wall, self._now()),
             refresh_interval_s=manifest.refresh_interval_s if manifest else None,
             identity_source=self._sync.tokens.source.describe() if self._sync else None,
             waiting=self._worker.waiting, is_refreshing=self._worker.is_running,
@@ -386,7 +390,8 @@ class Daemon:
         are taken only then)."""
         self._metrics.write(self._manifest.metrics_path if self._manifest else None,
                             lambda: self._stats.metrics(
-                                self._wall(), is_up=is_up, entries=self._entries.metrics(),
+                                self._wall(), is_up=is_up,
+                                entries=self._entries.metrics(self._cache.from_cache()),
                                 requests=transport.REQUESTS.snapshot(),
                                 credentials=self._credentials.counts()))
 
