@@ -88,8 +88,8 @@ def _copies(subject: str, manifest: Manifest, policy: CachePolicy,
                      "let the agent refresh (it seals each copy again after a good refresh)")
     if lacking:
         return Check(subject, "copies", WARN, f"{count}; none yet for {_names(lacking)}",
-                     "those entries are served only by the vault until a good refresh seals "
-                     "them (a select's entries and a set's never are)")
+                     "those entries are served only by the vault until a good refresh of "
+                     "each seals it")
     return Check(subject, "copies", OK, count)
 
 
