@@ -16,6 +16,7 @@ import pytest
 from agent.base.errors import SealRefusedError, VaultUnavailableError
 from agent.cache.store import CacheStore
 from agent.daemon.cache import SealedCache
+from agent.daemon.entries import EntryTable
 from agent.manifest import Accounts, Manifest, parse_manifest
 from agent.pipeline.credentials import Grant
 from agent.sync.sync import SecretOutcome, SyncReport
@@ -168,3 +169,21 @@ def test_install_prunes_the_copies_of_dropped_entries(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").iterdir())) == 1
     assert store.load(current.secrets[0].key) is not None
     assert store.load(current.secrets[1].key) is None
+
+
+def test_served_entries_show_in_the_status_rows_and_the_metrics(tmp_path: Path) -> None:
+    """The daemon's rows carry what the cache serves: each served entry's copy time in
+    status.json's row, and the gauge's 1/0 only while the manifest has ``cache:``."""
+    cache, _, current = fixture(tmp_path)
+    table = EntryTable()
+    table.install(current)
+    db, api = (entry.key for entry in current.secrets)
+    assert cache.from_cache() == {}
+    cache.served[db] = 1_795_518_000.0
+    rows = table.statuses(1_795_518_000.0 + 60, True, lambda path: None, cache.served)
+    assert [row.from_cache for row in rows] == ["2026-11-24T11:00:00Z", None]
+    metrics = {row.entry: row.from_cache for row in table.metrics(cache.from_cache())}
+    assert metrics == {db: True, api: False}
+    cache.install(manifest(tmp_path, cache=False))
+    assert cache.from_cache() is None
+    assert {row.from_cache for row in table.metrics(cache.from_cache())} == {None}

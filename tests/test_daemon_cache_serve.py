@@ -13,9 +13,10 @@ import base64
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sealing import key_directory, private_sealer, skip_without_sealing
 from test_daemon import (  # noqa: F401 - fixtures
     Running,
@@ -57,18 +58,27 @@ def _assert_no_plaintext(directory: Path, values: Iterable[str]) -> None:
 
 
 def _first_boot(start_agent: StartAgent, vault: Vault, cache: Path,  # noqa: F811
-                prelude: str, shm_dir: Path, **cache_keys: Any) -> Running:
+                prelude: str, shm_dir: Path, metrics: Optional[Path] = None,
+                **cache_keys: Any) -> Running:
     """Start, fetch and cache both secrets, stop; then "reboot": the files and the
     state (ledger) on tmpfs are gone, the cache directory stays."""
+    more = {"metrics": str(metrics)} if metrics is not None else {}
     run = start_agent([entry("alpha"), entry("beta")], refresh="60s", prelude=prelude,
                       state_dir=shm_dir / "state-boot1",
-                      cache={"after": AFTER, "directory": str(cache), **cache_keys})
+                      cache={"after": AFTER, "directory": str(cache), **cache_keys}, **more)
     run.wait_ready()
     run.wait(lambda: cache.is_dir() and len(list(cache.iterdir())) == 2, "two sealed copies")
     _assert_no_plaintext(cache, vault.values)
     run.stop()
     shutil.rmtree(run.directory)
     return run
+
+
+def _from_cache(metrics: Path) -> Dict[str, float]:
+    """kv_agent_secret_from_cache by entry, as Prometheus' parser reads the file."""
+    return {sample.labels["entry"]: sample.value
+            for family in text_string_to_metric_families(metrics.read_text())
+            if family.name == "kv_agent_secret_from_cache" for sample in family.samples}
 
 
 def _second_boot(start_agent: StartAgent, run: Running, shm_dir: Path,  # noqa: F811
@@ -81,8 +91,9 @@ def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
         start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
         prelude: str) -> None:
     values = {name: vault.put(name) for name in ("alpha", "beta")}
-    cache = tmp_path / "cache"
-    first = _first_boot(start_agent, vault, cache, prelude, shm_dir)
+    cache, metrics = tmp_path / "cache", shm_dir / "metrics" / "kv-agent.prom"
+    first = _first_boot(start_agent, vault, cache, prelude, shm_dir, metrics=metrics)
+    assert set(_from_cache(metrics).values()) == {0.0}
     vault.emulator.inject_fault("imds", 410, count=100_000)
     began = time.monotonic()
     second = _second_boot(start_agent, first, shm_dir, prelude)
@@ -94,12 +105,17 @@ def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
     assert status.startswith("serving 2 of 2 from the sealed cache of "), status
     assert second.status_json()["cache"].startswith("serving 2 of 2")
     assert "from the sealed cache" in second.status_cli().stdout
+    assert all(row["from_cache"] for row in second.status_json()["secrets"])
+    assert second.status_cli().stdout.count("(from the sealed cache, ") == 2
+    second.wait(lambda: set(_from_cache(metrics).values()) == {1.0}, "the gauge at 1")
     _assert_no_plaintext(cache, vault.values)
     # IMDS returns, the secret rotated meanwhile: the first good refresh replaces it.
     rotated = vault.put("alpha")
     vault.emulator.clear_faults()
     second.wait_content("alpha", rotated)
     second.wait_status_json(lambda d: "cache" not in d, "the cache no longer in use")
+    assert "from_cache" not in second.status_json()["secrets"][0]
+    second.wait(lambda: set(_from_cache(metrics).values()) == {0.0}, "the gauge back at 0")
     second.wait(lambda: "from the sealed cache" not in second.notes.statuses()[-1],
                 "STATUS back to normal")
     _assert_no_plaintext(cache, list(vault.values) + [rotated])

@@ -424,3 +424,20 @@ def test_a_drop_in_that_opens_the_directory_is_found(tmp_path: Path) -> None:
     assert found("/var/lib/prometheus/kv-agent.prom", dirs) is None  # above the opened one
     assert found("/data/kv-agent.prom", dirs) is None
     assert found("/optional/kv-agent.prom", dirs) is None  # /opt is not a prefix of it
+
+
+def test_from_cache_gauge_only_with_a_cache() -> None:
+    """With ``cache:``: kv_agent_secret_from_cache per entry, 1 while its sealed copy is
+    served, 0 otherwise, labelled as the other per-entry families; without: no such family,
+    the file as it always was."""
+    text = render(snapshot(entries=(
+        EntryMetrics("/run/secrets/db", "db", "https://kv.vault.azure.net", from_cache=True),
+        EntryMetrics("/run/secrets/api", "api", "https://kv.vault.azure.net:8443",
+                     from_cache=False))))
+    families = parse(text)
+    assert families["kv_agent_secret_from_cache"][0] == "gauge"
+    assert value(families, "kv_agent_secret_from_cache", entry="/run/secrets/db", secret="db",
+                 vault="kv.vault.azure.net") == 1
+    assert value(families, "kv_agent_secret_from_cache", entry="/run/secrets/api",
+                 vault="kv.vault.azure.net:8443") == 0
+    assert "from_cache" not in render(snapshot())

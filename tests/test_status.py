@@ -252,3 +252,34 @@ def test_a_credential_entry_round_trips_and_shows_its_key_and_whether_loaded() -
     assert any(f"ok   db -> {label} (loaded)" in line for line in lines), lines
     db["loaded"] = False
     assert any(f"-> {label} (not loaded)" in line for line in render_status(document, "x")[0])
+
+
+def test_an_entry_served_from_the_sealed_cache_is_marked_with_its_copys_age() -> None:
+    """While a sealed copy stands in for the vault (issue 20), status.json marks the entry
+    with the copy's fetch time and the document with the serving line, and `kv-agent
+    status` shows the copy's age; otherwise neither key is saved (an older reader, and
+    this one, read the same version 2 document either way)."""
+    snapshot = StatusSnapshot(
+        pid=os.getpid(), phase=READY, saved_at="2026-11-24T14:02:11Z",
+        status="serving 1 of 2 from the sealed cache of 2026-11-24T11:00:00Z: IMDS down",
+        manifest="/etc/kv-agent/manifest.yaml",
+        entries=(EntryStatus("db-password", ("/run/secrets/db",), "https://a.vault.azure.net",
+                             from_cache="2026-11-24T11:00:00Z"),
+                 EntryStatus("plain", ("/run/secrets/plain",), "https://a.vault.azure.net")),
+        cache="serving 1 of 2 from the sealed cache of 2026-11-24T11:00:00Z: IMDS down")
+    document = json.loads(json.dumps(snapshot.as_json()))
+    db, plain = document["secrets"]
+    assert document["version"] == 2 and document["cache"].startswith("serving 1 of 2")
+    assert db["from_cache"] == "2026-11-24T11:00:00Z" and "from_cache" not in plain
+    assert parse_snapshot(document) == snapshot
+    now = 1795518000.0 + 3 * 3600 + 125  # 2026-11-24T11:00:00Z, then 3h2m5s
+    lines, code = render_snapshot(parse_snapshot(document), "x", now=now)
+    assert code == EXIT_OK
+    assert any("ok   db-password -> /run/secrets/db (from the sealed cache, 3h2m old)" in line
+               for line in lines), lines
+    assert not any("sealed cache" in line for line in lines if "plain" in line)
+    db["from_cache"] = "not a time"
+    lines = render_snapshot(parse_snapshot(document), "x", now=now)[0]
+    assert any("(from the sealed cache of not a time)" in line for line in lines), lines
+    unserved = snapshot._replace(cache=None, entries=(snapshot.entries[1],)).as_json()
+    assert "cache" not in unserved and "from_cache" not in unserved["secrets"][0]

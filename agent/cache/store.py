@@ -136,6 +136,22 @@ class CacheStore:
             os.close(directory)
         return tuple(sorted(removed))
 
+    def inspect(self) -> Optional[Dict[str, float]]:
+        """Each copy's file name -> when it was last sealed (its mtime), the
+        directory judged as a save judges it; None when it does not exist
+        yet. Reads no copy (``kv-agent doctor`` decrypts nothing). Raises
+        CacheError (an unsafe or unusable directory)."""
+        directory = self._open_directory(create=False)
+        if directory is None:
+            return None
+        try:
+            return {name: os.stat(name, dir_fd=directory, follow_symlinks=False).st_mtime
+                    for name in os.listdir(directory) if COPY_NAME_RE.match(name)}
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        finally:
+            os.close(directory)
+
     # -- the directory -----------------------------------------------------------------------
 
     def _open_directory(self, create: bool) -> Optional[int]:

@@ -105,6 +105,11 @@ class SealedCache:
             log.info("sealed cache: removed %d copies of entries no longer in the manifest",
                      len(removed))
 
+    def from_cache(self) -> Optional[Dict[str, float]]:
+        """The entries served now (key -> copy's fetch time), for the metrics;
+        None without ``cache:`` (no gauge then)."""
+        return None if self.policy is None else self.served
+
     def refreshed(self, result: Union[SyncReport, KvAgentError],
                   credentials: CredentialStore[Grant], now_wall: float) -> None:
         """A refresh ended: note why entries are not current, end the

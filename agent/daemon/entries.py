@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from agent.daemon.ledger import regular_inode
 from agent.daemon.metrics import EntryMetrics
@@ -245,10 +245,12 @@ class EntryTable:
 
     # -- what the status and the metrics show ----------------------------------------------
 
-    def statuses(self, now_wall: float, is_ready: bool,
-                 inode_of: InodeOf) -> Tuple[EntryStatus, ...]:
+    def statuses(self, now_wall: float, is_ready: bool, inode_of: InodeOf,
+                 cached: Optional[Mapping[str, float]] = None) -> Tuple[EntryStatus, ...]:
         """Every row as status.json shows it, its expiry judged at ``now_wall``;
-        pending (not written yet) only once the agent is ready."""
+        pending (not written yet) only once the agent is ready; an entry in
+        ``cached`` (key -> its sealed copy's fetch time: agent.daemon.cache)
+        marked as served from the cache."""
         loaded = self._credentials.loaded()
         return tuple(
             EntryStatus(state.name, state.paths, state.vault, state.is_optional, state.version,
@@ -257,14 +259,19 @@ class EntryTable:
                         iso_time(state.validity.not_before), iso_time(state.validity.expires),
                         judge(state.validity, now_wall, self._warn_before_s),
                         is_ready and self._is_pending(state, inode_of, key in loaded),
-                        tuple(grant.label for grant in state.grants), key in loaded)
+                        tuple(grant.label for grant in state.grants), key in loaded,
+                        iso_time((cached or {}).get(key)))
             for key, state in self._states.items())
 
-    def metrics(self) -> Tuple[EntryMetrics, ...]:
-        """Every row as the metrics file shows it, by key."""
+    def metrics(self, cached: Optional[Mapping[str, float]] = None
+                ) -> Tuple[EntryMetrics, ...]:
+        """Every row as the metrics file shows it, by key; ``cached``: the
+        entries served from the sealed cache (None: the manifest has no
+        ``cache:``, and the rows say nothing of it)."""
         loaded = self._credentials.loaded()
         return tuple(EntryMetrics(key, state.name, state.vault, state.checked,
                                   state.version_updated, state.failures,
                                   state.validity.expires,
-                                  key in loaded if state.grants else None)
+                                  key in loaded if state.grants else None,
+                                  None if cached is None else key in cached)
                      for key, state in sorted(self._states.items()))

@@ -77,6 +77,9 @@ class EntryMetrics(NamedTuple):
     # Whether its credentials are in memory; None for an entry that serves none.
     # (A credential-only entry's key is its first grant, credential:<units>/<ID>.)
     credentials_loaded: Optional[bool] = None
+    # Whether its files stand on its sealed copy (agent.daemon.cache) while the
+    # vault cannot be reached; None when the manifest has no ``cache:``.
+    from_cache: Optional[bool] = None
 
 
 class MetricsSnapshot(NamedTuple):
@@ -162,7 +165,7 @@ def _families(s: MetricsSnapshot) -> List[_Family]:
                 "When the written secret expires (its exp; a certificate's notAfter), "
                 "unix time; absent when it has no expiry.",
                 per_entry(lambda e: e.expires_s)),
-    ] + _credential_families(s, per_entry)
+    ] + _credential_families(s, per_entry) + _cache_families(s, per_entry)
 
 
 def _credential_families(
@@ -184,6 +187,22 @@ def _credential_families(
                 "(not systemd's credential loader).",
                 tuple(((("result", result),), float(count))
                       for result, count in sorted(s.credentials.items()))),
+    ]
+
+
+def _cache_families(
+        s: MetricsSnapshot,
+        per_entry: Callable[[Callable[[EntryMetrics], Optional[float]]], Samples],
+) -> List[_Family]:
+    """The sealed cache's family, only with ``cache:`` (an entry says so):
+    a file without it is as it was before there was a cache."""
+    if all(e.from_cache is None for e in s.entries):
+        return []
+    return [
+        _Family("secret_from_cache", "gauge",
+                "1 while the entry's files are served from its sealed copy (the vault "
+                "unreachable since start); 0 once a refresh fetched it.",
+                per_entry(lambda e: None if e.from_cache is None else float(e.from_cache))),
     ]
 
 

@@ -44,9 +44,10 @@ keeps each entry's state (outcomes, the READY gate, expiry warnings);
 :mod:`agent.daemon.credentials` holds the credentials and serves them in a
 thread of its own;
 :mod:`agent.status.snapshot` is the status it publishes (its line:
-:mod:`agent.status.line`), and :mod:`agent.daemon.metrics` the Prometheus file
-(``metrics:``), rewritten after every refresh, successful or not. This module
-wires them and performs what they decide.
+:mod:`agent.status.line`; built by :mod:`agent.daemon.status_view`), and
+:mod:`agent.daemon.metrics` the Prometheus file (``metrics:``), rewritten after
+every refresh, successful or not (and when the sealed cache stands in). This
+module wires them and performs what they decide.
 
 Threads: the main thread runs the event loop and owns all state (the
 credential store apart: thread-safe, filled by refreshes and read by the
@@ -82,11 +83,11 @@ from agent.daemon.notify import Notifier, watchdog_interval_s
 from agent.daemon.reconcile import Reconciler
 from agent.daemon.refresh import SUCCESS, Message, RefreshStats, RefreshThread, Retrying, SyncDone
 from agent.daemon.signals import SignalFlags
+from agent.daemon.status_view import daemon_snapshot
 from agent.daemon.watch import ManifestFile
 from agent.manifest import Manifest
 from agent.pipeline.credentials import Grant
-from agent.status.line import with_status_line
-from agent.status.snapshot import StatusSnapshot, iso_time
+from agent.status.snapshot import StatusSnapshot
 from agent.status.store import StateStore
 from agent.sync.sync import Sync, SyncReport
 from agent.writer import Writer
@@ -354,28 +355,16 @@ class Daemon:
                              self._wall()):
             self._life = lifecycle.served_from_cache(self._life)
             self._announce(True)
+            self._write_metrics()  # the gauges say so now, not after the next refresh
 
     # -- status and metrics ------------------------------------------------------------
 
     def snapshot(self) -> StatusSnapshot:
         """The status as it stands, as status.json will hold it, with its line
         (:mod:`agent.status.line`): what STATUS= sends and `kv-agent status` shows."""
-        wall, manifest, ledger = self._wall(), self._manifest, self._reconcile.ledger
-        next_refresh = self._life.next_refresh
-        return with_status_line(StatusSnapshot(
-            pid=os.getpid(), phase=self._life.phase, saved_at=iso_time(wall), status="",
-            manifest=os.path.abspath(self._file.path),
-            entries=self._entries.statuses(wall, self._life.is_ready, ledger.inode),
-            written=ledger.records(), sets=ledger.sets(), manifest_error=self._file.error,
-            directory=manifest.directory if manifest else None, error=self._stats.error,
-            last_refresh=iso_time(self._stats.last_success_s),
-            next_refresh=iso_time(None if next_refresh is None
-                                  else wall + next_refresh - self._now()),
-            refresh_interval_s=manifest.refresh_interval_s if manifest else None,
-            identity_source=self._sync.tokens.source.describe() if self._sync else None,
-            waiting=self._worker.waiting, is_refreshing=self._worker.is_running,
-            is_ready=self._life.is_ready, foreign=self._reconcile.foreign,
-            cache=self._cache.serving))
+        return daemon_snapshot(self._file, self._sync, self._life, self._entries,
+                               self._reconcile, self._stats, self._worker, self._cache,
+                               wall=self._wall(), now=self._now())
 
     def _save_status(self) -> StatusSnapshot:
         """Save status.json (a failure is logged, never fatal); the snapshot saved."""
@@ -386,7 +375,8 @@ class Daemon:
         are taken only then)."""
         self._metrics.write(self._manifest.metrics_path if self._manifest else None,
                             lambda: self._stats.metrics(
-                                self._wall(), is_up=is_up, entries=self._entries.metrics(),
+                                self._wall(), is_up=is_up,
+                                entries=self._entries.metrics(self._cache.from_cache()),
                                 requests=transport.REQUESTS.snapshot(),
                                 credentials=self._credentials.counts()))
 

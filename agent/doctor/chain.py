@@ -27,6 +27,9 @@ them (each link's checks live in their own module):
 6. for a manifest with credentials: the agent's socket, and whether each
    granted unit that exists loads its credentials from it
    (``LoadCredential=``, read over D-Bus) (:mod:`agent.doctor.credential_links`).
+7. for a manifest with ``cache:``: the sealed cache's directory, its copies,
+   and whether the running agent serves from it now, and why
+   (:mod:`agent.doctor.cache_links`; no copy is decrypted).
 
 All of it with the agent's own environment: kv-agent.service's when that
 unit exists (:mod:`agent.doctor.unit_env`), not the shell's, and the first check
@@ -55,6 +58,7 @@ from urllib.parse import urlsplit
 
 from agent.base.errors import ConfigError, IdentityUnavailableError
 from agent.base.retry import RetryPolicy
+from agent.doctor.cache_links import check_cache
 from agent.doctor.credential_links import check_credentials
 from agent.doctor.identity_links import (
     IdentityFindings,
@@ -99,6 +103,7 @@ def diagnose(path: str, environ: Mapping[str, str], host: Host = Host(), *,
     checks += check_agent(environ, host)
     if manifest is not None:
         checks += check_credentials(manifest, environ, host)
+        checks += check_cache(manifest, environ)
     return Report(tuple(checks), time.monotonic() - started)
 
 

@@ -17,10 +17,13 @@ mark reads "was ok", never a current-looking "ok" (issue 9).
 
 from __future__ import annotations
 
+import calendar
 import os
+import time
 from typing import List, Optional, Tuple
 
 from agent.base.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from agent.cache.decision import describe_age
 from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
 from agent.status.snapshot import STARTING, STOPPED, EntryStatus, StatusSnapshot
 
@@ -42,8 +45,11 @@ def is_running(pid: Optional[int]) -> bool:
     return True
 
 
-def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[str], int]:
-    """Lines describing the agent and each entry, and the exit code."""
+def render_status(snapshot: Optional[StatusSnapshot], path: str,
+                  now: Optional[float] = None) -> Tuple[List[str], int]:
+    """Lines describing the agent and each entry, and the exit code; a copy
+    served from the sealed cache is aged at ``now`` (unix s; None: the clock)."""
+    now = time.time() if now is None else now
     if snapshot is None:
         return [f"kv-agent is not running: no status in {path}"], EXIT_UNAVAILABLE
     running = snapshot.phase != STOPPED and is_running(snapshot.pid)
@@ -68,7 +74,7 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
         lines.append(f"  refresh error: {snapshot.error}")
     if running and snapshot.waiting:
         lines.append(f"  refresh waiting: {snapshot.waiting}")
-    heads = [_entry_head(entry, running) for entry in snapshot.entries]
+    heads = [_entry_head(entry, running, now) for entry in snapshot.entries]
     width = min(max((len(head) for head in heads), default=0), MAX_HEAD_WIDTH)
     for entry, head in zip(snapshot.entries, heads):
         version = (entry.version or "-")[:12]
@@ -86,15 +92,27 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str) -> Tuple[List[s
                    else EXIT_OK)
 
 
-def _entry_head(entry: EntryStatus, running: bool) -> str:
+def _entry_head(entry: EntryStatus, running: bool, now: float) -> str:
     """``ok   name -> paths``: the mark ("was ok" when no agent runs) and the
     files, then the credentials (``credential:<units>/<ID>``) and whether
-    they are in memory (never their value)."""
+    they are in memory (never their value), then, while its sealed copy
+    stands in for the vault, that copy's age."""
     mark = _mark(entry)
     if not running:
         mark = f"was {mark:4}"
     loaded = (" (loaded)" if entry.is_loaded else " (not loaded)") if entry.credentials else ""
-    return f"{mark:4} {entry.name} -> {', '.join(entry.targets) or '?'}{loaded}"
+    cached = f" ({_cached(entry.from_cache, now)})" if entry.from_cache is not None else ""
+    return f"{mark:4} {entry.name} -> {', '.join(entry.targets) or '?'}{loaded}{cached}"
+
+
+def _cached(fetched: str, now: float) -> str:
+    """``from the sealed cache, 3h old``; the fetch time itself when it does
+    not parse (a damaged file)."""
+    try:
+        fetched_s = calendar.timegm(time.strptime(fetched, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return f"from the sealed cache of {fetched}"
+    return f"from the sealed cache, {describe_age(max(0.0, now - fetched_s))} old"
 
 
 def _expiry_column(entry: EntryStatus) -> str:

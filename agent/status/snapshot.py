@@ -11,7 +11,10 @@ Both sides share this one definition of the keys and the phase names.
 Version 2 knows an entry by its key with the list of its output paths, and
 records for each written file the entry it belongs to, and (since issue 11,
 still version 2: an older reader ignores the new keys) the sets the agent
-wrote and each entry's validity window with its expiry flags. Version 1 (one path
+wrote and each entry's validity window with its expiry flags; since issue 19
+an entry's credentials, and since issue 20, only while sealed copies stand
+in for the vault, the ``cache`` line and each served entry's ``from_cache``
+(its copy's fetch time). Version 1 (one path
 per secret; ``written`` as path -> inode) is still read: an agent upgraded in
 place finds its predecessor's status.json on /run, and its ledger must
 survive so that files of dropped entries are still removed only if they are
@@ -84,6 +87,9 @@ class EntryStatus(NamedTuple):
     # (issue 19), and whether their values are in memory; never a value.
     credentials: Tuple[str, ...] = ()
     is_loaded: bool = False
+    # While its sealed copy stands in for the vault (issue 20): when that copy
+    # was fetched (ISO 8601; its age is now minus this). Saved only then.
+    from_cache: Optional[str] = None
 
     @property
     def path(self) -> str:
@@ -108,6 +114,8 @@ class EntryStatus(NamedTuple):
             "not_yet_valid": self.expiry == NOT_YET_VALID, "pending": self.is_pending}
         if self.credentials:  # an entry without keeps the keys it always had
             document.update(credentials=list(self.credentials), loaded=self.is_loaded)
+        if self.from_cache is not None:  # only while served: older readers ignore it
+            document["from_cache"] = self.from_cache
         return document
 
 
@@ -192,7 +200,7 @@ def parse_snapshot(document: Mapping[str, Any]) -> Optional[StatusSnapshot]:
         identity_source=_str(document.get("identity_source")),
         waiting=_str(document.get("waiting")),
         is_refreshing=document.get("refreshing") is True,
-        version=int(document["version"]),
+        version=int(document["version"]), cache=_str(document.get("cache")),
     )
 
 
@@ -250,7 +258,7 @@ def _entry(item: Mapping[str, Any]) -> EntryStatus:
         error_since=_str(item.get("error_since")), not_before=_str(item.get("not_before")),
         expires=_str(item.get("expires")), expiry=_expiry(item),
         is_pending=item.get("pending") is True, credentials=credentials,
-        is_loaded=item.get("loaded") is True)
+        is_loaded=item.get("loaded") is True, from_cache=_str(item.get("from_cache")))
 
 
 def _str(value: Any) -> Optional[str]:
