@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import pytest
 
 if TYPE_CHECKING:
+    from agent.cache.seal import Sealer
     from agent.emulator import Emulator, IdentityConfig
 
 NETGUARD_DIR = Path(__file__).parent / "netguard"
@@ -137,3 +138,18 @@ def fresh_emulator(
 ) -> Iterator[Emulator]:
     """A new emulator for one test, serving what the module's emulator serves."""
     yield from _started_emulator(emulator_secrets, emulator_identities)
+
+
+@pytest.fixture
+def sealer(tmp_path: Path) -> Iterator["Sealer"]:
+    """A sealer with a host key of its own (tests/sealing.py); the test fails if the
+    machine's real host key was created, removed or replaced meanwhile."""
+    import sealing
+
+    sealing.skip_without_sealing()
+    before = sealing.host_key_state()
+    yield sealing.private_sealer(sealing.key_directory(tmp_path))
+    after = sealing.host_key_state()
+    assert (before is None) == (after is None), "the machine's host key was created or removed"
+    if before is not None and after is not None:
+        assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)

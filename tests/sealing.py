@@ -84,3 +84,4 @@ def host_key_state() -> Optional[os.stat_result]:
         return os.lstat(HOST_KEY)
     except FileNotFoundError:
         return None
+

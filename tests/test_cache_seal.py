@@ -9,10 +9,10 @@ import base64
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import pytest
-from sealing import host_key_state, key_directory, private_sealer, skip_without_sealing
+from sealing import key_directory, private_sealer
 
 from agent.base.errors import (
     SealError,
@@ -25,15 +25,6 @@ from agent.cache.seal import MAX_PLAINTEXT_BYTES, Sealer
 VALUE = b"cache-seal-value-7f3a9c\x00\xff binary too"
 
 
-@pytest.fixture
-def sealer(tmp_path: Path) -> Iterator[Sealer]:
-    skip_without_sealing()
-    before = host_key_state()
-    yield private_sealer(key_directory(tmp_path))
-    after = host_key_state()
-    assert (before is None) == (after is None), "the machine's host key was created or removed"
-    if before is not None and after is not None:
-        assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
 
 
 def _later(seconds: float = 3600) -> float:

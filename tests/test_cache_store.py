@@ -10,10 +10,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, List
+from typing import Iterable, List
 
 import pytest
-from sealing import host_key_state, key_directory, private_sealer, skip_without_sealing
+from sealing import key_directory, private_sealer
 from secrecy import fresh_value
 
 from agent.base.errors import CacheError, SealRefusedError
@@ -26,15 +26,6 @@ A = "/run/secrets/a"
 B = "credential:app.service/db"
 
 
-@pytest.fixture
-def sealer(tmp_path: Path) -> Iterator[Sealer]:
-    skip_without_sealing()
-    before = host_key_state()
-    yield private_sealer(key_directory(tmp_path))
-    after = host_key_state()
-    assert (before is None) == (after is None), "the machine's host key was created or removed"
-    if before is not None and after is not None:
-        assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
 
 
 @pytest.fixture
