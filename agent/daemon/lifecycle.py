@@ -34,6 +34,11 @@ The rules:
   minutes the vault takes to serve it, and keeps that spread (placing the
   next refresh in the interval's second half instead squeezed a recovery of
   several minutes into half an interval, over the limit again).
+* An agent made ready by the sealed cache (``from_cache``) still retries as
+  a starting agent does (1, 2, 4 ... s, up to 30 s): its files are old copies
+  standing in for an outage, and the vault must take over as soon as it
+  answers, not an interval later. The first refresh without a failure ends
+  it; from then on the ready agent's rules apply.
 * ``on_change`` hooks run only for changes after READY, and only for a
   refresh of the current manifest.
 """
@@ -72,6 +77,7 @@ class Lifecycle(NamedTuple):
     failing_streak: int = 0
     next_refresh: Optional[float] = None
     schedule: Schedule = Schedule()  # the manifest in use's interval and jitter
+    from_cache: bool = False  # made ready by the sealed cache; no good refresh since
 
 
 class Finished(NamedTuple):
@@ -132,6 +138,8 @@ def sync_finished(
         delay = refresh_delay(state, is_failing, rng)
         state = state._replace(next_refresh=now + delay,
                         failing_streak=state.failing_streak + 1 if is_failing else 0)
+    if not is_failing:
+        state = state._replace(from_cache=False)
     if not state.is_ready and has_every_required_file():
         state = state._replace(is_ready=True, phase=READY)
         return Finished(state, again, True, True, run_hooks)
@@ -140,9 +148,9 @@ def sync_finished(
 
 def served_from_cache(state: Lifecycle) -> Lifecycle:
     """The sealed cache stood in for an unreachable vault at start and every
-    required file is on disk: ready (READY=1), the refreshes going on as
-    scheduled (agent.daemon.cache)."""
-    return state._replace(is_ready=True, phase=READY)
+    required file is on disk: ready (READY=1), retrying as while starting
+    until a refresh succeeds (agent.daemon.cache)."""
+    return state._replace(is_ready=True, phase=READY, from_cache=True)
 
 
 def refresh_delay(state: Lifecycle, is_failing: bool, rng: float) -> float:
@@ -151,7 +159,7 @@ def refresh_delay(state: Lifecycle, is_failing: bool, rng: float) -> float:
     over a minute (see the module's rules); never below MIN_DELAY_S."""
     interval_s, jitter = state.schedule
     streak = state.failing_streak
-    if not state.is_ready and is_failing:
+    if (not state.is_ready or state.from_cache) and is_failing:
         first, largest = START_RETRY_S
         delay = min(largest, first * 2.0 ** streak, interval_s)
     elif is_failing and not streak:
