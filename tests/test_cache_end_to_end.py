@@ -205,9 +205,11 @@ def test_a_404_is_an_answer_never_hidden_by_the_cache(
     second = start_agent(manifest=first.manifest, prelude=prelude, fast_retry=True,
                          state_dir=shm_dir / "state-boot2")
     alpha = str(second.directory / "alpha")
-    refused = second.wait(lambda: second.process.lines(
-        f"{alpha}: not served from the sealed cache: the vault answered"),
-        "the refusal to serve alpha logged")
+    line = f"{alpha}: not served from the sealed cache: the vault answered"
+    second.wait(lambda: second.process.lines(line) or second.readies(),
+                "the refusal to serve alpha logged")
+    assert not second.readies(), second.describe()
+    refused = second.process.lines(line)
     assert "not found" in refused[0].lower(), refused
     second.wait_content("beta", values["beta"])
     time.sleep(1.0)  # past `after` again, and a retry or two
