@@ -127,7 +127,11 @@ def test_a_running_agent_keeps_its_files_and_never_serves_the_cache(
     inode, copies = alpha.stat().st_ino, fingerprint(cache)
     vault.emulator.inject_fault("imds", 410, count=100_000)
     vault.emulator.inject_fault("vault", drop=True, count=100_000)
-    (run.directory / "beta").unlink()  # a file lost while ready: the cache must not fill in
+    failed = failed_refreshes(metrics)
+    run.wait(lambda: failed_refreshes(metrics) > failed, "a failed refresh", timeout_s=40)
+    # A file lost while ready (after the refresh in flight, which may have fetched it):
+    # only the vault may write it again, never the cache.
+    (run.directory / "beta").unlink()
     failed = failed_refreshes(metrics)
     run.wait(lambda: failed_refreshes(metrics) >= failed + 3, "three failed refreshes",
              timeout_s=40)

@@ -61,10 +61,11 @@ def doctor(vault: Vault, manifest: Path, state_dir: Path, prelude: str,  # noqa:
                REQUESTS_CA_BUNDLE=vault.emulator.ca_path, KV_AGENT_STATE_DIR=str(state_dir),
                PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                PYTHONIOENCODING="utf-8")
+    processes = [AgentProcess(["doctor", "--manifest", str(manifest), "--no-unit-env",
+                               *options], env, prelude=prelude)
+                 for options in ((), ("--json",))]  # both at once: each waits on IMDS
     outputs = []
-    for options in ((), ("--json",)):
-        process = AgentProcess(["doctor", "--manifest", str(manifest), "--no-unit-env",
-                                *options], env, prelude=prelude)
+    for process in processes:
         try:
             code = process.wait(60)
         finally:
@@ -102,7 +103,7 @@ def test_doctor_says_the_cache_is_in_use_which_entries_and_why(
     for name in NAMES:
         vault.put(name)
     cache = tmp_path / "cache"
-    first = start_agent([entry(name) for name in NAMES], refresh="60s", prelude=prelude,
+    first = start_agent([entry(name) for name in NAMES], refresh="2s", prelude=prelude,
                         state_dir=shm_dir / "state-boot1",
                         cache={"after": "1s", "directory": str(cache)})
     first.wait_ready()
