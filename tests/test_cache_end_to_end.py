@@ -110,13 +110,15 @@ def assert_never_served(run: Running, metrics: Optional[Path] = None) -> None:
 # -- a running agent never falls back to the cache ---------------------------------------
 
 
+@pytest.mark.parametrize("outage", ["failing", "stopped"])
 def test_a_running_agent_keeps_its_files_and_never_serves_the_cache(
         start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
-        prelude: str) -> None:  # noqa: F811
-    """Ready from the vault, then IMDS and the vault gone through several refreshes and a
-    SIGHUP: alpha keeps its bytes and inode, beta (removed under the agent) stays
-    missing, and nothing (log, STATUS=, status.json, `kv-agent status`, the gauge) says
-    the cache serves; the copies are not touched."""
+        prelude: str, outage: str) -> None:  # noqa: F811
+    """Ready from the vault, then IMDS and the vault gone (failing every request, or the
+    emulator stopped) through several refreshes and a SIGHUP: alpha keeps its bytes and
+    inode, beta (removed under the agent) stays missing, and nothing (log, STATUS=,
+    status.json, `kv-agent status`, the gauge) says the cache serves; the copies are not
+    touched."""
     values = {name: vault.put(name) for name in NAMES}
     cache, metrics = tmp_path / "cache", shm_dir / "metrics" / "kv-agent.prom"
     run = cached(start_agent, vault, cache, prelude, refresh="1s", fast_retry=True,
@@ -125,8 +127,11 @@ def test_a_running_agent_keeps_its_files_and_never_serves_the_cache(
              "the gauge in the metrics file")
     alpha = run.directory / "alpha"
     inode, copies = alpha.stat().st_ino, fingerprint(cache)
-    vault.emulator.inject_fault("imds", 410, count=100_000)
-    vault.emulator.inject_fault("vault", drop=True, count=100_000)
+    if outage == "stopped":
+        vault.emulator.stop()  # connections refused (and its CA file gone)
+    else:
+        vault.emulator.inject_fault("imds", 410, count=100_000)
+        vault.emulator.inject_fault("vault", drop=True, count=100_000)
     failed = failed_refreshes(metrics)
     run.wait(lambda: failed_refreshes(metrics) > failed, "a failed refresh", timeout_s=40)
     # A file lost while ready (after the refresh in flight, which may have fetched it):
