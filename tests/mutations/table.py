@@ -56,6 +56,8 @@ ENTRIES = "tests/test_entries.py"
 CACHE_DECISION = "tests/test_cache_decision.py"
 CACHE_STORE = "tests/test_cache_store.py"
 CACHE_SERVE = "tests/test_daemon_cache_serve.py"
+CACHE_END_TO_END = "tests/test_cache_end_to_end.py"
+CACHE_NO_PLAINTEXT = "tests/test_cache_no_plaintext.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -818,6 +820,41 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "        sealed = encode(copy) or self.sealer.seal(sealing_name(copy.key), encode(copy),",
         (f"{CACHE_STORE}::test_no_plaintext_in_the_directory_ever",
          f"{CACHE_SERVE}::test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes"
-         "_over"),
+         "_over",
+         f"{CACHE_NO_PLAINTEXT}::test_no_plaintext_in_the_cache_after_writes_rotations_and"
+         "_crashes"),
+    ),
+    Mutation(
+        "serves-the-cache-on-a-404",
+        "the sealed cache stands in only for an outage: a 404 (the secret deleted) is an "
+        "answer, never hidden behind an old copy",
+        "agent/cache/decision.py",
+        "UNAVAILABLE = (IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,",
+        "UNAVAILABLE = (__import__('agent.base.errors').base.errors.SecretNotFoundError,\n"
+        "               IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,",
+        (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
+         f"{CACHE_END_TO_END}::test_a_404_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
+        "a-ready-agent-serves-from-the-cache",
+        "only at start: a running agent that loses the vault keeps its own files, never the "
+        "cache's",
+        "agent/daemon/service.py",
+        "            if self._cache.is_due(self._life.is_ready, self._now()):",
+        "            if self._cache.is_due(False, self._now()):",
+        (f"{CACHE_END_TO_END}::test_a_running_agent_keeps_its_files_and_never_serves_the_cache",),
+    ),
+    Mutation(
+        "once-saves-to-the-cache",
+        "`kv-agent once` neither serves nor saves a copy: it leaves the daemon's as they are",
+        "agent/cli.py",
+        "        agent.retire_generations(report)\n",
+        "        agent.retire_generations(report)\n"
+        "        from agent.daemon.cache import SealedCache\n"
+        "        from agent.writer.credentials import CredentialStore\n"
+        "        cache = SealedCache()\n"
+        "        cache.install(manifest)\n"
+        "        cache.save(report, CredentialStore(), time.time())\n",
+        (f"{CACHE_END_TO_END}::test_once_neither_serves_nor_saves_the_cache",),
     ),
 )
