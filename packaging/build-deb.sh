@@ -12,6 +12,10 @@
 # pyproject.toml (packaging/maintainer), kv-agent(8) from the parser
 # (packaging/manpage.py). Prints the paths of the two .debs,
 # one a line: kv-agent's, then kv-agent-emulator's.
+#
+# KV_AGENT_BUILD_VERSION=0.0.9 builds the same tree as that version (the
+# changelog's and the agent's own, which `kv-agent status` shows): the
+# upgrade test's "previous release" (tests/system/test_nspawn_upgrade.py).
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,11 +31,17 @@ cp -RL "$here/packaging/debian" "$scratch/debian"
 for file in control changelog; do
     sed "s|@MAINTAINER@|$maintainer|g" "$here/packaging/debian/$file" >"$scratch/debian/$file"
 done
+if [ -n "${KV_AGENT_BUILD_VERSION:-}" ]; then
+    sed -i "1s/([^)]*)/($KV_AGENT_BUILD_VERSION)/" "$scratch/debian/changelog"
+fi
 version=$(dpkg-parsechangelog -l "$scratch/debian/changelog" -S Version)
 src="$scratch/kv-agent-$version"
 mkdir -p "$src"
 (cd "$here" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
     agent systemd packaging README.md pyproject.toml) | tar -xf - -C "$src"
+if [ -n "${KV_AGENT_BUILD_VERSION:-}" ]; then
+    sed -i "s/^__version__ = .*/__version__ = \"$version\"/" "$src/agent/__init__.py"
+fi
 # kv-agent(8) is made from the command line's own parser (packaging/manpage.py),
 # so it cannot drift from the code; debian/kv-agent.manpages installs it.
 python3 -I "$src/packaging/manpage.py" -o "$src/packaging/kv-agent.8"

@@ -140,6 +140,18 @@ def test_version_2_round_trips_and_lists_every_path() -> None:
     assert any("tls -> /run/secrets/tls.key, /run/secrets/tls.crt" in line for line in lines)
 
 
+def test_the_running_agents_own_version_shows_and_an_older_agent_has_none() -> None:
+    """status.json carries the running agent's version and `kv-agent status` shows it, so
+    after a package upgrade the new code is told from an old process (issue 21); a status
+    written by an agent that did not record it shows no such line."""
+    snapshot = StatusSnapshot(pid=os.getpid(), phase=READY, saved_at=None, status="",
+                              manifest="/etc/kv-agent/manifest.yaml", agent_version="0.0.9")
+    saved = json.loads(json.dumps(snapshot.as_json()))
+    assert saved["agent_version"] == "0.0.9" and parse_snapshot(saved) == snapshot
+    assert "  agent: kv-agent 0.0.9" in render_status(saved, "x")[0]
+    assert not [line for line in render_status(document(), "x")[0] if line.startswith("  agent:")]
+
+
 def test_version_1_ledger_survives_an_upgrade() -> None:
     """An old agent's status.json (path -> inode) still yields its ledger and entries."""
     old = document(written={"/run/secrets/db": 12, "/run/secrets/gone": 14, "bad": "x"})

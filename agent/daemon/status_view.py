@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from agent import __version__
 from agent.daemon.cache import SealedCache
 from agent.daemon.entries import EntryTable
 from agent.daemon.lifecycle import Lifecycle
@@ -41,7 +42,8 @@ def daemon_snapshot(file: ManifestFile, sync: Optional[Sync], life: Lifecycle,
         refresh_interval_s=manifest.refresh_interval_s if manifest else None,
         identity_source=sync.tokens.source.describe() if sync else None,
         waiting=worker.waiting, is_refreshing=worker.is_running,
-        is_ready=life.is_ready, foreign=reconcile.foreign, cache=cache.serving))
+        is_ready=life.is_ready, foreign=reconcile.foreign, cache=cache.serving,
+        agent_version=__version__))
 
 
 def _wall_time(deadline: Optional[float], wall: float, now: float) -> Optional[str]:

@@ -66,6 +66,8 @@ def render_status(snapshot: Optional[StatusSnapshot], path: str,
                  f"  last status: {snapshot.status}",
                  f"  manifest: {snapshot.manifest}",
                  f"  last refresh: {snapshot.last_refresh or 'never'}"]
+    if snapshot.agent_version:  # the process's own, not the installed package's
+        lines.append(f"  agent: kv-agent {snapshot.agent_version}")
     if snapshot.identity_source:
         lines.append(f"  identity: {snapshot.identity_source}")
     if snapshot.manifest_error:

@@ -14,7 +14,8 @@ still version 2: an older reader ignores the new keys) the sets the agent
 wrote and each entry's validity window with its expiry flags; since issue 19
 an entry's credentials, and since issue 20, only while sealed copies stand
 in for the vault, the ``cache`` line and each served entry's ``from_cache``
-(its copy's fetch time). Version 1 (one path
+(its copy's fetch time); since issue 21, ``agent_version``, the running
+agent's own version. Version 1 (one path
 per secret; ``written`` as path -> inode) is still read: an agent upgraded in
 place finds its predecessor's status.json on /run, and its ledger must
 survive so that files of dropped entries are still removed only if they are
@@ -154,6 +155,9 @@ class StatusSnapshot(NamedTuple):
     # While sealed copies stand in for an unreachable vault (agent.daemon.cache):
     # "serving N of M from the sealed cache of <time>: <why>"; saved as "cache".
     cache: Optional[str] = None
+    # The running agent's own version (agent.__version__): after a package upgrade,
+    # `kv-agent status` tells the new code from the old process still running.
+    agent_version: Optional[str] = None
 
     def as_json(self) -> Dict[str, Any]:
         document = self._document()
@@ -169,7 +173,7 @@ class StatusSnapshot(NamedTuple):
             "error": self.error, "last_refresh": self.last_refresh,
             "next_refresh": self.next_refresh, "refresh_interval_s": self.refresh_interval_s,
             "identity_source": self.identity_source, "waiting": self.waiting,
-            "refreshing": self.is_refreshing,
+            "refreshing": self.is_refreshing, "agent_version": self.agent_version,
             "secrets": [entry.as_json() for entry in self.entries],
             "written": {record.path: {"inode": record.inode, "entry": record.entry}
                         for record in self.written},
@@ -201,6 +205,7 @@ def parse_snapshot(document: Mapping[str, Any]) -> Optional[StatusSnapshot]:
         waiting=_str(document.get("waiting")),
         is_refreshing=document.get("refreshing") is True,
         version=int(document["version"]), cache=_str(document.get("cache")),
+        agent_version=_str(document.get("agent_version")),
     )
 
 

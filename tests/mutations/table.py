@@ -58,6 +58,7 @@ CACHE_STORE = "tests/test_cache_store.py"
 CACHE_SERVE = "tests/test_daemon_cache_serve.py"
 CACHE_END_TO_END = "tests/test_cache_end_to_end.py"
 CACHE_NO_PLAINTEXT = "tests/test_cache_no_plaintext.py"
+UPGRADE_SCRIPTS = "tests/system/test_upgrade_scripts.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- where a token may go ------------------------------------------------
@@ -856,5 +857,31 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "        cache.install(manifest)\n"
         "        cache.save(report, CredentialStore(), time.time())\n",
         (f"{CACHE_END_TO_END}::test_once_neither_serves_nor_saves_the_cache",),
+    ),
+    # -- issue 21: upgrades never lose a file ---------------------------------
+    Mutation(
+        "deb-stops-the-agent-before-the-unpack",
+        "an upgrade restarts the agent once, after the new files are in place",
+        "packaging/debian/rules",
+        "\tdh_installsystemd --no-enable --restart-after-upgrade",
+        "\tdh_installsystemd --no-enable --no-restart-after-upgrade",
+        (f"{UPGRADE_SCRIPTS}::test_deb_upgrade_restarts_once_after_the_unpack_and_never_stops"
+         "_before",),
+    ),
+    Mutation(
+        "rpm-stops-the-agent-on-upgrade",
+        "an upgrade of the .rpm never stops the agent before it restarts it once",
+        "packaging/rpm/kv-agent.spec",
+        "%systemd_preun kv-agent.service",
+        "systemctl stop kv-agent.service || :\n%systemd_preun kv-agent.service",
+        (f"{UPGRADE_SCRIPTS}::test_rpm_upgrade_restarts_once_after_the_old_files_go",),
+    ),
+    Mutation(
+        "shipped-manifest-changes",
+        "an upgrade keeps the edited manifest without a prompt: the shipped one never changes",
+        "systemd/manifest.yaml",
+        "# This default fetches nothing.",
+        "# This default fetches nothing at all.",
+        (f"{UPGRADE_SCRIPTS}::test_the_shipped_manifest_never_changes_so_upgrades_never_prompt",),
     ),
 )

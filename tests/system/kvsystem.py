@@ -166,17 +166,21 @@ def ensure_host_tools() -> List[str]:
 PACKAGES = ("kv-agent", "kv-agent-emulator")
 
 
-def _built(script: str, outdir: Path) -> Dict[str, Path]:
+def _built(script: str, outdir: Path, env: Optional[Dict[str, str]] = None,
+           ) -> Dict[str, Path]:
     """Run a build script; returns package name -> the path it printed."""
-    result = run([str(REPO / "packaging" / script), str(outdir)], timeout=600)
+    result = run([str(REPO / "packaging" / script), str(outdir)], timeout=600,
+                 env=None if env is None else dict(os.environ, **env))
     paths = [Path(line) for line in result.stdout.strip().splitlines()[-len(PACKAGES):]]
     assert len(paths) == len(PACKAGES) and all(path.is_file() for path in paths), result.stdout
     return dict(zip(PACKAGES, paths))
 
 
-def build_deb(outdir: Path) -> Dict[str, Path]:
-    """Build the .debs with packaging/build-deb.sh; returns package name -> path."""
-    return _built("build-deb.sh", outdir)
+def build_deb(outdir: Path, version: Optional[str] = None) -> Dict[str, Path]:
+    """Build the .debs with packaging/build-deb.sh; returns package name -> path.
+    ``version``: build this tree as that version (KV_AGENT_BUILD_VERSION)."""
+    env = None if version is None else {"KV_AGENT_BUILD_VERSION": version}
+    return _built("build-deb.sh", outdir, env)
 
 
 def build_rpm(outdir: Path) -> Dict[str, Path]:
