@@ -461,3 +461,15 @@ def test_no_value_holds_the_gil_for_more_than_2_s(pki: Pki, rsa4096: Pki) -> Non
         print(f"{label}: {elapsed:.3f} s in all, GIL held at most {longest:.3f} s")
     assert all(longest < FREEZE_LIMIT_S for _, _, longest in figures), figures
     assert all(elapsed < 10.0 for _, elapsed, _ in figures), figures
+
+
+def test_a_certificate_of_an_unknown_x509_version_is_refused_not_a_bug(pki: Pki) -> None:
+    """A certificate whose version field is not v1-v3 (cryptography raises InvalidVersion,
+    which is no ValueError; the fuzz test found it) is refused as one that does not parse."""
+    der = pki.leaf.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"\xa0\x03\x02\x01\x02") == 1  # [0] EXPLICIT INTEGER 2: v3
+    bad = der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x07")
+    block = (b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad)
+             + b"-----END CERTIFICATE-----\n")
+    text = _refusal(pki.pem_blocks()[0] + block, PEM, ("cert",))
+    assert "does not parse" in text

@@ -198,7 +198,7 @@ def _read_pkcs12(name: str, value: bytes) -> Bundle:
     for data in contents.certificates:
         try:
             certificates.append(_parsed(x509.load_der_x509_certificate(data)))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
             raise TransformError(f"secret '{name}': a certificate in the PKCS#12 does not parse",
                                  "store a valid certificate") from None
     if not certificates:
@@ -216,7 +216,7 @@ def _read_pem(name: str, value: bytes) -> Bundle:
             _check_count(name, len(certificates) + 1)
             try:
                 certificates.append(_parsed(x509.load_pem_x509_certificate(text)))
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):
                 raise TransformError(f"secret '{name}': a CERTIFICATE block does not parse",
                                      "store a valid certificate") from None
         elif label == b"ENCRYPTED PRIVATE KEY" or b"ENCRYPTED" in body[:200]:
