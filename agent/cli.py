@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vm-extension: the Key Vault VM extension for Linux's settings")
     adopt.add_argument("file", metavar="FILE", help="its settings JSON (as given to az vm "
                        "extension set --settings, an ARM resource, or az vm extension show)")
+    adopt.add_argument("--directory", metavar="DIR", default="/run/secrets",
+                       help="the manifest's directory, on tmpfs (default /run/secrets)")
     adopt.add_argument("--tmpfiles", metavar="FILE", help="also write the tmpfiles.d lines that "
                        "link the extension's paths to kv-agent's files")
     adopt.set_defaults(handler=_cmd_import)
@@ -446,7 +448,7 @@ def _cmd_import(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The manifest on stdout, its warnings on stderr; a bad file exits 78 (SettingsError)."""
     from agent.adopt import import_vm_extension
 
-    result = import_vm_extension(args.file)
+    result = import_vm_extension(args.file, args.directory)
     for warning in result.warnings:
         logging.getLogger("kv-agent").warning("%s", warning)
     if args.tmpfiles:
