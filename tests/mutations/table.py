@@ -820,4 +820,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
          f"{CACHE_SERVE}::test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes"
          "_over"),
     ),
+    # -- issue 21: adoption ---------------------------------------------------
+    Mutation(
+        "vm-extension-file-key-first",
+        "a migration from the Key Vault VM extension keeps the bytes: the file holds the leaf, "
+        "its issuers, then the key, as the extension's",
+        "agent/pipeline/certificates.py",
+        "            pieces.append(_pem((chain.leaf, *chain.issuers)) + _pkcs8(bundle.key))",
+        "            pieces.append(_pkcs8(bundle.key) + _pem((chain.leaf, *chain.issuers)))",
+        (f"{CERTIFICATES}::test_fullchain_key_is_the_vm_extensions_file",
+         "tests/test_adopt_integration.py::test_import_check_once_and_the_links_give_the"
+         "_extensions_bytes"),
+    ),
 )
