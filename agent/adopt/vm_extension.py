@@ -223,8 +223,9 @@ def _read(reader: _Reader, settings: Mapping[str, Any], prefix: str, form: str,
                     "forward the journal of kv-agent.service instead (e.g. fluent-bit's "
                     "systemd input)")
     if handler_version is not None and handler_version.split(".")[0] == "1":
-        reader.warn(prefix.replace("settings.", "typeHandlerVersion"), "version 1 wrote the leaf and its key without the "
-                    "issuers; kv-agent's file holds the whole chain, as versions 2 and 3 write",
+        reader.warn(prefix.replace("settings.", "typeHandlerVersion"),
+                    "version 1 wrote the leaf and its key without the issuers; kv-agent's file "
+                    "holds the whole chain, as versions 2 and 3 write",
                     "nothing to do for a server (the leaf still comes first)")
     interval = _interval(reader, secrets.get("pollingIntervalInS"), here + "pollingIntervalInS")
     store = _store(reader, secrets.get("certificateStoreLocation"),
