@@ -143,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check with this shell's environment, not kv-agent.service's")
     doctor.set_defaults(handler=_cmd_doctor)
 
+    adopt = commands.add_parser(
+        "import", help="print the manifest equivalent to another tool's configuration")
+    adopt.add_argument("kind", choices=["vm-extension"],
+                       help="vm-extension: the Key Vault VM extension for Linux's settings")
+    adopt.add_argument("file", metavar="FILE", help="its settings JSON (as given to az vm "
+                       "extension set --settings, an ARM resource, or az vm extension show)")
+    adopt.add_argument("--directory", metavar="DIR", default="/run/secrets",
+                       help="the manifest's directory, on tmpfs (default /run/secrets)")
+    adopt.add_argument("--tmpfiles", metavar="FILE", help="also write the tmpfiles.d lines that "
+                       "link the extension's paths to kv-agent's files")
+    adopt.set_defaults(handler=_cmd_import)
+
     emulator = commands.add_parser(
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
     emulator.add_argument("--secrets", metavar="FILE", required=True,
@@ -430,6 +442,24 @@ def _can_encode(text: str, stream: TextIO) -> bool:
     except (UnicodeEncodeError, LookupError):
         return False
     return True
+
+
+def _cmd_import(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """The manifest on stdout, its warnings on stderr; a bad file exits 78 (SettingsError)."""
+    from agent.adopt import import_vm_extension
+
+    result = import_vm_extension(args.file, args.directory)
+    for warning in result.warnings:
+        logging.getLogger("kv-agent").warning("%s", warning)
+    if args.tmpfiles:
+        try:
+            with open(args.tmpfiles, "x", encoding="utf-8") as stream:
+                stream.write(result.tmpfiles)
+        except OSError as exc:
+            raise KvAgentError(f"--tmpfiles {args.tmpfiles}: {exc.strerror or exc}",
+                               "name a new file in an existing directory") from None
+    sys.stdout.write(result.manifest)
+    return EXIT_OK
 
 
 def _cmd_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -95,18 +95,34 @@ def option_items(actions: Sequence[argparse.Action]) -> Iterator[str]:
             yield roff(sentence(action.help or ""))
 
 
-def synopsis(name: str, actions: Sequence[argparse.Action]) -> str:
-    """``name [--a A] [--b]``: required options first, optional ones in
-    brackets, or ``[options]`` when there are many."""
+def synopsis(name: str, actions: Sequence[argparse.Action],
+             positionals: Sequence[argparse.Action] = ()) -> str:
+    """``name WORD FILE [--a A] [--b]``: the positional arguments (a choice of one
+    as itself), required options, then optional ones in brackets, or
+    ``[options]`` when there are many."""
     def spelled(action: argparse.Action) -> str:
         metavar = _metavar(action)
         return action.option_strings[-1] + (f" {metavar}" if metavar else "")
 
     required = [spelled(action) for action in actions if action.required]
     optional = [spelled(action) for action in actions if not action.required]
-    words = [name, *required]
+    words = [name, *(_positional(action) for action in positionals), *required]
     words += ["[options]"] if len(optional) > SYNOPSIS_OPTIONS else [f"[{o}]" for o in optional]
     return " ".join(roff(word) for word in words)
+
+
+def _positional(action: argparse.Action) -> str:
+    """A positional argument as the synopsis shows it: its only choice, its
+    choices as ``a|b``, or its metavar."""
+    if action.choices is not None:
+        return "|".join(str(choice) for choice in action.choices)
+    return str(action.metavar or action.dest.upper())
+
+
+def positionals(parser: argparse.ArgumentParser) -> List[argparse.Action]:
+    """The parser's positional arguments, in order (subcommand parsers excluded)."""
+    return [action for action in parser._actions if not action.option_strings
+            and not isinstance(action, argparse._SubParsersAction)]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
@@ -155,7 +171,7 @@ def render(parser: argparse.ArgumentParser, template: str, version: str, date: s
             current = argument
             seen.append(argument)
             actions = _options(commands[argument], global_options)
-            out.append(f'.SS "{synopsis(argument, actions)}"')
+            out.append(f'.SS "{synopsis(argument, actions, positionals(commands[argument]))}"')
         else:
             if current is None:
                 raise TemplateError(f"{TEMPLATE.name}: '@options' outside a command's block")

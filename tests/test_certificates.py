@@ -93,6 +93,24 @@ def test_every_output_from_pfx_and_shuffled_pem(pki: Pki, source: str) -> None:
     assert pfx_key.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("source", ["pfx", "pem"])
+def test_fullchain_key_is_the_vm_extensions_file(pki: Pki, source: str) -> None:
+    """fullchain_key is the leaf, the intermediate, the root, then the PKCS#8 key, each block
+    ending in one newline: the file the Key Vault VM extension for Linux documents (learn.
+    microsoft.com/azure/virtual-machines/extensions/key-vault-linux, "Certificate Installation
+    on Linux")."""
+    [extension_file] = split_certificate("web-tls", *source_value(pki, source), ("fullchain_key",))
+    key = pki.key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    assert extension_file == pem(pki.leaf, pki.intermediate, pki.root) + key
+    assert extension_file.count(b"-----BEGIN PRIVATE KEY-----\n") == 1
+    assert extension_file.endswith(b"-----END PRIVATE KEY-----\n")
+    with pytest.raises(TransformError, match="non-exportable"):
+        split_certificate("web-tls", pki.pfx(with_key=False).encode(), PKCS12,
+                          ("fullchain_key",))
+
+
 @pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]])
 def test_chain_order_does_not_depend_on_block_order(pki: Pki, order: list) -> None:  # type: ignore[type-arg]
     """Whatever order the PEM blocks come in, the chain is leaf's issuer first, root last."""
@@ -443,3 +461,15 @@ def test_no_value_holds_the_gil_for_more_than_2_s(pki: Pki, rsa4096: Pki) -> Non
         print(f"{label}: {elapsed:.3f} s in all, GIL held at most {longest:.3f} s")
     assert all(longest < FREEZE_LIMIT_S for _, _, longest in figures), figures
     assert all(elapsed < 10.0 for _, elapsed, _ in figures), figures
+
+
+def test_a_certificate_of_an_unknown_x509_version_is_refused_not_a_bug(pki: Pki) -> None:
+    """A certificate whose version field is not v1-v3 (cryptography raises InvalidVersion,
+    which is no ValueError; the fuzz test found it) is refused as one that does not parse."""
+    der = pki.leaf.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"\xa0\x03\x02\x01\x02") == 1  # [0] EXPLICIT INTEGER 2: v3
+    bad = der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x07")
+    block = (b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad)
+             + b"-----END CERTIFICATE-----\n")
+    text = _refusal(pki.pem_blocks()[0] + block, PEM, ("cert",))
+    assert "does not parse" in text

@@ -13,7 +13,8 @@ from agent.cli import build_parser, main
 
 # Each subcommand with the least it needs to parse.
 COMMANDS: List[Tuple[str, ...]] = [("once",), ("check",), ("run",), ("status",), ("doctor",),
-                                   ("emulator", "--secrets", "s.yaml"), ("demo",)]
+                                   ("emulator", "--secrets", "s.yaml"), ("demo",),
+                                   ("import", "vm-extension", "settings.json")]
 OPTIONS = {"--debug": "debug", "-q": "quiet", "--quiet": "quiet"}
 
 

@@ -6,7 +6,7 @@ transform name with its parameters (:mod:`agent.pipeline.transforms`) and an
 :class:`~agent.pipeline.outputs.OutputSet` (the files, and the systemd credentials
 the running agent serves). An entry has one of three
 shapes: ``path:`` (one secret to one file, ``raw``, optionally decoded with
-``encoding:``), ``certificate:`` (one certificate's secret to up to five
+``encoding:``), ``certificate:`` (one certificate's secret to up to six
 files) or ``template:`` (several secrets to one file). Entries that change
 together (``set:``, and each certificate) become :class:`~agent.pipeline.outputs.EntrySet`
 values in :attr:`Manifest.sets`.

@@ -12,7 +12,12 @@ either, orders the chain itself and serialises the kinds an entry asks for:
   empty for a self-signed leaf;
 * ``fullchain``: the leaf, then the issuers (nginx's ``ssl_certificate``);
 * ``pfx``: PKCS#12, binary, with an empty password and no encryption (see
-  :func:`_pfx`).
+  :func:`_pfx`);
+* ``fullchain_key``: the leaf, the issuers, then the key (PKCS#8), in one
+  file: the layout the Key Vault VM extension for Linux documents for the
+  file it writes ("Certificate Installation on Linux": leaf first, each
+  issuer after the one it certifies, the private key at the end), so a
+  consumer of that file reads the same bytes from kv-agent's.
 
 The chain is ordered, never trusted to be: the leaf is the certificate whose
 public key is the private key's; each next one is the certificate whose
@@ -121,7 +126,7 @@ def read_certificate(name: str, value: bytes, content_type: Optional[str],
     pfx is asked (a non-exportable certificate), or a key matching no certificate.
     """
     bundle = read_bundle(name, value, content_type)
-    needs_key = any(kind in ("key", "pfx") for kind in kinds)
+    needs_key = any(kind in ("key", "pfx", "fullchain_key") for kind in kinds)
     if bundle.key is None and needs_key:
         raise TransformError(
             f"secret '{name}': no private key in the value: the certificate's policy makes "
@@ -133,9 +138,7 @@ def read_certificate(name: str, value: bytes, content_type: Optional[str],
     for kind in kinds:
         if kind == "key":
             assert bundle.key is not None  # checked above
-            pieces.append(bundle.key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
+            pieces.append(_pkcs8(bundle.key))
         elif kind == "cert":
             pieces.append(_pem((chain.leaf,)))
         elif kind == "chain":
@@ -145,9 +148,12 @@ def read_certificate(name: str, value: bytes, content_type: Optional[str],
         elif kind == "pfx":
             assert bundle.key is not None
             pieces.append(_pfx(name, bundle.key, chain))
+        elif kind == "fullchain_key":
+            assert bundle.key is not None
+            pieces.append(_pem((chain.leaf, *chain.issuers)) + _pkcs8(bundle.key))
         else:
             raise TransformError(f"secret '{name}': unknown certificate output '{kind}'",
-                                 "use key, cert, chain, fullchain or pfx")
+                                 "use key, cert, chain, fullchain, pfx or fullchain_key")
     return CertificateFiles(tuple(pieces), _epoch(chain.leaf, "not_valid_before"),
                             _epoch(chain.leaf, "not_valid_after"))
 
@@ -192,7 +198,7 @@ def _read_pkcs12(name: str, value: bytes) -> Bundle:
     for data in contents.certificates:
         try:
             certificates.append(_parsed(x509.load_der_x509_certificate(data)))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
             raise TransformError(f"secret '{name}': a certificate in the PKCS#12 does not parse",
                                  "store a valid certificate") from None
     if not certificates:
@@ -210,7 +216,7 @@ def _read_pem(name: str, value: bytes) -> Bundle:
             _check_count(name, len(certificates) + 1)
             try:
                 certificates.append(_parsed(x509.load_pem_x509_certificate(text)))
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):
                 raise TransformError(f"secret '{name}': a CERTIFICATE block does not parse",
                                      "store a valid certificate") from None
         elif label == b"ENCRYPTED PRIVATE KEY" or b"ENCRYPTED" in body[:200]:
@@ -398,6 +404,12 @@ def _certificate_spki(certificate: x509.Certificate) -> Optional[bytes]:
 def _spki(public_key: object) -> bytes:
     return public_key.public_bytes(  # type: ignore[attr-defined,no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _pkcs8(key: PrivateKeyTypes) -> bytes:
+    """The private key as PEM PKCS#8 (``BEGIN PRIVATE KEY``), unencrypted."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def _pem(certificates: Sequence[x509.Certificate]) -> bytes:

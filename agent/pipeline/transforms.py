@@ -9,7 +9,7 @@ in the entry's output order:
 * ``raw``: the one value to one file, as stored, or decoded (``encoding``:
   ``utf-8``, ``base64``, ``hex``).
 * ``certificate``: a Key Vault certificate's secret (PKCS#12 or PEM) split
-  into key, cert, chain, fullchain and pfx files (:mod:`agent.pipeline.certificates`,
+  into key, cert, chain, fullchain, pfx and fullchain_key files (:mod:`agent.pipeline.certificates`,
   imported only here, only when an entry asks for it, so a plain-secret
   manifest never loads ``cryptography``).
 * ``template``: several secrets into one file, ``env``, ``json`` or ``raw``.
@@ -40,7 +40,9 @@ from agent.pipeline.sources import SecretAttributes
 
 ENCODINGS = ("utf-8", "base64", "hex")
 TEMPLATE_FORMATS = ("env", "json", "raw")
-CERTIFICATE_KINDS = ("key", "cert", "chain", "fullchain", "pfx")
+# fullchain_key: the leaf, its issuers, then the key, in one file: what the Key
+# Vault VM extension for Linux writes (docs/how-to/migrate-vm-extension.md).
+CERTIFICATE_KINDS = ("key", "cert", "chain", "fullchain", "pfx", "fullchain_key")
 T = TypeVar("T")
 # The characters a POSIX shell and systemd's EnvironmentFile= both unescape
 # after a backslash inside double quotes (systemd's SHELL_NEED_ESCAPE);

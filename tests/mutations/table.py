@@ -884,4 +884,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "# This default fetches nothing at all.",
         (f"{UPGRADE_SCRIPTS}::test_the_shipped_manifest_never_changes_so_upgrades_never_prompt",),
     ),
+    # -- issue 21: adoption ---------------------------------------------------
+    Mutation(
+        "vm-extension-file-key-first",
+        "a migration from the Key Vault VM extension keeps the bytes: the file holds the leaf, "
+        "its issuers, then the key, as the extension's",
+        "agent/pipeline/certificates.py",
+        "            pieces.append(_pem((chain.leaf, *chain.issuers)) + _pkcs8(bundle.key))",
+        "            pieces.append(_pkcs8(bundle.key) + _pem((chain.leaf, *chain.issuers)))",
+        (f"{CERTIFICATES}::test_fullchain_key_is_the_vm_extensions_file",
+         "tests/test_adopt_integration.py::test_import_check_once_and_the_links_give_the"
+         "_extensions_bytes"),
+    ),
 )
