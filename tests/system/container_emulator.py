@@ -13,7 +13,9 @@ whose value changed: that is how the test rotates a secret. It re-reads the
 ForbiddenByRbac``; missing or empty: nothing forbidden), so a GET of a listed
 secret answers 403 with that code, as when the identity loses its role, and
 a name taken off the list is readable again. Uses the emulator module the
-.deb installed under /usr/lib/kv-agent.
+.deb installed under /usr/lib/kv-agent, or the one under $KV_TEST_AGENT_LIB
+(the cloud-init test unpacks the .debs there, so that the image holds the
+emulator while kv-agent itself is not installed yet).
 """
 
 import argparse
@@ -22,7 +24,7 @@ import signal
 import sys
 import threading
 
-sys.path.insert(0, "/usr/lib/kv-agent")
+sys.path.insert(0, os.environ.get("KV_TEST_AGENT_LIB", "/usr/lib/kv-agent"))
 
 import yaml  # noqa: E402
 
