@@ -4,7 +4,9 @@ boot it: its first boot runs the recipe, and nothing is done by hand.
 
 The image is a variant of the system test's root file system with cloud-init
 (and curl and openssh-server, which cloud images have) added, cached under its
-own key, so cloud-init never runs in the other tests' containers. Before the
+own key, so cloud-init never runs in the other tests' containers (measured on
+a cold cache: about 35 s of mmdebstrap per release; 307 MB for Debian 12 and
+266 MB for Debian 13, 53 and 68 MB more than the shared image). Before the
 first boot, the test puts in what the image and the cloud would provide:
 
 * a NoCloud seed (/var/lib/cloud/seed/nocloud/meta-data and user-data) whose
@@ -204,8 +206,9 @@ def show(machine: Container, unit: str, *properties: str) -> Dict[str, str]:
 
 
 def failed_units(machine: Container) -> List[str]:
-    return machine.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"]
-                       ).stdout.split("\n")
+    """One line per failed unit (`systemctl list-units --failed`)."""
+    output = machine.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"]).stdout
+    return [line for line in output.splitlines() if line.strip()]
 
 
 def test_cloud_init_is_done_without_an_error(machine: Container, suite: str) -> None:
@@ -218,7 +221,7 @@ def test_cloud_init_is_done_without_an_error(machine: Container, suite: str) -> 
     assert "NoCloud" in result["datasource"], result
     assert result["errors"] == [], result["errors"]
     assert not any(result.get("recoverable_errors", {}).values()), result["recoverable_errors"]
-    failed = [line for line in failed_units(machine) if line.strip()]
+    failed = failed_units(machine)
     assert not [line for line in failed if "cloud" in line or "kv-" in line
                 or CONSUMER in line], failed
     schema = machine.run(["cloud-init", "schema", "--config-file", f"{SEED}/user-data"],
