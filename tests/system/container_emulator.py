@@ -14,8 +14,10 @@ ForbiddenByRbac``; missing or empty: nothing forbidden), so a GET of a listed
 secret answers 403 with that code, as when the identity loses its role, and
 a name taken off the list is readable again. Uses the emulator module the
 .deb installed under /usr/lib/kv-agent, or the tree under $KV_TEST_EMULATOR_LIB:
-a test that upgrades, downgrades and purges the packages keeps its vault
-apart from them (test_nspawn_upgrade.py).
+a test that upgrades, downgrades and purges the packages keeps its vault apart
+from them (test_nspawn_upgrade.py), and the cloud-init test unpacks the .debs
+there, so that the image holds the emulator while kv-agent itself is not
+installed yet (test_nspawn_cloudinit.py).
 """
 
 import argparse

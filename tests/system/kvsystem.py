@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("KV_AGENT_TEST_CACHE", "/var/cache/kv-agent-tests"))
@@ -234,23 +234,34 @@ def suite_sources(suite: str) -> str:
     return re.sub(rf"\b{re.escape(host_suite)}(?=[\s/-]|$)", suite, text)
 
 
-def rootfs_tar(suite: str, log: Optional[Path] = None) -> Path:
+def rootfs_tar(suite: str, log: Optional[Path] = None, extra: Sequence[str] = ()) -> Path:
     """A tar of a Debian ``suite`` root file system with ROOTFS_PACKAGES,
     cached under CACHE_DIR keyed by its inputs (suite, sources, packages);
-    made with mmdebstrap when missing. Stale tars of the same suite (other
-    keys) are removed; other suites' tars stay."""
+    made with mmdebstrap when missing. Stale tars of the same suite and
+    variant (other keys) are removed; other suites' and variants' tars stay.
+
+    ``extra`` packages make a variant with its own name and key (e.g.
+    ``rootfs-trixie+cloud-init-KEY.tar``): what one test needs (cloud-init
+    runs at every boot it is installed in) stays out of every other test's
+    container."""
     sources = suite_sources(suite)
-    key_text = "\n".join([suite, "variant=apt", sources, *sorted(ROOTFS_PACKAGES)])
+    packages = sorted({*ROOTFS_PACKAGES, *extra})
+    key_text = "\n".join([suite, "variant=apt", sources, *packages])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tar = CACHE_DIR / f"rootfs-{suite}-{key}.tar"
+    variant = "+".join([suite, *sorted(extra)])
+    tar = CACHE_DIR / f"rootfs-{variant}-{key}.tar"
     with HostLock("rootfs"):
         if not tar.is_file():
-            _make_rootfs(tar, suite, sources, log)
+            _make_rootfs(tar, suite, sources, log, packages)
+            for stale in CACHE_DIR.glob(f"rootfs-{variant}-*.tar"):
+                if stale != tar:
+                    stale.unlink(missing_ok=True)
     return tar
 
 
-def _make_rootfs(tar: Path, suite: str, sources: str, log: Optional[Path]) -> None:
+def _make_rootfs(tar: Path, suite: str, sources: str, log: Optional[Path],
+                 packages: Sequence[str]) -> None:
     # mmdebstrap picks its output format from the name: keep the .tar suffix.
     partial = tar.with_name(f"partial-{os.getpid()}-{tar.name}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -260,7 +271,7 @@ def _make_rootfs(tar: Path, suite: str, sources: str, log: Optional[Path]) -> No
     sources_file.write_text(sources)
     try:
         result = run(["mmdebstrap", "--variant=apt", "--mode=root",
-                      f"--include={','.join(ROOTFS_PACKAGES)}",
+                      f"--include={','.join(packages)}",
                       suite, str(partial), str(sources_file)], timeout=1200, check=False)
     finally:
         sources_file.unlink(missing_ok=True)
@@ -270,9 +281,6 @@ def _make_rootfs(tar: Path, suite: str, sources: str, log: Optional[Path]) -> No
         partial.unlink(missing_ok=True)
         raise AssertionError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
     os.replace(partial, tar)
-    for stale in CACHE_DIR.glob(f"rootfs-{suite}-*.tar"):
-        if stale != tar:
-            stale.unlink(missing_ok=True)
 
 
 # -- the container -----------------------------------------------------------------
@@ -316,13 +324,19 @@ class Container:
 
     # -- life cycle
 
-    def boot(self, timeout: float = 60) -> None:
-        """Unpack, boot and wait until systemd reports the system running."""
+    def boot(self, timeout: float = 60,
+             prepare: Optional[Callable[[Path], None]] = None) -> None:
+        """Unpack, boot and wait until systemd reports the system running.
+        ``prepare`` gets the unpacked root before the first boot, to put in
+        what an image would hold (a cloud-init seed, a unit), since anything
+        done after the boot comes too late for what that boot runs."""
         self._lock.acquire()
         started = time.monotonic()
         run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(self.root)])
         self._mounted_root = True
         run(["tar", "-xpf", str(self.tar), "-C", str(self.root)], timeout=120)
+        if prepare is not None:
+            prepare(self.root)
         self.timings["unpack_s"] = time.monotonic() - started
         if not _is_mountpoint("/run/systemd/nspawn"):
             os.makedirs("/run/systemd/nspawn", exist_ok=True)
