@@ -196,8 +196,8 @@ def test_a_reboot_without_the_vault_serves_the_sealed_copy(machine: DiskStateCon
                                                            suite: str) -> None:
     """The emulator stopped (IMDS and the vault gone), the container reboots: /run is
     empty, the copy and the host key are on disk. kv-agent is READY from the copy no
-    sooner than `after` into its start, STATUS= says so, and the consumer, ordered after
-    it, starts at boot and reads the value sealed before the outage."""
+    sooner than `after` into its start, STATUS= and the journal (warnings) say so, and the
+    consumer, ordered after it, starts at boot and reads the value sealed before the outage."""
     machine.run(["systemctl", "stop", EMULATOR_UNIT], timeout=60)
     started = time.monotonic()
     try:
@@ -222,7 +222,8 @@ def test_a_reboot_without_the_vault_serves_the_sealed_copy(machine: DiskStateCon
     assert machine.run(["systemctl", "is-active", APP]).stdout == "active\n"
     assert machine.read(SECRET) == VALUE
     assert machine.run(["stat", "-c", "%a %U", SECRET]).stdout == "400 root\n"
-    log = machine.run(["journalctl", "-b", "--no-pager", "-o", "cat", "-u", "kv-agent"]).stdout
+    log = machine.run(["journalctl", "-b", "-p", "warning", "--no-pager", "-o", "cat", "-u",
+                       "kv-agent"]).stdout
     assert "/run/secrets/db-password: served from the sealed copy of " in log, log
     assert SERVING in log, log
     assert_no_plaintext(machine, [VALUE])
