@@ -541,3 +541,37 @@ class Container:
                 raise AssertionError(f"timed out waiting for {what or script}:\n"
                                      f"{result.stdout}{result.stderr}")
             time.sleep(0.1)
+
+
+class DiskStateContainer(Container):
+    """A Container whose /var/lib/systemd is on disk, as on a VM: a host
+    directory under ``disk`` (which must not be tmpfs) bind-mounted on the
+    unpacked root's before the first boot, kept across :meth:`reboot`,
+    unmounted and removed at :meth:`close`. ``systemd-creds encrypt
+    --with-key=auto`` refuses a host key on a temporary file system, and the
+    root is a tmpfs (what else is on it survives a reboot all the same)."""
+
+    ON_DISK = "var/lib/systemd"
+
+    def __init__(self, tar: Path, disk: Path, name: str = "kv-agent-test") -> None:
+        super().__init__(tar, name=name)
+        self.disk = disk / "var-lib-systemd"
+        self._bound: Optional[Path] = None
+
+    def _start(self, timeout: float) -> None:
+        if self._bound is None:
+            target = self.root / self.ON_DISK
+            shutil.rmtree(self.disk, ignore_errors=True)
+            self.disk.mkdir(parents=True, mode=0o755)
+            run(["cp", "-a", f"{target}/.", str(self.disk)])
+            run(["mount", "--bind", str(self.disk), str(target)])
+            self._bound = target
+        super()._start(timeout)
+
+    def _unmount(self) -> None:
+        if self._bound is not None:
+            if run(["umount", str(self._bound)], check=False).returncode != 0:
+                run(["umount", "-l", str(self._bound)], check=False)
+            self._bound = None
+            shutil.rmtree(self.disk, ignore_errors=True)
+        super()._unmount()
