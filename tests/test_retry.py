@@ -161,3 +161,14 @@ def test_jitter_is_equal_jitter_as_documented() -> None:
     for draw, expected in ((0.0, 1.0), (0.5, 1.5), (0.999999, 2.0)):
         step = Backoff(policy, rng=lambda value=draw: value).step()
         assert step == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_refresh_retries_at_most_the_budget_it_is_given() -> None:
+    """A sealed cache's ``after`` shortens a refresh's retries (its cause must be
+    known by then); a budget at or over the refresh's own changes nothing."""
+    from agent.base.retry import refresh_retry
+    assert refresh_retry() is REFRESH_RETRY
+    assert refresh_retry(REFRESH_RETRY.deadline_s + 1) is REFRESH_RETRY
+    short = refresh_retry(5.0)
+    assert short.deadline_s == 5.0
+    assert short._replace(deadline_s=REFRESH_RETRY.deadline_s) == REFRESH_RETRY

@@ -61,6 +61,14 @@ ONCE_RETRY_S = 75.0
 REFRESH_RETRY_S = 30.0
 REFRESH_RETRY = RetryPolicy(deadline_s=REFRESH_RETRY_S, is_final_attempt_kept=False)
 
+
+def refresh_retry(budget_s: Optional[float] = None) -> RetryPolicy:
+    """One refresh's policy: REFRESH_RETRY, or a shorter deadline when the
+    caller must know sooner why a refresh fails (the sealed cache's ``after``)."""
+    if budget_s is None or budget_s >= REFRESH_RETRY.deadline_s:
+        return REFRESH_RETRY
+    return REFRESH_RETRY._replace(deadline_s=budget_s)
+
 # Every attempt, the final one included, may take at least this long even
 # when the budget is (nearly) spent: a request needs a few seconds to succeed.
 MIN_REQUEST_S = 5.0

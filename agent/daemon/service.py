@@ -99,9 +99,13 @@ log = logging.getLogger(__name__)
 def _new_sync(manifest: Manifest, environ: Mapping[str, str], worker: RefreshThread,
               writer: Writer, credentials: CredentialStore[Grant]) -> Sync:
     """The daemon's Sync for ``manifest``: its retries reported by the refresh
-    thread, slow to start (a booting fleet must not burst: VaultClient)."""
+    thread, slow to start (a booting fleet must not burst: VaultClient). With
+    ``cache:``, a refresh retries for at most ``after``: the sealed cache is
+    looked at when a refresh has said why the files are missing, so one still
+    retrying at ``after`` would delay serving to its own end."""
+    policy = retry.refresh_retry(manifest.cache.after_s if manifest.cache else None)
     return Sync(manifest, environ=environ, on_retry=worker.on_retry, sleep=worker.sleep,
-                imds_policy=retry.REFRESH_RETRY, vault_policy=retry.REFRESH_RETRY,
+                imds_policy=policy, vault_policy=policy,
                 writer=writer, credentials_store=credentials, is_slow_start=True)
 
 

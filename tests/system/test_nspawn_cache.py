@@ -44,6 +44,7 @@ APP = "cache-app.service"
 SECRET = "/run/secrets/db-password"
 CACHE = "/var/lib/kv-agent/cache"
 AFTER_S = 5
+SERVE_SLACK_S = 12  # a refresh's last attempt and the sealing's decrypt, on a busy host
 VALUE = "pg-Cache-0001-sealed-before-the-outage"
 ROTATED = "pg-Cache-0002-fetched-after-the-outage"
 SERVING = "serving 1 of 1 from the sealed cache of "
@@ -196,7 +197,7 @@ def test_a_reboot_without_the_vault_serves_the_sealed_copy(machine: DiskStateCon
                                                            suite: str) -> None:
     """The emulator stopped (IMDS and the vault gone), the container reboots: /run is
     empty, the copy and the host key are on disk. kv-agent is READY from the copy no
-    sooner than `after` into its start, STATUS= and the journal (warnings) say so, and the
+    sooner than `after` into its start (and not much later), STATUS= and the journal (warnings) say so, and the
     consumer, ordered after it, starts at boot and reads the value sealed before the outage."""
     machine.run(["systemctl", "stop", EMULATOR_UNIT], timeout=60)
     started = time.monotonic()
@@ -217,6 +218,10 @@ def test_a_reboot_without_the_vault_serves_the_sealed_copy(machine: DiskStateCon
     ready_us = monotonic_us(machine, "kv-agent", "ActiveEnterTimestampMonotonic")
     began_us = monotonic_us(machine, "kv-agent", "InactiveExitTimestampMonotonic")
     assert ready_us - began_us >= AFTER_S * 1_000_000, "READY before cache.after"
+    # ... and soon after it: a refresh retries for `after` at most, so the cache is not
+    # held back by the refresh's own 30 s budget (it was: READY came 31 s in).
+    assert ready_us - began_us < (AFTER_S + SERVE_SLACK_S) * 1_000_000, \
+        f"READY {(ready_us - began_us) / 1e6:.1f} s into the start, cache.after is {AFTER_S} s"
     assert monotonic_us(machine, APP, "ExecMainStartTimestampMonotonic") >= ready_us
     assert consumer_lines(machine, "-b") == [f"read: {digest(VALUE)}"]
     assert machine.run(["systemctl", "is-active", APP]).stdout == "active\n"
