@@ -10,6 +10,7 @@ import pytest
 from agent.base.errors import (
     CacheError,
     EndlessListError,
+    IdentityRefusedError,
     IdentityUnavailableError,
     KvAgentError,
     ListTooLongError,
@@ -65,9 +66,15 @@ def test_an_outage_serves_a_young_copy(cause: KvAgentError) -> None:
     TransformError("secret 'db' is not valid base64"),
     WriteError("/run/secrets is not a tmpfs"),
     SetKeptError("set kept", None, VaultForbiddenError("403")),
+    IdentityRefusedError("IMDS refused a token for the system-assigned identity: "
+                         "Identity not found"),
+    IdentityRefusedError("IMDS refused a token for client_id abc: Multiple user assigned "
+                         "identities exist"),
+    SetKeptError("set kept", None, IdentityRefusedError("Identity not found")),
     KvAgentError("anything else"),
 ], ids=["403", "403 disabled", "404", "401", "400", "list too long", "transform", "write",
-        "set kept: 403", "other"])
+        "set kept: 403", "imds 400 identity not found", "imds 400 multiple identities",
+        "set kept: imds 400", "other"])
 def test_an_answer_is_never_hidden_by_a_copy(cause: KvAgentError) -> None:
     """A 403, a 404, any other refusal, a transform or a write failure: not served, even
     with a perfect copy; the line says an answer is not an outage."""
@@ -75,6 +82,14 @@ def test_an_answer_is_never_hidden_by_a_copy(cause: KvAgentError) -> None:
     assert not decision.serve and decision.copy is None
     assert decision.reason.startswith(KEY) and "an answer is not an outage" in decision.reason
     assert not is_unavailable(cause)
+
+
+def test_an_identity_refusal_says_who_answered() -> None:
+    """The line for an identity endpoint's 4xx names that endpoint, not the vault."""
+    decision = decide(KEY, IdentityRefusedError("IMDS refused a token: Identity not found"),
+                      _copy(), WEEK, NOW)
+    assert "the identity endpoint answered (IMDS refused a token: Identity not found)" in \
+        decision.reason
 
 
 def test_a_fetched_entry_needs_no_copy() -> None:

@@ -10,6 +10,7 @@ plaintext in the cache directory after each step."""
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import time
 from pathlib import Path
@@ -144,6 +145,37 @@ def test_a_403_is_an_answer_never_hidden_by_the_cache(
     time.sleep(1.0)
     assert not second.readies()
     assert not (second.directory / "alpha").exists()
+    _assert_no_plaintext(cache, vault.values)
+    second.stop()
+
+
+@pytest.mark.parametrize("description", [
+    "Identity not found",
+    "Multiple user assigned identities exist, please specify the clientId / resourceId of "
+    "the identity in the token request",
+], ids=["identity not found", "multiple identities"])
+def test_an_imds_400_is_an_answer_never_hidden_by_the_cache(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str, description: str) -> None:
+    """The identity was taken from the VM (or a second one assigned) while it was down:
+    IMDS answers 400 at the restart. That is an answer, so the copies stay unserved and
+    the agent is not READY."""
+    vault.put("alpha")
+    vault.put("beta")
+    cache = tmp_path / "cache"
+    first = _first_boot(start_agent, vault, cache, prelude, shm_dir)
+    body = json.dumps({"error": "invalid_request", "error_description": description})
+    vault.emulator.inject_fault("imds", 400, count=100_000, body=body.encode())
+    began = time.monotonic()
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    second.wait(lambda: second.process.lines("not served from the sealed cache: the identity "
+                                             "endpoint answered"), "the refusal to serve logged")
+    assert time.monotonic() - began >= 2.0, "judged before cache.after"
+    assert any(description in line for line in second.process.lines("the identity endpoint"))
+    time.sleep(1.0)
+    assert not second.readies()
+    assert not (second.directory / "alpha").exists()
+    assert "cache" not in second.status_json()
     _assert_no_plaintext(cache, vault.values)
     second.stop()
 

@@ -810,6 +810,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
          f"{CACHE_SERVE}::test_a_403_is_an_answer_never_hidden_by_the_cache"),
     ),
     Mutation(
+        "serves-the-cache-on-an-imds-400",
+        "the sealed cache stands in only for an outage: the identity endpoint's 400 "
+        "(Identity not found) is an answer, never hidden behind an old copy",
+        "agent/cache/decision.py",
+        "ANSWERS = (IdentityRefusedError,)",
+        "ANSWERS = ()",
+        (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
+         f"{CACHE_SERVE}::test_an_imds_400_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
         "writes-plaintext-to-the-cache",
         "plaintext only in memory and tmpfs: with cache:, the copy on disk is sealed to this "
         "machine, never a value in plaintext",
