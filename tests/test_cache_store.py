@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Iterable, List
 
 import pytest
-from sealing import key_directory, private_sealer
+from sealing import key_directory, null_key_copy, private_sealer, tool_unseals
 from secrecy import fresh_value
 
-from agent.base.errors import CacheError, SealRefusedError
-from agent.cache.copy import Copy
+from agent.base.errors import CacheError, SealRefusedError, VaultUnavailableError
+from agent.cache.copy import Copy, encode
+from agent.cache.decision import decide
 from agent.cache.seal import Sealer
 from agent.cache.store import TEMP_PREFIX, CacheStore, file_name, sealing_name
 
@@ -141,6 +142,27 @@ def test_a_damaged_copy_is_refused(sealer: Sealer, directory: Path) -> None:
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(SealRefusedError):
         CacheStore(str(directory), sealer).load(A)
+
+
+def test_a_planted_null_key_copy_is_skipped_never_served(
+        sealer: Sealer, directory: Path) -> None:
+    """A copy someone who can write the directory sealed with systemd-creds' null key
+    (under the right name, holding this entry's key and fresh bytes, which systemd-creds
+    would decrypt): refused before decrypting, the entry skipped with one line naming it
+    and the reason."""
+    store = CacheStore(str(directory), sealer)
+    store.save(_copy(A, b"ours"), WEEK)
+    document = encode(_copy(A, b"planted"))
+    planted = null_key_copy(sealer, sealing_name(A), document)
+    assert tool_unseals(sealer, sealing_name(A), planted) == document
+    (directory / file_name(A)).write_bytes(planted)
+    with pytest.raises(SealRefusedError, match="null key") as refused:
+        CacheStore(str(directory), sealer).load(A)
+    decision = decide(A, VaultUnavailableError("the vault is unreachable"), refused.value,
+                      WEEK, time.time())
+    assert not decision.serve and decision.copy is None
+    assert decision.reason.startswith(f"{A}: sealed copy skipped: ") and \
+        "null key" in decision.reason and "\n" not in decision.reason
 
 
 @pytest.mark.parametrize("shape", ["group", "world", "owner", "symlink", "file", "parent"])

@@ -55,6 +55,7 @@ CREDENTIAL_RULES = "tests/test_credentials.py"
 ENTRIES = "tests/test_entries.py"
 CACHE_DECISION = "tests/test_cache_decision.py"
 CACHE_STORE = "tests/test_cache_store.py"
+CACHE_SEAL = "tests/test_cache_seal.py"
 CACHE_SERVE = "tests/test_daemon_cache_serve.py"
 
 MUTATIONS: Tuple[Mutation, ...] = (
@@ -818,6 +819,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "ANSWERS = ()",
         (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
          f"{CACHE_SERVE}::test_an_imds_400_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
+        "serves-a-null-key-copy",
+        "never a copy that is not sealed to this machine: one sealed with systemd-creds' "
+        "null key (anyone could plant it) is refused before it is decrypted",
+        "agent/cache/seal.py",
+        "    known = AUTO_KEY_IDS.get(key_id)",
+        "    known = AUTO_KEY_IDS.get(key_id, 'any key')",
+        (f"{CACHE_SEAL}::test_a_null_key_copy_is_refused_without_decrypting_it",
+         f"{CACHE_STORE}::test_a_planted_null_key_copy_is_skipped_never_served"),
     ),
     Mutation(
         "writes-plaintext-to-the-cache",
