@@ -25,7 +25,13 @@ from agent.base.errors import (
     WriteError,
 )
 from agent.cache.copy import Copy, decode, encode
-from agent.cache.decision import MAX_CLOCK_SKEW_S, decide, describe_age, is_unavailable
+from agent.cache.decision import (
+    MAX_CLOCK_SKEW_S,
+    decide,
+    decide_whole,
+    describe_age,
+    is_unavailable,
+)
 
 KEY = "/run/secrets/db-password"
 NOW = 1_750_000_000.0
@@ -90,6 +96,19 @@ def test_an_identity_refusal_says_who_answered() -> None:
                       _copy(), WEEK, NOW)
     assert "the identity endpoint answered (IMDS refused a token: Identity not found)" in \
         decision.reason
+
+
+def test_a_unit_is_served_whole_or_not_at_all() -> None:
+    """A set (or a select's expansion) is served only when every member may be; else
+    none of it, with the first refused member's reason, under the unit's label."""
+    good = decide(KEY, UNREACHABLE, _copy(), WEEK, NOW)
+    other = decide("/run/secrets/other", UNREACHABLE, None, WEEK, NOW)
+    assert decide_whole("set 'db'", [good, good]).serve
+    refused = decide_whole("set 'db'", [good, other])
+    assert not refused.serve and refused.copy is None
+    assert refused.reason.startswith("set 'db': not served from the sealed cache, none of it")
+    assert refused.reason.endswith("/run/secrets/other: no sealed copy to serve")
+    assert not decide_whole("set 'db'", []).serve
 
 
 def test_a_fetched_entry_needs_no_copy() -> None:

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,12 +23,15 @@ from test_daemon import (  # noqa: F401 - fixtures
     Running,
     StartAgent,
     Vault,
+    certificate_entry,
     entry,
     read,
     short_dir,
     start_agent,
     vault,
 )
+
+from agent.cache.store import file_name
 
 pytestmark = pytest.mark.integration
 
@@ -177,6 +180,85 @@ def test_an_imds_400_is_an_answer_never_hidden_by_the_cache(
     assert not (second.directory / "alpha").exists()
     assert "cache" not in second.status_json()
     _assert_no_plaintext(cache, vault.values)
+    second.stop()
+
+
+def _files(directory: Path) -> Dict[str, Tuple[bytes, int, bool]]:
+    """Every file under ``directory`` (relative path -> bytes, mode, whether its
+    directory is a real one), reserved names aside."""
+    return {str(path.relative_to(directory)): (path.read_bytes(), path.stat().st_mode & 0o7777,
+                                               not path.parent.is_symlink())
+            for path in sorted(directory.rglob("*"))
+            if path.is_file() and ".kv-agent" not in str(path)}
+
+
+def test_sets_are_served_whole_from_their_sealed_copies(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str) -> None:
+    """A certificate's key and cert, and a `set:` of two secrets: with IMDS down at the
+    restart, each set is swapped in whole from its members' copies after `after`, byte
+    for byte and mode for mode as the vault's refresh wrote them, recorded in the ledger
+    as a set; READY, the cache in STATUS; the first good refresh takes over."""
+    vault.emulator.add_certificate("web-tls", key_type="ec")
+    values = [vault.put("db-password"), vault.put("db-user")]
+    cache = tmp_path / "cache"
+    entries = [certificate_entry(),
+               entry("db-password", path="db/password", set="db"),
+               entry("db-user", path="db/user", set="db", mode="0400")]
+    first = start_agent(entries, refresh="60s", prelude=prelude,
+                        state_dir=shm_dir / "state-boot1",
+                        cache={"after": AFTER, "directory": str(cache)})
+    first.wait_ready()
+    first.wait(lambda: cache.is_dir() and len(list(cache.iterdir())) == 3, "three copies")
+    before = _files(first.directory)
+    assert sorted(before) == ["db/password", "db/user", "web/tls.crt", "web/tls.key"]
+    sets_before = first.status_json()["sets"]
+    first.stop()
+    shutil.rmtree(first.directory)
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    began = time.monotonic()
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    ready = second.wait_ready()
+    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    assert _files(second.directory) == before
+    assert ready.fields["STATUS"].startswith("serving 3 of 3 from the sealed cache of ")
+    document = second.status_json()
+    assert document["sets"] == sets_before
+    assert set(document["written"]) == {str(second.directory / name) for name in before}
+    assert all(row["from_cache"] for row in document["secrets"])
+    _assert_no_plaintext(cache, list(vault.values) + values)
+    vault.emulator.clear_faults()
+    rotated = vault.put("db-user")
+    second.wait_content("db/user", rotated)
+    second.wait_status_json(lambda d: "cache" not in d, "the cache no longer in use")
+    assert read(second.directory / "db" / "password") == values[0]
+    second.stop()
+
+
+def test_a_set_with_one_unservable_copy_is_not_served_at_all(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str) -> None:
+    """One member's copy gone (or not this machine's): the set is skipped whole, with one
+    line naming the set and the reason; its other member is not written alone."""
+    vault.put("db-password")
+    vault.put("db-user")
+    cache = tmp_path / "cache"
+    first = start_agent([entry("db-password", path="db/password", set="db"),
+                         entry("db-user", path="db/user", set="db")], refresh="60s",
+                        prelude=prelude, state_dir=shm_dir / "state-boot1",
+                        cache={"after": AFTER, "directory": str(cache)})
+    first.wait_ready()
+    first.wait(lambda: cache.is_dir() and len(list(cache.iterdir())) == 2, "two copies")
+    first.stop()
+    shutil.rmtree(first.directory)
+    (cache / file_name(str(first.directory / "db" / "user"))).unlink()
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    lines = second.wait(lambda: second.process.lines("set 'db'"), "the set's skip logged")
+    assert "none of it" in lines[0] and "no sealed copy" in lines[0], lines
+    time.sleep(1.0)
+    assert not second.readies()
+    assert not (second.directory / "db").exists()
     second.stop()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from agent.base.errors import (
     CacheError,
@@ -98,6 +98,19 @@ def decide(key: str, cause: Optional[KvAgentError], copy: Union[Copy, CacheError
     return Decision(True, f"{key}: served from the sealed copy of {describe_time(copy.fetched_at)} "
                           f"({describe_age(max(age, 0.0))} old): the vault is unreachable",
                     copy)
+
+
+def decide_whole(label: str, members: Sequence[Decision]) -> Decision:
+    """Serve a unit written in one piece (a set: one swap of its directory;
+    a ``select:`` entry: its expansion whole) only when every member may be
+    served; else none of it, with the first member's reason. ``label``
+    names the unit; the members' decisions carry their copies."""
+    refused = [decision for decision in members if not decision.serve]
+    if not members or refused:
+        why = refused[0].reason if refused else "no member"
+        return Decision(False, f"{label}: not served from the sealed cache, none of it (it "
+                               f"is written whole or not at all): {why}")
+    return Decision(True, f"{label}: served whole from the sealed copies")
 
 
 def describe_age(seconds: float) -> str:

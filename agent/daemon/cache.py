@@ -18,11 +18,12 @@ refresh found the identity endpoint or the vault unavailable is written from
 its copy (:func:`agent.cache.decision.decide`: this entry's, readable, younger
 than ``max_age``; an answer such as a 403 or 404 is never hidden), through
 the daemon's writer (owner, mode, atomicity as fetched) and into the
-credential store. The daemon then sends READY=1 if the gate is met, with the
-``serving`` line in STATUS=. A ready agent never serves: it keeps its files.
-An entry of a set (a certificate's files, ``set:``) is not served (a set is
-swapped whole, by the sync); nor is a ``select:`` expansion (not cached).
-Each skip is one line naming the entry and the reason, logged once.
+credential store; a set (a certificate's files, ``set:``) whole by one swap,
+or not at all (:mod:`agent.daemon.cache_serve`). The daemon then sends
+READY=1 if the gate is met, with the ``serving`` line in STATUS=. A ready
+agent never serves: it keeps its files. A ``select:`` expansion is not
+served (not cached). Each skip is one line naming the entry and the reason,
+logged once.
 
 The cache never stops the agent: a CacheError (SealError included) is
 logged once per distinct message, as a warning, and the entry goes without
@@ -42,19 +43,17 @@ from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from agent.base.errors import CacheError, KvAgentError
 from agent.cache.copy import Copy
-from agent.cache.decision import decide, describe_time
+from agent.cache.decision import describe_time
 from agent.cache.policy import CachePolicy
 from agent.cache.seal import Sealer
 from agent.cache.store import CacheStore
+from agent.daemon.cache_serve import Serving, Units
 from agent.daemon.entries import EntryTable
 from agent.daemon.reconcile import Reconciler
 from agent.manifest import Entry, Manifest
 from agent.pipeline.credentials import Grant
-from agent.sync import credentials as loading
 from agent.sync.sync import SyncReport
-from agent.writer import Writer
 from agent.writer.credentials import CredentialStore
-from agent.writer.specs import FileSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,7 @@ class SealedCache:
         self._clock = monotonic
         self.policy: Optional[CachePolicy] = None
         self.store: Optional[CacheStore] = None
-        self._entries: Dict[str, Entry] = {}
-        self._in_sets: Set[str] = set()
+        self._units = Units()
         self._directory = ""  # the manifest's directory (its writer writes what is served)
         self._said: Set[str] = set()  # each problem is logged once
         self._started: Optional[float] = None  # monotonic: the first install
@@ -86,8 +84,7 @@ class SealedCache:
         """Use ``manifest``'s ``cache:`` (a new store when its directory
         changed) and prune the copies of entries it no longer has."""
         self.policy = manifest.cache
-        self._entries = {entry.key: entry for entry in manifest.secrets}
-        self._in_sets = {key for group in manifest.sets for key in group.keys}
+        self._units = Units.of(manifest)
         self._directory = manifest.directory
         if self._started is None:
             self._started = self._clock()
@@ -97,7 +94,7 @@ class SealedCache:
         if self.store is None or self.store.directory != self.policy.directory:
             self.store = CacheStore(self.policy.directory, self._sealer)
         try:
-            removed = self.store.prune(self._entries)
+            removed = self.store.prune(self._units.entries)
         except CacheError as exc:
             self.problem(exc)
             return
@@ -116,7 +113,7 @@ class SealedCache:
         serving of every entry it fetched, and save the good copies."""
         self._check = True
         if isinstance(result, KvAgentError):
-            self._causes = {key: result for key in self._entries}
+            self._causes = {key: result for key in self._units.entries}
             return
         self._causes = {o.entry.key: o.error for o in result.outcomes if o.error is not None}
         for outcome in result.outcomes:
@@ -136,7 +133,7 @@ class SealedCache:
             return 0
         written = 0
         for outcome in report.outcomes:
-            entry = self._entries.get(outcome.entry.key)
+            entry = self._units.entries.get(outcome.entry.key)
             if outcome.error is not None or entry != outcome.entry:
                 continue  # failed, a select's, or of a manifest since replaced
             try:
@@ -163,47 +160,22 @@ class SealedCache:
 
     def serve(self, entries: EntryTable, reconcile: Reconciler,
               credentials: CredentialStore[Grant], now_wall: float) -> bool:
-        """Write each required entry READY waits for that may be served from
-        its copy (through the daemon's writer), recording its files in the
-        ledger and as on disk in ``entries``. True when some were and READY's
-        condition is now met. Each entry not served for a reason worth saying
-        gets one line, once."""
+        """Write each unit READY waits for that may be served from its copies
+        (:mod:`agent.daemon.cache_serve`: an entry, or a set whole), through
+        the daemon's writer, recording its files in the ledger and as on disk
+        in ``entries``. True when some were and READY's condition is now met.
+        Each unit not served for a reason worth saying gets one line, once."""
         self._check = False
+        if self.store is None or self.policy is None:
+            return False
         ledger = reconcile.ledger
-        missing = entries.missing(ledger.inode)
-        served: List[str] = []
-        for key in missing:
-            entry, cause = self._entries.get(key), self._causes.get(key)
-            if cause is None:
-                continue  # no refresh has said why yet: looked at again after the next
-            if entry is None or key in self._in_sets:
-                self._say(f"{key}: not served from the sealed cache (a set's or a select's "
-                          "entry is served only by the vault)")
-                continue
-            if self.store is None or self.policy is None:
-                return False
-            try:
-                found: Union[Copy, CacheError, None] = self.store.load(key)
-            except CacheError as exc:
-                found = exc
-            decision = decide(key, cause, found, self.policy.max_age_s, now_wall)
-            if not decision.serve or decision.copy is None:
-                self._say(decision.reason)
-                continue
-            try:
-                _write(entry, decision.copy, reconcile.writer(self._directory), credentials)
-            except KvAgentError as exc:
-                self._say(f"{key}: not served from the sealed cache: {exc.message}")
-                continue
-            log.warning("%s", decision.reason)
-            for path in entry.paths:
-                ledger.record(path, key)
-            entries.served(key)
-            self.served[key] = decision.copy.fetched_at
-            served.append(key)
+        served = Serving(self._units, self.store, self.policy.max_age_s, self._causes,
+                         now_wall, reconcile.writer(self._directory), credentials, ledger,
+                         entries, self._say).run(entries.missing(ledger.inode))
         if not served:
             return False
-        self.serving = self._line(len(entries), served)
+        self.served.update(served)
+        self.serving = self._line(len(entries), list(served))
         log.warning("%s", self.serving)
         return entries.has_every_required_file(ledger.inode)
 
@@ -227,21 +199,6 @@ class SealedCache:
         if line not in self._said:
             self._said.add(line)
             log.warning("sealed cache: %s", line)
-
-
-def _write(entry: Entry, copy: Copy, writer: Writer,
-           credentials: CredentialStore[Grant]) -> None:
-    """Write ``entry``'s outputs from ``copy`` as a refresh writes fetched bytes:
-    each file through the writer (atomic, its owner and mode), then its
-    credentials into the store. Raises CacheError (a target the copy lacks)
-    or the writer's error."""
-    contents = [copy.bytes_of(output.path if output.is_file else
-                              output.credential.label if output.credential else "")
-                for output in entry.outputs.outputs]
-    for output, data in zip(entry.outputs.outputs, contents):
-        if output.is_file:
-            writer.apply(FileSpec(output.path, data, output.uid, output.gid, output.mode))
-    loading.load(credentials, entry, contents, "from the sealed cache")
 
 
 def gather(entry: Entry, credentials: CredentialStore[Grant]) -> Tuple[Tuple[str, bytes], ...]:

@@ -831,6 +831,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
          f"{CACHE_STORE}::test_a_planted_null_key_copy_is_skipped_never_served"),
     ),
     Mutation(
+        "serves-half-a-set",
+        "a set changes whole: served from the sealed cache by one swap of its directory when "
+        "every member's copy may be, else not at all",
+        "agent/daemon/cache_serve.py",
+        "            group = self._units.groups.get(key)",
+        "            group = None",
+        (f"{CACHE_SERVE}::test_sets_are_served_whole_from_their_sealed_copies",
+         f"{CACHE_SERVE}::test_a_set_with_one_unservable_copy_is_not_served_at_all"),
+    ),
+    Mutation(
         "writes-plaintext-to-the-cache",
         "plaintext only in memory and tmpfs: with cache:, the copy on disk is sealed to this "
         "machine, never a value in plaintext",
