@@ -262,6 +262,84 @@ def test_a_set_with_one_unservable_copy_is_not_served_at_all(
     second.stop()
 
 
+SELECT = {"select": {"prefix": "app-"}, "directory": "app", "strip_prefix": True,
+          "mode": "0440"}
+
+
+def _select_first_boot(start_agent: StartAgent, vault: Vault, cache: Path,  # noqa: F811
+                       prelude: str, shm_dir: Path) -> Running:
+    """A plain entry and a select: entry of two secrets: fetched, sealed (three copies
+    and the expansion), stopped; then the "reboot"."""
+    first = start_agent([entry("alpha"), SELECT], refresh="60s", prelude=prelude,
+                        state_dir=shm_dir / "state-boot1",
+                        cache={"after": AFTER, "directory": str(cache)})
+    first.wait_ready()
+    first.wait(lambda: cache.is_dir() and len(list(cache.iterdir())) == 4,
+               "three copies and the expansion")
+    return first
+
+
+def test_a_select_entry_is_served_from_its_sealed_expansion(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str) -> None:
+    """With IMDS down at the restart, the select: entry's last good expansion stands in
+    for its listing: each of its secrets' files from its copy, as the listing wrote them,
+    READY after `after`, the cache in STATUS; no name or value in plaintext in the cache
+    directory. IMDS back, the listing takes over: a secret added meanwhile is written."""
+    names = ["app-first-service", "app-second-service"]
+    values = [vault.put("alpha")] + [vault.put(name) for name in names]
+    cache = tmp_path / "cache"
+    first = _select_first_boot(start_agent, vault, cache, prelude, shm_dir)
+    before = _files(first.directory)
+    assert sorted(before) == ["alpha", "app/first-service", "app/second-service"]
+    first.stop()
+    shutil.rmtree(first.directory)
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    began = time.monotonic()
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    ready = second.wait_ready()
+    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    assert _files(second.directory) == before
+    assert ready.fields["STATUS"].startswith("serving 4 of 4 from the sealed cache of "), \
+        ready.fields["STATUS"]
+    rows = {row["name"]: row for row in second.status_json()["secrets"]}
+    assert sorted(rows) == ["alpha", *names, "select prefix 'app-'"]
+    assert all(row["from_cache"] for row in rows.values())
+    assert second.process.lines("served from its sealed expansion")
+    _assert_no_plaintext(cache, values + names)
+    vault.emulator.clear_faults()
+    added = vault.put("app-third-service")
+    second.wait_content("app/third-service", added)
+    second.wait_status_json(lambda d: "cache" not in d, "the cache no longer in use")
+    second.wait(lambda: len(list(cache.iterdir())) == 5, "the new secret's copy")
+    _assert_no_plaintext(cache, values + names + [added, "app-third-service"])
+    second.stop()
+
+
+def test_a_select_entry_with_one_unservable_copy_is_not_served_at_all(
+        start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
+        prelude: str) -> None:
+    """One selected secret's copy gone: none of the select: entry is written (one line
+    naming it and why); the agent is not READY, as when its listing fails."""
+    vault.put("alpha")
+    vault.put("app-first-service")
+    vault.put("app-second-service")
+    cache = tmp_path / "cache"
+    first = _select_first_boot(start_agent, vault, cache, prelude, shm_dir)
+    first.stop()
+    (cache / file_name(str(first.directory / "app" / "second-service"))).unlink()
+    shutil.rmtree(first.directory)
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    lines = second.wait(lambda: second.process.lines("select prefix 'app-'"), "the skip")
+    assert "none of it" in lines[0] and "app/second-service: no sealed copy" in lines[0], lines
+    time.sleep(1.0)
+    assert not second.readies()
+    assert not (second.directory / "app").exists()
+    assert read(second.directory / "alpha") is not None  # the plain entry is served
+    second.stop()
+
+
 def test_an_expired_copy_is_not_served(
         start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
         prelude: str) -> None:

@@ -841,6 +841,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
          f"{CACHE_SERVE}::test_a_set_with_one_unservable_copy_is_not_served_at_all"),
     ),
     Mutation(
+        "serves-half-a-select",
+        "a select: entry is served from the sealed cache whole (its last good expansion and "
+        "every secret of it) or not at all",
+        "agent/daemon/cache_serve.py",
+        "        if not whole.serve or listing.copy is None or len(pairs) != len(entries):",
+        "        if listing.copy is None:",
+        (f"{CACHE_SERVE}::test_a_select_entry_with_one_unservable_copy_is_not_served_at_all",),
+    ),
+    Mutation(
         "writes-plaintext-to-the-cache",
         "plaintext only in memory and tmpfs: with cache:, the copy on disk is sealed to this "
         "machine, never a value in plaintext",
