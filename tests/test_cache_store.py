@@ -17,7 +17,7 @@ from sealing import key_directory, null_key_copy, private_sealer, tool_unseals
 from secrecy import fresh_value
 
 from agent.base.errors import CacheError, SealRefusedError, VaultUnavailableError
-from agent.cache.copy import Copy, encode
+from agent.cache.copy import Copy, encode, expansion
 from agent.cache.decision import decide
 from agent.cache.seal import Sealer
 from agent.cache.store import TEMP_PREFIX, CacheStore, file_name, sealing_name
@@ -194,9 +194,9 @@ def test_an_unsafe_directory_is_refused(sealer: Sealer, tmp_path: Path, shape: s
 
 def test_no_plaintext_in_the_directory_ever(
         sealer: Sealer, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After first writes, rotations and a crash between the temporary file and the
-    rename (the temporary file left behind), no file holds any value, any half of one, in
-    plaintext."""
+    """After first writes (a select: entry's expansion of names among them), rotations and
+    a crash between the temporary file and the rename (the temporary file left behind), no
+    file holds any value, any half of one, in plaintext."""
     store = CacheStore(str(directory), sealer)
     values: List[bytes] = []
 
@@ -206,6 +206,9 @@ def test_no_plaintext_in_the_directory_ever(
 
     store.save(_copy(A, value("a1"), value("a1-key")), WEEK)
     store.save(_copy(B, value("b1")), WEEK)
+    # A select: entry's expansion: secret names, no value, sealed all the same.
+    store.save(expansion("/run/secrets/app", time.time(), "digest",
+                         [value("app-name").decode(), value("app-other").decode()]), WEEK)
     _assert_no_plaintext(directory, values)
     for turn in range(3):
         store.save(_copy(A, value(f"a{turn + 2}"), value("a-key")), WEEK)
