@@ -85,3 +85,31 @@ def host_key_state() -> Optional[os.stat_result]:
     except FileNotFoundError:
         return None
 
+
+
+NULL_KEY_PREFIX = b"BYRp2vb1QySABUnaD46i+"  # base64 of CRED_AES256_GCM_BY_NULL's id (05 84 69 da ...)
+
+
+def null_key_copy(sealer: Sealer, name: str, plaintext: bytes) -> bytes:
+    """``plaintext`` sealed under ``name`` with systemd-creds' null key, as anyone can
+    make one (``--with-key=auto-initrd`` picks it where there is no TPM2; 252 has no
+    ``--with-key=null``), in ``sealer``'s namespace. Skips where a TPM2 took its place."""
+    import subprocess
+
+    made = subprocess.run(  # noqa: S603 - an argv, no shell
+        sealer.command + ("encrypt", "--with-key=auto-initrd", f"--name={name}", "-", "-"),
+        input=plaintext, capture_output=True, env=dict(sealer.environ), timeout=30,
+        check=True)
+    if not made.stdout.startswith(NULL_KEY_PREFIX):
+        pytest.skip("a TPM2 sealed it: no null-key copy on this machine")
+    return made.stdout
+
+
+def tool_unseals(sealer: Sealer, name: str, sealed: bytes) -> bytes:
+    """What systemd-creds itself gives back for ``sealed`` (exit 0), bypassing the
+    Sealer's own checks: to show what they stop."""
+    import subprocess
+
+    return subprocess.run(  # noqa: S603 - an argv, no shell
+        sealer.command + ("decrypt", f"--name={name}", "-", "-"), input=sealed,
+        capture_output=True, env=dict(sealer.environ), timeout=30, check=True).stdout

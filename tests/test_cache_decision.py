@@ -10,6 +10,7 @@ import pytest
 from agent.base.errors import (
     CacheError,
     EndlessListError,
+    IdentityRefusedError,
     IdentityUnavailableError,
     KvAgentError,
     ListTooLongError,
@@ -24,7 +25,13 @@ from agent.base.errors import (
     WriteError,
 )
 from agent.cache.copy import Copy, decode, encode
-from agent.cache.decision import MAX_CLOCK_SKEW_S, decide, describe_age, is_unavailable
+from agent.cache.decision import (
+    MAX_CLOCK_SKEW_S,
+    decide,
+    decide_whole,
+    describe_age,
+    is_unavailable,
+)
 
 KEY = "/run/secrets/db-password"
 NOW = 1_750_000_000.0
@@ -65,9 +72,15 @@ def test_an_outage_serves_a_young_copy(cause: KvAgentError) -> None:
     TransformError("secret 'db' is not valid base64"),
     WriteError("/run/secrets is not a tmpfs"),
     SetKeptError("set kept", None, VaultForbiddenError("403")),
+    IdentityRefusedError("IMDS refused a token for the system-assigned identity: "
+                         "Identity not found"),
+    IdentityRefusedError("IMDS refused a token for client_id abc: Multiple user assigned "
+                         "identities exist"),
+    SetKeptError("set kept", None, IdentityRefusedError("Identity not found")),
     KvAgentError("anything else"),
 ], ids=["403", "403 disabled", "404", "401", "400", "list too long", "transform", "write",
-        "set kept: 403", "other"])
+        "set kept: 403", "imds 400 identity not found", "imds 400 multiple identities",
+        "set kept: imds 400", "other"])
 def test_an_answer_is_never_hidden_by_a_copy(cause: KvAgentError) -> None:
     """A 403, a 404, any other refusal, a transform or a write failure: not served, even
     with a perfect copy; the line says an answer is not an outage."""
@@ -75,6 +88,27 @@ def test_an_answer_is_never_hidden_by_a_copy(cause: KvAgentError) -> None:
     assert not decision.serve and decision.copy is None
     assert decision.reason.startswith(KEY) and "an answer is not an outage" in decision.reason
     assert not is_unavailable(cause)
+
+
+def test_an_identity_refusal_says_who_answered() -> None:
+    """The line for an identity endpoint's 4xx names that endpoint, not the vault."""
+    decision = decide(KEY, IdentityRefusedError("IMDS refused a token: Identity not found"),
+                      _copy(), WEEK, NOW)
+    assert "the identity endpoint answered (IMDS refused a token: Identity not found)" in \
+        decision.reason
+
+
+def test_a_unit_is_served_whole_or_not_at_all() -> None:
+    """A set (or a select's expansion) is served only when every member may be; else
+    none of it, with the first refused member's reason, under the unit's label."""
+    good = decide(KEY, UNREACHABLE, _copy(), WEEK, NOW)
+    other = decide("/run/secrets/other", UNREACHABLE, None, WEEK, NOW)
+    assert decide_whole("set 'db'", [good, good]).serve
+    refused = decide_whole("set 'db'", [good, other])
+    assert not refused.serve and refused.copy is None
+    assert refused.reason.startswith("set 'db': not served from the sealed cache, none of it")
+    assert refused.reason.endswith("/run/secrets/other: no sealed copy to serve")
+    assert not decide_whole("set 'db'", []).serve
 
 
 def test_a_fetched_entry_needs_no_copy() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Tuple
 
 import pytest
-from sealing import key_directory, private_sealer
+from sealing import key_directory, null_key_copy, private_sealer, tool_unseals
 
 from agent.base.errors import (
     SealError,
@@ -20,9 +20,14 @@ from agent.base.errors import (
     SealTimeoutError,
     SealToolMissingError,
 )
-from agent.cache.seal import MAX_PLAINTEXT_BYTES, Sealer
+from agent.cache.seal import MAX_PLAINTEXT_BYTES, Sealer, key_type
 
 VALUE = b"cache-seal-value-7f3a9c\x00\xff binary too"
+# The key-type ids a sealed copy starts with (systemd's src/shared/creds-util.h).
+HOST_KEY_ID = bytes.fromhex("5a1c6a86df9d4096b1d5a65e0862f19a")
+NULL_KEY_ID = bytes.fromhex("058469daf6f54324800549da0f8ea2fb")
+# Text shaped like a host-key copy (what a stand-in tool is given to "unseal").
+HOST_SHAPED = base64.b64encode(HOST_KEY_ID + bytes(80)) + b"\n"
 
 
 
@@ -121,7 +126,7 @@ def test_a_missing_tool_and_a_silent_one_are_typed_errors(tmp_path: Path) -> Non
         Sealer(command=(str(tmp_path / "no-such-tool"),)).seal("e", VALUE, _later())
     started = time.monotonic()
     with pytest.raises(SealTimeoutError, match="no answer in 0.3 s"):
-        Sealer(command=("sh", "-c", "sleep 30", "x"), timeout_s=0.3).unseal("e", b"x")
+        Sealer(command=("sh", "-c", "sleep 30", "x"), timeout_s=0.3).unseal("e", HOST_SHAPED)
     assert time.monotonic() - started < 5
 
 
@@ -131,13 +136,61 @@ def test_the_complaint_is_escaped_and_bounded(tmp_path: Path) -> None:
     noisy = Sealer(command=("sh", "-c", "printf 'first\\nbad \\033[31m%s\\n' "
                             "\"$(head -c 5000 /dev/zero | tr '\\0' x)\" >&2; exit 1", "x"))
     with pytest.raises(SealRefusedError) as refused:
-        noisy.unseal("e", b"x")
+        noisy.unseal("e", HOST_SHAPED)
     text = str(refused.value)
     assert "\x1b" not in text and "\\x1b" in text and "first" not in text
     assert len(text) < 500
     flood = Sealer(command=("sh", "-c", "head -c 3000000 /dev/zero", "x"))
     with pytest.raises(SealRefusedError, match="more than"):
-        flood.unseal("e", b"x")
+        flood.unseal("e", HOST_SHAPED)
+
+
+def test_a_null_key_copy_is_refused_without_decrypting_it(sealer: Sealer) -> None:
+    """systemd-creds itself decrypts a copy sealed with its null key (no secrecy: anyone
+    who can write the directory can make one); the Sealer refuses it, naming the reason."""
+    planted = null_key_copy(sealer, "entry-a", b"planted bytes")
+    assert tool_unseals(sealer, "entry-a", planted) == b"planted bytes"
+    with pytest.raises(SealRefusedError, match="null key") as refused:
+        sealer.unseal("entry-a", planted)
+    assert "entry-a" in str(refused.value) and "planted" not in str(refused.value)
+
+
+@pytest.mark.parametrize("key_id, kind", [
+    ("5a1c6a86df9d4096b1d5a65e0862f19a", "host"),
+    ("0c7cc07b117645919c4b0bea08bc20fe", "tpm2"),
+    ("faf7eb9341e3412ca1a436f95a29362f", "tpm2 with a public key"),
+    ("93a894094874449090caf2fc93cab553", "host+tpm2"),
+    ("af4950a849134eb1a73846304ff30c05", "host+tpm2 with a public key"),
+])
+def test_the_key_types_auto_seals_with_reach_the_tool(tmp_path: Path, key_id: str,
+                                                      kind: str) -> None:
+    """A copy whose first 16 bytes name a key --with-key=auto uses (systemd's
+    creds-util.h) is handed to systemd-creds, wrapped at 76 columns as it writes it."""
+    ran = tmp_path / "ran"
+    spy = Sealer(command=("sh", "-c", f"touch {ran}; cat", "spy"))
+    text = base64.encodebytes(bytes.fromhex(key_id) + bytes(100))
+    assert key_type("e", text) == kind
+    assert spy.unseal("e", text) == text and ran.exists()
+
+
+@pytest.mark.parametrize("head", [
+    NULL_KEY_ID,
+    bytes.fromhex("55b9ed1d38594d43a8319d2ebb332ac6"),  # host, user-scoped: not auto's
+    bytes.fromhex("a219cb0785b24c04b16d18cab9d2ee01"),  # _CRED_AUTO: never on disk
+    b"",
+    b"\x00" * 4,
+], ids=["null", "host scoped", "auto", "empty", "short"])
+def test_any_other_key_type_is_refused_before_the_tool_runs(tmp_path: Path,
+                                                           head: bytes) -> None:
+    """The null key, a key type auto never uses, and text too short to name one are
+    refused without running systemd-creds."""
+    ran = tmp_path / "ran"
+    spy = Sealer(command=("sh", "-c", f"touch {ran}; cat", "spy"))
+    with pytest.raises(SealRefusedError, match="null key|key type|not a sealed copy"):
+        spy.unseal("e", base64.b64encode(head + (bytes(100) if head else b"")))
+    with pytest.raises(SealRefusedError):
+        spy.unseal("e", b"not base64 at all, nor a copy")
+    assert not ran.exists()
 
 
 def test_every_seal_error_is_a_seal_error() -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Iterable, List
 
 import pytest
-from sealing import key_directory, private_sealer
+from sealing import key_directory, null_key_copy, private_sealer, tool_unseals
 from secrecy import fresh_value
 
-from agent.base.errors import CacheError, SealRefusedError
-from agent.cache.copy import Copy
+from agent.base.errors import CacheError, SealRefusedError, VaultUnavailableError
+from agent.cache.copy import Copy, encode, expansion
+from agent.cache.decision import decide
 from agent.cache.seal import Sealer
 from agent.cache.store import TEMP_PREFIX, CacheStore, file_name, sealing_name
 
@@ -143,6 +144,27 @@ def test_a_damaged_copy_is_refused(sealer: Sealer, directory: Path) -> None:
         CacheStore(str(directory), sealer).load(A)
 
 
+def test_a_planted_null_key_copy_is_skipped_never_served(
+        sealer: Sealer, directory: Path) -> None:
+    """A copy someone who can write the directory sealed with systemd-creds' null key
+    (under the right name, holding this entry's key and fresh bytes, which systemd-creds
+    would decrypt): refused before decrypting, the entry skipped with one line naming it
+    and the reason."""
+    store = CacheStore(str(directory), sealer)
+    store.save(_copy(A, b"ours"), WEEK)
+    document = encode(_copy(A, b"planted"))
+    planted = null_key_copy(sealer, sealing_name(A), document)
+    assert tool_unseals(sealer, sealing_name(A), planted) == document
+    (directory / file_name(A)).write_bytes(planted)
+    with pytest.raises(SealRefusedError, match="null key") as refused:
+        CacheStore(str(directory), sealer).load(A)
+    decision = decide(A, VaultUnavailableError("the vault is unreachable"), refused.value,
+                      WEEK, time.time())
+    assert not decision.serve and decision.copy is None
+    assert decision.reason.startswith(f"{A}: sealed copy skipped: ") and \
+        "null key" in decision.reason and "\n" not in decision.reason
+
+
 @pytest.mark.parametrize("shape", ["group", "world", "owner", "symlink", "file", "parent"])
 def test_an_unsafe_directory_is_refused(sealer: Sealer, tmp_path: Path, shape: str) -> None:
     """Group- or world-accessible, another user's, a symlink, not a directory, or under a
@@ -172,9 +194,9 @@ def test_an_unsafe_directory_is_refused(sealer: Sealer, tmp_path: Path, shape: s
 
 def test_no_plaintext_in_the_directory_ever(
         sealer: Sealer, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After first writes, rotations and a crash between the temporary file and the
-    rename (the temporary file left behind), no file holds any value, any half of one, in
-    plaintext."""
+    """After first writes (a select: entry's expansion of names among them), rotations and
+    a crash between the temporary file and the rename (the temporary file left behind), no
+    file holds any value, any half of one, in plaintext."""
     store = CacheStore(str(directory), sealer)
     values: List[bytes] = []
 
@@ -184,6 +206,9 @@ def test_no_plaintext_in_the_directory_ever(
 
     store.save(_copy(A, value("a1"), value("a1-key")), WEEK)
     store.save(_copy(B, value("b1")), WEEK)
+    # A select: entry's expansion: secret names, no value, sealed all the same.
+    store.save(expansion("/run/secrets/app", time.time(), "digest",
+                         [value("app-name").decode(), value("app-other").decode()]), WEEK)
     _assert_no_plaintext(directory, values)
     for turn in range(3):
         store.save(_copy(A, value(f"a{turn + 2}"), value("a-key")), WEEK)

@@ -1,6 +1,6 @@
 """agent.daemon.cache: after a refresh, the daemon seals each good entry's bytes (its
-files as on disk, its credentials as held); failed entries, select expansions and a
-manifest since replaced are not saved; a cache problem is logged once and never raised;
+files as on disk, its credentials as held), and each select: entry's expansion beside
+its entries' copies; failed entries and a manifest since replaced are not saved; a cache problem is logged once and never raised;
 install prunes the copies of entries the manifest lost. Unit tests with a stand-in
 sealer (reversible, not cryptography: the real tool is tests/test_cache_*.py's)."""
 
@@ -13,9 +13,11 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from agent.base.errors import SealRefusedError, VaultUnavailableError
+from agent.base.errors import CacheError, SealRefusedError, VaultUnavailableError
+from agent.cache.copy import expansion, expansion_key, expansion_names
 from agent.cache.store import CacheStore
 from agent.daemon.cache import SealedCache
+from agent.daemon.cache_serve import Units, fingerprint
 from agent.daemon.entries import EntryTable
 from agent.manifest import Accounts, Manifest, parse_manifest
 from agent.pipeline.credentials import Grant
@@ -187,3 +189,69 @@ def test_served_entries_show_in_the_status_rows_and_the_metrics(tmp_path: Path) 
     cache.install(manifest(tmp_path, cache=False))
     assert cache.from_cache() is None
     assert {row.from_cache for row in table.metrics(cache.from_cache())} == {None}
+
+
+def select_manifest(tmp_path: Path, prefix: str = "app-") -> Manifest:
+    text = (f"vault: https://kv.vault.azure.net\ndirectory: {tmp_path / 'out'}\nsecrets:\n"
+            "  - name: db\n    path: db\n"
+            f"  - select: {{prefix: {prefix}}}\n    directory: app\n    strip_prefix: true\n"
+            f"cache: {{directory: {tmp_path / 'cache'}}}\n")
+    return parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+
+
+def listed(current: Manifest, *names: str) -> SyncReport:
+    """A refresh of ``current`` whose select: entry listed ``names``, each written."""
+    from agent.sync.selection import entry_for
+
+    [selection] = current.selections
+    entries = [entry_for(selection, name) for name in names]
+    for one in entries:
+        Path(one.paths[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(one.paths[0]).write_bytes(f"value of {one.name}".encode())
+    return SyncReport((SecretOutcome(current.secrets[0], version="v1"),
+                       *(SecretOutcome(one, version="v1") for one in entries),
+                       SecretOutcome(selection.entry, version=f"{len(names)} matched")),
+                      0.1, selected=((selection.directory, tuple(e.key for e in entries)),))
+
+
+def test_a_select_entrys_expansion_is_sealed_beside_its_entries_copies(tmp_path: Path) -> None:
+    """The names its listing gave (no value), and each selected secret's copy; a new
+    start (another SealedCache) reads the expansion to keep them when it prunes; a
+    listing without a secret prunes that secret's copy."""
+    sealer = StandInSealer()
+    cache = SealedCache(sealer)  # type: ignore[arg-type]
+    current = select_manifest(tmp_path)
+    cache.install(current)
+    (tmp_path / "out").mkdir()
+    Path(current.secrets[0].paths[0]).write_bytes(b"db-value")
+    assert cache.save(listed(current, "app-one", "app-two"), CredentialStore(),
+                      time.time()) == 4
+    store = CacheStore(str(tmp_path / "cache"), sealer)  # type: ignore[arg-type]
+    [selection] = current.selections
+    sealed = store.load(expansion_key(selection.directory))
+    assert sealed is not None
+    assert expansion_names(sealed, fingerprint(selection)) == ("app-one", "app-two")
+    two = str(tmp_path / "out" / "app" / "two")
+    assert store.load(two) is not None
+    restarted = SealedCache(sealer)  # type: ignore[arg-type]
+    restarted.install(current)
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    restarted.save(listed(current, "app-one"), CredentialStore(), time.time())
+    assert store.load(two) is None and len(list((tmp_path / "cache").iterdir())) == 3
+    for path in (tmp_path / "cache").iterdir():
+        assert b"app-one" not in path.read_bytes() and b"value of" not in path.read_bytes()
+
+
+def test_an_expansion_for_a_changed_select_entry_is_refused(tmp_path: Path) -> None:
+    """Sealed for prefix app-, read for prefix ap-: the entry changed, the expansion is
+    not served; names that are not Key Vault names are refused too."""
+    current, changed = select_manifest(tmp_path), select_manifest(tmp_path, prefix="ap-")
+    copy = expansion("/d", 0.0, fingerprint(current.selections[0]), ["app-one"])
+    with pytest.raises(CacheError, match="changed since"):
+        expansion_names(copy, fingerprint(changed.selections[0]))
+    bad = expansion("/d", 0.0, "x", ["../../etc/passwd"])
+    with pytest.raises(CacheError, match="not a secret name"):
+        expansion_names(bad, "x")
+    units = Units.of(current)
+    with pytest.raises(CacheError, match="does not select"):
+        units.expanded(current.selections[0], ["other-one"])

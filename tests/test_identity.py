@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
 
 from agent.base import transport
-from agent.base.errors import IdentityUnavailableError
+from agent.base.errors import IdentityRefusedError, IdentityUnavailableError
 from agent.base.retry import MIN_REQUEST_S, RetryPolicy
 from agent.identity.imds import DEFAULT_IMDS_ENDPOINT, ImdsRequestFactory, imds_endpoint
 from agent.identity.request import (
@@ -207,10 +207,44 @@ def test_400_is_not_retried_and_says_how_to_assign(identity: Identity, fragment:
     """400 (no identity) fails at once with IMDS's words and how to assign one."""
     session = FakeSession(json_reply(400, {"error": "invalid_request",
                                            "error_description": "Identity not found"}))
-    with pytest.raises(IdentityUnavailableError) as caught:
+    with pytest.raises(IdentityRefusedError) as caught:
         source(session, identity).get_token(RESOURCE)
     assert len(session.sent) == 1
     assert "Identity not found" in str(caught.value) and fragment in str(caught.value)
+
+
+MULTIPLE = ("Multiple user assigned identities exist, please specify the clientId / "
+            "resourceId of the identity in the token request")
+
+
+@pytest.mark.parametrize("answer", [
+    json_reply(400, {"error": "invalid_request", "error_description": "Identity not found"}),
+    json_reply(400, {"error": "invalid_request", "error_description": MULTIPLE}),
+    json_reply(403, {"error": "access_denied", "error_description": "no"}),
+    json_reply(405, {}),
+], ids=["identity not found", "multiple identities", "403", "405"])
+def test_an_imds_4xx_is_an_answer_not_an_outage(answer: Any) -> None:
+    """A final 4xx from IMDS is IdentityRefusedError (the sealed cache never hides it),
+    still an IdentityUnavailableError for everything else, with exit code 69."""
+    with pytest.raises(IdentityRefusedError) as caught:
+        source(FakeSession(answer)).get_token(RESOURCE)
+    assert isinstance(caught.value, IdentityUnavailableError)
+    assert caught.value.exit_code == 69
+
+
+@pytest.mark.parametrize("answers", [
+    [refused() for _ in range(100)],
+    [json_reply(503, {"error": "x"}) for _ in range(100)],
+    [json_reply(410, {"error": "gone"}) for _ in range(100)],
+    [json_reply(200, {"access_token": ""})],
+], ids=["refused", "503", "410", "unusable 200"])
+def test_no_answer_from_imds_is_an_outage_not_a_refusal(answers: List[Any]) -> None:
+    """Connection refused, 5xx or 410 past the budget, a 200 without a token: unavailable,
+    never IdentityRefusedError (the sealed cache may stand in for these)."""
+    clock = FakeClock()
+    with pytest.raises(IdentityUnavailableError) as caught:
+        source(FakeSession(*answers), clock=clock, deadline=30).get_token(RESOURCE)
+    assert not isinstance(caught.value, IdentityRefusedError)
 
 
 def test_oversized_body_is_refused() -> None:

@@ -66,6 +66,15 @@ class IdentityUnavailableError(KvAgentError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class IdentityRefusedError(IdentityUnavailableError):
+    """The identity endpoint answered with a final 4xx refusal: no such
+    identity on this machine ("Identity not found"), several and none
+    chosen, a refused key file. An answer, not an outage: the sealed cache
+    never stands in for it (:mod:`agent.cache.decision`). A subclass, so
+    everything that handles an unavailable identity (the sync's abort, the
+    exit code 69, the doctor) handles it too."""
+
+
 class VaultError(KvAgentError):
     """Key Vault refused or failed a request for one secret."""
 

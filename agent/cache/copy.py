@@ -14,13 +14,19 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 from agent.base.errors import CacheError
 from agent.base.untrusted import escape, load_json
 
 FORMAT = 1  # the document's version; a copy of another version is skipped, not guessed at
+# An expansion's key (a ``select:`` entry's last good list of secrets): never a path (those
+# are absolute) nor a credential's label (``credential:``), so never an entry's key.
+EXPANSION_PREFIX = "select:"
+# A Key Vault secret name [protocol.md B7]; an expansion holds nothing else.
+SECRET_NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,39 @@ def decode(document: bytes, key: str) -> Copy:
     if not isinstance(items, list):
         raise _malformed(key, "no bytes")
     return Copy(key, float(fetched_at), tuple(_item(key, item) for item in items))
+
+
+def expansion_key(directory: str) -> str:
+    """The key of the expansion of the ``select:`` entry writing into ``directory``."""
+    return EXPANSION_PREFIX + directory
+
+
+def expansion(directory: str, fetched_at: float, selection: str,
+              names: Sequence[str]) -> Copy:
+    """The expansion of a ``select:`` entry as a copy: the secret names its
+    listing of ``fetched_at`` gave, in order, and ``selection``, a digest of
+    what chose them (a changed entry's expansion is not served). No value:
+    sealed all the same, since names can say much."""
+    return Copy(expansion_key(directory), fetched_at,
+                (("selection", selection.encode("utf-8")),
+                 ("names", "\n".join(names).encode("utf-8"))))
+
+
+def expansion_names(copy: Copy, selection: str) -> Tuple[str, ...]:
+    """The secret names of an expansion sealed for ``selection`` (the same
+    digest). Raises CacheError when the entry changed since, or the copy
+    holds anything but secret names."""
+    if copy.bytes_of("selection") != selection.encode("utf-8"):
+        raise CacheError(f"{copy.key}: the select: entry changed since its expansion was "
+                         "sealed", "the next good listing seals a new one")
+    try:
+        names = tuple(name for name in copy.bytes_of("names").decode("ascii").split("\n")
+                      if name)
+    except UnicodeDecodeError:
+        names = ("",)
+    if not all(SECRET_NAME_RE.match(name) for name in names):
+        raise _malformed(copy.key, "something that is not a secret name")
+    return names
 
 
 def _item(key: str, item: Any) -> Tuple[str, bytes]:

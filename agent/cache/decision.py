@@ -4,10 +4,11 @@ A copy stands in for the vault only while the vault cannot answer: the
 identity endpoint or the vault unreachable (refused, timed out, DNS), 5xx or
 429 past the retry budget, a list that never ends. An answer is never
 hidden behind an old copy: a 403 (forbidden, disabled, firewall), a 404, a
-401 or any other refusal, a fetched secret its transform cannot use, a file
-that cannot be written. And the copy itself must be this entry's, readable
-(decrypted: this machine's key, not expired, not damaged) and younger than
-``max_age``.
+401 or any other refusal, the identity endpoint's 4xx (a 400 "Identity not
+found": the identity was taken from this machine), a fetched secret its
+transform cannot use, a file that cannot be written. And the copy itself
+must be this entry's, readable (decrypted: this machine's key, not
+expired, not damaged) and younger than ``max_age``.
 
 The daemon asks once per entry not ready ``after`` into the start; each
 answer carries one line naming the entry and the reason, for the journal.
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from agent.base.errors import (
     CacheError,
     EndlessListError,
+    IdentityRefusedError,
     IdentityUnavailableError,
     KvAgentError,
     SetKeptError,
@@ -33,6 +35,8 @@ from agent.cache.copy import Copy
 # Failures that mean "no answer": what a copy may stand in for.
 UNAVAILABLE = (IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,
                EndlessListError)
+# Answers among them: the identity endpoint refused (4xx), which no copy may hide.
+ANSWERS = (IdentityRefusedError,)
 # A copy dated further ahead than this was written under another clock: refused, since
 # a clock set back would make any copy look young.
 MAX_CLOCK_SKEW_S = 300.0
@@ -51,9 +55,15 @@ class Decision:
 def is_unavailable(error: KvAgentError) -> bool:
     """True when ``error`` means the identity endpoint or the vault gave no
     answer; a set kept for another member's failure is judged by that cause."""
+    error = _root(error)
+    return isinstance(error, UNAVAILABLE) and not isinstance(error, ANSWERS)
+
+
+def _root(error: KvAgentError) -> KvAgentError:
+    """The failure itself: a set kept for another member's is that member's."""
     while isinstance(error, SetKeptError):
         error = error.cause
-    return isinstance(error, UNAVAILABLE)
+    return error
 
 
 def decide(key: str, cause: Optional[KvAgentError], copy: Union[Copy, CacheError, None],
@@ -68,7 +78,9 @@ def decide(key: str, cause: Optional[KvAgentError], copy: Union[Copy, CacheError
     if cause is None:
         return Decision(False, f"{key}: fetched; the sealed copy is not needed")
     if not is_unavailable(cause):
-        return Decision(False, f"{key}: not served from the sealed cache: the vault answered "
+        who = "the identity endpoint" if isinstance(_root(cause), IdentityRefusedError) \
+            else "the vault"
+        return Decision(False, f"{key}: not served from the sealed cache: {who} answered "
                                f"({cause.message}); an answer is not an outage")
     if copy is None:
         return Decision(False, f"{key}: no sealed copy to serve")
@@ -86,6 +98,19 @@ def decide(key: str, cause: Optional[KvAgentError], copy: Union[Copy, CacheError
     return Decision(True, f"{key}: served from the sealed copy of {describe_time(copy.fetched_at)} "
                           f"({describe_age(max(age, 0.0))} old): the vault is unreachable",
                     copy)
+
+
+def decide_whole(label: str, members: Sequence[Decision]) -> Decision:
+    """Serve a unit written in one piece (a set: one swap of its directory;
+    a ``select:`` entry: its expansion whole) only when every member may be
+    served; else none of it, with the first member's reason. ``label``
+    names the unit; the members' decisions carry their copies."""
+    refused = [decision for decision in members if not decision.serve]
+    if not members or refused:
+        why = refused[0].reason if refused else "no member"
+        return Decision(False, f"{label}: not served from the sealed cache, none of it (it "
+                               f"is written whole or not at all): {why}")
+    return Decision(True, f"{label}: served whole from the sealed copies")
 
 
 def describe_age(seconds: float) -> str:

@@ -6,7 +6,10 @@ else the host key in /var/lib/systemd/credential.secret, which the first
 ``encrypt`` creates). ``--name=`` binds a copy to its entry (decrypting it
 under another name is refused) and ``--not-after=`` ends its life at
 ``max_age`` (decrypting it later is refused). kv-agent adds no cipher, key
-or MAC of its own.
+or MAC of its own; it only reads, before decrypting, which key sealed a
+copy, and refuses any that ``--with-key=auto`` never uses: systemd-creds
+decrypts a copy sealed with its null key (no secret at all), which anyone
+who can write the cache directory could plant.
 
 Requires systemd 250 or later (``systemd-creds`` and its ``--name=``,
 ``--not-after=`` and ``--with-key=auto`` arrived together in 250); checked
@@ -21,6 +24,8 @@ anywhere would switch off exactly the checks a copy relies on.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import selectors
 import subprocess
@@ -45,6 +50,25 @@ MAX_STDERR_BYTES = 4096  # kept of systemd-creds's complaint; the message quotes
 # its messages, and nothing else (no SYSTEMD_CREDENTIAL_* switch, no alternative key).
 ENVIRONMENT: Tuple[Tuple[str, str], ...] = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                                            ("LC_ALL", "C"))
+
+
+# The key types ``--with-key=auto`` seals with, by the id a sealed copy starts with (its
+# first 16 bytes; systemd's src/shared/creds-util.h, CRED_AES256_GCM_BY_*): the host key,
+# the TPM2, or both, the TPM2's optionally under a signed PCR policy (a public key). Not
+# the user-scoped ones (``--user``), never the null key.
+AUTO_KEY_IDS: Dict[bytes, str] = {
+    bytes.fromhex("5a1c6a86df9d4096b1d5a65e0862f19a"): "host",
+    bytes.fromhex("0c7cc07b117645919c4b0bea08bc20fe"): "tpm2",
+    bytes.fromhex("faf7eb9341e3412ca1a436f95a29362f"): "tpm2 with a public key",
+    bytes.fromhex("93a894094874449090caf2fc93cab553"): "host+tpm2",
+    bytes.fromhex("af4950a849134eb1a73846304ff30c05"): "host+tpm2 with a public key",
+}
+# CRED_AES256_GCM_BY_NULL: a fixed, empty key, no secrecy and no authenticity. Anyone can
+# make such a copy (``--with-key=null``, or ``auto-initrd`` without a TPM2) and
+# ``decrypt`` accepts it on 252 and 257 (a warning on stderr, exit 0; 257's --allow-null
+# is about something else): a copy planted in the directory would be served as if ours.
+NULL_KEY_ID = bytes.fromhex("058469daf6f54324800549da0f8ea2fb")
+_KEY_ID_CHARS = 24  # base64 characters that hold the 16-byte id (18 bytes)
 
 
 class _Output(Exception):
@@ -80,7 +104,10 @@ class Sealer:
         """The plaintext of ``ciphertext``, which must have been sealed under
         ``name`` on this machine (its host key, its TPM2) and not have
         expired. Raises SealRefusedError with systemd-creds's reason
-        otherwise; never returns bytes that failed its check."""
+        otherwise, or without running it for a copy not sealed by a key
+        ``--with-key=auto`` uses (:func:`key_type`: the null key above all);
+        never returns bytes that failed its check."""
+        key_type(name, ciphertext)  # before systemd-creds reads a byte of it
         argv = ("decrypt", f"--name={name}", "--newline=no", "-", "-")
         return self._run("unseal", name, argv, ciphertext, MAX_PLAINTEXT_BYTES)
 
@@ -110,6 +137,33 @@ class Sealer:
             raise SealRefusedError(f"cannot {what}: {_complaint(errors, process.returncode)}",
                                    None)
         return output
+
+
+def key_type(name: str, ciphertext: bytes) -> str:
+    """Which of :data:`AUTO_KEY_IDS` sealed ``ciphertext`` (systemd's
+    base64 text), read from its first bytes without decrypting. Raises
+    SealRefusedError for the null key (no secrecy: anyone who can write the
+    directory could plant one), for any other key type, and for text that
+    is no sealed copy at all."""
+    head = b"".join(ciphertext[:_KEY_ID_CHARS + 8].split())[:_KEY_ID_CHARS]
+    try:
+        key_id = base64.b64decode(head, validate=True)[:16]
+    except (binascii.Error, ValueError):
+        key_id = b""
+    known = AUTO_KEY_IDS.get(key_id)
+    if known is not None:
+        return known
+    what = f"credential '{escape(name)}'"
+    if key_id == NULL_KEY_ID:
+        raise SealRefusedError(
+            f"{what} is sealed with systemd-creds' null key, which keeps no secret "
+            "(anyone can make one): refused without decrypting it",
+            "remove the file; the next good refresh seals a new copy")
+    if len(key_id) < 16:
+        raise SealRefusedError(f"{what} is not a sealed copy (damaged or not systemd-creds')",
+                               None)
+    raise SealRefusedError(f"{what} is sealed with a key type --with-key=auto never uses "
+                           f"({key_id.hex()}): refused without decrypting it", None)
 
 
 def _exchange(process: "subprocess.Popen[bytes]", data: bytes, max_output: int,

@@ -8,9 +8,10 @@ credentials' bytes as the credential store holds them. At start and at
 every reload that installs a manifest, copies of entries no longer in it
 are pruned.
 
-Which entries: the manifest's own (``secrets:``); a ``select:`` entry's
-expansion is not known before its listing, which needs the vault, so its
-secrets are not cached.
+Which entries: the manifest's own (``secrets:``), and those of each
+``select:`` entry's last good listing, with that expansion itself (the
+secret names, no value; sealed all the same) beside them, so that a start
+without the vault can serve the select: entry whole.
 
 Serving: ``after`` into the start (and after each refresh that ends later,
 while the agent is not ready), every required entry not on disk whose last
@@ -18,11 +19,12 @@ refresh found the identity endpoint or the vault unavailable is written from
 its copy (:func:`agent.cache.decision.decide`: this entry's, readable, younger
 than ``max_age``; an answer such as a 403 or 404 is never hidden), through
 the daemon's writer (owner, mode, atomicity as fetched) and into the
-credential store. The daemon then sends READY=1 if the gate is met, with the
-``serving`` line in STATUS=. A ready agent never serves: it keeps its files.
-An entry of a set (a certificate's files, ``set:``) is not served (a set is
-swapped whole, by the sync); nor is a ``select:`` expansion (not cached).
-Each skip is one line naming the entry and the reason, logged once.
+credential store; a set (a certificate's files, ``set:``) whole by one swap,
+or not at all (:mod:`agent.daemon.cache_serve`). The daemon then sends
+READY=1 if the gate is met, with the ``serving`` line in STATUS=. A ready
+agent never serves: it keeps its files. A ``select:`` entry is served
+from its sealed expansion whole, or not at all. Each skip is one line
+naming the entry and the reason, logged once.
 
 The cache never stops the agent: a CacheError (SealError included) is
 logged once per distinct message, as a warning, and the entry goes without
@@ -41,20 +43,18 @@ import time
 from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from agent.base.errors import CacheError, KvAgentError
-from agent.cache.copy import Copy
-from agent.cache.decision import decide, describe_time
+from agent.cache.copy import Copy, expansion, expansion_key, expansion_names
+from agent.cache.decision import describe_time
 from agent.cache.policy import CachePolicy
 from agent.cache.seal import Sealer
 from agent.cache.store import CacheStore
+from agent.daemon.cache_serve import Serving, Units, fingerprint
 from agent.daemon.entries import EntryTable
 from agent.daemon.reconcile import Reconciler
 from agent.manifest import Entry, Manifest
 from agent.pipeline.credentials import Grant
-from agent.sync import credentials as loading
 from agent.sync.sync import SyncReport
-from agent.writer import Writer
 from agent.writer.credentials import CredentialStore
-from agent.writer.specs import FileSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class SealedCache:
         self._clock = monotonic
         self.policy: Optional[CachePolicy] = None
         self.store: Optional[CacheStore] = None
-        self._entries: Dict[str, Entry] = {}
-        self._in_sets: Set[str] = set()
+        self._units = Units()
+        self._expanded: Dict[str, Tuple[str, ...]] = {}  # select: key -> its entries' keys
         self._directory = ""  # the manifest's directory (its writer writes what is served)
         self._said: Set[str] = set()  # each problem is logged once
         self._started: Optional[float] = None  # monotonic: the first install
@@ -86,8 +86,7 @@ class SealedCache:
         """Use ``manifest``'s ``cache:`` (a new store when its directory
         changed) and prune the copies of entries it no longer has."""
         self.policy = manifest.cache
-        self._entries = {entry.key: entry for entry in manifest.secrets}
-        self._in_sets = {key for group in manifest.sets for key in group.keys}
+        self._units = Units.of(manifest)
         self._directory = manifest.directory
         if self._started is None:
             self._started = self._clock()
@@ -96,8 +95,31 @@ class SealedCache:
             return
         if self.store is None or self.store.directory != self.policy.directory:
             self.store = CacheStore(self.policy.directory, self._sealer)
+        self._expanded = {key: keys for key, keys in self._expanded.items()
+                          if key in self._units.selections}
+        self._prune()
+
+    def _prune(self) -> None:
+        """Remove the copies of entries neither the manifest nor a ``select:``
+        entry's last expansion has. An expansion not known in this run is read
+        from its sealed copy first; while one cannot be read, nothing is
+        removed (its entries' copies cannot be told from stale ones)."""
+        assert self.store is not None
+        for key, selection in self._units.selections.items():
+            if key not in self._expanded:
+                try:
+                    copy = self.store.load(expansion_key(selection.directory))
+                    self._expanded[key] = () if copy is None else tuple(
+                        entry.key for entry in self._units.expanded(
+                            selection, expansion_names(copy, fingerprint(selection))))
+                except CacheError as exc:
+                    self.problem(exc)
+                    return
+        keep = list(self._units.entries) + [
+            expansion_key(selection.directory) for selection in self._units.selections.values()
+        ] + [key for keys in self._expanded.values() for key in keys]
         try:
-            removed = self.store.prune(self._entries)
+            removed = self.store.prune(keep)
         except CacheError as exc:
             self.problem(exc)
             return
@@ -116,12 +138,16 @@ class SealedCache:
         serving of every entry it fetched, and save the good copies."""
         self._check = True
         if isinstance(result, KvAgentError):
-            self._causes = {key: result for key in self._entries}
+            self._causes = {key: result for key in self._units.keys()}
             return
         self._causes = {o.entry.key: o.error for o in result.outcomes if o.error is not None}
         for outcome in result.outcomes:
             if outcome.error is None:
                 self.served.pop(outcome.entry.key, None)
+        for directory, paths in result.selected:  # no longer selected: not served either
+            for key in [key for key in self.served if os.path.dirname(key) == directory
+                        and key not in paths]:
+                del self.served[key]
         if not self.served and self.serving is not None:
             log.info("sealed cache: every served entry fetched again; the cache is no "
                      "longer in use")
@@ -134,16 +160,31 @@ class SealedCache:
         returns how many copies were written. Never raises CacheError."""
         if self.store is None or self.policy is None:
             return 0
-        written = 0
+        copies: List[Copy] = []
         for outcome in report.outcomes:
-            entry = self._entries.get(outcome.entry.key)
-            if outcome.error is not None or entry != outcome.entry:
-                continue  # failed, a select's, or of a manifest since replaced
+            entry = self._units.current(outcome.entry)
+            if outcome.error is not None or entry is None:
+                continue  # failed, or of a manifest since replaced
             try:
-                copy = Copy(entry.key, fetched_at, gather(entry, credentials))
+                copies.append(Copy(entry.key, fetched_at, gather(entry, credentials)))
+            except CacheError as exc:
+                self.problem(exc)
+        names = {outcome.entry.key: outcome.entry.name for outcome in report.outcomes}
+        expanded = dict(self._expanded)
+        for directory, paths in report.selected:
+            selection = self._units.selections.get(directory)
+            if selection is not None:  # its last good expansion, beside the copies
+                copies.append(expansion(directory, fetched_at, fingerprint(selection),
+                                        [names[path] for path in paths if path in names]))
+                self._expanded[directory] = tuple(paths)
+        written = 0
+        for copy in copies:
+            try:
                 written += self.store.save(copy, self.policy.max_age_s)
             except CacheError as exc:
                 self.problem(exc)
+        if self._expanded != expanded:
+            self._prune()  # the copies of secrets no longer selected
         return written
 
     # -- serving at start --------------------------------------------------------------------
@@ -163,47 +204,22 @@ class SealedCache:
 
     def serve(self, entries: EntryTable, reconcile: Reconciler,
               credentials: CredentialStore[Grant], now_wall: float) -> bool:
-        """Write each required entry READY waits for that may be served from
-        its copy (through the daemon's writer), recording its files in the
-        ledger and as on disk in ``entries``. True when some were and READY's
-        condition is now met. Each entry not served for a reason worth saying
-        gets one line, once."""
+        """Write each unit READY waits for that may be served from its copies
+        (:mod:`agent.daemon.cache_serve`: an entry, or a set whole), through
+        the daemon's writer, recording its files in the ledger and as on disk
+        in ``entries``. True when some were and READY's condition is now met.
+        Each unit not served for a reason worth saying gets one line, once."""
         self._check = False
+        if self.store is None or self.policy is None:
+            return False
         ledger = reconcile.ledger
-        missing = entries.missing(ledger.inode)
-        served: List[str] = []
-        for key in missing:
-            entry, cause = self._entries.get(key), self._causes.get(key)
-            if cause is None:
-                continue  # no refresh has said why yet: looked at again after the next
-            if entry is None or key in self._in_sets:
-                self._say(f"{key}: not served from the sealed cache (a set's or a select's "
-                          "entry is served only by the vault)")
-                continue
-            if self.store is None or self.policy is None:
-                return False
-            try:
-                found: Union[Copy, CacheError, None] = self.store.load(key)
-            except CacheError as exc:
-                found = exc
-            decision = decide(key, cause, found, self.policy.max_age_s, now_wall)
-            if not decision.serve or decision.copy is None:
-                self._say(decision.reason)
-                continue
-            try:
-                _write(entry, decision.copy, reconcile.writer(self._directory), credentials)
-            except KvAgentError as exc:
-                self._say(f"{key}: not served from the sealed cache: {exc.message}")
-                continue
-            log.warning("%s", decision.reason)
-            for path in entry.paths:
-                ledger.record(path, key)
-            entries.served(key)
-            self.served[key] = decision.copy.fetched_at
-            served.append(key)
+        served = Serving(self._units, self.store, self.policy.max_age_s, self._causes,
+                         now_wall, reconcile.writer(self._directory), credentials, ledger,
+                         entries, self._say).run(entries.missing(ledger.inode))
         if not served:
             return False
-        self.serving = self._line(len(entries), served)
+        self.served.update(served)
+        self.serving = self._line(len(entries), list(served))
         log.warning("%s", self.serving)
         return entries.has_every_required_file(ledger.inode)
 
@@ -227,21 +243,6 @@ class SealedCache:
         if line not in self._said:
             self._said.add(line)
             log.warning("sealed cache: %s", line)
-
-
-def _write(entry: Entry, copy: Copy, writer: Writer,
-           credentials: CredentialStore[Grant]) -> None:
-    """Write ``entry``'s outputs from ``copy`` as a refresh writes fetched bytes:
-    each file through the writer (atomic, its owner and mode), then its
-    credentials into the store. Raises CacheError (a target the copy lacks)
-    or the writer's error."""
-    contents = [copy.bytes_of(output.path if output.is_file else
-                              output.credential.label if output.credential else "")
-                for output in entry.outputs.outputs]
-    for output, data in zip(entry.outputs.outputs, contents):
-        if output.is_file:
-            writer.apply(FileSpec(output.path, data, output.uid, output.gid, output.mode))
-    loading.load(credentials, entry, contents, "from the sealed cache")
 
 
 def gather(entry: Entry, credentials: CredentialStore[Grant]) -> Tuple[Tuple[str, bytes], ...]:

@@ -65,8 +65,10 @@ class EntryState:
         self.grants = entry.grants  # its credentials (none: files only)
         self.vault = entry.source.vault
         self.is_optional = entry.is_optional
-        # A select entry's own state (its listing): on disk once listed.
+        # A select entry's own state (its listing): on disk once listed, or
+        # once its sealed expansion stood in for the listing (agent.daemon.cache).
         self.is_listing = entry.transform == "select"
+        self.is_listed_from_cache = False
         self.version: Optional[str] = None
         self.updated: Optional[float] = None  # wall time a file last changed
         self.checked: Optional[float] = None  # wall time the vault last confirmed it
@@ -226,10 +228,23 @@ class EntryTable:
         if state is not None:
             state.inodes = {path: regular_inode(path) for path in state.paths}
 
+    def served_selection(self, key: str, entries: Sequence[Entry]) -> None:
+        """The ``select:`` entry ``key`` was served from its sealed expansion
+        (agent.daemon.cache_serve): it counts as listed, and ``entries``
+        (written from their copies) get rows whose files as they are now
+        count as on disk, until a listing says more (follow_selections)."""
+        state = self._states.get(key)
+        if state is None:
+            return
+        state.is_listed_from_cache = True
+        for entry in entries:
+            row = self._states.setdefault(entry.key, EntryState(entry))
+            row.inodes = {path: regular_inode(path) for path in row.paths}
+
     @staticmethod
     def _is_on_disk(state: EntryState, path: str, inode_of: InodeOf) -> bool:
-        if state.is_listing:  # a select entry: listed since it was installed
-            return state.checked is not None
+        if state.is_listing:  # a select entry: listed since it was installed (or served)
+            return state.checked is not None or state.is_listed_from_cache
         inode = regular_inode(path)
         return inode is not None and inode in (state.inodes.get(path), inode_of(path))
 

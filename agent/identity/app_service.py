@@ -23,7 +23,6 @@ from typing import Dict, Mapping, NamedTuple, Optional
 from urllib.parse import urlsplit
 
 from agent.base import transport
-from agent.base.errors import IdentityUnavailableError
 from agent.base.hosts import is_loopback_host
 from agent.base.retry import parse_retry_after
 from agent.base.untrusted import escape, load_json
@@ -33,6 +32,7 @@ from agent.identity.request import (
     Retry,
     TokenRequest,
     error_description,
+    refusal,
 )
 from agent.identity.selector import Identity
 
@@ -96,16 +96,17 @@ class AppServiceRequestFactory(RequestFactory):
     def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,
                now: float) -> Answer:
         """200: the token (``expires_on`` only); 408/429/5xx: retry; any other
-        status: IdentityUnavailableError with the platform's message and the fix."""
+        status: IdentityRefusedError (a 4xx) with the platform's message and the fix."""
         status, body = reply.status, reply.body
         if status == 200:
             return self.token(body, resource, now)
         if status in RETRY_STATUSES:
             return Retry(status, app_service_message(body),
                          parse_retry_after(reply.headers.get("Retry-After")))
-        raise IdentityUnavailableError(
-            f"{self.name} at {self.endpoint} refused a token for {self.identity.describe()}: "
-            f"HTTP {status} {app_service_message(body)}", _hint(status, self.identity))
+        raise refusal(
+            status, f"{self.name} at {self.endpoint} refused a token for "
+            f"{self.identity.describe()}: HTTP {status} {app_service_message(body)}",
+            _hint(status, self.identity))
 
 
 def _hint(status: int, identity: Identity) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 import requests
 
 from agent.base import transport
-from agent.base.errors import IdentityUnavailableError
+from agent.base.errors import IdentityRefusedError, IdentityUnavailableError
 from agent.base.retry import Backoff
 from agent.base.untrusted import escape, load_json
 
@@ -138,6 +138,15 @@ class RequestFactory:
             raise IdentityUnavailableError(
                 f"{self.name} returned an unusable token response: {exc}",
                 self.unusable_hint) from None
+
+
+def refusal(status: int, message: str, hint: Optional[str]) -> IdentityUnavailableError:
+    """The error for a final, not retried ``status``: a 4xx is the endpoint's
+    answer (IdentityRefusedError: the sealed cache must not hide it), any
+    other status one it gave no usable answer with."""
+    if 400 <= status < 500:
+        return IdentityRefusedError(message, hint)
+    return IdentityUnavailableError(message, hint)
 
 
 def request_token(session: requests.Session, factory: RequestFactory, resource: str,

@@ -75,15 +75,23 @@ def expand(selection: Selection, items: Iterable[SecretItem],
         if why is not None:
             skipped.append(f"{selection.label}: skipped secret '{item.name}': {why}")
             continue
-        name = file_name(selection, item.name)
-        assert name is not None  # _skip_reason refused the empty name
-        output = selection.defaults._replace(path=posixpath.join(selection.directory, name))
-        entries.append(Entry(name=item.name, sources=(Source(selection.vault, item.name),),
-                             outputs=OutputSet((output,)), is_optional=selection.is_optional,
-                             on_change=selection.on_change, line=selection.line))
+        entries.append(entry_for(selection, item.name))
     skipped.extend(_repeated(selection, spellings)
                    for spellings in names.values() if len(spellings) > 1)
     return Expansion(tuple(entries), tuple(skipped))
+
+
+def entry_for(selection: Selection, name: str) -> Entry:
+    """The entry ``selection`` makes of its secret ``name``: one file,
+    ``<directory>/<file name>``, as its defaults say (also how the sealed
+    cache rebuilds an expansion it kept: :mod:`agent.daemon.cache_serve`).
+    ``name`` must leave a file name (:func:`file_name`)."""
+    file = file_name(selection, name)
+    assert file is not None  # the caller refused the empty name
+    output = selection.defaults._replace(path=posixpath.join(selection.directory, file))
+    return Entry(name=name, sources=(Source(selection.vault, name),),
+                 outputs=OutputSet((output,)), is_optional=selection.is_optional,
+                 on_change=selection.on_change, line=selection.line)
 
 
 def _repeated(selection: Selection, spellings: List[str]) -> str:

@@ -35,6 +35,7 @@ from typing import (
 from agent.base import transport
 from agent.base.errors import (
     EndlessListError,
+    IdentityRefusedError,
     IdentityUnavailableError,
     KvAgentError,
     SecretNotFoundError,
@@ -89,6 +90,7 @@ _SHORT_CAUSES = (
     (VaultThrottledError, "429 throttled"),
     (VaultUnavailableError, "vault unreachable"),
     (EndlessListError, "list never ends"),
+    (IdentityRefusedError, "identity refused"),  # before its base class
     (IdentityUnavailableError, "IMDS unavailable"),
     (WriteError, "write failed"),
 )

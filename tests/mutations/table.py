@@ -55,6 +55,7 @@ CREDENTIAL_RULES = "tests/test_credentials.py"
 ENTRIES = "tests/test_entries.py"
 CACHE_DECISION = "tests/test_cache_decision.py"
 CACHE_STORE = "tests/test_cache_store.py"
+CACHE_SEAL = "tests/test_cache_seal.py"
 CACHE_SERVE = "tests/test_daemon_cache_serve.py"
 CACHE_END_TO_END = "tests/test_cache_end_to_end.py"
 CACHE_NO_PLAINTEXT = "tests/test_cache_no_plaintext.py"
@@ -811,6 +812,45 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "               IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,",
         (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
          f"{CACHE_SERVE}::test_a_403_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
+        "serves-the-cache-on-an-imds-400",
+        "the sealed cache stands in only for an outage: the identity endpoint's 400 "
+        "(Identity not found) is an answer, never hidden behind an old copy",
+        "agent/cache/decision.py",
+        "ANSWERS = (IdentityRefusedError,)",
+        "ANSWERS = ()",
+        (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
+         f"{CACHE_SERVE}::test_an_imds_400_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
+        "serves-a-null-key-copy",
+        "never a copy that is not sealed to this machine: one sealed with systemd-creds' "
+        "null key (anyone could plant it) is refused before it is decrypted",
+        "agent/cache/seal.py",
+        "    known = AUTO_KEY_IDS.get(key_id)",
+        "    known = AUTO_KEY_IDS.get(key_id, 'any key')",
+        (f"{CACHE_SEAL}::test_a_null_key_copy_is_refused_without_decrypting_it",
+         f"{CACHE_STORE}::test_a_planted_null_key_copy_is_skipped_never_served"),
+    ),
+    Mutation(
+        "serves-half-a-set",
+        "a set changes whole: served from the sealed cache by one swap of its directory when "
+        "every member's copy may be, else not at all",
+        "agent/daemon/cache_serve.py",
+        "            group = self._units.groups.get(key)",
+        "            group = None",
+        (f"{CACHE_SERVE}::test_sets_are_served_whole_from_their_sealed_copies",
+         f"{CACHE_SERVE}::test_a_set_with_one_unservable_copy_is_not_served_at_all"),
+    ),
+    Mutation(
+        "serves-half-a-select",
+        "a select: entry is served from the sealed cache whole (its last good expansion and "
+        "every secret of it) or not at all",
+        "agent/daemon/cache_serve.py",
+        "        if not whole.serve or listing.copy is None or len(pairs) != len(entries):",
+        "        if listing.copy is None:",
+        (f"{CACHE_SERVE}::test_a_select_entry_with_one_unservable_copy_is_not_served_at_all",),
     ),
     Mutation(
         "writes-plaintext-to-the-cache",
