@@ -143,3 +143,17 @@ def test_credentials_in_memory_are_counted_only_when_there_are_any() -> None:
     assert status_line(snapshot(served, tls._replace(is_loaded=True), is_ready=True)) == \
         "2 secrets current; 3 credentials in memory"
     assert "credential" not in status_line(snapshot(ok("a"), ok("b")))
+
+
+def test_while_the_cache_serves_the_outage_is_said_once() -> None:
+    """The serving part ends with why the vault cannot be reached; the same whole
+    failure is not repeated after it (only its fix), and a different one is said."""
+    why = "IMDS unreachable at http://169.254.169.254 after 9 attempts"
+    cache = f"serving 1 of 1 from the sealed cache of 2026-12-06T10:00:00Z: {why}"
+    line = status_line(snapshot(ok("db"), is_ready=True, cache=cache,
+                                error=f"{why}; check the VM's managed identity"))
+    assert line.count(why) == 1, line
+    assert line.startswith(cache + "; retrying: check the VM's managed identity"), line
+    other = "vault unreachable: connection refused"
+    line = status_line(snapshot(ok("db"), is_ready=True, cache=cache, error=other))
+    assert f"refresh failing, files kept: {other}" in line, line

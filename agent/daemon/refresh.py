@@ -167,6 +167,9 @@ class RefreshStats:
         self.last_duration_s: Optional[float] = None
         self.last_success_s: Optional[float] = None  # the last that did not fail whole
         self.error: Optional[str] = None  # why the last refresh failed as a whole
+        # A whole failure was logged and no refresh has fetched a secret since: a
+        # report whose every entry failed (the same outage) does not "work again".
+        self._is_broken = False
 
     def start(self, now: float) -> None:
         self.started = now
@@ -175,7 +178,8 @@ class RefreshStats:
                now_wall: float) -> str:
         """Count a finished refresh (``now`` monotonic, ``now_wall`` unix s);
         returns its result (SUCCESS, PARTIAL or FAILURE). A whole failure is
-        logged when it differs from the last one, and the first success after one."""
+        logged when it differs from the last one; after one, "works again" when a
+        refresh fetches a secret again."""
         self.last_end_s = now_wall
         if self.started is not None:
             self.last_duration_s = max(0.0, now - self.started)
@@ -189,9 +193,11 @@ class RefreshStats:
             if str(result) != self.error:
                 log.error("refresh failed, every file kept as it was: %s", result)
             self.error = str(result)
+            self._is_broken = True
         else:
-            if self.error is not None:
+            if self._is_broken and _fetched_any(result):
                 log.info("refresh works again")
+                self._is_broken = False
             self.error = None
             self.last_success_s = now_wall
         return kind
@@ -205,3 +211,8 @@ class RefreshStats:
             now_s=now_s, is_up=is_up, entries=entries, last_refresh_s=self.last_end_s,
             refresh_duration_s=self.last_duration_s, refreshes=dict(self.counts),
             files_written=self.files_written, requests=requests, credentials=credentials)
+
+
+def _fetched_any(report: SyncReport) -> bool:
+    """Some entry was fetched (or there was none to fetch)."""
+    return not report.outcomes or any(o.error is None for o in report.outcomes)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from agent.base.untrusted import escape
 from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID
@@ -58,7 +58,7 @@ def status_line(snapshot: StatusSnapshot) -> str:
         # the error, one that did not the last refresh.
         parts.append(f"starting: fetching {_secrets(total)}")
     elif snapshot.error is not None:
-        parts.append(f"refresh failing, files kept: {snapshot.error}")
+        parts.append(_whole_failure(snapshot.error, snapshot.cache))
     elif failing:
         names = ", ".join(f"{entry.name} ({entry.cause})" for entry in failing[:NAMED])
         parts.append(f"{len(failing)} of {total} secrets failing: {names}{_more(failing)}")
@@ -133,6 +133,16 @@ def _short(entry: EntryStatus) -> str:
         return f"{entry.name} (valid from {entry.not_before[:10]})"
     verb = "expired" if entry.expiry == EXPIRED else "expires"
     return f"{entry.name} ({verb} {(entry.expires or '?')[:10]})"
+
+
+def _whole_failure(error: str, cache: Optional[str]) -> str:
+    """A ready agent's refresh failed as a whole. While sealed copies stand in,
+    part 0 ends with why (the same failure, as it began): not said twice."""
+    why = cache.partition(": ")[2] if cache else ""
+    if why and error.startswith(why):
+        rest = error[len(why):].lstrip("; ")
+        return f"retrying: {rest}" if rest else "retrying"
+    return f"refresh failing, files kept: {error}"
 
 
 def _secrets(count: int) -> str:
