@@ -91,6 +91,18 @@ def _second_boot(start_agent: StartAgent, run: Running, shm_dir: Path,  # noqa: 
                        state_dir=shm_dir / "state-boot2")
 
 
+def _served_in_an_outage(start_agent: StartAgent, vault: Vault,  # noqa: F811
+                         first: Running, shm_dir: Path, prelude: str) -> Tuple[Running, Any]:
+    """IMDS gone (410 to every request), the agent starts again: its READY
+    datagram, sent no sooner than ``cache.after`` (2 s)."""
+    vault.emulator.inject_fault("imds", 410, count=100_000)
+    began = time.monotonic()
+    second = _second_boot(start_agent, first, shm_dir, prelude)
+    ready = second.wait_ready()
+    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    return second, ready
+
+
 def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
         start_agent: StartAgent, vault: Vault, shm_dir: Path, tmp_path: Path,  # noqa: F811
         prelude: str) -> None:
@@ -98,11 +110,7 @@ def test_imds_down_at_boot_serves_the_sealed_copies_then_the_vault_takes_over(
     cache, metrics = tmp_path / "cache", shm_dir / "metrics" / "kv-agent.prom"
     first = _first_boot(start_agent, vault, cache, prelude, shm_dir, metrics=metrics)
     assert set(_from_cache(metrics).values()) == {0.0}
-    vault.emulator.inject_fault("imds", 410, count=100_000)
-    began = time.monotonic()
-    second = _second_boot(start_agent, first, shm_dir, prelude)
-    ready = second.wait_ready()
-    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    second, ready = _served_in_an_outage(start_agent, vault, first, shm_dir, prelude)
     assert {name: read(second.directory / name) for name in values} == values
     assert (second.directory / "alpha").stat().st_mode & 0o777 == 0o440
     status = ready.fields["STATUS"]
@@ -215,11 +223,7 @@ def test_sets_are_served_whole_from_their_sealed_copies(
     sets_before = first.status_json()["sets"]
     first.stop()
     shutil.rmtree(first.directory)
-    vault.emulator.inject_fault("imds", 410, count=100_000)
-    began = time.monotonic()
-    second = _second_boot(start_agent, first, shm_dir, prelude)
-    ready = second.wait_ready()
-    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    second, ready = _served_in_an_outage(start_agent, vault, first, shm_dir, prelude)
     assert _files(second.directory) == before
     assert ready.fields["STATUS"].startswith("serving 3 of 3 from the sealed cache of ")
     document = second.status_json()
@@ -294,11 +298,7 @@ def test_a_select_entry_is_served_from_its_sealed_expansion(
     assert sorted(before) == ["alpha", "app/first-service", "app/second-service"]
     first.stop()
     shutil.rmtree(first.directory)
-    vault.emulator.inject_fault("imds", 410, count=100_000)
-    began = time.monotonic()
-    second = _second_boot(start_agent, first, shm_dir, prelude)
-    ready = second.wait_ready()
-    assert time.monotonic() - began >= 2.0, "served before cache.after"
+    second, ready = _served_in_an_outage(start_agent, vault, first, shm_dir, prelude)
     assert _files(second.directory) == before
     assert ready.fields["STATUS"].startswith("serving 4 of 4 from the sealed cache of "), \
         ready.fields["STATUS"]

@@ -17,6 +17,7 @@ Safety rules this module enforces, not just follows:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -27,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("KV_AGENT_TEST_CACHE", "/var/cache/kv-agent-tests"))
@@ -575,3 +576,24 @@ class DiskStateContainer(Container):
             self._bound = None
             shutil.rmtree(self.disk, ignore_errors=True)
         super()._unmount()
+
+
+EMULATOR_DRIVER = Path(__file__).with_name("container_emulator.py")
+
+
+@contextlib.contextmanager
+def story(container: "Container", debs: Iterable[Path], timing: str,
+          deb_dir: str = "/root") -> Iterator["Container"]:
+    """Boot ``container``, copy in the .debs (to ``deb_dir``) and the emulator's
+    driver (/root/emu/emulator.py): how every scenario's machine starts. It is
+    torn down at the end whatever happened, its wall time kept as ``timing``."""
+    started = time.monotonic()
+    try:
+        container.boot()
+        for deb in debs:
+            container.copy_in(deb, f"{deb_dir}/{deb.name}")
+        container.copy_in(EMULATOR_DRIVER, "/root/emu/emulator.py")
+        yield container
+    finally:
+        container.close()
+        TIMINGS[timing] = time.monotonic() - started

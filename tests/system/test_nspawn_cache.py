@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List
 
 import kvsystem
 import pytest
-from kvsystem import IMDS_ADDRESS, TIMINGS, DiskStateContainer
+from kvsystem import IMDS_ADDRESS, TIMINGS, DiskStateContainer, story
 from test_nspawn_credentials import EMULATOR_AT_BOOT, TRUST_CA
 from test_nspawn_system import (
     EMULATOR_SERVICE,
@@ -97,17 +97,8 @@ def machine(suite: str, rootfs_tar: Path, built_debs: Dict[str, Path],
     emulator driver copied in."""
     container = DiskStateContainer(rootfs_tar, tmp_path_factory.mktemp(f"disk-{suite}"),
                                    name=f"kv-agent-cache-{suite}")
-    started = time.monotonic()
-    try:
-        container.boot()
-        for deb in built_debs.values():
-            container.copy_in(deb, f"/root/{deb.name}")
-        container.copy_in(Path(__file__).with_name("container_emulator.py"),
-                          "/root/emu/emulator.py")
+    with story(container, built_debs.values(), f"{suite}: cache story (boot to teardown)"):
         yield container
-    finally:
-        container.close()
-        TIMINGS[f"{suite}: cache story (boot to teardown)"] = time.monotonic() - started
 
 
 def consumer_lines(machine: DiskStateContainer, *options: str) -> List[str]:

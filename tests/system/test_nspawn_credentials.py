@@ -25,7 +25,7 @@ from typing import Dict, Iterator
 
 import kvsystem
 import pytest
-from kvsystem import IMDS_ADDRESS, TIMINGS, Container
+from kvsystem import IMDS_ADDRESS, TIMINGS, Container, story
 from test_nspawn_system import (
     EMULATOR_SERVICE,
     EMULATOR_UNIT,
@@ -96,17 +96,8 @@ def digest(value: str) -> str:
 def machine(suite: str, rootfs_tar: Path, built_debs: Dict[str, Path]) -> Iterator[Container]:
     """The booted ``suite`` container with the .debs and the emulator driver copied in."""
     container = Container(rootfs_tar, name=f"kv-agent-cred-{suite}")
-    started = time.monotonic()
-    try:
-        container.boot()
-        for deb in built_debs.values():
-            container.copy_in(deb, f"/root/{deb.name}")
-        container.copy_in(Path(__file__).with_name("container_emulator.py"),
-                          "/root/emu/emulator.py")
+    with story(container, built_debs.values(), f"{suite}: credential story (boot to teardown)"):
         yield container
-    finally:
-        container.close()
-        TIMINGS[f"{suite}: credential story (boot to teardown)"] = time.monotonic() - started
 
 
 def consumer_lines(machine: Container, unit: str) -> list:

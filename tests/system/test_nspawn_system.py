@@ -40,7 +40,7 @@ from typing import Dict, Iterator, List, Tuple
 import kvsystem
 import pytest
 import secrecy
-from kvsystem import IMDS_ADDRESS, TIMINGS, Container
+from kvsystem import IMDS_ADDRESS, TIMINGS, Container, story
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.emulator.demo import DEMO_SECRETS
@@ -205,20 +205,11 @@ def machine(suite: str, rootfs_tar: Path, built_debs: Dict[str, Path]) -> Iterat
     """The booted ``suite`` container with the .debs and the emulator driver
     copied in; torn down at the end whatever happened."""
     container = Container(rootfs_tar, name=f"kv-agent-test-{suite}")
-    started = time.monotonic()
-    try:
-        container.boot()
+    with story(container, built_debs.values(),
+               f"{suite}: system test machine (boot to teardown)"):
         TIMINGS[f"{suite}: container unpack"] = container.timings["unpack_s"]
         TIMINGS[f"{suite}: container boot to running"] = container.timings["boot_s"]
-        for deb in built_debs.values():
-            container.copy_in(deb, f"/root/{deb.name}")
-        container.copy_in(Path(__file__).with_name("container_emulator.py"),
-                          "/root/emu/emulator.py")
         yield container
-    finally:
-        container.close()
-        TIMINGS[f"{suite}: system test machine (boot to teardown)"] = \
-            time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, NamedTuple, Tuple
 
 import kvsystem
 import pytest
-from kvsystem import IMDS_ADDRESS, TIMINGS, Container
+from kvsystem import IMDS_ADDRESS, TIMINGS, Container, story
 from test_nspawn_system import (
     EMULATOR_SERVICE,
     EMULATOR_UNIT,
@@ -144,19 +144,11 @@ def machine(suite: str, rootfs_tar: Path, built_deb: Path,
     """The booted ``suite`` container with both .debs in /root/debs and the emulator with
     this tree's agent package under /root/emu/lib (none of the .debs')."""
     container = Container(rootfs_tar, name=f"kv-agent-upgrade-{suite}")
-    started = time.monotonic()
-    try:
-        container.boot()
-        for deb in (built_deb, previous_deb):
-            container.copy_in(deb, f"/root/debs/{deb.name}")
-        container.copy_in(Path(__file__).with_name("container_emulator.py"),
-                          "/root/emu/emulator.py")
+    with story(container, (built_deb, previous_deb), f"{suite}: upgrade story (boot to teardown)",
+               deb_dir="/root/debs"):
         shutil.copytree(kvsystem.REPO / "agent", container.root / "root/emu/lib/agent",
                         ignore=shutil.ignore_patterns("__pycache__"))
         yield container
-    finally:
-        container.close()
-        TIMINGS[f"{suite}: upgrade story (boot to teardown)"] = time.monotonic() - started
 
 
 # -- helpers -----------------------------------------------------------------------------
