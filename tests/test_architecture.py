@@ -86,6 +86,21 @@ def test_the_layers_name_every_wing_and_the_emulator_contract_covers_them() -> N
     assert set(contracts["agent-apart-from-emulator"]["source_modules"]) == _wings()  # type: ignore[arg-type]
 
 
+def test_every_wing_is_shipped_by_the_wheel_the_deb_and_the_rpm() -> None:
+    """Each package names the wings it installs: a new wing missing from one of them is
+    an installed `kv-agent` that fails to import it (the .deb and .rpm file lists in
+    tests/system/test_packages.py say so too, but only after a package build)."""
+    names = {wing.split(".", 1)[1] for wing in _wings()}
+    packages = re.search(r"packages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.S)
+    assert packages is not None
+    assert {f"agent.{name}" for name in names} <= set(re.findall(r'"([\w.]+)"', packages[1]))
+    install = (REPO / "packaging/debian/kv-agent.install").read_text()
+    assert names <= set(re.findall(r"^agent/(\w+)/\*\.py ", install, re.M)) - {"emulator"}
+    loop = re.search(r"^for wing in ([\w ]+); do$", (REPO / "packaging/rpm/kv-agent.spec")
+                     .read_text(), re.M)
+    assert loop is not None and names <= set(loop[1].split())
+
+
 def _sizes() -> Iterator[Tuple[str, int]]:
     """(module path, lines) and (module path:Class, lines) of the agent outside the emulator."""
     for path in sorted(AGENT.rglob("*.py")):
