@@ -13,7 +13,7 @@ from requests.structures import CaseInsensitiveDict
 from secrecy import assert_no_leak
 
 from agent.base import transport
-from agent.base.errors import IdentityRefusedError, IdentityUnavailableError
+from agent.base.errors import IdentityUnavailableError
 from agent.base.retry import RetryPolicy
 from agent.emulator import Emulator
 from agent.emulator.secrets_file import IdentityConfig, UserAssignedIdentity
@@ -81,7 +81,7 @@ def test_refusals_quote_the_platform_message_and_give_the_fix(
         status: int, identity: Identity, hint: str) -> None:
     """{"statusCode", "message"} refusals name the source, the status, the message, the fix."""
     factory = AppServiceRequestFactory(ENDPOINT, HEADER, identity)
-    with pytest.raises(IdentityRefusedError) as caught:  # an answer: never hidden by a cache
+    with pytest.raises(IdentityUnavailableError) as caught:  # refused: request_token's call
         factory.answer(factory.request(RESOURCE),
                        reply(status, {"statusCode": status, "message": "No such\nthing"}),
                        RESOURCE, NOW)

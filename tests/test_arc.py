@@ -14,7 +14,7 @@ from requests.structures import CaseInsensitiveDict
 from secrecy import assert_no_leak
 
 from agent.base import transport
-from agent.base.errors import IdentityRefusedError, IdentityUnavailableError
+from agent.base.errors import IdentityUnavailableError
 from agent.base.retry import RetryPolicy
 from agent.emulator import Emulator
 from agent.identity.arc import (
@@ -220,7 +220,7 @@ def test_challenge_is_answered_with_the_key_file() -> None:
     assert follow_up.headers == {"Metadata": "true", "Authorization": f"Basic {KEY}"}
     assert follow_up.params == sent.params and read == ["/t/a.key"]
     assert KEY not in repr(follow_up)
-    with pytest.raises(IdentityRefusedError, match="HTTP 401 again"):
+    with pytest.raises(IdentityUnavailableError, match="HTTP 401 again"):
         factory.answer(follow_up, reply(401, {}, **{"WWW-Authenticate": "Basic realm=/t/a.key"}),
                        RESOURCE, NOW)
 
@@ -238,7 +238,7 @@ def test_transient_statuses_retry_and_others_refuse() -> None:
     sent = factory.request(RESOURCE)
     assert factory.answer(sent, reply(429, {"error_description": "slow"}, **{"Retry-After": "3"}),
                           RESOURCE, NOW) == Retry(429, "slow", 3.0)
-    with pytest.raises(IdentityRefusedError, match=r"Azure Arc.*HTTP 400 Identity not found"):
+    with pytest.raises(IdentityUnavailableError, match=r"Azure Arc.*HTTP 400 Identity not found"):
         factory.answer(sent, reply(400, {"error_description": "Identity not found"}),
                        RESOURCE, NOW)
 

@@ -692,3 +692,22 @@ def test_a_200_without_a_usable_token_is_a_refusal_naming_the_source(source: str
     assert caught.value.message.startswith(f"{factory.name} returned an unusable token response")
     assert caught.value.hint == factory.unusable_hint and "retry later" in caught.value.hint
     assert "eyJsecret" not in caught.value.message + caught.value.hint
+
+
+@pytest.mark.parametrize("status, is_refused", [(400, True), (401, True), (403, True),
+                                                (404, True), (200, False), (500, False)])
+def test_the_send_loop_alone_judges_a_refusal_by_the_replys_status(
+        status: int, is_refused: bool) -> None:
+    """Every source's final error after a 4xx reply is an IdentityRefusedError, decided once
+    in request_token (a source need not remember: Arc's 401 without a challenge was
+    missed when each did); after any other reply it stays an outage."""
+    error = IdentityUnavailableError("the fake endpoint said no", "the fix")
+    clock = FakeClock()
+    session = FakeSession((status, {}, b"{}"))
+    tokens = TokenCache(session, ScriptedFactory(error),  # type: ignore[arg-type]
+                        policy=RetryPolicy(deadline_s=30), wall=lambda: NOW, clock=clock,
+                        sleep=clock.sleep)
+    with pytest.raises(IdentityUnavailableError) as caught:
+        tokens.get_token(RESOURCE)
+    assert isinstance(caught.value, IdentityRefusedError) is is_refused
+    assert (caught.value.message, caught.value.hint) == ("the fake endpoint said no", "the fix")

@@ -69,7 +69,9 @@ class IdentityUnavailableError(KvAgentError):
 class IdentityRefusedError(IdentityUnavailableError):
     """The identity endpoint answered with a final 4xx refusal: no such
     identity on this machine ("Identity not found"), several and none
-    chosen, a refused key file. An answer, not an outage: the sealed cache
+    chosen, a refused key file or a challenge the agent cannot meet; decided
+    once, by the reply's status (:func:`agent.identity.request.refusal`). An
+    answer, not an outage: the sealed cache
     never stands in for it (:mod:`agent.cache.decision`). A subclass, so
     everything that handles an unavailable identity (the sync's abort, the
     exit code 69, the doctor) handles it too."""

@@ -23,6 +23,7 @@ from typing import Dict, Mapping, NamedTuple, Optional
 from urllib.parse import urlsplit
 
 from agent.base import transport
+from agent.base.errors import IdentityUnavailableError
 from agent.base.hosts import is_loopback_host
 from agent.base.retry import parse_retry_after
 from agent.base.untrusted import escape, load_json
@@ -32,7 +33,6 @@ from agent.identity.request import (
     Retry,
     TokenRequest,
     error_description,
-    refusal,
 )
 from agent.identity.selector import Identity
 
@@ -96,15 +96,15 @@ class AppServiceRequestFactory(RequestFactory):
     def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,
                now: float) -> Answer:
         """200: the token (``expires_on`` only); 408/429/5xx: retry; any other
-        status: IdentityRefusedError (a 4xx) with the platform's message and the fix."""
+        status: an error with the platform's message and the fix."""
         status, body = reply.status, reply.body
         if status == 200:
             return self.token(body, resource, now)
         if status in RETRY_STATUSES:
             return Retry(status, app_service_message(body),
                          parse_retry_after(reply.headers.get("Retry-After")))
-        raise refusal(
-            status, f"{self.name} at {self.endpoint} refused a token for "
+        raise IdentityUnavailableError(
+            f"{self.name} at {self.endpoint} refused a token for "
             f"{self.identity.describe()}: HTTP {status} {app_service_message(body)}",
             _hint(status, self.identity))
 

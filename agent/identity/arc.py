@@ -37,7 +37,7 @@ import stat
 from typing import Callable, Mapping, NamedTuple, Optional
 
 from agent.base import transport
-from agent.base.errors import IdentityRefusedError, IdentityUnavailableError
+from agent.base.errors import IdentityUnavailableError
 from agent.base.retry import parse_retry_after
 from agent.base.untrusted import escape, load_json
 from agent.identity.imds import RETRY_STATUSES, SELECTOR_PARAMS
@@ -48,7 +48,6 @@ from agent.identity.request import (
     Retry,
     TokenRequest,
     error_description,
-    refusal,
 )
 from agent.identity.selector import Identity
 
@@ -197,14 +196,14 @@ class ArcRequestFactory(RequestFactory):
         if status in RETRY_STATUSES:
             return Retry(status, error_description(body),
                          parse_retry_after(reply.headers.get("Retry-After")))
-        raise refusal(
-            status, f"{self.name} at {self.endpoint} refused a token for "
+        raise IdentityUnavailableError(
+            f"{self.name} at {self.endpoint} refused a token for "
             f"{self.identity.describe()}: HTTP {status} {error_description(body)}",
             "check the identity is assigned to this Arc server (az connectedmachine show)")
 
     def _answer_challenge(self, sent: TokenRequest, reply: transport.Reply) -> TokenRequest:
         if "Authorization" in sent.headers:
-            raise IdentityRefusedError(
+            raise IdentityUnavailableError(
                 f"{self.name} at {self.endpoint} refused the key file it named "
                 f"(HTTP 401 again: {error_description(reply.body)})",
                 "restart the Arc agent (systemctl restart himdsd) and retry")

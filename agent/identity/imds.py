@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Dict, Mapping
 
 from agent.base import transport
-from agent.base.errors import IdentityRefusedError
+from agent.base.errors import IdentityUnavailableError
 from agent.base.retry import parse_retry_after
 from agent.identity.request import (
     Answer,
@@ -26,7 +26,6 @@ from agent.identity.request import (
     Retry,
     TokenRequest,
     error_description,
-    refusal,
 )
 from agent.identity.selector import Identity
 
@@ -79,8 +78,8 @@ class ImdsRequestFactory(RequestFactory):
     def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,
                now: float) -> Answer:
         """200: the token; 404/408/410/429/5xx: retry (honouring Retry-After);
-        400: this VM has no such identity (IdentityRefusedError, not retried);
-        anything else: an error naming the status (refused for a 4xx)."""
+        400: this VM has no such identity (not retried);
+        anything else: an error naming the status."""
         status, body = reply.status, reply.body
         if status == 200:
             return self.token(body, resource, now)
@@ -88,8 +87,8 @@ class ImdsRequestFactory(RequestFactory):
             retry_after = parse_retry_after(reply.headers.get("Retry-After"))
             return Retry(status, error_description(body), retry_after)
         if status == 400:  # "Identity not found", "Multiple user assigned identities exist"
-            raise IdentityRefusedError(
+            raise IdentityUnavailableError(
                 f"IMDS refused a token for {self.identity.describe()}: "
                 f"{error_description(body)}", _assign_hint(self.identity))
-        raise refusal(status, f"IMDS answered HTTP {status}: {error_description(body)}",
-                      "check the IMDS endpoint and identity configuration")
+        raise IdentityUnavailableError(f"IMDS answered HTTP {status}: {error_description(body)}",
+                                       "check the IMDS endpoint and identity configuration")

@@ -126,7 +126,9 @@ class RequestFactory:
     def answer(self, sent: TokenRequest, reply: transport.Reply, resource: str,
                now: float) -> Answer:
         """What ``reply`` (to ``sent``) means; raises IdentityUnavailableError
-        for a final refusal, worded with the fix. ``now`` is epoch seconds."""
+        for a final refusal, worded with the fix (:func:`request_token` makes
+        it an IdentityRefusedError when the reply was a 4xx). ``now`` is
+        epoch seconds."""
         raise NotImplementedError
 
     def token(self, body: bytes, resource: str, now: float) -> AccessToken:
@@ -140,13 +142,15 @@ class RequestFactory:
                 self.unusable_hint) from None
 
 
-def refusal(status: int, message: str, hint: Optional[str]) -> IdentityUnavailableError:
-    """The error for a final, not retried ``status``: a 4xx is the endpoint's
-    answer (IdentityRefusedError: the sealed cache must not hide it), any
-    other status one it gave no usable answer with."""
-    if 400 <= status < 500:
-        return IdentityRefusedError(message, hint)
-    return IdentityUnavailableError(message, hint)
+def refusal(status: int, error: IdentityUnavailableError) -> IdentityUnavailableError:
+    """``error``, raised by a factory's answer to a reply of ``status``, as it
+    must travel: after a 4xx, an IdentityRefusedError (the endpoint answered:
+    no such identity, a refused key file, a challenge it cannot meet; the
+    sealed cache must not hide it); after any other status, unchanged (it
+    gave no usable answer). Decided here, once, for every identity source."""
+    if 400 <= status < 500 and not isinstance(error, IdentityRefusedError):
+        return IdentityRefusedError(error.message, error.hint)
+    return error
 
 
 def request_token(session: requests.Session, factory: RequestFactory, resource: str,
@@ -177,7 +181,10 @@ def request_token(session: requests.Session, factory: RequestFactory, resource: 
             raise IdentityUnavailableError(
                 f"{factory.name} at {factory.endpoint} gave no usable answer ({cause}) "
                 f"after {backoff.attempts} attempts", factory.unreachable_hint) from None
-        answer = factory.answer(request, reply, resource, wall())
+        try:
+            answer = factory.answer(request, reply, resource, wall())
+        except IdentityUnavailableError as exc:
+            raise refusal(reply.status, exc) from None
         if isinstance(answer, AccessToken):
             return answer
         if isinstance(answer, TokenRequest):
