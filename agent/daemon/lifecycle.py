@@ -34,11 +34,12 @@ The rules:
   minutes the vault takes to serve it, and keeps that spread (placing the
   next refresh in the interval's second half instead squeezed a recovery of
   several minutes into half an interval, over the limit again).
-* An agent made ready by the sealed cache (``from_cache``) still retries as
-  a starting agent does (1, 2, 4 ... s, up to 30 s): its files are old copies
-  standing in for an outage, and the vault must take over as soon as it
-  answers, not an interval later. The first refresh without a failure ends
-  it; from then on the ready agent's rules apply.
+* While sealed copies stand in for the vault (``is_serving``, the daemon's
+  cache says so), a failing refresh retries as a starting agent's does (1, 2,
+  4 ... s, up to 30 s): the vault must take over as soon as it answers, not
+  an interval later. Once every served entry is fetched again, the ready
+  agent's rules apply (an optional entry that keeps failing does not hold the
+  agent at the fast pace).
 * ``on_change`` hooks run only for changes after READY, and only for a
   refresh of the current manifest.
 """
@@ -77,7 +78,6 @@ class Lifecycle(NamedTuple):
     failing_streak: int = 0
     next_refresh: Optional[float] = None
     schedule: Schedule = Schedule()  # the manifest in use's interval and jitter
-    from_cache: bool = False  # made ready by the sealed cache; no good refresh since
 
 
 class Finished(NamedTuple):
@@ -123,6 +123,7 @@ def sync_abandoned(state: Lifecycle) -> Lifecycle:
 def sync_finished(
     state: Lifecycle, *, is_failing: bool, is_current: bool,
     has_every_required_file: Callable[[], bool], now: float, rng: float,
+    is_serving: bool = False,
 ) -> Finished:
     """The decisions after a refresh. ``is_current``: it ran for the manifest
     still in use (not one a reload replaced meanwhile). ``rng`` in [0, 1)
@@ -135,11 +136,9 @@ def sync_finished(
         state = state._replace(sync_again=False, is_syncing=True, sync_started=now,
                         next_refresh=None)
     else:
-        delay = refresh_delay(state, is_failing, rng)
+        delay = refresh_delay(state, is_failing, rng, is_serving)
         state = state._replace(next_refresh=now + delay,
                         failing_streak=state.failing_streak + 1 if is_failing else 0)
-    if not is_failing:
-        state = state._replace(from_cache=False)
     if not state.is_ready and has_every_required_file():
         state = state._replace(is_ready=True, phase=READY)
         return Finished(state, again, True, True, run_hooks)
@@ -148,18 +147,19 @@ def sync_finished(
 
 def served_from_cache(state: Lifecycle) -> Lifecycle:
     """The sealed cache stood in for an unreachable vault at start and every
-    required file is on disk: ready (READY=1), retrying as while starting
-    until a refresh succeeds (agent.daemon.cache)."""
-    return state._replace(is_ready=True, phase=READY, from_cache=True)
+    required file is on disk: ready (READY=1); while copies are served, the
+    caller passes ``is_serving`` to :func:`sync_finished` (agent.daemon.cache)."""
+    return state._replace(is_ready=True, phase=READY)
 
 
-def refresh_delay(state: Lifecycle, is_failing: bool, rng: float) -> float:
+def refresh_delay(state: Lifecycle, is_failing: bool, rng: float,
+                  is_serving: bool = False) -> float:
     """Seconds to the next refresh: the schedule's interval with its jitter,
     sooner (backing off) after failures, a ready agent's first retry spread
     over a minute (see the module's rules); never below MIN_DELAY_S."""
     interval_s, jitter = state.schedule
     streak = state.failing_streak
-    if (not state.is_ready or state.from_cache) and is_failing:
+    if (not state.is_ready or is_serving) and is_failing:
         first, largest = START_RETRY_S
         delay = min(largest, first * 2.0 ** streak, interval_s)
     elif is_failing and not streak:

@@ -342,7 +342,7 @@ class Daemon:
             self._life, is_failing=kind != SUCCESS, is_current=agent is self._sync,
             has_every_required_file=lambda: self._entries.has_every_required_file(
                 self._reconcile.ledger.inode),
-            now=self._now(), rng=self._rng())
+            now=self._now(), rng=self._rng(), is_serving=bool(self._cache.served))
         self._life = finished.state
         if finished.run_hooks:
             self._hooks.trigger_changed(changed)
