@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.pipeline.expiry import EXPIRED, EXPIRING, NOT_YET_VALID, Validity
-from agent.status.line import clock, status_line, with_status_line
+from agent.status.line import clock, serving_part, status_line, with_status_line
 from agent.status.snapshot import READY, STARTING, EntryStatus, StatusSnapshot, iso_time
 
 
@@ -149,7 +149,8 @@ def test_while_the_cache_serves_the_outage_is_said_once() -> None:
     """The serving part ends with why the vault cannot be reached; the same whole
     failure is not repeated after it (only its fix), and a different one is said."""
     why = "IMDS unreachable at http://169.254.169.254 after 9 attempts"
-    cache = f"serving 1 of 1 from the sealed cache of 2026-12-06T10:00:00Z: {why}"
+    cache = serving_part(1, 1, "2026-12-06T10:00:00Z", why)  # as the daemon's cache builds it
+    assert cache == f"serving 1 of 1 from the sealed cache of 2026-12-06T10:00:00Z: {why}"
     line = status_line(snapshot(ok("db"), is_ready=True, cache=cache,
                                 error=f"{why}; check the VM's managed identity"))
     assert line.count(why) == 1, line

@@ -53,6 +53,7 @@ from agent.daemon.entries import EntryTable
 from agent.daemon.reconcile import Reconciler
 from agent.manifest import Entry, Manifest
 from agent.pipeline.credentials import Grant
+from agent.status.line import serving_part
 from agent.sync.sync import SyncReport
 from agent.writer.credentials import CredentialStore
 
@@ -229,8 +230,7 @@ class SealedCache:
         causes = [self._causes[key] for key in served or list(self.served)
                   if key in self._causes]
         why = causes[0].message if causes else "the vault is unreachable"
-        return (f"serving {len(self.served)} of {total} from the sealed cache of "
-                f"{describe_time(oldest)}: {why}")
+        return serving_part(len(self.served), total, describe_time(oldest), why)
 
     def _say(self, line: str) -> None:
         if line not in self._said:

@@ -135,10 +135,20 @@ def _short(entry: EntryStatus) -> str:
     return f"{entry.name} ({verb} {(entry.expires or '?')[:10]})"
 
 
+def serving_part(served: int, total: int, since: str, why: str) -> str:
+    """Part 0: ``serving N of M from the sealed cache of <time>: <why>`` (the
+    daemon's cache builds it; status.json keeps it as ``cache``)."""
+    return f"serving {served} of {total} from the sealed cache of {since}{SERVING_WHY}{why}"
+
+
+SERVING_WHY = ": "  # what separates the serving part from its why (no time has it)
+
+
 def _whole_failure(error: str, cache: Optional[str]) -> str:
     """A ready agent's refresh failed as a whole. While sealed copies stand in,
-    part 0 ends with why (the same failure, as it began): not said twice."""
-    why = cache.partition(": ")[2] if cache else ""
+    part 0 (:func:`serving_part`) ends with why, the same failure as it began:
+    not said twice."""
+    why = cache.partition(SERVING_WHY)[2] if cache else ""
     if why and error.startswith(why):
         rest = error[len(why):].lstrip("; ")
         return f"retrying: {rest}" if rest else "retrying"
