@@ -352,6 +352,19 @@ def test_not_json_names_the_line() -> None:
     assert line.startswith("settings.json: line 2: not JSON")
 
 
+def test_deeply_nested_json_is_one_problem_not_a_traceback(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """100,000 nested lists would exhaust the parser's stack: exit 78, one line."""
+    [line] = problems(None, raw=b"[" * 100_000)
+    assert line.startswith("settings.json: (file): nested too deeply")
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000)
+    code = cli.main(["import", "vm-extension", str(deep)], {})
+    out, err = capsys.readouterr()
+    assert code == EXIT_CONFIG and out == "" and len(err.splitlines()) == 1
+    logging.getLogger().handlers.clear()
+
+
 def test_the_cli_prints_the_manifest_and_warnings_and_writes_tmpfiles(
         tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """kv-agent import vm-extension: the manifest on stdout, warnings on stderr, exit 0;

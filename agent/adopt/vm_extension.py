@@ -144,6 +144,11 @@ def parse_settings(data: bytes, source: str) -> ExtensionSettings:
                        "pass the JSON given to az vm extension set --settings, or the ARM "
                        "resource")
         raise SettingsError(reader.problems[0], problems=reader.problems) from None
+    except RecursionError:  # 1 MiB of "[" nests deeper than the parser's stack
+        reader.problem("(file)", "nested too deeply to be the extension's settings",
+                       "pass the JSON given to az vm extension set --settings, or the ARM "
+                       "resource")
+        raise SettingsError(reader.problems[0], problems=reader.problems) from None
     form, prefix, handler_version, settings = _locate(reader, document)
     parsed = None
     if settings is not None:
