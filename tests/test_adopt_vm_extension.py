@@ -329,6 +329,8 @@ def test_a_polling_interval_beyond_31_days_is_clamped_with_a_warning() -> None:
     ({"properties": {"type": "KeyVaultForWindows", "settings": {}}}, "properties.type",
      "Linux"),
     ([1, 2], "(top)", "settings object"),
+    ({"settings": None}, "settings: is null", "extension's settings"),
+    ({"properties": {"settings": None}}, "properties.settings: is null", "extension's settings"),
     ({"hello": "world"}, "(top)", "az vm extension show"),
 ])
 def test_input_it_cannot_read_is_one_line_per_problem(document: Any, key: str, fix: str) -> None:

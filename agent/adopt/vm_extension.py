@@ -153,6 +153,9 @@ def parse_settings(data: bytes, source: str) -> ExtensionSettings:
     parsed = None
     if settings is not None:
         parsed = _read(reader, settings, prefix, form, handler_version)
+    if parsed is None and not reader.problems:  # each path to None records why; a net
+        reader.problem("(top)", "no settings found", "pass the extension's settings (az vm "
+                       "extension show --query settings)")
     if reader.problems or parsed is None:
         raise SettingsError(reader.problems[0], problems=reader.problems)
     return parsed
@@ -177,14 +180,14 @@ def _locate(reader: _Reader, document: Any
     if isinstance(properties, dict) and "settings" in properties:
         _check_type(reader, "properties.", properties.get("publisher"), properties.get("type"))
         return ("an ARM resource's properties.settings", "properties.settings.",
-                _text(properties.get("typeHandlerVersion")), _object(reader, properties,
-                                                                    "settings", "properties."))
+                _text(properties.get("typeHandlerVersion")), _settings(reader, properties,
+                                                                      "properties."))
     if "settings" in document:
         _check_type(reader, "", document.get("publisher"),
                     document.get("typePropertiesType", document.get("type")))
         return ("the output of az vm extension show", "settings.",
                 _text(document.get("typeHandlerVersion")),
-                _object(reader, document, "settings", ""))
+                _settings(reader, document, ""))
     reader.problem("(top)", "no secretsManagementSettings, properties.settings or settings",
                    "pass the extension's settings (az vm extension show --query settings)")
     return "", "", None, None
@@ -202,6 +205,17 @@ def _check_type(reader: _Reader, prefix: str, publisher: Any, kind: Any) -> None
 
 def _text(value: Any) -> Optional[str]:
     return str(value) if isinstance(value, (str, int, float)) else None
+
+
+def _settings(reader: _Reader, parent: Mapping[str, Any],
+              prefix: str) -> Optional[Mapping[str, Any]]:
+    """``settings`` of a resource: required, so null is a problem (an extension deployed
+    without settings, or a query that missed them), not an empty document."""
+    if parent.get("settings") is None:
+        reader.problem(prefix + "settings", "is null", "pass the extension's settings "
+                       "(az vm extension show --query settings)")
+        return None
+    return _object(reader, parent, "settings", prefix)
 
 
 def _object(reader: _Reader, parent: Mapping[str, Any], key: str,
