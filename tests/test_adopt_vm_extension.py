@@ -21,9 +21,10 @@ import logging
 from typing import Any, Dict, List, Tuple
 
 import pytest
+import yaml
 
 from agent import cli
-from agent.adopt import SettingsError, render_settings
+from agent.adopt import SettingsError, manifest_text, render_settings
 from agent.base.errors import EXIT_CONFIG, EXIT_OK
 from agent.manifest import Accounts, Manifest, parse_manifest
 
@@ -271,6 +272,26 @@ def test_one_certificate_in_two_stores_gets_two_directories() -> None:
         {"url": "https://kv.vault.azure.net/secrets/web", "certificateStoreLocation": "/b"}]}})
     assert [e.paths for e in checked(text).secrets] == [
         ("/run/secrets/kv.web/kv.web",), ("/run/secrets/kv.web-2/kv.web",)]
+
+
+@pytest.mark.parametrize("value", ["cert\U0001F600", "a\nb", "a b#c: d", "null", "-", "~",
+                                   "x\u2028y", "\"'", "- [x]", "NULL", "yes"])
+def test_every_scalar_reads_back_as_written(value: str) -> None:
+    """A name or path, whatever its characters, is one YAML line that reads back as itself:
+    JSON's surrogate pairs for an emoji, YAML refuses."""
+    text = manifest_text._scalar(value)
+    assert "\n" not in text and yaml.safe_load(f"key: {text}") == {"key": value}
+
+
+def test_a_link_name_and_a_directory_beyond_the_basic_plane_are_kept() -> None:
+    """An emoji in customSymbolicLinkName and in --directory: the manifest holds them."""
+    document = {"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/a",
+         "customSymbolicLinkName": "c\U0001F600 1"}]}}
+    result = render_settings(json.dumps(document).encode(), "s.json", "/run/s\U0001F600")
+    manifest = checked(result.manifest)
+    assert manifest.directory == "/run/s\U0001F600"
+    assert manifest.secrets[0].paths == ("/run/s\U0001F600/kv.a/c\U0001F600 1",)
 
 
 def test_settings_without_an_equivalent_are_warnings_naming_them() -> None:

@@ -18,11 +18,12 @@ the next steps.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
+
+import yaml
 
 from agent.adopt.vm_extension import ExtensionSettings, ObservedCertificate
 from agent.base.untrusted import escape
@@ -265,10 +266,12 @@ def _next_steps(settings: ExtensionSettings) -> List[str]:
 
 def _scalar(value: str) -> str:
     """``value`` as a YAML scalar: plain when YAML reads it back as this very string, else
-    JSON's double-quoted form (which YAML reads the same)."""
+    YAML's own double-quoted form on one line. (JSON's form is not YAML's: it writes a
+    character beyond U+FFFF as two surrogate escapes, which YAML refuses.)"""
     if _PLAIN_RE.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
-    return json.dumps(value)
+    text = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=1 << 30)
+    return text.removesuffix("\n...\n").rstrip("\n")
 
 
 def _comment(text: Optional[str]) -> str:
