@@ -283,6 +283,17 @@ def test_every_scalar_reads_back_as_written(value: str) -> None:
     assert "\n" not in text and yaml.safe_load(f"key: {text}") == {"key": value}
 
 
+@pytest.mark.parametrize("name", ["null", "-", "123", "yes", "0x1F", "1e3", "on", "Null"])
+def test_a_secret_name_yaml_would_read_as_something_else_is_quoted(name: str) -> None:
+    """Key Vault names are letters, digits and -: "null", "-" or "123" are names too."""
+    version = "1" * 32  # hexadecimal, yet all digits: YAML's integer
+    text, _, _ = imported({"secretsManagementSettings": {"observedCertificates": [
+        f"https://kv.vault.azure.net/secrets/{name}/{version}"]},
+        "authenticationSettings": {"msiClientId": CLIENT_ID}})
+    [entry] = checked(text).secrets
+    assert (entry.source.name, entry.source.version) == (name, version)
+
+
 def test_a_link_name_and_a_directory_beyond_the_basic_plane_are_kept() -> None:
     """An emoji in customSymbolicLinkName and in --directory: the manifest holds them."""
     document = {"secretsManagementSettings": {"observedCertificates": [

@@ -137,7 +137,7 @@ def _identity(settings: ExtensionSettings, warnings: List[str], source: str) -> 
     lines: List[str] = []
     body: List[str] = []
     if settings.msi_client_id:
-        body.append(f"  client_id: {settings.msi_client_id}   # authenticationSettings."
+        body.append(f"  client_id: {_scalar(settings.msi_client_id)}   # authenticationSettings."
                     "msiClientId: the user-assigned identity")
     endpoint = settings.msi_endpoint
     if endpoint:
@@ -181,12 +181,12 @@ def _entries(placements: Sequence[Placement], shared_vault: Optional[str],
             f"  # The extension wrote {_comment(certificate.extension_path)}: the leaf, its "
             "issuers, then the key;",
             "  # fullchain_key writes the same bytes.",
-            f"  - name: {certificate.name}",
+            f"  - name: {_scalar(certificate.name)}",
         ]
         if shared_vault is None:
             lines.append(f"    vault: {_scalar(certificate.vault_url)}")
         if certificate.version:
-            lines.append(f"    version: {certificate.version}   # pinned in the URL: "
+            lines.append(f"    version: {_scalar(certificate.version)}   # pinned in the URL: "
                          "never follows a renewal (drop it to follow)")
         lines += ["    certificate:", f"      fullchain_key: {_scalar(placement.path)}"]
         lines += _ownership(certificate, warnings, source)
