@@ -274,6 +274,29 @@ def test_one_certificate_in_two_stores_gets_two_directories() -> None:
         ("/run/secrets/kv.web/kv.web",), ("/run/secrets/kv.web-2/kv.web",)]
 
 
+def test_a_suffixed_directory_never_takes_a_real_certificates_name() -> None:
+    """kv/web in two stores, then kv/web-2: kv.web-2 is the second web's, so web-2 moves on."""
+    text, tmpfiles, _ = imported({"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/web", "certificateStoreLocation": "/a"},
+        {"url": "https://kv.vault.azure.net/secrets/web", "certificateStoreLocation": "/b"},
+        {"url": "https://kv.vault.azure.net/secrets/web-2", "certificateStoreLocation": "/a"}]}})
+    assert [e.paths for e in checked(text).secrets] == [
+        ("/run/secrets/kv.web/kv.web",), ("/run/secrets/kv.web-2/kv.web",),
+        ("/run/secrets/kv.web-2-2/kv.web-2",)]
+    assert tmpfiles.count("\nL+ ") == 3
+
+
+def test_the_same_certificate_observed_twice_is_one_entry_and_one_link_with_a_warning() -> None:
+    """One URL twice in one store: the extension wrote one file, so one entry, one L+ line."""
+    url = "https://kv.vault.azure.net/secrets/web"
+    text, tmpfiles, warnings = imported({"secretsManagementSettings": {
+        "observedCertificates": [url, {"url": url, "acls": [{"user": "app1"}]}]}})
+    assert [e.paths for e in checked(text).secrets] == [("/run/secrets/kv.web/kv.web",)]
+    assert tmpfiles.count("\nL+ ") == 1
+    assert any("observedCertificates[1]: the extension's file" in w and
+               "observedCertificates[0]" in w for w in warnings), warnings
+
+
 @pytest.mark.parametrize("value", ["cert\U0001F600", "a\nb", "a b#c: d", "null", "-", "~",
                                    "x\u2028y", "\"'", "- [x]", "NULL", "yes"])
 def test_every_scalar_reads_back_as_written(value: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -58,7 +58,7 @@ def render(settings: ExtensionSettings, source: str,
            directory: str = DEFAULT_DIRECTORY) -> ManifestText:
     """The manifest for ``settings`` (read from ``source``), writing under ``directory``."""
     warnings: List[str] = []
-    placements = place(settings.certificates, directory)
+    placements = place(_distinct(settings.certificates, warnings, source), directory)
     vaults = {certificate.vault_url for certificate in settings.certificates}
     shared_vault = vaults.pop() if len(vaults) == 1 else None
     lines = [
@@ -85,16 +85,31 @@ def render(settings: ExtensionSettings, source: str,
 def place(certificates: Sequence[ObservedCertificate], directory: str) -> Tuple[Placement, ...]:
     """Each certificate's file: ``<vault>.<name>/<link name>``, one directory per certificate
     (its set's), ``-2``, ``-3`` ... added when two would share one."""
-    used: Dict[str, int] = {}
+    taken: Set[str] = set()  # every folder given, so a real "v.c-2" and a suffixed one differ
     placements = []
     for certificate in certificates:
-        folder = f"{certificate.vault_label}.{certificate.name}"
-        used[folder] = used.get(folder, 0) + 1
-        if used[folder] > 1:
-            folder = f"{folder}-{used[folder]}"
+        base = folder = f"{certificate.vault_label}.{certificate.name}"
+        suffix = 2
+        while folder in taken:
+            folder, suffix = f"{base}-{suffix}", suffix + 1
+        taken.add(folder)
         path = f"{folder}/{certificate.link_name}"
         placements.append(Placement(certificate, path, posixpath.join(directory, path)))
     return tuple(placements)
+
+
+def _distinct(certificates: Sequence[ObservedCertificate], warnings: List[str],
+              source: str) -> List[ObservedCertificate]:
+    """The certificates, each extension path once: the extension had one file there, and
+    one path takes one ``L+`` link (tmpfiles.d ignores a second). The first is kept."""
+    first: Dict[str, ObservedCertificate] = {}
+    for certificate in certificates:
+        kept = first.setdefault(certificate.extension_path, certificate)
+        if kept is not certificate:
+            warnings.append(f"{source}: {certificate.key}: the extension's file "
+                            f"{escape(certificate.extension_path, 200)} is also {kept.key}'s; "
+                            f"the manifest keeps {kept.key} ({escape(kept.url, 200)}) alone")
+    return list(first.values())
 
 
 def tmpfiles(placements: Sequence[Placement]) -> str:
