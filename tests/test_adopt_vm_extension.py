@@ -274,6 +274,15 @@ def test_one_certificate_in_two_stores_gets_two_directories() -> None:
         ("/run/secrets/kv.web/kv.web",), ("/run/secrets/kv.web-2/kv.web",)]
 
 
+def test_a_percent_sign_is_doubled_in_both_fields_of_the_tmpfiles_line() -> None:
+    """tmpfiles.d reads %h as a specifier in the path and in the argument: % is written %%."""
+    document = {"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/a", "customSymbolicLinkName": "a%h"}]}}
+    result = render_settings(json.dumps(document).encode(), "s.json", "/run/s%n")
+    line = result.tmpfiles.splitlines()[-1]
+    assert line == f"L+ {STORE}/a%%h - - - - /run/s%%n/kv.a/a%%h"
+
+
 def test_a_suffixed_directory_never_takes_a_real_certificates_name() -> None:
     """kv/web in two stores, then kv/web-2: kv.web-2 is the second web's, so web-2 moves on."""
     text, tmpfiles, _ = imported({"secretsManagementSettings": {"observedCertificates": [

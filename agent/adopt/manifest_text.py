@@ -125,8 +125,10 @@ def tmpfiles(placements: Sequence[Placement]) -> str:
 
 
 def _tmpfiles_path(path: str) -> str:
-    """A path as one tmpfiles.d field: backslashes and whitespace as C escapes."""
-    return "".join(f"\\x{ord(c):02x}" if c.isspace() or c == "\\" else c for c in path)
+    """A path as one tmpfiles.d field: backslashes and whitespace as C escapes, and ``%`` as
+    ``%%`` (tmpfiles.d expands specifiers such as ``%h`` in both the path and the argument)."""
+    return "".join(f"\\x{ord(c):02x}" if c.isspace() or c == "\\" else "%%" if c == "%" else c
+                   for c in path)
 
 
 def _refresh(seconds: Optional[int], warnings: List[str], source: str) -> List[str]:
