@@ -283,6 +283,17 @@ def test_a_percent_sign_is_doubled_in_both_fields_of_the_tmpfiles_line() -> None
     assert line == f"L+ {STORE}/a%%h - - - - /run/s%%n/kv.a/a%%h"
 
 
+def test_several_users_and_no_group_are_told_to_create_a_group() -> None:
+    """No group in the acls: the file is 0400, so the fix is a new group, then group: and
+    mode "0440"; not "read it through group <a user>", which nothing sets up."""
+    _, _, warnings = imported({"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/a",
+         "acls": [{"user": "app1"}, {"user": "app2"}]}]}})
+    [warning] = [w for w in warnings if ".acls" in w]
+    assert "create a group for them" in warning and 'mode: "0440"' in warning
+    assert "through the group" not in warning
+
+
 def test_a_suffixed_directory_never_takes_a_real_certificates_name() -> None:
     """kv/web in two stores, then kv/web-2: kv.web-2 is the second web's, so web-2 moves on."""
     text, tmpfiles, _ = imported({"secretsManagementSettings": {"observedCertificates": [

@@ -220,11 +220,16 @@ def _ownership(certificate: ObservedCertificate, warnings: List[str],
     users = _unique(acl.user for acl in certificate.acls)
     groups = _unique(acl.group for acl in certificate.acls)
     if len(users) > 1 or len(groups) > 1:
-        warnings.append(
-            f"{source}: {certificate.key}.acls: a file has one owner and one group, and the "
-            f"acls name users {', '.join(users) or '-'} and groups {', '.join(groups) or '-'}; "
-            f"the manifest gives it to the first; put the others in group "
-            f"{groups[0] if groups else users[0]} (usermod -aG) and read it through the group")
+        named = (f"{source}: {certificate.key}.acls: a file has one owner and one group, and "
+                 f"the acls name users {', '.join(users) or '-'} and groups "
+                 f"{', '.join(groups) or '-'}; the manifest gives it to the first; ")
+        if groups:
+            fix = (f"put the others in group {groups[0]} (usermod -aG) and read it through the "
+                   "group")
+        else:  # mode 0400: nobody reads through a group until the manifest names one
+            fix = ("create a group for them (groupadd, then usermod -aG for each), then set "
+                   "group: to it and mode: \"0440\" in the manifest")
+        warnings.append(named + fix)
     lines = []
     if users:
         lines.append(f"    owner: {_scalar(users[0])}   # acls: read access")
