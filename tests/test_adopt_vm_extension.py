@@ -27,6 +27,7 @@ from agent import cli
 from agent.adopt import SettingsError, manifest_text, render_settings
 from agent.base.errors import EXIT_CONFIG, EXIT_OK
 from agent.manifest import Accounts, Manifest, parse_manifest
+from agent.manifest.problems import MAX_PROBLEMS
 
 STORE = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store"
 CLIENT_ID = "00001111-aaaa-2222-bbbb-3333cccc4444"
@@ -421,6 +422,25 @@ def test_every_problem_is_reported_at_once() -> None:
     found = problems({"secretsManagementSettings": {"pollingIntervalInS": -5,
                                                     "observedCertificates": [3, "ftp://x/"]}})
     assert len(found) == 3
+
+
+def test_problems_and_warnings_are_capped_as_a_manifests_are() -> None:
+    """Thousands of bad certificates: MAX_PROBLEMS lines, then one counting the rest; the
+    same for warnings (here, thousands of unknown keys)."""
+    found = problems({"secretsManagementSettings": {"observedCertificates": [7] * 5000}})
+    assert len(found) == MAX_PROBLEMS + 1
+    assert found[-1] == f"settings.json: and {5000 - MAX_PROBLEMS} more problems; fix these first"
+    _, _, warnings = imported({"secretsManagementSettings": {
+        **{f"unknown{n}": 1 for n in range(5000)}, "observedCertificates": []}})
+    assert len(warnings) == MAX_PROBLEMS + 1 and warnings[-1].endswith(" more warnings; fix "
+                                                                       "these first")
+
+
+def test_a_misspelt_setting_gets_a_did_you_mean() -> None:
+    """pollingIntervalInSec is pollingIntervalInS mistyped: the warning says so."""
+    _, _, warnings = imported({"secretsManagementSettings": {"pollingIntervalInSec": "60"}})
+    assert any("pollingIntervalInSec" in w and "did you mean 'pollingIntervalInS'?" in w
+               for w in warnings), warnings
 
 
 def test_not_json_names_the_line() -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-from agent.adopt.manifest_text import DEFAULT_DIRECTORY, ManifestText, render
+from agent.adopt.manifest_text import ManifestText, render
 from agent.adopt.vm_extension import MAX_SETTINGS_BYTES, SettingsError, parse_settings
 from agent.base.errors import ManifestError
-from agent.manifest import Accounts, parse_manifest
+from agent.manifest import DEFAULT_DIRECTORY, Accounts, parse_manifest
 
 __all__ = ["ManifestText", "SettingsError", "import_vm_extension", "render_settings"]
 

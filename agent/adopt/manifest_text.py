@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from agent.adopt.vm_extension import ExtensionSettings, ObservedCertificate
+from agent.adopt.vm_extension import ExtensionSettings, ObservedCertificate, capped
 from agent.base.untrusted import escape
+from agent.manifest.model import DEFAULT_DIRECTORY
 from agent.manifest.values import MAX_REFRESH_S
 
-DEFAULT_DIRECTORY = "/run/secrets"
 IMDS_HOST = "169.254.169.254"
 ARC_PORT = 40342
 PLACEHOLDER_VAULT = "https://your-vault.vault.azure.net"
@@ -79,7 +79,7 @@ def render(settings: ExtensionSettings, source: str,
     lines += _links(placements, directory)
     lines += _next_steps(settings)
     return ManifestText("\n".join(lines) + "\n", tmpfiles(placements),
-                        settings.warnings + tuple(warnings))
+                        capped(settings.warnings + tuple(warnings), source, "warnings"))
 
 
 def place(certificates: Sequence[ObservedCertificate], directory: str) -> Tuple[Placement, ...]:
@@ -292,7 +292,7 @@ def _scalar(value: str) -> str:
     character beyond U+FFFF as two surrogate escapes, which YAML refuses.)"""
     if _PLAIN_RE.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
-    text = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=1 << 30)
+    text: str = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=1 << 30)
     return text.removesuffix("\n...\n").rstrip("\n")
 
 
