@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "default, see directory: in kv-agent.yaml(5))")
     adopt.add_argument("--tmpfiles", metavar="FILE", help="also write the tmpfiles.d lines that "
                        "link the extension's paths to kv-agent's files")
-    adopt.set_defaults(handler=_cmd_import)
+    adopt.set_defaults(handler=_cmd_import, usage_error=adopt.error)
 
     emulator = commands.add_parser(
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
@@ -448,10 +448,13 @@ def _can_encode(text: str, stream: TextIO) -> bool:
 
 def _cmd_import(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The manifest on stdout, its warnings on stderr; a bad file exits 78 (SettingsError)."""
-    from agent.adopt import import_vm_extension
+    from agent.adopt import directory_problem, import_vm_extension
     from agent.manifest import DEFAULT_DIRECTORY
 
     directory = DEFAULT_DIRECTORY if args.directory is None else args.directory
+    problem = directory_problem(directory)
+    if problem:
+        args.usage_error(problem)
     result = import_vm_extension(args.file, directory)
     for warning in result.warnings:
         logging.getLogger("kv-agent").warning("%s", warning)

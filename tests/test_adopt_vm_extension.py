@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -495,3 +496,37 @@ def test_the_cli_exits_78_with_one_line_per_problem_and_no_traceback(
         assert len(lines) == count and "Traceback" not in err
         assert all(line.startswith(f"kv-agent: error: {path}: ") for line in lines)
     logging.getLogger().handlers.clear()
+
+
+@pytest.mark.parametrize(("directory", "says"), [
+    ("run/secrets", "'run/secrets' must be an absolute path"),
+    ("/run/../etc", "'/run/../etc' must not contain '..'"),
+    ("/", "'/' is not a secrets directory"),
+])
+def test_a_bad_directory_option_is_named_as_the_option_not_as_the_settings_file(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], directory: str, says: str) -> None:
+    """--directory is the operator's option, not a fault of the JSON file: a usage error
+    (exit 2) naming --directory, before the file is read."""
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(V3_SETTINGS))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["import", "vm-extension", str(settings), "--directory", directory], {})
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert f"error: --directory: {says}" in err and str(settings) not in err
+    with pytest.raises(ValueError, match=f"^--directory: {re.escape(says)}"):
+        render_settings(json.dumps(V3_SETTINGS).encode(), "s.json", directory)
+    logging.getLogger().handlers.clear()
+
+
+def test_a_manifest_the_parser_refuses_is_reported_as_kv_agents_bug(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the settings, the renderer's output must parse: if it ever does not, the
+    error blames kv-agent, not the settings file."""
+    import agent.adopt
+
+    monkeypatch.setattr(agent.adopt, "render", lambda *_: manifest_text.ManifestText(
+        "vault: 1\nsecrets: 2\n", "", ()))
+    found = problems(V3_SETTINGS)
+    assert found and all(line.startswith("kv-agent produced a manifest it refuses (a bug): ")
+                         for line in found), found
