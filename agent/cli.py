@@ -149,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vm-extension: the Key Vault VM extension for Linux's settings")
     adopt.add_argument("file", metavar="FILE", help="its settings JSON (as given to az vm "
                        "extension set --settings, an ARM resource, or az vm extension show)")
-    adopt.add_argument("--directory", metavar="DIR", default="/run/secrets",
-                       help="the manifest's directory, on tmpfs (default /run/secrets)")
+    # No default here: the manifest's DEFAULT_DIRECTORY, imported only by the command.
+    adopt.add_argument("--directory", metavar="DIR",
+                       help="the manifest's directory, on tmpfs (default: the manifest's "
+                       "default, see directory: in kv-agent.yaml(5))")
     adopt.add_argument("--tmpfiles", metavar="FILE", help="also write the tmpfiles.d lines that "
                        "link the extension's paths to kv-agent's files")
-    adopt.set_defaults(handler=_cmd_import)
+    adopt.set_defaults(handler=_cmd_import, usage_error=adopt.error)
 
     emulator = commands.add_parser(
         "emulator", help="run a local IMDS + Key Vault emulator (no Azure needed)")
@@ -446,9 +448,14 @@ def _can_encode(text: str, stream: TextIO) -> bool:
 
 def _cmd_import(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The manifest on stdout, its warnings on stderr; a bad file exits 78 (SettingsError)."""
-    from agent.adopt import import_vm_extension
+    from agent.adopt import directory_problem, import_vm_extension
+    from agent.manifest import DEFAULT_DIRECTORY
 
-    result = import_vm_extension(args.file, args.directory)
+    directory = DEFAULT_DIRECTORY if args.directory is None else args.directory
+    problem = directory_problem(directory)
+    if problem:
+        args.usage_error(problem)
+    result = import_vm_extension(args.file, directory)
     for warning in result.warnings:
         logging.getLogger("kv-agent").warning("%s", warning)
     if args.tmpfiles:

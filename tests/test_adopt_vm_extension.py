@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Dict, List, Tuple
 
 import pytest
+import yaml
 
 from agent import cli
-from agent.adopt import SettingsError, render_settings
+from agent.adopt import SettingsError, manifest_text, render_settings
 from agent.base.errors import EXIT_CONFIG, EXIT_OK
 from agent.manifest import Accounts, Manifest, parse_manifest
+from agent.manifest.problems import MAX_PROBLEMS
 
 STORE = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store"
 CLIENT_ID = "00001111-aaaa-2222-bbbb-3333cccc4444"
@@ -273,6 +276,80 @@ def test_one_certificate_in_two_stores_gets_two_directories() -> None:
         ("/run/secrets/kv.web/kv.web",), ("/run/secrets/kv.web-2/kv.web",)]
 
 
+def test_a_percent_sign_is_doubled_in_both_fields_of_the_tmpfiles_line() -> None:
+    """tmpfiles.d reads %h as a specifier in the path and in the argument: % is written %%."""
+    document = {"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/a", "customSymbolicLinkName": "a%h"}]}}
+    result = render_settings(json.dumps(document).encode(), "s.json", "/run/s%n")
+    line = result.tmpfiles.splitlines()[-1]
+    assert line == f"L+ {STORE}/a%%h - - - - /run/s%%n/kv.a/a%%h"
+
+
+def test_several_users_and_no_group_are_told_to_create_a_group() -> None:
+    """No group in the acls: the file is 0400, so the fix is a new group, then group: and
+    mode "0440"; not "read it through group <a user>", which nothing sets up."""
+    _, _, warnings = imported({"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/a",
+         "acls": [{"user": "app1"}, {"user": "app2"}]}]}})
+    [warning] = [w for w in warnings if ".acls" in w]
+    assert "create a group for them" in warning and 'mode: "0440"' in warning
+    assert "through the group" not in warning
+
+
+def test_a_suffixed_directory_never_takes_a_real_certificates_name() -> None:
+    """kv/web in two stores, then kv/web-2: kv.web-2 is the second web's, so web-2 moves on."""
+    text, tmpfiles, _ = imported({"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/web", "certificateStoreLocation": "/a"},
+        {"url": "https://kv.vault.azure.net/secrets/web", "certificateStoreLocation": "/b"},
+        {"url": "https://kv.vault.azure.net/secrets/web-2", "certificateStoreLocation": "/a"}]}})
+    assert [e.paths for e in checked(text).secrets] == [
+        ("/run/secrets/kv.web/kv.web",), ("/run/secrets/kv.web-2/kv.web",),
+        ("/run/secrets/kv.web-2-2/kv.web-2",)]
+    assert tmpfiles.count("\nL+ ") == 3
+
+
+def test_the_same_certificate_observed_twice_is_one_entry_and_one_link_with_a_warning() -> None:
+    """One URL twice in one store: the extension wrote one file, so one entry, one L+ line."""
+    url = "https://kv.vault.azure.net/secrets/web"
+    text, tmpfiles, warnings = imported({"secretsManagementSettings": {
+        "observedCertificates": [url, {"url": url, "acls": [{"user": "app1"}]}]}})
+    assert [e.paths for e in checked(text).secrets] == [("/run/secrets/kv.web/kv.web",)]
+    assert tmpfiles.count("\nL+ ") == 1
+    assert any("observedCertificates[1]: the extension's file" in w and
+               "observedCertificates[0]" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("value", ["cert\U0001F600", "a\nb", "a b#c: d", "null", "-", "~",
+                                   "x\u2028y", "\"'", "- [x]", "NULL", "yes"])
+def test_every_scalar_reads_back_as_written(value: str) -> None:
+    """A name or path, whatever its characters, is one YAML line that reads back as itself:
+    JSON's surrogate pairs for an emoji, YAML refuses."""
+    text = manifest_text._scalar(value)
+    assert "\n" not in text and yaml.safe_load(f"key: {text}") == {"key": value}
+
+
+@pytest.mark.parametrize("name", ["null", "-", "123", "yes", "0x1F", "1e3", "on", "Null"])
+def test_a_secret_name_yaml_would_read_as_something_else_is_quoted(name: str) -> None:
+    """Key Vault names are letters, digits and -: "null", "-" or "123" are names too."""
+    version = "1" * 32  # hexadecimal, yet all digits: YAML's integer
+    text, _, _ = imported({"secretsManagementSettings": {"observedCertificates": [
+        f"https://kv.vault.azure.net/secrets/{name}/{version}"]},
+        "authenticationSettings": {"msiClientId": CLIENT_ID}})
+    [entry] = checked(text).secrets
+    assert (entry.source.name, entry.source.version) == (name, version)
+
+
+def test_a_link_name_and_a_directory_beyond_the_basic_plane_are_kept() -> None:
+    """An emoji in customSymbolicLinkName and in --directory: the manifest holds them."""
+    document = {"secretsManagementSettings": {"observedCertificates": [
+        {"url": "https://kv.vault.azure.net/secrets/a",
+         "customSymbolicLinkName": "c\U0001F600 1"}]}}
+    result = render_settings(json.dumps(document).encode(), "s.json", "/run/s\U0001F600")
+    manifest = checked(result.manifest)
+    assert manifest.directory == "/run/s\U0001F600"
+    assert manifest.secrets[0].paths == ("/run/s\U0001F600/kv.a/c\U0001F600 1",)
+
+
 def test_settings_without_an_equivalent_are_warnings_naming_them() -> None:
     """Unknown keys, Windows keys, loggingSettings and disabled ACLs each give a warning naming
     the setting and what to do; the manifest is still made."""
@@ -329,6 +406,8 @@ def test_a_polling_interval_beyond_31_days_is_clamped_with_a_warning() -> None:
     ({"properties": {"type": "KeyVaultForWindows", "settings": {}}}, "properties.type",
      "Linux"),
     ([1, 2], "(top)", "settings object"),
+    ({"settings": None}, "settings: is null", "extension's settings"),
+    ({"properties": {"settings": None}}, "properties.settings: is null", "extension's settings"),
     ({"hello": "world"}, "(top)", "az vm extension show"),
 ])
 def test_input_it_cannot_read_is_one_line_per_problem(document: Any, key: str, fix: str) -> None:
@@ -346,10 +425,42 @@ def test_every_problem_is_reported_at_once() -> None:
     assert len(found) == 3
 
 
+def test_problems_and_warnings_are_capped_as_a_manifests_are() -> None:
+    """Thousands of bad certificates: MAX_PROBLEMS lines, then one counting the rest; the
+    same for warnings (here, thousands of unknown keys)."""
+    found = problems({"secretsManagementSettings": {"observedCertificates": [7] * 5000}})
+    assert len(found) == MAX_PROBLEMS + 1
+    assert found[-1] == f"settings.json: and {5000 - MAX_PROBLEMS} more problems; fix these first"
+    _, _, warnings = imported({"secretsManagementSettings": {
+        **{f"unknown{n}": 1 for n in range(5000)}, "observedCertificates": []}})
+    assert len(warnings) == MAX_PROBLEMS + 1 and warnings[-1].endswith(" more warnings; fix "
+                                                                       "these first")
+
+
+def test_a_misspelt_setting_gets_a_did_you_mean() -> None:
+    """pollingIntervalInSec is pollingIntervalInS mistyped: the warning says so."""
+    _, _, warnings = imported({"secretsManagementSettings": {"pollingIntervalInSec": "60"}})
+    assert any("pollingIntervalInSec" in w and "did you mean 'pollingIntervalInS'?" in w
+               for w in warnings), warnings
+
+
 def test_not_json_names_the_line() -> None:
     """A file that is not JSON says so, with the line."""
     [line] = problems(None, raw=b'{\n  "secretsManagementSettings": {,\n}')
     assert line.startswith("settings.json: line 2: not JSON")
+
+
+def test_deeply_nested_json_is_one_problem_not_a_traceback(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """100,000 nested lists would exhaust the parser's stack: exit 78, one line."""
+    [line] = problems(None, raw=b"[" * 100_000)
+    assert line.startswith("settings.json: (file): nested too deeply")
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000)
+    code = cli.main(["import", "vm-extension", str(deep)], {})
+    out, err = capsys.readouterr()
+    assert code == EXIT_CONFIG and out == "" and len(err.splitlines()) == 1
+    logging.getLogger().handlers.clear()
 
 
 def test_the_cli_prints_the_manifest_and_warnings_and_writes_tmpfiles(
@@ -385,3 +496,37 @@ def test_the_cli_exits_78_with_one_line_per_problem_and_no_traceback(
         assert len(lines) == count and "Traceback" not in err
         assert all(line.startswith(f"kv-agent: error: {path}: ") for line in lines)
     logging.getLogger().handlers.clear()
+
+
+@pytest.mark.parametrize(("directory", "says"), [
+    ("run/secrets", "'run/secrets' must be an absolute path"),
+    ("/run/../etc", "'/run/../etc' must not contain '..'"),
+    ("/", "'/' is not a secrets directory"),
+])
+def test_a_bad_directory_option_is_named_as_the_option_not_as_the_settings_file(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], directory: str, says: str) -> None:
+    """--directory is the operator's option, not a fault of the JSON file: a usage error
+    (exit 2) naming --directory, before the file is read."""
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(V3_SETTINGS))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["import", "vm-extension", str(settings), "--directory", directory], {})
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert f"error: --directory: {says}" in err and str(settings) not in err
+    with pytest.raises(ValueError, match=f"^--directory: {re.escape(says)}"):
+        render_settings(json.dumps(V3_SETTINGS).encode(), "s.json", directory)
+    logging.getLogger().handlers.clear()
+
+
+def test_a_manifest_the_parser_refuses_is_reported_as_kv_agents_bug(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the settings, the renderer's output must parse: if it ever does not, the
+    error blames kv-agent, not the settings file."""
+    import agent.adopt
+
+    monkeypatch.setattr(agent.adopt, "render", lambda *_: manifest_text.ManifestText(
+        "vault: 1\nsecrets: 2\n", "", ()))
+    found = problems(V3_SETTINGS)
+    assert found and all(line.startswith("kv-agent produced a manifest it refuses (a bug): ")
+                         for line in found), found

@@ -18,17 +18,18 @@ the next steps.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 from urllib.parse import urlsplit
 
-from agent.adopt.vm_extension import ExtensionSettings, ObservedCertificate
+import yaml
+
+from agent.adopt.vm_extension import ExtensionSettings, ObservedCertificate, capped
 from agent.base.untrusted import escape
+from agent.manifest.model import DEFAULT_DIRECTORY
 from agent.manifest.values import MAX_REFRESH_S
 
-DEFAULT_DIRECTORY = "/run/secrets"
 IMDS_HOST = "169.254.169.254"
 ARC_PORT = 40342
 PLACEHOLDER_VAULT = "https://your-vault.vault.azure.net"
@@ -57,7 +58,7 @@ def render(settings: ExtensionSettings, source: str,
            directory: str = DEFAULT_DIRECTORY) -> ManifestText:
     """The manifest for ``settings`` (read from ``source``), writing under ``directory``."""
     warnings: List[str] = []
-    placements = place(settings.certificates, directory)
+    placements = place(_distinct(settings.certificates, warnings, source), directory)
     vaults = {certificate.vault_url for certificate in settings.certificates}
     shared_vault = vaults.pop() if len(vaults) == 1 else None
     lines = [
@@ -78,22 +79,37 @@ def render(settings: ExtensionSettings, source: str,
     lines += _links(placements, directory)
     lines += _next_steps(settings)
     return ManifestText("\n".join(lines) + "\n", tmpfiles(placements),
-                        settings.warnings + tuple(warnings))
+                        capped(settings.warnings + tuple(warnings), source, "warnings"))
 
 
 def place(certificates: Sequence[ObservedCertificate], directory: str) -> Tuple[Placement, ...]:
     """Each certificate's file: ``<vault>.<name>/<link name>``, one directory per certificate
     (its set's), ``-2``, ``-3`` ... added when two would share one."""
-    used: Dict[str, int] = {}
+    taken: Set[str] = set()  # every folder given, so a real "v.c-2" and a suffixed one differ
     placements = []
     for certificate in certificates:
-        folder = f"{certificate.vault_label}.{certificate.name}"
-        used[folder] = used.get(folder, 0) + 1
-        if used[folder] > 1:
-            folder = f"{folder}-{used[folder]}"
+        base = folder = f"{certificate.vault_label}.{certificate.name}"
+        suffix = 2
+        while folder in taken:
+            folder, suffix = f"{base}-{suffix}", suffix + 1
+        taken.add(folder)
         path = f"{folder}/{certificate.link_name}"
         placements.append(Placement(certificate, path, posixpath.join(directory, path)))
     return tuple(placements)
+
+
+def _distinct(certificates: Sequence[ObservedCertificate], warnings: List[str],
+              source: str) -> List[ObservedCertificate]:
+    """The certificates, each extension path once: the extension had one file there, and
+    one path takes one ``L+`` link (tmpfiles.d ignores a second). The first is kept."""
+    first: Dict[str, ObservedCertificate] = {}
+    for certificate in certificates:
+        kept = first.setdefault(certificate.extension_path, certificate)
+        if kept is not certificate:
+            warnings.append(f"{source}: {certificate.key}: the extension's file "
+                            f"{escape(certificate.extension_path, 200)} is also {kept.key}'s; "
+                            f"the manifest keeps {kept.key} ({escape(kept.url, 200)}) alone")
+    return list(first.values())
 
 
 def tmpfiles(placements: Sequence[Placement]) -> str:
@@ -109,8 +125,10 @@ def tmpfiles(placements: Sequence[Placement]) -> str:
 
 
 def _tmpfiles_path(path: str) -> str:
-    """A path as one tmpfiles.d field: backslashes and whitespace as C escapes."""
-    return "".join(f"\\x{ord(c):02x}" if c.isspace() or c == "\\" else c for c in path)
+    """A path as one tmpfiles.d field: backslashes and whitespace as C escapes, and ``%`` as
+    ``%%`` (tmpfiles.d expands specifiers such as ``%h`` in both the path and the argument)."""
+    return "".join(f"\\x{ord(c):02x}" if c.isspace() or c == "\\" else "%%" if c == "%" else c
+                   for c in path)
 
 
 def _refresh(seconds: Optional[int], warnings: List[str], source: str) -> List[str]:
@@ -136,7 +154,7 @@ def _identity(settings: ExtensionSettings, warnings: List[str], source: str) -> 
     lines: List[str] = []
     body: List[str] = []
     if settings.msi_client_id:
-        body.append(f"  client_id: {settings.msi_client_id}   # authenticationSettings."
+        body.append(f"  client_id: {_scalar(settings.msi_client_id)}   # authenticationSettings."
                     "msiClientId: the user-assigned identity")
     endpoint = settings.msi_endpoint
     if endpoint:
@@ -180,12 +198,12 @@ def _entries(placements: Sequence[Placement], shared_vault: Optional[str],
             f"  # The extension wrote {_comment(certificate.extension_path)}: the leaf, its "
             "issuers, then the key;",
             "  # fullchain_key writes the same bytes.",
-            f"  - name: {certificate.name}",
+            f"  - name: {_scalar(certificate.name)}",
         ]
         if shared_vault is None:
             lines.append(f"    vault: {_scalar(certificate.vault_url)}")
         if certificate.version:
-            lines.append(f"    version: {certificate.version}   # pinned in the URL: "
+            lines.append(f"    version: {_scalar(certificate.version)}   # pinned in the URL: "
                          "never follows a renewal (drop it to follow)")
         lines += ["    certificate:", f"      fullchain_key: {_scalar(placement.path)}"]
         lines += _ownership(certificate, warnings, source)
@@ -202,11 +220,16 @@ def _ownership(certificate: ObservedCertificate, warnings: List[str],
     users = _unique(acl.user for acl in certificate.acls)
     groups = _unique(acl.group for acl in certificate.acls)
     if len(users) > 1 or len(groups) > 1:
-        warnings.append(
-            f"{source}: {certificate.key}.acls: a file has one owner and one group, and the "
-            f"acls name users {', '.join(users) or '-'} and groups {', '.join(groups) or '-'}; "
-            f"the manifest gives it to the first; put the others in group "
-            f"{groups[0] if groups else users[0]} (usermod -aG) and read it through the group")
+        named = (f"{source}: {certificate.key}.acls: a file has one owner and one group, and "
+                 f"the acls name users {', '.join(users) or '-'} and groups "
+                 f"{', '.join(groups) or '-'}; the manifest gives it to the first; ")
+        if groups:
+            fix = (f"put the others in group {groups[0]} (usermod -aG) and read it through the "
+                   "group")
+        else:  # mode 0400: nobody reads through a group until the manifest names one
+            fix = ("create a group for them (groupadd, then usermod -aG for each), then set "
+                   "group: to it and mode: \"0440\" in the manifest")
+        warnings.append(named + fix)
     lines = []
     if users:
         lines.append(f"    owner: {_scalar(users[0])}   # acls: read access")
@@ -265,10 +288,12 @@ def _next_steps(settings: ExtensionSettings) -> List[str]:
 
 def _scalar(value: str) -> str:
     """``value`` as a YAML scalar: plain when YAML reads it back as this very string, else
-    JSON's double-quoted form (which YAML reads the same)."""
+    YAML's own double-quoted form on one line. (JSON's form is not YAML's: it writes a
+    character beyond U+FFFF as two surrogate escapes, which YAML refuses.)"""
     if _PLAIN_RE.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
-    return json.dumps(value)
+    text: str = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=1 << 30)
+    return text.removesuffix("\n...\n").rstrip("\n")
 
 
 def _comment(text: Optional[str]) -> str:

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import SplitResult, urlsplit
 
 from agent.base.errors import ManifestError
 from agent.base.untrusted import escape
+from agent.manifest.entries import SECRET_NAME_RE, VERSION_RE
+from agent.manifest.problems import MAX_PROBLEMS, suggest
+from agent.manifest.settings import GUID_RE
 from agent.manifest.values import ACCOUNT_NAME_RE, MAX_ACCOUNT_NAME_CHARS, parse_vault_url
 
 DEFAULT_STORE = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store"
@@ -43,9 +45,6 @@ EXTENSION_TYPE = "KeyVaultForLinux"
 MAX_SETTINGS_BYTES = 1 << 20
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4095
-SECRET_NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")
-VERSION_RE = re.compile(r"[0-9A-Fa-f]{32}")
-GUID_RE = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
 # Keys each level knows. Those kv-agent has no use for are still known: they
 # get a note or a warning of their own, not "unknown".
 TOP_KEYS = ("secretsManagementSettings", "authenticationSettings", "loggingSettings")
@@ -123,6 +122,21 @@ class _Reader:
     def warn(self, key: str, what: str, fix: str) -> None:
         self.warnings.append(f"{self.source}: {key}: {what}; {fix}")
 
+    def error(self) -> SettingsError:
+        """The problems so far, at most MAX_PROBLEMS lines, as the manifest's are."""
+        lines = capped(self.problems, self.source, "problems")
+        return SettingsError(lines[0], problems=lines)
+
+
+def capped(lines: Sequence[str], source: str, what: str) -> Tuple[str, ...]:
+    """At most MAX_PROBLEMS of ``lines``, then one counting the rest (as
+    :class:`~agent.manifest.problems.Problems` reports a manifest's): a settings
+    file of 1 MiB can hold tens of thousands of bad certificates."""
+    if len(lines) <= MAX_PROBLEMS:
+        return tuple(lines)
+    return tuple(lines[:MAX_PROBLEMS]) + (
+        f"{source}: and {len(lines) - MAX_PROBLEMS} more {what}; fix these first",)
+
 
 def parse_settings(data: bytes, source: str) -> ExtensionSettings:
     """The extension's settings in ``data`` (one of the documents the module
@@ -135,7 +149,7 @@ def parse_settings(data: bytes, source: str) -> ExtensionSettings:
     if len(data) > MAX_SETTINGS_BYTES:
         reader.problem("(file)", f"larger than {MAX_SETTINGS_BYTES >> 20} MiB",
                        "pass the extension's settings, a few KiB")
-        raise SettingsError(reader.problems[0], problems=reader.problems)
+        raise reader.error()
     try:
         document = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -143,13 +157,21 @@ def parse_settings(data: bytes, source: str) -> ExtensionSettings:
         reader.problem(where, f"not JSON ({escape(str(exc).split(':')[0], 80)})",
                        "pass the JSON given to az vm extension set --settings, or the ARM "
                        "resource")
-        raise SettingsError(reader.problems[0], problems=reader.problems) from None
+        raise reader.error() from None
+    except RecursionError:  # 1 MiB of "[" nests deeper than the parser's stack
+        reader.problem("(file)", "nested too deeply to be the extension's settings",
+                       "pass the JSON given to az vm extension set --settings, or the ARM "
+                       "resource")
+        raise reader.error() from None
     form, prefix, handler_version, settings = _locate(reader, document)
     parsed = None
     if settings is not None:
         parsed = _read(reader, settings, prefix, form, handler_version)
+    if parsed is None and not reader.problems:  # each path to None records why; a net
+        reader.problem("(top)", "no settings found", "pass the extension's settings (az vm "
+                       "extension show --query settings)")
     if reader.problems or parsed is None:
-        raise SettingsError(reader.problems[0], problems=reader.problems)
+        raise reader.error()
     return parsed
 
 
@@ -172,14 +194,14 @@ def _locate(reader: _Reader, document: Any
     if isinstance(properties, dict) and "settings" in properties:
         _check_type(reader, "properties.", properties.get("publisher"), properties.get("type"))
         return ("an ARM resource's properties.settings", "properties.settings.",
-                _text(properties.get("typeHandlerVersion")), _object(reader, properties,
-                                                                    "settings", "properties."))
+                _text(properties.get("typeHandlerVersion")), _settings(reader, properties,
+                                                                      "properties."))
     if "settings" in document:
         _check_type(reader, "", document.get("publisher"),
                     document.get("typePropertiesType", document.get("type")))
         return ("the output of az vm extension show", "settings.",
                 _text(document.get("typeHandlerVersion")),
-                _object(reader, document, "settings", ""))
+                _settings(reader, document, ""))
     reader.problem("(top)", "no secretsManagementSettings, properties.settings or settings",
                    "pass the extension's settings (az vm extension show --query settings)")
     return "", "", None, None
@@ -197,6 +219,17 @@ def _check_type(reader: _Reader, prefix: str, publisher: Any, kind: Any) -> None
 
 def _text(value: Any) -> Optional[str]:
     return str(value) if isinstance(value, (str, int, float)) else None
+
+
+def _settings(reader: _Reader, parent: Mapping[str, Any],
+              prefix: str) -> Optional[Mapping[str, Any]]:
+    """``settings`` of a resource: required, so null is a problem (an extension deployed
+    without settings, or a query that missed them), not an empty document."""
+    if parent.get("settings") is None:
+        reader.problem(prefix + "settings", "is null", "pass the extension's settings "
+                       "(az vm extension show --query settings)")
+        return None
+    return _object(reader, parent, "settings", prefix)
 
 
 def _object(reader: _Reader, parent: Mapping[str, Any], key: str,
@@ -255,8 +288,11 @@ def _unknown(reader: _Reader, data: Mapping[str, Any], known: Sequence[str], pre
             reader.warn(prefix + key, "a setting of the Windows extension (KeyVaultForWindows), "
                         "which the Linux extension ignores", "nothing to do")
         else:
+            # A did-you-mean only for lines that will be shown: difflib is slow on many keys.
+            hint = suggest(key, known) if len(reader.warnings) < MAX_PROBLEMS else ""
             reader.warn(prefix + escape(str(key), 60), "not a setting of the Key Vault VM "
                         "extension for Linux, and kv-agent has no equivalent",
+                        hint if hint.startswith("did you mean") else
                         "check what it was meant to do and set that up by hand")
 
 
