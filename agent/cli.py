@@ -27,7 +27,7 @@ from agent.base.errors import (
     ManifestError,
     MissingDependencyError,
 )
-from agent.base.untrusted import escape
+from agent.base.logs import configure_logging
 
 if TYPE_CHECKING:
     from agent.emulator import Emulator
@@ -35,48 +35,6 @@ if TYPE_CHECKING:
 
 MANIFEST_ENV = "KV_AGENT_MANIFEST"
 DEFAULT_MANIFEST = "/etc/kv-agent/manifest.yaml"
-
-# sd-daemon(3) priority prefixes, so journald records levels.
-_JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
-                     logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class _Formatter(logging.Formatter):
-    """``kv-agent: warning: ...`` on a terminal; ``<4>warning: ...`` under
-    systemd (JOURNAL_STREAM set), where journald adds the time and name.
-
-    Defence in depth for text that came from the network (issue 9, item 7):
-    control characters are escaped and continuation lines are indented, so no
-    record can start a line that looks like another ``kv-agent:`` line or
-    repaint a terminal, even if some message missed its escaping.
-    """
-
-    def __init__(self, journal: bool) -> None:
-        super().__init__()
-        self._journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        label = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        first, *rest = [escape(line, limit=0) for line in message.splitlines()] or [""]
-        prefix = (f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>" if self._journal
-                  else "kv-agent: ")
-        return "\n".join([f"{prefix}{label}{first}"]
-                         + [f"{prefix if self._journal else ''}  {line}" for line in rest])
-
-
-def configure_logging(level: int, environ: Mapping[str, str], stream: TextIO) -> None:
-    """One stderr handler for the whole process (the CLI owns logging)."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(_Formatter(journal=bool(environ.get("JOURNAL_STREAM"))))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if level > logging.DEBUG:
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
-
 
 class _CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: it accepts the global options too, so

@@ -1161,11 +1161,11 @@ def test_vault_and_imds_text_cannot_forge_log_lines(kv: Harness) -> None:
 def test_log_formatter_never_starts_a_forged_line() -> None:
     """Item 7, defence in depth: whatever a log record holds, every continuation line is
     indented and control characters are escaped."""
-    from agent.cli import _Formatter
+    from agent.base.logs import LineFormatter
 
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "text%s", (FORGED,), None)
     for journal in (False, True):
-        lines = _Formatter(journal).format(record).split("\n")
+        lines = LineFormatter(journal).format(record).split("\n")
         assert lines[0] in ("kv-agent: error: text", "<3>error: text")
         assert all(line.startswith(("  ", "<3>  ")) for line in lines[1:])
         assert "\x1b" not in "".join(lines) and "\u202e" not in "".join(lines)
