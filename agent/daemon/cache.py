@@ -46,7 +46,7 @@ from agent.base.errors import CacheError, KvAgentError
 from agent.cache.copy import Copy, expansion, expansion_key, expansion_names
 from agent.cache.decision import describe_time
 from agent.cache.policy import CachePolicy
-from agent.cache.seal import Sealer
+from agent.cache.seal import MACHINE_WIDE, Sealer
 from agent.cache.store import CacheStore
 from agent.daemon.cache_serve import Serving, Units, fingerprint
 from agent.daemon.entries import EntryTable
@@ -133,9 +133,12 @@ class SealedCache:
         return None if self.policy is None else self.served
 
     def refreshed(self, result: Union[SyncReport, KvAgentError],
-                  credentials: CredentialStore[Grant], now_wall: float) -> None:
+                  credentials: CredentialStore[Grant], now_wall: float,
+                  is_current: bool = True) -> None:
         """A refresh ended: note why entries are not current, end the
-        serving of every entry it fetched, and save the good copies."""
+        serving of every entry it fetched, and save the good copies, unless
+        it refreshed a manifest a reload replaced meanwhile (``is_current``
+        False): its listings are not the new manifest's selections."""
         self._check = True
         if isinstance(result, KvAgentError):
             self._causes = {key: result for key in self._units.keys()}
@@ -152,14 +155,17 @@ class SealedCache:
             log.info("sealed cache: every served entry fetched again; the cache is no "
                      "longer in use")
             self.serving = None
-        self.save(result, credentials, now_wall)
+        if is_current:
+            self.save(result, credentials, now_wall)
 
     def save(self, report: SyncReport, credentials: CredentialStore[Grant],
-             fetched_at: float) -> int:
-        """Seal the bytes of every entry ``report`` wrote or found current;
-        returns how many copies were written. Never raises CacheError."""
+             fetched_at: float) -> None:
+        """Seal the bytes of every entry ``report`` wrote or found current.
+        Never raises CacheError; stops at the first failure of the machine
+        (:data:`~agent.cache.seal.MACHINE_WIDE`: each would hold the main
+        thread up to the sealer's timeout)."""
         if self.store is None or self.policy is None:
-            return 0
+            return
         copies: List[Copy] = []
         for outcome in report.outcomes:
             entry = self._units.current(outcome.entry)
@@ -177,15 +183,16 @@ class SealedCache:
                 copies.append(expansion(directory, fetched_at, fingerprint(selection),
                                         [names[path] for path in paths if path in names]))
                 self._expanded[directory] = tuple(paths)
-        written = 0
         for copy in copies:
             try:
-                written += self.store.save(copy, self.policy.max_age_s)
+                self.store.save(copy, self.policy.max_age_s)
+            except MACHINE_WIDE as exc:
+                self.problem(exc)
+                return  # the next refresh tries again; nothing pruned meanwhile
             except CacheError as exc:
                 self.problem(exc)
         if self._expanded != expanded:
             self._prune()  # the copies of secrets no longer selected
-        return written
 
     # -- serving at start --------------------------------------------------------------------
 

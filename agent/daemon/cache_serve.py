@@ -51,7 +51,8 @@ from typing import (
 
 from agent.base.errors import CacheError, KvAgentError
 from agent.cache.copy import Copy, expansion_key, expansion_names
-from agent.cache.decision import Decision, decide, decide_whole, describe_time
+from agent.cache.decision import Decision, decide, decide_whole, describe_time, is_unavailable
+from agent.cache.seal import MACHINE_WIDE
 from agent.cache.store import CacheStore
 from agent.daemon.entries import EntryTable
 from agent.daemon.ledger import Ledger
@@ -160,8 +161,20 @@ class Serving:
 
     def run(self, missing: Sequence[str]) -> Dict[str, float]:
         """Serve each unit one of whose entries is ``missing`` (the keys READY
-        waits for); returns each entry written -> its copy's fetch time."""
+        waits for); returns each entry written -> its copy's fetch time.
+        Stops at the first failure of the machine (the tool missing, a TPM2
+        that does not answer: :data:`~agent.cache.seal.MACHINE_WIDE`), with
+        one line: each later copy would fail alike, or hold the main thread
+        as long."""
         served: Dict[str, float] = {}
+        try:
+            self._run(missing, served)
+        except MACHINE_WIDE as exc:
+            self._say(f"{exc.message}; no sealed copy is served until the next refresh")
+        return served
+
+    def _run(self, missing: Sequence[str], served: Dict[str, float]) -> None:
+        """:meth:`run`'s loop, adding to ``served`` unit by unit."""
         looked: Set[str] = set()
         for key in missing:
             if key in looked:
@@ -179,7 +192,6 @@ class Serving:
             elif key in self._causes:
                 self._say(f"{key}: not served from the sealed cache (its select: entry was "
                           "listed: only the vault serves it now)")
-        return served
 
     # -- a plain entry -------------------------------------------------------------------
 
@@ -294,12 +306,18 @@ class Serving:
     def _decide(self, key: str, cause: Optional[KvAgentError] = None) -> Optional[Decision]:
         """Whether ``key`` may be served from its copy, missing for ``cause``
         (default: its own last failure); None while no refresh has said why
-        it is missing (looked at again after the next)."""
+        it is missing (looked at again after the next). The copy is read
+        (decrypted) only for an outage: an answer refuses it unread. Raises
+        the failures of the machine (:data:`~agent.cache.seal.MACHINE_WIDE`)."""
         cause = cause if cause is not None else self._causes.get(key)
         if cause is None:
             return None
+        found: Union[Copy, CacheError, None] = None
         try:
-            found: Union[Copy, CacheError, None] = self._store.load(key)
+            if is_unavailable(cause):
+                found = self._store.load(key)
+        except MACHINE_WIDE:
+            raise
         except CacheError as exc:
             found = exc
         return decide(key, cause, found, self._max_age_s, self._now)
