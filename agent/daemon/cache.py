@@ -44,7 +44,6 @@ from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from agent.base.errors import CacheError, KvAgentError
 from agent.cache.copy import Copy, expansion, expansion_key, expansion_names
-from agent.cache.decision import describe_time
 from agent.cache.policy import CachePolicy
 from agent.cache.seal import MACHINE_WIDE, Sealer
 from agent.cache.store import CacheStore
@@ -53,6 +52,7 @@ from agent.daemon.entries import EntryTable
 from agent.daemon.reconcile import Reconciler
 from agent.manifest import Entry, Manifest
 from agent.pipeline.credentials import Grant
+from agent.pipeline.expiry import moment
 from agent.sync.sync import SyncReport
 from agent.writer.credentials import CredentialStore
 
@@ -113,7 +113,7 @@ class SealedCache:
                         entry.key for entry in self._units.expanded(
                             selection, expansion_names(copy, fingerprint(selection))))
                 except CacheError as exc:
-                    self.problem(exc)
+                    self._say(str(exc))
                     return
         keep = list(self._units.entries) + [
             expansion_key(selection.directory) for selection in self._units.selections.values()
@@ -121,7 +121,7 @@ class SealedCache:
         try:
             removed = self.store.prune(keep)
         except CacheError as exc:
-            self.problem(exc)
+            self._say(str(exc))
             return
         if removed:
             log.info("sealed cache: removed %d copies of entries no longer in the manifest",
@@ -174,7 +174,7 @@ class SealedCache:
             try:
                 copies.append(Copy(entry.key, fetched_at, gather(entry, credentials)))
             except CacheError as exc:
-                self.problem(exc)
+                self._say(str(exc))
         names = {outcome.entry.key: outcome.entry.name for outcome in report.outcomes}
         expanded = dict(self._expanded)
         for directory, paths in report.selected:
@@ -187,10 +187,10 @@ class SealedCache:
             try:
                 self.store.save(copy, self.policy.max_age_s)
             except MACHINE_WIDE as exc:
-                self.problem(exc)
+                self._say(str(exc))
                 return  # the next refresh tries again; nothing pruned meanwhile
             except CacheError as exc:
-                self.problem(exc)
+                self._say(str(exc))
         if self._expanded != expanded:
             self._prune()  # the copies of secrets no longer selected
 
@@ -237,16 +237,10 @@ class SealedCache:
                   if key in self._causes]
         why = causes[0].message if causes else "the vault is unreachable"
         return (f"serving {len(self.served)} of {total} from the sealed cache of "
-                f"{describe_time(oldest)}: {why}")
+                f"{moment(oldest)}: {why}")
 
     def _say(self, line: str) -> None:
-        if line not in self._said:
-            self._said.add(line)
-            log.warning("sealed cache: %s", line)
-
-    def problem(self, error: CacheError) -> None:
-        """Log ``error`` once (a warning: the agent goes on without the copy)."""
-        line = str(error)
+        """Log ``line`` once (a warning: the agent goes on without the copy)."""
         if line not in self._said:
             self._said.add(line)
             log.warning("sealed cache: %s", line)
