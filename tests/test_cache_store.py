@@ -6,6 +6,7 @@ directory ever holds a value in plaintext, after writes, rotations and a crash."
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import shutil
 import time
@@ -231,3 +232,33 @@ def test_no_plaintext_in_the_directory_ever(
     store.prune([A, B])
     assert not [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)]
     _assert_no_plaintext(directory, values)
+
+
+class _Clear:
+    """A stand-in sealer (no cryptography): these tests are about the file system."""
+
+    def seal(self, name: str, plaintext: bytes, not_after: float) -> bytes:
+        return plaintext
+
+    def unseal(self, name: str, ciphertext: bytes) -> bytes:
+        return ciphertext
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.EBUSY])
+def test_a_copy_that_cannot_be_removed_is_a_cache_error(
+        directory: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """prune, and a failed replacement's cleanup, turn an unlink refused (read-only, busy,
+    not ours) into CacheError, the failure the daemon logs and goes on from; a raw
+    OSError would fail the start or the reload."""
+    store = CacheStore(str(directory), _Clear())  # type: ignore[arg-type]
+    store.save(_copy(A, b"a"), WEEK)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(CacheError, match=os.strerror(code)):
+        store.prune([])
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises(CacheError, match="cannot keep a sealed copy"):
+        store.save(_copy(A, b"b"), WEEK)

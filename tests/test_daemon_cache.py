@@ -13,11 +13,18 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from agent.base.errors import CacheError, SealRefusedError, VaultUnavailableError
+from agent.base.errors import (
+    CacheError,
+    KvAgentError,
+    SealRefusedError,
+    SealTimeoutError,
+    VaultForbiddenError,
+    VaultUnavailableError,
+)
 from agent.cache.copy import expansion, expansion_key, expansion_names
 from agent.cache.store import CacheStore
 from agent.daemon.cache import SealedCache
-from agent.daemon.cache_serve import Units, fingerprint
+from agent.daemon.cache_serve import Serving, Units, fingerprint
 from agent.daemon.entries import EntryTable
 from agent.manifest import Accounts, Manifest, parse_manifest
 from agent.pipeline.credentials import Grant
@@ -25,6 +32,7 @@ from agent.sync.sync import SecretOutcome, SyncReport
 from agent.writer.credentials import CredentialStore
 
 ACCOUNTS = Accounts(user=lambda name: 0, group=lambda name: 0)
+WEEK = 7 * 86400.0
 
 
 class StandInSealer:
@@ -33,19 +41,29 @@ class StandInSealer:
 
     def __init__(self) -> None:
         self.refuse = False
+        self.stuck = False  # every call times out, as a TPM2 that does not answer
         self.sealed: List[str] = []
+        self.calls: List[str] = []  # every call's name, failed or not
 
     def seal(self, name: str, plaintext: bytes, not_after: float) -> bytes:
+        self._call(name)
         if self.refuse:
             raise SealRefusedError(f"credential '{name}': no usable key", None)
         self.sealed.append(name)
         return name.encode() + b"|" + bytes(b ^ 0x5A for b in plaintext)
 
     def unseal(self, name: str, ciphertext: bytes) -> bytes:
+        self._call(name)
         tag, _, body = ciphertext.partition(b"|")
         if tag != name.encode():
             raise SealRefusedError(f"credential '{name}': another name", None)
         return bytes(b ^ 0x5A for b in body)
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if self.stuck:
+            raise SealTimeoutError(f"cannot seal credential '{name}': no answer in 10 s",
+                                   "check the TPM2")
 
 
 def manifest(tmp_path: Path, names: Tuple[str, ...] = ("db", "api"), cache: bool = True,
@@ -81,10 +99,9 @@ def test_each_good_entry_is_sealed_with_its_files_bytes(tmp_path: Path) -> None:
     Path(db.paths[0]).write_bytes(b"db-value-0123456789")
     now = time.time()
     outcome_error = VaultUnavailableError("the vault is unreachable", None)
-    saved = cache.save(report(SecretOutcome(db, version="v1"),
-                              SecretOutcome(api, error=outcome_error)),
-                       CredentialStore(), now)
-    assert saved == 1
+    cache.save(report(SecretOutcome(db, version="v1"), SecretOutcome(api, error=outcome_error)),
+               CredentialStore(), now)
+    assert len(sealer.sealed) == 1
     store = CacheStore(str(tmp_path / "cache"), sealer)  # type: ignore[arg-type]
     copy = store.load(db.key)
     assert copy is not None and copy.items == ((db.paths[0], b"db-value-0123456789"),)
@@ -122,8 +139,7 @@ def test_an_entry_of_another_manifest_is_not_saved(tmp_path: Path) -> None:
     cache, sealer, current = fixture(tmp_path, names=("db",))
     other = manifest(tmp_path, names=("other",)).secrets[0]
     Path(other.paths[0]).write_bytes(b"x")
-    assert cache.save(report(SecretOutcome(other, version="v1")), CredentialStore(),
-                      time.time()) == 0
+    cache.save(report(SecretOutcome(other, version="v1")), CredentialStore(), time.time())
     assert sealer.sealed == []
 
 
@@ -131,8 +147,7 @@ def test_no_cache_key_saves_nothing(tmp_path: Path) -> None:
     cache, sealer, current = fixture(tmp_path, cache=False)
     db = current.secrets[0]
     Path(db.paths[0]).write_bytes(b"x")
-    assert cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(),
-                      time.time()) == 0
+    cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(), time.time())
     assert sealer.sealed == [] and not (tmp_path / "cache").exists()
 
 
@@ -144,8 +159,9 @@ def test_a_cache_problem_is_logged_once_and_never_raised(
     sealer.refuse = True
     with caplog.at_level(logging.WARNING, logger="agent.daemon.cache"):
         for at in range(3):
-            assert cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(),
-                              time.time() + at) == 0
+            cache.save(report(SecretOutcome(db, version="v1")), CredentialStore(),
+                       time.time() + at)
+    assert sealer.sealed == []
     lines = [r.getMessage() for r in caplog.records if "sealed cache" in r.getMessage()]
     assert len(lines) == 1 and "no usable key" in lines[0]
 
@@ -154,8 +170,9 @@ def test_a_missing_file_is_a_problem_not_a_crash(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     cache, sealer, current = fixture(tmp_path, names=("db",))
     with caplog.at_level(logging.WARNING, logger="agent.daemon.cache"):
-        assert cache.save(report(SecretOutcome(current.secrets[0], version="v1")),
-                          CredentialStore(), time.time()) == 0
+        cache.save(report(SecretOutcome(current.secrets[0], version="v1")),
+                   CredentialStore(), time.time())
+    assert sealer.sealed == []
     assert "cannot read" in caplog.text
 
 
@@ -224,8 +241,8 @@ def test_a_select_entrys_expansion_is_sealed_beside_its_entries_copies(tmp_path:
     cache.install(current)
     (tmp_path / "out").mkdir()
     Path(current.secrets[0].paths[0]).write_bytes(b"db-value")
-    assert cache.save(listed(current, "app-one", "app-two"), CredentialStore(),
-                      time.time()) == 4
+    cache.save(listed(current, "app-one", "app-two"), CredentialStore(), time.time())
+    assert len(sealer.sealed) == 4
     store = CacheStore(str(tmp_path / "cache"), sealer)  # type: ignore[arg-type]
     [selection] = current.selections
     sealed = store.load(expansion_key(selection.directory))
@@ -255,3 +272,80 @@ def test_an_expansion_for_a_changed_select_entry_is_refused(tmp_path: Path) -> N
     units = Units.of(current)
     with pytest.raises(CacheError, match="does not select"):
         units.expanded(current.selections[0], ["other-one"])
+
+
+def test_a_stuck_tpm2_stops_the_save_at_the_first_timeout(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A timeout concerns the whole machine: the save stops at the first (each call may
+    hold the main thread 10 s, under WatchdogSec=), with one line."""
+    cache, sealer, current = fixture(tmp_path, names=("db", "api", "web"))
+    for entry in current.secrets:
+        Path(entry.paths[0]).write_bytes(entry.name.encode())
+    sealer.stuck = True
+    with caplog.at_level(logging.WARNING, logger="agent.daemon.cache"):
+        cache.save(report(*(SecretOutcome(e, version="v1") for e in current.secrets)),
+                   CredentialStore(), time.time())
+    assert len(sealer.calls) == 1
+    assert [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()] != []
+
+
+def _serving(tmp_path: Path, sealer: StandInSealer, current: Manifest,
+             cause: KvAgentError) -> Tuple[Serving, List[str]]:
+    """Serving every entry of ``current``, each missing for ``cause``; the lines said."""
+    said: List[str] = []
+    store = CacheStore(str(tmp_path / "cache"), sealer)  # type: ignore[arg-type]
+    causes = {entry.key: cause for entry in current.secrets}
+    # Nothing is written in these tests: no writer, ledger or table is reached.
+    serving = Serving(Units.of(current), store, WEEK, causes, time.time(),
+                      None, CredentialStore(), None, None,  # type: ignore[arg-type]
+                      said.append)
+    return serving, said
+
+
+def _sealed_all(tmp_path: Path, cache: SealedCache, current: Manifest) -> None:
+    for entry in current.secrets:
+        Path(entry.paths[0]).write_bytes(entry.name.encode())
+    cache.save(report(*(SecretOutcome(e, version="v1") for e in current.secrets)),
+               CredentialStore(), time.time())
+
+
+def test_a_stuck_tpm2_stops_the_serving_at_the_first_timeout(tmp_path: Path) -> None:
+    """Serving at start stops at the first timeout too, with one line, serving nothing."""
+    cache, sealer, current = fixture(tmp_path, names=("db", "api", "web"))
+    _sealed_all(tmp_path, cache, current)
+    sealer.stuck, sealer.calls = True, []
+    serving, said = _serving(tmp_path, sealer, current,
+                             VaultUnavailableError("the vault is unreachable", None))
+    assert serving.run([entry.key for entry in current.secrets]) == {}
+    assert len(sealer.calls) == 1
+    assert len(said) == 1 and "no answer" in said[0]
+
+
+def test_an_answer_is_refused_without_decrypting_the_copy(tmp_path: Path) -> None:
+    """A 403 is an answer: the entry is not served, and its copy is never unsealed."""
+    cache, sealer, current = fixture(tmp_path, names=("db", "api"))
+    _sealed_all(tmp_path, cache, current)
+    sealer.calls = []
+    serving, said = _serving(tmp_path, sealer, current,
+                             VaultForbiddenError("the vault refused: forbidden", None))
+    assert serving.run([entry.key for entry in current.secrets]) == {}
+    assert sealer.calls == []
+    assert len(said) == 2 and all("an answer is not an outage" in line for line in said)
+
+
+def test_a_refresh_of_a_replaced_manifest_is_not_saved(tmp_path: Path) -> None:
+    """A reload during the refresh: its listing is paired with no new select: entry's
+    fingerprint, and nothing is sealed; why entries are missing is still noted."""
+    sealer = StandInSealer()
+    cache = SealedCache(sealer)  # type: ignore[arg-type]
+    old = select_manifest(tmp_path)
+    cache.install(old)
+    (tmp_path / "out").mkdir()
+    Path(old.secrets[0].paths[0]).write_bytes(b"db-value")
+    result = listed(old, "app-one")
+    cache.install(select_manifest(tmp_path, prefix="ap-"))  # the reload
+    cache.refreshed(result, CredentialStore(), time.time(), is_current=False)
+    assert sealer.sealed == []
+    cache.refreshed(VaultUnavailableError("the vault is unreachable", None),
+                    CredentialStore(), time.time(), is_current=False)
+    assert cache._causes  # noqa: SLF001 - the bookkeeping kept

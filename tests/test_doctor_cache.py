@@ -11,6 +11,7 @@ from typing import List, Tuple
 
 import pytest
 
+from agent.cache.copy import expansion_key
 from agent.cache.seal import Sealer
 from agent.cache.store import file_name
 from agent.doctor.cache_links import check_cache
@@ -121,3 +122,26 @@ def test_in_use_says_which_entries_and_why_from_status_json(tmp_path: Path) -> N
     status.write_text(json.dumps(snapshot._replace(cache=None, entries=()).as_json()))
     in_use = check_cache(manifest(tmp_path), env, NOW)[-1]
     assert in_use.state == OK and "not in use" in in_use.detail
+
+
+def test_the_copies_of_a_select_entry_are_its_own_not_stale(tmp_path: Path) -> None:
+    """A working select: entry's listing and the copies of the secrets it chose (named
+    only inside the sealed listing, never decrypted here) are counted as the select:
+    entry's, not as copies of entries no longer in the manifest."""
+    text = (f"vault: https://kv.vault.azure.net\ndirectory: {tmp_path / 'out'}\nsecrets:\n"
+            "  - name: db\n    path: db\n"
+            "  - select: {prefix: app-}\n    directory: app\n"
+            f"cache: {{directory: {tmp_path / 'cache'}, max_age: 1d}}\n")
+    current = parse_manifest(text, "m.yaml", accounts=ACCOUNTS, check_filesystem=False)
+    [selection] = current.selections
+    chosen = [f"{selection.directory}/app-one", f"{selection.directory}/app-two"]
+    seal_files(tmp_path, [current.secrets[0].key, expansion_key(selection.directory), *chosen])
+    copies = check_cache(current, environ(tmp_path), NOW)[1]
+    assert copies.state == OK, copies
+    assert copies.detail.startswith("1 of 1 entries have a sealed copy, 1 of 1 select: "
+                                    "entries a sealed listing (2 more: of the secrets the "
+                                    "select: entries chose")
+    assert "removed at the next start" not in copies.detail
+    (tmp_path / "cache" / file_name(expansion_key(selection.directory))).unlink()
+    copies = check_cache(current, environ(tmp_path), NOW)[1]
+    assert copies.state == WARN and copies.detail.endswith("none yet for select prefix 'app-'")

@@ -16,7 +16,6 @@ answer carries one line naming the entry and the reason, for the journal.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -31,6 +30,7 @@ from agent.base.errors import (
     VaultUnavailableError,
 )
 from agent.cache.copy import Copy
+from agent.pipeline.expiry import moment
 
 # Failures that mean "no answer": what a copy may stand in for.
 UNAVAILABLE = (IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,
@@ -95,7 +95,7 @@ def decide(key: str, cause: Optional[KvAgentError], copy: Union[Copy, CacheError
     if age > max_age_s:
         return Decision(False, f"{key}: sealed copy skipped: fetched {describe_age(age)} ago, "
                                f"older than max_age {describe_age(max_age_s)}")
-    return Decision(True, f"{key}: served from the sealed copy of {describe_time(copy.fetched_at)} "
+    return Decision(True, f"{key}: served from the sealed copy of {moment(copy.fetched_at)} "
                           f"({describe_age(max(age, 0.0))} old): the vault is unreachable",
                     copy)
 
@@ -124,8 +124,3 @@ def describe_age(seconds: float) -> str:
         if big:
             return f"{big}{big_unit}{f'{small}{small_unit}' if small else ''}"
     return f"{secs}s"
-
-
-def describe_time(epoch: float) -> str:
-    """A fetch time as UTC, to the second: ``2025-06-01T12:00:00Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -69,6 +69,11 @@ AUTO_KEY_IDS: Dict[bytes, str] = {
 # is about something else): a copy planted in the directory would be served as if ours.
 NULL_KEY_ID = bytes.fromhex("058469daf6f54324800549da0f8ea2fb")
 _KEY_ID_CHARS = 24  # base64 characters that hold the 16-byte id (18 bytes)
+# Failures of the machine, not of one copy: the tool is missing, or it (a stuck TPM2) did
+# not answer. Every later call would fail alike or wait as long, so a caller going through
+# many copies stops at the first (each call may take TIMEOUT_S, on the daemon's main
+# thread, under WatchdogSec=).
+MACHINE_WIDE = (SealToolMissingError, SealTimeoutError)
 
 
 class _Output(Exception):

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -118,7 +119,8 @@ class CacheStore:
     def prune(self, keep: Iterable[str]) -> Tuple[str, ...]:
         """Remove every copy whose entry is not in ``keep`` (the manifest's
         entry keys) and every temporary file left by a crash; other names
-        are left alone. Returns the names removed, sorted."""
+        are left alone. Returns the names removed, sorted. Raises CacheError
+        (a name that cannot be removed: read-only, busy, not ours)."""
         wanted = {file_name(key) for key in keep}
         self._sealed = {key: known for key, known in self._sealed.items()
                         if file_name(key) in wanted}
@@ -132,6 +134,8 @@ class CacheStore:
                 if stale or name.startswith(TEMP_PREFIX):
                     _unlink(directory, name)
                     removed.append(name)
+        except OSError as exc:
+            raise self._unusable(exc) from None
         finally:
             os.close(directory)
         return tuple(sorted(removed))
@@ -240,7 +244,8 @@ class CacheStore:
             os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)  # (5)
             os.fsync(directory)  # (6)
         except OSError as exc:
-            _unlink(directory, temp)  # (7)
+            with contextlib.suppress(OSError):  # ciphertext left behind: prune removes it
+                _unlink(directory, temp)  # (7)
             raise CacheError(f"cannot keep a sealed copy in {self.directory}: "
                              f"{exc.strerror}", None) from None
 

@@ -44,15 +44,15 @@ from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from agent.base.errors import CacheError, KvAgentError
 from agent.cache.copy import Copy, expansion, expansion_key, expansion_names
-from agent.cache.decision import describe_time
 from agent.cache.policy import CachePolicy
-from agent.cache.seal import Sealer
+from agent.cache.seal import MACHINE_WIDE, Sealer
 from agent.cache.store import CacheStore
 from agent.daemon.cache_serve import Serving, Units, fingerprint
 from agent.daemon.entries import EntryTable
 from agent.daemon.reconcile import Reconciler
 from agent.manifest import Entry, Manifest
 from agent.pipeline.credentials import Grant
+from agent.pipeline.expiry import moment
 from agent.status.line import serving_part
 from agent.sync.sync import SyncReport
 from agent.writer.credentials import CredentialStore
@@ -114,7 +114,7 @@ class SealedCache:
                         entry.key for entry in self._units.expanded(
                             selection, expansion_names(copy, fingerprint(selection))))
                 except CacheError as exc:
-                    self.problem(exc)
+                    self._say(str(exc))
                     return
         keep = list(self._units.entries) + [
             expansion_key(selection.directory) for selection in self._units.selections.values()
@@ -122,7 +122,7 @@ class SealedCache:
         try:
             removed = self.store.prune(keep)
         except CacheError as exc:
-            self.problem(exc)
+            self._say(str(exc))
             return
         if removed:
             log.info("sealed cache: removed %d copies of entries no longer in the manifest",
@@ -134,9 +134,12 @@ class SealedCache:
         return None if self.policy is None else self.served
 
     def refreshed(self, result: Union[SyncReport, KvAgentError],
-                  credentials: CredentialStore[Grant], now_wall: float) -> None:
+                  credentials: CredentialStore[Grant], now_wall: float,
+                  is_current: bool = True) -> None:
         """A refresh ended: note why entries are not current, end the
-        serving of every entry it fetched, and save the good copies."""
+        serving of every entry it fetched, and save the good copies, unless
+        it refreshed a manifest a reload replaced meanwhile (``is_current``
+        False): its listings are not the new manifest's selections."""
         self._check = True
         if isinstance(result, KvAgentError):
             self._causes = {key: result for key in self._units.keys()}
@@ -153,14 +156,17 @@ class SealedCache:
             log.info("sealed cache: every served entry fetched again; the cache is no "
                      "longer in use")
             self.serving = None
-        self.save(result, credentials, now_wall)
+        if is_current:
+            self.save(result, credentials, now_wall)
 
     def save(self, report: SyncReport, credentials: CredentialStore[Grant],
-             fetched_at: float) -> int:
-        """Seal the bytes of every entry ``report`` wrote or found current;
-        returns how many copies were written. Never raises CacheError."""
+             fetched_at: float) -> None:
+        """Seal the bytes of every entry ``report`` wrote or found current.
+        Never raises CacheError; stops at the first failure of the machine
+        (:data:`~agent.cache.seal.MACHINE_WIDE`: each would hold the main
+        thread up to the sealer's timeout)."""
         if self.store is None or self.policy is None:
-            return 0
+            return
         copies: List[Copy] = []
         for outcome in report.outcomes:
             entry = self._units.current(outcome.entry)
@@ -169,7 +175,7 @@ class SealedCache:
             try:
                 copies.append(Copy(entry.key, fetched_at, gather(entry, credentials)))
             except CacheError as exc:
-                self.problem(exc)
+                self._say(str(exc))
         names = {outcome.entry.key: outcome.entry.name for outcome in report.outcomes}
         expanded = dict(self._expanded)
         for directory, paths in report.selected:
@@ -178,15 +184,16 @@ class SealedCache:
                 copies.append(expansion(directory, fetched_at, fingerprint(selection),
                                         [names[path] for path in paths if path in names]))
                 self._expanded[directory] = tuple(paths)
-        written = 0
         for copy in copies:
             try:
-                written += self.store.save(copy, self.policy.max_age_s)
+                self.store.save(copy, self.policy.max_age_s)
+            except MACHINE_WIDE as exc:
+                self._say(str(exc))
+                return  # the next refresh tries again; nothing pruned meanwhile
             except CacheError as exc:
-                self.problem(exc)
+                self._say(str(exc))
         if self._expanded != expanded:
             self._prune()  # the copies of secrets no longer selected
-        return written
 
     # -- serving at start --------------------------------------------------------------------
 
@@ -230,16 +237,10 @@ class SealedCache:
         causes = [self._causes[key] for key in served or list(self.served)
                   if key in self._causes]
         why = causes[0].message if causes else "the vault is unreachable"
-        return serving_part(len(self.served), total, describe_time(oldest), why)
+        return serving_part(len(self.served), total, moment(oldest), why)
 
     def _say(self, line: str) -> None:
-        if line not in self._said:
-            self._said.add(line)
-            log.warning("sealed cache: %s", line)
-
-    def problem(self, error: CacheError) -> None:
-        """Log ``error`` once (a warning: the agent goes on without the copy)."""
-        line = str(error)
+        """Log ``line`` once (a warning: the agent goes on without the copy)."""
         if line not in self._said:
             self._said.add(line)
             log.warning("sealed cache: %s", line)

@@ -51,17 +51,19 @@ from typing import (
 
 from agent.base.errors import CacheError, KvAgentError
 from agent.cache.copy import Copy, expansion_key, expansion_names
-from agent.cache.decision import Decision, decide, decide_whole, describe_time
+from agent.cache.decision import Decision, decide, decide_whole, is_unavailable
+from agent.cache.seal import MACHINE_WIDE
 from agent.cache.store import CacheStore
 from agent.daemon.entries import EntryTable
 from agent.daemon.ledger import Ledger
 from agent.manifest import Entry, Manifest, Selection
 from agent.pipeline.credentials import Grant
+from agent.pipeline.expiry import moment
 from agent.pipeline.outputs import EntrySet
 from agent.sync import credentials as loading
 from agent.writer import Writer
 from agent.writer.credentials import CredentialStore
-from agent.writer.specs import FileSpec
+from agent.writer.specs import specs_of
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,20 @@ class Serving:
 
     def run(self, missing: Sequence[str]) -> Dict[str, float]:
         """Serve each unit one of whose entries is ``missing`` (the keys READY
-        waits for); returns each entry written -> its copy's fetch time."""
+        waits for); returns each entry written -> its copy's fetch time.
+        Stops at the first failure of the machine (the tool missing, a TPM2
+        that does not answer: :data:`~agent.cache.seal.MACHINE_WIDE`), with
+        one line: each later copy would fail alike, or hold the main thread
+        as long."""
         served: Dict[str, float] = {}
+        try:
+            self._run(missing, served)
+        except MACHINE_WIDE as exc:
+            self._say(f"{exc.message}; no sealed copy is served until the next refresh")
+        return served
+
+    def _run(self, missing: Sequence[str], served: Dict[str, float]) -> None:
+        """:meth:`run`'s loop, adding to ``served`` unit by unit."""
         looked: Set[str] = set()
         for key in missing:
             if key in looked:
@@ -179,7 +193,6 @@ class Serving:
             elif key in self._causes:
                 self._say(f"{key}: not served from the sealed cache (its select: entry was "
                           "listed: only the vault serves it now)")
-        return served
 
     # -- a plain entry -------------------------------------------------------------------
 
@@ -187,12 +200,13 @@ class Serving:
         decision = self._decide(entry.key)
         if decision is None:
             return {}
-        if not decision.serve or decision.copy is None:
+        if not decision.serve:
             self._say(decision.reason)
             return {}
+        copy = _served(decision)
         try:
-            contents = _contents(entry, decision.copy)
-            for spec in _specs(entry, contents):
+            contents = _contents(entry, copy)
+            for spec in specs_of(entry.outputs.outputs, contents):
                 self._writer.apply(spec)
             loading.load(self._credentials, entry, contents, "from the sealed cache")
         except KvAgentError as exc:
@@ -202,7 +216,7 @@ class Serving:
         for path in entry.paths:
             self._ledger.record(path, entry.key)
         self._table.served(entry.key)
-        return {entry.key: decision.copy.fetched_at}
+        return {entry.key: copy.fetched_at}
 
     # -- a set ---------------------------------------------------------------------------
 
@@ -215,18 +229,16 @@ class Serving:
         if len(judged) != len(group.keys):
             return {}
         whole = decide_whole(label, judged)
-        pairs = [(entry, decision.copy) for key, decision in zip(group.keys, judged)
-                 for entry in [self._units.entries.get(key)]
-                 if entry is not None and decision.copy is not None]
-        if not whole.serve or len(pairs) != len(group.keys):
+        if not whole.serve:
             self._say(whole.reason)
             return {}
-        entries = [entry for entry, _ in pairs]
-        copies = [copy for _, copy in pairs]
+        entries = [self._units.entries[key] for key in group.keys]
+        copies = [_served(decision) for decision in judged]
         try:
             contents = [_contents(entry, copy) for entry, copy in zip(entries, copies)]
             self._writer.apply_set(group.directory, [
-                spec for entry, data in zip(entries, contents) for spec in _specs(entry, data)])
+                spec for entry, data in zip(entries, contents)
+                for spec in specs_of(entry.outputs.outputs, data)])
             for entry, data in zip(entries, contents):
                 loading.load(self._credentials, entry, data, "from the sealed cache")
         except KvAgentError as exc:
@@ -251,9 +263,7 @@ class Serving:
         if cause is None:
             return {}
         label = f"{selection.label} ({selection.directory})"
-        listing = self._decide(expansion_key(selection.directory), cause)
-        assert listing is not None
-        decisions: List[Optional[Decision]] = [listing]
+        listing = self._judge(expansion_key(selection.directory), cause)
         entries: Tuple[Entry, ...] = ()
         try:
             if listing.copy is not None:
@@ -262,18 +272,17 @@ class Serving:
         except CacheError as exc:
             self._say(f"{label}: not served from the sealed cache: {exc.message}")
             return {}
-        decisions += [self._decide(entry.key, cause) for entry in entries]
-        judged = [decision for decision in decisions if decision is not None]
-        whole = decide_whole(label, judged)
-        pairs = [(entry, decision.copy) for entry, decision in zip(entries, judged[1:])
-                 if decision.copy is not None]
-        if not whole.serve or listing.copy is None or len(pairs) != len(entries):
+        decisions = [self._judge(entry.key, cause) for entry in entries]
+        whole = decide_whole(label, [listing, *decisions])
+        if not whole.serve:
             self._say(whole.reason)
             return {}
+        fetched_at = _served(listing).fetched_at
+        pairs = [(entry, _served(decision)) for entry, decision in zip(entries, decisions)]
         try:
             for entry, copy in pairs:
                 contents = _contents(entry, copy)
-                for spec in _specs(entry, contents):
+                for spec in specs_of(entry.outputs.outputs, contents):
                     self._writer.apply(spec)
                 loading.load(self._credentials, entry, contents, "from the sealed cache")
                 for path in entry.paths:
@@ -282,27 +291,41 @@ class Serving:
             self._say(f"{label}: not served from the sealed cache: {exc.message}")
             return {}
         log.warning("%s: served from its sealed expansion of %s (%d secrets)", label,
-                    describe_time(listing.copy.fetched_at), len(entries))
-        for decision in judged[1:]:
+                    moment(fetched_at), len(entries))
+        for decision in decisions:
             log.warning("%s", decision.reason)
         self._table.served_selection(key, entries)
-        return {key: listing.copy.fetched_at,
+        return {key: fetched_at,
                 **{entry.key: copy.fetched_at for entry, copy in pairs}}
 
     # -- judging -------------------------------------------------------------------------
 
-    def _decide(self, key: str, cause: Optional[KvAgentError] = None) -> Optional[Decision]:
-        """Whether ``key`` may be served from its copy, missing for ``cause``
-        (default: its own last failure); None while no refresh has said why
-        it is missing (looked at again after the next)."""
-        cause = cause if cause is not None else self._causes.get(key)
-        if cause is None:
-            return None
+    def _decide(self, key: str) -> Optional[Decision]:
+        """:meth:`_judge` of ``key`` for its own last failure; None while no
+        refresh has said why it is missing (looked at again after the next)."""
+        cause = self._causes.get(key)
+        return None if cause is None else self._judge(key, cause)
+
+    def _judge(self, key: str, cause: KvAgentError) -> Decision:
+        """Whether ``key`` may be served from its copy, missing for ``cause``.
+        The copy is read (decrypted) only for an outage: an answer refuses
+        it unread. Raises the failures of the machine
+        (:data:`~agent.cache.seal.MACHINE_WIDE`)."""
+        found: Union[Copy, CacheError, None] = None
         try:
-            found: Union[Copy, CacheError, None] = self._store.load(key)
+            if is_unavailable(cause):
+                found = self._store.load(key)
+        except MACHINE_WIDE:
+            raise
         except CacheError as exc:
             found = exc
         return decide(key, cause, found, self._max_age_s, self._now)
+
+
+def _served(decision: Decision) -> Copy:
+    """The copy of a decision to serve: :func:`decide` sets it whenever it serves."""
+    assert decision.copy is not None
+    return decision.copy
 
 
 def _set_label(group: EntrySet) -> str:
@@ -317,10 +340,3 @@ def _contents(entry: Entry, copy: Copy) -> List[bytes]:
     return [copy.bytes_of(output.path if output.is_file else
                           output.credential.label if output.credential else "")
             for output in entry.outputs.outputs]
-
-
-def _specs(entry: Entry, contents: Sequence[bytes]) -> Tuple[FileSpec, ...]:
-    """The files of ``entry`` with ``contents``, as the sync writes them (a
-    credential-only output is none)."""
-    return tuple(FileSpec(output.path, data, output.uid, output.gid, output.mode)
-                 for output, data in zip(entry.outputs.outputs, contents) if output.is_file)

@@ -326,7 +326,8 @@ class Daemon:
         now_wall = self._wall()
         kind = self._stats.finish(result, self._now(), now_wall)
         changed: List[Changed] = []
-        self._cache.refreshed(result, self._credentials.store, now_wall)
+        self._cache.refreshed(result, self._credentials.store, now_wall,
+                              is_current=agent is self._sync)
         if isinstance(result, KvAgentError):
             self._entries.record_failure()
         else:

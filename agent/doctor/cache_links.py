@@ -25,12 +25,14 @@ from typing import Dict, List, Mapping, Optional
 
 from agent.base.errors import CacheError, PermissionDeniedError
 from agent.base.untrusted import escape
-from agent.cache.decision import describe_age, describe_time
+from agent.cache.copy import expansion_key
+from agent.cache.decision import describe_age
 from agent.cache.policy import CachePolicy
 from agent.cache.seal import Sealer
 from agent.cache.store import CacheStore, file_name
 from agent.doctor.report import FAIL, OK, WARN, Check
 from agent.manifest import Manifest
+from agent.pipeline.expiry import moment
 from agent.status.render import is_running
 from agent.status.snapshot import STOPPED, StatusSnapshot, parse_snapshot
 from agent.status.store import StateStore, state_dir
@@ -67,21 +69,27 @@ def check_cache(manifest: Manifest, environ: Mapping[str, str],
 
 def _copies(subject: str, manifest: Manifest, policy: CachePolicy,
             found: Dict[str, float], now: float) -> Check:
-    """How many entries have a copy, the oldest's sealing time (past
-    ``max_age``: expired, never served), and the entries without one."""
+    """How many entries have a copy (a ``select:`` entry: its sealed
+    listing), the oldest's sealing time (past ``max_age``: expired, never
+    served), and the entries without one."""
     keys = [entry.key for entry in manifest.secrets]
     sealed = {key: found[file_name(key)] for key in keys if file_name(key) in found}
-    lacking = [entry.name for entry in manifest.secrets if entry.key not in sealed]
-    others = len(found) - len(sealed)
+    listings = {selection.label: found[file_name(expansion_key(selection.directory))]
+                for selection in manifest.selections
+                if file_name(expansion_key(selection.directory)) in found}
+    lacking = [entry.name for entry in manifest.secrets if entry.key not in sealed] + \
+        [selection.label for selection in manifest.selections
+         if selection.label not in listings]
     count = f"{len(sealed)} of {len(keys)} entries have a sealed copy"
-    if others:
-        count += f" ({others} of entries no longer in the manifest: removed at the next start)"
-    if not sealed:
+    if manifest.selections:
+        count += f", {len(listings)} of {len(manifest.selections)} select: entries a sealed listing"
+    count += _others(len(found) - len(sealed) - len(listings), bool(manifest.selections))
+    if not sealed and not listings:
         return Check(subject, "copies", WARN, count, "the agent seals a copy after each good "
                      "refresh: start it with the vault reachable")
-    oldest = min(sealed.values())
+    oldest = min([*sealed.values(), *listings.values()])
     age = max(0.0, now - oldest)
-    count += f", the oldest sealed {describe_time(oldest)} ({describe_age(age)} ago)"
+    count += f", the oldest sealed {moment(oldest)} ({describe_age(age)} ago)"
     if age > policy.max_age_s:
         return Check(subject, "copies", WARN, f"{count}: older than max_age "
                      f"{describe_age(policy.max_age_s)}, never served",
@@ -91,6 +99,19 @@ def _copies(subject: str, manifest: Manifest, policy: CachePolicy,
                      "those entries are served only by the vault until a good refresh of "
                      "each seals it")
     return Check(subject, "copies", OK, count)
+
+
+def _others(count: int, has_selections: bool) -> str:
+    """The copies of no entry the manifest names. Without ``select:`` they
+    are stale; with it, most are the copies of the secrets its listings
+    chose (named only inside the sealed listing, which doctor never
+    decrypts), so none is called stale."""
+    if not count:
+        return ""
+    if not has_selections:
+        return f" ({count} of entries no longer in the manifest: removed at the next start)"
+    return (f" ({count} more: of the secrets the select: entries chose, or of entries no "
+            "longer in the manifest, which the next start removes)")
 
 
 def _in_use(subject: str, environ: Mapping[str, str]) -> Check:

@@ -76,6 +76,7 @@ from agent.vault.client import Secret, VaultClient, new_session
 from agent.vault.listing import ListLimits, SecretItem
 from agent.writer import SET_GRACE_S, FileSpec, Writer
 from agent.writer.credentials import CredentialStore
+from agent.writer.specs import specs_of
 
 log = logging.getLogger(__name__)
 
@@ -544,11 +545,9 @@ class _Prepared(NamedTuple):
     contents: Tuple[bytes, ...]
     validity: Validity
 
-    def specs(self) -> List[FileSpec]:
+    def specs(self) -> Tuple[FileSpec, ...]:
         """The files (a credential-only output is none)."""
-        return [FileSpec(output.path, data, output.uid, output.gid, output.mode)
-                for output, data in zip(self.entry.outputs.outputs, self.contents)
-                if output.is_file]
+        return specs_of(self.entry.outputs.outputs, self.contents)
 
     def load(self, store: CredentialStore[Grant]) -> Tuple[str, ...]:
         """The credentials into ``store``, once the entry succeeded: what changed."""

@@ -7,7 +7,7 @@ to read the files again to know.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import Iterable, NamedTuple, Protocol, Tuple
 
 
 class FileSpec(NamedTuple):
@@ -22,6 +22,35 @@ class FileSpec(NamedTuple):
     def __repr__(self) -> str:
         return (f"FileSpec(path={self.path!r}, content=****, uid={self.uid}, "
                 f"gid={self.gid}, mode={self.mode:#o})")
+
+
+class Target(Protocol):
+    """Where and how one output is written, as the writer needs it (an
+    :class:`agent.pipeline.outputs.Output`, which the writer does not
+    import); ``is_file`` False: a credential alone, no file."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def gid(self) -> int: ...
+
+    @property
+    def mode(self) -> int: ...
+
+    @property
+    def is_file(self) -> bool: ...
+
+
+def specs_of(targets: Iterable[Target], contents: Iterable[bytes]) -> Tuple[FileSpec, ...]:
+    """The files of ``targets`` (an entry's outputs) with ``contents`` (one
+    each, in order), as a refresh and the sealed cache alike write them; a
+    credential-only output is none."""
+    return tuple(FileSpec(target.path, data, target.uid, target.gid, target.mode)
+                 for target, data in zip(targets, contents) if target.is_file)
 
 
 class WriteResult(NamedTuple):

@@ -57,6 +57,7 @@ CACHE_DECISION = "tests/test_cache_decision.py"
 CACHE_STORE = "tests/test_cache_store.py"
 CACHE_SEAL = "tests/test_cache_seal.py"
 CACHE_SERVE = "tests/test_daemon_cache_serve.py"
+DAEMON_CACHE = "tests/test_daemon_cache.py"
 CACHE_END_TO_END = "tests/test_cache_end_to_end.py"
 CACHE_NO_PLAINTEXT = "tests/test_cache_no_plaintext.py"
 UPGRADE_SCRIPTS = "tests/system/test_upgrade_scripts.py"
@@ -848,8 +849,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "a select: entry is served from the sealed cache whole (its last good expansion and "
         "every secret of it) or not at all",
         "agent/daemon/cache_serve.py",
-        "        if not whole.serve or listing.copy is None or len(pairs) != len(entries):",
-        "        if listing.copy is None:",
+        "        whole = decide_whole(label, [listing, *decisions])\n",
+        "        whole = decide_whole(label, [listing])\n"
+        "        entries = tuple(e for e, d in zip(entries, decisions) if d.serve)\n"
+        "        decisions = [d for d in decisions if d.serve]\n",
         (f"{CACHE_SERVE}::test_a_select_entry_with_one_unservable_copy_is_not_served_at_all",),
     ),
     Mutation(
@@ -875,6 +878,24 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "               IdentityUnavailableError, VaultUnavailableError, VaultThrottledError,",
         (f"{CACHE_DECISION}::test_an_answer_is_never_hidden_by_a_copy",
          f"{CACHE_END_TO_END}::test_a_404_is_an_answer_never_hidden_by_the_cache"),
+    ),
+    Mutation(
+        "waits-on-a-stuck-tpm2-for-every-copy",
+        "a stuck TPM2 (or no systemd-creds) stops the sealed cache's saving and serving at the "
+        "first timeout: each call may hold the main thread 10 s, under WatchdogSec=",
+        "agent/cache/seal.py",
+        "MACHINE_WIDE = (SealToolMissingError, SealTimeoutError)",
+        "MACHINE_WIDE = (SealToolMissingError,)",
+        (f"{DAEMON_CACHE}::test_a_stuck_tpm2_stops_the_save_at_the_first_timeout",
+         f"{DAEMON_CACHE}::test_a_stuck_tpm2_stops_the_serving_at_the_first_timeout"),
+    ),
+    Mutation(
+        "decrypts-the-copy-of-an-answer",
+        "an entry the vault answered (a 403, a 404) is refused without decrypting its copy",
+        "agent/daemon/cache_serve.py",
+        "            if is_unavailable(cause):",
+        "            if True:",
+        (f"{DAEMON_CACHE}::test_an_answer_is_refused_without_decrypting_the_copy",),
     ),
     Mutation(
         "a-ready-agent-serves-from-the-cache",
