@@ -21,7 +21,14 @@ from agent.base.errors import CacheError, SealRefusedError, VaultUnavailableErro
 from agent.cache.copy import Copy, encode, expansion
 from agent.cache.decision import decide
 from agent.cache.seal import Sealer
-from agent.cache.store import TEMP_PREFIX, CacheStore, file_name, sealing_name
+from agent.cache.store import (
+    RESEAL_AFTER_S,
+    TEMP_PREFIX,
+    CacheStore,
+    file_name,
+    reseal_after,
+    sealing_name,
+)
 
 WEEK = 7 * 86400.0
 A = "/run/secrets/a"
@@ -90,6 +97,19 @@ def test_a_copy_is_replaced_only_when_its_bytes_change(sealer: Sealer, directory
     fresh = CacheStore(str(directory), sealer)
     assert fresh.load(A) is not None
     assert not fresh.save(_copy(A, b"two", at=now + 3800), WEEK)
+
+
+def test_unchanged_copies_are_sealed_again_spread_over_the_last_half_hour() -> None:
+    """Copies all sealed at one refresh are not all sealed again at one later refresh:
+    each key's age limit lies in the second half of RESEAL_AFTER_S (or max_age/4), never
+    past it."""
+    keys = [f"/run/secrets/s{i}" for i in range(200)]
+    limits = [reseal_after(key, WEEK) for key in keys]
+    assert all(RESEAL_AFTER_S / 2 <= limit <= RESEAL_AFTER_S for limit in limits)
+    due_at_45_min = sum(limit <= 45 * 60 for limit in limits)
+    assert 60 <= due_at_45_min <= 140, due_at_45_min
+    assert reseal_after(keys[0], 3600.0) <= 900.0
+    assert reseal_after(keys[0], WEEK) == limits[0]  # the same key: the same limit
 
 
 def test_prune_removes_dropped_entries_and_leftovers_only(

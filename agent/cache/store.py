@@ -40,7 +40,8 @@ TEMP_PREFIX = RESERVED_PREFIX + "tmp-"
 COPY_NAME_RE = re.compile(r"^[0-9a-f]{64}\.sealed$")
 SEALING_PREFIX = "kv-agent-"
 # An unchanged copy is sealed again once its fetch time is this old (or a quarter of
-# max_age, if less), so a copy is never much older than the last good fetch.
+# max_age, if less), so a copy is never much older than the last good fetch; each key
+# sooner by up to half of it (reseal_after).
 RESEAL_AFTER_S = 3600.0
 DIRECTORY_MODE = 0o700
 
@@ -48,6 +49,19 @@ DIRECTORY_MODE = 0o700
 def file_name(key: str) -> str:
     """The file of ``key``'s copy: any key, one safe name."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest() + SUFFIX
+
+
+def reseal_after(key: str, max_age_s: float) -> float:
+    """How old an unchanged copy of ``key`` may grow before it is sealed again:
+    RESEAL_AFTER_S (or max_age/4), less up to a half set by the key. The copies
+    of one manifest are all sealed at its first refresh; without the spread,
+    every one would be sealed again in the same refresh an hour later, each a
+    systemd-creds run (9 ms measured) on the daemon's main thread: 9 s for
+    1,000 entries, where the spread makes it a few at each refresh."""
+    limit = min(RESEAL_AFTER_S, max_age_s / 4)
+    share = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:4],
+                           "big") / 2 ** 32
+    return limit * (1 - share / 2)
 
 
 def sealing_name(key: str) -> str:
@@ -72,7 +86,7 @@ class CacheStore:
     def save(self, copy: Copy, max_age_s: float) -> bool:
         """Seal ``copy`` into its file, valid ``max_age_s`` past its fetch
         time, unless the file already holds these bytes sealed less than
-        RESEAL_AFTER_S (or max_age/4) before. True when written. Raises
+        :func:`reseal_after` before. True when written. Raises
         CacheError (SealError included); the previous copy is then intact.
 
         (1) compare with what this store last sealed for the key;
@@ -85,7 +99,7 @@ class CacheStore:
         digest = self._digest(copy)
         known = self._sealed.get(copy.key)  # (1)
         if known and known[0] == digest and \
-                copy.fetched_at - known[1] < min(RESEAL_AFTER_S, max_age_s / 4):
+                copy.fetched_at - known[1] < reseal_after(copy.key, max_age_s):
             return False
         sealed = self.sealer.seal(sealing_name(copy.key), encode(copy),  # (2)
                                   copy.fetched_at + max_age_s)
