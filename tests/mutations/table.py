@@ -540,7 +540,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "forged-log-line",
         "network text cannot forge a kv-agent: log line (control characters escaped)",
-        "agent/cli.py",
+        "agent/base/logs.py",
         "first, *rest = [escape(line, limit=0) for line in message.splitlines()]",
         "first, *rest = [line for line in message.splitlines()]",
         (f"{CLI}::test_log_formatter_never_starts_a_forged_line",),
